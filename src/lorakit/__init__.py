@@ -1,0 +1,25 @@
+"""lorakit: LoRA fine-tuning for any PyTorch model.
+
+Inject low-rank adapters into a model in place, train them, save them in PEFT's file layout,
+merge, combine and serve them. The public API (DESIGN.md §3):
+
+    LoraConfig, add_adapter, load_adapter, save_adapter, set_adapter, adapters, delete_adapter,
+    disable_adapters, adapter_batch, merge, unmerge, unload, trainable_parameters, summary
+"""
+
+from .config import LoraConfig
+from .control import adapter_batch, adapters, disable_adapters, merge, set_adapter, unmerge
+from .errors import (AdapterFileError, AdapterNameError, AdapterStateError, ConfigError, DataError, LorakitError,
+                     ModelNotFoundError, TargetError)
+from .inject import add_adapter, delete_adapter, unload
+from .io import load_adapter, save_adapter
+from .report import summary, trainable_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "add_adapter", "load_adapter", "save_adapter", "set_adapter", "adapters", "delete_adapter",
+    "disable_adapters", "adapter_batch", "merge", "unmerge", "unload", "trainable_parameters", "summary",
+    "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterStateError", "AdapterFileError",
+    "ModelNotFoundError", "DataError",
+]

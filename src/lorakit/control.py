@@ -1,0 +1,108 @@
+"""Choosing what runs: `set_adapter`, `adapters`, `disable_adapters`, `adapter_batch`, `merge`,
+`unmerge`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from .errors import AdapterStateError
+from .state import (adapter_configs, adapter_modules, lora_layers, merged_adapters, require_adapters,
+                    saved_modules)
+
+
+def adapters(model: nn.Module) -> list[str]:
+    """Names of the model's adapters, in the order they were added."""
+    return list(adapter_configs(model))
+
+
+def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> None:
+    """Make these adapter(s) the active ones; several active adapters add their updates."""
+    names = [name_or_names] if isinstance(name_or_names, str) else list(name_or_names)
+    require_adapters(model, names)
+    dropped = [n for n in merged_adapters(model) if n not in names]
+    if dropped:
+        raise AdapterStateError(
+            f"adapter(s) {dropped} are merged into the weights and would stay in effect; "
+            "call lorakit.unmerge(model) before switching adapters"
+        )
+    for path, wrapper in saved_modules(model):
+        owners = [n for n in names if n in wrapper.modules_to_save]
+        if len(owners) > 1:
+            raise AdapterStateError(
+                f"adapters {owners} each have their own copy of {path!r} (modules_to_save); "
+                "only one of them can be active at a time"
+            )
+    for module in adapter_modules(model):
+        module.active_adapters = list(names)
+
+
+def _check_not_merged(what: str, model: nn.Module) -> None:
+    merged = merged_adapters(model)
+    if merged:
+        raise AdapterStateError(f"{what} needs unmerged adapters, but {merged} are merged; call lorakit.unmerge(model) first")
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as the base model alone."""
+    _check_not_merged("disable_adapters", model)
+    modules = list(adapter_modules(model))
+    before = [m.disabled for m in modules]
+    for module in modules:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module, was in zip(modules, before):
+            module.disabled = was
+
+
+@contextmanager
+def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, batch row i runs with adapter ``names_per_row[i]`` (None: base model).
+
+    Each row's output equals what the model gives for that row with its adapter alone active.
+    """
+    rows = list(names_per_row)
+    if not rows:
+        raise ValueError("names_per_row is empty; give one adapter name (or None) per batch row")
+    require_adapters(model, [n for n in dict.fromkeys(rows) if n is not None])
+    _check_not_merged("adapter_batch", model)
+    modules = list(adapter_modules(model))
+    for module in modules:
+        module.row_adapters = rows
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.row_adapters = None
+
+
+def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Write ``s B A`` of the given adapters (default: the active ones) into the base weights.
+
+    Merged adapters cost nothing at inference; ``unmerge`` takes them out again.
+    """
+    if names is None:
+        from .state import active_adapters
+
+        names = active_adapters(model)
+    names = [names] if isinstance(names, str) else list(names)
+    require_adapters(model, names)
+    already = [n for n in names if n in merged_adapters(model)]
+    if already:
+        raise AdapterStateError(f"adapter(s) {already} are already merged; call lorakit.unmerge(model) first")
+    for _, layer in lora_layers(model):
+        for name in names:
+            if name in layer.lora_A:
+                layer.merge(name)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter out of the base weights again (latest merged first)."""
+    for _, layer in lora_layers(model):
+        for name in reversed(list(layer.merged_adapters)):
+            layer.unmerge(name)

@@ -1,0 +1,248 @@
+"""Adding and removing adapters: `add_adapter`, `delete_adapter`, `unload`.
+
+Injection runs in two phases so that a failed call leaves the model as it was: ``plan`` finds the
+targets, checks everything and builds the new layers and factors off to the side; ``commit`` then
+attaches them, swaps the layers into the model, and freezes the base. Nothing in ``commit`` can
+fail on user input.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterNameError, AdapterStateError, TargetError
+from .init import BASE_CHANGING_INITS, initial_factors, module_generator
+from .layers import LoraLayer, ModulesToSave, lora_class_for
+from .state import adapter_configs, adapter_modules, active_adapters, lora_layers, replace_module, saved_modules
+from .targets import matches, named_base_modules, find_targets
+
+log = logging.getLogger("lorakit.inject")
+
+
+@dataclass
+class LayerPlan:
+    """One module to adapt: the (new or existing) LoRA layer and the factors to attach."""
+
+    path: str
+    layer: LoraLayer
+    is_new: bool
+    scaling: float
+    dropout: float
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+@dataclass
+class InjectionPlan:
+    name: str
+    config: LoraConfig
+    layers: list[LayerPlan] = field(default_factory=list)
+    saved_paths: list[str] = field(default_factory=list)
+
+
+def adapter_dtype(config: LoraConfig, base_weight: torch.Tensor) -> torch.dtype:
+    """The dtype of A and B: see ``LoraConfig.adapter_dtype``."""
+    if config.adapter_dtype != "auto":
+        return getattr(torch, config.adapter_dtype)
+    dtype = base_weight.dtype
+    if not dtype.is_floating_point or dtype == torch.float16:
+        return torch.float32
+    return dtype
+
+
+def check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterNameError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in adapter_configs(model):
+        raise AdapterNameError(
+            f"an adapter named {name!r} already exists; pick another name or delete_adapter(model, {name!r}) first"
+        )
+
+
+def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = True) -> InjectionPlan:
+    """Check everything and prepare the layers for adapter ``name``; the model is not touched."""
+    check_new_name(model, name)
+    result = InjectionPlan(name=name, config=config)
+    for path, module in find_targets(model, config):
+        is_new = not isinstance(module, LoraLayer)
+        layer = lora_class_for(module)(module) if is_new else module
+        if config.init in BASE_CHANGING_INITS and layer.init_factors:
+            raise TargetError(
+                f"module {path!r} already carries an adapter with a base-changing init "
+                f"({list(layer.init_factors)}); only one PiSSA/OLoRA adapter per layer is possible"
+            )
+        r = config.rank_for(path)
+        scaling = config.scaling_for(path)
+        dtype = adapter_dtype(config, layer.base_weight)
+        if draw_factors:
+            A, B = initial_factors(layer, r, scaling, config.init, dtype, module_generator(config.seed, path))
+        else:
+            shape_a, shape_b = layer.adapter_shapes(r)
+            A = torch.zeros(shape_a, dtype=dtype, device=layer.base_weight.device)
+            B = torch.zeros(shape_b, dtype=dtype, device=layer.base_weight.device)
+        result.layers.append(LayerPlan(path, layer, is_new, scaling, config.dropout, A, B))
+    result.saved_paths = _modules_to_save_paths(model, config)
+    return result
+
+
+def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    found = [n for n, _ in named_base_modules(model) if n and matches(config.modules_to_save, n)]
+    # A wrapper's original is reached through the wrapper's own name, so keep outermost matches.
+    paths = [p for p in found if not any(p.startswith(q + ".") for q in found)]
+    if not paths:
+        raise TargetError(f"no module matched modules_to_save={config.modules_to_save!r}")
+    adapted = [p for p in paths if isinstance(model.get_submodule(p), LoraLayer)]
+    if adapted:
+        raise TargetError(f"modules {adapted} carry LoRA layers and cannot also be in modules_to_save")
+    return paths
+
+
+def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, activate: bool = True) -> None:
+    """Attach the planned adapter to the model (in place) and freeze everything else."""
+    name, config = planned.name, planned.config
+    current = active_adapters(model)
+    for p in planned.layers:
+        p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable)
+        if config.init in BASE_CHANGING_INITS:
+            # W0 keeps the residual W0 - s B0 A0; (A0, B0) are kept to express the update against
+            # the original W0 when saving or removing the adapter.
+            p.layer._add_to_weight(-p.layer.delta_weight(name))
+            p.layer.init_factors[name] = (p.A.detach().clone(), p.B.detach().clone())
+        if p.is_new:
+            p.layer.active_adapters = list(current)
+            replace_module(model, p.path, p.layer)
+    for path in planned.saved_paths:
+        wrapper = model.get_submodule(path)
+        if not isinstance(wrapper, ModulesToSave):
+            wrapper = ModulesToSave(wrapper)
+            wrapper.active_adapters = list(current)
+            replace_module(model, path, wrapper)
+        wrapper.add_adapter(name, trainable=trainable)
+    adapter_configs(model)[name] = config
+    freeze_base(model)
+    if activate:
+        for module in adapter_modules(model):
+            module.active_adapters = [name]
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter that is not an adapter's, except the biases configs ask to train."""
+    adapter_params = set()
+    for module in adapter_modules(model):
+        if isinstance(module, LoraLayer):
+            adapter_params.update(map(id, module.lora_A.parameters()))
+            adapter_params.update(map(id, module.lora_B.parameters()))
+        else:
+            adapter_params.update(map(id, module.modules_to_save.parameters()))
+    trained_biases = trained_bias_ids(model)
+    for param in model.parameters():
+        if id(param) not in adapter_params:
+            param.requires_grad_(id(param) in trained_biases)
+
+
+def trained_bias_ids(model: nn.Module) -> set[int]:
+    rules = {config.bias for config in adapter_configs(model).values()}
+    ids: set[int] = set()
+    if "all" in rules:
+        for module in model.modules():
+            if isinstance(module, ModulesToSave):
+                continue
+            bias = module._parameters.get("bias")
+            if bias is not None:
+                ids.add(id(bias))
+    if "lora_only" in rules:
+        for _, layer in lora_layers(model):
+            bias = getattr(layer.base_layer, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                ids.add(id(bias))
+    return ids
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, activate: bool = True) -> nn.Module:
+    """Inject a new adapter ``name`` described by ``config`` into ``model`` (in place).
+
+    The adapter's parameters are trainable, the base model's frozen (biases and
+    ``modules_to_save`` as the config says). With ``activate`` (the default) the new adapter
+    becomes the only active one. Returns the same model object.
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    if config.base_model_name_or_path is None:
+        config = config.replace(base_model_name_or_path=_model_name(model))
+    commit(model, plan(model, config, name), trainable=True, activate=activate)
+    log.info("added adapter %r to %d modules", name, sum(1 for _, l in lora_layers(model) if name in l.lora_A))
+    return model
+
+
+def _model_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name or None
+
+
+def _restore_residual(layer: LoraLayer, name: str) -> None:
+    """Give back to W0 the part a PiSSA/OLoRA init moved into the adapter (if not merged)."""
+    if name in layer.init_factors and name not in layer.merged_adapters:
+        A0, B0 = layer.init_factors[name]
+        saved_A, saved_B = layer.lora_A[name].data, layer.lora_B[name].data
+        layer.lora_A[name].data, layer.lora_B[name].data = A0, B0
+        layer._add_to_weight(layer.delta_weight(name))
+        layer.lora_A[name].data, layer.lora_B[name].data = saved_A, saved_B
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left without adapters become their base layers again."""
+    from .state import require_adapters
+
+    require_adapters(model, [name])
+    merged = [path for path, layer in lora_layers(model) if name in layer.merged_adapters]
+    if merged:
+        raise AdapterStateError(f"adapter {name!r} is merged into {len(merged)} layers; call lorakit.unmerge(model) first")
+    for path, layer in list(lora_layers(model)):
+        if name in layer.lora_A:
+            _restore_residual(layer, name)
+            layer.remove_adapter(name)
+            if not layer.adapter_names:
+                replace_module(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        if name in wrapper.modules_to_save:
+            wrapper.remove_adapter(name)
+            if not wrapper.adapter_names:
+                replace_module(model, path, wrapper.original_module)
+    del adapter_configs(model)[name]
+    freeze_base(model)
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every LoRA module and return the plain model (same object).
+
+    With ``merge`` the active adapters are merged first (and ``modules_to_save`` keep the active
+    adapter's trained copy), so the plain model computes what the adapted one did; without it the
+    original base model comes back (PiSSA/OLoRA residuals restored).
+    """
+    if merge:
+        from .control import merge as merge_adapters
+
+        pending = [n for n in active_adapters(model) if n in adapter_configs(model)]
+        merge_adapters(model, [n for n in pending if not _is_merged(model, n)])
+    for path, layer in list(lora_layers(model)):
+        for name in list(layer.merged_adapters if not merge else []):
+            layer.unmerge(name)
+        for name in layer.adapter_names:
+            _restore_residual(layer, name)
+        replace_module(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        replace_module(model, path, wrapper.current() if merge else wrapper.original_module)
+    adapter_configs(model).clear()
+    return model
+
+
+def _is_merged(model: nn.Module, name: str) -> bool:
+    return any(name in layer.merged_adapters for _, layer in lora_layers(model))

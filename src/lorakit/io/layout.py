@@ -1,0 +1,45 @@
+"""PEFT's file layout: file names and the mapping between lorakit modules and saved keys.
+
+An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (older PEFT
+versions wrote ``adapter_model.bin``). Keys are ``base_model.model.<module path>.<tensor>`` with
+the adapter name stripped:
+
+    <path>.lora_A.weight / <path>.lora_B.weight           linear and conv layers
+    <path>.lora_embedding_A / <path>.lora_embedding_B     embeddings
+    <path>.<param>                                        modules_to_save copies (e.g. lm_head.weight)
+    <path>.base_layer.bias or <path>.bias                 trained biases (bias="all"/"lora_only")
+"""
+
+from __future__ import annotations
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# Saved-key suffix -> (kind of factor), for every layer type.
+FACTOR_SUFFIXES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_embedding_A": "lora_A",
+    ".lora_embedding_B": "lora_B",
+}
+
+
+def split_factor_key(key: str) -> tuple[str, str, str] | None:
+    """``<path>.lora_A.weight`` -> (path, "lora_A", ".lora_A.weight"); None for other keys."""
+    for suffix, factor in FACTOR_SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], factor, suffix
+    return None
+
+
+def task_type_of(model: object) -> str | None:
+    """PEFT's task_type for a transformers model class (None when it is not one PEFT names)."""
+    name = type(model).__name__
+    for ending, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
+                         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
+        if name.endswith(ending):
+            return task
+    return None

@@ -1,0 +1,115 @@
+"""`save_adapter`: write one adapter as PEFT does, atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..config import LoraConfig
+from ..state import adapter_configs, lora_layers, require_adapters, saved_modules
+from ..layers import LoraLayer
+from ..inject import trained_bias_ids
+from .layout import CONFIG_NAME, PREFIX, WEIGHTS_NAME, task_type_of
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The tensors and config that describe adapter ``name`` in PEFT's layout.
+
+    A regex or ``"all-linear"`` combined with ``layers_to_transform`` (which PEFT refuses) is
+    written as the explicit list of adapted modules.
+
+    PiSSA/OLoRA adapters are written against the *original* W0: the update since init,
+    ``s (B A - B0 A0)``, is stored exactly as a rank-2r adapter ``[B, -B0] [A; A0]`` with alpha
+    doubled (×√2 with rsLoRA) so the scaling stays the same, and the config says plain init.
+    """
+    require_adapters(model, [name])
+    config = adapter_configs(model)[name]
+    tensors: dict[str, torch.Tensor] = {}
+    converted = False
+    paths = []
+    for path, layer in lora_layers(model):
+        if name not in layer.lora_A:
+            continue
+        paths.append(path)
+        A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+        if name in layer.init_factors:
+            A0, B0 = layer.init_factors[name]
+            A, B = torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1)
+            converted = True
+        tensors[PREFIX + path + "." + layer.peft_keys["lora_A"]] = A
+        tensors[PREFIX + path + "." + layer.peft_keys["lora_B"]] = B
+    for path, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            for key, value in wrapper.modules_to_save[name].state_dict().items():
+                tensors[PREFIX + path + "." + key] = value
+    tensors.update(_trained_biases(model, config))
+    fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model) if name in layer.lora_A)
+    config = config.replace(fan_in_fan_out=fan_in_fan_out, task_type=config.task_type or task_type_of(model))
+    if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
+        # PEFT refuses a regex/"all-linear" together with layers_to_transform: write the exact
+        # module list instead, which selects the same modules in every loader.
+        config = config.replace(target_modules=paths, layers_to_transform=None, layers_pattern=None, exclude_modules=None)
+    if converted:
+        growth = math.sqrt(2) if config.use_rslora else 2
+        config = config.replace(
+            init="default", r=2 * config.r, alpha=config.alpha * growth,
+            rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+            alpha_pattern={k: v * growth for k, v in config.alpha_pattern.items()},
+        )
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, config
+
+
+def _trained_biases(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
+    if config.bias == "none":
+        return {}
+    wanted = trained_bias_ids(model)
+    out = {}
+    for key, param in model.named_parameters():
+        if id(param) in wanted and ("lora_only" != config.bias or _in_lora_layer(model, key)):
+            out[PREFIX + key] = param
+    return out
+
+
+def _in_lora_layer(model: nn.Module, key: str) -> bool:
+    parent = key.rsplit(".", 2)[0] if key.endswith(".base_layer.bias") else None
+    return parent is not None and isinstance(model.get_submodule(parent), LoraLayer)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter ``name`` to directory ``path`` (created if needed) in PEFT's layout.
+
+    Files are written to temporary names and renamed into place, so an interrupted save never
+    leaves a truncated ``adapter_model.safetensors`` or a config that does not match it.
+    """
+    tensors, config = adapter_state_dict(model, name)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    written: list[tuple[str, Path]] = []
+    try:
+        tmp = _temp_path(out, WEIGHTS_NAME)
+        written.append((tmp, out / WEIGHTS_NAME))
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        tmp = _temp_path(out, CONFIG_NAME)
+        written.append((tmp, out / CONFIG_NAME))
+        Path(tmp).write_text(payload)
+        for tmp, final in written:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out
+
+
+def _temp_path(directory: Path, final_name: str) -> str:
+    handle, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
+    os.close(handle)
+    return tmp

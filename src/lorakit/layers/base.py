@@ -1,0 +1,182 @@
+"""`LoraLayer`: a frozen base layer plus any number of named low-rank adapters.
+
+    h = base(x) + sum over active adapters a of  s_a * B_a A_a dropout_a(x)
+
+Subclasses (linear, embedding, conv) say how A and B are shaped, how ``B A`` is applied to an
+input, and how the dense update ``s B A`` is laid out in the base weight; this class holds the
+adapters and everything about their state (active, merged, disabled, per-row routing).
+
+The base layer is kept as the submodule ``base_layer`` (so any base module type, quantized ones
+included, can sit underneath), and A and B live in ``ParameterDict``s keyed by adapter name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterStateError
+
+
+class LoraLayer(nn.Module):
+    """Base class of every LoRA layer. See the module docstring for the formula.
+
+    Attributes:
+        base_layer: the original module, frozen.
+        lora_A / lora_B: adapter name -> parameter (shapes set by the subclass).
+        lora_dropout: adapter name -> dropout module (``nn.Identity`` when p = 0).
+        scaling: adapter name -> s (alpha / r, or alpha / sqrt(r) with rsLoRA).
+        active_adapters: names whose update is added in ``forward``.
+        merged_adapters: names whose update currently sits inside the base weight.
+        disabled: when True, ``forward`` is the base layer alone.
+        row_adapters: during ``adapter_batch``, the adapter of each batch row (None = base).
+        init_factors: for inits that move part of W0 into A, B (PiSSA, OLoRA), the initial
+            (A0, B0) kept so the update can be expressed against the original W0.
+    """
+
+    # Keys of A and B inside PEFT's files, relative to the module path (adapter name stripped).
+    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self.row_adapters: list[str | None] | None = None
+        self.init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --- what subclasses provide -------------------------------------------------------------
+    @property
+    def in_dim(self) -> int:
+        """Size of the input side of the update (d_in)."""
+        raise NotImplementedError
+
+    @property
+    def out_dim(self) -> int:
+        """Size of the output side of the update (d_out)."""
+        raise NotImplementedError
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (A, B) for rank r."""
+        raise NotImplementedError
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s * B A dropout(x)`` for adapter ``name``, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The dense update ``s * B A`` laid out like the base weight, in float32 (or wider)."""
+        raise NotImplementedError
+
+    # --- base weight access ------------------------------------------------------------------
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def __getattr__(self, name: str) -> Any:
+        # Code around a replaced layer keeps reading `layer.weight`, `layer.in_features`,
+        # `embed.padding_idx`...: fall back to the base layer for anything not found here.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
+
+    # --- adapters ----------------------------------------------------------------------------
+    def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
+                    trainable: bool = True) -> None:
+        """Attach adapter ``name`` with ready-made factors (see ``lorakit.init``)."""
+        self.lora_A[name] = nn.Parameter(A, requires_grad=trainable)
+        self.lora_B[name] = nn.Parameter(B, requires_grad=trainable)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = float(scaling)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name`` (it must not be merged)."""
+        if name in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
+        for holder in (self.lora_A, self.lora_B, self.lora_dropout):
+            del holder[name]
+        self.scaling.pop(name, None)
+        self.init_factors.pop(name, None)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def rank(self, name: str) -> int:
+        return self.lora_A[name].shape[0]
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.row_adapters is not None:
+            return self._add_per_row(x, result)
+        for name in self.active_adapters:
+            if name in self.lora_A and name not in self.merged_adapters:
+                result = result + self.lora_output(x, name).to(result.dtype)
+        return result
+
+    def _add_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch gets adapter ``row_adapters[i]`` (None: the base alone)."""
+        rows = self.row_adapters
+        if len(rows) != x.shape[0]:
+            raise AdapterStateError(
+                f"adapter_batch was given {len(rows)} adapter names but the batch has {x.shape[0]} rows; "
+                "pass one name (or None) per row"
+            )
+        for name in dict.fromkeys(rows):
+            if name is None or name not in self.lora_A:
+                continue
+            index = torch.tensor([i for i, row in enumerate(rows) if row == name], device=x.device)
+            delta = self.lora_output(x.index_select(0, index), name)
+            result = result.index_add(0, index, delta.to(result.dtype))
+        return result
+
+    # --- merging -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Add ``s B A`` into the base weight, so ``forward`` skips the adapter."""
+        if name in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is already merged; unmerge it before merging again")
+        self._add_to_weight(self.delta_weight(name))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        """Subtract ``s B A`` from the base weight again."""
+        if name not in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is not merged")
+        self._add_to_weight(-self.delta_weight(name))
+        self.merged_adapters.remove(name)
+
+    @torch.no_grad()
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        # Accumulate in float32 whatever the base dtype, and write in place so tied or shared
+        # weights (and anything holding a reference to the tensor) see the change.
+        weight = self.base_weight
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        weight.copy_((weight.to(acc) + delta.to(weight.device, acc)).to(weight.dtype))
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of adapter ``name`` in the accumulation dtype: float32, or float64 if wider."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        acc = torch.promote_types(A.dtype, torch.float32)
+        return A.to(acc), B.to(acc)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.rank(n)}, s={self.scaling[n]:g}" for n in self.adapter_names)
+        return f"adapters=({ranks}), active={self.active_adapters}, merged={self.merged_adapters}"

@@ -1,0 +1,42 @@
+"""`LoraEmbedding`: LoRA on ``nn.Embedding``.
+
+    h = W0[ids] + s * (A^T[ids]) B^T        A: (r, num_embeddings)   B: (embedding_dim, r)
+
+Looking up rows of A^T is the same as multiplying a one-hot input by A, so this is the linear
+formula applied to one-hot vectors. Dropout on token ids has no meaning and is not applied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import LoraLayer
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA around an embedding table; see the module docstring for the formula and shapes."""
+
+    peft_keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+    @property
+    def in_dim(self) -> int:
+        return self.base_weight.shape[0]
+
+    @property
+    def out_dim(self) -> int:
+        return self.base_weight.shape[1]
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.in_dim), (self.out_dim, r)
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        base = self.base_layer
+        after_A = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
+                              base.scale_grad_by_freq, base.sparse)
+        return (after_A @ B.T) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.factors(name)
+        return (B @ A).T * self.scaling[name]

@@ -1,0 +1,51 @@
+"""`LoraLinear`: LoRA on ``nn.Linear`` and on transformers' ``Conv1D`` (GPT-2's transposed linear).
+
+    h = W0 x + b + s * B (A dropout(x))       A: (r, d_in)   B: (d_out, r)
+
+``Conv1D`` stores its weight as (d_in, d_out) and computes ``x @ W + b``; the adapter is the same
+(A, B) pair, only the dense update is transposed when merged ("fan_in_fan_out" in PEFT's terms).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import LoraLayer
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (checked by name so transformers need not be imported)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+class LoraLinear(LoraLayer):
+    """LoRA around a linear layer; see the module docstring for the formula and shapes."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+
+    @property
+    def in_dim(self) -> int:
+        weight = self.base_weight
+        return weight.shape[0] if self.fan_in_fan_out else weight.shape[1]
+
+    @property
+    def out_dim(self) -> int:
+        weight = self.base_weight
+        return weight.shape[1] if self.fan_in_fan_out else weight.shape[0]
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.in_dim), (self.out_dim, r)
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(A.dtype))
+        return F.linear(F.linear(x, A), B) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.factors(name)
+        delta = (B @ A) * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta

@@ -1,0 +1,49 @@
+"""Counting and describing: `trainable_parameters`, `summary`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .state import active_adapters, adapter_configs, lora_layers, merged_adapters, saved_modules
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameters that require grad, all parameters), shared parameters counted once."""
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def adapter_parameter_count(model: nn.Module, name: str) -> int:
+    """Parameters belonging to adapter ``name`` (A, B and its modules_to_save copies)."""
+    count = 0
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            count += layer.lora_A[name].numel() + layer.lora_B[name].numel()
+    for _, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            count += sum(p.numel() for p in wrapper.modules_to_save[name].parameters())
+    return count
+
+
+def summary(model: nn.Module) -> str:
+    """One line of parameter counts, then a line per adapter (rank, modules, params, state)."""
+    trainable, total = trainable_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    lines = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"]
+    active, merged = active_adapters(model), merged_adapters(model)
+    for name, config in adapter_configs(model).items():
+        layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+        ranks = sorted({layer.rank(name) for layer in layers})
+        saved = [path for path, w in saved_modules(model) if name in w.modules_to_save]
+        state = ", ".join(s for s, on in (("active", name in active), ("merged", name in merged)) if on) or "inactive"
+        lines.append(
+            f"adapter {name!r}: r={'/'.join(map(str, ranks))} alpha={config.alpha:g}"
+            f"{' rslora' if config.use_rslora else ''} init={config.init} on {len(layers)} modules"
+            f"{f' + modules_to_save {saved}' if saved else ''}, "
+            f"{adapter_parameter_count(model, name):,} params [{state}]"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""Which modules of a model an adapter applies to.
+
+``target_modules`` forms (PEFT's semantics):
+- a list of names: a module matches when its full name equals an entry or ends with ``.entry``;
+- a string: a regular expression that must match the whole module name;
+- ``"all-linear"``: every linear layer (``nn.Linear`` and transformers' ``Conv1D``) except the
+  model's output head (``get_output_embeddings()``, or a module named ``lm_head``).
+``exclude_modules`` removes matches in the same forms; ``layers_to_transform`` keeps only modules
+inside the given layer indices of the model's layer list (``model.layers.3...``, ``h.3...``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .errors import TargetError
+from .layers import LoraLayer, ModulesToSave, is_conv1d, lora_class_for
+
+_DEFAULT_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer")
+
+
+def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` without lorakit's own internals (inside LoRA layers and saved copies)."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            skip.append(name + ".")
+        yield name, module
+
+
+def matches(patterns: list[str] | str, module_name: str) -> bool:
+    """Whether ``module_name`` is selected by a list of names/suffixes or by a regex string."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module_name) is not None
+    return any(module_name == p or module_name.endswith("." + p) for p in patterns)
+
+
+def layer_index(module_name: str, layers_pattern: list[str] | None) -> int | None:
+    """The index in the model's layer list that ``module_name`` sits in (None if none)."""
+    for pattern in layers_pattern or _DEFAULT_LAYER_LISTS:
+        found = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", module_name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the model's output head, which ``all-linear`` leaves alone."""
+    names = {name for name, _ in model.named_modules() if name == "lm_head" or name.endswith(".lm_head")}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        names |= {name for name, module in model.named_modules() if module is head}
+    return names
+
+
+def is_linear(module: nn.Module) -> bool:
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    return isinstance(base, nn.Linear) or is_conv1d(base)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs ``config`` adapts, in model order; raises TargetError when none
+    match or when a matched module is of a type LoRA cannot adapt."""
+    targets = config.target_modules
+    saved = config.modules_to_save or []
+    heads = output_head_names(model) if targets == ALL_LINEAR else set()
+    chosen: list[tuple[str, nn.Module]] = []
+    for name, module in named_base_modules(model):
+        if not name:
+            continue
+        if targets == ALL_LINEAR:
+            if not is_linear(module) or name in heads or matches(saved, name):
+                continue
+        elif not matches(targets, name):
+            continue
+        if config.exclude_modules is not None and matches(config.exclude_modules, name):
+            continue
+        if config.layers_to_transform is not None:
+            if layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+                continue
+        if not isinstance(module, LoraLayer) and lora_class_for(module) is None:
+            raise TargetError(
+                f"module {name!r} is a {type(module).__name__}, which LoRA cannot adapt "
+                f"(supported: Linear, Embedding, Conv1d/2d/3d, transformers Conv1D); "
+                f"target its layers instead{_suggest_inside(model, name)}"
+            )
+        chosen.append((name, module))
+    if not chosen:
+        raise TargetError(_no_match_message(model, config))
+    return chosen
+
+
+def _adaptable_leaf_names(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, module in named_base_modules(model)
+                   if name and (isinstance(module, LoraLayer) or lora_class_for(module) is not None)})
+
+
+def _suggest_inside(model: nn.Module, name: str) -> str:
+    inner = sorted({n.rsplit(".", 1)[-1] for n, m in named_base_modules(model)
+                    if n.startswith(name + ".") and lora_class_for(m) is not None})
+    return f", e.g. {inner}" if inner else ""
+
+
+def _no_match_message(model: nn.Module, config: LoraConfig) -> str:
+    candidates = _adaptable_leaf_names(model)
+    targets = config.target_modules
+    wanted = [targets] if isinstance(targets, str) else targets
+    hints = []
+    for target in wanted:
+        close = difflib.get_close_matches(target.rsplit(".", 1)[-1], candidates, n=3)
+        if close:
+            hints.append(f"for {target!r} did you mean {' or '.join(repr(c) for c in close)}?")
+    filters = []
+    if config.exclude_modules is not None:
+        filters.append(f"exclude_modules={config.exclude_modules!r}")
+    if config.layers_to_transform is not None:
+        filters.append(f"layers_to_transform={config.layers_to_transform!r}")
+    return (
+        f"no module matched target_modules={targets!r}"
+        + (f" (after {', '.join(filters)})" if filters else "")
+        + (f"; {' '.join(hints)}" if hints else "")
+        + f"; adaptable module names in this model: {', '.join(candidates) or 'none'}"
+    )

@@ -1,0 +1,238 @@
+"""Injecting adapters: which modules, what trains, initialisations, and refusals that change nothing."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import LoraConfig, TargetError
+from lorakit.layers import LoraEmbedding, LoraLinear, ModulesToSave
+from lorakit.state import lora_layers
+
+from .tiny import randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+
+def adapted_paths(model):
+    return [name for name, _ in lora_layers(model)]
+
+
+def test_model_keeps_its_class_and_outputs_at_init(ids):
+    model = tiny_llama()
+    before = model(ids).logits
+    same = lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert same is model and type(model).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_target_forms():
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(target_modules=["q_proj", "self_attn.v_proj"]))
+    assert adapted_paths(model) == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(target_modules=r".*layers\.1\.mlp\.(up|down)_proj"))
+    assert adapted_paths(model) == ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+
+
+def test_all_linear_skips_the_output_head_and_honours_filters():
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"], layers_to_transform=[1]))
+    paths = adapted_paths(model)
+    assert "lm_head" not in paths and len(paths) == 6
+    assert all(p.startswith("model.layers.1.") and not p.endswith("o_proj") for p in paths)
+
+
+def test_gpt2_all_linear_uses_conv1d():
+    model = tiny_gpt2()
+    lorakit.add_adapter(model, LoraConfig(target_modules="all-linear"))
+    layers = dict(lora_layers(model))
+    assert set(p.rsplit(".", 1)[-1] for p in layers) == {"c_attn", "c_proj", "c_fc"}
+    assert all(layer.fan_in_fan_out for layer in layers.values())
+
+
+def test_llama_7b_count_on_meta_device():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    lorakit.add_adapter(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    trainable, total = lorakit.trainable_parameters(model)
+    assert trainable == 4_194_304 == 32 * 2 * 8 * (4096 + 4096)
+    assert total == 6_738_415_616 + trainable
+
+
+def test_count_matches_formula_per_layer():
+    model = tiny_llama(hidden=32)
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear"))
+    expected = sum(4 * (layer.in_dim + layer.out_dim) for _, layer in lora_layers(model))
+    assert lorakit.trainable_parameters(model)[0] == expected
+    assert f"trainable params: {expected:,}" in lorakit.summary(model)
+
+
+def test_only_adapters_train_and_base_stays_bit_for_bit(ids):
+    model = tiny_llama()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear", dropout=0.1))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert any(p.abs().sum() > 0 for _, l in lora_layers(model) for p in l.lora_B.values())
+    lorakit.unload(model, merge=False)
+    after = model.state_dict()
+    assert after.keys() == base.keys()
+    assert all(torch.equal(after[k], base[k]) for k in base)
+
+
+def test_bias_options():
+    model = tiny_bert_classifier()
+    lorakit.add_adapter(model, LoraConfig(target_modules=["query", "value"], bias="lora_only"))
+    biases = sorted(n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias"))
+    assert biases and all(n.endswith(("query.base_layer.bias", "value.base_layer.bias")) for n in biases)
+    model = tiny_bert_classifier()
+    lorakit.add_adapter(model, LoraConfig(target_modules=["query"], bias="all"))
+    n_bias = sum(1 for n, _ in model.named_parameters() if n.endswith("bias"))
+    assert sum(1 for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")) == n_bias
+
+
+def test_modules_to_save_trains_a_copy(ids):
+    model = tiny_bert_classifier()
+    head_before = model.classifier.weight.clone()
+    lorakit.add_adapter(model, LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"]))
+    assert isinstance(model.classifier, ModulesToSave)
+    copy = model.classifier.modules_to_save["default"]
+    assert copy.weight.requires_grad and not model.classifier.original_module.weight.requires_grad
+    with torch.no_grad():
+        copy.weight.add_(1.0)
+    out = model(ids).logits
+    with lorakit.disable_adapters(model):
+        base_out = model(ids).logits
+    assert not torch.allclose(out, base_out)
+    assert torch.equal(model.classifier.original_module.weight, head_before)
+
+
+def test_embedding_target():
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    assert isinstance(model.model.embed_tokens, LoraEmbedding)
+    assert isinstance(model.get_input_embeddings(), LoraEmbedding)
+
+
+def test_seed_gives_the_same_adapter():
+    first, second = tiny_llama(), tiny_llama()
+    torch.manual_seed(1)
+    lorakit.add_adapter(first, LoraConfig(target_modules="all-linear", seed=7))
+    torch.manual_seed(2)
+    lorakit.add_adapter(second, LoraConfig(target_modules="all-linear", seed=7))
+    for (_, a), (_, b) in zip(lora_layers(first), lora_layers(second)):
+        assert torch.equal(a.lora_A["default"], b.lora_A["default"])
+
+
+def test_default_and_gaussian_inits_start_at_zero_update():
+    for init in ("default", "gaussian"):
+        model = tiny_llama()
+        lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"], init=init))
+        for _, layer in lora_layers(model):
+            assert layer.lora_A["default"].abs().sum() > 0
+            assert torch.count_nonzero(layer.lora_B["default"]) == 0
+            assert torch.count_nonzero(layer.delta_weight("default")) == 0
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_decomposition_inits_keep_outputs_and_save_against_original_base(init, ids, tmp_path):
+    model = tiny_llama()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    before = model(ids).logits
+    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"], init=init))
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-5)
+    layer = model.model.layers[0].self_attn.q_proj
+    W0 = original["model.layers.0.self_attn.q_proj.weight"].double()
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(W0)
+        top = (U[:, :4] * S[:4]) @ Vh[:4]
+        torch.testing.assert_close(layer.delta_weight("default").double(), top, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.weight.double() + layer.delta_weight("default").double(), W0, rtol=1e-4, atol=1e-5)
+    # Train a little, then the saved file must reproduce the trained model on the ORIGINAL base.
+    with torch.no_grad():
+        for _, l in lora_layers(model):
+            l.lora_B["default"].add_(0.05)
+    trained = model(ids).logits
+    lorakit.save_adapter(model, tmp_path)
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(ids).logits, trained, rtol=1e-4, atol=1e-5)
+    lorakit.unload(model, merge=False)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, original[k], rtol=1e-5, atol=1e-6)
+
+
+def test_two_adapters_on_one_model():
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"]), name="a")
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), name="b")
+    assert lorakit.adapters(model) == ["a", "b"]
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.adapter_names == ["a", "b"] and q.active_adapters == ["b"]
+    assert model.model.layers[0].self_attn.v_proj.active_adapters == ["b"]
+
+
+# --- refusals that leave the model untouched ------------------------------------------------
+
+def snapshot(model):
+    return [(n, type(m).__name__) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, snap):
+    modules, state = snapshot(model)
+    assert modules == snap[0]
+    assert state.keys() == snap[1].keys() and all(torch.equal(state[k], snap[1][k]) for k in state)
+
+
+def test_no_match_suggests_close_names():
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(TargetError) as err:
+        lorakit.add_adapter(model, LoraConfig(target_modules=["qproj"]))
+    message = str(err.value)
+    assert "no module matched" in message
+    assert "did you mean 'q_proj'" in message and "down_proj" in message
+    assert_untouched(model, snap)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unsupported_layer_named_explicitly():
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(TargetError, match="LlamaAttention, which LoRA cannot adapt.*q_proj"):
+        lorakit.add_adapter(model, LoraConfig(target_modules=["self_attn"]))
+    assert_untouched(model, snap)
+
+
+def test_duplicate_name_refused():
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(target_modules=["q_proj"]))
+    snap = snapshot(model)
+    with pytest.raises(lorakit.AdapterNameError, match="already exists"):
+        lorakit.add_adapter(model, LoraConfig(target_modules=["v_proj"]))
+    assert_untouched(model, snap)
+
+
+def test_failure_midway_leaves_no_half_injected_model():
+    model = tiny_llama(hidden=32)
+    snap = snapshot(model)
+    # rank 40 fits q_proj (32x32) for default init but not PiSSA: the last layers fail in planning.
+    with pytest.raises(TargetError, match="needs r <="):
+        lorakit.add_adapter(model, LoraConfig(r=40, target_modules=["q_proj"], init="pissa"))
+    assert_untouched(model, snap)
+    assert lorakit.adapters(model) == []
+
+
+def test_root_module_cannot_be_replaced():
+    with pytest.raises(TargetError):
+        lorakit.add_adapter(nn.Linear(3, 3), LoraConfig(target_modules=".*"))

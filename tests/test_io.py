@@ -1,0 +1,183 @@
+"""Saving and loading adapter directories: layout, round trips, atomic writes, refusals."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import AdapterFileError, LoraConfig
+from lorakit.layers import LoraLayer
+
+from .tiny import randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+
+def trained_llama(**config):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, **({"target_modules": ["q_proj", "v_proj"]} | config)))
+    randomize_adapters(model, std=0.2)
+    return model
+
+
+def test_layout_matches_peft(tmp_path):
+    model = trained_llama(target_modules=["q_proj", "embed_tokens"])
+    lorakit.save_adapter(model, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight" in keys
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in keys
+    assert not any(".default" in k for k in keys)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["task_type"] == "CAUSAL_LM"
+
+
+def test_round_trip_gives_same_outputs(tmp_path, ids):
+    model = trained_llama(use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
+    out = model(ids).logits
+    lorakit.save_adapter(model, tmp_path)
+    fresh = tiny_llama()
+    assert lorakit.load_adapter(fresh, tmp_path) == "default"
+    torch.testing.assert_close(fresh(ids).logits, out, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in fresh.parameters())
+
+
+def test_load_trainable_and_named(tmp_path):
+    lorakit.save_adapter(trained_llama(), tmp_path / "math")
+    model = trained_llama()
+    name = lorakit.load_adapter(model, tmp_path / "math", trainable=True)
+    assert name == "math" and lorakit.adapters(model) == ["default", "math"]
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.lora_A["math"].requires_grad and q.active_adapters == ["math"]
+
+
+def test_modules_to_save_and_bias_round_trip(tmp_path, ids):
+    model = tiny_bert_classifier()
+    lorakit.add_adapter(model, LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"], bias="lora_only"))
+    randomize_adapters(model)
+    with torch.no_grad():
+        model.classifier.modules_to_save["default"].weight.mul_(3)
+        model.bert.encoder.layer[0].attention.self.query.base_layer.bias.add_(1)
+    out = model(ids).logits
+    lorakit.save_adapter(model, tmp_path)
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.classifier.weight" in keys
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias" in keys
+    fresh = tiny_bert_classifier()
+    lorakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(ids).logits, out, rtol=0, atol=0)
+
+
+def test_gpt2_round_trip(tmp_path, ids):
+    model = tiny_gpt2()
+    lorakit.add_adapter(model, LoraConfig(target_modules="all-linear"))
+    randomize_adapters(model, 0.1)
+    out = model(ids).logits
+    lorakit.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    fresh = tiny_gpt2()
+    lorakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(ids).logits, out, rtol=0, atol=0)
+
+
+def test_legacy_bin_file(tmp_path, ids):
+    model = trained_llama()
+    out = model(ids).logits
+    lorakit.save_adapter(model, tmp_path)
+    torch.save(load_file(tmp_path / "adapter_model.safetensors"), tmp_path / "adapter_model.bin")
+    os.remove(tmp_path / "adapter_model.safetensors")
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(ids).logits, out, rtol=0, atol=0)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    model = trained_llama()
+    lorakit.save_adapter(model, tmp_path)
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    randomize_adapters(model, std=1.0)
+
+    def broken_write(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("pathlib.Path.write_text", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        lorakit.save_adapter(model, tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
+
+
+def snapshot(model):
+    return [n for n, _ in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, snap):
+    names, state = snapshot(model)
+    assert names == snap[0] and all(torch.equal(state[k], snap[1][k]) for k in snap[1])
+    assert lorakit.adapters(model) == []
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(AdapterFileError, match="does not exist"):
+        lorakit.load_adapter(model, tmp_path / "nope")
+    with pytest.raises(AdapterFileError, match="adapter_config.json not found"):
+        lorakit.load_adapter(model, tmp_path)
+    lorakit.save_adapter(trained_llama(), tmp_path)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(AdapterFileError, match="corrupt or truncated"):
+        lorakit.load_adapter(model, tmp_path)
+    os.remove(tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterFileError, match="holds no adapter_model.safetensors"):
+        lorakit.load_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        lorakit.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_truncated_safetensors_is_refused(tmp_path):
+    lorakit.save_adapter(trained_llama(), tmp_path)
+    data = (tmp_path / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(AdapterFileError, match="corrupt or truncated"):
+        lorakit.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_shape_mismatch_names_module_and_shapes(tmp_path):
+    lorakit.save_adapter(trained_llama(), tmp_path)
+    bigger = tiny_llama(hidden=64)
+    snap = snapshot(bigger)
+    with pytest.raises(AdapterFileError, match=r"module 'model.layers.0.self_attn.q_proj' has shape \(4, 32\) in the file but the model needs \(4, 64\)"):
+        lorakit.load_adapter(bigger, tmp_path)
+    assert_unchanged(bigger, snap)
+
+
+def test_incomplete_and_foreign_weights_are_refused(tmp_path):
+    lorakit.save_adapter(trained_llama(), tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight")
+    save_file(tensors, file)
+    model = tiny_llama()
+    with pytest.raises(AdapterFileError, match="no lora_B weights for module 'model.layers.1.self_attn.v_proj'"):
+        lorakit.load_adapter(model, tmp_path)
+    tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"] = torch.zeros(16, 4)
+    tensors["base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(tensors, file)
+    with pytest.raises(AdapterFileError, match="does not target"):
+        lorakit.load_adapter(model, tmp_path)
+    assert lorakit.adapters(model) == [] and not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_duplicate_name_on_load(tmp_path):
+    lorakit.save_adapter(trained_llama(), tmp_path)
+    model = trained_llama()
+    with pytest.raises(lorakit.AdapterNameError, match="already exists"):
+        lorakit.load_adapter(model, tmp_path, name="default")
