@@ -17,9 +17,19 @@ from .report import summary, trainable_parameters
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Training pulls in accelerate, numpy and (for real runs) transformers: import it on first use
+    # so that `import lorakit` stays light.
+    if name in ("train", "TrainConfig"):
+        from . import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
 __all__ = [
     "LoraConfig", "add_adapter", "load_adapter", "save_adapter", "set_adapter", "adapters", "delete_adapter",
     "disable_adapters", "adapter_batch", "merge", "unmerge", "unload", "trainable_parameters", "summary",
     "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterStateError", "AdapterFileError",
-    "ModelNotFoundError", "DataError",
+    "ModelNotFoundError", "DataError", "train", "TrainConfig",
 ]

@@ -1,0 +1,116 @@
+"""The CLI commands (argparse namespaces in, printed results out)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .options import train_overrides
+
+
+def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | None, dtype: str):
+    """The base model with every given adapter loaded and active (their updates add up)."""
+    from .. import load_adapter, set_adapter
+    from ..models import load_model
+
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    names = [load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(adapter_dirs)]
+    if names:
+        set_adapter(model, names)
+    model.eval()
+    return model, tokenizer
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..training import train
+
+    result = train(args.config, **train_overrides(args))
+    stats = result.stats
+    print(f"\ntrained {result.steps} steps on {getattr(stats, 'n_examples', '?')} examples")
+    if result.interrupted:
+        print(f"interrupted: checkpoint in {result.output_dir / 'checkpoints'}; continue with --resume")
+        return 130
+    if result.final_eval:
+        print("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float)))
+    print(f"adapter:  {result.adapter_dir}")
+    print(f"metrics:  {result.output_dir / 'metrics.jsonl'}")
+    print(f"plot:     {result.output_dir / 'loss.png'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..data import Collator, eval_pairs, read_records, tokenize_records
+    from ..training.evaluate import evaluate
+
+    model, tokenizer = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
+    records = read_records(args.data)
+    examples, _ = tokenize_records(records, tokenizer, max_length=args.max_length)
+    pairs = None if args.no_generate else eval_pairs(records, tokenizer)
+    result = evaluate(model, tokenizer, examples, Collator(tokenizer), batch_size=args.batch_size, pairs=pairs,
+                      max_examples=args.max_examples, max_new_tokens=args.max_new_tokens)
+    predictions = result.pop("predictions", None)
+    if args.json:
+        print(json.dumps({**result, "predictions": predictions} if predictions else result, indent=2))
+        return 0
+    print(f"loss        {result['loss']:.4f}")
+    print(f"perplexity  {result['perplexity']:.3f}")
+    if "exact_match" in result:
+        print(f"exact match {100 * result['exact_match']:.1f}% of {len(predictions)}")
+    return 0
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..generate import render_prompt, stream_generate
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
+    prompt = args.prompt if args.raw else render_prompt(tokenizer, args.prompt)
+    for piece in stream_generate(model, tokenizer, prompt, **_generation_kwargs(args)):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..generate import stream_generate
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
+    history: list[dict] = []
+    print("lorakit chat — empty line or Ctrl-D to quit, /reset to clear the conversation")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not text:
+            return 0
+        if text == "/reset":
+            history.clear()
+            continue
+        history.append({"role": "user", "content": text})
+        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        print("model> ", end="", flush=True)
+        answer = []
+        for piece in stream_generate(model, tokenizer, prompt, **_generation_kwargs(args)):
+            answer.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(answer).strip()})
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(output_dir=args.output_dir, steps=args.steps, n_test=args.n_test, model_name=args.model,
+                    out=sys.stdout)

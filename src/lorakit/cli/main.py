@@ -1,0 +1,84 @@
+"""`lorakit` command line: demo, train, eval, generate, chat.
+
+Every command prints what it did and where its outputs are; errors the user can fix are printed
+as one line (``error: ...``) with exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ..errors import LorakitError
+from .options import add_train_options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA fine-tuning: train, evaluate and use adapters.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show lorakit's info logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="fine-tune the embedded model on a generated task and show before/after")
+    demo.add_argument("--output-dir", default="runs/demo", help="where the dataset, adapter, metrics and plot go")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's tuned value)")
+    demo.add_argument("--n-test", type=int, default=None, help="number of held-out test requests")
+    demo.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded smollm2-135m)")
+
+    train = sub.add_parser("train", help="fine-tune a LoRA adapter on your data")
+    train.add_argument("--config", help="YAML or JSON file with training options (flags override it)")
+    add_train_options(train)
+
+    evaluate = sub.add_parser("eval", help="loss, perplexity and exact match of a model/adapter on a data file")
+    evaluate.add_argument("--data", required=True, help="JSONL/CSV/Parquet file to evaluate on")
+    _add_model_options(evaluate)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--max-length", type=int, default=512)
+    evaluate.add_argument("--max-examples", type=int, default=None)
+    evaluate.add_argument("--max-new-tokens", type=int, default=64)
+    evaluate.add_argument("--no-generate", action="store_true", help="loss and perplexity only (no exact match)")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    for name, helptext in (("generate", "answer one prompt (streams tokens)"), ("chat", "interactive chat")):
+        cmd = sub.add_parser(name, help=helptext)
+        if name == "generate":
+            cmd.add_argument("prompt", help="the user message")
+            cmd.add_argument("--raw", action="store_true", help="do not apply the chat template")
+        _add_model_options(cmd)
+        cmd.add_argument("--max-new-tokens", type=int, default=256)
+        cmd.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        cmd.add_argument("--temperature", type=float, default=0.7)
+        cmd.add_argument("--top-p", type=float, default=0.9)
+        cmd.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _add_model_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--model", default="smollm2-135m", help="base model (alias, directory, .gguf or hub id)")
+    cmd.add_argument("--adapter", action="append", default=[], help="adapter directory (repeatable: adapters add up)")
+    cmd.add_argument("--device", default=None)
+    cmd.add_argument("--dtype", default="auto")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from . import commands
+
+    try:
+        return getattr(commands, f"cmd_{args.command}")(args) or 0
+    except LorakitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

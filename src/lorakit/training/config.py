@@ -1,0 +1,129 @@
+"""`TrainConfig`: one training run, from a YAML/JSON file plus overrides (CLI flags mirror fields)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import INITS, LoraConfig
+from ..errors import ConfigError
+
+SCHEDULES = ("cosine", "linear", "constant")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Defaults suit the embedded model on a CPU.
+
+    Steps are optimizer steps (each ``batch_size * grad_accum`` examples). ``max_steps`` wins
+    over ``epochs`` when set. Eval/checkpoint intervals are in steps; 0 turns them off.
+    """
+
+    data: str | None = None
+    model: str = "smollm2-135m"
+    valid_data: str | None = None
+    valid_ratio: float = 0.0
+    output_dir: str = "runs/lorakit"
+    # LoRA
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    init: str = "default"
+    use_rslora: bool = False
+    # optimisation
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    loraplus_ratio: float | None = None
+    seed: int = 0
+    # data
+    max_length: int = 512
+    packing: bool = False
+    # evaluation and checkpoints
+    eval_every: int = 0
+    eval_max_examples: int | None = None
+    max_new_tokens: int = 64
+    save_every: int = 0
+    log_every: int = 1
+    # hardware
+    device: str | None = None
+    dtype: str = "auto"
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
+                    "max_length": self.max_length, "max_new_tokens": self.max_new_tokens, "log_every": self.log_every}
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.valid_ratio < 1:
+            raise ConfigError(f"valid_ratio must be in [0, 1), got {self.valid_ratio!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
+            raise ConfigError(f"loraplus_ratio must be positive (LoRA+ suggests 16), got {self.loraplus_ratio!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if isinstance(self.target_modules, str) and "," in self.target_modules:
+            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        self.lora_config()  # validates r, alpha, dropout, targets now rather than after loading a model
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
+                          init=self.init, use_rslora=self.use_rslora, seed=self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_sources(cls, file: str | Path | None = None, **overrides: Any) -> "TrainConfig":
+        """Fields from a YAML/JSON file, then ``overrides`` (None values are ignored)."""
+        values: dict[str, Any] = read_config_file(file) if file else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known options: {sorted(known - {'extra'})}")
+        return cls(**values)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # yaml and json raise different types; both mean "not parseable"
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of option names to values")
+    return data

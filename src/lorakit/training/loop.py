@@ -1,0 +1,179 @@
+"""The training loop, on `accelerate` (CPU, one GPU, or DDP under `accelerate launch`).
+
+The data order is a pure function of (seed, epoch), and each optimizer step consumes exactly
+``grad_accum`` batches per process, so a run's position is three integers (step, epoch, batch)
+and a checkpoint plus those integers resumes bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .evaluate import evaluate
+from .optim import make_optimizer, make_scheduler
+from .plot import plot_loss_curve
+
+log = logging.getLogger("lorakit.training")
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    interrupted: bool
+    records: list[dict] = field(default_factory=list)
+    last_eval: dict | None = None
+
+
+def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches (lists of example indices) of one epoch, shuffled from (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_examples, generator=gen).tolist()
+    return [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def steps_per_epoch(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
+    batches = math.ceil(n_examples / cfg.batch_size)
+    return max(1, batches // (cfg.grad_accum * world))
+
+
+def total_steps(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
+    return cfg.max_steps or cfg.epochs * steps_per_epoch(n_examples, cfg, world)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line (train logs and evals), kept in memory too."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        self.records: list[dict] = []
+        if resume_step is not None and path.is_file():
+            # Lines written after the checkpoint by the interrupted run are dropped: they will be
+            # produced again, identically, by the resumed run.
+            self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list[dict], collate: Callable,
+             out_dir: Path, eval_examples: list[dict] | None = None, eval_pairs: list[tuple[str, str]] | None = None,
+             accelerator=None, progress: bool = True) -> LoopResult:
+    """Train the model's trainable parameters on ``train_examples``; see the module docstring."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    accelerator = accelerator or Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out_dir / "checkpoints"
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_steps = total_steps(len(train_examples), cfg, world)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
+    scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.schedule)
+    position = Position()
+    if cfg.resume:
+        found = latest_checkpoint(ckpt_dir)
+        if found is None:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", ckpt_dir)
+        else:
+            position = load_checkpoint(found, model, optimizer, scheduler)
+            log.info("resumed from %s at step %d", found, position.step)
+    else:
+        torch.manual_seed(cfg.seed)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", position.step if cfg.resume else None) if accelerator.is_main_process else None
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    batches = _batch_stream(len(train_examples), cfg, world, rank, position)
+    bar = tqdm(total=n_steps, initial=position.step, disable=not (progress and accelerator.is_main_process),
+               desc="training", unit="step", dynamic_ncols=True)
+    last_eval, interrupted = None, False
+    tokens, started = 0, time.perf_counter()
+    try:
+        while position.step < n_steps:
+            wrapped.train()
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                position.epoch, position.batch, indices = next(batches)
+                batch = {k: v.to(accelerator.device) for k, v in collate([train_examples[i] for i in indices]).items()}
+                tokens += int(batch["attention_mask"].sum())
+                sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(wrapped)
+                with sync, accelerator.autocast():
+                    loss = wrapped(**batch).loss / cfg.grad_accum
+                accelerator.backward(loss)
+                step_loss += loss.item()
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            position.step += 1
+            bar.update(1)
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+            if metrics and (position.step % cfg.log_every == 0 or position.step == n_steps):
+                metrics.add({"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr,
+                             "tokens_per_s": rate})
+            if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < n_steps and eval_examples:
+                last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs,
+                                              metrics, position.step)
+            if cfg.save_every and position.step % cfg.save_every == 0 and accelerator.is_main_process:
+                save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
+                                scheduler, position)
+    except KeyboardInterrupt:
+        interrupted = True
+        optimizer.zero_grad(set_to_none=True)
+        if accelerator.is_main_process and position.step > 0:
+            path = save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
+                                   scheduler, position)
+            log.warning("interrupted at step %d; checkpoint saved to %s (continue with --resume)", position.step, path)
+    finally:
+        bar.close()
+    if not interrupted and eval_examples:
+        last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics,
+                                      position.step)
+    records = metrics.records if metrics else []
+    if metrics and records:
+        plot_loss_curve(records, out_dir / "loss.png")
+    return LoopResult(steps=position.step, interrupted=interrupted, records=records, last_eval=last_eval)
+
+
+def _batch_stream(n_examples: int, cfg: TrainConfig, world: int, rank: int,
+                  position: Position) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, batches consumed in the epoch, indices) for this process, from ``position`` on.
+
+    Epochs are truncated to a multiple of ``grad_accum * world`` batches so every process does the
+    same number of micro-steps per optimizer step.
+    """
+    epoch, consumed = position.epoch, position.batch
+    while True:
+        batches = epoch_batches(n_examples, cfg.batch_size, cfg.seed, epoch)
+        usable = (len(batches) // (cfg.grad_accum * world)) * cfg.grad_accum * world or len(batches)
+        while consumed < usable:
+            group = batches[consumed:consumed + world]
+            consumed += world
+            yield epoch, consumed, group[rank % len(group)]
+        epoch, consumed = epoch + 1, 0
+
+
+def _evaluate_and_log(accelerator, model, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, step) -> dict:
+    result = evaluate(accelerator.unwrap_model(model), tokenizer, eval_examples, collate, batch_size=cfg.batch_size,
+                      pairs=eval_pairs, max_examples=cfg.eval_max_examples, max_new_tokens=cfg.max_new_tokens,
+                      device=accelerator.device)
+    if metrics:
+        metrics.add({"step": step, **{f"eval_{k}": v for k, v in result.items() if k != "predictions"}})
+    return result

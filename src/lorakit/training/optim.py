@@ -1,0 +1,55 @@
+"""Optimizer and learning-rate schedule, with LoRA+ parameter groups.
+
+LoRA+ (Hayou et al. 2024) gives B a learning rate ``ratio`` times A's: with B starting at zero and
+A random, equal rates leave B under-trained; ratio 16 is the paper's default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, loraplus_ratio: float | None) -> list[dict]:
+    """AdamW groups: B matrices at ``lr * loraplus_ratio`` (when set), everything else at ``lr``."""
+    fast, normal = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_b = ".lora_B." in name or name.endswith(".lora_B")
+        (fast if loraplus_ratio and is_b else normal).append(param)
+    groups = [{"params": normal, "lr": lr, "weight_decay": weight_decay}]
+    if fast:
+        groups.append({"params": fast, "lr": lr * loraplus_ratio, "weight_decay": weight_decay})
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
+                   loraplus_ratio: float | None = None) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, lr, weight_decay, loraplus_ratio)
+    if not groups:
+        raise ValueError("the model has no trainable parameters: add an adapter first")
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Factor on the base lr at ``step`` (0-based): linear warmup, then cosine/linear decay to 0
+    or constant."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                   schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, schedule)
+    )

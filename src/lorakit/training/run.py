@@ -1,0 +1,98 @@
+"""`lorakit.train(...)`: one whole run — data checked up front, model loaded, adapter trained and saved.
+
+Outputs in ``output_dir``: ``adapter/`` (PEFT layout), ``train_config.yaml`` (the run's full
+config), ``metrics.jsonl``, ``loss.png``, ``checkpoints/step-N/`` and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..inject import add_adapter
+from ..io import save_adapter
+from ..report import summary
+from .config import TrainConfig
+from .loop import run_loop
+
+log = logging.getLogger("lorakit.training")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    adapter_dir: Path
+    steps: int
+    interrupted: bool
+    stats: Any
+    final_eval: dict | None
+    records: list[dict]
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]
+    valid: list[dict]
+    valid_pairs: list[tuple[str, str]]
+    collate: Any
+    stats: Any
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
+    """Read, validate and tokenize the data; raises DataError before any training starts."""
+    from ..data import Collator, eval_pairs, read_records, split_records, tokenize_records
+
+    records = read_records(cfg.data)
+    if cfg.valid_data:
+        train_records, valid_records = records, read_records(cfg.valid_data)
+    elif cfg.valid_ratio:
+        train_records, valid_records = split_records(records, cfg.valid_ratio, seed=cfg.seed)
+    else:
+        train_records, valid_records = records, []
+    train, stats = tokenize_records(train_records, tokenizer, max_length=cfg.max_length, packing=cfg.packing)
+    valid = tokenize_records(valid_records, tokenizer, max_length=cfg.max_length)[0] if valid_records else []
+    pairs = eval_pairs(valid_records, tokenizer) if valid_records else []
+    return PreparedData(train, valid, pairs, Collator(tokenizer), stats)
+
+
+def train(config: TrainConfig | dict | str | Path | None = None, *, model=None, tokenizer=None, progress: bool = True,
+          **overrides: Any) -> TrainResult:
+    """Fine-tune a LoRA adapter as ``config`` says (a TrainConfig, a dict, or a YAML/JSON path;
+    keyword ``overrides`` win). Pass ``model``/``tokenizer`` to train an already loaded model."""
+    if isinstance(config, TrainConfig):
+        cfg = TrainConfig(**{**config.to_dict(), **overrides})
+    elif isinstance(config, dict):
+        cfg = TrainConfig.from_sources(None, **{**config, **overrides})
+    else:
+        cfg = TrainConfig.from_sources(config, **overrides)
+    if not cfg.data:
+        raise ConfigError("no training data: set data (--data FILE.jsonl)")
+    if model is None:
+        from ..models import load_model
+
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                      gradient_checkpointing=cfg.gradient_checkpointing)
+    data = prepare_data(cfg, tokenizer)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(cfg, out_dir / "train_config.yaml")
+    add_adapter(model, cfg.lora_config())
+    log.info("%s", summary(model))
+    loop = run_loop(model, tokenizer, cfg, data.train, data.collate, out_dir, eval_examples=data.valid,
+                    eval_pairs=data.valid_pairs, progress=progress)
+    adapter_dir = out_dir / "adapter"
+    if not loop.interrupted:
+        save_adapter(model, adapter_dir)
+        final = {k: v for k, v in (loop.last_eval or {}).items() if k != "predictions"}
+        (out_dir / "result.json").write_text(json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n")
+    return TrainResult(out_dir, adapter_dir, loop.steps, loop.interrupted, data.stats, loop.last_eval, loop.records)
+
+
+def _write_config(cfg: TrainConfig, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
