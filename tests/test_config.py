@@ -64,8 +64,8 @@ def test_peft_config_is_accepted_by_peft():
 def test_from_dict_refuses_what_it_cannot_honour():
     with pytest.raises(ConfigError, match="peft_type"):
         LoraConfig.from_dict({"peft_type": "IA3", "target_modules": ["q"]})
-    with pytest.raises(ConfigError, match="use_dora"):
-        LoraConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "use_dora": True})
+    with pytest.raises(ConfigError, match="layer_replication"):
+        LoraConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "layer_replication": [[0, 2]]})
 
 
 def test_from_dict_ignores_unknown_peft_fields():

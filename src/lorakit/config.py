@@ -26,7 +26,6 @@ _INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa
 # PEFT config keys whose non-default value changes the adapter's maths in a way lorakit does not
 # implement yet: loading such a file must fail loudly rather than give wrong outputs.
 _UNSUPPORTED_PEFT_OPTIONS = {
-    "use_dora": False,
     "layer_replication": None,
     "lora_bias": False,
     "use_qalora": False,
@@ -52,6 +51,10 @@ class LoraConfig:
         bias: ``"none"`` (biases stay frozen), ``"all"`` (every bias in the model is trained and
             saved) or ``"lora_only"`` (biases of adapted layers are trained and saved).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        use_dora: weight-decomposed LoRA (Liu et al. 2024): each output unit of ``W0 + s B A`` is
+            rescaled to a trained magnitude ``m``; see ``docs/variants.md``.
+        lora_fa: LoRA-FA (Zhang et al. 2023): A stays frozen at its init and only B trains, halving
+            the trainable parameters and the optimizer state. The saved file is a plain LoRA adapter.
         init: ``"default"`` (Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r), zero B),
             ``"pissa"`` (principal singular vectors and values of W0 in A, B; residual kept in
             W0) or ``"olora"`` (QR-based orthonormal init; residual kept in W0).
@@ -79,6 +82,8 @@ class LoraConfig:
     exclude_modules: list[str] | str | None = None
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False
+    lora_fa: bool = False
     init: str = "default"
     modules_to_save: list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -165,7 +170,7 @@ class LoraConfig:
             "exclude_modules": self.exclude_modules,
             "bias": self.bias,
             "use_rslora": self.use_rslora,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "init_lora_weights": _INIT_TO_PEFT[self.init],
             "modules_to_save": self.modules_to_save,
             "rank_pattern": dict(self.rank_pattern),

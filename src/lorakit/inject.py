@@ -35,6 +35,7 @@ class LayerPlan:
     dropout: float
     A: torch.Tensor
     B: torch.Tensor
+    magnitude: torch.Tensor | None = None  # DoRA's m when loaded from a file; drawn at commit otherwise
 
 
 @dataclass
@@ -110,11 +111,18 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
     current = active_adapters(model)
     for p in planned.layers:
         p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable)
+        if config.lora_fa:
+            p.layer.lora_A[name].requires_grad_(False)
         if config.init in BASE_CHANGING_INITS:
             # W0 keeps the residual W0 - s B0 A0; (A0, B0) are kept to express the update against
             # the original W0 when saving or removing the adapter.
             p.layer._add_to_weight(-p.layer.delta_weight(name))
             p.layer.init_factors[name] = (p.A.detach().clone(), p.B.detach().clone())
+        if config.use_dora:
+            if p.magnitude is None:
+                p.layer.init_magnitude(name, trainable=trainable)
+            else:
+                p.layer.lora_magnitude_vector[name] = nn.Parameter(p.magnitude, requires_grad=trainable)
         if p.is_new:
             p.layer.active_adapters = list(current)
             replace_module(model, p.path, p.layer)
@@ -139,6 +147,7 @@ def freeze_base(model: nn.Module) -> None:
         if isinstance(module, LoraLayer):
             adapter_params.update(map(id, module.lora_A.parameters()))
             adapter_params.update(map(id, module.lora_B.parameters()))
+            adapter_params.update(map(id, module.lora_magnitude_vector.parameters()))
         else:
             adapter_params.update(map(id, module.modules_to_save.parameters()))
     trained_biases = trained_bias_ids(model)

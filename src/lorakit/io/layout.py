@@ -6,6 +6,7 @@ the adapter name stripped:
 
     <path>.lora_A.weight / <path>.lora_B.weight           linear and conv layers
     <path>.lora_embedding_A / <path>.lora_embedding_B     embeddings
+    <path>.lora_magnitude_vector                          DoRA's magnitude m
     <path>.<param>                                        modules_to_save copies (e.g. lm_head.weight)
     <path>.base_layer.bias or <path>.bias                 trained biases (bias="all"/"lora_only")
 """
@@ -23,6 +24,7 @@ FACTOR_SUFFIXES = {
     ".lora_B.weight": "lora_B",
     ".lora_embedding_A": "lora_A",
     ".lora_embedding_B": "lora_B",
+    ".lora_magnitude_vector": "magnitude",
 }
 
 

@@ -84,6 +84,16 @@ def _fit_factors(model: nn.Module, planned: InjectionPlan, weights: dict[str, to
                 )
         p.A = found["lora_A"].to(dtype=p.A.dtype, device=p.A.device)
         p.B = found["lora_B"].to(dtype=p.B.dtype, device=p.B.device)
+        if planned.config.use_dora:
+            if "magnitude" not in found:
+                raise AdapterFileError(f"the file has no lora_magnitude_vector for DoRA module {p.path!r}")
+            expected = p.layer.magnitude_shape()
+            if tuple(found["magnitude"].shape) != tuple(expected):
+                raise AdapterFileError(f"lora_magnitude_vector of module {p.path!r} has shape "
+                                       f"{tuple(found['magnitude'].shape)} in the file but the model needs {expected}")
+            p.magnitude = found["magnitude"].to(dtype=p.A.dtype, device=p.A.device)
+        elif "magnitude" in found:
+            raise AdapterFileError(f"the file has a DoRA magnitude for {p.path!r} but its config says use_dora=false")
     return rest
 
 

@@ -45,6 +45,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
             converted = True
         tensors[PREFIX + path + "." + layer.peft_keys["lora_A"]] = A
         tensors[PREFIX + path + "." + layer.peft_keys["lora_B"]] = B
+        if name in layer.lora_magnitude_vector:
+            tensors[PREFIX + path + "." + layer.peft_keys["magnitude"]] = layer.lora_magnitude_vector[name].detach()
     for path, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
             for key, value in wrapper.modules_to_save[name].state_dict().items():

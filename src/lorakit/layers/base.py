@@ -2,6 +2,10 @@
 
     h = base(x) + sum over active adapters a of  s_a * B_a A_a dropout_a(x)
 
+DoRA adapters (Liu et al. 2024) instead rescale each output unit of the adapted weight to a
+learned magnitude m:  W = m * (W0 + s B A) / ||W0 + s B A||, the norm taken per output unit and
+treated as a constant in backward (the paper's recommendation, also PEFT's).
+
 Subclasses (linear, embedding, conv) say how A and B are shaped, how ``B A`` is applied to an
 input, and how the dense update ``s B A`` is laid out in the base weight; this class holds the
 adapters and everything about their state (active, merged, disabled, per-row routing).
@@ -32,12 +36,15 @@ class LoraLayer(nn.Module):
         merged_adapters: names whose update currently sits inside the base weight.
         disabled: when True, ``forward`` is the base layer alone.
         row_adapters: during ``adapter_batch``, the adapter of each batch row (None = base).
+        lora_magnitude_vector: DoRA adapters only: name -> magnitude m (``magnitude_shape()``).
         init_factors: for inits that move part of W0 into A, B (PiSSA, OLoRA), the initial
             (A0, B0) kept so the update can be expressed against the original W0.
     """
 
     # Keys of A and B inside PEFT's files, relative to the module path (adapter name stripped).
-    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+    # The dimension of the base weight that indexes output units (DoRA's norm is taken per unit).
+    unit_dim = 0
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -45,6 +52,8 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_merge_norms: dict[str, torch.Tensor] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -67,9 +76,18 @@ class LoraLayer(nn.Module):
         """Shapes of (A, B) for rank r."""
         raise NotImplementedError
 
-    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """``s * B A dropout(x)`` for adapter ``name``, in the adapter's dtype."""
+    def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s * B A x`` for adapter ``name`` (x already dropped out and cast), adapter dtype."""
         raise NotImplementedError
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """``W0 x`` without the bias (DoRA needs it on the dropped-out input)."""
+        raise NotImplementedError
+
+    def output_bias(self) -> torch.Tensor | None:
+        """The base bias shaped to broadcast against the output, or None."""
+        bias = getattr(self.base_layer, "bias", None)
+        return bias
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The dense update ``s * B A`` laid out like the base weight, in float32 (or wider)."""
@@ -91,6 +109,53 @@ class LoraLayer(nn.Module):
                 raise
             return getattr(base, name)
 
+    # --- the low-rank path ------------------------------------------------------------------
+    def dropped_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.lora_dropout[name](x.to(self.lora_A[name].dtype))
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s * B A dropout(x)`` for adapter ``name``, in the adapter's dtype."""
+        return self.apply_lora(self.dropped_input(x, name), name)
+
+    def adapter_increment(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output ``result`` for input ``x``."""
+        if name not in self.lora_magnitude_vector:
+            return self.lora_output(x, name).to(result.dtype)
+        # DoRA: m/||W|| * (W0 x + s B A x) + b  ==  result + (scale - 1) W0 x + scale s B A x
+        x_d = self.dropped_input(x, name)
+        lora = self.apply_lora(x_d, name)
+        scale = self.lora_magnitude_vector[name] / self.weight_norm(name).detach().to(lora.dtype)
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+            bias = self.output_bias()
+            base = result if bias is None else result - bias
+        else:
+            base = self.base_output_without_bias(x_d)
+        return ((scale - 1) * base.to(lora.dtype) + scale * lora).to(result.dtype)
+
+    # --- DoRA --------------------------------------------------------------------------------
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """Shape of DoRA's m: one entry per output unit, laid out to broadcast on the output."""
+        return (self.base_weight.shape[self.unit_dim],)
+
+    def _unit_view(self, vector: torch.Tensor) -> torch.Tensor:
+        """A per-unit vector reshaped to broadcast against the base weight."""
+        shape = [1] * self.base_weight.dim()
+        shape[self.unit_dim] = -1
+        return vector.reshape(shape)
+
+    def weight_norm(self, name: str) -> torch.Tensor:
+        """``||W0 + s B A||`` per output unit, in ``magnitude_shape()``."""
+        weight = self.base_weight
+        combined = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self.delta_weight(name)
+        dims = [d for d in range(combined.dim()) if d != self.unit_dim]
+        return torch.linalg.vector_norm(combined, dim=dims).reshape(self.magnitude_shape())
+
+    @torch.no_grad()
+    def init_magnitude(self, name: str, trainable: bool = True) -> None:
+        """Make ``name`` a DoRA adapter with m = ||W0 + s B A|| (so outputs do not change)."""
+        dtype = self.lora_A[name].dtype
+        self.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(name).to(dtype), requires_grad=trainable)
+
     # --- adapters ----------------------------------------------------------------------------
     def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
                     trainable: bool = True) -> None:
@@ -104,8 +169,9 @@ class LoraLayer(nn.Module):
         """Drop adapter ``name`` (it must not be merged)."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
-        for holder in (self.lora_A, self.lora_B, self.lora_dropout):
-            del holder[name]
+        for holder in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if name in holder:
+                del holder[name]
         self.scaling.pop(name, None)
         self.init_factors.pop(name, None)
         if name in self.active_adapters:
@@ -127,7 +193,7 @@ class LoraLayer(nn.Module):
             return self._add_per_row(x, result)
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
-                result = result + self.lora_output(x, name).to(result.dtype)
+                result = result + self.adapter_increment(x, name, result)
         return result
 
     def _add_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -142,8 +208,8 @@ class LoraLayer(nn.Module):
             if name is None or name not in self.lora_A:
                 continue
             index = torch.tensor([i for i, row in enumerate(rows) if row == name], device=x.device)
-            delta = self.lora_output(x.index_select(0, index), name)
-            result = result.index_add(0, index, delta.to(result.dtype))
+            delta = self.adapter_increment(x.index_select(0, index), name, result.index_select(0, index))
+            result = result.index_add(0, index, delta)
         return result
 
     # --- merging -----------------------------------------------------------------------------
@@ -152,7 +218,15 @@ class LoraLayer(nn.Module):
         """Add ``s B A`` into the base weight, so ``forward`` skips the adapter."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is already merged; unmerge it before merging again")
-        self._add_to_weight(self.delta_weight(name))
+        delta = self.delta_weight(name)
+        if name in self.lora_magnitude_vector:
+            # W0 -> m/||W0 + dW|| * (W0 + dW); the norm is kept to undo this exactly.
+            norm = self.weight_norm(name)
+            self._dora_merge_norms[name] = norm
+            scale = self._unit_view(self.lora_magnitude_vector[name].to(norm.dtype) / norm)
+            weight = self.base_weight.to(delta.dtype)
+            delta = scale * (weight + delta) - weight
+        self._add_to_weight(delta)
         self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -160,7 +234,14 @@ class LoraLayer(nn.Module):
         """Subtract ``s B A`` from the base weight again."""
         if name not in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is not merged")
-        self._add_to_weight(-self.delta_weight(name))
+        delta = self.delta_weight(name)
+        if name in self.lora_magnitude_vector:
+            norm = self._dora_merge_norms.pop(name)
+            scale = self._unit_view(self.lora_magnitude_vector[name].to(norm.dtype) / norm)
+            weight = self.base_weight.to(delta.dtype)
+            self._add_to_weight(weight / scale - delta - weight)
+        else:
+            self._add_to_weight(-delta)
         self.merged_adapters.remove(name)
 
     @torch.no_grad()

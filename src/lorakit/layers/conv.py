@@ -43,12 +43,23 @@ class LoraConv(LoraLayer):
         kernel = tuple(self.base_weight.shape[2:])
         return (r, self.in_dim, *kernel), (self.out_dim, r, *([1] * self.spatial_dims))
 
-    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        x = self.lora_dropout[name](x.to(A.dtype))
+    def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # The base's own _conv_forward applies its stride, padding (and padding mode), dilation.
-        after_A = self.base_layer._conv_forward(x, A, None)
-        return _CONV_FN[self.spatial_dims](after_A, B) * self.scaling[name]
+        after_A = self.base_layer._conv_forward(x, self.lora_A[name], None)
+        return _CONV_FN[self.spatial_dims](after_A, self.lora_B[name]) * self.scaling[name]
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, self.base_weight.to(x.dtype), None)
+
+    def output_bias(self) -> torch.Tensor | None:
+        bias = self.base_layer.bias
+        return None if bias is None else bias.view(1, -1, *([1] * self.spatial_dims))
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (1, self.out_dim, *([1] * self.spatial_dims))  # PEFT's layout for conv DoRA
+
+    def _unit_view(self, vector: torch.Tensor) -> torch.Tensor:
+        return vector.reshape(-1, *([1] * (self.spatial_dims + 1)))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.factors(name)

@@ -17,7 +17,8 @@ from .base import LoraLayer
 class LoraEmbedding(LoraLayer):
     """LoRA around an embedding table; see the module docstring for the formula and shapes."""
 
-    peft_keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+    peft_keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "magnitude": "lora_magnitude_vector"}
+    unit_dim = 1  # DoRA: one magnitude per embedding dimension, as in PEFT
 
     @property
     def in_dim(self) -> int:
@@ -30,7 +31,13 @@ class LoraEmbedding(LoraLayer):
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_dim), (self.out_dim, r)
 
-    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def dropped_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x  # token ids: nothing to drop or cast
+
+    def output_bias(self) -> None:
+        return None
+
+    def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         base = self.base_layer
         after_A = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,

@@ -26,6 +26,7 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
+        self.unit_dim = 1 if self.fan_in_fan_out else 0
 
     @property
     def in_dim(self) -> int:
@@ -40,10 +41,12 @@ class LoraLinear(LoraLayer):
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_dim), (self.out_dim, r)
 
-    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        x = self.lora_dropout[name](x.to(A.dtype))
-        return F.linear(F.linear(x, A), B) * self.scaling[name]
+    def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name]) * self.scaling[name]
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_weight.to(x.dtype)
+        return x @ weight if self.fan_in_fan_out else F.linear(x, weight)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B = self.factors(name)

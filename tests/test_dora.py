@@ -1,0 +1,176 @@
+"""DoRA against its formula (float64), its gradients, merging, and PEFT interop; LoRA-FA."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.state import lora_layers
+
+from .tiny import randomize_adapters, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5, dtype=torch.float64)
+        self.emb = nn.Embedding(11, 6, dtype=torch.float64)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
+
+
+def dora_net(target, dropout=0.0):
+    net = Net()
+    lorakit.add_adapter(net, LoraConfig(r=3, alpha=6, target_modules=[target], use_dora=True, dropout=dropout))
+    randomize_adapters(net)
+    with torch.no_grad():
+        for _, layer in lora_layers(net):
+            layer.lora_magnitude_vector["default"].mul_(torch.rand_like(layer.lora_magnitude_vector["default"]) + 0.5)
+    return net, getattr(net, target)
+
+
+def test_linear_formula_and_init():
+    net = Net()
+    w0 = net.lin.weight.detach().clone()
+    lorakit.add_adapter(net, LoraConfig(r=3, alpha=6, target_modules=["lin"], use_dora=True))
+    torch.testing.assert_close(net.lin.lora_magnitude_vector["default"], w0.norm(dim=1))  # m starts at ||W0||
+    net, layer = dora_net("lin")
+    A, B, m = layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]
+    W = layer.weight + 2.0 * B @ A
+    W_dora = m[:, None] * W / W.norm(dim=1, keepdim=True)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), x @ W_dora.T + layer.bias, rtol=1e-12, atol=1e-12)
+
+
+def test_embedding_formula():
+    net, layer = dora_net("emb")
+    A, B, m = layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]
+    W = layer.weight + 2.0 * (B @ A).T  # (num_embeddings, dim)
+    W_dora = m[None, :] * W / W.norm(dim=0, keepdim=True)
+    ids = torch.tensor([[0, 4, 10]])
+    torch.testing.assert_close(layer(ids), W_dora[ids], rtol=1e-12, atol=1e-12)
+
+
+def test_conv_formula():
+    net, layer = dora_net("conv")
+    W = layer.weight + layer.delta_weight("default").double()
+    m = layer.lora_magnitude_vector["default"].reshape(-1, 1, 1, 1)
+    W_dora = m * W / W.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), nn.functional.conv2d(x, W_dora, layer.bias, padding=1), rtol=1e-10, atol=1e-10)
+
+
+def test_gradients_treat_the_norm_as_constant():
+    net, layer = dora_net("lin")
+    A, B, m = layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]
+    x = torch.randn(4, 6, dtype=torch.float64)
+    layer(x).pow(2).sum().backward()
+    got = [p.grad.clone() for p in (A, B, m)]
+    A2, B2, m2 = (p.detach().clone().requires_grad_(True) for p in (A, B, m))
+    W = layer.weight + 2.0 * B2 @ A2
+    norm = W.norm(dim=1, keepdim=True).detach()
+    (x @ (m2[:, None] * W / norm).T + layer.bias).pow(2).sum().backward()
+    for g, ref in zip(got, (A2.grad, B2.grad, m2.grad)):
+        torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_dropout_path_matches_formula():
+    net, layer = dora_net("lin", dropout=0.3)
+    net.train()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    torch.manual_seed(4)
+    out = layer(x)
+    torch.manual_seed(4)
+    xd = nn.functional.dropout(x, 0.3, training=True)
+    A, B, m = layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]
+    W = layer.weight + 2.0 * B @ A
+    scale = m / W.norm(dim=1)
+    expected = x @ layer.weight.T + layer.bias + (scale - 1) * (xd @ layer.weight.T) + scale * (2.0 * xd @ A.T @ B.T)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("target,inputs", [("lin", lambda: torch.randn(3, 6, dtype=torch.float64)),
+                                           ("emb", lambda: torch.tensor([[1, 2, 9]])),
+                                           ("conv", lambda: torch.randn(2, 3, 5, 5, dtype=torch.float64))])
+def test_merge_and_unmerge(target, inputs):
+    net, layer = dora_net(target)
+    x = inputs()
+    w0, out = layer.weight.clone(), layer(x)
+    lorakit.merge(net)
+    torch.testing.assert_close(layer(x), out, rtol=1e-10, atol=1e-10)
+    lorakit.unmerge(net)
+    torch.testing.assert_close(layer.weight, w0, rtol=1e-10, atol=1e-10)
+
+
+def test_adapter_batch_with_dora(ids):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "up_proj"], use_dora=True), name="d")
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"]), name="p")
+    randomize_adapters(model, 0.2)
+    singles = []
+    for i, name in enumerate(["d", "p", "d"]):
+        lorakit.set_adapter(model, name)
+        singles.append(model(ids[i:i + 1]).logits)
+    with lorakit.adapter_batch(model, ["d", "p", "d"]):
+        mixed = model(ids).logits
+    for i in range(3):
+        torch.testing.assert_close(mixed[i:i + 1], singles[i], rtol=1e-5, atol=1e-5)
+
+
+def test_dora_round_trips_through_peft(tmp_path, ids):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True))
+    randomize_adapters(model, 0.2)
+    expected = model(ids).logits
+    lorakit.save_adapter(model, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                                   target_modules=["q_proj", "embed_tokens"])).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    expected = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "peft")
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path / "peft")
+    torch.testing.assert_close(fresh(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_training_lowers_loss(ids):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=True))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_lora_fa_freezes_A_and_halves_trainable(ids):
+    plain, fa = tiny_llama(), tiny_llama()
+    lorakit.add_adapter(plain, LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
+    lorakit.add_adapter(fa, LoraConfig(r=4, target_modules=["q_proj", "o_proj"], lora_fa=True))
+    assert lorakit.trainable_parameters(fa)[0] * 2 == lorakit.trainable_parameters(plain)[0]
+    A0 = {n: l.lora_A["default"].clone() for n, l in lora_layers(fa)}
+    opt = torch.optim.AdamW([p for p in fa.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = fa(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(l.lora_A["default"], A0[n]) for n, l in lora_layers(fa))
+    out = fa(ids).logits
+    lorakit.merge(fa)
+    torch.testing.assert_close(fa(ids).logits, out, rtol=1e-5, atol=1e-5)
