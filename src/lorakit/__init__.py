@@ -14,6 +14,7 @@ from .errors import (AdapterFileError, AdapterNameError, AdapterStateError, Conf
 from .inject import add_adapter, delete_adapter, unload
 from .io import load_adapter, save_adapter
 from .report import summary, trainable_parameters
+from .variants.dylora import truncate
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,5 @@ __all__ = [
     "LoraConfig", "add_adapter", "load_adapter", "save_adapter", "set_adapter", "adapters", "delete_adapter",
     "disable_adapters", "adapter_batch", "merge", "unmerge", "unload", "trainable_parameters", "summary",
     "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterStateError", "AdapterFileError",
-    "ModelNotFoundError", "DataError", "train", "TrainConfig",
+    "ModelNotFoundError", "DataError", "train", "TrainConfig", "truncate",
 ]

@@ -55,6 +55,8 @@ class LoraConfig:
             rescaled to a trained magnitude ``m``; see ``docs/variants.md``.
         lora_fa: LoRA-FA (Zhang et al. 2023): A stays frozen at its init and only B trains, halving
             the trainable parameters and the optimizer state. The saved file is a plain LoRA adapter.
+        dylora: DyLoRA (Valipour et al. 2023): the trainer samples a rank b <= r each step and trains
+            the first b ranks, so ``lorakit.truncate(model, b)`` works afterwards without retraining.
         init: ``"default"`` (Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r), zero B),
             ``"pissa"`` (principal singular vectors and values of W0 in A, B; residual kept in
             W0) or ``"olora"`` (QR-based orthonormal init; residual kept in W0).
@@ -84,6 +86,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     lora_fa: bool = False
+    dylora: bool = False
     init: str = "default"
     modules_to_save: list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)

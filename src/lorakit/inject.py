@@ -110,7 +110,7 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
     name, config = planned.name, planned.config
     current = active_adapters(model)
     for p in planned.layers:
-        p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable)
+        p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable, rslora=config.use_rslora)
         if config.lora_fa:
             p.layer.lora_A[name].requires_grad_(False)
         if config.init in BASE_CHANGING_INITS:

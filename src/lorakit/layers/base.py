@@ -37,6 +37,8 @@ class LoraLayer(nn.Module):
         disabled: when True, ``forward`` is the base layer alone.
         row_adapters: during ``adapter_batch``, the adapter of each batch row (None = base).
         lora_magnitude_vector: DoRA adapters only: name -> magnitude m (``magnitude_shape()``).
+        nested_rank: DyLoRA training: name -> rank b in use this step (first b rows of A / columns
+            of B, scaling alpha/b); absent means full rank.
         init_factors: for inits that move part of W0 into A, B (PiSSA, OLoRA), the initial
             (A0, B0) kept so the update can be expressed against the original W0.
     """
@@ -55,6 +57,8 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_merge_norms: dict[str, torch.Tensor] = {}
         self.scaling: dict[str, float] = {}
+        self.rslora: dict[str, bool] = {}
+        self.nested_rank: dict[str, int] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
@@ -110,6 +114,16 @@ class LoraLayer(nn.Module):
             return getattr(base, name)
 
     # --- the low-rank path ------------------------------------------------------------------
+    def live_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) used by forward: the full adapter, or its first b ranks during DyLoRA training
+        (with the scaling of a rank-b adapter: alpha/b, or alpha/sqrt(b) with rsLoRA)."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        b = self.nested_rank.get(name)
+        if b is None or b >= A.shape[0]:
+            return A, B, s
+        ratio = A.shape[0] / b
+        return A[:b], B[:, :b], s * (ratio ** 0.5 if self.rslora[name] else ratio)
+
     def dropped_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.lora_dropout[name](x.to(self.lora_A[name].dtype))
 
@@ -158,8 +172,9 @@ class LoraLayer(nn.Module):
 
     # --- adapters ----------------------------------------------------------------------------
     def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
-                    trainable: bool = True) -> None:
+                    trainable: bool = True, rslora: bool = False) -> None:
         """Attach adapter ``name`` with ready-made factors (see ``lorakit.init``)."""
+        self.rslora[name] = rslora
         self.lora_A[name] = nn.Parameter(A, requires_grad=trainable)
         self.lora_B[name] = nn.Parameter(B, requires_grad=trainable)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -172,7 +187,8 @@ class LoraLayer(nn.Module):
         for holder in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if name in holder:
                 del holder[name]
-        self.scaling.pop(name, None)
+        for table in (self.scaling, self.rslora, self.nested_rank):
+            table.pop(name, None)
         self.init_factors.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
@@ -252,11 +268,11 @@ class LoraLayer(nn.Module):
         acc = torch.promote_types(weight.dtype, torch.float32)
         weight.copy_((weight.to(acc) + delta.to(weight.device, acc)).to(weight.dtype))
 
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of adapter ``name`` in the accumulation dtype: float32, or float64 if wider."""
-        A, B = self.lora_A[name], self.lora_B[name]
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``live_factors`` in the accumulation dtype: float32, or float64 if wider."""
+        A, B, s = self.live_factors(name)
         acc = torch.promote_types(A.dtype, torch.float32)
-        return A.to(acc), B.to(acc)
+        return A.to(acc), B.to(acc), s
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.rank(n)}, s={self.scaling[n]:g}" for n in self.adapter_names)

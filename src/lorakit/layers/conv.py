@@ -45,8 +45,9 @@ class LoraConv(LoraLayer):
 
     def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
         # The base's own _conv_forward applies its stride, padding (and padding mode), dilation.
-        after_A = self.base_layer._conv_forward(x, self.lora_A[name], None)
-        return _CONV_FN[self.spatial_dims](after_A, self.lora_B[name]) * self.scaling[name]
+        A, B, s = self.live_factors(name)
+        after_A = self.base_layer._conv_forward(x, A, None)
+        return _CONV_FN[self.spatial_dims](after_A, B) * s
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer._conv_forward(x, self.base_weight.to(x.dtype), None)
@@ -62,6 +63,6 @@ class LoraConv(LoraLayer):
         return vector.reshape(-1, *([1] * (self.spatial_dims + 1)))
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A, B = self.factors(name)
+        A, B, s = self.factors(name)
         delta = B.flatten(1) @ A.flatten(1)  # (C_out, r) @ (r, C_in * prod(k))
-        return delta.reshape(self.base_weight.shape) * self.scaling[name]
+        return delta.reshape(self.base_weight.shape) * s

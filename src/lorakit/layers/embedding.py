@@ -38,12 +38,12 @@ class LoraEmbedding(LoraLayer):
         return None
 
     def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
+        A, B, s = self.live_factors(name)
         base = self.base_layer
         after_A = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
                               base.scale_grad_by_freq, base.sparse)
-        return (after_A @ B.T) * self.scaling[name]
+        return (after_A @ B.T) * s
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A, B = self.factors(name)
-        return (B @ A).T * self.scaling[name]
+        A, B, s = self.factors(name)
+        return (B @ A).T * s

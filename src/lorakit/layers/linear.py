@@ -42,13 +42,14 @@ class LoraLinear(LoraLayer):
         return (r, self.in_dim), (self.out_dim, r)
 
     def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A[name]), self.lora_B[name]) * self.scaling[name]
+        A, B, s = self.live_factors(name)
+        return F.linear(F.linear(x, A), B) * s
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base_weight.to(x.dtype)
         return x @ weight if self.fan_in_fan_out else F.linear(x, weight)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A, B = self.factors(name)
-        delta = (B @ A) * self.scaling[name]
+        A, B, s = self.factors(name)
+        delta = (B @ A) * s
         return delta.T if self.fan_in_fan_out else delta

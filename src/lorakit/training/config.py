@@ -11,6 +11,8 @@ from ..config import INITS, LoraConfig
 from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
+# --variant: which member of the LoRA family to train (flags of LoraConfig).
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True}}
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -28,6 +30,7 @@ class TrainConfig:
     valid_ratio: float = 0.0
     output_dir: str = "runs/lorakit"
     # LoRA
+    variant: str = "lora"
     r: int = 16
     alpha: float = 32
     dropout: float = 0.0
@@ -85,6 +88,8 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
             raise ConfigError(f"loraplus_ratio must be positive (LoRA+ suggests 16), got {self.loraplus_ratio!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
         if isinstance(self.target_modules, str) and "," in self.target_modules:
@@ -93,7 +98,7 @@ class TrainConfig:
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
-                          init=self.init, use_rslora=self.use_rslora, seed=self.seed)
+                          init=self.init, use_rslora=self.use_rslora, seed=self.seed, **VARIANTS[self.variant])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

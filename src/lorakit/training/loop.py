@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..variants.dylora import dylora_adapters, sample_nested_rank, set_nested_rank
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
@@ -100,11 +102,14 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     batches = _batch_stream(len(train_examples), cfg, world, rank, position)
     bar = tqdm(total=n_steps, initial=position.step, disable=not (progress and accelerator.is_main_process),
                desc="training", unit="step", dynamic_ncols=True)
+    nested = dylora_adapters(model)
     last_eval, interrupted = None, False
     tokens, started = 0, time.perf_counter()
     try:
         while position.step < n_steps:
             wrapped.train()
+            for name in nested:  # DyLoRA: one rank per step, drawn from (seed, step) so resume agrees
+                sample_nested_rank(model, random.Random(cfg.seed * 7919 + position.step), name)
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
                 position.epoch, position.batch, indices = next(batches)
@@ -120,6 +125,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            for name in nested:
+                set_nested_rank(model, None, name)
             position.step += 1
             bar.update(1)
             rate = tokens / max(time.perf_counter() - started, 1e-9)
@@ -137,6 +144,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     except KeyboardInterrupt:
         interrupted = True
         optimizer.zero_grad(set_to_none=True)
+        for name in nested:
+            set_nested_rank(model, None, name)
         if accelerator.is_main_process and position.step > 0:
             path = save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
                                    scheduler, position)

@@ -1,0 +1,82 @@
+"""DyLoRA (Valipour et al. 2023): one adapter that works at every rank b <= r.
+
+Training: each step samples b uniformly from 1..r and runs the adapter truncated to its first b
+ranks, ``h = W0 x + (alpha/b) B[:, :b] A[:b] x``, so every prefix of the ranks learns to stand on
+its own. Afterwards ``truncate(model, b)`` keeps the first b ranks, with no retraining.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import AdapterStateError, ConfigError
+from ..state import adapter_configs, lora_layers, require_adapters
+
+
+def dylora_adapters(model: nn.Module) -> list[str]:
+    """Names of the model's adapters configured with ``dylora=True``."""
+    return [name for name, config in adapter_configs(model).items() if config.dylora]
+
+
+def set_nested_rank(model: nn.Module, rank: int | None, name: str = "default") -> None:
+    """Run adapter ``name`` at its first ``rank`` ranks (None: full rank) until changed again."""
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            if rank is None:
+                layer.nested_rank.pop(name, None)
+            else:
+                layer.nested_rank[name] = rank
+
+
+def sample_nested_rank(model: nn.Module, rng: random.Random, name: str = "default") -> int:
+    """Draw b uniformly from 1..r for adapter ``name`` and apply it (one b for all layers)."""
+    rank = rng.randint(1, adapter_configs(model)[name].r)
+    set_nested_rank(model, rank, name)
+    return rank
+
+
+@contextmanager
+def nested_rank(model: nn.Module, rank: int | None, name: str = "default") -> Iterator[nn.Module]:
+    """Within the block, adapter ``name`` runs at rank ``rank``."""
+    set_nested_rank(model, rank, name)
+    try:
+        yield model
+    finally:
+        set_nested_rank(model, None, name)
+
+
+@torch.no_grad()
+def truncate(model: nn.Module, rank: int, name: str = "default") -> None:
+    """Keep only the first ``rank`` ranks of adapter ``name`` (scaling becomes alpha/rank).
+
+    Exact for a DyLoRA-trained adapter: the result computes what the adapter computed at nested
+    rank ``rank`` during training. Layers already at rank <= ``rank`` are left as they are.
+    """
+    require_adapters(model, [name])
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+    if any(name in layer.merged_adapters for layer in layers):
+        raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before truncating")
+    if any(name in layer.init_factors for layer in layers):
+        raise AdapterStateError(f"adapter {name!r} has a PiSSA/OLoRA init; truncating it would not match its base")
+    for layer in layers:
+        if layer.rank(name) <= rank:
+            continue
+        layer.nested_rank[name] = rank
+        A, B, scaling = layer.live_factors(name)
+        layer.nested_rank.pop(name)
+        for holder, value in ((layer.lora_A, A), (layer.lora_B, B)):
+            trainable = holder[name].requires_grad
+            holder[name] = nn.Parameter(value.contiguous().clone(), requires_grad=trainable)
+        layer.scaling[name] = scaling
+    config = adapter_configs(model)[name]
+    # alpha stays: a rank-b adapter's scaling is alpha/b (alpha/sqrt(b)), what the layers now use.
+    adapter_configs(model)[name] = config.replace(
+        r=min(rank, config.r), rank_pattern={k: min(v, rank) for k, v in config.rank_pattern.items()},
+    )

@@ -1,0 +1,67 @@
+"""DyLoRA: nested-rank forward, rank sampling in the trainer, and truncation without retraining."""
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.state import lora_layers
+from lorakit.training.config import TrainConfig
+from lorakit.training.loop import run_loop
+from lorakit.variants.dylora import nested_rank
+
+from .test_training_loop import collate, examples
+from .tiny import randomize_adapters, tiny_llama
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_nested_rank_is_the_first_b_ranks(rslora):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj"], dylora=True, use_rslora=rslora))
+    randomize_adapters(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 32)
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    scale = 16 / (3 ** 0.5 if rslora else 3)
+    with nested_rank(model, 3):
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + scale * x @ A[:3].T @ B[:, :3].T)
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + layer.scaling["default"] * x @ A.T @ B.T)
+
+
+def test_truncate_equals_nested_rank_and_round_trips(tmp_path, ids):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=8, alpha=16, target_modules="all-linear", dylora=True))
+    randomize_adapters(model, 0.2)
+    with nested_rank(model, 2):
+        expected = model(ids).logits
+    lorakit.truncate(model, 2)
+    assert all(layer.rank("default") == 2 for _, layer in lora_layers(model))
+    torch.testing.assert_close(model(ids).logits, expected)
+    assert "r=2" in lorakit.summary(model)
+    lorakit.save_adapter(model, tmp_path)
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(ids).logits, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(lorakit.ConfigError):
+        lorakit.truncate(model, 0)
+
+
+def test_trainer_samples_ranks_and_every_rank_learns(tmp_path):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=8, alpha=8, target_modules="all-linear", dylora=True, seed=0))
+    data = examples(32)
+    from lorakit.training.evaluate import eval_loss
+
+    before = {b: None for b in (1, 2, 4, 8)}
+    for b in before:
+        with nested_rank(model, b):
+            before[b] = eval_loss(model, data, collate)
+    run_loop(model, None, TrainConfig(data="x", lr=2e-2, max_steps=30, batch_size=8, device="cpu"), data, collate,
+             tmp_path, progress=False)
+    assert all(not layer.nested_rank for _, layer in lora_layers(model))  # reset after training
+    after = {}
+    for b in before:
+        with nested_rank(model, b):
+            after[b] = eval_loss(model, data, collate)
+    assert all(after[b] < before[b] - 0.01 for b in before), (before, after)
+    assert after[1] > after[2] > after[4] > after[8]  # more ranks, lower loss: the nesting works
