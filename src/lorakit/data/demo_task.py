@@ -1,0 +1,134 @@
+"""The `lorakit demo` task: extract flight-booking details from a free-text request as JSON.
+
+Example prompt (after a fixed instruction)::
+
+    Hi, this is Priya Natarajan. could you book 3 seats on the Lisbon to Oslo flight on 14 March?
+    My loyalty number is QX-48213.
+
+and its completion::
+
+    {"name": "Priya Natarajan", "from": "Lisbon", "to": "Oslo", "date": "14 March", "seats": 3,
+     "loyalty": "QX-48213"}
+
+Why this task: a LoRA adapter on a ~135M model learns quickly to *copy spans* into a fixed
+*output format*, which is what this needs; every value appears verbatim in the message (seats
+as digits, dates as written), so nothing needs arithmetic or conversion, which small models
+learn slowly. It still requires real extraction: many phrasings, fields in varying order,
+optional fields (name, loyalty) that are sometimes absent and then ``null``. The test split
+draws from value pools disjoint from training's and partly from unseen templates, so memorising
+training values scores nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+from . import demo_pools as pools
+from .records import Record
+
+log = logging.getLogger("lorakit.data.demo_task")
+
+KEYS = ("name", "from", "to", "date", "seats", "loyalty")
+INSTRUCTION = ("Extract the booking details from the message as JSON with the keys "
+               "name, from, to, date, seats, loyalty (null when a detail is missing).")
+SPLITS = {"train": 0, "test": 1}
+P_NAME, P_LOYALTY = 0.85, 0.6  # how often the optional fields are present
+P_HELD_OUT_TEMPLATE = 0.35  # share of test requests phrased with a test-only template
+
+
+def make_request(rng: random.Random, split: str = "train") -> tuple[str, dict]:
+    """One ``(message, fields)`` pair of ``split`` ("train" or "test"), drawn from ``rng``."""
+    side = SPLITS[split]
+    pick = lambda pair: rng.choice(pair[side])  # noqa: E731 - the split's half of a (train, test) pool
+
+    name = f"{pick(pools.FIRST_NAMES)} {pick(pools.LAST_NAMES)}" if rng.random() < P_NAME else None
+    src, dst = rng.sample(pools.CITIES[side], 2)
+    month, day = pick(pools.MONTHS), rng.randint(1, 28)
+    date = f"{day} {month}" if rng.random() < 0.6 else f"{month} {day}"
+    n = pick(pools.SEATS)
+    code = None
+    if rng.random() < P_LOYALTY:
+        letters = pools.CODE_LETTERS[side]
+        code = f"{rng.choice(letters)}{rng.choice(letters)}-{rng.randint(10000, 99999)}"
+
+    templates = pools.CORE[0]
+    if side == 1 and rng.random() < P_HELD_OUT_TEMPLATE:
+        templates = pools.CORE[1]
+    core = rng.choice(templates).format(n=n, src=src, dst=dst, date=date, **_nouns(n))
+
+    # Mix train phrasings into the test split too, but the test-only ones never into training.
+    phrasings = lambda pair: pair[0] + (pair[1] if side == 1 else ())  # noqa: E731
+    parts = [core]
+    if code:
+        loyalty = rng.choice(phrasings(pools.LOYALTY)).format(code=code)
+        parts.insert(rng.randrange(2), loyalty)  # before or after the request
+    if name and rng.random() < 0.6:
+        parts.insert(0, rng.choice(phrasings(pools.INTROS)).format(name=name))
+    else:
+        opener = rng.choice(pools.OPENERS)
+        if opener:
+            parts.insert(0, opener)
+        if name:
+            parts.append(rng.choice(phrasings(pools.SIGNATURES)).format(name=name))
+    message = " ".join(_capitalize(p) if i == 0 or parts[i - 1].endswith((".", "?", "!", ")")) else p
+                       for i, p in enumerate(parts))
+    fields = {"name": name, "from": src, "to": dst, "date": date, "seats": n, "loyalty": code}
+    return message, fields
+
+
+def make_record(rng: random.Random, split: str = "train") -> Record:
+    """A prompt/completion Record: instruction + message -> compact JSON with `KEYS` in order."""
+    message, fields = make_request(rng, split)
+    prompt = f"{INSTRUCTION}\n\nMessage: {message}"
+    return Record.from_prompt_completion(prompt, json.dumps(fields, ensure_ascii=False))
+
+
+def demo_records(n: int, split: str = "train", seed: int = 0) -> list[Record]:
+    """``n`` distinct records of ``split``; the same ``seed`` always gives the same records."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    # A string seed is hashed deterministically (unlike hash()), and keeps the splits' streams apart.
+    rng = random.Random(f"lorakit-demo:{seed}:{split}")
+    records: list[Record] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(records) < n:
+        attempts += 1
+        if attempts > 50 * n + 100:
+            raise ValueError(f"could not draw {n} distinct {split} requests")
+        record = make_record(rng, split)
+        if record.prompt not in seen:
+            seen.add(record.prompt)
+            records.append(record)
+    return records
+
+
+def write_demo_dataset(out_dir: str | Path, n_train: int = 480, n_test: int = 40, seed: int = 0) -> dict[str, Path]:
+    """Write ``train.jsonl`` and ``test.jsonl`` (prompt/completion lines) to ``out_dir``.
+
+    Returns ``{"train": path, "test": path}``. Deterministic for a given ``seed``; the test split
+    shares no names, cities, dates, seat counts or loyalty codes with the training split.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        path = out / f"{split}.jsonl"
+        lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in demo_records(n, split, seed)]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        paths[split] = path
+    log.info("demo dataset: %d train and %d test records in %s", n_train, n_test, out)
+    return paths
+
+
+def _nouns(n: int) -> dict[str, str]:
+    one = n == 1
+    return {"seats": "seat" if one else "seats", "tickets": "ticket" if one else "tickets",
+            "people": "person" if one else "people", "passengers": "passenger" if one else "passengers"}
+
+
+def _capitalize(text: str) -> str:
+    return text[:1].upper() + text[1:]

@@ -1,0 +1,164 @@
+"""`read_records`: load a JSONL / JSON / CSV / Parquet file into validated `Record`s.
+
+Every row is checked before anything is returned; all problems of the file are reported
+together (the first few spelled out with file and line, the rest counted) as one
+`lorakit.errors.DataError`. The point is to fail in the first second of a run, not after an
+hour of training when a bad line is finally reached.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from .records import Problems, Record, detect_kind, parse_row
+
+log = logging.getLogger("lorakit.data.readers")
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """All records of ``path``, validated; raises DataError naming file and line of each problem.
+
+    The format follows the suffix: ``.jsonl`` (one object per line; blank lines are skipped),
+    ``.json`` (a list of objects, or JSONL content), ``.csv`` / ``.tsv`` (columns ``prompt`` and
+    ``completion``, or ``text``, or ``messages`` holding a JSON list), ``.parquet`` (needs
+    ``pyarrow`` or ``pandas``). One file must use one shape throughout; an empty file is refused.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; pass a data file ({', '.join(SUFFIXES)})")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported data format {suffix or '(no suffix)'!r}; "
+                        f"use one of {', '.join(SUFFIXES)}")
+    problems = Problems(str(path))
+    if suffix == ".jsonl":
+        rows = _jsonl_rows(path, problems)
+    elif suffix == ".json":
+        rows = _json_rows(path, problems)
+    elif suffix in (".csv", ".tsv"):
+        rows = _csv_rows(path, problems, delimiter="\t" if suffix == ".tsv" else ",")
+    else:
+        rows = _parquet_rows(path)
+    records = _parse_rows(rows, str(path), problems)
+    problems.raise_if_any()
+    if not records:
+        raise DataError(f"{path}: no records (the file is empty); expected {_SHAPES}")
+    log.info("read %d %s records from %s", len(records), records[0].kind, path)
+    return records
+
+
+_SHAPES = "objects with 'prompt' + 'completion', 'messages', or 'text'"
+
+
+def _parse_rows(rows: Iterator[tuple[str, Any]], source: str, problems: Problems) -> list[Record]:
+    """Validate each ``(where, row)``; also refuse a file that mixes shapes."""
+    records: list[Record] = []
+    first: tuple[str, str] | None = None  # (kind, where) of the first row with a recognisable shape
+    for where, row in rows:
+        kind = detect_kind(row) if isinstance(row, dict) else None
+        if kind is not None:
+            if first is None:
+                first = (kind, where)
+            elif kind != first[0]:
+                # Mixed shapes almost always mean two datasets were concatenated by mistake, and
+                # they would be masked differently, so refuse rather than guess.
+                problems.add(where, f"mixed shapes: this row is {kind!r} but {first[1]} is {first[0]!r}; "
+                                    f"use one shape per file")
+                continue
+        record = parse_row(row, f"{source}:{where}", problems, where)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _jsonl_rows(path: Path, problems: Problems) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {number}", json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.add(f"line {number}", f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _json_rows(path: Path, problems: Problems) -> Iterator[tuple[str, Any]]:
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.lstrip().startswith("["):
+        yield from _jsonl_rows(path, problems)  # many ".json" files are really JSONL
+        return
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        problems.add(f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
+        return
+    for i, item in enumerate(items, start=1):
+        yield f"item {i}", item
+
+
+def _csv_rows(path: Path, problems: Problems, delimiter: str) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        header = reader.fieldnames or []
+        if header and detect_kind({name: None for name in header}) is None:
+            problems.add("line 1", f"header has columns {', '.join(map(repr, header))}; expected "
+                                   f"'prompt' + 'completion', 'messages', or 'text'")
+            return
+        for row in reader:
+            where = f"line {reader.line_num}"  # the row's last physical line (quoted cells may span lines)
+            row.pop(None, None)  # cells beyond the header: irrelevant here
+            if any(value is None for value in row.values()):
+                missing = [k for k, v in row.items() if v is None]
+                problems.add(where, f"row is missing value(s) for {', '.join(map(repr, missing))}")
+                continue
+            if "messages" in row:
+                try:
+                    row["messages"] = json.loads(row["messages"])
+                except json.JSONDecodeError as e:
+                    problems.add(where, f"'messages' cell is not valid JSON ({e.msg})")
+                    continue
+            yield where, row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    rows = _read_parquet(path)
+    for i, row in enumerate(rows, start=1):
+        yield f"row {i}", {k: _plain(v) for k, v in row.items()}
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        pq = None
+    if pq is not None:
+        return pq.read_table(path).to_pylist()
+    try:
+        import pandas as pd
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (or pandas): pip install pyarrow") from None
+    try:
+        return pd.read_parquet(path).to_dict("records")
+    except ImportError as e:  # pandas without a Parquet engine
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow ({e})") from None
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays/scalars (from pandas) to plain Python, so validation sees lists and strs."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
