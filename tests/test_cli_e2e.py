@@ -1,0 +1,75 @@
+"""End to end: the real `lorakit` CLI on the real embedded model, a few steps each."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorakit.data import write_demo_dataset
+
+pytestmark = pytest.mark.e2e
+
+
+def lorakit(*args, check=True, timeout=600):
+    done = subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if check and done.returncode != 0:
+        raise AssertionError(f"lorakit {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory, embedded_model):  # embedded_model: converts the model once, up front
+    return write_demo_dataset(tmp_path_factory.mktemp("data"), n_train=24, n_test=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_data):
+    out = tmp_path_factory.mktemp("run")
+    done = lorakit("train", "--data", str(demo_data["train"]), "--valid-data", str(demo_data["test"]),
+                   "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--lr", "2e-3", "--r", "8",
+                   "--max-new-tokens", "16", "--save-every", "1")
+    return out, done
+
+
+def test_train_writes_everything(trained):
+    out, done = trained
+    assert "adapter:" in done.stdout and "eval:" in done.stdout
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "adapter"))
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "LORA"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert any("eval_exact_match" in r for r in records)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "step-0000002" / "training_state.pt").is_file()
+    assert "max_steps: 2" in (out / "train_config.yaml").read_text()
+
+
+def test_eval_and_generate_use_the_adapter(trained, demo_data):
+    out, _ = trained
+    done = lorakit("eval", "--adapter", str(out / "adapter"), "--data", str(demo_data["test"]), "--json",
+                   "--max-new-tokens", "16")
+    result = json.loads(done.stdout)
+    assert result["loss"] > 0 and 0 <= result["exact_match"] <= 1 and len(result["predictions"]) == 4
+    done = lorakit("generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "8", "Say hello.")
+    assert done.stdout.strip()
+
+
+def test_bad_data_is_reported_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    done = lorakit("train", "--data", str(bad), "--output-dir", str(tmp_path / "out"), "--max-steps", "1", check=False)
+    assert done.returncode == 2
+    assert "bad.jsonl:line 2" in done.stderr or "bad.jsonl:2" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    done = lorakit("demo", "--output-dir", str(tmp_path), "--steps", "2", "--n-test", "4")
+    assert "| base model |" in done.stdout and "| + LoRA (2 steps) |" in done.stdout
+    assert Path(tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "loss.png").is_file()
