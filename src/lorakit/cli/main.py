@@ -7,7 +7,6 @@ as one line (``error: ...``) with exit status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -64,6 +63,7 @@ def _add_model_options(cmd: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_transformers(args.verbose)
     from . import commands
 
     try:
@@ -76,8 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def print_json(data: dict) -> None:
-    print(json.dumps(data, indent=2))
+def _quiet_transformers(verbose: bool) -> None:
+    """transformers' own weight-loading bars and advice would drown lorakit's output."""
+    if verbose:
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":
