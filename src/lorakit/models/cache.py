@@ -1,49 +1,124 @@
 """The converted-model cache: ``$LORAKIT_CACHE`` (default ``~/.cache/lorakit``) / models / <key>.
 
-Converting a GGUF file takes ~30 s on 2 cores; the converted safetensors load in under a second.
-Entries are written into a temporary directory beside their final place and renamed into it, so
-an interrupted conversion never leaves a half-written entry behind.
+Converting a GGUF file takes about half a minute on 2 CPU cores; the converted safetensors then
+load in a few seconds. An entry is built in a temporary directory beside its final place and
+renamed into place only when complete (a rename within one file system is atomic), so an
+interrupted conversion never leaves a half-written entry that later loads would trust.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
-import tempfile
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lorakit.models.cache")
+
+# Written last into every entry. Its presence is what marks an entry complete, and its "format"
+# lets a later lorakit rebuild entries whose conversion it has changed.
+MARKER = "lorakit_model.json"
+CACHE_FORMAT = 1
+# Temporary build directories older than this are leftovers of killed processes (a conversion
+# takes well under a minute), so they are deleted instead of piling up half a gigabyte each.
+STALE_TMP_SECONDS = 3600
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit")
+    """``$LORAKIT_CACHE`` when set, else ``~/.cache/lorakit``."""
+    env = os.environ.get("LORAKIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lorakit"
 
 
 def model_cache_dir(key: str) -> Path:
+    """Where the converted model called ``key`` lives (whether or not it exists yet)."""
     return cache_root() / "models" / key
 
 
 def gguf_cache_key(path: Path) -> str:
-    """A key for a GGUF file that changes when the file does (name, size, mtime)."""
+    """A key for a GGUF file that changes when the file does (absolute path, size, mtime)."""
     stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"gguf-{path.stem}-{digest}"
+    ident = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"gguf-{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
 def is_complete(directory: Path) -> bool:
-    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
+    """True when ``directory`` is a finished cache entry of the current format."""
+    try:
+        meta = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == CACHE_FORMAT and (directory / "config.json").is_file()
+
+
+def write_marker(directory: Path, **meta: Any) -> None:
+    """Mark ``directory`` complete; call it after everything else has been written."""
+    (directory / MARKER).write_text(json.dumps({"format": CACHE_FORMAT, **meta}, indent=2) + "\n")
+
+
+def _tmp_name(final: Path) -> str:
+    return f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_stale_tmps(final: Path) -> None:
+    now = time.time()
+    for tmp in final.parent.glob(f".{final.name}.tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                log.info("removing leftover temporary directory %s", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # another process removed it first
+            pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _relax_permissions(directory: Path) -> None:
+    # Some writers (safetensors) create their files private (0600); give every file of the entry
+    # the permissions the user's umask asks for, so a shared cache is readable by all its users.
+    mode = 0o666 & ~_umask()
+    for file in directory.rglob("*"):
+        if file.is_file():
+            file.chmod(mode)
 
 
 def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp_dir)`` and move the result to ``final``; on failure nothing is left."""
+    """Run ``build(tmp_dir)``, then move ``tmp_dir`` to ``final``; on any failure nothing is left.
+
+    ``build`` must write the complete entry, marker included (see :func:`write_marker`). If another
+    process finished the same entry meanwhile, its copy is kept and ours is discarded. An existing
+    but incomplete or outdated ``final`` is replaced.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    _remove_stale_tmps(final)
+    tmp = final.parent / _tmp_name(final)
+    tmp.mkdir()  # not mkdtemp: that one is private (0700), and a cache may be shared
     try:
         build(tmp)
-        if final.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
+        _relax_permissions(tmp)
+        if final.exists() and not is_complete(final):
+            # Outdated or foreign content: move it aside first, since a rename cannot replace a
+            # non-empty directory.
+            old = final.parent / _tmp_name(final)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
             os.replace(tmp, final)
+        except OSError:
+            if not is_complete(final):
+                raise
+            # Lost a race with another process that built the same entry: keep theirs.
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

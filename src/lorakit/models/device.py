@@ -1,0 +1,38 @@
+"""Choosing the device and dtype a model is loaded with."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """``None``/"auto" -> "cuda" when a GPU is available, else "cpu"; anything else is kept."""
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """The torch dtype to load weights in.
+
+    ``None``/"auto": float32 on CPU (CPU matmuls in half precision are slow and lossy), bfloat16 on
+    GPUs that support it (same range as float32, so no loss scaling is needed), else float16.
+    Strings may be "float32"/"fp32", "bfloat16"/"bf16" or "float16"/"fp16"; torch dtypes pass through.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
+        raise ConfigError(f"dtype must be auto, a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype.lower()]
