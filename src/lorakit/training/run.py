@@ -1,7 +1,8 @@
 """`lorakit.train(...)`: one whole run — data checked up front, model loaded, adapter trained and saved.
 
 Outputs in ``output_dir``: ``adapter/`` (PEFT layout), ``train_config.yaml`` (the run's full
-config), ``metrics.jsonl``, ``loss.png``, ``checkpoints/step-N/`` and ``result.json``.
+config), ``metrics.jsonl``, ``loss.png``, ``checkpoints/step-N/``, ``result.json`` and, when the
+validation data has references, ``eval_predictions.jsonl``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, model=None, 
     if not loop.interrupted:
         save_adapter(model, adapter_dir)
         final = {k: v for k, v in (loop.last_eval or {}).items() if k != "predictions"}
+        predictions = (loop.last_eval or {}).get("predictions")
+        if predictions:
+            (out_dir / "eval_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
         (out_dir / "result.json").write_text(json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n")
     return TrainResult(out_dir, adapter_dir, loop.steps, loop.interrupted, data.stats, loop.last_eval, loop.records)
 
