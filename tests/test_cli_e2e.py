@@ -30,7 +30,7 @@ def demo_data(tmp_path_factory, embedded_model):  # embedded_model: converts the
 def trained(tmp_path_factory, demo_data):
     out = tmp_path_factory.mktemp("run")
     done = lorakit("train", "--data", str(demo_data["train"]), "--valid-data", str(demo_data["test"]),
-                   "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--lr", "2e-3", "--r", "8",
+                   "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--lr", "2e-3", "--r", "8", "--variant", "dylora",
                    "--max-new-tokens", "16", "--save-every", "1")
     return out, done
 
@@ -57,6 +57,15 @@ def test_eval_and_generate_use_the_adapter(trained, demo_data):
     assert result["loss"] > 0 and 0 <= result["exact_match"] <= 1 and len(result["predictions"]) == 4
     done = lorakit("generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "8", "Say hello.")
     assert done.stdout.strip()
+
+
+def test_eval_per_rank_table(trained, demo_data):
+    out, _ = trained
+    done = lorakit("eval", "--adapter", str(out / "adapter"), "--data", str(demo_data["test"]), "--ranks", "2,8",
+                   "--json")
+    rows = json.loads(done.stdout)
+    assert [r["rank"] for r in rows] == [2, 8] and all(r["loss"] > 0 for r in rows)
+    assert rows[0]["loss"] != rows[1]["loss"]
 
 
 def test_bad_data_is_reported_with_file_and_line(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .options import train_overrides
@@ -46,6 +47,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
     records = read_records(args.data)
     examples, _ = tokenize_records(records, tokenizer, max_length=args.max_length)
+    if args.ranks:
+        return _eval_per_rank(args, model, examples, Collator(tokenizer))
     pairs = None if args.no_generate else eval_pairs(records, tokenizer)
     result = evaluate(model, tokenizer, examples, Collator(tokenizer), batch_size=args.batch_size, pairs=pairs,
                       max_examples=args.max_examples, max_new_tokens=args.max_new_tokens)
@@ -57,6 +60,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"perplexity  {result['perplexity']:.3f}")
     if "exact_match" in result:
         print(f"exact match {100 * result['exact_match']:.1f}% of {len(predictions)}")
+    return 0
+
+
+def _eval_per_rank(args: argparse.Namespace, model, examples, collate) -> int:
+    """Loss of the (first) adapter truncated to each rank: the DyLoRA rank table."""
+    from ..errors import ConfigError
+    from ..training.evaluate import eval_loss
+    from ..variants.dylora import nested_rank
+
+    if len(args.adapter) != 1:
+        raise ConfigError("--ranks needs exactly one --adapter")
+    try:
+        ranks = sorted({int(r) for r in args.ranks.split(",") if r.strip()})
+    except ValueError:
+        raise ConfigError(f"--ranks must be comma-separated integers, got {args.ranks!r}") from None
+    rows = []
+    for rank in ranks:
+        with nested_rank(model, rank, "adapter0"):
+            loss = eval_loss(model, examples[:args.max_examples] if args.max_examples else examples, collate,
+                             args.batch_size)
+        rows.append({"rank": rank, "loss": loss, "perplexity": math.exp(min(loss, 50.0))})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("| rank | loss | perplexity |\n|---|---|---|")
+    for row in rows:
+        print(f"| {row['rank']} | {row['loss']:.4f} | {row['perplexity']:.3f} |")
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import TextIO
 # Tuned on the embedded SmolLM2-135M (see docs/demo.md for the measurements behind them).
 DEMO_STEPS = 20
 DEMO_TRAIN = 480
-DEMO_TEST = 40
+DEMO_TEST = 32
 DEMO_TRAINING = dict(r=16, alpha=32, target_modules="all-linear", lr=2e-3, batch_size=8, warmup_steps=3,
                      schedule="cosine", max_length=256, max_new_tokens=64, seed=0)
 

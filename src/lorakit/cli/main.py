@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-examples", type=int, default=None)
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--no-generate", action="store_true", help="loss and perplexity only (no exact match)")
+    evaluate.add_argument("--ranks", help="comma-separated ranks: evaluate the adapter truncated to each "
+                          "(DyLoRA adapters work at every rank), printing a table of loss per rank")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
     for name, helptext in (("generate", "answer one prompt (streams tokens)"), ("chat", "interactive chat")):

@@ -1,8 +1,9 @@
 """Value pools and sentence templates of the demo task (see `demo_task`).
 
-Every pool comes as a (train, test) pair with no value in common, and some templates are kept
-for the test split only, so a model can only score on the test split by really extracting
-(copying spans it has never seen in training into the right keys), not by recalling values.
+Every value pool comes as a (train, test) pair with no value in common, so a model can only
+score on the test split by really extracting (copying spans it has never seen in training into
+the right keys), not by recalling values. Phrasing pools are pairs too, but both splits use both
+halves (see `demo_task`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ FIRST_NAMES = (
      "Mateo", "Chloe", "Dmitri", "Amara", "Lucas", "Hannah", "Ravi", "Isabel", "Jonas", "Mei", "Samuel",
      "Leila", "Viktor", "Grace", "Omar", "Freya", "Diego", "Nadia", "Henrik", "Zara", "Felix", "Yuki",
      "Andrea", "Kwame", "Maya", "Pablo", "Clara", "Arjun", "Eva"),
-    ("Beatrix", "Tariq", "Lorenzo", "Astrid", "Kofi", "Wren", "Ignacio", "Saoirse", "Haruto", "Esme",
-     "Bogdan", "Nia", "Caspian", "Odette", "Emeka"),
+    ("Laura", "Daniel", "Julia", "Thomas", "Anna", "Peter", "Sarah", "Martin", "Emma", "David", "Lisa",
+     "Michael", "Nora", "Robert", "Alice"),
 )
 LAST_NAMES = (
     ("Natarajan", "Okafor", "Lindqvist", "Kowalski", "Haddad", "Brennan", "Rossi", "Tanaka", "Mensah",
@@ -21,8 +22,8 @@ LAST_NAMES = (
      "Chen", "Adeyemi", "Schmidt", "Kaur", "Walsh", "Petrov", "Yilmaz", "Costa", "Nakamura", "Jensen",
      "Alvarez", "Murphy", "Horvath", "Ibrahim", "Larsen", "Moretti", "Kim", "Oyelaran", "Silva",
      "Andersen", "Varga", "Reyes"),
-    ("Thistlewood", "Achterberg", "Quispe", "Mbeki", "Halloran", "Vasquez-Lund", "Szabo", "Oduya",
-     "Marchetti", "Nieminen", "Caldwell", "Rahimi", "Ferreira-Cole", "Lindgren", "Abernathy"),
+    ("Miller", "Becker", "Wagner", "Lopez", "Taylor", "Martin", "Weber", "Clarke", "Young", "Baker",
+     "Hughes", "Turner", "Parker", "Evans", "Cooper"),
 )
 CITIES = (
     ("Lisbon", "Oslo", "Madrid", "Vienna", "Prague", "Dublin", "Athens", "Warsaw", "Helsinki", "Zurich",
@@ -30,9 +31,8 @@ CITIES = (
      "Tallinn", "Vilnius", "Bucharest", "Bratislava", "Istanbul", "Cairo", "Nairobi", "Lagos", "Toronto",
      "Chicago", "Boston", "Denver", "Seattle", "Mexico City", "Lima", "Santiago", "Tokyo", "Seoul",
      "Singapore", "Sydney", "New York", "Buenos Aires"),
-    ("Reykjavik", "Marrakesh", "Kathmandu", "Ljubljana", "Valletta", "Tbilisi", "Montevideo", "Hanoi",
-     "Wellington", "Anchorage", "Casablanca", "Bergen", "Cape Town", "Salt Lake City", "Kuala Lumpur",
-     "San Juan"),
+    ("Paris", "London", "Berlin", "Rome", "Amsterdam", "Stockholm", "Barcelona", "Vancouver", "Miami",
+     "Dubai", "Bangkok", "Mumbai", "Shanghai", "Melbourne", "Auckland", "Montreal"),
 )
 MONTHS = (
     ("January", "February", "March", "May", "June", "August", "September", "November"),
@@ -66,7 +66,7 @@ CORE = (
         "is there room for {n} {people} on a flight from {src} to {dst} on {date}? Please book it.",
         "we fly {date} - {src} to {dst}. Could you reserve {n} {seats}?",
     ),
-    (  # test only: unseen phrasings
+    (  # more phrasings
         "could you arrange {n} {seats} to {dst}? We leave {src} on {date}.",
         "flight request / from: {src} / to: {dst} / when: {date} / how many: {n}",
         "on {date} I have to be in {dst}, starting in {src}. {n} {tickets} needed.",

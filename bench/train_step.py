@@ -1,0 +1,181 @@
+"""Training-step benchmark: lorakit vs PEFT vs the frozen base, measured in one process.
+
+    python bench/train_step.py                       # CPU: SmolLM2-135M shape, fp32, batch 8x64
+    python bench/train_step.py --preset llama-1b     # GPU: 1.2B Llama shape, bf16, batch 4x2048
+
+Every case builds the same randomly initialised model (no download), runs warm-up steps, then
+times optimizer steps (forward + backward + AdamW) and reports the median, the ratio to the frozen
+base (forward + backward with input gradients only: the floor no LoRA step can beat) and peak
+memory on GPU. Results go to stdout as a Markdown table (and to --json if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+PRESETS = {
+    # SmolLM2-135M: 30 layers, hidden 576, 9/3 heads, vocab 49152.
+    "smollm2-135m": dict(model=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+                         batch=8, seq=64, dtype="float32"),
+    # The 1.2B Llama shape of the fast-training issue: hidden 2048, 16 layers, 32/8 heads, vocab 128256.
+    "llama-1b": dict(model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+                     batch=4, seq=2048, dtype="bfloat16"),
+}
+
+CASES = {
+    "frozen": "frozen base, fwd+bwd (input grads only)",
+    "lorakit-lora": "lorakit LoRA r16 all-linear",
+    "peft-lora": "PEFT LoRA r16 all-linear",
+    "lorakit-dora": "lorakit DoRA r16 all-linear",
+    "peft-dora": "PEFT DoRA r16 all-linear",
+    "lorakit-lora-fa": "lorakit LoRA-FA r16 all-linear",
+    "lorakit-dylora": "lorakit DyLoRA r16 all-linear",
+    "full": "full fine-tuning",
+}
+
+
+@dataclass
+class Measurement:
+    case: str
+    median_s: float
+    steps: list[float]
+    trainable: int
+    peak_gib: float | None
+
+
+def build_model(preset: dict, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**preset["model"], attn_implementation="sdpa")
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(getattr(torch, preset["dtype"]))
+
+
+def prepare(case: str, model):
+    """Make ``model`` ready for ``case``; returns the step's extra forward kwargs builder."""
+    import lorakit
+
+    if case == "full":
+        return model
+    if case == "frozen":
+        model.requires_grad_(False)
+        return model
+    if case.startswith("peft-"):
+        import peft
+
+        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=case == "peft-dora")
+        return peft.get_peft_model(model, config)
+    variant = case.removeprefix("lorakit-")
+    flags = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True}}[variant]
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear", **flags))
+    return model
+
+
+def run_case(case: str, preset: dict, device: str, warmup: int, steps: int) -> Measurement:
+    model = prepare(case, build_model(preset, device))
+    model.train()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, preset["model"]["vocab_size"], (preset["batch"], preset["seq"]), generator=gen).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    embed = model.get_input_embeddings()
+
+    def step() -> None:
+        if case == "frozen":
+            # Backward through every layer for the input gradient only: no weight gradients.
+            embeds = embed(ids).detach().requires_grad_(True)
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    trainable = sum(p.numel() for p in params)
+    del model, optimizer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return Measurement(case, statistics.median(times), times, trainable, peak)
+
+
+def versions() -> str:
+    import transformers
+
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    try:
+        import peft
+
+        parts.append(f"peft {peft.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default=None, help="model shape (default: by device)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", help="also write the measurements to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset_name = args.preset or ("llama-1b" if args.device == "cuda" else "smollm2-135m")
+    preset = PRESETS[preset_name]
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown cases {unknown}")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"# {preset_name}, {preset['dtype']}, batch {preset['batch']}x{preset['seq']}, {device_name}; {versions()}",
+          flush=True)
+    results = []
+    for case in cases:
+        m = run_case(case, preset, args.device, args.warmup, args.steps)
+        results.append(m)
+        print(f"  {case}: median {m.median_s * 1000:.0f} ms", file=sys.stderr, flush=True)
+    floor = next((m.median_s for m in results if m.case == "frozen"), None)
+    print("\n| case | step | x frozen | trainable params | peak memory |")
+    print("|---|---|---|---|---|")
+    for m in results:
+        ratio = f"{m.median_s / floor:.2f}" if floor else "-"
+        peak = f"{m.peak_gib:.1f} GiB" if m.peak_gib is not None else "-"
+        print(f"| {CASES[m.case]} | {m.median_s * 1000:.0f} ms | {ratio} | {m.trainable:,} | {peak} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": preset_name, "device": device_name, "versions": versions(),
+                       "results": [vars(m) for m in results]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
