@@ -13,9 +13,9 @@ from lorakit.data import write_demo_dataset
 pytestmark = pytest.mark.e2e
 
 
-def lorakit(*args, check=True, timeout=600):
+def lorakit(*args, check=True, timeout=600, stdin=None):
     done = subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, input=stdin)
     if check and done.returncode != 0:
         raise AssertionError(f"lorakit {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
@@ -29,7 +29,10 @@ def demo_data(tmp_path_factory, embedded_model):  # embedded_model: converts the
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, demo_data):
     out = tmp_path_factory.mktemp("run")
-    done = lorakit("train", "--data", str(demo_data["train"]), "--valid-data", str(demo_data["test"]),
+    from lorakit.models.cache import model_cache_dir
+
+    # --model as a local directory (the converted cache entry) exercises the path a user's own model takes.
+    done = lorakit("train", "--model", str(model_cache_dir("smollm2-135m")), "--data", str(demo_data["train"]), "--valid-data", str(demo_data["test"]),
                    "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--lr", "2e-3", "--r", "8", "--variant", "dylora",
                    "--max-new-tokens", "16", "--save-every", "1")
     return out, done
@@ -57,6 +60,12 @@ def test_eval_and_generate_use_the_adapter(trained, demo_data):
     assert result["loss"] > 0 and 0 <= result["exact_match"] <= 1 and len(result["predictions"]) == 4
     done = lorakit("generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "8", "Say hello.")
     assert done.stdout.strip()
+
+
+def test_chat_answers_each_turn(trained):
+    out, _ = trained
+    done = lorakit("chat", "--adapter", str(out / "adapter"), "--max-new-tokens", "6", stdin="Hello!\nAnd again?\n\n")
+    assert done.stdout.count("model>") == 2
 
 
 def test_eval_per_rank_table(trained, demo_data):

@@ -8,7 +8,7 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.state import lora_layers
 
-from .tiny import randomize_adapters, tiny_llama
+from .tiny import randomize_adapters, tiny_llama, train_steps
 
 peft = pytest.importorskip("peft")
 
@@ -143,15 +143,7 @@ def test_dora_round_trips_through_peft(tmp_path, ids):
 def test_dora_training_lowers_loss(ids):
     model = tiny_llama()
     lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=True))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, 8)
     assert losses[-1] < losses[0] - 0.1
 
 
@@ -161,14 +153,7 @@ def test_lora_fa_freezes_A_and_halves_trainable(ids):
     lorakit.add_adapter(fa, LoraConfig(r=4, target_modules=["q_proj", "o_proj"], lora_fa=True))
     assert lorakit.trainable_parameters(fa)[0] * 2 == lorakit.trainable_parameters(plain)[0]
     A0 = {n: l.lora_A["default"].clone() for n, l in lora_layers(fa)}
-    opt = torch.optim.AdamW([p for p in fa.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = fa(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(fa, ids, 5)
     assert losses[-1] < losses[0]
     assert all(torch.equal(l.lora_A["default"], A0[n]) for n, l in lora_layers(fa))
     out = fa(ids).logits

@@ -42,3 +42,17 @@ def randomize_adapters(model, std: float = 0.5) -> None:
             for params in (layer.lora_A, layer.lora_B):
                 for p in params.values():
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def train_steps(model, ids, steps: int, lr: float = 1e-2) -> list[float]:
+    """A few plain AdamW steps of causal-LM loss on ``ids``; returns the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

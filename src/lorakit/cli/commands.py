@@ -27,8 +27,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..training import train
 
     result = train(args.config, **train_overrides(args))
-    stats = result.stats
-    print(f"\ntrained {result.steps} steps on {getattr(stats, 'n_examples', '?')} examples")
+    print(f"\ndata: {result.stats.summary()}")
+    print(f"trained {result.steps} steps")
     if result.interrupted:
         print(f"interrupted: checkpoint in {result.output_dir / 'checkpoints'}; continue with --resume")
         return 130

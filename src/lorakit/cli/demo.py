@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-# Tuned on the embedded SmolLM2-135M (see docs/demo.md for the measurements behind them).
-DEMO_STEPS = 20
+# Tuned on the embedded SmolLM2-135M on a 2-core CPU (2026-11-28): exact match on the test split was
+# 34-38% after 8-10 steps, 66-78% after 16-20 and 97% after 24; the run takes about 4.5 minutes.
+DEMO_STEPS = 24
 DEMO_TRAIN = 480
 DEMO_TEST = 32
 DEMO_TRAINING = dict(r=16, alpha=32, target_modules="all-linear", lr=2e-3, batch_size=8, warmup_steps=3,
@@ -52,7 +53,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, n_test: in
                       max_new_tokens=DEMO_TRAINING["max_new_tokens"])
 
     say(f"4/4 fine-tuning LoRA (r={DEMO_TRAINING['r']}, all linear layers) for {steps} steps")
-    result = train(model=model, tokenizer=tokenizer, data=str(train_file), valid_data=str(test_file),
+    result = train(loaded=(model, tokenizer), data=str(train_file), valid_data=str(test_file),
                    output_dir=str(root), max_steps=steps, **DEMO_TRAINING)
     after = result.final_eval
 
@@ -64,17 +65,22 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, n_test: in
     for b, a in list(zip(before["predictions"], after["predictions"]))[:3]:
         request = test_records[before["predictions"].index(b)]
         say(f"  request:   {_request_text(request)}")
-        say(f"  base:      {b['prediction'][:160]}")
-        say(f"  with LoRA: {a['prediction'][:160]}  [{'correct' if a['correct'] else 'wrong'}]")
+        say(f"  base:      {_one_line(b['prediction'])}")
+        say(f"  with LoRA: {_one_line(a['prediction'])}  [{'correct' if a['correct'] else 'wrong'}]")
         say()
     say(f"adapter:    {result.adapter_dir}")
     say(f"metrics:    {root / 'metrics.jsonl'}")
     say(f"loss curve: {root / 'loss.png'}")
-    say(f"took {time.perf_counter() - started:.0f} s. Try: lorakit generate --adapter {result.adapter_dir} "
-        f"\"$(head -n1 {test_file} | python -c 'import json,sys; print(json.load(sys.stdin)[\"prompt\"])')\"")
+    say(f"took {time.perf_counter() - started:.0f} s. Next: lorakit eval --adapter {result.adapter_dir} --data {test_file}")
+    say(f"      or: lorakit chat --adapter {result.adapter_dir}")
     return 0
+
+
+def _one_line(text: str, width: int = 150) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width] + " ..."
 
 
 def _request_text(record) -> str:
     text = getattr(record, "prompt", None) or str(record)
-    return text.strip().splitlines()[-1][:160]
+    return _one_line(text.strip().splitlines()[-1])

@@ -84,6 +84,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     ckpt_dir = out_dir / "checkpoints"
     world, rank = accelerator.num_processes, accelerator.process_index
     n_steps = total_steps(len(train_examples), cfg, world)
+    log.info("process %d of %d on %s: %d steps of %d x %d examples", rank, world, accelerator.device, n_steps,
+             cfg.grad_accum, cfg.batch_size)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
     scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.schedule)
     position = Position()

@@ -60,10 +60,14 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     return PreparedData(train, valid, pairs, Collator(tokenizer), stats)
 
 
-def train(config: TrainConfig | dict | str | Path | None = None, *, model=None, tokenizer=None, progress: bool = True,
+def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tuple | None = None, progress: bool = True,
           **overrides: Any) -> TrainResult:
     """Fine-tune a LoRA adapter as ``config`` says (a TrainConfig, a dict, or a YAML/JSON path;
-    keyword ``overrides`` win). Pass ``model``/``tokenizer`` to train an already loaded model."""
+    keyword ``overrides`` such as ``model="smollm2-135m"`` or ``lr=1e-4`` win).
+
+    Pass ``loaded=(model, tokenizer)`` to train an already loaded model instead of loading
+    ``config.model``.
+    """
     if isinstance(config, TrainConfig):
         cfg = TrainConfig(**{**config.to_dict(), **overrides})
     elif isinstance(config, dict):
@@ -72,12 +76,18 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, model=None, 
         cfg = TrainConfig.from_sources(config, **overrides)
     if not cfg.data:
         raise ConfigError("no training data: set data (--data FILE.jsonl)")
-    if model is None:
+    if loaded is not None:
+        model, tokenizer = loaded
+    else:
         from ..models import load_model
 
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                       gradient_checkpointing=cfg.gradient_checkpointing)
     data = prepare_data(cfg, tokenizer)
+    log.info("training data: %s", data.stats.summary())
+    if data.stats.n_truncated:
+        log.warning("%d of %d training examples were longer than max_length=%d and were truncated",
+                    data.stats.n_truncated, data.stats.n_records, cfg.max_length)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_config(cfg, out_dir / "train_config.yaml")
