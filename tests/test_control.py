@@ -154,4 +154,4 @@ def test_unload_keeps_trained_head():
 def test_summary_mentions_every_adapter():
     model = two_adapter_model()
     text = lorakit.summary(model)
-    assert "adapter 'a': r=4" in text and "adapter 'b': r=2" in text and "[active]" in text and "[inactive]" in text
+    assert "adapter 'a': lora r=4" in text and "adapter 'b': lora r=2" in text and "[active]" in text and "[inactive]" in text

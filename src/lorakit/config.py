@@ -57,6 +57,10 @@ class LoraConfig:
             the trainable parameters and the optimizer state. The saved file is a plain LoRA adapter.
         dylora: DyLoRA (Valipour et al. 2023): the trainer samples a rank b <= r each step and trains
             the first b ranks, so ``lorakit.truncate(model, b)`` works afterwards without retraining.
+        use_vera: VeRA (Kopiczko et al. 2024): one frozen random pair (A, B) shared by all layers,
+            drawn from ``projection_prng_key``; each layer trains only the vectors d (r,) and b (d_out,)
+            with d starting at ``d_initial`` and b at 0. ``alpha`` is unused. ``save_projection``
+            also writes the shared pair into the file (PEFT's default). Linear layers only.
         init: ``"default"`` (Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r), zero B),
             ``"pissa"`` (principal singular vectors and values of W0 in A, B; residual kept in
             W0) or ``"olora"`` (QR-based orthonormal init; residual kept in W0).
@@ -87,6 +91,10 @@ class LoraConfig:
     use_dora: bool = False
     lora_fa: bool = False
     dylora: bool = False
+    use_vera: bool = False
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    d_initial: float = 0.1
     init: str = "default"
     modules_to_save: list[str] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -140,6 +148,21 @@ class LoraConfig:
             self.layers_to_transform = list(self.layers_to_transform)
         if isinstance(self.layers_pattern, str):
             self.layers_pattern = [self.layers_pattern]
+        if self.use_vera:
+            self._check_vera()
+
+    def _check_vera(self) -> None:
+        others = {"use_dora": self.use_dora, "lora_fa": self.lora_fa, "dylora": self.dylora,
+                  "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern,
+                  "init": self.init != "default"}
+        clash = [k for k, v in others.items() if v]
+        if clash:
+            raise ConfigError(f"use_vera cannot be combined with {clash}: VeRA shares one random pair of one rank "
+                              "across all layers and trains only its scaling vectors")
+        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
+            raise ConfigError(f"projection_prng_key must be an integer, got {self.projection_prng_key!r}")
+        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):
+            raise ConfigError(f"d_initial must be a number, got {self.d_initial!r}")
 
     # --- per-module values -------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -160,6 +183,8 @@ class LoraConfig:
     # --- PEFT JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The config as PEFT's ``adapter_config.json`` keys (plus nothing PEFT would reject)."""
+        if self.use_vera:
+            return self._vera_dict()
         return {
             "peft_type": "LORA",
             "task_type": self.task_type,
@@ -183,13 +208,28 @@ class LoraConfig:
             "fan_in_fan_out": self.fan_in_fan_out,
         }
 
+    def _vera_dict(self) -> dict[str, Any]:
+        """PEFT's VeraConfig keys."""
+        return {
+            "peft_type": "VERA", "task_type": self.task_type, "base_model_name_or_path": self.base_model_name_or_path,
+            "revision": None, "inference_mode": True, "r": self.r, "target_modules": self.target_modules,
+            "projection_prng_key": self.projection_prng_key, "save_projection": self.save_projection,
+            "vera_dropout": self.dropout, "d_initial": self.d_initial, "fan_in_fan_out": self.fan_in_fan_out,
+            "bias": self.bias, "modules_to_save": self.modules_to_save, "init_weights": True,
+            "layers_to_transform": self.layers_to_transform, "layers_pattern": self.layers_pattern,
+        }
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
-        """Read a PEFT ``adapter_config.json`` dict (or lorakit's own field names)."""
+        """Read a PEFT ``adapter_config.json`` dict (LORA or VERA; or lorakit's own field names)."""
         data = dict(data)
-        peft_type = data.pop("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise ConfigError(f"adapter is of type {peft_type!r}; lorakit reads LoRA adapters (peft_type 'LORA')")
+        peft_type = str(data.pop("peft_type", "LORA")).upper()
+        if peft_type == "VERA":
+            data["use_vera"] = True
+            data["dropout"] = data.pop("vera_dropout", 0.0)
+            data.pop("init_weights", None)
+        elif peft_type != "LORA":
+            raise ConfigError(f"adapter has peft_type {peft_type!r}; lorakit reads LoRA and VeRA adapters")
         for key, default in _UNSUPPORTED_PEFT_OPTIONS.items():
             if data.get(key, default) not in (default, None, False, [], {}):
                 raise ConfigError(f"adapter uses {key}={data[key]!r}, which lorakit does not support yet")

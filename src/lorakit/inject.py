@@ -17,7 +17,8 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterNameError, AdapterStateError, TargetError
 from .init import BASE_CHANGING_INITS, initial_factors, module_generator
-from .layers import LoraLayer, ModulesToSave, lora_class_for
+from .layers import LoraLayer, LoraLinear, ModulesToSave, lora_class_for
+from .layers.vera import VeraProjection
 from .state import adapter_configs, adapter_modules, active_adapters, lora_layers, replace_module, saved_modules
 from .targets import matches, named_base_modules, find_targets
 
@@ -36,6 +37,7 @@ class LayerPlan:
     A: torch.Tensor
     B: torch.Tensor
     magnitude: torch.Tensor | None = None  # DoRA's m when loaded from a file; drawn at commit otherwise
+    projection: nn.Module | None = None  # VeRA's shared frozen pair
 
 
 @dataclass
@@ -80,15 +82,37 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
         r = config.rank_for(path)
         scaling = config.scaling_for(path)
         dtype = adapter_dtype(config, layer.base_weight)
-        if draw_factors:
+        if config.use_vera:
+            A = B = None  # filled by _plan_vera, which needs every layer's shape first
+        elif draw_factors:
             A, B = initial_factors(layer, r, scaling, config.init, dtype, module_generator(config.seed, path))
         else:
             shape_a, shape_b = layer.adapter_shapes(r)
             A = torch.zeros(shape_a, dtype=dtype, device=layer.base_weight.device)
             B = torch.zeros(shape_b, dtype=dtype, device=layer.base_weight.device)
         result.layers.append(LayerPlan(path, layer, is_new, scaling, config.dropout, A, B))
+    if config.use_vera:
+        _plan_vera(result, config)
     result.saved_paths = _modules_to_save_paths(model, config)
     return result
+
+
+def _plan_vera(planned: InjectionPlan, config: LoraConfig) -> None:
+    """One shared projection sized for the largest layer; d = d_initial, b = 0 per layer."""
+    wrong = [p.path for p in planned.layers if not isinstance(p.layer, LoraLinear)]
+    if wrong:
+        raise TargetError(f"VeRA adapts linear layers only; exclude {wrong[:5]} (exclude_modules)")
+    first = planned.layers[0].layer.base_weight
+    projection = VeraProjection(config.r, max(p.layer.in_dim for p in planned.layers),
+                                max(p.layer.out_dim for p in planned.layers), config.projection_prng_key)
+    projection.to(first.device)
+    for p in planned.layers:
+        dtype = adapter_dtype(config, p.layer.base_weight)
+        device = p.layer.base_weight.device
+        p.A = torch.full((config.r,), float(config.d_initial), dtype=dtype, device=device)
+        p.B = torch.zeros(p.layer.out_dim, dtype=dtype, device=device)
+        p.scaling = 1.0
+        p.projection = projection
 
 
 def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -110,13 +134,15 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
     name, config = planned.name, planned.config
     current = active_adapters(model)
     for p in planned.layers:
+        if p.projection is not None:
+            p.layer.vera_projection[name] = p.projection
         p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable, rslora=config.use_rslora)
         if config.lora_fa:
             p.layer.lora_A[name].requires_grad_(False)
         if config.init in BASE_CHANGING_INITS:
             # W0 keeps the residual W0 - s B0 A0; (A0, B0) are kept to express the update against
             # the original W0 when saving or removing the adapter.
-            p.layer._add_to_weight(-p.layer.delta_weight(name))
+            p.layer.add_to_weight(-p.layer.delta_weight(name))
             p.layer.init_factors[name] = (p.A.detach().clone(), p.B.detach().clone())
         if config.use_dora:
             if p.magnitude is None:
@@ -199,11 +225,8 @@ def _model_name(model: nn.Module) -> str | None:
 def _restore_residual(layer: LoraLayer, name: str) -> None:
     """Give back to W0 the part a PiSSA/OLoRA init moved into the adapter (if not merged)."""
     if name in layer.init_factors and name not in layer.merged_adapters:
-        A0, B0 = layer.init_factors[name]
-        saved_A, saved_B = layer.lora_A[name].data, layer.lora_B[name].data
-        layer.lora_A[name].data, layer.lora_B[name].data = A0, B0
-        layer._add_to_weight(layer.delta_weight(name))
-        layer.lora_A[name].data, layer.lora_B[name].data = saved_A, saved_B
+        A0, B0 = layer.init_factors[name]  # only LoraLinear takes base-changing inits
+        layer.add_to_weight(layer.dense_update(A0.float(), B0.float(), layer.scaling[name]))
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

@@ -29,6 +29,14 @@ def adapter_parameter_count(model: nn.Module, name: str) -> int:
     return count
 
 
+def variant_name(config) -> str:
+    """The LoRA-family member a config describes (lora, dora, lora-fa, dylora, vera)."""
+    for flag, name in (("use_vera", "vera"), ("use_dora", "dora"), ("lora_fa", "lora-fa"), ("dylora", "dylora")):
+        if getattr(config, flag):
+            return name
+    return "lora"
+
+
 def summary(model: nn.Module) -> str:
     """One line of parameter counts, then a line per adapter (rank, modules, params, state)."""
     trainable, total = trainable_parameters(model)
@@ -41,7 +49,7 @@ def summary(model: nn.Module) -> str:
         saved = [path for path, w in saved_modules(model) if name in w.modules_to_save]
         state = ", ".join(s for s, on in (("active", name in active), ("merged", name in merged)) if on) or "inactive"
         lines.append(
-            f"adapter {name!r}: r={'/'.join(map(str, ranks))} alpha={config.alpha:g}"
+            f"adapter {name!r}: {variant_name(config)} r={'/'.join(map(str, ranks))} alpha={config.alpha:g}"
             f"{' rslora' if config.use_rslora else ''} init={config.init} on {len(layers)} modules"
             f"{f' + modules_to_save {saved}' if saved else ''}, "
             f"{adapter_parameter_count(model, name):,} params [{state}]"

@@ -7,6 +7,7 @@ the adapter name stripped:
     <path>.lora_A.weight / <path>.lora_B.weight           linear and conv layers
     <path>.lora_embedding_A / <path>.lora_embedding_B     embeddings
     <path>.lora_magnitude_vector                          DoRA's magnitude m
+    <path>.vera_lambda_d / <path>.vera_lambda_b           VeRA's vectors (+ base_model.vera_A / vera_B)
     <path>.<param>                                        modules_to_save copies (e.g. lm_head.weight)
     <path>.base_layer.bias or <path>.bias                 trained biases (bias="all"/"lora_only")
 """
@@ -25,7 +26,11 @@ FACTOR_SUFFIXES = {
     ".lora_embedding_A": "lora_A",
     ".lora_embedding_B": "lora_B",
     ".lora_magnitude_vector": "magnitude",
+    ".vera_lambda_d": "lora_A",  # VeRA keeps its vectors d and b in the A/B slots
+    ".vera_lambda_b": "lora_B",
 }
+# VeRA's shared frozen pair, stored once per file (PEFT's save_projection=True).
+VERA_PROJECTION_KEYS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
 
 
 def split_factor_key(key: str) -> tuple[str, str, str] | None:

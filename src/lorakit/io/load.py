@@ -16,7 +16,8 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, LorakitError
 from ..inject import InjectionPlan, commit, plan
 from ..state import adapter_configs
-from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, split_factor_key
+from .layout import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME,
+                     split_factor_key)
 
 log = logging.getLogger("lorakit.io")
 
@@ -97,6 +98,22 @@ def _fit_factors(model: nn.Module, planned: InjectionPlan, weights: dict[str, to
     return rest
 
 
+def _fit_projection(planned: InjectionPlan, weights: dict[str, torch.Tensor]) -> None:
+    """Take VeRA's shared pair from the file when it is there (else the seeded draw stands)."""
+    found = {attr: weights.pop(key) for key, attr in VERA_PROJECTION_KEYS.items() if key in weights}
+    if not found:
+        return
+    if not planned.config.use_vera:
+        raise AdapterFileError("the file holds VeRA projections (vera_A, vera_B) but its config is not a VeRA config")
+    projection = planned.layers[0].projection
+    for attr, value in found.items():
+        mine = getattr(projection, attr)
+        if tuple(value.shape) != tuple(mine.shape):
+            raise AdapterFileError(f"{attr} has shape {tuple(value.shape)} in the file but this model's targets need "
+                                   f"{tuple(mine.shape)}")
+        mine.copy_(value.to(mine.dtype))
+
+
 def _normalized(key: str) -> str:
     """A tensor name with lorakit's/PEFT's wrapper levels removed (same before and after wrapping)."""
     return key.replace(".base_layer.", ".").replace(".original_module.", ".")
@@ -157,6 +174,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if name is None:
         name = "default" if "default" not in adapter_configs(model) else directory.resolve().name.replace(".", "_")
     planned = plan(model, config, name, draw_factors=False)
+    _fit_projection(planned, weights)
     rest = _fit_factors(model, planned, weights)
     extras = _fit_other_tensors(model, planned, rest)
     commit(model, planned, trainable=trainable, activate=activate)

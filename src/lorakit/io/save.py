@@ -16,7 +16,7 @@ from ..config import LoraConfig
 from ..state import adapter_configs, lora_layers, require_adapters, saved_modules
 from ..layers import LoraLayer
 from ..inject import trained_bias_ids
-from .layout import CONFIG_NAME, PREFIX, WEIGHTS_NAME, task_type_of
+from .layout import CONFIG_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME, task_type_of
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[str, torch.Tensor], LoraConfig]:
@@ -43,15 +43,18 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
             A0, B0 = layer.init_factors[name]
             A, B = torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1)
             converted = True
-        tensors[PREFIX + path + "." + layer.peft_keys["lora_A"]] = A
-        tensors[PREFIX + path + "." + layer.peft_keys["lora_B"]] = B
+        tensors[PREFIX + path + "." + layer.peft_key(name, "lora_A")] = A
+        tensors[PREFIX + path + "." + layer.peft_key(name, "lora_B")] = B
         if name in layer.lora_magnitude_vector:
-            tensors[PREFIX + path + "." + layer.peft_keys["magnitude"]] = layer.lora_magnitude_vector[name].detach()
+            tensors[PREFIX + path + "." + layer.peft_key(name, "magnitude")] = layer.lora_magnitude_vector[name].detach()
     for path, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
             for key, value in wrapper.modules_to_save[name].state_dict().items():
                 tensors[PREFIX + path + "." + key] = value
     tensors.update(_trained_biases(model, config))
+    if config.use_vera and config.save_projection:
+        projection = next(layer.vera_projection[name] for _, layer in lora_layers(model) if name in layer.lora_A)
+        tensors.update({key: getattr(projection, attr) for key, attr in VERA_PROJECTION_KEYS.items()})
     fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model) if name in layer.lora_A)
     config = config.replace(fan_in_fan_out=fan_in_fan_out, task_type=config.task_type or task_type_of(model))
     if isinstance(config.target_modules, str) and config.layers_to_transform is not None:

@@ -113,6 +113,10 @@ class LoraLayer(nn.Module):
                 raise
             return getattr(base, name)
 
+    def peft_key(self, name: str, slot: str) -> str:
+        """Where ``slot`` ("lora_A", "lora_B", "magnitude") of adapter ``name`` goes in PEFT's files."""
+        return self.peft_keys[slot]
+
     # --- the low-rank path ------------------------------------------------------------------
     def live_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, s) used by forward: the full adapter, or its first b ranks during DyLoRA training
@@ -198,7 +202,7 @@ class LoraLayer(nn.Module):
         return list(self.lora_A.keys())
 
     def rank(self, name: str) -> int:
-        return self.lora_A[name].shape[0]
+        return self.lora_A[name].shape[0]  # also right for VeRA, whose lora_A slot holds d (r,)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -242,7 +246,7 @@ class LoraLayer(nn.Module):
             scale = self._unit_view(self.lora_magnitude_vector[name].to(norm.dtype) / norm)
             weight = self.base_weight.to(delta.dtype)
             delta = scale * (weight + delta) - weight
-        self._add_to_weight(delta)
+        self.add_to_weight(delta)
         self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -255,15 +259,17 @@ class LoraLayer(nn.Module):
             norm = self._dora_merge_norms.pop(name)
             scale = self._unit_view(self.lora_magnitude_vector[name].to(norm.dtype) / norm)
             weight = self.base_weight.to(delta.dtype)
-            self._add_to_weight(weight / scale - delta - weight)
+            self.add_to_weight(weight / scale - delta - weight)
         else:
-            self._add_to_weight(-delta)
+            self.add_to_weight(-delta)
         self.merged_adapters.remove(name)
 
     @torch.no_grad()
-    def _add_to_weight(self, delta: torch.Tensor) -> None:
-        # Accumulate in float32 whatever the base dtype, and write in place so tied or shared
-        # weights (and anything holding a reference to the tensor) see the change.
+    def add_to_weight(self, delta: torch.Tensor) -> None:
+        """W0 += delta (laid out like W0).
+
+        Accumulates in float32 whatever the base dtype, and writes in place so tied or shared
+        weights (and anything holding a reference to the tensor) see the change."""
         weight = self.base_weight
         acc = torch.promote_types(weight.dtype, torch.float32)
         weight.copy_((weight.to(acc) + delta.to(weight.device, acc)).to(weight.dtype))

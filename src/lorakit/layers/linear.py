@@ -4,6 +4,11 @@
 
 ``Conv1D`` stores its weight as (d_in, d_out) and computes ``x @ W + b``; the adapter is the same
 (A, B) pair, only the dense update is transposed when merged ("fan_in_fan_out" in PEFT's terms).
+
+VeRA adapters (see ``layers/vera.py``) live here too: their two trained tensors are the scaling
+vectors, kept in the same slots — ``lora_A[name]`` holds d (r,), ``lora_B[name]`` holds b (d_out,) —
+so adding, freezing, counting, saving and deleting work as for LoRA; ``vera_projection[name]`` is
+the frozen random pair they scale:  h = W0 x + b ⊙ (B_s (d ⊙ (A_s x))).
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.unit_dim = 1 if self.fan_in_fan_out else 0
+        self.vera_projection = nn.ModuleDict()
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        if name in self.vera_projection:
+            del self.vera_projection[name]
+
+    def peft_key(self, name: str, slot: str) -> str:
+        if name in self.vera_projection:
+            return {"lora_A": "vera_lambda_d", "lora_B": "vera_lambda_b"}[slot]
+        return super().peft_key(name, slot)
 
     @property
     def in_dim(self) -> int:
@@ -42,6 +58,10 @@ class LoraLinear(LoraLayer):
         return (r, self.in_dim), (self.out_dim, r)
 
     def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if name in self.vera_projection:
+            d, b = self.lora_A[name], self.lora_B[name]
+            A, B = (t.to(d.dtype) for t in self.vera_projection[name].sliced(self.in_dim, self.out_dim))
+            return b * F.linear(d * F.linear(x, A), B)
         A, B, s = self.live_factors(name)
         return F.linear(F.linear(x, A), B) * s
 
@@ -50,6 +70,13 @@ class LoraLinear(LoraLayer):
         return x @ weight if self.fan_in_fan_out else F.linear(x, weight)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        A, B, s = self.factors(name)
-        delta = (B @ A) * s
+        if name in self.vera_projection:
+            d, b = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (self.lora_A[name], self.lora_B[name]))
+            A, B = (t.to(d.dtype) for t in self.vera_projection[name].sliced(self.in_dim, self.out_dim))
+            return self.dense_update(d[:, None] * A, b[:, None] * B, 1.0)
+        return self.dense_update(*self.factors(name))
+
+    def dense_update(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``s * B A`` laid out like the base weight (transposed for Conv1D)."""
+        delta = (B @ A) * scaling
         return delta.T if self.fan_in_fan_out else delta

@@ -12,7 +12,8 @@ from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
 # --variant: which member of the LoRA family to train (flags of LoraConfig).
-VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True}}
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True},
+            "vera": {"use_vera": True}}
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
