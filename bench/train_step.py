@@ -40,6 +40,8 @@ CASES = {
     "peft-dora": "PEFT DoRA r16 all-linear",
     "lorakit-lora-fa": "lorakit LoRA-FA r16 all-linear",
     "lorakit-dylora": "lorakit DyLoRA r16 all-linear",
+    "lorakit-vera": "lorakit VeRA r256 all-linear",
+    "peft-vera": "PEFT VeRA r256 all-linear",
     "full": "full fine-tuning",
 }
 
@@ -71,6 +73,13 @@ def prepare(case: str, model):
         return model
     if case == "frozen":
         model.requires_grad_(False)
+        return model
+    if case == "peft-vera":
+        import peft
+
+        return peft.get_peft_model(model, peft.VeraConfig(r=256, target_modules="all-linear"))
+    if case == "lorakit-vera":
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=256, target_modules="all-linear", use_vera=True))
         return model
     if case.startswith("peft-"):
         import peft
