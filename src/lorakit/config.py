@@ -57,6 +57,9 @@ class LoraConfig:
             the trainable parameters and the optimizer state. The saved file is a plain LoRA adapter.
         dylora: DyLoRA (Valipour et al. 2023): the trainer samples a rank b <= r each step and trains
             the first b ranks, so ``lorakit.truncate(model, b)`` works afterwards without retraining.
+        adalora: AdaLoRA (Zhang et al. 2023): the update is ``s * B diag(E) A`` with trained singular
+            values E; the trainer prunes the least important ranks to a budget (see
+            ``variants/adalora.py``). Saved as a plain LoRA adapter with per-module ranks.
         use_vera: VeRA (Kopiczko et al. 2024): one frozen random pair (A, B) shared by all layers,
             drawn from ``projection_prng_key``; each layer trains only the vectors d (r,) and b (d_out,)
             with d starting at ``d_initial`` and b at 0. ``alpha`` is unused. ``save_projection``
@@ -92,6 +95,7 @@ class LoraConfig:
     lora_fa: bool = False
     dylora: bool = False
     use_vera: bool = False
+    adalora: bool = False
     projection_prng_key: int = 0
     save_projection: bool = True
     d_initial: float = 0.1
@@ -150,6 +154,8 @@ class LoraConfig:
             self.layers_pattern = [self.layers_pattern]
         if self.use_vera:
             self._check_vera()
+        if self.adalora and (self.use_dora or self.use_vera or self.dylora or self.lora_fa or self.init != "default"):
+            raise ConfigError("adalora cannot be combined with use_dora, use_vera, dylora, lora_fa or a non-default init")
 
     def _check_vera(self) -> None:
         others = {"use_dora": self.use_dora, "lora_fa": self.lora_fa, "dylora": self.dylora,

@@ -74,6 +74,8 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
     for path, module in find_targets(model, config):
         is_new = not isinstance(module, LoraLayer)
         layer = lora_class_for(module)(module) if is_new else module
+        if config.adalora and not isinstance(layer, LoraLinear):
+            raise TargetError(f"AdaLoRA adapts linear layers only; exclude {path!r} (exclude_modules)")
         if config.init in BASE_CHANGING_INITS and layer.init_factors:
             raise TargetError(
                 f"module {path!r} already carries an adapter with a base-changing init "
@@ -85,7 +87,8 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
         if config.use_vera:
             A = B = None  # filled by _plan_vera, which needs every layer's shape first
         elif draw_factors:
-            A, B = initial_factors(layer, r, scaling, config.init, dtype, module_generator(config.seed, path))
+            init = "adalora" if config.adalora else config.init
+            A, B = initial_factors(layer, r, scaling, init, dtype, module_generator(config.seed, path))
         else:
             shape_a, shape_b = layer.adapter_shapes(r)
             A = torch.zeros(shape_a, dtype=dtype, device=layer.base_weight.device)
@@ -139,6 +142,10 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
         p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable, rslora=config.use_rslora)
         if config.lora_fa:
             p.layer.lora_A[name].requires_grad_(False)
+        if config.adalora:
+            # P and Q start small and random, the singular values at zero: the update starts at 0.
+            p.layer.lora_E[name] = nn.Parameter(torch.zeros(p.A.shape[0], dtype=p.A.dtype, device=p.A.device),
+                                                requires_grad=trainable)
         if config.init in BASE_CHANGING_INITS:
             # W0 keeps the residual W0 - s B0 A0; (A0, B0) are kept to express the update against
             # the original W0 when saving or removing the adapter.
@@ -174,6 +181,7 @@ def freeze_base(model: nn.Module) -> None:
             adapter_params.update(map(id, module.lora_A.parameters()))
             adapter_params.update(map(id, module.lora_B.parameters()))
             adapter_params.update(map(id, module.lora_magnitude_vector.parameters()))
+            adapter_params.update(map(id, module.lora_E.parameters()))
         else:
             adapter_params.update(map(id, module.modules_to_save.parameters()))
     trained_biases = trained_bias_ids(model)

@@ -22,7 +22,8 @@ def adapter_parameter_count(model: nn.Module, name: str) -> int:
     count = 0
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
-            count += layer.lora_A[name].numel() + layer.lora_B[name].numel()
+            count += sum(holder[name].numel() for holder in (layer.lora_A, layer.lora_B, layer.lora_E,
+                                                              layer.lora_magnitude_vector) if name in holder)
     for _, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
             count += sum(p.numel() for p in wrapper.modules_to_save[name].parameters())
@@ -31,7 +32,7 @@ def adapter_parameter_count(model: nn.Module, name: str) -> int:
 
 def variant_name(config) -> str:
     """The LoRA-family member a config describes (lora, dora, lora-fa, dylora, vera)."""
-    for flag, name in (("use_vera", "vera"), ("use_dora", "dora"), ("lora_fa", "lora-fa"), ("dylora", "dylora")):
+    for flag, name in (("adalora", "adalora"), ("use_vera", "vera"), ("use_dora", "dora"), ("lora_fa", "lora-fa"), ("dylora", "dylora")):
         if getattr(config, flag):
             return name
     return "lora"

@@ -15,7 +15,8 @@ from ..training.config import TrainConfig
 HELP = {
     "data": "training data: JSONL (prompt/completion, chat messages, or text), CSV or Parquet",
     "model": "base model: built-in alias, local directory, .gguf file or hub id (offline: must be cached)",
-    "variant": "lora | dora | lora-fa | dylora | vera",
+    "variant": "lora | dora | lora-fa | dylora | vera | adalora",
+    "adalora_target_r": "AdaLoRA: average rank per module left at the end (r is the initial rank)",
     "valid_data": "validation file (else --valid-ratio of the training data)",
     "valid_ratio": "fraction of the training data held out for validation",
     "output_dir": "where the adapter, metrics.jsonl, loss.png and checkpoints go",

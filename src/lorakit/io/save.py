@@ -16,6 +16,7 @@ from ..config import LoraConfig
 from ..state import adapter_configs, lora_layers, require_adapters, saved_modules
 from ..layers import LoraLayer
 from ..inject import trained_bias_ids
+from ..variants.adalora import plain_factors
 from .layout import CONFIG_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME, task_type_of
 
 
@@ -23,7 +24,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
     """The tensors and config that describe adapter ``name`` in PEFT's layout.
 
     A regex or ``"all-linear"`` combined with ``layers_to_transform`` (which PEFT refuses) is
-    written as the explicit list of adapted modules.
+    written as the explicit list of adapted modules. AdaLoRA adapters are written as plain LoRA:
+    the ranks left per module (``rank_pattern``), with E and the scaling folded into A.
 
     PiSSA/OLoRA adapters are written against the *original* W0: the update since init,
     ``s (B A - B0 A0)``, is stored exactly as a rank-2r adapter ``[B, -B0] [A; A0]`` with alpha
@@ -34,11 +36,14 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
     tensors: dict[str, torch.Tensor] = {}
     converted = False
     paths = []
+    adalora_ranks: dict[str, int] = {}
     for path, layer in lora_layers(model):
         if name not in layer.lora_A:
             continue
         paths.append(path)
         A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+        if name in layer.lora_E:
+            A, B, adalora_ranks[path] = plain_factors(layer, name)
         if name in layer.init_factors:
             A0, B0 = layer.init_factors[name]
             A, B = torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1)
@@ -61,6 +66,12 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
         # PEFT refuses a regex/"all-linear" together with layers_to_transform: write the exact
         # module list instead, which selects the same modules in every loader.
         config = config.replace(target_modules=paths, layers_to_transform=None, layers_pattern=None, exclude_modules=None)
+    if adalora_ranks:
+        # Scaling is folded into A', so each module gets alpha = its rank (sqrt with rsLoRA): s' = 1.
+        config = config.replace(
+            rank_pattern=dict(adalora_ranks),
+            alpha_pattern={p: (k ** 0.5 if config.use_rslora else k) for p, k in adalora_ranks.items()},
+        )
     if converted:
         growth = math.sqrt(2) if config.use_rslora else 2
         config = config.replace(

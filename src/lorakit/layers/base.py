@@ -37,6 +37,8 @@ class LoraLayer(nn.Module):
         disabled: when True, ``forward`` is the base layer alone.
         row_adapters: during ``adapter_batch``, the adapter of each batch row (None = base).
         lora_magnitude_vector: DoRA adapters only: name -> magnitude m (``magnitude_shape()``).
+        lora_E: AdaLoRA adapters only: name -> singular values (r,), the update being
+            ``s * B diag(E) A`` (see ``variants/adalora.py``); pruned ranks have E = 0.
         nested_rank: DyLoRA training: name -> rank b in use this step (first b rows of A / columns
             of B, scaling alpha/b); absent means full rank.
         init_factors: for inits that move part of W0 into A, B (PiSSA, OLoRA), the initial
@@ -55,6 +57,7 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
         self._dora_merge_norms: dict[str, torch.Tensor] = {}
         self.scaling: dict[str, float] = {}
         self.rslora: dict[str, bool] = {}
@@ -122,6 +125,8 @@ class LoraLayer(nn.Module):
         """(A, B, s) used by forward: the full adapter, or its first b ranks during DyLoRA training
         (with the scaling of a rank-b adapter: alpha/b, or alpha/sqrt(b) with rsLoRA)."""
         A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        if name in self.lora_E:
+            A = A * self.lora_E[name][:, None]  # AdaLoRA: P diag(E) Q, gradients reach E, P and Q
         b = self.nested_rank.get(name)
         if b is None or b >= A.shape[0]:
             return A, B, s
@@ -188,7 +193,7 @@ class LoraLayer(nn.Module):
         """Drop adapter ``name`` (it must not be merged)."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
-        for holder in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+        for holder in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector, self.lora_E):
             if name in holder:
                 del holder[name]
         for table in (self.scaling, self.rslora, self.nested_rank):

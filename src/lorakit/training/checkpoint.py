@@ -48,8 +48,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, position: Position,
-                    adapter_name: str = "default") -> Path:
-    """Write a checkpoint atomically (a temp dir renamed into place)."""
+                    adapter_name: str = "default", extra: dict | None = None) -> Path:
+    """Write a checkpoint atomically (a temp dir renamed into place); ``extra`` holds other
+    training state that must resume too (e.g. AdaLoRA's importance averages)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -60,6 +61,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "position": vars(position),
+        "extra": extra or {},
     }, tmp / STATE_FILE)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
@@ -72,8 +74,10 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 
 @torch.no_grad()
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> Position:
-    """Restore trainable tensors, optimizer, scheduler and RNG state; return the data position."""
+def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler) -> tuple[Position, dict]:
+    """Restore trainable tensors, optimizer, scheduler and RNG state; return the data position
+    and the ``extra`` state saved with it."""
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     missing = sorted(set(state["trainable"]) - set(params))
@@ -84,4 +88,4 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return Position(**state["position"])
+    return Position(**state["position"]), state.get("extra", {})

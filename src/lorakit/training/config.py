@@ -13,7 +13,7 @@ from ..errors import ConfigError
 SCHEDULES = ("cosine", "linear", "constant")
 # --variant: which member of the LoRA family to train (flags of LoraConfig).
 VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True},
-            "vera": {"use_vera": True}}
+            "vera": {"use_vera": True}, "adalora": {"adalora": True}}
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -38,6 +38,14 @@ class TrainConfig:
     target_modules: list[str] | str = "all-linear"
     init: str = "default"
     use_rslora: bool = False
+    # AdaLoRA's budget schedule (variant adalora; r is the initial rank)
+    adalora_target_r: int = 8
+    adalora_tinit: int = 0
+    adalora_tfinal: int = 0
+    adalora_delta_t: int = 1
+    adalora_beta1: float = 0.85
+    adalora_beta2: float = 0.85
+    adalora_orth_reg: float = 0.1
     # optimisation
     lr: float = 2e-4
     epochs: int = 1
@@ -75,7 +83,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
             raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
-        for name in ("eval_every", "save_every", "warmup_steps"):
+        if not (isinstance(self.adalora_delta_t, int) and self.adalora_delta_t > 0):
+            raise ConfigError(f"adalora_delta_t must be a positive integer, got {self.adalora_delta_t!r}")
+        for name in ("eval_every", "save_every", "warmup_steps", "adalora_tinit", "adalora_tfinal"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
@@ -96,6 +106,15 @@ class TrainConfig:
         if isinstance(self.target_modules, str) and "," in self.target_modules:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
         self.lora_config()  # validates r, alpha, dropout, targets now rather than after loading a model
+        if self.variant == "adalora" and not (isinstance(self.adalora_target_r, int) and 0 < self.adalora_target_r <= self.r):
+            raise ConfigError(f"adalora_target_r must be between 1 and r={self.r}, got {self.adalora_target_r!r}")
+
+    def adalora_schedule(self):
+        from ..variants.adalora import AdaLoraSchedule
+
+        return AdaLoraSchedule(target_r=self.adalora_target_r, tinit=self.adalora_tinit, tfinal=self.adalora_tfinal,
+                               delta_t=self.adalora_delta_t, beta1=self.adalora_beta1, beta2=self.adalora_beta2,
+                               orth_reg_weight=self.adalora_orth_reg)
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..variants.adalora import RankAllocator, adalora_adapters, current_ranks, orthogonal_penalty
 from ..variants.dylora import dylora_adapters, sample_nested_rank, set_nested_rank
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -88,13 +89,18 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
              cfg.grad_accum, cfg.batch_size)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
     scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.schedule)
+    nested = dylora_adapters(model)
+    schedule = cfg.adalora_schedule()
+    allocators = [RankAllocator(model, name, schedule, n_steps) for name in adalora_adapters(model)]
     position = Position()
     if cfg.resume:
         found = latest_checkpoint(ckpt_dir)
         if found is None:
             log.warning("--resume: no checkpoint in %s; starting from scratch", ckpt_dir)
         else:
-            position = load_checkpoint(found, model, optimizer, scheduler)
+            position, extra = load_checkpoint(found, model, optimizer, scheduler)
+            for allocator in allocators:
+                allocator.load_state_dict(extra["adalora"][allocator.name])
             log.info("resumed from %s at step %d", found, position.step)
     else:
         torch.manual_seed(cfg.seed)
@@ -102,9 +108,14 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     batches = _batch_stream(len(train_examples), cfg, world, rank, position)
+
+    def checkpoint() -> Path:
+        extra = {"adalora": {a.name: a.state_dict() for a in allocators}}
+        return save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
+                               scheduler, position, extra=extra)
+
     bar = tqdm(total=n_steps, initial=position.step, disable=not (progress and accelerator.is_main_process),
                desc="training", unit="step", dynamic_ncols=True)
-    nested = dylora_adapters(model)
     last_eval, interrupted = None, False
     tokens, started = 0, time.perf_counter()
     try:
@@ -120,8 +131,12 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                 sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(wrapped)
                 with sync, accelerator.autocast():
                     loss = wrapped(**batch).loss / cfg.grad_accum
+                    step_loss += loss.item()
+                    for allocator in allocators:  # AdaLoRA: keep P and Q near orthogonal
+                        loss = loss + schedule.orth_reg_weight * orthogonal_penalty(model, allocator.name) / cfg.grad_accum
                 accelerator.backward(loss)
-                step_loss += loss.item()
+            for allocator in allocators:
+                allocator.update_importance()
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
@@ -129,6 +144,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             optimizer.zero_grad(set_to_none=True)
             for name in nested:
                 set_nested_rank(model, None, name)
+            for allocator in allocators:
+                allocator.mask(position.step)
             position.step += 1
             bar.update(1)
             rate = tokens / max(time.perf_counter() - started, 1e-9)
@@ -141,22 +158,26 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                 last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs,
                                               metrics, position.step)
             if cfg.save_every and position.step % cfg.save_every == 0 and accelerator.is_main_process:
-                save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
-                                scheduler, position)
+                checkpoint()
     except KeyboardInterrupt:
         interrupted = True
         optimizer.zero_grad(set_to_none=True)
         for name in nested:
             set_nested_rank(model, None, name)
         if accelerator.is_main_process and position.step > 0:
-            path = save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
-                                   scheduler, position)
+            path = checkpoint()
             log.warning("interrupted at step %d; checkpoint saved to %s (continue with --resume)", position.step, path)
     finally:
         bar.close()
     if not interrupted and eval_examples:
         last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics,
                                       position.step)
+    for allocator in allocators:
+        ranks = current_ranks(model, allocator.name)
+        log.info("AdaLoRA %r: %d ranks left over %d modules (budget %d)", allocator.name, sum(ranks.values()),
+                 len(ranks), allocator.target)
+        if accelerator.is_main_process:
+            (out_dir / f"adalora_ranks_{allocator.name}.json").write_text(json.dumps(ranks, indent=2) + "\n")
     records = metrics.records if metrics else []
     if metrics and records:
         plot_loss_curve(records, out_dir / "loss.png")

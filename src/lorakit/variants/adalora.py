@@ -1,0 +1,141 @@
+"""AdaLoRA (Zhang et al. 2023): adapters in SVD form whose ranks are pruned to a budget.
+
+    ΔW = s · P diag(E) Q      P = lora_B (d_out × r), E = lora_E (r,), Q = lora_A (r × d_in)
+
+Training keeps, for every parameter, an exponential moving average of its sensitivity
+``I = |w · ∂L/∂w|`` (β1) and of that estimate's uncertainty ``U = |I − Ī|`` (β2). The score of rank
+i of a layer is ``s(E_i) + mean_j s(Q_ij) + mean_j s(P_ji)`` with ``s = Ī · Ū``. Every ``delta_t``
+steps the lowest-scoring ranks across *all* layers get E_i = 0, so that the number left equals the
+budget: the initial total (r per layer) for ``tinit`` steps, then a cubic decrease to
+``target_r`` per layer on average, reached ``tfinal`` steps before the end. The regulariser
+``‖QQᵀ − I‖_F + ‖PᵀP − I‖_F`` (mean over matrices, weight ``orth_reg_weight``) keeps P and Q near
+orthogonal so that E behaves like singular values. Ranks are budgeted globally: layers that
+matter keep more.
+
+The result saves as a plain LoRA adapter whose per-module ranks are the ranks left (see
+``io/save.py``), so it loads anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..state import adapter_configs, lora_layers
+
+
+@dataclass
+class AdaLoraSchedule:
+    """The budget schedule and importance smoothing (names as in the paper and PEFT)."""
+
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.1
+
+
+def adalora_adapters(model: nn.Module) -> list[str]:
+    return [name for name, config in adapter_configs(model).items() if config.adalora]
+
+
+def budget(step: int, total_steps: int, initial: int, target: int, schedule: AdaLoraSchedule) -> int:
+    """Total ranks allowed after ``step`` (0-based): initial, cubic decrease, then target."""
+    if step < schedule.tinit:
+        return initial
+    if step >= total_steps - schedule.tfinal:
+        return target
+    span = max(1, total_steps - schedule.tfinal - schedule.tinit)
+    progress = (step - schedule.tinit) / span
+    return int(target + (initial - target) * (1 - progress) ** 3)
+
+
+def orthogonal_penalty(model: nn.Module, name: str) -> torch.Tensor:
+    """Mean over the adapter's P and Q of ``‖QQᵀ − I‖_F`` and ``‖PᵀP − I‖_F``."""
+    terms = []
+    for _, layer in lora_layers(model):
+        if name in layer.lora_E:
+            Q, P = layer.lora_A[name], layer.lora_B[name]
+            eye = torch.eye(Q.shape[0], device=Q.device, dtype=Q.dtype)
+            terms += [torch.linalg.matrix_norm(Q @ Q.T - eye), torch.linalg.matrix_norm(P.T @ P - eye)]
+    return torch.stack(terms).mean()
+
+
+class RankAllocator:
+    """Tracks importance of every rank of adapter ``name`` and masks the least important ones."""
+
+    def __init__(self, model: nn.Module, name: str, schedule: AdaLoraSchedule, total_steps: int) -> None:
+        self.name, self.schedule, self.total_steps = name, schedule, total_steps
+        self.layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.lora_E]
+        self.initial = sum(layer.rank(name) for _, layer in self.layers)
+        self.target = min(self.initial, schedule.target_r * len(self.layers))
+        self.ipt: dict[tuple[str, str], torch.Tensor] = {}
+        self.unc: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _params(self, layer) -> dict[str, torch.Tensor]:
+        return {"Q": layer.lora_A[self.name], "P": layer.lora_B[self.name], "E": layer.lora_E[self.name]}
+
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        """Fold this step's sensitivities into the moving averages (call after backward)."""
+        b1, b2 = self.schedule.beta1, self.schedule.beta2
+        for path, layer in self.layers:
+            for kind, param in self._params(layer).items():
+                if param.grad is None:
+                    continue
+                sensitivity = (param * param.grad).abs().float()
+                key = (path, kind)
+                if key not in self.ipt:
+                    self.ipt[key], self.unc[key] = torch.zeros_like(sensitivity), torch.zeros_like(sensitivity)
+                self.ipt[key].mul_(b1).add_(sensitivity, alpha=1 - b1)
+                self.unc[key].mul_(b2).add_((sensitivity - self.ipt[key]).abs(), alpha=1 - b2)
+
+    def _scores(self, path: str, layer) -> torch.Tensor:
+        score = {k: self.ipt[(path, k)] * self.unc[(path, k)] for k in ("Q", "P", "E") if (path, k) in self.ipt}
+        r = layer.rank(self.name)
+        zero = torch.zeros(r, device=layer.lora_E[self.name].device)
+        return (score.get("E", zero) + (score["Q"].mean(dim=1) if "Q" in score else zero)
+                + (score["P"].mean(dim=0) if "P" in score else zero))
+
+    @torch.no_grad()
+    def mask(self, step: int) -> int:
+        """At pruning steps, zero the E of the lowest-scoring ranks beyond the budget; returns
+        the budget in force."""
+        allowed = budget(step, self.total_steps, self.initial, self.target, self.schedule)
+        if step < self.schedule.tinit or step % self.schedule.delta_t or not self.ipt or allowed >= self.initial:
+            return allowed
+        scores = [self._scores(path, layer) for path, layer in self.layers]
+        threshold = torch.kthvalue(torch.cat(scores).cpu(), self.initial - allowed).values
+        for (_, layer), score in zip(self.layers, scores):
+            layer.lora_E[self.name].masked_fill_(score.to(layer.lora_E[self.name].device) <= threshold, 0.0)
+        return allowed
+
+    def state_dict(self) -> dict:
+        return {"ipt": self.ipt, "unc": self.unc}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ipt, self.unc = state["ipt"], state["unc"]
+
+
+def current_ranks(model: nn.Module, name: str) -> dict[str, int]:
+    """Module path -> ranks left (non-zero singular values) of AdaLoRA adapter ``name``."""
+    return {path: int(torch.count_nonzero(layer.lora_E[name])) for path, layer in lora_layers(model)
+            if name in layer.lora_E}
+
+
+def plain_factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(A', B', k): the kept ranks as a plain LoRA pair with the scaling folded into A'.
+
+    ``s · P diag(E) Q`` restricted to E ≠ 0 equals ``B' A'`` exactly; a layer with no rank left
+    becomes a rank-1 zero update (PEFT needs r ≥ 1)."""
+    E = layer.lora_E[name].detach()
+    kept = E != 0
+    A = layer.lora_A[name].detach()[kept] * (E[kept] * layer.scaling[name])[:, None]
+    B = layer.lora_B[name].detach()[:, kept]
+    if A.shape[0] == 0:
+        A, B = torch.zeros_like(layer.lora_A[name][:1]), torch.zeros_like(layer.lora_B[name][:, :1])
+    return A, B, A.shape[0]
