@@ -91,3 +91,15 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "| base model |" in done.stdout and "| + LoRA (2 steps) |" in done.stdout
     assert Path(tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("variant", ["dora", "lora-fa", "vera", "adalora"])
+def test_every_variant_trains_from_the_cli(tmp_path, demo_data, variant):
+    extra = ["--adalora-target-r", "2", "--adalora-tinit", "1"] if variant == "adalora" else []
+    done = lorakit("train", "--data", str(demo_data["train"]), "--output-dir", str(tmp_path), "--variant", variant,
+                   "--max-steps", "2", "--batch-size", "2", "--r", "4", "--lr", "1e-3", *extra)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == ("VERA" if variant == "vera" else "LORA")
+    assert config.get("use_dora", False) == (variant == "dora")
+    if variant == "adalora":
+        assert "AdaLoRA:" in done.stdout and config["rank_pattern"]
