@@ -40,6 +40,7 @@ CASES = {
     "peft-dora": "PEFT DoRA r16 all-linear",
     "lorakit-lora-fa": "lorakit LoRA-FA r16 all-linear",
     "lorakit-dylora": "lorakit DyLoRA r16 all-linear",
+    "lorakit-adalora": "lorakit AdaLoRA r16 all-linear (+ rank allocator, orth. reg.)",
     "lorakit-vera": "lorakit VeRA r256 all-linear",
     "peft-vera": "PEFT VeRA r256 all-linear",
     "full": "full fine-tuning",
@@ -87,7 +88,8 @@ def prepare(case: str, model):
         config = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=case == "peft-dora")
         return peft.get_peft_model(model, config)
     variant = case.removeprefix("lorakit-")
-    flags = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True}}[variant]
+    flags = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True},
+             "adalora": {"adalora": True}}[variant]
     lorakit.add_adapter(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear", **flags))
     return model
 
@@ -100,6 +102,11 @@ def run_case(case: str, preset: dict, device: str, warmup: int, steps: int) -> M
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     embed = model.get_input_embeddings()
+    allocator = None
+    if case == "lorakit-adalora":
+        from lorakit.variants.adalora import AdaLoraSchedule, RankAllocator, orthogonal_penalty
+
+        allocator = RankAllocator(model, "default", AdaLoraSchedule(target_r=8), total_steps=warmup + steps)
 
     def step() -> None:
         if case == "frozen":
@@ -108,10 +115,16 @@ def run_case(case: str, preset: dict, device: str, warmup: int, steps: int) -> M
             loss = model(inputs_embeds=embeds, labels=ids).loss
         else:
             loss = model(input_ids=ids, labels=ids).loss
+        if allocator:  # AdaLoRA's extra work per step, as the trainer does it
+            loss = loss + 0.1 * orthogonal_penalty(model, "default")
         loss.backward()
+        if allocator:
+            allocator.update_importance()
         if optimizer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if allocator:
+            allocator.mask(len(times))
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
