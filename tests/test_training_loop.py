@@ -109,3 +109,9 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     result = run_loop(model, None, cfg, examples(), collate, tmp_path, progress=False)
     assert result.interrupted and result.steps == 1
     assert (tmp_path / "checkpoints" / "step-0000001" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_public_loraplus_optimizer():
+    model = adapted_model()
+    optimizer = lorakit.loraplus_optimizer(model, lr=2e-4)
+    assert [g["lr"] for g in optimizer.param_groups] == [2e-4, 16 * 2e-4]

@@ -26,11 +26,15 @@ def __getattr__(name: str):
         from . import training
 
         return getattr(training, name)
+    if name == "loraplus_optimizer":
+        from .training.optim import loraplus_optimizer
+
+        return loraplus_optimizer
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
 __all__ = [
     "LoraConfig", "add_adapter", "load_adapter", "save_adapter", "set_adapter", "adapters", "delete_adapter",
     "disable_adapters", "adapter_batch", "merge", "unmerge", "unload", "trainable_parameters", "summary",
     "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterStateError", "AdapterFileError",
-    "ModelNotFoundError", "DataError", "train", "TrainConfig", "truncate",
+    "ModelNotFoundError", "DataError", "train", "TrainConfig", "truncate", "loraplus_optimizer",
 ]

@@ -26,12 +26,22 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, loraplus_
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                   loraplus_ratio: float | None = None) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, loraplus_ratio: float | None = None,
+                   **adamw_kwargs) -> torch.optim.Optimizer:
+    """The trainer's AdamW: LoRA+ groups when ``loraplus_ratio`` is set, one group otherwise."""
     groups = parameter_groups(model, lr, weight_decay, loraplus_ratio)
     if not groups:
         raise ValueError("the model has no trainable parameters: add an adapter first")
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
+
+
+def loraplus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0,
+                       **adamw_kwargs) -> torch.optim.Optimizer:
+    """AdamW with LoRA+'s learning rates: B matrices at ``lr * ratio``, everything else at ``lr``.
+
+    For your own training loop; ``lorakit train --loraplus-ratio 16`` does the same.
+    """
+    return make_optimizer(model, lr, weight_decay, ratio, **adamw_kwargs)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
