@@ -349,3 +349,24 @@ def test_exact_match_semantics():
     assert not exact_match("", ref)
     assert not exact_match("true", "1") and exact_match("1", "1.0")
     assert exact_match(" Paris \n", "Paris") and not exact_match("paris", "Paris")
+
+
+def test_parquet_prompt_completion_and_chat(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]),
+                   tmp_path / "pc.parquet")
+    records = read_records(tmp_path / "pc.parquet")
+    assert [(r.kind, r.prompt, r.completion) for r in records] == [("prompt_completion", "p1", "c1"),
+                                                                    ("prompt_completion", "p2", "c2")]
+    chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chat.parquet")
+    (record,) = read_records(tmp_path / "chat.parquet")
+    assert record.kind == "chat" and record.messages[1]["content"] == "hello"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p"}]), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="bad.parquet"):
+        read_records(tmp_path / "bad.parquet")
+    (tmp_path / "corrupt.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        read_records(tmp_path / "corrupt.parquet")

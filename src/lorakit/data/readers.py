@@ -142,7 +142,10 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     except ImportError:
         pq = None
     if pq is not None:
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises its own error types for corrupt or non-Parquet files
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     try:
         import pandas as pd
     except ImportError:
