@@ -147,7 +147,7 @@ class LoraLayer(nn.Module):
         # DoRA: m/||W|| * (W0 x + s B A x) + b  ==  result + (scale - 1) W0 x + scale s B A x
         x_d = self.dropped_input(x, name)
         lora = self.apply_lora(x_d, name)
-        scale = self.lora_magnitude_vector[name] / self.weight_norm(name).detach().to(lora.dtype)
+        scale = self.lora_magnitude_vector[name] / self.weight_norm(name).to(lora.dtype)
         if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
             bias = self.output_bias()
             base = result if bias is None else result - bias
@@ -166,8 +166,12 @@ class LoraLayer(nn.Module):
         shape[self.unit_dim] = -1
         return vector.reshape(shape)
 
+    @torch.no_grad()
     def weight_norm(self, name: str) -> torch.Tensor:
-        """``||W0 + s B A||`` per output unit, in ``magnitude_shape()``."""
+        """``||W0 + s B A||`` per output unit, in ``magnitude_shape()``.
+
+        Always a constant for autograd (DoRA's norm is detached, as the paper recommends), so no
+        graph is built for the dense matrix."""
         weight = self.base_weight
         combined = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self.delta_weight(name)
         dims = [d for d in range(combined.dim()) if d != self.unit_dim]
