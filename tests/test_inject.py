@@ -230,3 +230,22 @@ def test_failure_midway_leaves_no_half_injected_model():
 def test_root_module_cannot_be_replaced():
     with pytest.raises(TargetError):
         lorakit.add_adapter(nn.Linear(3, 3), LoraConfig(target_modules=".*"))
+
+
+def test_new_layers_follow_the_models_mode(ids):
+    model = tiny_llama()  # in eval mode
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear", dropout=0.5, modules_to_save=["lm_head"]))
+    assert not any(m.training for m in model.modules())
+    randomize_adapters(model)
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)  # no dropout in eval
+    model.train()
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], dropout=0.5), name="second")
+    assert all(m.training for m in model.modules())
+
+
+def test_torch_compile_full_graph_matches_eager(ids):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear", dropout=0.1))
+    randomize_adapters(model, 0.1)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # tracing only: no graph breaks
+    torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)

@@ -137,6 +137,8 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
     name, config = planned.name, planned.config
     current = active_adapters(model)
     for p in planned.layers:
+        if p.is_new:  # new modules start in training mode: follow the module they wrap
+            p.layer.train(p.layer.base_layer.training)
         if p.projection is not None:
             p.layer.vera_projection[name] = p.projection
         p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable, rslora=config.use_rslora)
@@ -162,7 +164,7 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
     for path in planned.saved_paths:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
-            wrapper = ModulesToSave(wrapper)
+            wrapper = ModulesToSave(wrapper).train(wrapper.training)
             wrapper.active_adapters = list(current)
             replace_module(model, path, wrapper)
         wrapper.add_adapter(name, trainable=trainable)

@@ -190,7 +190,8 @@ class LoraLayer(nn.Module):
         self.rslora[name] = rslora
         self.lora_A[name] = nn.Parameter(A, requires_grad=trainable)
         self.lora_B[name] = nn.Parameter(B, requires_grad=trainable)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A new module starts in training mode; follow the layer's mode (an eval model stays eval).
+        self.lora_dropout[name] = (nn.Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.scaling[name] = float(scaling)
 
     def remove_adapter(self, name: str) -> None:
