@@ -9,8 +9,9 @@ from contextlib import contextmanager
 from torch import nn
 
 from .errors import AdapterStateError
-from .state import (adapter_configs, adapter_modules, lora_layers, merged_adapters, require_adapters,
-                    saved_modules)
+from .layers.routing import RowRouting
+from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters,
+                    require_adapters, saved_modules)
 
 
 def adapters(model: nn.Module) -> list[str]:
@@ -72,8 +73,9 @@ def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iter
     require_adapters(model, [n for n in dict.fromkeys(rows) if n is not None])
     _check_not_merged("adapter_batch", model)
     modules = list(adapter_modules(model))
+    routing = RowRouting(rows)
     for module in modules:
-        module.row_adapters = rows
+        module.row_adapters = routing
     try:
         yield model
     finally:
@@ -87,12 +89,11 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     Merged adapters cost nothing at inference; ``unmerge`` takes them out again.
     """
     if names is None:
-        from .state import active_adapters
-
         names = active_adapters(model)
     names = [names] if isinstance(names, str) else list(names)
     require_adapters(model, names)
-    already = [n for n in names if n in merged_adapters(model)]
+    merged = merged_adapters(model)
+    already = [n for n in names if n in merged]
     if already:
         raise AdapterStateError(f"adapter(s) {already} are already merged; call lorakit.unmerge(model) first")
     for _, layer in lora_layers(model):

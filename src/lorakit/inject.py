@@ -19,7 +19,8 @@ from .errors import AdapterNameError, AdapterStateError, TargetError
 from .init import BASE_CHANGING_INITS, initial_factors, module_generator
 from .layers import LoraLayer, LoraLinear, ModulesToSave, lora_class_for
 from .layers.vera import VeraProjection
-from .state import adapter_configs, adapter_modules, active_adapters, lora_layers, replace_module, saved_modules
+from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters, replace_module,
+                    require_adapters, saved_modules)
 from .targets import matches, named_base_modules, find_targets
 
 log = logging.getLogger("lorakit.inject")
@@ -241,12 +242,9 @@ def _restore_residual(layer: LoraLayer, name: str) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; layers left without adapters become their base layers again."""
-    from .state import require_adapters
-
     require_adapters(model, [name])
-    merged = [path for path, layer in lora_layers(model) if name in layer.merged_adapters]
-    if merged:
-        raise AdapterStateError(f"adapter {name!r} is merged into {len(merged)} layers; call lorakit.unmerge(model) first")
+    if name in merged_adapters(model):
+        raise AdapterStateError(f"adapter {name!r} is merged into the weights; call lorakit.unmerge(model) first")
     for path, layer in list(lora_layers(model)):
         if name in layer.lora_A:
             _restore_residual(layer, name)
@@ -273,7 +271,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         from .control import merge as merge_adapters
 
         pending = [n for n in active_adapters(model) if n in adapter_configs(model)]
-        merge_adapters(model, [n for n in pending if not _is_merged(model, n)])
+        merged = merged_adapters(model)
+        merge_adapters(model, [n for n in pending if n not in merged])
     for path, layer in list(lora_layers(model)):
         for name in list(layer.merged_adapters if not merge else []):
             layer.unmerge(name)
@@ -284,7 +283,3 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         replace_module(model, path, wrapper.current() if merge else wrapper.original_module)
     adapter_configs(model).clear()
     return model
-
-
-def _is_merged(model: nn.Module, name: str) -> bool:
-    return any(name in layer.merged_adapters for _, layer in lora_layers(model))

@@ -33,11 +33,11 @@ FACTOR_SUFFIXES = {
 VERA_PROJECTION_KEYS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
 
 
-def split_factor_key(key: str) -> tuple[str, str, str] | None:
-    """``<path>.lora_A.weight`` -> (path, "lora_A", ".lora_A.weight"); None for other keys."""
+def split_factor_key(key: str) -> tuple[str, str] | None:
+    """``<path>.lora_A.weight`` -> (path, "lora_A"); None for other keys."""
     for suffix, factor in FACTOR_SUFFIXES.items():
         if key.endswith(suffix):
-            return key[: -len(suffix)], factor, suffix
+            return key[: -len(suffix)], factor
     return None
 
 

@@ -63,7 +63,7 @@ def _fit_factors(model: nn.Module, planned: InjectionPlan, weights: dict[str, to
         if split is None:
             rest[_strip_prefix(key)] = value
         else:
-            path, factor, _ = split
+            path, factor = split
             factors.setdefault(path, {})[factor] = value
     planned_paths = {p.path for p in planned.layers}
     unexpected = sorted(set(factors) - planned_paths)

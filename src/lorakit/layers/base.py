@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterStateError
+from .routing import RowRouting
 
 
 class LoraLayer(nn.Module):
@@ -35,7 +36,7 @@ class LoraLayer(nn.Module):
         active_adapters: names whose update is added in ``forward``.
         merged_adapters: names whose update currently sits inside the base weight.
         disabled: when True, ``forward`` is the base layer alone.
-        row_adapters: during ``adapter_batch``, the adapter of each batch row (None = base).
+        row_adapters: during ``adapter_batch``, the adapter of each batch row (a ``RowRouting``).
         lora_magnitude_vector: DoRA adapters only: name -> magnitude m (``magnitude_shape()``).
         lora_E: AdaLoRA adapters only: name -> singular values (r,), the update being
             ``s * B diag(E) A`` (see ``variants/adalora.py``); pruned ranks have E = 0.
@@ -65,7 +66,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        self.row_adapters: list[str | None] | None = None
+        self.row_adapters: RowRouting | None = None
         self.init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -227,17 +228,10 @@ class LoraLayer(nn.Module):
         return result
 
     def _add_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Row i of the batch gets adapter ``row_adapters[i]`` (None: the base alone)."""
-        rows = self.row_adapters
-        if len(rows) != x.shape[0]:
-            raise AdapterStateError(
-                f"adapter_batch was given {len(rows)} adapter names but the batch has {x.shape[0]} rows; "
-                "pass one name (or None) per row"
-            )
-        for name in dict.fromkeys(rows):
+        """Row i of the batch gets adapter ``row_adapters.names[i]`` (None: the base alone)."""
+        for name, index in self.row_adapters.groups(x.shape[0], x.device).items():
             if name is None or name not in self.lora_A:
                 continue
-            index = torch.tensor([i for i, row in enumerate(rows) if row == name], device=x.device)
             delta = self.adapter_increment(x.index_select(0, index), name, result.index_select(0, index))
             result = result.index_add(0, index, delta)
         return result

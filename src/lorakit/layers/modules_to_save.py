@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterStateError
+from .routing import RowRouting
 
 
 class ModulesToSave(nn.Module):
@@ -25,7 +26,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
-        self.row_adapters: list[str | None] | None = None
+        self.row_adapters: RowRouting | None = None
 
     def add_adapter(self, name: str, trainable: bool = True) -> None:
         """Give adapter ``name`` its own copy of the original module."""
@@ -67,15 +68,9 @@ class ModulesToSave(nn.Module):
         return self._forward_per_row(x, *args, **kwargs)
 
     def _forward_per_row(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows = self.row_adapters
-        if len(rows) != x.shape[0]:
-            raise AdapterStateError(
-                f"adapter_batch was given {len(rows)} adapter names but the batch has {x.shape[0]} rows"
-            )
         out = None
-        for name in dict.fromkeys(rows):
+        for name, index in self.row_adapters.groups(x.shape[0], x.device).items():
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            index = torch.tensor([i for i, row in enumerate(rows) if row == name], device=x.device)
             part = module(x.index_select(0, index), *args, **kwargs)
             if not isinstance(part, torch.Tensor):
                 raise AdapterStateError(
