@@ -12,6 +12,7 @@ memory on GPU. Results go to stdout as a Markdown table (and to --json if given)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -34,10 +35,18 @@ PRESETS = {
 
 CASES = {
     "frozen": "frozen base, fwd+bwd (input grads only)",
-    "lorakit-lora": "lorakit LoRA r16 all-linear",
-    "peft-lora": "PEFT LoRA r16 all-linear",
-    "lorakit-dora": "lorakit DoRA r16 all-linear",
-    "peft-dora": "PEFT DoRA r16 all-linear",
+    "lorakit-lora": "lorakit LoRA r16 all-linear (adapters in the base dtype)",
+    "lorakit-lora-fp32": "lorakit LoRA r16 all-linear, fp32 adapters",
+    "lorakit-lora-qv": "lorakit LoRA r16 q_proj,v_proj",
+    "lorakit-lora-reference": "lorakit LoRA r16 all-linear, reference path",
+    "peft-lora": "PEFT LoRA r16 all-linear, default (fp32 adapters)",
+    "peft-lora-bf16": "PEFT LoRA r16 all-linear, adapters in the base dtype",
+    "peft-lora-qv": "PEFT LoRA r16 q_proj,v_proj, default",
+    "lorakit-dora": "lorakit DoRA r16 all-linear (adapters in the base dtype)",
+    "lorakit-dora-fp32": "lorakit DoRA r16 all-linear, fp32 adapters",
+    "lorakit-dora-reference": "lorakit DoRA r16 all-linear, reference path",
+    "peft-dora": "PEFT DoRA r16 all-linear, default (fp32 adapters)",
+    "peft-dora-bf16": "PEFT DoRA r16 all-linear, adapters in the base dtype",
     "lorakit-lora-fa": "lorakit LoRA-FA r16 all-linear",
     "lorakit-dylora": "lorakit DyLoRA r16 all-linear",
     "lorakit-adalora": "lorakit AdaLoRA r16 all-linear (+ rank allocator, orth. reg.)",
@@ -45,6 +54,10 @@ CASES = {
     "peft-vera": "PEFT VeRA r256 all-linear",
     "full": "full fine-tuning",
 }
+# The default set: the fast-training issue's rows, for lorakit and PEFT.
+DEFAULT_CASES = ["frozen", "lorakit-lora", "lorakit-lora-fp32", "lorakit-lora-qv", "lorakit-lora-reference",
+                 "peft-lora", "peft-lora-bf16", "peft-lora-qv", "lorakit-dora", "lorakit-dora-fp32",
+                 "lorakit-dora-reference", "peft-dora", "peft-dora-bf16", "full"]
 
 
 @dataclass
@@ -67,7 +80,7 @@ def build_model(preset: dict, device: str):
 
 
 def prepare(case: str, model):
-    """Make ``model`` ready for ``case``; returns the step's extra forward kwargs builder."""
+    """Make ``model`` ready for ``case`` (adapters added, frozen parts frozen); returns the model to train."""
     import lorakit
 
     if case == "full":
@@ -85,22 +98,33 @@ def prepare(case: str, model):
     if case.startswith("peft-"):
         import peft
 
-        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=case == "peft-dora")
-        return peft.get_peft_model(model, config)
+        variant, _, option = case.removeprefix("peft-").partition("-")
+        targets = ["q_proj", "v_proj"] if option == "qv" else "all-linear"
+        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, use_dora=variant == "dora")
+        # PEFT casts adapters to fp32 unless told not to.
+        return peft.get_peft_model(model, config, autocast_adapter_dtype=option != "bf16")
     variant = case.removeprefix("lorakit-")
+    options = {}
+    for suffix, option in (("-fp32", {"adapter_dtype": "float32"}), ("-qv", {"target_modules": ["q_proj", "v_proj"]}),
+                           ("-reference", {})):
+        if variant.endswith(suffix):
+            variant = variant.removesuffix(suffix)
+            options.update(option)
     flags = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True},
              "adalora": {"adalora": True}}[variant]
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear", **flags))
+    config = {"r": 16, "alpha": 32, "target_modules": "all-linear", **flags, **options}
+    lorakit.add_adapter(model, lorakit.LoraConfig(**config))
+    lorakit.set_fast_path(model, not case.endswith("-reference"))
     return model
 
 
-def run_case(case: str, preset: dict, device: str, warmup: int, steps: int) -> Measurement:
+def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fused: bool) -> Measurement:
     model = prepare(case, build_model(preset, device))
     model.train()
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, preset["model"]["vocab_size"], (preset["batch"], preset["seq"]), generator=gen).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {})) if params else None
     embed = model.get_input_embeddings()
     allocator = None
     if case == "lorakit-adalora":
@@ -140,7 +164,8 @@ def run_case(case: str, preset: dict, device: str, warmup: int, steps: int) -> M
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     trainable = sum(p.numel() for p in params)
-    del model, optimizer
+    del model, optimizer, step
+    gc.collect()  # PEFT models hold reference cycles; free them before the next case's model
     if device == "cuda":
         torch.cuda.empty_cache()
     return Measurement(case, statistics.median(times), times, trainable, peak)
@@ -163,12 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default=None, help="model shape (default: by device)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from {list(CASES)}")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", help="also write the measurements to this file")
+    parser.add_argument("--merge-ratio", type=float, default=None,
+                        help="override lorakit.kernels.dispatch.MERGE_RATIO (0: always merged, inf: never)")
+    parser.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
+                        help="AdamW implementation, the same for every case (default: fused)")
     args = parser.parse_args(argv)
+    if args.merge_ratio is not None:
+        from lorakit.kernels import dispatch
+
+        dispatch.MERGE_RATIO = args.merge_ratio
     if args.threads:
         torch.set_num_threads(args.threads)
     preset_name = args.preset or ("llama-1b" if args.device == "cuda" else "smollm2-135m")
@@ -178,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown cases {unknown}")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"# {preset_name}, {preset['dtype']}, batch {preset['batch']}x{preset['seq']}, {device_name}; {versions()}",
-          flush=True)
+    print(f"# {preset_name}, {preset['dtype']}, batch {preset['batch']}x{preset['seq']}, {device_name}; "
+          f"AdamW ({args.optimizer}); {versions()}", flush=True)
     results = []
     for case in cases:
-        m = run_case(case, preset, args.device, args.warmup, args.steps)
+        m = run_case(case, preset, args.device, args.warmup, args.steps, args.optimizer == "fused")
         results.append(m)
         print(f"  {case}: median {m.median_s * 1000:.0f} ms", file=sys.stderr, flush=True)
     floor = next((m.median_s for m in results if m.case == "frozen"), None)

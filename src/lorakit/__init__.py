@@ -5,12 +5,18 @@ merge, combine and serve them. The public API (DESIGN.md §3):
 
     LoraConfig, add_adapter, load_adapter, save_adapter, set_adapter, adapters, delete_adapter,
     disable_adapters, adapter_batch, merge, unmerge, unload, trainable_parameters, summary
+
+plus the training entry points (train, TrainConfig, loraplus_optimizer), DyLoRA's truncate,
+set_fast_path (fused layers on by
+default; False forces the reference forward) and hotswap_adapter (new weights into an existing
+adapter's tensors, so a compiled model does not recompile).
 """
 
 from .config import LoraConfig
-from .control import adapter_batch, adapters, disable_adapters, merge, set_adapter, unmerge
+from .control import adapter_batch, adapters, disable_adapters, merge, set_adapter, set_fast_path, unmerge
 from .errors import (AdapterFileError, AdapterNameError, AdapterStateError, ConfigError, DataError, LorakitError,
                      ModelNotFoundError, TargetError)
+from .hotswap import hotswap_adapter
 from .inject import add_adapter, delete_adapter, unload
 from .io import load_adapter, save_adapter
 from .report import summary, trainable_parameters
@@ -36,5 +42,6 @@ __all__ = [
     "LoraConfig", "add_adapter", "load_adapter", "save_adapter", "set_adapter", "adapters", "delete_adapter",
     "disable_adapters", "adapter_batch", "merge", "unmerge", "unload", "trainable_parameters", "summary",
     "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterStateError", "AdapterFileError",
-    "ModelNotFoundError", "DataError", "train", "TrainConfig", "truncate", "loraplus_optimizer",
+    "ModelNotFoundError", "DataError", "train", "TrainConfig", "truncate", "loraplus_optimizer", "set_fast_path",
+    "hotswap_adapter",
 ]

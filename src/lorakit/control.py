@@ -107,3 +107,14 @@ def unmerge(model: nn.Module) -> None:
     for _, layer in lora_layers(model):
         for name in reversed(list(layer.merged_adapters)):
             layer.unmerge(name)
+
+
+def set_fast_path(model: nn.Module, enabled: bool = True) -> None:
+    """Use the fused LoRA/DoRA computations (the default) or force every layer's reference forward.
+
+    Both give the same values (see ``lorakit/kernels``); the reference path is the plain formula,
+    kept for debugging, for comparison, and as the fallback the fused path uses itself whenever it
+    does not apply (several active adapters, per-row routing, VeRA, quantized bases, ...)."""
+    for _, layer in lora_layers(model):
+        if hasattr(layer, "fast_path"):
+            layer.fast_path = bool(enabled)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import fused_forward
 from .base import LoraLayer
 
 
@@ -33,6 +34,15 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.unit_dim = 1 if self.fan_in_fan_out else 0
         self.vera_projection = nn.ModuleDict()
+        # Use the fused path (``kernels/``) when it applies; False forces the reference forward.
+        self.fast_path = True
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.fast_path and not args and not kwargs:
+            out = fused_forward(self, x)
+            if out is not None:
+                return out
+        return super().forward(x, *args, **kwargs)
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)

@@ -1,0 +1,81 @@
+"""When a `LoraLinear` call can take the fused path, and which computation it uses.
+
+The fused functions (``lora_linear.py``, ``dora_linear.py``) cover the common training and
+inference case: an ``nn.Linear`` base with a frozen weight, one active unmerged LoRA or DoRA
+adapter (plain, rsLoRA, LoRA-FA, DyLoRA's nested rank, AdaLoRA's scaled A), no per-row routing,
+all tensors in one compute dtype (or autocast, which casts them to its dtype here; fp32 adapters
+on a bf16/fp16 base are likewise computed in the base's dtype). Anything else
+returns None and the layer runs its reference forward, which is always available and gives the
+same values (tests compare them).
+
+Factored or merged, per direction (LoRA without dropout; see ``lora_linear.py``): the factored
+forward costs a read-modify-write of the (N, d_out) output, about 2 N d_out elements of traffic,
+the merged one the build of W0 + sBA, about 4 d_in d_out (copy W0, then a GEMM that reads and
+writes it); so the forward merges when N > 2 d_in. Backward likewise with the (N, d_in) input
+gradient: it merges when N > 2 d_out. Long training batches merge the wide layers in the direction
+where that pays; short ones (generation, small batches) never merge. ``MERGE_RATIO`` scales both
+thresholds (0: always merge, infinity: never), for benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dora_linear import DoraLinearFunction
+from .lora_linear import LoraLinearFunction
+
+# Multiplies the break-even token counts of the docstring (benchmarks: bench/train_step.py).
+MERGE_RATIO = 1.0
+
+
+def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:
+    """(merge the forward, merge the backward) for a call with ``tokens`` rows."""
+    return tokens > MERGE_RATIO * 2 * d_in, tokens > MERGE_RATIO * 2 * d_out
+
+
+def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer(x)`` through a fused function, or None when the reference path must run."""
+    if layer.disabled or layer.row_adapters is not None:
+        return None
+    base = layer.base_layer
+    if type(base) is not nn.Linear or base.weight.requires_grad:
+        return None
+    names = [n for n in layer.active_adapters if n in layer.lora_A and n not in layer.merged_adapters]
+    if len(names) != 1 or names[0] in layer.vera_projection:
+        return None
+    name = names[0]
+    A, B, scaling = layer.live_factors(name)
+    weight, bias = base.weight, base.bias
+    magnitude = layer.lora_magnitude_vector[name] if name in layer.lora_magnitude_vector else None
+    dropout = layer.lora_dropout[name]
+    dropping = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+    if magnitude is not None and dropping:
+        return None
+
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, A, B = (t.to(dtype) for t in (x, weight, A, B))
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _apply(x, weight, bias, A, B, scaling, magnitude, dropout if dropping else None)
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or A.dtype != B.dtype:
+        return None
+    if A.dtype != x.dtype:
+        if not (A.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
+            return None
+        # fp32 adapters on a half-precision base: computed in the base's dtype (as autocast would),
+        # their gradients summed back into fp32 by autograd.
+        A, B = A.to(x.dtype), B.to(x.dtype)
+    return _apply(x, weight, bias, A, B, scaling, magnitude, dropout if dropping else None)
+
+
+def _apply(x, weight, bias, A, B, scaling, magnitude, dropout):
+    if magnitude is not None:
+        return DoraLinearFunction.apply(x, weight, bias, A, B, magnitude, scaling)
+    if dropout is not None:
+        # The dropout module draws the mask (same random stream as the reference path).
+        return LoraLinearFunction.apply(x, dropout(x), weight, bias, A, B, scaling, False, False)
+    tokens = x.numel() // x.shape[-1]
+    return LoraLinearFunction.apply(x, None, weight, bias, A, B, scaling, *merge_directions(tokens, *weight.shape[::-1]))

@@ -1,0 +1,236 @@
+"""The fused LoRA/DoRA path against the reference forward: values and gradients, every strategy."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.kernels import dispatch
+from lorakit.state import lora_layers
+
+from .tiny import randomize_adapters, tiny_llama
+
+
+class Net(nn.Module):
+    def __init__(self, d_in=24, d_out=20, bias=True, dtype=torch.float64):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def adapted(dtype=torch.float64, bias=True, **config):
+    net = Net(bias=bias, dtype=dtype)
+    config = {"r": 4, "alpha": 8, "target_modules": ["lin"], **config}
+    lorakit.add_adapter(net, lorakit.LoraConfig(**config))
+    randomize_adapters(net, 0.3)
+    if "default" in net.lin.lora_magnitude_vector:  # DoRA: a magnitude that differs from the norm
+        with torch.no_grad():
+            net.lin.lora_magnitude_vector["default"].mul_(torch.linspace(0.5, 1.5, 20, dtype=dtype))
+    return net.train()
+
+
+@pytest.fixture(params=["factored", "merged"])
+def strategy(request, monkeypatch):
+    # MERGE_RATIO 0: every call merges; infinity: none does.
+    monkeypatch.setattr(dispatch, "MERGE_RATIO", 0.0 if request.param == "merged" else float("inf"))
+    return request.param
+
+
+def run(net, x, fast: bool, seed: int = 0):
+    """Output and the gradients of a fixed loss w.r.t. x and every trainable parameter."""
+    lorakit.set_fast_path(net, fast)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout mask on both paths
+    out = net(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (out * weights).sum().backward()
+    grads = {"x": x.grad}
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            grads[name] = p.grad
+            p.grad = None
+    return out.detach(), grads
+
+
+def assert_same(net, x, rtol=1e-10, atol=1e-10):
+    fast_out, fast_grads = run(net, x, True)
+    ref_out, ref_grads = run(net, x, False)
+    torch.testing.assert_close(fast_out, ref_out, rtol=rtol, atol=atol)
+    assert fast_grads.keys() == ref_grads.keys()
+    for key in ref_grads:
+        torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=rtol, atol=atol, msg=key)
+
+
+def spy_calls(monkeypatch):
+    """Count calls that took the fused path."""
+    calls = []
+    original = dispatch._apply
+
+    def counting(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(dispatch, "_apply", counting)
+    return calls
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"use_rslora": True}, {"lora_fa": True}, {"bias": "all"}, {"use_dora": True}, {"adalora": True},
+    {"init": "pissa"},
+], ids=["lora", "rslora", "lora-fa", "bias", "dora", "adalora", "pissa"])
+def test_fast_matches_reference_float64(strategy, config, monkeypatch):
+    net = adapted(**config)
+    calls = spy_calls(monkeypatch)
+    assert_same(net, torch.randn(3, 5, 24, dtype=torch.float64))
+    assert len(calls) == 1  # the fused path ran (once: the reference run does not call it)
+
+
+def test_fast_matches_reference_with_dropout(strategy, monkeypatch):
+    net = adapted(dropout=0.3)
+    calls = spy_calls(monkeypatch)
+    assert_same(net, torch.randn(6, 24, dtype=torch.float64))
+    assert len(calls) == 1
+    # Different masks give different outputs: dropout really is applied on the fused path.
+    a, _ = run(net, torch.ones(6, 24, dtype=torch.float64), True, seed=1)
+    b, _ = run(net, torch.ones(6, 24, dtype=torch.float64), True, seed=2)
+    assert not torch.allclose(a, b)
+
+
+def test_fast_matches_reference_without_bias_and_unbatched(strategy):
+    net = adapted(bias=False)
+    assert_same(net, torch.randn(24, dtype=torch.float64))
+
+
+def test_dylora_nested_rank_on_fast_path(strategy):
+    net = adapted(dylora=True, r=6)
+    net.lin.nested_rank["default"] = 3
+    assert_same(net, torch.randn(4, 24, dtype=torch.float64))
+
+
+def test_fast_matches_reference_float32(strategy):
+    net = adapted(dtype=torch.float32)
+    assert_same(net, torch.randn(8, 24), rtol=1e-5, atol=1e-5)
+    dora = adapted(dtype=torch.float32, use_dora=True)
+    assert_same(dora, torch.randn(8, 24), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_bf16_within_rounding_of_float64_formula(strategy, use_dora):
+    """In bf16 the fused path is as close to the exact (float64) result as the reference path is."""
+    exact = adapted(use_dora=use_dora)
+    low = adapted(use_dora=use_dora).to(torch.bfloat16)
+    low.load_state_dict({k: v.to(torch.bfloat16) for k, v in exact.state_dict().items()})
+    x = torch.randn(32, 24, dtype=torch.float64)
+    exact_out, exact_grads = run(exact, x, False)
+    errors = {}
+    for fast in (True, False):
+        out, grads = run(low, x.to(torch.bfloat16), fast)
+        scale = exact_out.abs().max()
+        errors[fast] = [((out.double() - exact_out).abs().max() / scale).item()]
+        for key, g in exact_grads.items():
+            errors[fast].append(((grads[key].double() - g).abs().max() / g.abs().max()).item())
+    for fast_err, ref_err in zip(errors[True], errors[False]):
+        assert fast_err < max(3 * ref_err, 2 ** -7), errors
+
+
+def test_autocast_uses_fast_path_and_matches_reference(monkeypatch):
+    net = adapted(dtype=torch.float32)
+    calls = spy_calls(monkeypatch)
+    x = torch.randn(8, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_out, fast_grads = run(net, x, True)
+        ref_out, ref_grads = run(net, x, False)
+    assert len(calls) == 1 and fast_out.dtype == torch.bfloat16
+    torch.testing.assert_close(fast_out, ref_out, rtol=2e-2, atol=2e-2)
+    for key in ref_grads:
+        assert fast_grads[key].dtype == ref_grads[key].dtype
+        torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=3e-2, atol=3e-2)
+
+
+def test_llama_loss_and_all_gradients_match(strategy):
+    model = tiny_llama().double()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=0.1))
+    randomize_adapters(model, 0.1)
+    model.train()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(fast):
+        lorakit.set_fast_path(model, fast)
+        torch.manual_seed(0)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    fast_loss, fast_grads = loss_and_grads(True)
+    ref_loss, ref_grads = loss_and_grads(False)
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-10, atol=1e-10)
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("case", ["two-active", "vera", "row-routing", "merged", "dtype-mismatch", "disabled",
+                                  "trainable-base"])
+def test_reference_path_where_fused_does_not_apply(case, monkeypatch):
+    """The fused path steps aside (and results stay right) whenever it does not cover the case."""
+    if case == "vera":
+        net = Net()
+        lorakit.add_adapter(net, lorakit.LoraConfig(r=4, target_modules=["lin"], use_vera=True))
+    else:
+        net = adapted(adapter_dtype="float32") if case == "dtype-mismatch" else adapted()  # fp32 A, B on fp64
+    if case == "two-active":
+        lorakit.add_adapter(net, lorakit.LoraConfig(r=2, target_modules=["lin"]), name="other")
+        lorakit.set_adapter(net, ["default", "other"])
+    calls = spy_calls(monkeypatch)
+    x = torch.randn(3, 24, dtype=torch.float64)
+    if case == "row-routing":
+        with lorakit.adapter_batch(net, ["default", None, "default"]):
+            net(x)
+    elif case == "merged":
+        lorakit.merge(net)
+        net(x)
+    elif case == "disabled":
+        with lorakit.disable_adapters(net):
+            torch.testing.assert_close(net(x), net.lin.base_layer(x))
+    else:
+        if case == "trainable-base":
+            net.lin.base_layer.weight.requires_grad_(True)
+        net(x)
+    assert calls == []
+
+
+def test_fp32_adapters_on_bf16_base_use_fast_path(monkeypatch):
+    """fp32 adapters (PEFT's default) on a bf16 base: computed in bf16, gradients back in fp32."""
+    net = adapted(dtype=torch.float32)
+    net.lin.base_layer.to(torch.bfloat16)
+    calls = spy_calls(monkeypatch)
+    x = torch.randn(8, 24, dtype=torch.bfloat16)
+    fast_out, fast_grads = run(net, x, True)
+    ref_out, ref_grads = run(net, x, False)
+    assert len(calls) == 1
+    assert fast_grads["lin.lora_A.default"].dtype == torch.float32
+    torch.testing.assert_close(fast_out, ref_out, rtol=2e-2, atol=2e-2)
+    for key in ref_grads:
+        torch.testing.assert_close(fast_grads[key].float(), ref_grads[key].float(), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("merge_forward,merge_backward", [(True, False), (False, True)])
+def test_mixed_directions_match_formula(merge_forward, merge_backward):
+    """Forward and backward may each merge or not (the dispatcher picks per direction)."""
+    from lorakit.kernels import LoraLinearFunction
+
+    gen = torch.Generator().manual_seed(0)
+    x, W, b = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((2, 7, 12), (9, 12), (9,)))
+    A, B = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((3, 12), (9, 3)))
+    leaves = [t.requires_grad_(True) for t in (x, b, A, B)]
+    out = LoraLinearFunction.apply(x, None, W, b, A, B, 1.5, merge_forward, merge_backward)
+    expected = x @ W.T + b + 1.5 * (x @ A.T) @ B.T
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((out * weights).sum(), leaves)
+    want = torch.autograd.grad((expected * weights).sum(), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
