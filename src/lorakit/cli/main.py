@@ -1,4 +1,4 @@
-"""`lorakit` command line: demo, train, eval, generate, chat.
+"""`lorakit` command line: demo, train, eval, generate, chat; merge, export, compress, inspect.
 
 Every command prints what it did and where its outputs are; errors the user can fix are printed
 as one line (``error: ...``) with exit status 2, without a traceback.
@@ -11,6 +11,7 @@ import logging
 import sys
 
 from ..errors import LorakitError
+from .arith_commands import add_arith_parsers
 from .options import add_train_options
 
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--temperature", type=float, default=0.7)
         cmd.add_argument("--top-p", type=float, default=0.9)
         cmd.add_argument("--seed", type=int, default=0)
+    add_arith_parsers(sub)
     return parser
 
 
@@ -66,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _quiet_transformers(args.verbose)
-    from . import commands
+    from . import arith_commands, commands
 
+    handler = getattr(commands, f"cmd_{args.command}", None) or getattr(arith_commands, f"cmd_{args.command}")
     try:
-        return getattr(commands, f"cmd_{args.command}")(args) or 0
+        return handler(args) or 0
     except LorakitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

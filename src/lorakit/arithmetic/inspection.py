@@ -1,0 +1,185 @@
+"""`inspect_adapter`: what an adapter directory holds, read from its files alone (no base model).
+
+For every adapted module the update ΔW = s B A is analysed through its factors: the singular values
+come from QR of B and Aᵀ and the SVD of the r×r product (``factor.singular_values``), so a rank-16
+adapter on a 4096×4096 layer costs a 16×16 SVD. Reported per module:
+
+    ‖ΔW‖_F = sqrt(Σ σ_j²)
+    effective rank  = exp(−Σ p_j log p_j), p_j = σ_j / Σ σ      (entropy-based, Roy & Vetterli 2007)
+    r90             = fewest σ_j holding 90% of ‖ΔW‖_F²           (energy rank)
+
+An effective rank far below r means the adapter uses few of its directions (``compress`` would
+lose little). DoRA files: the spectra are those of s B A; the magnitudes also rescale each output
+unit, which needs the base weight to evaluate. VeRA files: the shared projection must be sliced
+to each layer's input size, which only the base model knows, so no spectra are computed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterFileError
+from ..io.layout import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, split_factor_key
+from ..io.load import read_config, read_weights
+from .factor import LowRank, energy_rank, entropy_rank, singular_values
+
+
+@dataclass
+class ModuleInfo:
+    path: str
+    rank: int
+    scaling: float
+    shape: tuple[int, int]  # (d_out, d_in) of the update, conv kernels flattened
+    norm: float | None = None
+    singular_values: list[float] | None = None
+    effective_rank: float | None = None
+    r90: int | None = None
+
+
+@dataclass
+class AdapterInfo:
+    path: str
+    peft_type: str
+    base_model: str | None
+    target_modules: list[str] | str
+    variant: str  # lora | rslora | dora | vera (with rslora/dora combined as "dora+rslora")
+    params: int
+    file_bytes: int
+    modules: list[ModuleInfo] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> dict[int, int]:
+        """rank -> number of modules with that rank."""
+        counts: dict[int, int] = {}
+        for module in self.modules:
+            counts[module.rank] = counts.get(module.rank, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ranks": self.ranks}
+
+    def table(self) -> str:
+        ranks = ", ".join(f"r={r} x{n}" for r, n in self.ranks.items())
+        lines = [f"adapter     {self.path}", f"type        {self.peft_type} ({self.variant})",
+                 f"base model  {self.base_model or 'unknown'}", f"targets     {self.target_modules}",
+                 f"modules     {len(self.modules)} ({ranks})",
+                 f"parameters  {self.params:,}", f"file size   {_size(self.file_bytes)}", "",
+                 "| module | rank | scaling | shape | ‖ΔW‖_F | σ_1 | eff. rank | r90 |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for m in self.modules:
+            if m.norm is None:
+                lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {m.shape[0]}x{m.shape[1]} | n/a | n/a | n/a | n/a |")
+                continue
+            top = m.singular_values[0] if m.singular_values else 0.0
+            lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {m.shape[0]}x{m.shape[1]} | {m.norm:.4g} | "
+                         f"{top:.4g} | {m.effective_rank:.2f} | {m.r90} |")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Singular-value spectra (σ_j / σ_1, one line per module) and ‖ΔW‖_F per module, as a PNG."""
+        return plot_spectra(self, Path(path))
+
+
+def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
+    """Read adapter directory ``path`` (lorakit's or PEFT's files) and analyse each module's update."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter directory {directory} does not exist")
+    config = read_config(directory)
+    weights = read_weights(directory)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        split = split_factor_key(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        if split is not None:
+            factors.setdefault(split[0], {})[split[1]] = value
+    variant = "vera" if config.use_vera else "+".join(
+        [v for v, on in (("dora", config.use_dora), ("rslora", config.use_rslora)) if on] or ["lora"])
+    file = directory / WEIGHTS_NAME if (directory / WEIGHTS_NAME).is_file() else directory / LEGACY_WEIGHTS_NAME
+    info = AdapterInfo(str(directory), "VERA" if config.use_vera else "LORA", config.base_model_name_or_path,
+                       config.target_modules, variant, sum(t.numel() for t in weights.values()), file.stat().st_size)
+    for module_path, found in sorted(factors.items(), key=lambda item: _natural(item[0])):
+        if "lora_A" not in found or "lora_B" not in found:
+            raise AdapterFileError(f"{directory}: module {module_path!r} lacks its lora_A or lora_B weights")
+        info.modules.append(module_info(module_path, found, config))
+    if config.use_vera:
+        info.notes.append("VeRA: spectra need each layer's input size (from the base model); not computed")
+    if config.use_dora:
+        info.notes.append("DoRA: spectra are those of s·B·A; the magnitudes also rescale each output unit")
+    return info
+
+
+def module_info(path: str, found: dict[str, torch.Tensor], config) -> ModuleInfo:
+    A, B = found["lora_A"].double(), found["lora_B"].double()
+    if config.use_vera:  # d (r,), b (d_out,)
+        return ModuleInfo(path, A.shape[0], 1.0, (B.shape[0], -1))
+    rank = A.shape[0]
+    alpha = config.alpha_for(path)
+    scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank
+    update = LowRank(B.flatten(1) * scaling, A.flatten(1))
+    S = singular_values(update)
+    return ModuleInfo(path, rank, scaling, (update.B.shape[0], update.A.shape[1]), float(S.norm()),
+                      [float(s) for s in S], entropy_rank(S), energy_rank(S, 0.9))
+
+
+def plot_spectra(info: AdapterInfo, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    analysed = [m for m in info.modules if m.singular_values]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    kinds = sorted({m.path.rsplit(".", 1)[-1] for m in analysed})
+    colors = {kind: plt.get_cmap("tab10")(i % 10) for i, kind in enumerate(kinds)}
+    for m in analysed:
+        top = m.singular_values[0] or 1.0
+        left.semilogy(range(1, len(m.singular_values) + 1), [max(s / top, 1e-12) for s in m.singular_values],
+                      color=colors[m.path.rsplit(".", 1)[-1]], alpha=0.5, lw=1)
+    for kind in kinds:
+        left.plot([], [], color=colors[kind], label=kind)
+    left.set_xlabel("index j")
+    left.set_ylabel("σ_j / σ_1")
+    left.set_title("singular values of s·B·A per module")
+    left.grid(alpha=0.3)
+    if kinds:
+        left.legend(fontsize=7)
+    right.bar(range(len(analysed)), [m.norm for m in analysed], color=[colors[m.path.rsplit(".", 1)[-1]] for m in analysed])
+    right.set_xlabel("module (model order)")
+    right.set_ylabel("‖ΔW‖_F")
+    right.set_title("update norm per module")
+    right.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{Path(info.path).name}: {info.variant}, {len(info.modules)} modules")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(handle)
+    try:  # written to a temporary name and renamed, so a reader never sees half a PNG
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _natural(path: str) -> list:
+    """Sort key putting layers.2 before layers.10 (the files keep keys in string order)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1024
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"

@@ -1,0 +1,166 @@
+"""The adapter-arithmetic commands: merge, export, compress, inspect (see docs/arithmetic.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..arithmetic.options import METHODS
+
+# Method options as flags: flag dest -> option name of lorakit.combine. Unset flags are not passed,
+# so a flag the chosen method does not take is reported instead of silently ignored.
+METHOD_FLAGS = {"density": "density", "rank": "rank", "lambda_": "lambda_", "normalize": "normalize",
+                "rescale": "rescale", "consensus": "consensus", "seed": "seed", "t": "t"}
+
+
+def add_arith_parsers(sub) -> None:
+    """The merge, export, compress and inspect subcommands."""
+    merge = sub.add_parser("merge", help="combine adapters into one adapter (linear, svd, ties, dare, slerp, ...)")
+    _add_sources(merge)
+    merge.add_argument("--out", required=True, help="directory for the combined adapter")
+    merge.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    export = sub.add_parser("export", help="merge adapter(s) into the base and save a plain transformers model")
+    _add_sources(export, method_default="linear")
+    export.add_argument("--out", required=True, help="directory for the merged model and its tokenizer")
+
+    compress = sub.add_parser("compress", help="shrink an adapter's rank by SVD of its update")
+    compress.add_argument("--model", default="smollm2-135m", help="base model (alias, directory, .gguf or hub id)")
+    compress.add_argument("--adapter", required=True, help="adapter directory")
+    compress.add_argument("--rank", type=int, required=True, help="largest rank kept per module")
+    compress.add_argument("--out", required=True, help="directory for the compressed adapter")
+    compress.add_argument("--device", default="cpu")
+    compress.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    inspect = sub.add_parser("inspect", help="ranks, parameters, update norms and singular values of an adapter")
+    inspect.add_argument("adapter", help="adapter directory (no base model needed)")
+    inspect.add_argument("--plot", help="write the spectra and norms as a PNG here")
+    inspect.add_argument("--json", action="store_true", help="print everything as JSON")
+
+
+def _add_sources(cmd: argparse.ArgumentParser, method_default: str = "linear") -> None:
+    cmd.add_argument("--model", default="smollm2-135m", help="base model (alias, directory, .gguf or hub id)")
+    cmd.add_argument("--adapter", action="append", required=True, help="adapter directory (repeat for each source)")
+    cmd.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each; may be negative)")
+    cmd.add_argument("--method", default=method_default, choices=list(METHODS), help="combination method")
+    cmd.add_argument("--density", type=float, nargs="+",
+                     help="ties/dare/magnitude_prune: fraction kept (one, or one per adapter)")
+    cmd.add_argument("--rank", type=int, help="rank to re-factorise non-exact results to (svd and dense methods)")
+    cmd.add_argument("--lambda", dest="lambda_", type=float, help="scale of the combined update (default 1)")
+    cmd.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                     help="divide by the sum of the contributing weights")
+    cmd.add_argument("--rescale", help="after dropping: true (=l1), l1, l2, linf, density or false")
+    cmd.add_argument("--consensus", help="ties/dare_ties majority sign: sum (total) or count (frequency)")
+    cmd.add_argument("--seed", type=int, help="dare: seed of the random drop (default 0)")
+    cmd.add_argument("--t", type=float, help="slerp: position between the two adapters in [0, 1]")
+    cmd.add_argument("--device", default="cpu")
+    cmd.add_argument("--dtype", default="auto", help="dtype the base is loaded in (export: computed in float32, "
+                     "saved in this dtype; auto = float32 on CPU, bfloat16 on GPU)")
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    options = {name: getattr(args, dest) for dest, name in METHOD_FLAGS.items() if getattr(args, dest, None) is not None}
+    if isinstance(options.get("density"), list) and len(options["density"]) == 1:
+        options["density"] = options["density"][0]
+    if "rescale" in options:
+        options["rescale"] = {"true": True, "false": False}.get(options["rescale"].lower(), options["rescale"].lower())
+    return options
+
+
+def _load_sources(args: argparse.Namespace, dtype: str | None = None):
+    """The base model with each --adapter loaded (named after its directory), none of them active."""
+    from .. import load_adapter
+    from ..models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=dtype or args.dtype, device=args.device)
+    names = []
+    for i, path in enumerate(args.adapter):
+        wanted = Path(path).resolve().name.replace(".", "_") or f"adapter{i}"
+        names.append(load_adapter(model, path, name=wanted if wanted not in names else f"adapter{i}", activate=False))
+    model.eval()
+    return model, tokenizer, names
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .. import combine, save_adapter
+
+    model, _, names = _load_sources(args)
+    report = combine(model, names, args.weights, args.method, "combined", **_method_options(args))
+    return _print_report(report, save_adapter(model, args.out, "combined"), args.json)
+
+
+def _print_report(report, out: Path, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({**report.to_dict(), "adapter": str(out)}, indent=2))
+    else:
+        print(report.table())
+        print(f"\nadapter: {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .. import combine, set_adapter, unload
+    from ..models import resolve_device, resolve_dtype
+
+    target = resolve_dtype(args.dtype, resolve_device(args.device))
+    # Base and adapters in float32, merged, then cast once: a bf16 export gets one rounding of
+    # W0 + ΔW, not a rounding of W0, of the adapter's factors and of the sum.
+    model, tokenizer, names = _load_sources(args, dtype="float32")
+    options = _method_options(args)
+    if len(names) == 1 and args.method == "linear" and args.weights in (None, [1.0]) and not options:
+        # One adapter as it is: the layers' own merge (also keeps modules_to_save, merges DoRA).
+        set_adapter(model, names)
+        unload(model, merge=True)
+        print(f"merged {args.adapter[0]} into {args.model}")
+    else:
+        report = combine(model, names, args.weights, args.method, into_base=True, **options)
+        unload(model, merge=False)  # the result is in the base weights already: drop the LoRA layers
+        print(report.table())
+    model.to(target)
+    out = save_directory(Path(args.out), lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    print(f"\nmodel: {out}  (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .. import compress, load_adapter, save_adapter
+    from ..models import load_model
+
+    model, _ = load_model(args.model, device=args.device)
+    name = load_adapter(model, args.adapter, name="adapter")
+    report = compress(model, name, args.rank)
+    return _print_report(report, save_adapter(model, args.out, name), args.json)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..arithmetic import inspect_adapter
+
+    info = inspect_adapter(args.adapter)
+    plot = info.plot(args.plot) if args.plot else None
+    if args.json:
+        print(json.dumps({**info.to_dict(), "plot": str(plot) if plot else None}, indent=2))
+        return 0
+    print(info.table())
+    if plot:
+        print(f"\nplot: {plot}")
+    return 0
+
+
+def save_directory(out: Path, write) -> Path:
+    """Run ``write(tmp_dir)`` and move the files into ``out``: an interrupted export leaves no half model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        if not out.exists():
+            os.replace(tmp, out)
+            return out
+        for item in tmp.iterdir():
+            os.replace(item, out / item.name)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,132 @@
+"""The real CLI for adapter arithmetic (`lorakit merge | export | compress | inspect`) on a tiny
+Llama saved as a transformers directory."""
+
+import json
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.cli.main import main
+
+from .test_models import save_tiny_model
+from .tiny import randomize_adapters, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny base model directory and two adapters of different ranks saved for it."""
+    root = tmp_path_factory.mktemp("arith")
+    base = save_tiny_model(root / "base")
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), "a")
+    lorakit.add_adapter(model, LoraConfig(r=2, alpha=2, target_modules=["q_proj", "down_proj"]), "b")
+    randomize_adapters(model, std=0.2)
+    lorakit.save_adapter(model, root / "a", "a")
+    lorakit.save_adapter(model, root / "b", "b")
+    return root, base
+
+
+def with_adapters(setup, *names):
+    root, _ = setup
+    model = tiny_llama()
+    for name in names:
+        lorakit.load_adapter(model, root / name, name=name)
+    lorakit.set_adapter(model, list(names))
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_merge_linear_writes_an_exact_adapter(setup, tmp_path, capsys, ids):
+    root, base = setup
+    rc = main(["merge", "--model", str(base), "--adapter", str(root / "a"), "--adapter", str(root / "b"),
+               "--weights", "0.7", "-0.3", "--out", str(tmp_path / "ab")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| model.layers.0.self_attn.q_proj | 4 + 2 | 6 |" in out and "exact" in out
+    expected_model = with_adapters(setup, "a", "b")
+    lorakit.combine(expected_model, ["a", "b"], [0.7, -0.3], "linear", "ab")
+    got = tiny_llama()
+    lorakit.load_adapter(got, tmp_path / "ab")
+    torch.testing.assert_close(logits(got, ids), logits(expected_model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_ties_reports_the_error_as_json(setup, tmp_path, capsys):
+    root, base = setup
+    rc = main(["merge", "--model", str(base), "--adapter", str(root / "a"), "--adapter", str(root / "b"),
+               "--method", "ties", "--density", "0.5", "--rank", "3", "--out", str(tmp_path / "t"), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "ties" and 0 < report["max_error"] < 1
+    assert all(layer["rank"] <= 3 for layer in report["layers"])
+    assert (tmp_path / "t" / "adapter_model.safetensors").is_file()
+
+
+def test_merge_rejects_an_option_the_method_does_not_take(setup, tmp_path, capsys):
+    root, base = setup
+    rc = main(["merge", "--model", str(base), "--adapter", str(root / "a"), "--density", "0.5",
+               "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "does not take ['density']" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_saves_a_plain_transformers_model(setup, tmp_path, capsys, ids):
+    from transformers import AutoModelForCausalLM
+
+    root, base = setup
+    rc = main(["export", "--model", str(base), "--adapter", str(root / "a"), "--adapter", str(root / "b"),
+               "--out", str(tmp_path / "merged")])
+    assert rc == 0 and "model:" in capsys.readouterr().out
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in key for key in plain.state_dict())
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    torch.testing.assert_close(logits(plain, ids), logits(with_adapters(setup, "a", "b"), ids), rtol=1e-5, atol=1e-5)
+
+
+def test_export_one_adapter_in_bfloat16(setup, tmp_path, ids):
+    from transformers import AutoModelForCausalLM
+
+    root, base = setup
+    assert main(["export", "--model", str(base), "--adapter", str(root / "a"), "--dtype", "bfloat16",
+                 "--out", str(tmp_path / "bf16")]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
+    assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    # One rounding of the fp32-accumulated sum: the weights equal the fp32 merge cast to bf16.
+    reference = with_adapters(setup, "a")
+    lorakit.unload(reference, merge=True)
+    torch.testing.assert_close(plain.model.layers[0].self_attn.q_proj.weight,
+                               reference.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_compress_writes_a_smaller_adapter(setup, tmp_path, capsys):
+    root, base = setup
+    assert main(["compress", "--model", str(base), "--adapter", str(root / "a"), "--rank", "2",
+                 "--out", str(tmp_path / "small")]) == 0
+    assert "rel. error" in capsys.readouterr().out
+    config = json.loads((tmp_path / "small" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 2
+
+
+def test_inspect_prints_the_table_and_writes_a_png(setup, tmp_path, capsys):
+    root, _ = setup
+    assert main(["inspect", str(root / "a"), "--plot", str(tmp_path / "a.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| model.layers.1.self_attn.v_proj | 4 | 2 |" in out and "parameters" in out and "file size" in out
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["inspect", str(root / "b"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ranks"] == {"2": 4} and info["params"] > 0
+    for module in info["modules"]:
+        assert module["r90"] <= module["rank"] and 1 <= module["effective_rank"] <= module["rank"] + 1e-9
+        assert module["norm"] == pytest.approx(sum(s * s for s in module["singular_values"]) ** 0.5)
+
+
+def test_inspect_of_a_missing_directory_is_a_clean_error(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
