@@ -2,6 +2,7 @@
 
     python bench/train_step.py                       # CPU: SmolLM2-135M shape, fp32, batch 8x64
     python bench/train_step.py --preset llama-1b     # GPU: 1.2B Llama shape, bf16, batch 4x2048
+    python bench/train_step.py --interleave --steps 10 --cases frozen,lorakit-lora,peft-lora   # shared CPU
 
 Every case builds the same randomly initialised model (no download), runs warm-up steps, then
 times optimizer steps (forward + backward + AdamW) and reports the median, the ratio to the frozen
@@ -118,7 +119,8 @@ def prepare(case: str, model):
     return model
 
 
-def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fused: bool) -> Measurement:
+def make_step(case: str, preset: dict, device: str, total_steps: int, fused: bool):
+    """Build ``case``'s model and optimizer; returns (one training step, trainable parameter count)."""
     model = prepare(case, build_model(preset, device))
     model.train()
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -130,7 +132,8 @@ def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fuse
     if case == "lorakit-adalora":
         from lorakit.variants.adalora import AdaLoraSchedule, RankAllocator, orthogonal_penalty
 
-        allocator = RankAllocator(model, "default", AdaLoraSchedule(target_r=8), total_steps=warmup + steps)
+        allocator = RankAllocator(model, "default", AdaLoraSchedule(target_r=8), total_steps=total_steps)
+    done = [0]
 
     def step() -> None:
         if case == "frozen":
@@ -148,27 +151,49 @@ def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fuse
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if allocator:
-            allocator.mask(len(times))
+            allocator.mask(done[0])
+        done[0] += 1
 
+    return step, sum(p.numel() for p in params)
+
+
+def timed(step, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fused: bool) -> Measurement:
+    """One case on its own (peak memory is per case)."""
+    step, trainable = make_step(case, preset, device, warmup + steps, fused)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    times = [timed(step, device) for _ in range(warmup + steps)][warmup:]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    trainable = sum(p.numel() for p in params)
-    del model, optimizer, step
+    del step
     gc.collect()  # PEFT models hold reference cycles; free them before the next case's model
     if device == "cuda":
         torch.cuda.empty_cache()
     return Measurement(case, statistics.median(times), times, trainable, peak)
+
+
+def run_interleaved(cases: list[str], preset: dict, device: str, warmup: int, steps: int,
+                    fused: bool) -> list[Measurement]:
+    """All cases' models at once, one step of each in turn: a machine whose speed drifts (shared
+    CPU cores) slows every case alike, so the ratios stay meaningful. No peak memory."""
+    built = [make_step(case, preset, device, warmup + steps, fused) for case in cases]
+    times: list[list[float]] = [[] for _ in cases]
+    for i in range(warmup + steps):
+        for (step, _), record in zip(built, times):
+            elapsed = timed(step, device)
+            if i >= warmup:
+                record.append(elapsed)
+    return [Measurement(case, statistics.median(t), t, trainable, None)
+            for case, (_, trainable), t in zip(cases, built, times)]
 
 
 def versions() -> str:
@@ -195,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--merge-ratio", type=float, default=None,
                         help="override lorakit.kernels.dispatch.MERGE_RATIO (0: always merged, inf: never)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="build every case first and alternate their steps (for noisy CPUs; no peak memory)")
     parser.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
                         help="AdamW implementation, the same for every case (default: fused)")
     args = parser.parse_args(argv)
@@ -213,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"# {preset_name}, {preset['dtype']}, batch {preset['batch']}x{preset['seq']}, {device_name}; "
           f"AdamW ({args.optimizer}); {versions()}", flush=True)
-    results = []
-    for case in cases:
-        m = run_case(case, preset, args.device, args.warmup, args.steps, args.optimizer == "fused")
-        results.append(m)
-        print(f"  {case}: median {m.median_s * 1000:.0f} ms", file=sys.stderr, flush=True)
+    if args.interleave:
+        results = run_interleaved(cases, preset, args.device, args.warmup, args.steps, args.optimizer == "fused")
+    else:
+        results = []
+        for case in cases:
+            results.append(run_case(case, preset, args.device, args.warmup, args.steps, args.optimizer == "fused"))
+            print(f"  {case}: median {results[-1].median_s * 1000:.0f} ms", file=sys.stderr, flush=True)
     floor = next((m.median_s for m in results if m.case == "frozen"), None)
     print("\n| case | step | x frozen | trainable params | peak memory |")
     print("|---|---|---|---|---|")

@@ -56,6 +56,28 @@ def compare(dtype, dora):
     assert abs(fast_loss - ref_loss) <= limit * abs(ref_loss) and worst <= limit, "fast and reference differ"
 
 
+def kernel_check():
+    """The Triton merged-weight kernels in bf16 against the float64 formula (Llama-1B shapes)."""
+    from lorakit.kernels import triton_merge
+
+    assert triton_merge.triton is not None, "Triton is not installed here"
+    gen = torch.Generator("cuda").manual_seed(0)
+    for d_out, d_in in ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)):
+        W = torch.randn(d_out, d_in, device="cuda", generator=gen).bfloat16() * 0.02
+        A = torch.randn(16, d_in, device="cuda", generator=gen).bfloat16() * 0.02
+        B = torch.randn(d_out, 16, device="cuda", generator=gen).bfloat16() * 0.02
+        m = torch.rand(d_out, device="cuda", generator=gen).bfloat16() + 0.5
+        exact = W.double() + 2.0 * B.double() @ A.double()
+        merged = triton_merge.merged_weight(W, A, B, 2.0)
+        scaled, c = triton_merge.dora_weight(W, A, B, 2.0, m)
+        want_c = m.double() / exact.norm(dim=1)
+        errors = [((merged.double() - exact).abs().max() / exact.abs().max()).item(),
+                  ((c.double() - want_c).abs() / want_c).max().item(),
+                  ((scaled.double() - want_c[:, None] * exact).abs().max() / (want_c[:, None] * exact).abs().max()).item()]
+        print(f"triton merge {d_out}x{d_in} bf16: relative errors merged/norm/dora {errors[0]:.1e} {errors[1]:.1e} {errors[2]:.1e}")
+        assert max(errors) < 1e-2
+
+
 def compile_check():
     import torch._dynamo
 
@@ -77,6 +99,7 @@ def compile_check():
 
 
 if __name__ == "__main__":
+    kernel_check()
     for dtype in (torch.float32, torch.bfloat16):
         for dora in (False, True):
             compare(dtype, dora)

@@ -1,5 +1,8 @@
 """The fused LoRA/DoRA path against the reference forward: values and gradients, every strategy."""
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -149,9 +152,10 @@ def test_autocast_uses_fast_path_and_matches_reference(monkeypatch):
         torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=3e-2, atol=3e-2)
 
 
-def test_llama_loss_and_all_gradients_match(strategy):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_llama_loss_and_all_gradients_match(strategy, dropout):
     model = tiny_llama().double()
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=0.1))
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=dropout))
     randomize_adapters(model, 0.1)
     model.train()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -234,3 +238,45 @@ def test_mixed_directions_match_formula(merge_forward, merge_backward):
     want = torch.autograd.grad((expected * weights).sum(), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_gated_mlp_is_fused_and_matches_reference(strategy, monkeypatch):
+    """Llama's MLP runs as one fused function (h recomputed in backward) with the same results."""
+    from lorakit.kernels import mlp_dispatch
+    from lorakit.kernels.gated_mlp import GatedMlpFunction
+
+    model = tiny_llama().double()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model, 0.1)
+    model.train()
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.forward, mlp_dispatch.FusedOrOriginalForward)
+    applied = []
+    original = GatedMlpFunction.apply
+    monkeypatch.setattr(GatedMlpFunction, "apply", lambda *a: applied.append(1) or original(*a))
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    fast_out, fast_grads = run(mlp, x, True)
+    ref_out, ref_grads = run(mlp, x, False)
+    assert applied == [1]
+    torch.testing.assert_close(fast_out, ref_out, rtol=1e-10, atol=1e-10)
+    for key in ref_grads:
+        torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=1e-10, atol=1e-10, msg=key)
+    copied = copy.deepcopy(model)  # the instance forward follows its own module
+    assert copied.model.layers[0].mlp.forward.mlp is copied.model.layers[0].mlp
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert isinstance(torch.load(buffer, weights_only=False).model.layers[0].mlp.forward, mlp_dispatch.FusedOrOriginalForward)
+    lorakit.unload(model)
+    assert "forward" not in mlp.__dict__
+
+
+def test_gated_mlp_detection_is_by_code():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.mistral.modeling_mistral import MistralMLP
+
+    from lorakit.kernels.mlp_dispatch import is_gated_mlp_class
+
+    assert is_gated_mlp_class(LlamaMLP) and is_gated_mlp_class(MistralMLP)
+    assert not is_gated_mlp_class(GPT2MLP) and not is_gated_mlp_class(nn.Linear)

@@ -7,11 +7,12 @@ merge, combine and serve them. The public API (DESIGN.md §3):
     disable_adapters, adapter_batch, merge, unmerge, unload, trainable_parameters, summary
 
 plus the training entry points (train, TrainConfig, loraplus_optimizer), DyLoRA's truncate,
-set_fast_path (fused layers on by
+adapter arithmetic (combine, compress; see docs/arithmetic.md), set_fast_path (fused layers on by
 default; False forces the reference forward) and hotswap_adapter (new weights into an existing
 adapter's tensors, so a compiled model does not recompile).
 """
 
+from .arithmetic import combine, compress
 from .config import LoraConfig
 from .control import adapter_batch, adapters, disable_adapters, merge, set_adapter, set_fast_path, unmerge
 from .errors import (AdapterFileError, AdapterNameError, AdapterStateError, ConfigError, DataError, LorakitError,
@@ -44,4 +45,5 @@ __all__ = [
     "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterStateError", "AdapterFileError",
     "ModelNotFoundError", "DataError", "train", "TrainConfig", "truncate", "loraplus_optimizer", "set_fast_path",
     "hotswap_adapter",
+    "combine", "compress",
 ]

@@ -16,6 +16,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterNameError, AdapterStateError, TargetError
+from .kernels.mlp_dispatch import install_fused_mlps, remove_fused_mlps
 from .init import BASE_CHANGING_INITS, initial_factors, module_generator
 from .layers import LoraLayer, LoraLinear, ModulesToSave, lora_class_for
 from .layers.vera import VeraProjection
@@ -174,6 +175,7 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
     if activate:
         for module in adapter_modules(model):
             module.active_adapters = [name]
+    install_fused_mlps(model)  # gated MLPs whose projections are all LoRA layers: see kernels/mlp_dispatch.py
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -281,5 +283,6 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         replace_module(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         replace_module(model, path, wrapper.current() if merge else wrapper.original_module)
+    remove_fused_mlps(model)
     adapter_configs(model).clear()
     return model

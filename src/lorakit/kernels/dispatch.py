@@ -36,7 +36,25 @@ def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:
 
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     """``layer(x)`` through a fused function, or None when the reference path must run."""
-    if layer.disabled or layer.row_adapters is not None:
+    operands = fusable_operands(layer, x, allow_autocast=True)
+    if operands is None:
+        return None
+    weight, bias, A, B, scaling, magnitude, dropout = operands
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, A, B = (t.to(dtype) for t in (x, weight, A, B))
+        bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _apply(x, weight, bias, A, B, scaling, magnitude, dropout)
+    return _apply(x, weight, bias, A, B, scaling, magnitude, dropout)
+
+
+def fusable_operands(layer, x: torch.Tensor, allow_autocast: bool):
+    """(weight, bias, A, B, scaling, magnitude or None, active dropout or None) when ``layer``'s
+    call on ``x`` is covered by the fused functions (see the module docstring), else None.
+    A and B come back in x's dtype."""
+    if not getattr(layer, "fast_path", False) or layer.disabled or layer.row_adapters is not None:
         return None
     base = layer.base_layer
     if type(base) is not nn.Linear or base.weight.requires_grad:
@@ -49,17 +67,11 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     weight, bias = base.weight, base.bias
     magnitude = layer.lora_magnitude_vector[name] if name in layer.lora_magnitude_vector else None
     dropout = layer.lora_dropout[name]
-    dropping = isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
-    if magnitude is not None and dropping:
+    dropout = dropout if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0 else None
+    if magnitude is not None and dropout is not None:
         return None
-
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, A, B = (t.to(dtype) for t in (x, weight, A, B))
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            return _apply(x, weight, bias, A, B, scaling, magnitude, dropout if dropping else None)
+    if torch.is_autocast_enabled(x.device.type):
+        return (weight, bias, A, B, scaling, magnitude, dropout) if allow_autocast else None
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or A.dtype != B.dtype:
         return None
     if A.dtype != x.dtype:
@@ -68,7 +80,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
         # fp32 adapters on a half-precision base: computed in the base's dtype (as autocast would),
         # their gradients summed back into fp32 by autograd.
         A, B = A.to(x.dtype), B.to(x.dtype)
-    return _apply(x, weight, bias, A, B, scaling, magnitude, dropout if dropping else None)
+    return weight, bias, A, B, scaling, magnitude, dropout
 
 
 def _apply(x, weight, bias, A, B, scaling, magnitude, dropout):

@@ -28,17 +28,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import triton_merge
 from .lora_linear import merged_weight
 
 
 def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                 magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c ⊙ (W0 + s B A), c) with c = m / ||W0 + s B A|| per row; the norm in fp32."""
+    """(c ⊙ (W0 + s B A), c) with c = m / ||W0 + s B A|| per row; c and the norm in fp32 (or wider)."""
+    if triton_merge.available(weight):
+        return triton_merge.dora_weight(weight, A, B, scaling, magnitude)
     combined = merged_weight(weight, A, B, scaling)
     acc = torch.promote_types(combined.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(combined, dim=1, dtype=acc)
-    rescale = (magnitude.to(acc) / norm).to(combined.dtype)
-    return combined.mul_(rescale[:, None]), rescale
+    rescale = magnitude.to(acc) / torch.linalg.vector_norm(combined, dim=1, dtype=acc)
+    return combined.mul_(rescale.to(combined.dtype)[:, None]), rescale
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -68,12 +70,12 @@ class DoraLinearFunction(torch.autograd.Function):
         grad_x = grad_bias = grad_A = grad_B = grad_m = None
         if need_x:
             # Rebuild c ⊙ W from the saved c: the same matrix the forward used, without a new norm.
-            grad_x = g @ merged_weight(weight, A, B, s).mul_(rescale[:, None])
+            grad_x = g @ merged_weight(weight, A, B, s, row_scale=rescale)
             grad_x = grad_x.view(*ctx.lead, grad_x.shape[-1])
         if need_A:
-            grad_A = (g @ (B * rescale[:, None])).mul_(s).t() @ x2
+            grad_A = (g @ (B * rescale.to(B.dtype)[:, None])).mul_(s).t() @ x2
         if need_B:
-            grad_B = (g.t() @ xa).mul_(rescale[:, None] * s)
+            grad_B = (g.t() @ xa).mul_((rescale * s).to(g.dtype)[:, None])
         if need_m:
             # Σ_t g ⊙ (out - b), summed in fp32, then / m (0 where m == 0, see the docstring).
             acc = torch.promote_types(g.dtype, torch.float32)

@@ -27,10 +27,60 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import triton_merge
 
-def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W0 + s B A``: (d_out, d_in), in the weight's dtype (accumulated in fp32 by the GEMM)."""
-    return torch.addmm(weight, B, A, alpha=scaling)
+
+def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                  row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``W0 + s B A`` (d_out, d_in) in the weight's dtype, times ``row_scale`` (d_out,) per row when
+    given (DoRA). One pass over W0 with the Triton kernel on a GPU, else torch's addmm."""
+    if triton_merge.available(weight):
+        return triton_merge.merged_weight(weight, A, B, scaling, row_scale)
+    merged = torch.addmm(weight, B, A, alpha=scaling)
+    return merged if row_scale is None else merged.mul_(row_scale.to(merged.dtype)[:, None])
+
+
+def lora_forward(x2: torch.Tensor, xl2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 A: torch.Tensor, B: torch.Tensor, scaling: float, merge: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W0ᵀ + b + s (x_d Aᵀ) Bᵀ, x_d Aᵀ) for 2-D x (N, d_in) and x_d; ``merge`` needs x_d is x."""
+    xa = xl2 @ A.t()                                                  # (N, r)
+    if merge and xl2 is x2:
+        return F.linear(x2, merged_weight(weight, A, B, scaling), bias), xa
+    out = F.linear(x2, weight, bias)
+    out.addmm_(xa, B.t(), alpha=scaling)                              # + s (x_d Aᵀ) Bᵀ, in place
+    return out, xa
+
+
+def lora_backward(g: torch.Tensor, xl2: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
+                  B: torch.Tensor, scaling: float, merge: bool, need_x: bool, need_A: bool, need_B: bool,
+                  separate_lora_input: bool = False, grad_x: torch.Tensor | None = None):
+    """Gradients of ``lora_forward`` for output gradient g (N, d_out).
+
+    Returns (∂x, ∂x_d, ∂A, ∂B), each None when not needed. With ``separate_lora_input`` (dropout)
+    the low-rank part of the input gradient is returned as ∂x_d; otherwise it is inside ∂x. When
+    ``grad_x`` is given, ∂x is accumulated into it in place (a sibling layer's input gradient).
+    """
+    s = scaling
+    need_gB = need_A or (need_x and (separate_lora_input or not merge))
+    gB = torch.addmm(g.new_empty(()), g, B, beta=0, alpha=s) if need_gB else None  # s g B: (N, r)
+    grad_xd = grad_A = grad_B = None
+    if need_x:
+        full = merged_weight(weight, A, B, s) if merge and not separate_lora_input else weight
+        if grad_x is None:
+            grad_x = g @ full
+        else:
+            grad_x.addmm_(g, full)
+        if full is weight:
+            if separate_lora_input:
+                grad_xd = gB @ A
+            else:
+                grad_x.addmm_(gB, A)                                  # + s (g B) A, in place
+    if need_A:
+        grad_A = gB.t() @ xl2
+    if need_B:
+        # (s (x_d Aᵀ)ᵀ g)ᵀ: the same (r, N) x (N, d) layout as ∂A, faster than gᵀ (x_d Aᵀ) on CPU BLAS.
+        grad_B = torch.addmm(g.new_empty(()), xa.t(), g, beta=0, alpha=s).t()
+    return grad_x, grad_xd, grad_A, grad_B
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -47,12 +97,7 @@ class LoraLinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xl2 = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
-        xa = xl2 @ A.t()                                              # (N, r)
-        if merge_forward and x_dropped is None:
-            out = F.linear(x2, merged_weight(weight, A, B, scaling), bias)
-        else:
-            out = F.linear(x2, weight, bias)
-            out.addmm_(xa, B.t(), alpha=scaling)                      # + s (x_d Aᵀ) Bᵀ, in place
+        out, xa = lora_forward(x2, xl2, weight, bias, A, B, scaling, merge_forward)
         ctx.save_for_backward(xl2, xa, weight, A, B)
         ctx.scaling, ctx.merge_backward, ctx.lead = scaling, merge_backward, lead
         ctx.separate_lora_input = x_dropped is not None
@@ -61,31 +106,13 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xl2, xa, weight, A, B = ctx.saved_tensors
-        s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])                  # (N, d_out)
         need_x, need_xd, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
-        # s g B: (N, r), scaling folded into the GEMM.
-        gB = torch.addmm(g.new_empty(()), g, B, beta=0, alpha=s) if (need_x or need_xd or need_A) else None
-        grad_x = grad_xd = grad_bias = grad_A = grad_B = None
-        if need_x:
-            if ctx.merge_backward and not ctx.separate_lora_input:
-                grad_x = g @ merged_weight(weight, A, B, s)
-            else:
-                grad_x = g @ weight
-                if not ctx.separate_lora_input:
-                    grad_x.addmm_(gB, A)                              # + s (g B) A, in place
-        if need_xd and ctx.separate_lora_input:
-            grad_xd = gB @ A
-        if need_A:
-            grad_A = gB.t() @ xl2
-        if need_B:
-            # (s (x_d Aᵀ)ᵀ g)ᵀ: the same (r, N) x (N, d) layout as ∂A, faster than gᵀ (x_d Aᵀ) on CPU BLAS.
-            grad_B = torch.addmm(g.new_empty(()), xa.t(), g, beta=0, alpha=s).t()
-        if need_bias:
-            grad_bias = g.sum(0)
+        grad_x, grad_xd, grad_A, grad_B = lora_backward(
+            g, xl2, xa, weight, A, B, ctx.scaling, ctx.merge_backward, need_x or need_xd, need_A, need_B,
+            separate_lora_input=ctx.separate_lora_input)
+        grad_bias = g.sum(0) if need_bias else None
         lead = ctx.lead
-        if grad_x is not None:
-            grad_x = grad_x.view(*lead, grad_x.shape[-1])
-        if grad_xd is not None:
-            grad_xd = grad_xd.view(*lead, grad_xd.shape[-1])
+        grad_x = grad_x.view(*lead, -1) if (grad_x is not None and need_x) else None
+        grad_xd = grad_xd.view(*lead, -1) if grad_xd is not None else None
         return grad_x, grad_xd, None, grad_bias, grad_A, grad_B, None, None, None

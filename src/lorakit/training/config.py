@@ -72,6 +72,8 @@ class TrainConfig:
     dtype: str = "auto"
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    # the fused LoRA/DoRA layers (lorakit/kernels); False runs the plain reference formula
+    fast_path: bool = True
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

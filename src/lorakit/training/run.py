@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..control import set_fast_path
 from ..errors import ConfigError
 from ..inject import add_adapter
 from ..io import save_adapter
@@ -92,6 +93,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_config(cfg, out_dir / "train_config.yaml")
     add_adapter(model, cfg.lora_config())
+    set_fast_path(model, cfg.fast_path)
     log.info("%s", summary(model))
     loop = run_loop(model, tokenizer, cfg, data.train, data.collate, out_dir, eval_examples=data.valid,
                     eval_pairs=data.valid_pairs, progress=progress)

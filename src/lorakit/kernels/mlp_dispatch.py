@@ -1,0 +1,85 @@
+"""Routing gated MLPs (``down(act(gate(x)) * up(x))``) through `GatedMlpFunction`.
+
+lorakit changes layers, not model code, so the fused MLP is attached per module instance: an
+MLP module whose class's ``forward`` is exactly the gated-MLP line that Llama, Mistral, Qwen,
+Gemma and ~130 other transformers models share gets an instance ``forward`` that uses the fused
+function when all three projections can (plain LoRA, one active adapter, no dropout, no autocast,
+not under torch.compile) and the class's own forward otherwise. Recognising the code, not class
+names, means a model whose MLP does anything else (extra dropout, other names) is left alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+import torch
+from torch import nn
+
+from .dispatch import fusable_operands, merge_directions
+from .gated_mlp import GatedMlpFunction, Projection
+
+_EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+_FORMS = (f"defforward(self,x):down_proj={_EXPRESSION}returndown_proj", f"defforward(self,x):return{_EXPRESSION}")
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@functools.lru_cache(maxsize=None)
+def is_gated_mlp_class(cls: type) -> bool:
+    """True when ``cls.forward`` is the plain gated-MLP line (comments and docstring aside)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    source = re.sub(r'"""(?:.|\n)*?"""', "", source)
+    code = "".join(line.split("#")[0] for line in source.splitlines())
+    return "".join(code.split()) in _FORMS
+
+
+def install_fused_mlps(model: nn.Module) -> None:
+    """Give every gated MLP whose three projections are LoRA layers the fused forward."""
+    for module in model.modules():
+        if "forward" in module.__dict__ or not is_gated_mlp_class(type(module)):
+            continue
+        if all(hasattr(getattr(module, p, None), "lora_A") for p in PROJECTIONS) and hasattr(module, "act_fn"):
+            module.forward = FusedOrOriginalForward(module)
+
+
+def remove_fused_mlps(model: nn.Module) -> None:
+    """Undo ``install_fused_mlps`` (the plain model after ``unload``)."""
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), FusedOrOriginalForward):
+            del module.forward
+
+
+class FusedOrOriginalForward:
+    """An MLP's instance ``forward``: the fused function when it applies, else the class's forward.
+
+    A plain object rather than a bound function so that the model still pickles and deep-copies."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        self.mlp = mlp
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = fused_mlp_forward(self.mlp, x)
+        return type(self.mlp).forward(self.mlp, x) if out is None else out
+
+
+def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The MLP through `GatedMlpFunction`, or None when one projection needs its own path."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return None
+    layers = [getattr(mlp, p) for p in PROJECTIONS]
+    operands = [fusable_operands(layer, x, allow_autocast=False) if hasattr(layer, "lora_A") else None
+                for layer in layers]
+    if any(o is None or o[5] is not None or o[6] is not None for o in operands):  # DoRA / dropout: per layer
+        return None
+    tokens = x.numel() // x.shape[-1]
+    plans, tensors = [], []
+    for weight, bias, A, B, scaling, _, _ in operands:
+        if weight.dtype != x.dtype:
+            return None
+        plans.append(Projection(scaling, *merge_directions(tokens, *weight.shape[::-1])))
+        tensors += [weight, bias, A, B]
+    return GatedMlpFunction.apply(x, mlp.act_fn, *tensors, tuple(plans))
