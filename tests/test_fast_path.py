@@ -280,3 +280,13 @@ def test_gated_mlp_detection_is_by_code():
 
     assert is_gated_mlp_class(LlamaMLP) and is_gated_mlp_class(MistralMLP)
     assert not is_gated_mlp_class(GPT2MLP) and not is_gated_mlp_class(nn.Linear)
+
+
+def test_dora_norm_follows_base_weight_changes(strategy):
+    """DoRA's norm follows in-place writes to the base weight."""
+    net = adapted(use_dora=True)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    assert_same(net, x)
+    with torch.no_grad():
+        net.lin.base_layer.weight.mul_(1.5).add_(0.1)
+    assert_same(net, x)
