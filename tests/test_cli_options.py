@@ -50,3 +50,9 @@ def test_bad_config_file(tmp_path):
         TrainConfig.from_sources(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="not found"):
         TrainConfig.from_sources(tmp_path / "missing.yaml")
+
+
+def test_no_fast_path_flag():
+    cfg = TrainConfig.from_sources(None, **train_overrides(parse_train("--data", "d.jsonl", "--no-fast-path")))
+    assert cfg.fast_path is False
+    assert TrainConfig(data="d.jsonl").fast_path is True

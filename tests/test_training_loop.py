@@ -115,3 +115,17 @@ def test_public_loraplus_optimizer():
     model = adapted_model()
     optimizer = lorakit.loraplus_optimizer(model, lr=2e-4)
     assert [g["lr"] for g in optimizer.param_groups] == [2e-4, 16 * 2e-4]
+
+
+def test_fast_and_reference_paths_train_the_same_adapter(tmp_path):
+    """Three optimizer steps (dropout on, grad accumulation) through the trainer on each path."""
+    states = []
+    for fast in (True, False):
+        model = adapted_model()
+        lorakit.set_fast_path(model, fast)
+        cfg = TrainConfig(data="x", lr=1e-2, max_steps=3, batch_size=8, grad_accum=2, device="cpu", seed=0,
+                          fast_path=fast)
+        run_loop(model, None, cfg, examples(), collate, tmp_path / str(fast), progress=False)
+        states.append(trainable_state(model))
+    for name, value in states[1].items():
+        torch.testing.assert_close(states[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
