@@ -15,7 +15,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from train_step import CASES, PRESETS, build_model, prepare
+from train_step import CASES, PRESETS, make_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,22 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
     totals = {}
     for case in args.cases:
-        model = prepare(case, build_model(preset, device)).train()
-        ids = torch.randint(0, preset["model"]["vocab_size"], (preset["batch"], preset["seq"]), device=device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
-        embed = model.get_input_embeddings()
-
-        def step() -> None:
-            if case == "frozen":
-                loss = model(inputs_embeds=embed(ids).detach().requires_grad_(True), labels=ids).loss
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if optimizer:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
+        step, _ = make_step(case, preset, device, total_steps=4, fused=True)  # the benchmark's own step
         for _ in range(3):
             step()
         if device == "cuda":
@@ -54,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             if device == "cuda":
                 torch.cuda.synchronize()
         totals[case] = kernel_times(prof, device)
-        del model, optimizer
+        del step
     first, *others = args.cases
     for case in others:
         diff = {k: totals[case].get(k, (0, 0))[0] - totals[first].get(k, (0, 0))[0] for k in {*totals[case], *totals[first]}}

@@ -290,3 +290,34 @@ def test_dora_norm_follows_base_weight_changes(strategy):
     with torch.no_grad():
         net.lin.base_layer.weight.mul_(1.5).add_(0.1)
     assert_same(net, x)
+
+
+def test_merge_directions_follow_the_traffic_rule():
+    """Forward merges when N > 2 d_in, backward when N > 2 d_out (dispatch.py's docstring)."""
+    assert dispatch.merge_directions(8192, 2048, 8192) == (True, False)   # gate/up of the 1B benchmark
+    assert dispatch.merge_directions(8192, 8192, 2048) == (False, True)   # down
+    assert dispatch.merge_directions(1, 2048, 2048) == (False, False)     # generation never merges
+
+
+def test_fused_mlp_keeps_less_for_backward_than_the_layers_do():
+    """The memory the fused MLP is for: it does not keep h = act(g) * u (nor act(g)) for backward."""
+    model = tiny_llama()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(3, 8, 32, requires_grad=True)
+
+    def saved_bytes(fast):
+        lorakit.set_fast_path(mlp, fast)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            mlp(x)
+        params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+        return sum(n for ptr, n in storages.items() if ptr not in params)
+
+    hidden = 3 * 8 * 64 * 4  # one (N, d_ff) fp32 tensor
+    assert saved_bytes(True) <= saved_bytes(False) - 2 * hidden

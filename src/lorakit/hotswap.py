@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError, AdapterStateError
-from .io.layout import PREFIX, split_factor_key
-from .io.load import read_config, read_weights
+from .io.load import group_factors, read_config, read_weights
 from .state import adapter_configs, lora_layers, merged_adapters, require_adapters
 
 
@@ -62,11 +61,7 @@ def _from_model(model: nn.Module, source: str) -> dict[str, Incoming]:
     result = {}
     for path, layer in lora_layers(model):
         if source in layer.lora_A:
-            if source in layer.lora_E or (hasattr(layer, "vera_projection") and source in layer.vera_projection):
-                raise AdapterStateError(f"adapter {source!r} is an AdaLoRA/VeRA adapter; hot-swap takes LoRA and DoRA")
-            if source in layer.init_factors:
-                raise AdapterStateError(f"adapter {source!r} was initialised with PiSSA/OLoRA (it changed the base "
-                                        "weight); save it and hot-swap the saved directory instead")
+            _require_swappable(layer, source, "save it and hot-swap the saved directory instead")
             A, B, s = layer.live_factors(source)
             magnitude = layer.lora_magnitude_vector[source] if source in layer.lora_magnitude_vector else None
             result[path] = Incoming(A.detach(), B.detach(), s, magnitude)
@@ -79,17 +74,23 @@ def _from_files(directory: Path) -> dict[str, Incoming]:
     config = read_config(directory)
     if config.use_vera or config.adalora:
         raise AdapterFileError(f"{directory} holds a VeRA/AdaLoRA adapter; hot-swap takes LoRA and DoRA adapters")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in read_weights(directory).items():
-        split = split_factor_key(key[len(PREFIX):] if key.startswith(PREFIX) else key)
-        if split is not None:
-            parts.setdefault(split[0], {})[split[1]] = value
+    parts, _ = group_factors(read_weights(directory))
     result = {}
     for path, found in parts.items():
         if "lora_A" not in found or "lora_B" not in found:
             raise AdapterFileError(f"{directory}: module {path!r} lacks lora_A or lora_B; the adapter is incomplete")
         result[path] = Incoming(found["lora_A"], found["lora_B"], config.scaling_for(path), found.get("magnitude"))
     return result
+
+
+def _require_swappable(layer: nn.Module, name: str, advice: str) -> None:
+    """Hot-swap moves plain LoRA and DoRA factors; AdaLoRA's E, VeRA's projection and a PiSSA/OLoRA
+    init (which changed the base weight) do not carry over."""
+    if name in layer.lora_E or name in getattr(layer, "vera_projection", {}):
+        raise AdapterStateError(f"adapter {name!r} is an AdaLoRA/VeRA adapter; hot-swap takes LoRA and DoRA")
+    if name in layer.init_factors:
+        raise AdapterStateError(f"adapter {name!r} was initialised with PiSSA/OLoRA (it changed the base weight); "
+                                f"{advice}")
 
 
 def _check(name: str, slots: dict[str, nn.Module], incoming: dict[str, Incoming]) -> None:
@@ -100,11 +101,7 @@ def _check(name: str, slots: dict[str, nn.Module], incoming: dict[str, Incoming]
             "existing slots (add the adapter with a config covering these modules instead)"
         )
     for path, layer in slots.items():
-        if name in layer.lora_E or (hasattr(layer, "vera_projection") and name in layer.vera_projection):
-            raise AdapterStateError(f"adapter {name!r} is an AdaLoRA/VeRA adapter; hot-swap fills LoRA and DoRA slots")
-        if name in layer.init_factors:
-            raise AdapterStateError(f"adapter {name!r} was initialised with PiSSA/OLoRA and changed the base weight; "
-                                    "it cannot serve as a hot-swap slot")
+        _require_swappable(layer, name, "it cannot serve as a hot-swap slot")
         new = incoming.get(path)
         slot_is_dora = name in layer.lora_magnitude_vector
         if new is None:

@@ -54,8 +54,9 @@ def _strip_prefix(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
 
 
-def _fit_factors(model: nn.Module, planned: InjectionPlan, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Put the file's A and B into the plan (checking shapes); return the keys left over."""
+def group_factors(weights: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A file's tensors as ({module path: {"lora_A"/"lora_B"/"magnitude": tensor}}, {other key: tensor}),
+    keys without PEFT's ``base_model.model.`` prefix."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
@@ -65,6 +66,12 @@ def _fit_factors(model: nn.Module, planned: InjectionPlan, weights: dict[str, to
         else:
             path, factor = split
             factors.setdefault(path, {})[factor] = value
+    return factors, rest
+
+
+def _fit_factors(model: nn.Module, planned: InjectionPlan, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put the file's A and B into the plan (checking shapes); return the keys left over."""
+    factors, rest = group_factors(weights)
     planned_paths = {p.path for p in planned.layers}
     unexpected = sorted(set(factors) - planned_paths)
     if unexpected:

@@ -54,20 +54,31 @@ def fusable_operands(layer, x: torch.Tensor, allow_autocast: bool):
     """(weight, bias, A, B, scaling, magnitude or None, active dropout or None) when ``layer``'s
     call on ``x`` is covered by the fused functions (see the module docstring), else None.
     A and B come back in x's dtype."""
-    if not getattr(layer, "fast_path", False) or layer.disabled or layer.row_adapters is not None:
+    # Runs on every call of every layer, so it reads the module's dicts directly: nn.Module's
+    # attribute lookup (and LoraLayer's fallback to the base layer) cost more host time than the
+    # rank-r GEMMs it guards (bench: 325 -> 202 µs per layer forward+backward on the 2-core CPU).
+    state = layer.__dict__
+    if not state.get("fast_path") or state["disabled"] or state["row_adapters"] is not None:
         return None
-    base = layer.base_layer
-    if type(base) is not nn.Linear or base.weight.requires_grad:
+    modules = state["_modules"]
+    base = modules["base_layer"]
+    if type(base) is not nn.Linear:
         return None
-    names = [n for n in layer.active_adapters if n in layer.lora_A and n not in layer.merged_adapters]
-    if len(names) != 1 or names[0] in layer.vera_projection:
+    weight, bias = base._parameters["weight"], base._parameters["bias"]
+    active = state["active_adapters"]
+    if weight.requires_grad or len(active) != 1 or state["merged_adapters"]:
         return None
-    name = names[0]
-    A, B, scaling = layer.live_factors(name)
-    weight, bias = base.weight, base.bias
-    magnitude = layer.lora_magnitude_vector[name] if name in layer.lora_magnitude_vector else None
-    dropout = layer.lora_dropout[name]
-    dropout = dropout if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0 else None
+    name = active[0]
+    if name not in modules["lora_A"]._parameters or name in modules["vera_projection"]._modules:
+        return None
+    if name in modules["lora_E"]._parameters or name in state["nested_rank"]:
+        A, B, scaling = layer.live_factors(name)  # AdaLoRA / DyLoRA: derived factors
+    else:
+        A, B = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
+        scaling = state["scaling"][name]
+    magnitude = modules["lora_magnitude_vector"]._parameters.get(name)
+    dropout = modules["lora_dropout"]._modules[name]
+    dropout = dropout if type(dropout) is nn.Dropout and dropout.training and dropout.p > 0 else None
     if magnitude is not None and dropout is not None:
         return None
     if torch.is_autocast_enabled(x.device.type):

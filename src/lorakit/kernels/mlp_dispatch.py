@@ -70,16 +70,13 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The MLP through `GatedMlpFunction`, or None when one projection needs its own path."""
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return None
-    layers = [getattr(mlp, p) for p in PROJECTIONS]
-    operands = [fusable_operands(layer, x, allow_autocast=False) if hasattr(layer, "lora_A") else None
-                for layer in layers]
+    # fusable_operands is None for a projection that is not (or no longer) a fusable LoRA layer.
+    operands = [fusable_operands(getattr(mlp, p), x, allow_autocast=False) for p in PROJECTIONS]
     if any(o is None or o[5] is not None or o[6] is not None for o in operands):  # DoRA / dropout: per layer
         return None
     tokens = x.numel() // x.shape[-1]
     plans, tensors = [], []
     for weight, bias, A, B, scaling, _, _ in operands:
-        if weight.dtype != x.dtype:
-            return None
         plans.append(Projection(scaling, *merge_directions(tokens, *weight.shape[::-1])))
         tensors += [weight, bias, A, B]
     return GatedMlpFunction.apply(x, mlp.act_fn, *tensors, tuple(plans))
