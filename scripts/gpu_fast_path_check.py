@@ -57,8 +57,9 @@ def compare(dtype, dora):
 
 
 def kernel_check():
-    """The Triton merged-weight kernels in bf16 against the float64 formula (Llama-1B shapes)."""
-    from lorakit.kernels import triton_merge
+    """The Triton kernels (merged weight, DoRA's ∂m column sums) in bf16 against the float64
+    formula (Llama-1B shapes)."""
+    from lorakit.kernels import triton_colsum, triton_merge
 
     assert triton_merge.triton is not None, "Triton is not installed here"
     gen = torch.Generator("cuda").manual_seed(0)
@@ -76,13 +77,21 @@ def kernel_check():
                   ((scaled.double() - want_c[:, None] * exact).abs().max() / (want_c[:, None] * exact).abs().max()).item()]
         print(f"triton merge {d_out}x{d_in} bf16: relative errors merged/norm/dora {errors[0]:.1e} {errors[1]:.1e} {errors[2]:.1e}")
         assert max(errors) < 1e-2
+        g, out = (torch.randn(4096, d_out, device="cuda", generator=gen).bfloat16() for _ in range(2))
+        bias = torch.randn(d_out, device="cuda", generator=gen).bfloat16()
+        want = (g.double() * (out.double() - bias.double())).sum(0)
+        scale = (g.double().abs() * (out.double() - bias.double()).abs()).sum(0).max()
+        error = ((triton_colsum.column_dot(g, out, bias).double() - want).abs().max() / scale).item()
+        print(f"triton column dot 4096x{d_out} bf16: relative error {error:.1e}")
+        assert error < 1e-5
 
 
-def compile_check():
+def compile_check(dora: bool):
+    """A compiled LoRA (or DoRA: its Triton build kernel inside the graph) model against eager."""
     import torch._dynamo
 
     model = small_llama(torch.bfloat16)
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear", use_dora=dora))
     randomize(model)
     model.train()
     ids = torch.randint(0, 1000, (2, 256), device="cuda")
@@ -93,7 +102,7 @@ def compile_check():
     loss.backward()
     worst = max(((p.grad.float() - eager[n]).norm() / eager[n].norm()).item()
                 for n, p in model.named_parameters() if p.requires_grad)
-    print(f"torch.compile (inductor, bf16): loss {loss.item():.6f} vs eager {eager_loss:.6f}, "
+    print(f"torch.compile (inductor, bf16, dora={dora}): loss {loss.item():.6f} vs eager {eager_loss:.6f}, "
           f"worst relative grad difference {worst:.2e}")
     assert abs(loss.item() - eager_loss) < 3e-2 * abs(eager_loss) and worst < 5e-2
 
@@ -103,5 +112,6 @@ if __name__ == "__main__":
     for dtype in (torch.float32, torch.bfloat16):
         for dora in (False, True):
             compare(dtype, dora)
-    compile_check()
+    for dora in (False, True):
+        compile_check(dora)
     print("ok")

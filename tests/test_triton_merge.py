@@ -53,4 +53,5 @@ def test_cpu_tensors_never_take_the_kernel():
 
     from lorakit.kernels import triton_merge
 
-    assert not triton_merge.available(torch.zeros(2, 2))
+    assert not triton_merge.available(torch.zeros(2, 2), dora=True)
+    assert not triton_merge.available(torch.zeros(2, 2), dora=False)

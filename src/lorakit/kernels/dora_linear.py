@@ -21,6 +21,10 @@ undefined where m is exactly 0 (the unit's output is 0 whatever x is); there ∂
 Magnitudes start at ||W0|| and an optimizer does not land on an exact float zero, so this is a
 documented edge, not a practical one. Only used without dropout (with dropout DoRA mixes W0 x and
 the dropped input, and the reference path handles it).
+
+On a GPU the builds of c ⊙ W (with the norm in the forward) are Triton kernels (one pass over W0,
+``triton_merge.py``) and so are ∂m's column sums (one pass over g and out, ``triton_colsum.py``);
+elsewhere torch computes the same expressions.
 """
 
 from __future__ import annotations
@@ -28,19 +32,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_merge
+from . import triton_colsum, triton_merge
 from .lora_linear import merged_weight
 
 
 def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                 magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c ⊙ (W0 + s B A), c) with c = m / ||W0 + s B A|| per row; c and the norm in fp32 (or wider)."""
-    if triton_merge.available(weight):
+    """(c ⊙ (W0 + s B A), c) with c = m / ||W0 + s B A|| per row, the norm computed in fp32 (or
+    wider); c comes back in the precision it was applied in (the weight's dtype with torch, fp32
+    with the Triton kernel)."""
+    if triton_merge.available(weight, dora=True):
         return triton_merge.dora_weight(weight, A, B, scaling, magnitude)
     combined = merged_weight(weight, A, B, scaling)
     acc = torch.promote_types(combined.dtype, torch.float32)
-    rescale = magnitude.to(acc) / torch.linalg.vector_norm(combined, dim=1, dtype=acc)
-    return combined.mul_(rescale.to(combined.dtype)[:, None]), rescale
+    rescale = (magnitude / torch.linalg.vector_norm(combined, dim=1, dtype=acc)).to(combined.dtype)
+    return combined.mul_(rescale[:, None]), rescale
+
+
+def magnitude_grad(g: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
+                   magnitude: torch.Tensor) -> torch.Tensor:
+    """∂m = Σ_t g ⊙ (out − b) / m for g, out (N, d_out); 0 where m == 0 (see the module docstring).
+
+    The column sums run in fp32: one pass over g and out with the Triton kernel on a GPU,
+    torch's product-then-sum elsewhere."""
+    if triton_colsum.available(g):
+        total = triton_colsum.column_dot(g, out, bias)
+    else:
+        acc = torch.promote_types(g.dtype, torch.float32)
+        total = (g * out).sum(0, dtype=acc)
+        if bias is not None:
+            total -= bias.to(acc) * g.sum(0, dtype=acc)
+    return torch.where(magnitude != 0, total / magnitude, 0.0).to(magnitude.dtype)
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -72,18 +94,13 @@ class DoraLinearFunction(torch.autograd.Function):
             # Rebuild c ⊙ W from the saved c: the same matrix the forward used, without a new norm.
             grad_x = g @ merged_weight(weight, A, B, s, row_scale=rescale)
             grad_x = grad_x.view(*ctx.lead, grad_x.shape[-1])
+        c = rescale if rescale.dtype == g.dtype else rescale.to(g.dtype)  # for the rank-r products
         if need_A:
-            grad_A = (g @ (B * rescale.to(B.dtype)[:, None])).mul_(s).t() @ x2
+            grad_A = torch.addmm(g.new_empty(()), g, B * c[:, None], beta=0, alpha=s).t() @ x2
         if need_B:
-            grad_B = (g.t() @ xa).mul_((rescale * s).to(g.dtype)[:, None])
+            grad_B = (g.t() @ xa).mul_(c[:, None]).mul_(s)
         if need_m:
-            # Σ_t g ⊙ (out - b), summed in fp32, then / m (0 where m == 0, see the docstring).
-            acc = torch.promote_types(g.dtype, torch.float32)
-            total = (g * out).sum(0, dtype=acc)
-            if bias is not None:
-                total -= bias.to(acc) * g.sum(0, dtype=acc)
-            m = magnitude.to(acc)
-            grad_m = torch.where(m != 0, total / m, torch.zeros_like(total)).to(magnitude.dtype)
+            grad_m = magnitude_grad(g, out, bias, magnitude)
         if need_bias:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None

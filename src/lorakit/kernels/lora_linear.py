@@ -33,8 +33,9 @@ from . import triton_merge
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                   row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``W0 + s B A`` (d_out, d_in) in the weight's dtype, times ``row_scale`` (d_out,) per row when
-    given (DoRA). One pass over W0 with the Triton kernel on a GPU, else torch's addmm."""
-    if triton_merge.available(weight):
+    given (DoRA). One pass over W0 with the Triton kernel where ``triton_merge.available`` says
+    so (on a GPU: DoRA's row-scaled build by default), else torch's addmm."""
+    if triton_merge.available(weight, dora=row_scale is not None):
         return triton_merge.merged_weight(weight, A, B, scaling, row_scale)
     merged = torch.addmm(weight, B, A, alpha=scaling)
     return merged if row_scale is None else merged.mul_(row_scale.to(merged.dtype)[:, None])

@@ -9,13 +9,14 @@ for its norm. These kernels read W0 once and write W once (DoRA with the norm: W
 as the norm of a row must be known before the row is written). The rank-r product is a
 ``tl.dot`` per tile, accumulated in fp32 (``ieee`` precision for fp32 inputs: no TF32).
 
-Off by default (``ENABLED``): on the H200 benchmark (docs/benchmarks.md) the kernels cut the
-step's GPU time (DoRA: 150 -> 143 ms of kernel time) but Triton's per-launch host cost made the
-step host-bound and slower in wall time (DoRA 157 -> 175 ms, LoRA 141 -> 155 ms). Set ``ENABLED =
-True`` (or LORAKIT_TRITON_MERGE=1) to use them, e.g. where launches are amortised (CUDA graphs).
-When enabled they serve ``lora_linear.merged_weight`` and ``dora_linear.dora_weight`` for CUDA
-tensors; everything else takes the torch expression, which computes the same values. The CPU
-tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``).
+Used by default for DoRA's builds only (``MODE = "dora"``): there one kernel replaces a copy, a
+GEMM, a norm and a row scaling whose broadcast multiply torch runs unvectorised, which saves 3-6
+ms of the H200 DoRA step (docs/benchmarks.md). For plain LoRA's merged weight (a copy and one
+GEMM in torch) it saved no wall time (143 vs 154 ms): each Triton launch costs more host time
+than an aten launch. ``LORAKIT_TRITON_MERGE=1`` uses the kernels for every merged build, ``=0``
+for none. Everything else (CPU tensors, no Triton, other dtypes) takes the torch expression, which
+computes the same values. The CPU tests run the kernels in Triton's interpreter
+(``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ except ImportError:  # the CPU build of torch comes without Triton
     triton = None
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ENABLED = os.environ.get("LORAKIT_TRITON_MERGE") == "1"
+# "dora": DoRA's builds only (the default); "1": every merged build; "0": none. See the docstring.
+MODE = {"0": "0", "1": "1"}.get(os.environ.get("LORAKIT_TRITON_MERGE", ""), "dora")
 
 
-def available(weight: torch.Tensor) -> bool:
-    """True when the kernels are enabled and can build the merged weight for ``weight``."""
-    return ENABLED and triton is not None and weight.is_cuda and weight.dtype in KERNEL_DTYPES
+def available(weight: torch.Tensor, dora: bool) -> bool:
+    """True when the kernels should build the merged weight for ``weight``: a GPU tensor of a
+    kernel dtype, Triton importable, and ``MODE`` covering this build (``dora``: a DoRA build)."""
+    wanted = MODE == "1" or (MODE == "dora" and dora)
+    return wanted and triton is not None and weight.is_cuda and weight.dtype in KERNEL_DTYPES
 
 
 def _padded_rank(r: int) -> int:
@@ -50,13 +54,14 @@ if triton is not None:
                      BN: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        # (.to(fp32) after s *: under torch.compile s arrives as a float64 scalar; sums stay fp32.)
         ks = tl.arange(0, RP)
         rmask, cmask, kmask = rows < d_out, cols < d_in, ks < R
         b = tl.load(B + rows[:, None] * R + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         a = tl.load(A + ks[:, None] * d_in + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         mask = rmask[:, None] & cmask[None, :]
         w = tl.load(W + rows[:, None] * d_in + cols[None, :], mask=mask, other=0.0)
-        v = w.to(tl.float32) + s * tl.dot(b, a, input_precision=PRECISION)
+        v = w.to(tl.float32) + (s * tl.dot(b, a, input_precision=PRECISION)).to(tl.float32)
         if HAS_SCALE:
             v = v * tl.load(SCALE + rows, mask=rmask, other=0.0)[:, None]
         tl.store(OUT + rows[:, None] * d_in + cols[None, :], v.to(OUT.dtype.element_ty), mask=mask)
@@ -74,7 +79,7 @@ if triton is not None:
             cmask = cols < d_in
             a = tl.load(A + ks[:, None] * d_in + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
             w = tl.load(W + rows[:, None] * d_in + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-            v = w.to(tl.float32) + s * tl.dot(b, a, input_precision=PRECISION)
+            v = w.to(tl.float32) + (s * tl.dot(b, a, input_precision=PRECISION)).to(tl.float32)
             total += tl.sum(v * v, axis=1)
         scale = tl.load(MAG + rows, mask=rmask, other=1.0).to(tl.float32) / tl.sqrt(total)
         tl.store(SCALE + rows, scale, mask=rmask)
@@ -84,7 +89,7 @@ if triton is not None:
             mask = rmask[:, None] & cmask[None, :]
             a = tl.load(A + ks[:, None] * d_in + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
             w = tl.load(W + rows[:, None] * d_in + cols[None, :], mask=mask, other=0.0)
-            v = (w.to(tl.float32) + s * tl.dot(b, a, input_precision=PRECISION)) * scale[:, None]
+            v = (w.to(tl.float32) + (s * tl.dot(b, a, input_precision=PRECISION)).to(tl.float32)) * scale[:, None]
             tl.store(OUT + rows[:, None] * d_in + cols[None, :], v.to(OUT.dtype.element_ty), mask=mask)
 
 

@@ -1,0 +1,131 @@
+"""A/B of lorakit's kernel choices in one process, with each step's host time beside its wall time.
+
+    PYTHONPATH=src python bench/kernel_ab.py frozen,lora,dora,dora-no-triton [--preset llama-1b]
+
+Runs ``train_step.py``'s step for each variant, one after the other, and prints the median wall
+time, the ratio to the first variant and the median host time: how long Python took to queue
+the step's work (``step()`` returning, before the GPU sync). When host time is close to wall time
+the step is host-bound and fewer launches matter more than faster kernels; the same code has
+measured host-bound on one lent H200 and GPU-bound on another (docs/benchmarks.md).
+A variant is a train_step case plus module attributes set for its run (restored after).
+``--interleave`` builds every variant first and runs one step of each in turn, which is what
+makes differences of a few ms readable (order and drift effects reach 20 ms otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+
+import torch
+
+from lorakit.kernels import dispatch, triton_colsum, triton_merge
+from train_step import PRESETS, make_step
+
+VARIANTS = {
+    "frozen": ("frozen", []),
+    "lora": ("lorakit-lora", []),
+    "lora-triton-merge": ("lorakit-lora", [(triton_merge, "MODE", "1")]),
+    "lora-never-merge": ("lorakit-lora", [(dispatch, "MERGE_RATIO", float("inf"))]),
+    "lora-reference": ("lorakit-lora-reference", []),
+    "dora": ("lorakit-dora", []),
+    "dora-no-triton": ("lorakit-dora", [(triton_merge, "MODE", "0"), (triton_colsum, "ENABLED", False)]),
+    "dora-torch-dm": ("lorakit-dora", [(triton_colsum, "ENABLED", False)]),
+    "dora-torch-builds": ("lorakit-dora", [(triton_merge, "MODE", "0")]),
+    "dora-reference": ("lorakit-dora-reference", []),
+}
+
+
+class patched:
+    """Context manager: set module attributes for a variant, restore them on exit."""
+
+    def __init__(self, patches):
+        self.patches = patches
+
+    def __enter__(self):
+        self.saved = [(obj, name, getattr(obj, name)) for obj, name, _ in self.patches]
+        for obj, name, value in self.patches:
+            setattr(obj, name, value)
+
+    def __exit__(self, *exc):
+        for obj, name, value in self.saved:
+            setattr(obj, name, value)
+
+
+def timed(step, device: str) -> tuple[float, float]:
+    """(wall s, host s) of one step: host is the time until ``step()`` returns, before the sync."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    step()
+    queued = time.perf_counter()
+    sync()
+    return time.perf_counter() - start, queued - start
+
+
+def measure(case: str, patches, preset: dict, device: str, warmup: int, steps: int) -> tuple[float, float, float]:
+    """(median wall s, median host s, peak GiB or nan) of ``case`` with ``patches`` applied."""
+    with patched(patches):
+        step, _ = make_step(case, preset, device, warmup + steps, fused=True)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        samples = [timed(step, device) for _ in range(warmup + steps)][warmup:]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    del step
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(w for w, _ in samples), statistics.median(h for _, h in samples), peak
+
+
+def measure_interleaved(names: list[str], preset: dict, device: str, warmup: int, steps: int):
+    """All variants' models at once, one step of each in turn (patches around each step), so a
+    drift of the machine hits every variant alike. Rows of (median wall s, median host s, nan)."""
+    steps_of = []
+    for name in names:
+        case, patches = VARIANTS[name]
+        with patched(patches):
+            steps_of.append(make_step(case, preset, device, warmup + steps, fused=True)[0])
+    samples = [[] for _ in names]
+    for i in range(warmup + steps):
+        for name, step, record in zip(names, steps_of, samples):
+            with patched(VARIANTS[name][1]):
+                sample = timed(step, device)
+            if i >= warmup:
+                record.append(sample)
+    return [(statistics.median(w for w, _ in r), statistics.median(h for _, h in r), float("nan")) for r in samples]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variants", help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--preset", choices=PRESETS, default=None)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--interleave", action="store_true",
+                        help="build every variant first, then run one step of each in turn (no peak memory)")
+    args = parser.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    preset = PRESETS[args.preset or ("llama-1b" if device == "cuda" else "smollm2-135m")]
+    if args.interleave:
+        results = measure_interleaved(names, preset, device, args.warmup, args.steps)
+    else:
+        results = [measure(*VARIANTS[name], preset, device, args.warmup, args.steps) for name in names]
+    rows = [(name, *result) for name, result in zip(names, results)]
+    first = rows[0][1]
+    print("| variant | wall | × first | host | peak memory |\n|---|---|---|---|---|")
+    for name, wall, host, peak in rows:
+        memory = "—" if peak != peak else f"{peak:.1f} GiB"  # nan: not measured (interleaved, CPU)
+        print(f"| {name} | {wall * 1e3:.1f} ms | {wall / first:.3f} | {host * 1e3:.1f} ms | {memory} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
