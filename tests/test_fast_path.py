@@ -271,6 +271,30 @@ def test_gated_mlp_is_fused_and_matches_reference(strategy, monkeypatch):
     assert "forward" not in mlp.__dict__
 
 
+def test_gated_mlp_is_fused_under_autocast(monkeypatch):
+    """fp32 weights under bf16 autocast (mixed-precision training): one fused call in bf16, the
+    reference path's values and gradients within bf16 rounding, fp32 gradients for fp32 A and B."""
+    from lorakit.kernels.gated_mlp import GatedMlpFunction
+
+    model = tiny_llama()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model, 0.1)
+    model.train()
+    mlp = model.model.layers[0].mlp
+    applied = []
+    original = GatedMlpFunction.apply
+    monkeypatch.setattr(GatedMlpFunction, "apply", lambda *a: applied.append(a[0].dtype) or original(*a))
+    x = torch.randn(2, 7, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_out, fast_grads = run(mlp, x, True)
+        ref_out, ref_grads = run(mlp, x, False)
+    assert applied == [torch.bfloat16] and fast_out.dtype == ref_out.dtype == torch.bfloat16
+    torch.testing.assert_close(fast_out, ref_out, rtol=2e-2, atol=2e-2)
+    for key in ref_grads:
+        assert fast_grads[key].dtype == ref_grads[key].dtype == torch.float32
+        torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=5e-2, atol=5e-2, msg=key)
+
+
 def test_gated_mlp_detection_is_by_code():
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
     from transformers.models.llama.modeling_llama import LlamaMLP

@@ -36,21 +36,27 @@ def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:
 
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     """``layer(x)`` through a fused function, or None when the reference path must run."""
-    operands = fusable_operands(layer, x, allow_autocast=True)
+    operands = fusable_operands(layer, x)
     if operands is None:
         return None
     weight, bias, A, B, scaling, magnitude, dropout = operands
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, A, B = (t.to(dtype) for t in (x, weight, A, B))
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias, A, B = in_autocast_dtype(x, weight, bias, A, B)
         with torch.autocast(device_type, enabled=False):
             return _apply(x, weight, bias, A, B, scaling, magnitude, dropout)
     return _apply(x, weight, bias, A, B, scaling, magnitude, dropout)
 
 
-def fusable_operands(layer, x: torch.Tensor, allow_autocast: bool):
+def in_autocast_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors cast to the active autocast dtype (None stays None): what autocast would do to
+    a linear layer's operands, done once so the fused function can run with autocast off.
+    The casts are autograd ops, so fp32 parameters get fp32 gradients."""
+    dtype = torch.get_autocast_dtype(next(t for t in tensors if t is not None).device.type)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def fusable_operands(layer, x: torch.Tensor):
     """(weight, bias, A, B, scaling, magnitude or None, active dropout or None) when ``layer``'s
     call on ``x`` is covered by the fused functions (see the module docstring), else None.
     A and B come back in x's dtype."""
@@ -82,7 +88,7 @@ def fusable_operands(layer, x: torch.Tensor, allow_autocast: bool):
     if magnitude is not None and dropout is not None:
         return None
     if torch.is_autocast_enabled(x.device.type):
-        return (weight, bias, A, B, scaling, magnitude, dropout) if allow_autocast else None
+        return weight, bias, A, B, scaling, magnitude, dropout  # the caller casts (in_autocast_dtype)
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or A.dtype != B.dtype:
         return None
     if A.dtype != x.dtype:

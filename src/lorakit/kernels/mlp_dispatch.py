@@ -3,9 +3,10 @@
 lorakit changes layers, not model code, so the fused MLP is attached per module instance: an
 MLP module whose class's ``forward`` is exactly the gated-MLP line that Llama, Mistral, Qwen,
 Gemma and ~130 other transformers models share gets an instance ``forward`` that uses the fused
-function when all three projections can (plain LoRA, one active adapter, no dropout, no autocast,
-not under torch.compile) and the class's own forward otherwise. Recognising the code, not class
-names, means a model whose MLP does anything else (extra dropout, other names) is left alone.
+function when all three projections can (plain LoRA, one active adapter, no dropout, not under
+torch.compile; under autocast in autocast's dtype) and the class's own forward otherwise.
+Recognising the code, not class names, means a model whose MLP does anything else (extra
+dropout, other names) is left alone.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import torch
 from torch import nn
 
-from .dispatch import fusable_operands, merge_directions
+from .dispatch import fusable_operands, in_autocast_dtype, merge_directions
 from .gated_mlp import GatedMlpFunction, Projection
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
@@ -68,10 +69,10 @@ class FusedOrOriginalForward:
 
 def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The MLP through `GatedMlpFunction`, or None when one projection needs its own path."""
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+    if torch.compiler.is_compiling():
         return None
     # fusable_operands is None for a projection that is not (or no longer) a fusable LoRA layer.
-    operands = [fusable_operands(getattr(mlp, p), x, allow_autocast=False) for p in PROJECTIONS]
+    operands = [fusable_operands(getattr(mlp, p), x) for p in PROJECTIONS]
     if any(o is None or o[5] is not None or o[6] is not None for o in operands):  # DoRA / dropout: per layer
         return None
     tokens = x.numel() // x.shape[-1]
@@ -79,4 +80,11 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     for weight, bias, A, B, scaling, _, _ in operands:
         plans.append(Projection(scaling, *merge_directions(tokens, *weight.shape[::-1])))
         tensors += [weight, bias, A, B]
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As autocast runs these layers: the three GEMMs in its dtype, and so the activation and
+        # the product between them (neither is on autocast's fp32 list).
+        x, *tensors = in_autocast_dtype(x, *tensors)
+        with torch.autocast(device_type, enabled=False):
+            return GatedMlpFunction.apply(x, mlp.act_fn, *tensors, tuple(plans))
     return GatedMlpFunction.apply(x, mlp.act_fn, *tensors, tuple(plans))
