@@ -56,3 +56,22 @@ def test_no_fast_path_flag():
     cfg = TrainConfig.from_sources(None, **train_overrides(parse_train("--data", "d.jsonl", "--no-fast-path")))
     assert cfg.fast_path is False
     assert TrainConfig(data="d.jsonl").fast_path is True
+
+
+def test_float_fields_with_int_defaults_take_fractions():
+    """alpha defaults to 32 (an int) but is a float: --alpha 0.5 must parse."""
+    cfg = TrainConfig.from_sources(None, **train_overrides(parse_train("--data", "d.jsonl", "--alpha", "0.5")))
+    assert cfg.alpha == 0.5
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    """PyYAML reads `2e-4` as a string; the config must still take it as the learning rate."""
+    (tmp_path / "run.yaml").write_text("data: a.jsonl\nlr: 2e-4\nweight_decay: 1e-2\n")
+    cfg = TrainConfig.from_sources(tmp_path / "run.yaml")
+    assert cfg.lr == 2e-4 and cfg.weight_decay == 1e-2
+
+
+@pytest.mark.parametrize("values", [{"weight_decay": -1.0}, {"max_grad_norm": -1.0}, {"valid_ratio": "x"}])
+def test_bad_numbers_are_reported_by_name(values):
+    with pytest.raises(ConfigError, match=f"{next(iter(values))} must be a number >= 0"):
+        TrainConfig(data="d.jsonl", **values)

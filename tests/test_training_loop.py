@@ -2,12 +2,15 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import lorakit
-from lorakit import LoraConfig
+from lorakit import ConfigError, LoraConfig
+from lorakit.training import run as run_module
+from lorakit.training.checkpoint import STATE_FILE, latest_checkpoint
 from lorakit.training.config import TrainConfig
 from lorakit.training.loop import epoch_batches, run_loop
 from lorakit.training.optim import lr_multiplier, parameter_groups
@@ -93,18 +96,23 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
-    model = adapted_model()
+def interrupt_at_forward(model, monkeypatch, n):
+    """Make the model's ``n``-th forward call raise KeyboardInterrupt (as Ctrl-C would)."""
     calls = {"n": 0}
     original = model.forward
 
-    def interrupting_forward(*args, **kwargs):
+    def forward(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:  # during step 3 (2 micro-batches per step)
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", interrupting_forward)
+    monkeypatch.setattr(model, "forward", forward)
+
+
+def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+    model = adapted_model()
+    interrupt_at_forward(model, monkeypatch, 4)  # during step 2 (2 micro-batches per step)
     cfg = TrainConfig(data="x", lr=1e-2, max_steps=6, batch_size=4, grad_accum=2, device="cpu")
     result = run_loop(model, None, cfg, examples(), collate, tmp_path, progress=False)
     assert result.interrupted and result.steps == 1
@@ -129,3 +137,94 @@ def test_fast_and_reference_paths_train_the_same_adapter(tmp_path):
         states.append(trainable_state(model))
     for name, value in states[1].items():
         torch.testing.assert_close(states[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_ctrl_c_mid_step_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """Ctrl-C after the first of a step's two micro-batches: the resumed run redoes that whole step
+    (same batches, same dropout masks) instead of skipping the micro-batch already drawn."""
+    cfg = dict(data="x", lr=1e-2, max_steps=4, batch_size=4, grad_accum=2, device="cpu", seed=3)
+    straight = adapted_model()
+    run_loop(straight, None, TrainConfig(**cfg), examples(), collate, tmp_path / "a", progress=False)
+
+    first = adapted_model()
+    interrupt_at_forward(first, monkeypatch, 5)  # step 3, first micro-batch
+    assert run_loop(first, None, TrainConfig(**cfg), examples(), collate, tmp_path / "b", progress=False).steps == 2
+    torch.manual_seed(999)
+    resumed = adapted_model()
+    run_loop(resumed, None, TrainConfig(**cfg, resume=True), examples(), collate, tmp_path / "b", progress=False)
+    for name, value in trainable_state(straight).items():
+        assert torch.equal(trainable_state(resumed)[name], value), name
+
+
+def test_latest_checkpoint_skips_a_cut_off_save(tmp_path):
+    for name in ("step-0000002", "step-0000010", "step-0000011.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_FILE).write_bytes(b"truncated")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-0000010"  # by number, not the unfinished .tmp
+    assert latest_checkpoint(tmp_path / "none") is None
+
+
+def test_a_fresh_run_drops_an_earlier_runs_checkpoints(tmp_path):
+    """Otherwise a later --resume in the same directory would continue the earlier run."""
+    cfg = dict(data="x", lr=1e-2, batch_size=4, device="cpu", save_every=2)
+    run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=4), examples(), collate, tmp_path, progress=False)
+    run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=2), examples(), collate, tmp_path, progress=False)
+    assert latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step-0000002"
+
+
+def test_resume_without_a_checkpoint_is_the_seeded_run(tmp_path):
+    cfg = dict(data="x", lr=1e-2, max_steps=2, batch_size=4, device="cpu", seed=5)
+    fresh, resumed = adapted_model(), adapted_model()
+    run_loop(fresh, None, TrainConfig(**cfg), examples(), collate, tmp_path / "a", progress=False)
+    torch.manual_seed(999)
+    run_loop(resumed, None, TrainConfig(**cfg, resume=True), examples(), collate, tmp_path / "b", progress=False)
+    for name, value in trainable_state(fresh).items():
+        assert torch.equal(trainable_state(resumed)[name], value), name
+
+
+def test_resume_with_other_lora_options_is_refused_before_any_change(tmp_path):
+    cfg = dict(data="x", lr=1e-2, max_steps=2, batch_size=4, device="cpu", save_every=2)
+    run_loop(adapted_model(), None, TrainConfig(**cfg), examples(), collate, tmp_path, progress=False)
+    other = tiny_llama()
+    lorakit.add_adapter(other, LoraConfig(r=2, alpha=8, target_modules="all-linear", seed=0))
+    before = trainable_state(other)
+    with pytest.raises(ConfigError, match="other shape.*train without --resume"):
+        run_loop(other, None, TrainConfig(**cfg, resume=True), examples(), collate, tmp_path, progress=False)
+    for name, value in before.items():
+        assert torch.equal(trainable_state(other)[name], value), name
+
+
+def test_logged_lr_is_the_one_the_step_used(tmp_path):
+    cfg = TrainConfig(data="x", lr=1e-2, max_steps=3, batch_size=4, device="cpu", warmup_steps=2, schedule="constant")
+    result = run_loop(adapted_model(), None, cfg, examples(), collate, tmp_path, progress=False)
+    assert [r["lr"] for r in result.records] == pytest.approx([0.5e-2, 1e-2, 1e-2])
+
+
+def fake_data(monkeypatch):
+    monkeypatch.setattr(run_module, "prepare_data", lambda cfg, tokenizer: run_module.PreparedData(
+        examples(8), [], [], collate, SimpleNamespace(summary=lambda: "", n_truncated=0)))
+
+
+def test_train_with_unmatched_targets_writes_nothing(tmp_path, monkeypatch):
+    fake_data(monkeypatch)
+    model = tiny_llama()
+    with pytest.raises(lorakit.TargetError):
+        lorakit.train(loaded=(model, None), data="x", target_modules=["qproj"], output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_failure_gives_the_callers_model_back_without_the_adapter(tmp_path, monkeypatch):
+    fake_data(monkeypatch)
+    seen = {}
+
+    def failing_loop(model, tokenizer, cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(run_module, "run_loop", failing_loop)
+    model = tiny_llama()
+    # A dict config's None is a value (no clipping), not an unset CLI flag.
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lorakit.train({"data": "x", "max_grad_norm": None, "output_dir": str(tmp_path)}, loaded=(model, None))
+    assert seen["cfg"].max_grad_norm is None
+    assert lorakit.adapters(model) == [] and all(p.requires_grad for p in model.parameters())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from .options import train_overrides
@@ -70,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_per_rank(args: argparse.Namespace, model, examples, collate) -> int:
     """Loss of the (first) adapter truncated to each rank: the DyLoRA rank table."""
     from ..errors import ConfigError
-    from ..training.evaluate import eval_loss
+    from ..training.evaluate import eval_loss, perplexity
     from ..variants.dylora import nested_rank
 
     if len(args.adapter) != 1:
@@ -84,7 +83,7 @@ def _eval_per_rank(args: argparse.Namespace, model, examples, collate) -> int:
         with nested_rank(model, rank, "adapter0"):
             loss = eval_loss(model, examples[:args.max_examples] if args.max_examples else examples, collate,
                              args.batch_size)
-        rows.append({"rank": rank, "loss": loss, "perplexity": math.exp(min(loss, 50.0))})
+        rows.append({"rank": rank, "loss": loss, "perplexity": perplexity(loss)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -62,8 +62,7 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, n_test: in
     say(f"| base model | {100 * before['exact_match']:.1f}% | {before['loss']:.3f} |")
     say(f"| + LoRA ({steps} steps) | {100 * after['exact_match']:.1f}% | {after['loss']:.3f} |")
     say("\nexamples (test split):")
-    for b, a in list(zip(before["predictions"], after["predictions"]))[:3]:
-        request = test_records[before["predictions"].index(b)]
+    for request, b, a in list(zip(test_records, before["predictions"], after["predictions"]))[:3]:
         say(f"  request:   {_request_text(request)}")
         say(f"  base:      {_one_line(b['prediction'])}")
         say(f"  with LoRA: {_one_line(a['prediction'])}  [{'correct' if a['correct'] else 'wrong'}]")

@@ -32,13 +32,12 @@ SKIP = {"extra"}
 
 
 def _type_of(default: Any, annotation: str):
+    """The argparse type of a field: its annotation first (``alpha: float = 32`` takes 0.5)."""
     if isinstance(default, bool):
         return None
-    if isinstance(default, int):
-        return int
     if isinstance(default, float) or "float" in annotation:
         return float
-    if "int" in annotation and "str" not in annotation:
+    if isinstance(default, int) or ("int" in annotation and "str" not in annotation):
         return int
     return str
 

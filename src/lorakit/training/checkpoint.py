@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..io import save_adapter
 
 STATE_FILE = "training_state.pt"
+# Only finished checkpoints match: ``step-N.tmp`` is one whose save was cut off.
+CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
 
 @dataclass
@@ -48,9 +52,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, position: Position,
-                    adapter_name: str = "default", extra: dict | None = None) -> Path:
+                    adapter_name: str = "default", extra: dict | None = None, rng: dict | None = None) -> Path:
     """Write a checkpoint atomically (a temp dir renamed into place); ``extra`` holds other
-    training state that must resume too (e.g. AdaLoRA's importance averages)."""
+    training state that must resume too (e.g. AdaLoRA's importance averages). ``rng`` is the
+    generators' state at ``position`` when that is not the current one (a step cut off halfway
+    has drawn dropout masks that the resumed run must draw again)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -59,7 +65,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
+        "rng": rng or rng_state(),
         "position": vars(position),
         "extra": extra or {},
     }, tmp / STATE_FILE)
@@ -69,8 +75,10 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    found = sorted(p for p in Path(checkpoints_dir).glob("step-*") if (p / STATE_FILE).is_file())
-    return found[-1] if found else None
+    """The finished checkpoint with the highest step, or None."""
+    found = [(int(m.group(1)), p) for p in Path(checkpoints_dir).glob("step-*")
+             if (m := CHECKPOINT_NAME.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    return max(found)[1] if found else None
 
 
 @torch.no_grad()
@@ -79,13 +87,29 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     """Restore trainable tensors, optimizer, scheduler and RNG state; return the data position
     and the ``extra`` state saved with it."""
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    _check_fits(directory, model, state["trainable"])
+    try:  # before the tensors: torch checks the groups before it changes anything
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:
+        raise ConfigError(f"checkpoint {directory} does not fit this optimizer ({exc}); resume with the run's own "
+                          "options (e.g. the same --loraplus-ratio), or train without --resume") from None
     params = dict(model.named_parameters())
-    missing = sorted(set(state["trainable"]) - set(params))
-    if missing:
-        raise ValueError(f"checkpoint {directory} does not fit this model/config (unknown tensors {missing[:3]})")
     for name, value in state["trainable"].items():
         params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return Position(**state["position"]), state.get("extra", {})
+
+
+def _check_fits(directory: Path, model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Raise before anything is copied when the checkpoint was trained with other LoRA options."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unknown = sorted(set(saved) - set(trainable))
+    missing = sorted(set(trainable) - set(saved))
+    reshaped = sorted(n for n in set(saved) & set(trainable) if saved[n].shape != trainable[n].shape)
+    if unknown or missing or reshaped:
+        detail = "; ".join(f"{what} {names[:3]}" for what, names in
+                           (("not in this model", unknown), ("not in the checkpoint", missing),
+                            ("other shape", reshaped)) if names)
+        raise ConfigError(f"checkpoint {directory} was trained with another model or LoRA options ({detail}); "
+                          "resume with the run's own options (its train_config.yaml), or train without --resume")

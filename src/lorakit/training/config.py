@@ -93,6 +93,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("valid_ratio", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if not 0 <= self.valid_ratio < 1:
             raise ConfigError(f"valid_ratio must be in [0, 1), got {self.valid_ratio!r}")
         if self.schedule not in SCHEDULES:
@@ -126,15 +130,31 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_sources(cls, file: str | Path | None = None, **overrides: Any) -> "TrainConfig":
-        """Fields from a YAML/JSON file, then ``overrides`` (None values are ignored)."""
-        values: dict[str, Any] = read_config_file(file) if file else {}
+    def from_sources(cls, file: str | Path | dict | None = None, **overrides: Any) -> "TrainConfig":
+        """Fields from a YAML/JSON file (or a mapping, taken as it is), then ``overrides``, whose
+        None values are ignored: they are the CLI flags left unset."""
+        if isinstance(file, dict):
+            values: dict[str, Any] = dict(file)
+        else:
+            values = read_config_file(file) if file else {}
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in fields(cls)}
+        _read_float_strings(values)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown training option(s) {unknown}; known options: {sorted(known - {'extra'})}")
         return cls(**values)
+
+
+def _read_float_strings(values: dict[str, Any]) -> None:
+    """YAML 1.1 reads ``lr: 2e-4`` (no dot) as a string; a float field takes it as the number meant."""
+    float_fields = {f.name for f in fields(TrainConfig) if "float" in str(f.type)}
+    for name in float_fields & set(values):
+        if isinstance(values[name], str):
+            try:
+                values[name] = float(values[name])
+            except ValueError:
+                pass  # left as it is: __post_init__ reports it by name
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

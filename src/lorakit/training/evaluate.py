@@ -11,6 +11,11 @@ from torch import nn
 from ..generate import generate_batch
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so that a diverged run reports a large number rather than inf."""
+    return math.exp(min(loss, 50.0))
+
+
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list[dict], collate: Callable, batch_size: int = 8,
               device: torch.device | str | None = None) -> float:
@@ -35,7 +40,7 @@ def evaluate(model: nn.Module, tokenizer, examples: list[dict], collate: Callabl
     """``{"loss", "perplexity"}`` plus, when (prompt, reference) ``pairs`` are given,
     ``"exact_match"`` (fraction) and ``"predictions"`` (list of dicts)."""
     loss = eval_loss(model, examples[:max_examples] if max_examples else examples, collate, batch_size, device)
-    result: dict = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    result: dict = {"loss": loss, "perplexity": perplexity(loss)}
     if pairs:
         from ..data.metrics import exact_match
 

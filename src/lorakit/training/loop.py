@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..variants.adalora import RankAllocator, adalora_adapters, current_ranks, orthogonal_penalty
 from ..variants.dylora import dylora_adapters, sample_nested_rank, set_nested_rank
-from .checkpoint import Position, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Position, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
 from .optim import make_optimizer, make_scheduler
@@ -93,6 +94,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     schedule = cfg.adalora_schedule()
     allocators = [RankAllocator(model, name, schedule, n_steps) for name in adalora_adapters(model)]
     position = Position()
+    torch.manual_seed(cfg.seed)  # a resumed run then restores its checkpoint's generators instead
     if cfg.resume:
         found = latest_checkpoint(ckpt_dir)
         if found is None:
@@ -102,30 +104,38 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             for allocator in allocators:
                 allocator.load_state_dict(extra["adalora"][allocator.name])
             log.info("resumed from %s at step %d", found, position.step)
-    else:
-        torch.manual_seed(cfg.seed)
+    elif accelerator.is_main_process and ckpt_dir.is_dir():
+        # A fresh run replaces an earlier run's metrics and adapter in this directory; its
+        # checkpoints must go too, or a later --resume would continue the earlier run.
+        log.warning("removing the checkpoints of an earlier run in %s (not --resume)", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
     metrics = MetricsLog(out_dir / "metrics.jsonl", position.step if cfg.resume else None) if accelerator.is_main_process else None
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     batches = _batch_stream(len(train_examples), cfg, world, rank, position)
 
-    def checkpoint() -> Path:
+    def checkpoint(rng: dict | None = None) -> Path:
         extra = {"adalora": {a.name: a.state_dict() for a in allocators}}
         return save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
-                               scheduler, position, extra=extra)
+                               scheduler, position, extra=extra, rng=rng)
 
     bar = tqdm(total=n_steps, initial=position.step, disable=not (progress and accelerator.is_main_process),
                desc="training", unit="step", dynamic_ncols=True)
     last_eval, interrupted = None, False
     tokens, started = 0, time.perf_counter()
+    # Generators' state at the start of the step under way (None between steps): a Ctrl-C during
+    # the step saves ``position`` (still the step's start) with it, so the resumed run redoes the
+    # whole step with the same batches and dropout masks.
+    step_start_rng = None
     try:
         while position.step < n_steps:
+            step_start_rng = rng_state()
             wrapped.train()
             for name in nested:  # DyLoRA: one rank per step, drawn from (seed, step) so resume agrees
                 sample_nested_rank(model, random.Random(cfg.seed * 7919 + position.step), name)
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
-                position.epoch, position.batch, indices = next(batches)
+                epoch, batch_in_epoch, indices = next(batches)
                 batch = {k: v.to(accelerator.device) for k, v in collate([train_examples[i] for i in indices]).items()}
                 tokens += int(batch["attention_mask"].sum())
                 sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(wrapped)
@@ -139,6 +149,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                 allocator.update_importance()
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step: the next one's)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -146,10 +157,10 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                 set_nested_rank(model, None, name)
             for allocator in allocators:
                 allocator.mask(position.step)
-            position.step += 1
+            position.step, position.epoch, position.batch = position.step + 1, epoch, batch_in_epoch
+            step_start_rng = None
             bar.update(1)
             rate = tokens / max(time.perf_counter() - started, 1e-9)
-            lr = scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
             if metrics and (position.step % cfg.log_every == 0 or position.step == n_steps):
                 metrics.add({"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr,
@@ -165,7 +176,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
         for name in nested:
             set_nested_rank(model, None, name)
         if accelerator.is_main_process and position.step > 0:
-            path = checkpoint()
+            path = checkpoint(rng=step_start_rng)
             log.warning("interrupted at step %d; checkpoint saved to %s (continue with --resume)", position.step, path)
     finally:
         bar.close()

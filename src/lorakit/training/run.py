@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..control import set_fast_path
+from ..control import set_adapter, set_fast_path
 from ..errors import ConfigError
-from ..inject import add_adapter
+from ..inject import add_adapter, delete_adapter
 from ..io import save_adapter
 from ..report import summary
+from ..state import active_adapters
 from .config import TrainConfig
 from .loop import run_loop
 
@@ -69,12 +70,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
     Pass ``loaded=(model, tokenizer)`` to train an already loaded model instead of loading
     ``config.model``.
     """
-    if isinstance(config, TrainConfig):
-        cfg = TrainConfig(**{**config.to_dict(), **overrides})
-    elif isinstance(config, dict):
-        cfg = TrainConfig.from_sources(None, **{**config, **overrides})
-    else:
-        cfg = TrainConfig.from_sources(config, **overrides)
+    cfg = TrainConfig.from_sources(config.to_dict() if isinstance(config, TrainConfig) else config, **overrides)
     if not cfg.data:
         raise ConfigError("no training data: set data (--data FILE.jsonl)")
     if loaded is not None:
@@ -89,14 +85,21 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
     if data.stats.n_truncated:
         log.warning("%d of %d training examples were longer than max_length=%d and were truncated",
                     data.stats.n_truncated, data.stats.n_records, cfg.max_length)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(cfg, out_dir / "train_config.yaml")
+    # The adapter before any file: a target that matches nothing must not leave an output directory.
+    before = _adapter_state(model)
     add_adapter(model, cfg.lora_config())
-    set_fast_path(model, cfg.fast_path)
-    log.info("%s", summary(model))
-    loop = run_loop(model, tokenizer, cfg, data.train, data.collate, out_dir, eval_examples=data.valid,
-                    eval_pairs=data.valid_pairs, progress=progress)
+    try:
+        set_fast_path(model, cfg.fast_path)
+        log.info("%s", summary(model))
+        out_dir = Path(cfg.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(cfg, out_dir / "train_config.yaml")
+        loop = run_loop(model, tokenizer, cfg, data.train, data.collate, out_dir, eval_examples=data.valid,
+                        eval_pairs=data.valid_pairs, progress=progress)
+    except Exception:
+        if loaded is not None:  # the caller's model goes back as it came, without the half-trained adapter
+            _restore_adapter_state(model, before)
+        raise
     adapter_dir = out_dir / "adapter"
     if not loop.interrupted:
         save_adapter(model, adapter_dir)
@@ -106,6 +109,20 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
             (out_dir / "eval_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
         (out_dir / "result.json").write_text(json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n")
     return TrainResult(out_dir, adapter_dir, loop.steps, loop.interrupted, data.stats, loop.last_eval, loop.records)
+
+
+def _adapter_state(model) -> tuple[dict, list[str]]:
+    """What add_adapter changes besides adding: which parameters train, which adapters are active."""
+    return {p: p.requires_grad for p in model.parameters()}, active_adapters(model)
+
+
+def _restore_adapter_state(model, state: tuple[dict, list[str]]) -> None:
+    delete_adapter(model, "default")
+    trains, active = state
+    for param, flag in trains.items():
+        param.requires_grad_(flag)
+    if active:
+        set_adapter(model, active)
 
 
 def _write_config(cfg: TrainConfig, path: Path) -> None:
