@@ -89,6 +89,21 @@ def test_export_saves_a_plain_transformers_model(setup, tmp_path, capsys, ids):
     torch.testing.assert_close(logits(plain, ids), logits(with_adapters(setup, "a", "b"), ids), rtol=1e-5, atol=1e-5)
 
 
+def test_export_refuses_a_folder_with_files_and_leaves_it_alone(setup, tmp_path, capsys):
+    root, base = setup
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "model.safetensors").write_text("an earlier export")
+    rc = main(["export", "--model", str(base), "--adapter", str(root / "a"), "--out", str(out)])
+    assert rc == 2 and "not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "an earlier export"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", "--model", str(base), "--adapter", str(root / "a"), "--out", str(empty)]) == 0
+    assert (empty / "config.json").is_file()
+
+
 def test_export_one_adapter_in_bfloat16(setup, tmp_path, ids):
     from transformers import AutoModelForCausalLM
 

@@ -228,3 +228,13 @@ def test_train_failure_gives_the_callers_model_back_without_the_adapter(tmp_path
         lorakit.train({"data": "x", "max_grad_norm": None, "output_dir": str(tmp_path)}, loaded=(model, None))
     assert seen["cfg"].max_grad_norm is None
     assert lorakit.adapters(model) == [] and all(p.requires_grad for p in model.parameters())
+
+
+def test_eval_loss_of_a_fully_masked_set_is_nan_not_zero():
+    from lorakit.training.evaluate import eval_loss, perplexity
+
+    model = adapted_model()
+    masked = [{**e, "labels": [-100] * len(e["labels"])} for e in examples(4)]
+    loss = eval_loss(model, masked, collate)
+    assert math.isnan(loss) and math.isnan(perplexity(loss))
+    assert eval_loss(model, examples(4), collate) > 0

@@ -106,6 +106,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .. import combine, set_adapter, unload
     from ..models import resolve_device, resolve_dtype
 
+    require_new_directory(Path(args.out))  # before the minutes of loading and merging
     target = resolve_dtype(args.dtype, resolve_device(args.device))
     # Base and adapters in float32, merged, then cast once: a bf16 export gets one rounding of
     # W0 + ΔW, not a rounding of W0, of the adapter's factors and of the sum.
@@ -150,17 +151,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_new_directory(out: Path) -> None:
+    """Refuse an ``--out`` that holds files: mixing a new export with an old one's files (say a
+    single model.safetensors beside a new sharded index) gives a folder transformers may load wrongly."""
+    from ..errors import ConfigError
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not an empty folder: choose a new folder, or remove it first")
+
+
 def save_directory(out: Path, write) -> Path:
-    """Run ``write(tmp_dir)`` and move the files into ``out``: an interrupted export leaves no half model."""
+    """Run ``write(tmp_dir)`` and rename the folder to ``out`` (absent or empty): an interrupted
+    export leaves no half model, and no old files mix with the new ones."""
+    require_new_directory(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
-        if not out.exists():
-            os.replace(tmp, out)
-            return out
-        for item in tmp.iterdir():
-            os.replace(item, out / item.name)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

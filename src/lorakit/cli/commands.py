@@ -29,7 +29,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"\ndata: {result.stats.summary()}")
     print(f"trained {result.steps} steps")
     if result.interrupted:
-        print(f"interrupted: checkpoint in {result.output_dir / 'checkpoints'}; continue with --resume")
+        if result.steps:
+            print(f"interrupted: checkpoint in {result.output_dir / 'checkpoints'}; continue with --resume")
+        else:
+            print("interrupted before the first step finished: nothing to resume")
         return 130
     if result.final_eval:
         print("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float)))

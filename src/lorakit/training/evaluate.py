@@ -19,7 +19,8 @@ def perplexity(loss: float) -> float:
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: list[dict], collate: Callable, batch_size: int = 8,
               device: torch.device | str | None = None) -> float:
-    """Mean cross-entropy over every supervised token of ``examples`` (not a mean of batch means)."""
+    """Mean cross-entropy over every supervised token of ``examples`` (not a mean of batch means);
+    NaN when no token is supervised (an empty or fully masked set has no loss, not a loss of 0)."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -31,7 +32,7 @@ def eval_loss(model: nn.Module, examples: list[dict], collate: Callable, batch_s
             total += float(model(**batch).loss) * n
             count += n
     model.train(was_training)
-    return total / max(count, 1)
+    return total / count if count else float("nan")
 
 
 def evaluate(model: nn.Module, tokenizer, examples: list[dict], collate: Callable, batch_size: int = 8,
