@@ -133,15 +133,18 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             wrapped.train()
             for name in nested:  # DyLoRA: one rank per step, drawn from (seed, step) so resume agrees
                 sample_nested_rank(model, random.Random(cfg.seed * 7919 + position.step), name)
-            step_loss = 0.0
+            # Summed on the device and read once per step: a .item() per micro-batch would make
+            # the host wait for the GPU before it could queue the next one.
+            step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(cfg.grad_accum):
                 epoch, batch_in_epoch, indices = next(batches)
-                batch = {k: v.to(accelerator.device) for k, v in collate([train_examples[i] for i in indices]).items()}
-                tokens += int(batch["attention_mask"].sum())
+                host_batch = collate([train_examples[i] for i in indices])
+                tokens += int(host_batch["attention_mask"].sum())  # counted on the host, for the same reason
+                batch = {k: v.to(accelerator.device) for k, v in host_batch.items()}
                 sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(wrapped)
                 with sync, accelerator.autocast():
                     loss = wrapped(**batch).loss / cfg.grad_accum
-                    step_loss += loss.item()
+                    step_loss += loss.detach().float()
                     for allocator in allocators:  # AdaLoRA: keep P and Q near orthogonal
                         loss = loss + schedule.orth_reg_weight * orthogonal_penalty(model, allocator.name) / cfg.grad_accum
                 accelerator.backward(loss)
@@ -157,6 +160,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                 set_nested_rank(model, None, name)
             for allocator in allocators:
                 allocator.mask(position.step)
+            step_loss = step_loss.item()  # after the optimizer's kernels are queued
             position.step, position.epoch, position.batch = position.step + 1, epoch, batch_in_epoch
             step_start_rng = None
             bar.update(1)
