@@ -119,6 +119,14 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints" / "step-0000001" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_ctrl_c_during_the_final_evaluation_keeps_the_training(tmp_path, monkeypatch):
+    model = adapted_model()
+    interrupt_at_forward(model, monkeypatch, 5)  # 2 steps x 2 micro-batches, then the final eval's first batch
+    cfg = TrainConfig(data="x", lr=1e-2, max_steps=2, batch_size=4, grad_accum=2, device="cpu")
+    result = run_loop(model, None, cfg, examples(), collate, tmp_path, eval_examples=examples(4), progress=False)
+    assert not result.interrupted and result.steps == 2 and result.last_eval is None
+
+
 def test_public_loraplus_optimizer():
     model = adapted_model()
     optimizer = lorakit.loraplus_optimizer(model, lr=2e-4)

@@ -185,8 +185,11 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     finally:
         bar.close()
     if not interrupted and eval_examples:
-        last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics,
-                                      position.step)
+        try:
+            last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs,
+                                          metrics, position.step)
+        except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
+            log.warning("final evaluation interrupted; the trained adapter is still saved")
     for allocator in allocators:
         ranks = current_ranks(model, allocator.name)
         log.info("AdaLoRA %r: %d ranks left over %d modules (budget %d)", allocator.name, sum(ranks.values()),
