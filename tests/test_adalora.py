@@ -69,6 +69,20 @@ def test_allocator_masks_down_to_the_budget(ids):
     assert sum(current_ranks(model, "default").values()) == 12
 
 
+def test_final_phase_and_last_step_prune_whatever_delta_t(ids):
+    model = adalora_model()
+    fill_singular_values(model)
+    model(ids, labels=ids).loss.backward()
+    allocator = RankAllocator(model, "default", AdaLoraSchedule(target_r=2, tfinal=3, delta_t=4), total_steps=10)
+    allocator.update_importance()
+    allocator.mask(5)  # not a multiple of delta_t, before the final phase: nothing pruned
+    assert sum(current_ranks(model, "default").values()) == 6 * 6
+    for step in (7, 9):  # final phase, then the last step: neither a multiple of delta_t
+        fill_singular_values(model)  # as the optimizer would move pruned E_i again
+        assert allocator.mask(step) == 2 * 6
+        assert sum(current_ranks(model, "default").values()) == 2 * 6
+
+
 def test_export_is_exact_and_loads_in_peft(tmp_path, ids):
     model = adalora_model()
     fill_singular_values(model)

@@ -4,12 +4,13 @@ evaluation prompts, the demo dataset and exact match. Offline: the tokenizers ar
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 
-from lorakit.data import (Collator, Record, demo_records, eval_pairs, exact_match, read_records, split_records,
-                          tokenize_records, write_demo_dataset)
+from lorakit.data import (Collator, Record, demo_records, eval_pairs, exact_match, pack_examples, read_records,
+                          split_records, tokenize_records, write_demo_dataset)
 from lorakit.data.demo_task import KEYS
 from lorakit.errors import DataError, LorakitError
 
@@ -161,20 +162,27 @@ def test_missing_file_and_unknown_format(tmp_path):
         read_records(tmp_path / "d.txt")
 
 
-def test_parquet_without_engine_says_what_to_install(tmp_path):
-    try:
-        import pyarrow  # noqa: F401
-        pytest.skip("pyarrow is installed")
-    except ImportError:
-        pass
-    try:
-        import pandas  # noqa: F401
-        pytest.skip("pandas is installed")
-    except ImportError:
-        pass
+def test_parquet_without_engine_says_what_to_install(tmp_path, monkeypatch):
+    # Hide the engines (None in sys.modules makes `import` fail), so this runs where they are installed.
+    for module in ("pyarrow", "pyarrow.parquet", "pandas"):
+        monkeypatch.setitem(sys.modules, module, None)
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     with pytest.raises(DataError, match="pip install pyarrow"):
         read_records(tmp_path / "d.parquet")
+
+
+def test_file_not_in_utf8_is_refused_with_advice(tmp_path):
+    for name, text in (("d.csv", "prompt,completion\ncaf\xe9,ok\n"),
+                       ("d.jsonl", '{"prompt": "caf\xe9", "completion": "x"}\n')):
+        (tmp_path / name).write_bytes(text.encode("latin-1"))  # as a spreadsheet on Windows saves it
+        with pytest.raises(DataError, match=rf"{name}: not UTF-8 text.*save the file as UTF-8"):
+            read_records(tmp_path / name)
+
+
+def test_json_file_with_one_pretty_printed_object(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"prompt": "Hi", "completion": "Hello"}, indent=2))
+    assert [(r.prompt, r.completion) for r in read_records(path)] == [("Hi", "Hello")]
 
 
 # -- tokenizing and loss masks ----------------------------------------------------------------------
@@ -209,6 +217,21 @@ def test_default_system_prompt_template(chat_tok):
     (example,), _ = tokenize_records([record], tok)
     assert [tok.decode(r) for r in _supervised_runs(example)] == ['{"a": 1}<|im_end|>']
     assert "You are a helpful assistant." in eval_pairs([record], tok)[0].prompt
+
+
+def test_template_not_prefix_consistent_supervises_the_answer_not_the_question():
+    # Rendering messages[:i] is not a prefix of the whole chat here (the marker moves to the last
+    # turn), so the answer is searched for in the text; it also occurs in the user's turn.
+    tok = _train_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if loop.last %}# final turn\n{% endif %}<|im_start|>"
+                         "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Say Paris"}, {"role": "assistant", "content": "Paris"}]
+    (example,), _ = tokenize_records([Record.from_messages(messages)], tok)
+    assert [tok.decode(r) for r in _supervised_runs(example)] == ["Hello<|im_end|>", "Paris<|im_end|>"]
+    context = tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label == -100])
+    assert "Say Paris<|im_end|>" in context  # the user's "Paris" stays context
 
 
 def test_template_without_end_token_gets_eos(plain_tok):
@@ -298,6 +321,12 @@ def test_collator_pads_right(chat_tok):
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert Collator(chat_tok, pad_to_multiple_of=8)(examples)["input_ids"].shape == (2, 8)
     assert Collator(pad_token_id=None)(examples)["input_ids"][1, 1] == 0
+    with pytest.raises(LorakitError, match="pad_to_multiple_of"):
+        Collator(chat_tok, pad_to_multiple_of=0)
+    with pytest.raises(LorakitError, match="empty batch"):
+        Collator(chat_tok)([])
+    with pytest.raises(LorakitError, match="block_size"):
+        pack_examples(examples, 1)
 
 
 # -- demo task and metrics -------------------------------------------------------------------------
@@ -310,6 +339,18 @@ def test_demo_dataset_is_deterministic(tmp_path):
     assert a["train"].read_text() == b["train"].read_text() and a["test"].read_text() == b["test"].read_text()
     assert a["train"].read_text() != c["train"].read_text()
     assert len(read_records(a["train"])) == 60 and len(read_records(a["test"])) == 20
+
+
+def test_demo_dataset_is_written_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "data"
+    paths = write_demo_dataset(out, n_train=5, n_test=3)
+    before = {split: path.read_text() for split, path in paths.items()}
+    for bad in ({"n_train": 10, "n_test": 0}, {"n_train": -1, "n_test": 3}):
+        with pytest.raises(LorakitError, match="at least 1"):
+            write_demo_dataset(out, seed=7, **bad)
+    # The failed calls changed nothing (the good split was not written before the bad one was refused).
+    assert {split: path.read_text() for split, path in paths.items()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["test.jsonl", "train.jsonl"]  # no temporary files
 
 
 def test_demo_values_are_verbatim_and_disjoint(tmp_path, chat_tok):

@@ -44,13 +44,18 @@ def test_linear_formula_and_init():
     torch.testing.assert_close(layer(x), x @ W_dora.T + layer.bias, rtol=1e-12, atol=1e-12)
 
 
-def test_embedding_formula():
-    net, layer = dora_net("emb")
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_embedding_formula(dropout):
+    net, layer = dora_net("emb", dropout=dropout)
+    net.train()  # dropout has no meaning on token ids: training computes the same formula
     A, B, m = layer.lora_A["default"], layer.lora_B["default"], layer.lora_magnitude_vector["default"]
     W = layer.weight + 2.0 * (B @ A).T  # (num_embeddings, dim)
     W_dora = m[None, :] * W / W.norm(dim=0, keepdim=True)
     ids = torch.tensor([[0, 4, 10]])
-    torch.testing.assert_close(layer(ids), W_dora[ids], rtol=1e-12, atol=1e-12)
+    out = layer(ids)
+    torch.testing.assert_close(out, W_dora[ids], rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert m.grad is not None and B.grad is not None
 
 
 def test_conv_formula():

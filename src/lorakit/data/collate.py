@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError, DataError
 from .packing import IGNORE
 
 log = logging.getLogger("lorakit.data.collate")
@@ -32,13 +33,13 @@ class Collator:
             log.warning("no pad or EOS token id: padding with 0 (masked out, so harmless)")
             pad_token_id = 0
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+            raise ConfigError(f"pad_to_multiple_of must be >= 1 (or None for no rounding), got {pad_to_multiple_of}")
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
-            raise ValueError("cannot collate an empty batch")
+            raise DataError("cannot collate an empty batch (no examples)")
         length = max(len(e["input_ids"]) for e in examples)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of

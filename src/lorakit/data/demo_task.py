@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
+from ..errors import ConfigError
 from . import demo_pools as pools
 from .records import Record
 
@@ -84,7 +86,9 @@ def make_record(rng: random.Random, split: str = "train") -> Record:
 def demo_records(n: int, split: str = "train", seed: int = 0) -> list[Record]:
     """``n`` distinct records of ``split``; the same ``seed`` always gives the same records."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if n < 1:
+        raise ConfigError(f"the demo needs at least 1 {split} record, got n={n}")
     # A string seed is hashed deterministically (unlike hash()), and keeps the splits' streams apart.
     rng = random.Random(f"lorakit-demo:{seed}:{split}")
     records: list[Record] = []
@@ -93,7 +97,7 @@ def demo_records(n: int, split: str = "train", seed: int = 0) -> list[Record]:
     while len(records) < n:
         attempts += 1
         if attempts > 50 * n + 100:
-            raise ValueError(f"could not draw {n} distinct {split} requests")
+            raise ConfigError(f"could not draw {n} distinct {split} requests; ask for fewer")
         record = make_record(rng, split)
         if record.prompt not in seen:
             seen.add(record.prompt)
@@ -105,18 +109,30 @@ def write_demo_dataset(out_dir: str | Path, n_train: int = 480, n_test: int = 40
     """Write ``train.jsonl`` and ``test.jsonl`` (prompt/completion lines) to ``out_dir``.
 
     Returns ``{"train": path, "test": path}``. Deterministic for a given ``seed``; the test split
-    shares no names, cities, dates, seat counts or loyalty codes with the training split.
+    shares no names, cities, dates, seat counts or loyalty codes with the training split. Both
+    splits are drawn before anything is written, and each file is renamed into place whole, so a
+    bad argument or an interruption never leaves a truncated or mismatched pair behind.
     """
     out = Path(out_dir)
+    texts = {split: "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in demo_records(n, split, seed))
+             for split, n in (("train", n_train), ("test", n_test))}
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        path = out / f"{split}.jsonl"
-        lines = [json.dumps(r.to_dict(), ensure_ascii=False) for r in demo_records(n, split, seed)]
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        paths[split] = path
+    for split, text in texts.items():
+        paths[split] = out / f"{split}.jsonl"
+        _write_whole(paths[split], text)
     log.info("demo dataset: %d train and %d test records in %s", n_train, n_test, out)
     return paths
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _nouns(n: int) -> dict[str, str]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 
+from ..errors import ConfigError
+
 log = logging.getLogger("lorakit.data.packing")
 
 IGNORE = -100
@@ -27,7 +29,7 @@ def pack_examples(examples: list[dict[str, list[int]]], block_size: int) -> list
     whole block) is dropped, since it would add no loss and only cost compute.
     """
     if block_size < 2:
-        raise ValueError(f"block_size must be at least 2, got {block_size}")
+        raise ConfigError(f"block_size must be at least 2 tokens, got {block_size}")
     ids: list[int] = []
     labels: list[int] = []
     for example in examples:

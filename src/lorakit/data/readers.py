@@ -27,9 +27,10 @@ def read_records(path: str | Path) -> list[Record]:
     """All records of ``path``, validated; raises DataError naming file and line of each problem.
 
     The format follows the suffix: ``.jsonl`` (one object per line; blank lines are skipped),
-    ``.json`` (a list of objects, or JSONL content), ``.csv`` / ``.tsv`` (columns ``prompt`` and
+    ``.json`` (a list of objects, one object, or JSONL content), ``.csv`` / ``.tsv`` (columns ``prompt`` and
     ``completion``, or ``text``, or ``messages`` holding a JSON list), ``.parquet`` (needs
-    ``pyarrow`` or ``pandas``). One file must use one shape throughout; an empty file is refused.
+    ``pyarrow`` or ``pandas``). Text must be UTF-8. One file must use one shape throughout; an empty
+    file is refused.
     """
     path = Path(path)
     if not path.exists():
@@ -49,7 +50,11 @@ def read_records(path: str | Path) -> list[Record]:
         rows = _csv_rows(path, problems, delimiter="\t" if suffix == ".tsv" else ",")
     else:
         rows = _parquet_rows(path)
-    records = _parse_rows(rows, str(path), problems)
+    try:
+        records = _parse_rows(rows, str(path), problems)
+    except UnicodeDecodeError as e:  # e.g. a CSV saved as Latin-1 / Windows-1252 by a spreadsheet
+        raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                        f"save the file as UTF-8 and run again") from None
     problems.raise_if_any()
     if not records:
         raise DataError(f"{path}: no records (the file is empty); expected {_SHAPES}")
@@ -93,15 +98,17 @@ def _jsonl_rows(path: Path, problems: Problems) -> Iterator[tuple[str, Any]]:
 
 
 def _json_rows(path: Path, problems: Problems) -> Iterator[tuple[str, Any]]:
+    """A list of objects, one (possibly pretty-printed) object, or JSONL content."""
     text = path.read_text(encoding="utf-8-sig")
-    if not text.lstrip().startswith("["):
-        yield from _jsonl_rows(path, problems)  # many ".json" files are really JSONL
-        return
     try:
-        items = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
-        problems.add(f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
+        if text.lstrip().startswith("["):
+            problems.add(f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
+        else:
+            yield from _jsonl_rows(path, problems)  # many ".json" files are really JSONL
         return
+    items = value if isinstance(value, list) else [value]
     for i, item in enumerate(items, start=1):
         yield f"item {i}", item
 

@@ -119,7 +119,7 @@ class Renderer:
             prefix = None
         if prefix is not None and len(prefix) >= cursor and full.startswith(prefix):
             start = len(prefix)
-        found = full.find(content, cursor if start is None else start)
+        found = full.find(content, _after_turns(full, messages[:i], cursor) if start is None else start)
         if found < 0:
             raise RenderError(f"the chat template changed the text of assistant turn messages[{i}], "
                               f"so its tokens cannot be located for the loss mask")
@@ -153,6 +153,23 @@ class Renderer:
             prompt = self._apply(record.messages[:-1], generation_prompt=True)
             return EvalPair(prompt, record.messages[-1]["content"].strip())
         return None
+
+
+def _after_turns(full: str, earlier: list[dict[str, str]], cursor: int) -> int:
+    """Where the text of the ``earlier`` messages since the last assistant turn ends in ``full``
+    (``cursor`` is where that assistant turn ended).
+
+    Without a usable prefix the assistant's text is searched for, and it must not be found inside
+    an earlier turn (a user asking "Say Paris" before the answer "Paris"): each earlier message's
+    text is located in order first. A message the template rewrote is skipped.
+    """
+    last_assistant = max((j for j, m in enumerate(earlier) if m["role"] == "assistant"), default=-1)
+    position = cursor
+    for message in earlier[last_assistant + 1:]:
+        at = full.find(message["content"].strip(), position)
+        if at >= 0:
+            position = at + len(message["content"].strip())
+    return position
 
 
 def _as_messages(record: Record) -> list[dict[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -39,15 +40,22 @@ def read_config(directory: Path) -> LoraConfig:
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory``'s weights file, keyed as in the file."""
     safetensors_file, legacy_file = directory / WEIGHTS_NAME, directory / LEGACY_WEIGHTS_NAME
+    if not safetensors_file.is_file() and not legacy_file.is_file():
+        raise AdapterFileError(f"{directory} holds no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})")
     try:
         if safetensors_file.is_file():
             return load_file(str(safetensors_file))
-        if legacy_file.is_file():
-            return torch.load(legacy_file, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        weights = torch.load(legacy_file, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise AdapterFileError(f"cannot read adapter weights in {directory}: {exc} (the file is corrupt or truncated)") from None
-    raise AdapterFileError(f"{directory} holds no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME})")
+    # A .bin file is a pickle and may hold anything; the rest of lorakit needs a name -> tensor dict.
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise AdapterFileError(f"{legacy_file} does not hold a dict of named tensors (found {type(weights).__name__}); "
+                               "it is not an adapter weights file")
+    return weights
 
 
 def _strip_prefix(key: str) -> str:

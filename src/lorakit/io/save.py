@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import LoraConfig
+from ..errors import AdapterFileError
 from ..state import adapter_configs, lora_layers, require_adapters, saved_modules
 from ..layers import LoraLayer
 from ..inject import trained_bias_ids
@@ -106,6 +107,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """
     tensors, config = adapter_state_dict(model, name)
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"{out} is a file, but an adapter is a directory ({CONFIG_NAME} and {WEIGHTS_NAME}); "
+                               "give the path of a directory (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     payload = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     written: list[tuple[str, Path]] = []

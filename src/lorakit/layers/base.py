@@ -179,6 +179,19 @@ class LoraLayer(nn.Module):
         return torch.linalg.vector_norm(combined, dim=dims).reshape(self.magnitude_shape())
 
     @torch.no_grad()
+    def dora_weight_change(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """What DoRA adapter ``name`` does to the weight, and the norm it used.
+
+        Returns ``m / ||W0 + dW|| * (W0 + dW) - W0`` laid out like W0 (float32 or wider) and
+        ``||W0 + dW||`` per output unit (``magnitude_shape()``), which ``unmerge`` needs to undo
+        a merge exactly (the norm changes once the weight has)."""
+        delta = self.delta_weight(name)
+        norm = self.weight_norm(name)
+        scale = self._unit_view(self.lora_magnitude_vector[name].to(norm.dtype) / norm)
+        weight = self.base_weight.to(delta.dtype)
+        return scale * (weight + delta) - weight, norm
+
+    @torch.no_grad()
     def init_magnitude(self, name: str, trainable: bool = True) -> None:
         """Make ``name`` a DoRA adapter with m = ||W0 + s B A|| (so outputs do not change)."""
         dtype = self.lora_A[name].dtype
@@ -242,14 +255,10 @@ class LoraLayer(nn.Module):
         """Add ``s B A`` into the base weight, so ``forward`` skips the adapter."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is already merged; unmerge it before merging again")
-        delta = self.delta_weight(name)
         if name in self.lora_magnitude_vector:
-            # W0 -> m/||W0 + dW|| * (W0 + dW); the norm is kept to undo this exactly.
-            norm = self.weight_norm(name)
-            self._dora_merge_norms[name] = norm
-            scale = self._unit_view(self.lora_magnitude_vector[name].to(norm.dtype) / norm)
-            weight = self.base_weight.to(delta.dtype)
-            delta = scale * (weight + delta) - weight
+            delta, self._dora_merge_norms[name] = self.dora_weight_change(name)
+        else:
+            delta = self.delta_weight(name)
         self.add_to_weight(delta)
         self.merged_adapters.append(name)
 

@@ -59,9 +59,6 @@ class LoraConv(LoraLayer):
     def magnitude_shape(self) -> tuple[int, ...]:
         return (1, self.out_dim, *([1] * self.spatial_dims))  # PEFT's layout for conv DoRA
 
-    def _unit_view(self, vector: torch.Tensor) -> torch.Tensor:
-        return vector.reshape(-1, *([1] * (self.spatial_dims + 1)))
-
     def delta_weight(self, name: str) -> torch.Tensor:
         A, B, s = self.factors(name)
         delta = B.flatten(1) @ A.flatten(1)  # (C_out, r) @ (r, C_in * prod(k))

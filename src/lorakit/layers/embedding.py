@@ -31,6 +31,13 @@ class LoraEmbedding(LoraLayer):
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_dim), (self.out_dim, r)
 
+    def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
+                    trainable: bool = True, rslora: bool = False) -> None:
+        # No dropout module at all (not an unused one): the DoRA path takes a dropout module as
+        # the sign that the adapter saw a different input than the base, and the base output
+        # would then be recomputed from token ids.
+        super().add_adapter(name, A, B, scaling, 0.0, trainable=trainable, rslora=rslora)
+
     def dropped_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return x  # token ids: nothing to drop or cast
 

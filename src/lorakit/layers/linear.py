@@ -79,11 +79,16 @@ class LoraLinear(LoraLayer):
         weight = self.base_weight.to(x.dtype)
         return x @ weight if self.fan_in_fan_out else F.linear(x, weight)
 
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) with ``s B A`` the update, in float32 or wider; for VeRA the shared pair
+        scaled by its vectors, ``(d ⊙ A_s, b ⊙ B_s, 1)`` of shapes (r, d_in), (d_out, r)."""
+        if name not in self.vera_projection:
+            return super().factors(name)
+        d, b = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (self.lora_A[name], self.lora_B[name]))
+        A, B = (t.to(d.dtype) for t in self.vera_projection[name].sliced(self.in_dim, self.out_dim))
+        return d[:, None] * A, b[:, None] * B, 1.0
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        if name in self.vera_projection:
-            d, b = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (self.lora_A[name], self.lora_B[name]))
-            A, B = (t.to(d.dtype) for t in self.vera_projection[name].sliced(self.in_dim, self.out_dim))
-            return self.dense_update(d[:, None] * A, b[:, None] * B, 1.0)
         return self.dense_update(*self.factors(name))
 
     def dense_update(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -48,11 +48,14 @@ def gguf_cache_key(path: Path) -> str:
     return f"gguf-{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
 
 
-def is_complete(directory: Path) -> bool:
-    """True when ``directory`` is a finished cache entry of the current format."""
+def is_complete(directory: Path, **expected: Any) -> bool:
+    """True when ``directory`` is a finished cache entry of the current format whose marker
+    holds every ``expected`` value (e.g. the pinned requirement an alias was built from)."""
     try:
         meta = json.loads((directory / MARKER).read_text())
     except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or any(meta.get(key) != value for key, value in expected.items()):
         return False
     return meta.get("format") == CACHE_FORMAT and (directory / "config.json").is_file()
 
@@ -92,12 +95,12 @@ def _relax_permissions(directory: Path) -> None:
             file.chmod(mode)
 
 
-def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
+def build_atomically(final: Path, build: Callable[[Path], None], **expected: Any) -> Path:
     """Run ``build(tmp_dir)``, then move ``tmp_dir`` to ``final``; on any failure nothing is left.
 
     ``build`` must write the complete entry, marker included (see :func:`write_marker`). If another
     process finished the same entry meanwhile, its copy is kept and ours is discarded. An existing
-    but incomplete or outdated ``final`` is replaced.
+    but incomplete or outdated ``final`` (see ``expected`` in :func:`is_complete`) is replaced.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmps(final)
@@ -106,7 +109,7 @@ def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
     try:
         build(tmp)
         _relax_permissions(tmp)
-        if final.exists() and not is_complete(final):
+        if final.exists() and not is_complete(final, **expected):
             # Outdated or foreign content: move it aside first, since a rename cannot replace a
             # non-empty directory.
             old = final.parent / _tmp_name(final)
@@ -115,7 +118,7 @@ def build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
         try:
             os.replace(tmp, final)
         except OSError:
-            if not is_complete(final):
+            if not is_complete(final, **expected):
                 raise
             # Lost a race with another process that built the same entry: keep theirs.
             shutil.rmtree(tmp, ignore_errors=True)

