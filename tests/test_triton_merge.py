@@ -55,3 +55,19 @@ def test_cpu_tensors_never_take_the_kernel():
 
     assert not triton_merge.available(torch.zeros(2, 2), dora=True)
     assert not triton_merge.available(torch.zeros(2, 2), dora=False)
+
+
+@pytest.mark.parametrize("mode, for_dora, for_lora", [("dora", True, False), ("1", True, True), ("0", False, False)])
+def test_which_builds_take_the_kernel(monkeypatch, mode, for_dora, for_lora):
+    """The default ("dora") sends DoRA's builds to the kernel and leaves plain LoRA's to torch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lorakit.kernels import triton_merge
+
+    gpu_weight = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # only what available() reads
+    monkeypatch.setattr(triton_merge, "MODE", mode)
+    assert triton_merge.available(gpu_weight, dora=True) is for_dora
+    assert triton_merge.available(gpu_weight, dora=False) is for_lora
+    assert not triton_merge.available(SimpleNamespace(is_cuda=True, dtype=torch.float64), dora=True)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import AdapterFileError
+from ..io.atomic import write_atomically
 from ..io.layout import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 from ..io.load import group_factors, read_config, read_weights
 from .factor import LowRank, energy_rank, entropy_rank, singular_values
@@ -154,17 +154,10 @@ def plot_spectra(info: AdapterInfo, path: Path) -> Path:
     right.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{Path(info.path).name}: {info.variant}, {len(info.modules)} modules")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
     try:  # written to a temporary name and renamed, so a reader never sees half a PNG
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _natural(path: str) -> list:

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..io.atomic import write_atomically
 from . import demo_pools as pools
 from .records import Record
 
@@ -120,19 +120,9 @@ def write_demo_dataset(out_dir: str | Path, n_train: int = 480, n_test: int = 40
     paths = {}
     for split, text in texts.items():
         paths[split] = out / f"{split}.jsonl"
-        _write_whole(paths[split], text)
+        write_atomically(paths[split], lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
     log.info("demo dataset: %d train and %d test records in %s", n_train, n_test, out)
     return paths
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _nouns(n: int) -> dict[str, str]:

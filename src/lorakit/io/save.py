@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from ..state import adapter_configs, lora_layers, require_adapters, saved_module
 from ..layers import LoraLayer
 from ..inject import trained_bias_ids
 from ..variants.adalora import plain_factors
+from .atomic import temp_path_beside
 from .layout import CONFIG_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME, task_type_of
 
 
@@ -114,10 +114,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     payload = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     written: list[tuple[str, Path]] = []
     try:
-        tmp = _temp_path(out, WEIGHTS_NAME)
+        tmp = temp_path_beside(out / WEIGHTS_NAME)
         written.append((tmp, out / WEIGHTS_NAME))
         save_file(tensors, tmp, metadata={"format": "pt"})
-        tmp = _temp_path(out, CONFIG_NAME)
+        tmp = temp_path_beside(out / CONFIG_NAME)
         written.append((tmp, out / CONFIG_NAME))
         Path(tmp).write_text(payload)
         for tmp, final in written:
@@ -127,9 +127,3 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return out
-
-
-def _temp_path(directory: Path, final_name: str) -> str:
-    handle, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
-    os.close(handle)
-    return tmp

@@ -33,7 +33,7 @@ except ImportError:  # the CPU build of torch comes without Triton
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # "dora": DoRA's builds only (the default); "1": every merged build; "0": none. See the docstring.
-MODE = {"0": "0", "1": "1"}.get(os.environ.get("LORAKIT_TRITON_MERGE", ""), "dora")
+MODE = os.environ.get("LORAKIT_TRITON_MERGE") if os.environ.get("LORAKIT_TRITON_MERGE") in ("0", "1") else "dora"
 
 
 def available(weight: torch.Tensor, dora: bool) -> bool:
