@@ -3,9 +3,11 @@ and failed calls that leave the model untouched."""
 
 import pytest
 import torch
+from torch import nn
 
 import lorakit
 from lorakit import AdapterStateError, ConfigError, LoraConfig
+from lorakit.layers import LoraLayer
 from lorakit.state import lora_layers
 
 from .tiny import randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llama
@@ -192,3 +194,119 @@ def test_pissa_and_modules_to_save_sources_are_refused():
     lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "m")
     with pytest.raises(ConfigError, match="modules_to_save"):
         lorakit.combine(model, ["m"], [1.0], "linear", "x")
+
+
+class Nested(nn.Module):
+    """A top-level ``fc`` and a ``block.fc``: the name ``fc`` read as a suffix selects both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 6)
+        self.block = nn.Module()
+        self.block.fc = nn.Linear(6, 6)
+        self.block.proj = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.block.proj(self.block.fc(self.fc(x)))
+
+
+def assert_reloads_alike(model, name, tmp_path):
+    """Saved and loaded again (lorakit, then PEFT when installed), ``name`` gives the same outputs."""
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(2))
+    lorakit.set_adapter(model, name)
+    with torch.no_grad():
+        expected = model(x)
+    lorakit.save_adapter(model, tmp_path, name)
+    fresh = Nested()
+    lorakit.load_adapter(fresh, tmp_path)
+    adapted = sorted(path for path, _ in lora_layers(model) if name in model.get_submodule(path).lora_A)
+    assert sorted(path for path, _ in lora_layers(fresh)) == adapted
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-6)
+    try:
+        import peft
+    except ImportError:
+        return
+    theirs = peft.PeftModel.from_pretrained(Nested(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_combined_adapter_on_a_top_level_name_does_not_spread_to_its_namesakes(tmp_path):
+    # Written as the list ["fc"], the combined adapter's targets also selected block.fc: install
+    # failed with a KeyError (and a saved file would have loaded onto block.fc too).
+    model = Nested()
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules="^fc$"), "a")
+    randomize_adapters(model, std=0.3)
+    lorakit.combine(model, ["a"], [0.5], "linear", "c")
+    assert not isinstance(model.block.fc, LoraLayer)
+    assert_reloads_alike(model, "c", tmp_path)
+
+
+@pytest.mark.parametrize("how", ["combine", "compress"])
+def test_per_module_ranks_of_namesakes_stay_apart(how, tmp_path):
+    # fc gets rank 4 (3 after compress), block.fc and block.proj rank 2: a rank_pattern key "fc"
+    # would also give block.fc the larger rank when the file is loaded (lorakit and PEFT alike).
+    model = Nested()
+    lorakit.add_adapter(model, LoraConfig(r=2, alpha=2, target_modules=["fc", "proj"], rank_pattern={"^fc$": 4}), "a")
+    randomize_adapters(model, std=0.3)
+    if how == "combine":
+        lorakit.combine(model, ["a"], [1.0], "linear", "c")
+        name = "c"
+    else:
+        lorakit.compress(model, "a", 3)
+        name = "a"
+    assert model.fc.rank(name) == (4 if how == "combine" else 3) and model.block.fc.rank(name) == 2
+    assert_reloads_alike(model, name, tmp_path)
+
+
+def test_into_base_failing_midway_changes_no_weight(monkeypatch):
+    model = two_adapters()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = lorakit.arithmetic.build.combine_layer, []
+
+    def fail_on_the_second_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lorakit.arithmetic.build, "combine_layer", fail_on_the_second_layer)
+    for method in ("linear", "ties"):
+        calls.clear()
+        with pytest.raises(RuntimeError, match="out of memory"):
+            lorakit.combine(model, ["a", "b"], [1.0, 1.0], method, into_base=True)
+        now = model.state_dict()
+        assert now.keys() == before.keys() and all(torch.equal(now[k], before[k]) for k in before)
+
+
+def test_into_base_write_interrupted_puts_back_what_it_wrote():
+    from lorakit.arithmetic.build import assign_all
+
+    first, second = torch.zeros(3), torch.zeros(2)
+    with pytest.raises(RuntimeError):  # the second copy fails (shape mismatch) after the first was written
+        assign_all([(first, torch.ones(3)), (second, torch.ones(5))])
+    assert torch.equal(first, torch.zeros(3)) and torch.equal(second, torch.zeros(2))
+
+
+def test_into_base_adds_both_updates_to_a_tied_weight():
+    model = tiny_llama(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["embed_tokens", "lm_head"]), "a")
+    randomize_adapters(model, std=0.2)
+    tied = model.lm_head.base_weight
+    expected = tied.detach().clone() + sum(layer.delta_weight("a").detach() for _, layer in lora_layers(model))
+    lorakit.combine(model, ["a"], [1.0], "linear", into_base=True)
+    torch.testing.assert_close(tied.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compress_keeps_a_lora_fa_adapters_a_frozen():
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_fa=True))
+    randomize_adapters(model, std=0.2)
+    lorakit.compress(model, "default", 2)
+    for _, layer in lora_layers(model):
+        assert layer.rank("default") == 2
+        assert not layer.lora_A["default"].requires_grad and layer.lora_B["default"].requires_grad
+    assert lorakit.state.adapter_configs(model)["default"].lora_fa

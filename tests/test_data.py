@@ -1,5 +1,6 @@
-"""lorakit.data: reading, validation errors, loss masks, truncation, packing, splits, batching,
-evaluation prompts, the demo dataset and exact match. Offline: the tokenizers are trained here."""
+"""lorakit.data: reading, validation errors, loss masks, truncation, splits, batching, evaluation
+prompts, the demo dataset and exact match. Offline: the tokenizers are trained here. Packing and
+the masks' edge cases are in test_data_masking."""
 
 from __future__ import annotations
 
@@ -285,18 +286,6 @@ def test_truncation_counts_and_drops(chat_tok):
         tokenize_records([long_prompt, long_prompt], chat_tok, max_length=40)
     with pytest.raises(DataError, match="empty"):
         tokenize_records([], chat_tok)
-
-
-def test_packing_preserves_tokens_and_labels(chat_tok):
-    records = [Record.from_prompt_completion(f"Question {i}?", f"Answer number {i}.") for i in range(12)]
-    plain, _ = tokenize_records(records, chat_tok, max_length=48)  # packing truncates examples first
-    packed, stats = tokenize_records(records, chat_tok, max_length=48, packing=True)
-    ids, labels = ([t for x in plain for t in x[key]] for key in ("input_ids", "labels"))
-    chunks = [{"input_ids": ids[i:i + 48], "labels": labels[i:i + 48]} for i in range(0, len(ids), 48)]
-    # Every token in order, cut every 48; only blocks with nothing to learn (all prompt) are left out.
-    assert packed == [c for c in chunks if any(label != -100 for label in c["labels"][1:])]
-    assert len(packed) >= len(chunks) - 2 and all(len(b["input_ids"]) == 48 for b in packed[:-1])
-    assert stats.packed and stats.n_examples == len(packed) and stats.n_records == 12
 
 
 def test_split_is_seeded_and_deterministic():

@@ -164,3 +164,99 @@ def test_lora_fa_freezes_A_and_halves_trainable(ids):
     out = fa(ids).logits
     lorakit.merge(fa)
     torch.testing.assert_close(fa(ids).logits, out, rtol=1e-5, atol=1e-5)
+
+
+# --- DoRA next to other adapters: each one sees W0, whatever the order -----------------------
+
+
+def two_adapter_net(target, kinds):
+    """Net with adapters "first" and "second" on ``target`` (kinds: "lora" / "dora"), both active."""
+    net = Net()
+    for name, kind in zip(("first", "second"), kinds):
+        lorakit.add_adapter(net, LoraConfig(r=3, alpha=6, target_modules=[target], use_dora=kind == "dora"), name=name)
+    randomize_adapters(net)
+    layer = getattr(net, target)
+    with torch.no_grad():
+        for m in layer.lora_magnitude_vector.values():
+            m.mul_(torch.rand_like(m) + 0.5)
+    lorakit.set_adapter(net, ["first", "second"])
+    return net, layer
+
+
+def formula_weight(layer, w0):
+    """W0 + sum over adapters of their change (LoRA: s B A; DoRA: m/||W0 + s B A|| (W0 + s B A) - W0),
+    every change taken against W0, in float64 and laid out like the base weight."""
+    unit = layer.unit_dim
+    dims = [d for d in range(w0.dim()) if d != unit]
+    total = w0.clone()
+    for name in layer.adapter_names:
+        A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+        delta = 2.0 * (B.flatten(1) @ A.flatten(1))  # s = alpha / r = 2
+        delta = delta.T if unit == 1 else delta.reshape(w0.shape)  # embedding: (num_embeddings, dim)
+        if name not in layer.lora_magnitude_vector:
+            total += delta
+            continue
+        shape = [1] * w0.dim()
+        shape[unit] = -1
+        m = layer.lora_magnitude_vector[name].detach().reshape(shape)
+        combined = w0 + delta
+        total += m * combined / torch.linalg.vector_norm(combined, dim=dims, keepdim=True) - w0
+    return total
+
+
+def apply_weight(target, weight, bias, x):
+    if target == "lin":
+        return nn.functional.linear(x, weight, bias)
+    if target == "emb":
+        return nn.functional.embedding(x, weight)
+    return nn.functional.conv2d(x, weight, bias, padding=1)
+
+
+INPUTS = {"lin": lambda: torch.randn(3, 6, dtype=torch.float64), "emb": lambda: torch.tensor([[1, 2, 9]]),
+          "conv": lambda: torch.randn(2, 3, 5, 5, dtype=torch.float64)}
+KINDS = [("lora", "dora"), ("dora", "lora"), ("dora", "dora")]
+
+
+@pytest.mark.parametrize("target", ["lin", "emb", "conv"])
+@pytest.mark.parametrize("kinds", KINDS, ids="+".join)
+def test_several_active_adapters_each_see_the_base_output(target, kinds):
+    net, layer = two_adapter_net(target, kinds)
+    x = INPUTS[target]()
+    bias = getattr(layer.base_layer, "bias", None)
+    expected = apply_weight(target, formula_weight(layer, layer.weight.detach()), bias, x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    lorakit.set_adapter(net, ["second", "first"])  # the order of the active list changes nothing
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("target", ["lin", "emb", "conv"])
+@pytest.mark.parametrize("kinds", KINDS, ids="+".join)
+def test_merging_several_adapters_matches_their_forward(target, kinds):
+    net, layer = two_adapter_net(target, kinds)
+    x = INPUTS[target]()
+    w0, out = layer.weight.detach().clone(), layer(x)
+    lorakit.merge(net)
+    torch.testing.assert_close(layer.weight.detach(), formula_weight(layer, w0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x), out, rtol=1e-12, atol=1e-12)
+    for name in ("first", "second"):  # unmerge in either order (unload(merge=False) goes first to last)
+        layer.unmerge(name)
+        lorakit.merge(net, [name])
+    lorakit.unmerge(net)
+    torch.testing.assert_close(layer.weight.detach(), w0, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("target", ["lin", "emb", "conv"])
+@pytest.mark.parametrize("merged", ["first", "second"])
+@pytest.mark.parametrize("kinds", KINDS, ids="+".join)
+def test_forward_with_some_adapters_merged(target, merged, kinds):
+    net, layer = two_adapter_net(target, kinds)
+    x = INPUTS[target]()
+    out = layer(x)
+    lorakit.merge(net, [merged])  # the other adapter still runs in forward, against W0
+    torch.testing.assert_close(layer(x), out, rtol=1e-12, atol=1e-12)
+    # The dropout path recomputes W0 x from the dropped-out input: also from W0, not the merged
+    # weight. (p = 0 takes that path and keeps the output comparable.)
+    for name in layer.adapter_names:
+        layer.lora_dropout[name] = nn.Dropout(0.0)
+    net.train()
+    torch.testing.assert_close(layer(x), out, rtol=1e-12, atol=1e-12)

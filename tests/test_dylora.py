@@ -1,5 +1,7 @@
 """DyLoRA: nested-rank forward, rank sampling in the trainer, and truncation without retraining."""
 
+import random
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from lorakit import LoraConfig
 from lorakit.state import lora_layers
 from lorakit.training.config import TrainConfig
 from lorakit.training.loop import run_loop
-from lorakit.variants.dylora import nested_rank
+from lorakit.variants.dylora import nested_rank, sample_nested_rank
 
 from .test_training_loop import collate, examples
 from .tiny import randomize_adapters, tiny_llama
@@ -77,3 +79,29 @@ def test_truncate_refuses_adapters_without_a_rank_prefix(flags, ids):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert lorakit.state.adapter_configs(model)["default"].r == 4
     model(ids)  # still runs
+
+
+def test_sampled_rank_covers_ranks_above_r_from_rank_pattern():
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 6},
+                                          dylora=True))
+    attn = model.model.layers[0].self_attn
+    drawn = set()
+    for seed in range(100):
+        b = sample_nested_rank(model, random.Random(seed))
+        drawn.add(b)
+        # Each layer at min(b, its own rank): what truncate(model, b) would keep.
+        assert attn.q_proj.live_factors("default")[0].shape[0] == min(b, 6)
+        assert attn.v_proj.live_factors("default")[0].shape[0] == min(b, 2)
+    assert drawn == set(range(1, 7))
+
+
+def test_trainer_trains_the_ranks_above_r(tmp_path):
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj"], rank_pattern={"layers.0.*q_proj": 6},
+                                          dylora=True, seed=0))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.rank("default") == 6 and not q_proj.lora_B["default"].any()  # B starts at zero
+    run_loop(model, None, TrainConfig(data="x", lr=1e-2, max_steps=6, batch_size=8, device="cpu"), examples(16),
+             collate, tmp_path, progress=False)
+    assert q_proj.lora_B["default"][:, 2:].any()  # ranks above r got trained (that all are drawn: the test above)

@@ -2,10 +2,12 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import lorakit
 from lorakit import AdapterFileError, LoraConfig
@@ -107,6 +109,119 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         lorakit.save_adapter(model, tmp_path)
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
+
+
+def folder_bytes(folder):
+    return {n: (folder / n).read_bytes() for n in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("failing", ["weights", "config"])
+def test_failed_save_creates_no_folder(tmp_path, monkeypatch, failing):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lorakit.io.save.save_file" if failing == "weights" else "pathlib.Path.write_text", broken)
+    with pytest.raises(OSError, match="disk full"):
+        lorakit.save_adapter(trained_llama(), tmp_path / "runs" / "adapter")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_replaces_an_earlier_adapter_whole_and_keeps_other_files(tmp_path, ids):
+    out = tmp_path / "adapter"
+    lorakit.save_adapter(trained_llama(), out)
+    (out / "README.md").write_text("notes")
+    torch.save({}, out / "adapter_model.bin")  # an earlier PEFT save's weights: not this adapter's
+    model = trained_llama(use_rslora=True, target_modules=["v_proj"])
+    assert lorakit.save_adapter(model, out) == out
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert (out / "README.md").read_text() == "notes" and os.listdir(tmp_path) == ["adapter"]
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, out)
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_save_failing_at_any_rename_leaves_the_earlier_adapter(tmp_path, monkeypatch):
+    # Renaming the two files into place one by one could stop between them: new weights beside
+    # the earlier config. Every rename of a save is made to fail in turn.
+    out = tmp_path / "adapter"
+    lorakit.save_adapter(trained_llama(), out)
+    (out / "README.md").write_text("notes")
+    before = folder_bytes(out)
+    model = trained_llama(use_rslora=True, target_modules=["v_proj"])
+    real_rename, real_replace, calls = os.rename, os.replace, []
+
+    def counted(real):
+        def rename(src, dst, *args, **kwargs):
+            calls.append((src, dst))
+            if len(calls) == fail_at:
+                raise OSError("rename failed")
+            return real(src, dst, *args, **kwargs)
+        return rename
+
+    monkeypatch.setattr(os, "rename", counted(real_rename))
+    monkeypatch.setattr(os, "replace", counted(real_replace))
+    for fail_at in range(1, 20):
+        calls.clear()
+        try:
+            lorakit.save_adapter(model, out)
+            break  # fail_at is past the save's last rename: every one of them has failed once
+        except OSError as exc:
+            assert "rename failed" in str(exc)
+        assert folder_bytes(out) == before and os.listdir(tmp_path) == ["adapter"]
+    assert fail_at > 2 and folder_bytes(out) != before
+
+
+def test_save_into_the_working_folder_or_through_a_link(tmp_path, monkeypatch):
+    # The folder is replaced by a rename: the process must not be left in the deleted old folder,
+    # and a link must stay a link to the (new) folder.
+    real = tmp_path / "real"
+    lorakit.save_adapter(trained_llama(), real)
+    monkeypatch.chdir(real)
+    lorakit.save_adapter(trained_llama(use_rslora=True), ".")
+    assert os.getcwd() == str(real) and json.loads(Path("adapter_config.json").read_text())["use_rslora"]
+    (tmp_path / "link").symlink_to(real)
+    lorakit.save_adapter(trained_llama(), tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and not json.loads((real / "adapter_config.json").read_text())["use_rslora"]
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+
+
+class TwoStacks(nn.Module):
+    """Layers ``layers.0/1`` at the top and again inside ``block``: ``layers.1`` is a suffix of
+    ``block.layers.1``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(5, 5) for _ in range(2)])
+        self.block = nn.Module()
+        self.block.layers = nn.ModuleList([nn.Linear(5, 5) for _ in range(2)])
+
+    def forward(self, x):
+        for layer in [*self.layers, *self.block.layers]:
+            x = layer(x)
+        return x
+
+
+def test_exact_module_list_is_saved_so_that_no_namesake_matches(tmp_path):
+    # A regex with layers_to_transform is saved as the adapted modules' paths; the list
+    # ["layers.1"] would also select block.layers.1 on load (in lorakit and in PEFT).
+    model = TwoStacks()
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules="all-linear", layers_to_transform=[1],
+                                          exclude_modules=r"block\..*"))
+    randomize_adapters(model, std=0.3)
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        expected = model(x)
+    lorakit.save_adapter(model, tmp_path)
+    fresh = TwoStacks()
+    lorakit.load_adapter(fresh, tmp_path)
+    assert [path for path, _ in lorakit.state.lora_layers(fresh)] == ["layers.1"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-6, atol=1e-6)
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(TwoStacks(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), expected, rtol=1e-6, atol=1e-6)
 
 
 def snapshot(model):

@@ -50,11 +50,12 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def render_prompt(tokenizer, user_text: str) -> str:
-    """A single user turn rendered with the chat template (plain text if there is none)."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return user_text
+    """A single user turn rendered with the chat template (plain text if there is none), exactly as
+    training renders the prompt of a prompt/completion record (BOS text included): the model is
+    asked in the form it was trained on. Tokenize it with ``add_special_tokens=False``."""
+    from .data.render import Renderer  # lazy: render imports this module (for `stop_token_ids`) too
+
+    return Renderer(tokenizer).prompt(user_text)
 
 
 def stream_generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 256, do_sample: bool = False,

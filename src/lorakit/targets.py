@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -40,6 +41,37 @@ def matches(patterns: list[str] | str, module_name: str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, module_name) is not None
     return any(module_name == p or module_name.endswith("." + p) for p in patterns)
+
+
+def exact_targets(model: nn.Module, paths: list[str]) -> list[str] | str:
+    """A ``target_modules`` value that selects exactly the modules ``paths`` of ``model``.
+
+    The plain list of paths when suffix matching picks no other module; else an anchored regex
+    ``^(?:fc|layers\\.0\\.q_proj)$``, since a listed top-level ``fc`` also selects ``block.fc``.
+    PEFT reads a string as a full-match regex too, so every loader adapts the same modules.
+    """
+    chosen = set(paths)
+    for name, _ in named_base_modules(model):
+        parts = name.split(".")
+        if name not in chosen and any(".".join(parts[i:]) in chosen for i in range(1, len(parts))):
+            return "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
+    return list(paths)
+
+
+def exact_pattern(values: dict[str, Any], adapted: Iterable[str]) -> dict[str, Any]:
+    """Per-module values (``rank_pattern`` / ``alpha_pattern``) keyed by full path, made exact.
+
+    Loaders read a key as the regex ``(.*\\.)?key`` and PEFT takes the first key that matches, so
+    a key that also matches another of the ``adapted`` modules (``fc`` and ``block.fc``) is
+    written anchored, ``^fc$``, which matches only itself in lorakit and in PEFT.
+    """
+    adapted = list(adapted)
+    out = {}
+    for path, value in values.items():
+        key = re.compile(rf"(.*\.)?(?:{path})")
+        clash = any(other != path and key.fullmatch(other) for other in adapted)
+        out["^" + re.escape(path) + "$" if clash else path] = value
+    return out
 
 
 def layer_index(module_name: str, layers_pattern: list[str] | None) -> int | None:

@@ -13,7 +13,8 @@ terms B_i A_j and is not Σ ΔW_i. Per module:
   ``into_base``, added to the base weight as is.
 
 Checks run before the model is touched; the new adapter is attached with the same two-phase
-injection as ``add_adapter``, so a failed call leaves the model as it was.
+injection as ``add_adapter``, and ``into_base`` computes every new weight before it writes any, so
+a failed call leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..init import module_generator
 from ..inject import check_new_name, commit, plan
 from ..layers import LoraLayer
 from ..state import adapter_configs, lora_layers, merged_adapters, require_adapters
+from ..targets import exact_pattern, exact_targets
 from . import methods
 from .factor import LowRank, best_rank_k, concatenated, singular_values, svd_of_factors, truncated
 from .options import MergeOptions, parse_options
@@ -64,7 +66,9 @@ def combine(model: nn.Module, sources: Sequence[str], weights: Sequence[float] |
             ``dare_ties``, ``magnitude_prune`` or ``slerp`` — formulas in ``docs/arithmetic.md``.
         into_base: add the result to the base weights (accumulated in float32) instead of
             creating an adapter: no rank, no approximation (``svd`` merges its rank-k truncation).
-            The sources stay in the model, still active if they were.
+            The sources stay in the model, still active if they were. Every new weight is
+            computed before the first is written, and held in CPU memory until then (one copy
+            of the adapted weights there; an accelerator holds one extra layer at a time).
         activate: make the new adapter the only active one (as ``add_adapter`` does).
         options: ``rank`` (SVD target rank), ``lambda_`` (or ``lambda``; final scale λ), ``normalize``
             (divide by the sum of the weights that contribute); for the sparsifying methods
@@ -89,12 +93,18 @@ def combine(model: nn.Module, sources: Sequence[str], weights: Sequence[float] |
     # (disable=None: only when stderr is a terminal).
     bar = tqdm(chosen, desc=f"combine ({opts.spec.name})", unit="module", leave=False,
                disable=True if opts.spec.low_rank else None)
+    new_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(W0) -> (W0, W0 + ΔW)
     for path, layer in bar:
         result = combine_layer(path, layer, sources, opts, keep=not into_base)
-        if into_base:  # every check is behind us: write as we go rather than hold every dense update
-            layer.add_to_weight(to_weight_layout(layer, result.delta()))
+        if into_base:  # hold the new weight, not the dense update (which is float64)
+            weight = layer.base_weight
+            current = new_weights.get(id(weight), (weight, weight))[1]  # a tied weight adds up both
+            # Held on the CPU: a GPU close to full keeps room for the merge.
+            new_weights[id(weight)] = (weight, plus(current, to_weight_layout(layer, result.delta())).cpu())
             result.stored = result.dense = None
         results.append(result)
+    if into_base:
+        assign_all(list(new_weights.values()))
     report = CombineReport(None if into_base else name, opts.spec.name, sources, list(opts.weights),
                            exact=all(r.report.rel_error == 0 for r in results), into_base=into_base,
                            layers=[r.report for r in results])
@@ -103,6 +113,35 @@ def combine(model: nn.Module, sources: Sequence[str], weights: Sequence[float] |
     log.info("combined %s with %s into %s: %d modules, max relative error %.3e", sources, opts.spec.name,
              "the base weights" if into_base else repr(name), len(results), report.max_error)
     return report
+
+
+@torch.no_grad()
+def plus(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """W0 + ΔW as a new tensor on W0's device, with ``LoraLayer.add_to_weight``'s arithmetic
+    (float32 sum, one rounding)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    return (weight.to(acc) + delta.to(weight.device, acc)).to(weight.dtype)
+
+
+@torch.no_grad()
+def assign_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy each new value into its weight, in place (tied weights and other holders see it).
+
+    If anything (Ctrl-C included) stops the loop midway, the weights written so far are put
+    back. Each old value is moved into the spent new value's buffer (which may be on another
+    device), so this holds one extra layer at a time beside the new values."""
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its old value)
+    try:
+        for weight, new in pairs:
+            old = weight.detach().clone()
+            done.append((weight, old))
+            weight.copy_(new)
+            new.copy_(old)
+            done[-1] = (weight, new)  # frees ``old``
+    except BaseException:
+        for weight, old in reversed(done):
+            weight.copy_(old)
+        raise
 
 
 def check_sources(model: nn.Module, sources: list[str], combining: bool = True) -> None:
@@ -186,9 +225,10 @@ def low_rank_config(ranks: dict[str, int], template: LoraConfig, **changes: Any)
     """A plain LoRA config for per-module ranks with scaling 1 everywhere (alpha = r).
 
     The most common rank becomes ``r``; the others go to ``rank_pattern`` / ``alpha_pattern``
-    keyed by full module path, which PEFT's loader reads the same way."""
+    keyed by full module path (anchored where a path would also match another module, see
+    ``exact_pattern``), which PEFT's loader reads the same way."""
     common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {path: r for path, r in ranks.items() if r != common}
+    pattern = exact_pattern({path: r for path, r in ranks.items() if r != common}, ranks)
     values = dict(r=common, alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False,
                   use_dora=False, use_vera=False, adalora=False, dylora=False, lora_fa=False, init="default", dropout=0.0)
     return template.replace(**{**values, **changes})
@@ -199,7 +239,8 @@ def install(model: nn.Module, name: str, results: list[LayerResult], template: L
     first = results[0]
     dtype = str(first.layer.lora_B[next(iter(first.report.source_ranks))].dtype).replace("torch.", "")
     config = low_rank_config(
-        {r.path: r.stored.rank for r in results}, template, target_modules=[r.path for r in results],
+        {r.path: r.stored.rank for r in results}, template,
+        target_modules=exact_targets(model, [r.path for r in results]),
         exclude_modules=None, layers_to_transform=None, layers_pattern=None, modules_to_save=None, bias="none",
         seed=None, adapter_dtype=dtype if dtype in ADAPTER_DTYPES else "auto")
     planned = plan(model, config, name, draw_factors=False)

@@ -28,8 +28,9 @@ log = logging.getLogger("lorakit.combine")
 def compress(model: nn.Module, name: str, rank: int, *, new_name: str | None = None) -> CombineReport:
     """Reduce adapter ``name`` to at most ``rank`` per module, in place (or as ``new_name``).
 
-    The adapter keeps its place among the active adapters, its trainability and dropout; its config
-    becomes plain LoRA with per-module ranks (``rank_pattern``) and scaling 1. Returns the report of
+    The adapter keeps its place among the active adapters, each factor's trainability (a LoRA-FA
+    adapter's A stays frozen) and its dropout; its config becomes plain LoRA with per-module ranks
+    (``rank_pattern``) and scaling 1 (still ``lora_fa`` if it was). Returns the report of
     relative errors; raises a lorakit error (and changes nothing) for a bad rank, an unknown or
     merged adapter, or a DoRA adapter.
     """
@@ -49,8 +50,8 @@ def compress(model: nn.Module, name: str, rank: int, *, new_name: str | None = N
             stored, error = truncated(U, S, Vh, min(rank, layer.rank(name)))
             report = LayerReport(path, {name: layer.rank(name)}, stored.rank, float(S.norm()), error)
             results.append(LayerResult(path, layer, report, stored))
-    config = low_rank_config({r.path: r.stored.rank for r in results}, adapter_configs(model)[name],
-                             dropout=adapter_configs(model)[name].dropout)
+    old = adapter_configs(model)[name]
+    config = low_rank_config({r.path: r.stored.rank for r in results}, old, dropout=old.dropout, lora_fa=old.lora_fa)
     for result in results:  # nothing below can fail on user input
         replace_factors(result, name)
     adapter_configs(model)[name] = config
@@ -65,9 +66,11 @@ def replace_factors(result: LayerResult, name: str) -> None:
     """Swap adapter ``name``'s factors on one layer, keeping its active state, dropout, trainability."""
     layer = result.layer
     active = list(layer.active_adapters)
-    trainable = layer.lora_B[name].requires_grad
+    # Per factor: LoRA-FA trains B only, and its A must stay frozen after compression too.
+    train_A, train_B = layer.lora_A[name].requires_grad, layer.lora_B[name].requires_grad
     dropout = getattr(layer.lora_dropout[name], "p", 0.0)
     A, B = adapter_factors(layer, result.stored, layer.lora_B[name].dtype)
     layer.remove_adapter(name)
-    layer.add_adapter(name, A, B, 1.0, dropout, trainable=trainable)
+    layer.add_adapter(name, A, B, 1.0, dropout, trainable=train_B)
+    layer.lora_A[name].requires_grad_(train_A)
     layer.active_adapters = active

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, DataError
+from ..models.tokenizer import pad_or_eos_id
 from .packing import IGNORE
 
 log = logging.getLogger("lorakit.data.collate")
@@ -26,9 +27,7 @@ class Collator:
     def __init__(self, tokenizer: Any = None, pad_token_id: int | None = None,
                  pad_to_multiple_of: int | None = None) -> None:
         if pad_token_id is None and tokenizer is not None:
-            pad_token_id = tokenizer.pad_token_id
-            if pad_token_id is None:
-                pad_token_id = tokenizer.eos_token_id
+            pad_token_id = pad_or_eos_id(tokenizer)  # reads only: the caller's tokenizer is left as is
         if pad_token_id is None:
             log.warning("no pad or EOS token id: padding with 0 (masked out, so harmless)")
             pad_token_id = 0

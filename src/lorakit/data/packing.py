@@ -1,7 +1,14 @@
-"""Packing: concatenate tokenized examples into fixed-length blocks (no padding wasted).
+"""Packing: put several tokenized examples into one block of at most ``block_size`` tokens.
 
-Each token keeps its own label, so the loss mask of every example survives packing: prompt
-tokens stay -100, completion tokens stay supervised.
+Greedy, in input order: whole examples are added to the current block while they fit, and the
+next block starts when one does not. An example is never split across blocks, so its answer is
+always trained in the same block as its prompt, and no block starts mid-example: a block's first
+token, whose label a causal LM never uses (nothing precedes it), is an example's first token,
+which is not trained unpacked either. Each token keeps its own label, so the loss mask of every
+example survives: prompt tokens stay -100, completion tokens stay supervised.
+
+Blocks are not padded here (their lengths vary up to ``block_size``); the `Collator` pads each
+batch with -100 labels and a zero attention mask.
 
 Note on attention: a packed block is one sequence to the model, so tokens of an example can
 attend to the examples before it in the same block (there is no block-diagonal mask), and
@@ -23,27 +30,40 @@ IGNORE = -100
 
 
 def pack_examples(examples: list[dict[str, list[int]]], block_size: int) -> list[dict[str, list[int]]]:
-    """Blocks of exactly ``block_size`` tokens (the last one may be shorter), in input order.
+    """Blocks of whole examples, each block at most ``block_size`` tokens, in input order.
 
-    A block whose labels are all -100 (possible at the tail, or when a long prompt spans a
-    whole block) is dropped, since it would add no loss and only cost compute.
+    An example longer than ``block_size`` is truncated from the right to ``block_size`` tokens
+    (as ``tokenize_records(max_length=...)`` does) and fills a block alone. An example with no
+    supervised token after its first (e.g. its answer was truncated away) is dropped, since it
+    would add no loss and only cost compute.
     """
     if block_size < 2:
         raise ConfigError(f"block_size must be at least 2 tokens, got {block_size}")
+    blocks: list[dict[str, list[int]]] = []
     ids: list[int] = []
     labels: list[int] = []
+    truncated = skipped = n_tokens = 0
     for example in examples:
-        ids.extend(example["input_ids"])
-        labels.extend(example["labels"])
-    blocks = []
-    skipped = 0
-    for start in range(0, len(ids), block_size):
-        block_labels = labels[start:start + block_size]
-        # Position 0's label is never used by a causal LM (it predicts t+1 from t).
-        if all(label == IGNORE for label in block_labels[1:]):
+        example_ids, example_labels = example["input_ids"], example["labels"]
+        if len(example_ids) > block_size:
+            truncated += 1
+            example_ids, example_labels = example_ids[:block_size], example_labels[:block_size]
+        # Its first label is unused when it starts a block, so it cannot be all it has to learn.
+        if all(label == IGNORE for label in example_labels[1:]):
             skipped += 1
             continue
-        blocks.append({"input_ids": ids[start:start + block_size], "labels": block_labels})
-    log.info("packed %d examples (%d tokens) into %d blocks of %d tokens%s", len(examples), len(ids),
-             len(blocks), block_size, f"; {skipped} blocks without supervised tokens dropped" if skipped else "")
+        if len(ids) + len(example_ids) > block_size:
+            blocks.append({"input_ids": ids, "labels": labels})
+            ids, labels = [], []
+        ids.extend(example_ids)
+        labels.extend(example_labels)
+        n_tokens += len(example_ids)
+    if ids:
+        blocks.append({"input_ids": ids, "labels": labels})
+    notes = [f"{truncated} examples truncated to the block size"] if truncated else []
+    notes += [f"{skipped} examples without supervised tokens dropped"] if skipped else []
+    fill = n_tokens / (len(blocks) * block_size) if blocks else 0.0
+    log.info("packed %d examples (%d tokens) into %d blocks of at most %d tokens (%.0f%% full)%s",
+             len(examples) - skipped, n_tokens, len(blocks), block_size, 100 * fill,
+             "; " + ", ".join(notes) if notes else "")
     return blocks

@@ -141,14 +141,19 @@ class Renderer:
             raise RenderError(f"apply_chat_template returned {type(text).__name__}, expected text")
         return text
 
-    # -- evaluation ---------------------------------------------------------------------------
+    # -- evaluation and generation ------------------------------------------------------------
+
+    def prompt(self, user_text: str) -> str:
+        """``user_text`` rendered as the text a completion follows in training: one user turn with
+        the generation prompt, or, without a template, the text itself after the BOS text."""
+        if self.chat:
+            return self._apply([{"role": "user", "content": user_text}], generation_prompt=True)
+        return self.bos_text + user_text
 
     def eval_pair(self, record: Record) -> EvalPair | None:
         """(rendered prompt, reference) for records with a final answer; None for the others."""
         if record.kind == "prompt_completion":
-            prompt = (self._apply(_as_messages(record)[:1], generation_prompt=True) if self.chat
-                      else self.bos_text + (record.prompt or ""))
-            return EvalPair(prompt, (record.completion or "").strip())
+            return EvalPair(self.prompt(record.prompt or ""), (record.completion or "").strip())
         if record.kind == "chat" and record.messages and record.messages[-1]["role"] == "assistant" and self.chat:
             prompt = self._apply(record.messages[:-1], generation_prompt=True)
             return EvalPair(prompt, record.messages[-1]["content"].strip())

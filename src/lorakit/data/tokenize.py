@@ -9,7 +9,8 @@ stop.
 Segments are tokenized one by one and concatenated, so the prompt part is tokenized exactly as
 the evaluation/generation prompt will be (no token merges across the prompt/answer boundary).
 Tokenizers that prepend a dummy space to every call (SentencePiece "▁" style) would corrupt that,
-so for them the whole text is tokenized at once and the mask is set from character offsets.
+so for them the whole text is tokenized at once and the mask is set from character offsets: a
+token is supervised when any of its characters, leading whitespace aside, is (`_token_segment`).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int | No
     """Tokenize ``records`` with loss masks; returns ``(examples, stats)``.
 
     ``max_length`` truncates each example from the right; examples whose supervised tokens were
-    all cut off are dropped (and counted). ``packing=True`` (needs ``max_length``) concatenates
-    the examples, each truncated as above first, into blocks of ``max_length`` tokens, see
+    all cut off are dropped (and counted). ``packing=True`` (needs ``max_length``) puts whole
+    examples, each truncated as above first, into blocks of at most ``max_length`` tokens, see
     `lorakit.data.packing`.
 
     Raises DataError up front for records the tokenizer cannot render (e.g. chat records without
@@ -144,8 +145,8 @@ def _encode_segments(tokenizer: Any, rendered: list[list[Segment]]):
 
 
 def _encode_joint(tokenizer: Any, rendered: list[list[Segment]]):
-    """Tokenize each example's whole text once; a token is supervised when it starts inside a
-    supervised segment. EOS is inserted after the last token of an ``append_eos`` segment."""
+    """Tokenize each example's whole text once and label each token by `_token_segment`.
+    EOS is inserted after the last token of an ``append_eos`` segment."""
     for segments in rendered:
         text = "".join(s.text for s in segments)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -156,8 +157,8 @@ def _encode_joint(tokenizer: Any, rendered: list[list[Segment]]):
         ids: list[int] = []
         labels: list[int] = []
         pending_eos = None
-        for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
-            segment = next((s for a, b, s in spans if a <= start < b), segments[-1])
+        for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            segment = _token_segment(text, start, end, spans) or segments[-1]
             if pending_eos is not None and segment is not pending_eos:
                 ids.append(tokenizer.eos_token_id)
                 labels.append(tokenizer.eos_token_id)
@@ -170,6 +171,26 @@ def _encode_joint(tokenizer: Any, rendered: list[list[Segment]]):
             ids.append(tokenizer.eos_token_id)
             labels.append(tokenizer.eos_token_id)
         yield ids, labels
+
+
+def _token_segment(text: str, start: int, end: int, spans: list[tuple[int, int, Segment]]) -> Segment | None:
+    """The segment a token covering ``text[start:end]`` belongs to (None past the end).
+
+    A SentencePiece token carries the space before its word ("▁yes" covers " yes"), and that
+    space may be the prompt's last character ("[INST] q [/INST] " + "yes"). Judged by its first
+    character, such a token would be masked as prompt, and a one-token answer would lose its only
+    token. So leading whitespace is skipped, and a token that reaches into a supervised segment
+    belongs to it: a token straddling the prompt/answer boundary is learned rather than lost.
+    An all-whitespace token stays with the segment of its first character.
+    """
+    end = min(end, len(text))
+    core = start
+    while core < end and text[core].isspace():
+        core += 1
+    if core == end:  # all whitespace, or an empty span (some added tokens report (i, i))
+        return next((s for a, b, s in spans if a <= start < b), None)
+    overlapping = [s for a, b, s in spans if a < end and core < b]
+    return next((s for s in overlapping if s.supervised), overlapping[0] if overlapping else None)
 
 
 def _adds_dummy_prefix(tokenizer: Any) -> bool:

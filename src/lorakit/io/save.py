@@ -17,15 +17,17 @@ from ..state import adapter_configs, lora_layers, require_adapters, saved_module
 from ..layers import LoraLayer
 from ..inject import trained_bias_ids
 from ..variants.adalora import plain_factors
-from .atomic import temp_path_beside
-from .layout import CONFIG_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME, task_type_of
+from ..targets import exact_pattern, exact_targets
+from .atomic import write_directory_atomically
+from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME, task_type_of
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[str, torch.Tensor], LoraConfig]:
     """The tensors and config that describe adapter ``name`` in PEFT's layout.
 
     A regex or ``"all-linear"`` combined with ``layers_to_transform`` (which PEFT refuses) is
-    written as the explicit list of adapted modules. AdaLoRA adapters are written as plain LoRA:
+    written as the adapted modules' exact paths (``exact_targets``: a list, or an anchored regex
+    where a listed name would also select another module). AdaLoRA adapters are written as plain LoRA:
     the ranks left per module (``rank_pattern``), with E and the scaling folded into A.
 
     PiSSA/OLoRA adapters are written against the *original* W0: the update since init,
@@ -65,13 +67,15 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
     config = config.replace(fan_in_fan_out=fan_in_fan_out, task_type=config.task_type or task_type_of(model))
     if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
         # PEFT refuses a regex/"all-linear" together with layers_to_transform: write the exact
-        # module list instead, which selects the same modules in every loader.
-        config = config.replace(target_modules=paths, layers_to_transform=None, layers_pattern=None, exclude_modules=None)
+        # modules instead, which selects the same modules in every loader.
+        config = config.replace(target_modules=exact_targets(model, paths), layers_to_transform=None,
+                                layers_pattern=None, exclude_modules=None)
     if adalora_ranks:
         # Scaling is folded into A', so each module gets alpha = its rank (sqrt with rsLoRA): s' = 1.
         config = config.replace(
-            rank_pattern=dict(adalora_ranks),
-            alpha_pattern={p: (k ** 0.5 if config.use_rslora else k) for p, k in adalora_ranks.items()},
+            rank_pattern=exact_pattern(adalora_ranks, paths),
+            alpha_pattern=exact_pattern({p: (k ** 0.5 if config.use_rslora else k) for p, k in adalora_ranks.items()},
+                                        paths),
         )
     if converted:
         growth = math.sqrt(2) if config.use_rslora else 2
@@ -102,28 +106,23 @@ def _in_lora_layer(model: nn.Module, key: str) -> bool:
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter ``name`` to directory ``path`` (created if needed) in PEFT's layout.
 
-    Files are written to temporary names and renamed into place, so an interrupted save never
-    leaves a truncated ``adapter_model.safetensors`` or a config that does not match it.
+    Both files are written into a new folder beside ``path`` that then takes ``path``'s place as
+    a whole (``write_directory_atomically``): a reader never sees a truncated weights file, nor new
+    weights beside an earlier save's config. An earlier adapter in ``path`` is replaced (other
+    files there are kept); a failed save leaves ``path`` as it was, or absent if it was.
     """
     tensors, config = adapter_state_dict(model, name)
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise AdapterFileError(f"{out} is a file, but an adapter is a directory ({CONFIG_NAME} and {WEIGHTS_NAME}); "
                                "give the path of a directory (it is created if missing)")
-    out.mkdir(parents=True, exist_ok=True)
     payload = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    written: list[tuple[str, Path]] = []
-    try:
-        tmp = temp_path_beside(out / WEIGHTS_NAME)
-        written.append((tmp, out / WEIGHTS_NAME))
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        tmp = temp_path_beside(out / CONFIG_NAME)
-        written.append((tmp, out / CONFIG_NAME))
-        Path(tmp).write_text(payload)
-        for tmp, final in written:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in written:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        (folder / CONFIG_NAME).write_text(payload)
+
+    # An earlier save's legacy .bin goes too: the loader would not read it, but a reader of the
+    # folder could take it for this adapter's weights.
+    write_directory_atomically(out, write, replaces=(CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME))
     return out

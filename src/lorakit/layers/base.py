@@ -6,6 +6,10 @@ DoRA adapters (Liu et al. 2024) instead rescale each output unit of the adapted 
 learned magnitude m:  W = m * (W0 + s B A) / ||W0 + s B A||, the norm taken per output unit and
 treated as a constant in backward (the paper's recommendation, also PEFT's).
 
+With several adapters each one's change is taken against W0 alone and the changes add up, in
+forward and in merging alike, so neither the order of the active adapters nor which of them are
+merged changes the result.
+
 Subclasses (linear, embedding, conv) say how A and B are shaped, how ``B A`` is applied to an
 input, and how the dense update ``s B A`` is laid out in the base weight; this class holds the
 adapters and everything about their state (active, merged, disabled, per-row routing).
@@ -89,7 +93,8 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        """``W0 x`` without the bias (DoRA needs it on the dropped-out input)."""
+        """``W0 x`` without the bias, W0 being ``unmerged_weight()`` (DoRA needs it on the
+        dropped-out input, and when other adapters are merged into the base weight)."""
         raise NotImplementedError
 
     def output_bias(self) -> torch.Tensor | None:
@@ -141,20 +146,21 @@ class LoraLayer(nn.Module):
         """``s * B A dropout(x)`` for adapter ``name``, in the adapter's dtype."""
         return self.apply_lora(self.dropped_input(x, name), name)
 
-    def adapter_increment(self, x: torch.Tensor, name: str, result: torch.Tensor) -> torch.Tensor:
-        """What adapter ``name`` adds to the base output ``result`` for input ``x``."""
+    def adapter_increment(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds for input ``x``, given the base output ``base_out = W0 x + b``
+        (W0 without any other adapter: see the module docstring)."""
         if name not in self.lora_magnitude_vector:
-            return self.lora_output(x, name).to(result.dtype)
-        # DoRA: m/||W|| * (W0 x + s B A x) + b  ==  result + (scale - 1) W0 x + scale s B A x
+            return self.lora_output(x, name).to(base_out.dtype)
+        # DoRA: m/||W|| * (W0 x + s B A x) + b  ==  base_out + (scale - 1) W0 x + scale s B A x
         x_d = self.dropped_input(x, name)
         lora = self.apply_lora(x_d, name)
         scale = self.lora_magnitude_vector[name] / self.weight_norm(name).to(lora.dtype)
         if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
             bias = self.output_bias()
-            base = result if bias is None else result - bias
+            base = base_out if bias is None else base_out - bias
         else:
             base = self.base_output_without_bias(x_d)
-        return ((scale - 1) * base.to(lora.dtype) + scale * lora).to(result.dtype)
+        return ((scale - 1) * base.to(lora.dtype) + scale * lora).to(base_out.dtype)
 
     # --- DoRA --------------------------------------------------------------------------------
     def magnitude_shape(self) -> tuple[int, ...]:
@@ -167,16 +173,19 @@ class LoraLayer(nn.Module):
         shape[self.unit_dim] = -1
         return vector.reshape(shape)
 
+    def _unit_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """Norm of each output unit of a weight laid out like W0, in ``magnitude_shape()``."""
+        dims = [d for d in range(weight.dim()) if d != self.unit_dim]
+        return torch.linalg.vector_norm(weight, dim=dims).reshape(self.magnitude_shape())
+
     @torch.no_grad()
     def weight_norm(self, name: str) -> torch.Tensor:
-        """``||W0 + s B A||`` per output unit, in ``magnitude_shape()``.
+        """``||W0 + s B A||`` per output unit, in ``magnitude_shape()`` (W0: ``unmerged_weight()``).
 
         Always a constant for autograd (DoRA's norm is detached, as the paper recommends), so no
         graph is built for the dense matrix."""
-        weight = self.base_weight
-        combined = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self.delta_weight(name)
-        dims = [d for d in range(combined.dim()) if d != self.unit_dim]
-        return torch.linalg.vector_norm(combined, dim=dims).reshape(self.magnitude_shape())
+        weight = self.unmerged_weight()
+        return self._unit_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)) + self.delta_weight(name))
 
     @torch.no_grad()
     def dora_weight_change(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,12 +193,40 @@ class LoraLayer(nn.Module):
 
         Returns ``m / ||W0 + dW|| * (W0 + dW) - W0`` laid out like W0 (float32 or wider) and
         ``||W0 + dW||`` per output unit (``magnitude_shape()``), which ``unmerge`` needs to undo
-        a merge exactly (the norm changes once the weight has)."""
+        a merge exactly (the norm changes once the weight has). W0 is ``unmerged_weight()``."""
         delta = self.delta_weight(name)
-        norm = self.weight_norm(name)
-        scale = self._unit_view(self.lora_magnitude_vector[name].to(norm.dtype) / norm)
-        weight = self.base_weight.to(delta.dtype)
+        weight = self.unmerged_weight().to(delta.dtype)
+        norm = self._unit_norm(weight + delta)
+        scale = self._dora_scale(name, norm)
         return scale * (weight + delta) - weight, norm
+
+    @torch.no_grad()
+    def unmerged_weight(self) -> torch.Tensor:
+        """W0: the base weight without the adapters merged into it; the base weight itself while
+        none is, else a float32 (or wider) copy.
+
+        Every merge adds a change taken against W0 (see ``merge``): dW for LoRA, (c - 1) W0 + c dW
+        for DoRA, with c = m / ||W0 + dW|| per unit (the norm kept from the merge). The merged
+        weight is thus W = W0 (1 + sum (c - 1)) + sum c dW (c = 1 for LoRA), solved here for W0 —
+        in any order of merging and unmerging, where keeping a copy of W0 would cost its memory."""
+        weight = self.base_weight
+        if not self.merged_adapters:
+            return weight
+        rest = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        factor = None
+        for name in self.merged_adapters:
+            delta = self.delta_weight(name)
+            if name not in self._dora_merge_norms:
+                rest = rest - delta
+                continue
+            scale = self._dora_scale(name, self._dora_merge_norms[name])
+            rest = rest - scale * delta
+            factor = (1 if factor is None else factor) + (scale - 1)
+        return rest if factor is None else rest / factor
+
+    def _dora_scale(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """c = m / norm, laid out to broadcast against the base weight."""
+        return self._unit_view(self.lora_magnitude_vector[name].to(norm.dtype) / norm)
 
     @torch.no_grad()
     def init_magnitude(self, name: str, trainable: bool = True) -> None:
@@ -235,24 +272,35 @@ class LoraLayer(nn.Module):
             return result
         if self.row_adapters is not None:
             return self._add_per_row(x, result)
-        for name in self.active_adapters:
-            if name in self.lora_A and name not in self.merged_adapters:
-                result = result + self.adapter_increment(x, name, result)
+        pending = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        # Every adapter gets W0 x + b, not the running sum: DoRA rescales the base output it is
+        # given, so handing it an earlier adapter's contribution would make the order matter.
+        base_out = result
+        if self.merged_adapters and any(n in self.lora_magnitude_vector for n in pending):
+            # The base layer's output includes the merged adapters; DoRA needs W0 x without them.
+            bias = self.output_bias()
+            base_out = self.base_output_without_bias(x).to(result.dtype)
+            base_out = base_out if bias is None else base_out + bias
+        for name in pending:
+            result = result + self.adapter_increment(x, name, base_out)
         return result
 
-    def _add_per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _add_per_row(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
         """Row i of the batch gets adapter ``row_adapters.names[i]`` (None: the base alone)."""
+        result = base_out
         for name, index in self.row_adapters.groups(x.shape[0], x.device).items():
             if name is None or name not in self.lora_A:
                 continue
-            delta = self.adapter_increment(x.index_select(0, index), name, result.index_select(0, index))
+            delta = self.adapter_increment(x.index_select(0, index), name, base_out.index_select(0, index))
             result = result.index_add(0, index, delta)
         return result
 
     # --- merging -----------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """Add ``s B A`` into the base weight, so ``forward`` skips the adapter."""
+        """Add the adapter's change into the base weight, so ``forward`` skips the adapter: ``s B A``,
+        or for DoRA ``m / ||W0 + s B A|| (W0 + s B A) - W0``, W0 being the weight without the
+        adapters merged before (``unmerged_weight()``)."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is already merged; unmerge it before merging again")
         if name in self.lora_magnitude_vector:
@@ -264,17 +312,16 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        """Subtract ``s B A`` from the base weight again."""
+        """Subtract the adapter's change from the base weight again (any merged adapter, in any order)."""
         if name not in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is not merged")
         delta = self.delta_weight(name)
         if name in self.lora_magnitude_vector:
-            norm = self._dora_merge_norms.pop(name)
-            scale = self._unit_view(self.lora_magnitude_vector[name].to(norm.dtype) / norm)
-            weight = self.base_weight.to(delta.dtype)
-            self.add_to_weight(weight / scale - delta - weight)
-        else:
-            self.add_to_weight(-delta)
+            # The change merge added, (c - 1) W0 + c dW, with the norm of then (W0 has not changed).
+            weight = self.unmerged_weight().to(delta.dtype)
+            scale = self._dora_scale(name, self._dora_merge_norms.pop(name))
+            delta = (scale - 1) * weight + scale * delta
+        self.add_to_weight(-delta)
         self.merged_adapters.remove(name)
 
     @torch.no_grad()

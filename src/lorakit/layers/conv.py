@@ -50,7 +50,7 @@ class LoraConv(LoraLayer):
         return _CONV_FN[self.spatial_dims](after_A, B) * s
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer._conv_forward(x, self.base_weight.to(x.dtype), None)
+        return self.base_layer._conv_forward(x, self.unmerged_weight().to(x.dtype), None)
 
     def output_bias(self) -> torch.Tensor | None:
         bias = self.base_layer.bias

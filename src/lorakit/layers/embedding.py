@@ -44,6 +44,12 @@ class LoraEmbedding(LoraLayer):
     def output_bias(self) -> None:
         return None
 
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        weight = self.unmerged_weight().to(base.weight.dtype)
+        return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
     def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B, s = self.live_factors(name)
         base = self.base_layer

@@ -76,7 +76,7 @@ class LoraLinear(LoraLayer):
         return F.linear(F.linear(x, A), B) * s
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_weight.to(x.dtype)
+        weight = self.unmerged_weight().to(x.dtype)
         return x @ weight if self.fan_in_fan_out else F.linear(x, weight)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:

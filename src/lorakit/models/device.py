@@ -44,18 +44,34 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """The torch dtype to load weights in.
 
     ``None``/"auto": float32 on CPU (CPU matmuls in half precision are slow and lossy), bfloat16 on
-    GPUs that support it (same range as float32, so no loss scaling is needed), else float16.
+    GPUs that compute in it natively (same range as float32, so no loss scaling is needed), else
+    float16.
     Strings may be "float32"/"fp32", "bfloat16"/"bf16" or "float16"/"fp16"; torch dtypes pass through.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bf16() else torch.float16
         return torch.float32
     if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
         raise ConfigError(f"dtype must be auto, a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype.lower()]
+
+
+def native_bf16() -> bool:
+    """True when the current CUDA GPU computes in bfloat16 in hardware (compute capability >= 8.0,
+    or ROCm).
+
+    ``torch.cuda.is_bf16_supported()`` alone also says yes for GPUs that only emulate it (V100,
+    T4), where bfloat16 runs several times slower than float16."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument
+        pass
+    if torch.version.hip:
+        return True  # what torch's own check answers for every ROCm GPU
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -20,6 +20,7 @@ from ..errors import ModelNotFoundError
 from .aliases import WheelModel
 from .cache import build_atomically, gguf_cache_key, is_complete, model_cache_dir, write_marker
 from .device import dtype_kwarg
+from .tokenizer import pad_or_eos_id
 
 log = logging.getLogger("lorakit.models.gguf")
 
@@ -56,8 +57,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, spec: WheelModel | None = None)
         log.warning("%s has no chat template; using lorakit's copy of the model's template", gguf_path.name)
         tokenizer.chat_template = spec.chat_template
     had_pad = tokenizer.pad_token is not None
-    if not had_pad:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_or_eos_id(tokenizer, assign=True)
     if tokenizer.model_max_length >= _NO_LENGTH_LIMIT:
         # Without a limit, `truncation=True` silently does nothing; the model's context is the limit.
         limit = (spec.model_max_length if spec else None) or getattr(model.config, "max_position_embeddings", None)

@@ -13,6 +13,7 @@ from ..errors import ConfigError, ModelNotFoundError
 from .aliases import ALIASES, DEFAULT_MODEL, describe_aliases
 from .device import dtype_kwarg, require_device, resolve_device, resolve_dtype
 from .hub import hub_offline, hub_reachable, looks_like_path
+from .tokenizer import pad_or_eos_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -140,10 +141,7 @@ def load_model(
         except OSError as exc2:
             raise _not_found(name_or_path, f"not in the Hugging Face cache, and the hub says: {exc2}") from None
 
-    if tokenizer.pad_token is None:
-        # Padded positions are masked out of attention and loss, so any token will do; EOS exists
-        # in every causal LM's vocabulary, whereas adding a new token would resize the embeddings.
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_or_eos_id(tokenizer, assign=True)  # from here on the tokenizer has a pad token (EOS if none)
     if getattr(model.config, "pad_token_id", None) is None:
         # Sequence classification finds each row's last real token through pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -1,8 +1,9 @@
 """DyLoRA (Valipour et al. 2023): one adapter that works at every rank b <= r.
 
-Training: each step samples b uniformly from 1..r and runs the adapter truncated to its first b
-ranks, ``h = W0 x + (alpha/b) B[:, :b] A[:b] x``, so every prefix of the ranks learns to stand on
-its own. Afterwards ``truncate(model, b)`` keeps the first b ranks, with no retraining.
+Training: each step samples b uniformly from 1..r (the largest rank of any layer, with
+``rank_pattern``) and runs the adapter truncated to its first b ranks (a layer of smaller rank at
+its full rank), ``h = W0 x + (alpha/b) B[:, :b] A[:b] x``, so every prefix of the ranks learns to
+stand on its own. Afterwards ``truncate(model, b)`` keeps the first b ranks, with no retraining.
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ def set_nested_rank(model: nn.Module, rank: int | None, name: str = "default") -
 
 
 def sample_nested_rank(model: nn.Module, rng: random.Random, name: str = "default") -> int:
-    """Draw b uniformly from 1..r for adapter ``name`` and apply it (one b for all layers)."""
-    rank = rng.randint(1, adapter_configs(model)[name].r)
+    """Draw b uniformly from 1..R for adapter ``name`` and apply it (one b for all layers).
+
+    R is the largest rank any layer has (``rank_pattern`` can go above ``r``), and each layer runs
+    at min(b, its own rank): every rank of every layer gets trained, and the states trained are
+    those ``truncate(model, b)`` and ``nested_rank(model, b)`` produce."""
+    top = max((layer.rank(name) for _, layer in lora_layers(model) if name in layer.lora_A), default=None)
+    rank = rng.randint(1, adapter_configs(model)[name].r if top is None else top)
     set_nested_rank(model, rank, name)
     return rank
 

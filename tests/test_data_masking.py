@@ -1,0 +1,179 @@
+"""Loss masks where they are easy to get wrong: the prompt/answer boundary of SentencePiece-style
+tokenizers, packing whole examples into blocks, the pad-token fallback, and generation prompts
+rendered exactly as the training prompts. Offline: the tokenizers are trained in test_data."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit.data import Collator, Record, pack_examples, tokenize_records
+from lorakit.data.render import Renderer, Segment
+from lorakit.generate import render_prompt
+
+from .test_data import CHATML, NO_STOP, _supervised_runs, _train_tokenizer, chat_tok  # noqa: F401 (fixture)
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def sp_tok():
+    """SentencePiece style: every word token carries the space before it ("▁Nairobi")."""
+    return _train_tokenizer(sentencepiece_style=True)
+
+
+def _tokens(tok, example, supervised: bool):
+    return [t for t, label in zip(tok.convert_ids_to_tokens(example["input_ids"]), example["labels"])
+            if (label != IGNORE) == supervised]
+
+
+# -- the prompt/answer boundary of SentencePiece-style tokenizers -----------------------------------
+
+def test_prompt_ending_in_space_keeps_a_one_token_answer(sp_tok):
+    # Llama-2 style: "[INST] q [/INST] " + "answer". "▁Nairobi" covers the prompt's last space.
+    (example,), stats = tokenize_records([Record.from_prompt_completion("Capital of Kenya? Answer: ", "Nairobi")],
+                                         sp_tok)
+    assert _tokens(sp_tok, example, supervised=True) == ["▁Nairobi", "<|endoftext|>"]
+    assert stats.supervised_tokens == 2
+    (example,), _ = tokenize_records([Record.from_prompt_completion("Capital of France? Answer: ", "Paris is.")],
+                                     sp_tok)
+    assert sp_tok.decode(_supervised_runs(example)[0]) == "Paris is.<|endoftext|>"
+    context = [t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE]
+    assert sp_tok.decode(context) == "Capital of France? Answer:"  # and nothing of the answer
+
+
+def test_generation_prompt_ending_in_space_chat_template():
+    tok = _train_tokenizer(sentencepiece_style=True)
+    tok.chat_template = NO_STOP  # the generation prompt ends in "assistant: "
+    messages = [{"role": "user", "content": "Capital of Kenya?"}, {"role": "assistant", "content": "Nairobi"}]
+    (example,), _ = tokenize_records([Record.from_messages(messages)], tok)
+    # EOS follows the answer, before the template's trailing "\n\n" (which stays context).
+    assert _tokens(tok, example, supervised=True) == ["▁Nairobi", "<|endoftext|>"]
+    assert tok.convert_ids_to_tokens(example["input_ids"])[-3:] == ["▁Nairobi", "<|endoftext|>", "\n\n"]
+
+
+def test_token_straddling_the_boundary_is_supervised(sp_tok):
+    # The prompt ends inside a word: "...A: Pa" + "ris is." is tokenized "▁P", "ar", "is", ...
+    (example,), _ = tokenize_records([Record.from_prompt_completion("Q: capital? A: Pa", "ris is.")], sp_tok)
+    tokens = sp_tok.convert_ids_to_tokens(example["input_ids"])
+    assert tokens[tokens.index("▁P"):] == ["▁P", "ar", "is", "▁is", ".", "<|endoftext|>"]
+    assert _tokens(sp_tok, example, supervised=True) == ["ar", "is", "▁is", ".", "<|endoftext|>"]
+
+
+def test_token_segment_rules():
+    from lorakit.data.tokenize import _token_segment
+
+    prompt, answer, tail = Segment("A: ", False), Segment("yes", True, append_eos=True), Segment("\n\n", False)
+    text = "A: yes\n\n"
+    spans = [(0, 3, prompt), (3, 6, answer), (6, 8, tail)]
+    assert _token_segment(text, 0, 2, spans) is prompt
+    assert _token_segment(text, 2, 6, spans) is answer  # "▁yes": its space ends the prompt
+    assert _token_segment(text, 2, 3, spans) is prompt  # a lone "▁" stays where it starts
+    assert _token_segment(text, 1, 5, spans) is answer  # ": ye" straddles prompt -> answer
+    assert _token_segment(text, 5, 7, spans) is answer  # "s\n" straddles answer -> tail: learned
+    assert _token_segment(text, 6, 8, spans) is tail
+    assert _token_segment(text, 3, 3, spans) is answer  # empty span (added tokens): its position
+    assert _token_segment(text, 8, 8, spans) is None  # past the end: the caller picks the last segment
+
+
+# -- packing whole examples -------------------------------------------------------------------------
+
+def _example(first: int, n: int, n_prompt: int) -> dict[str, list[int]]:
+    ids = list(range(first, first + n))
+    return {"input_ids": ids, "labels": [IGNORE] * n_prompt + ids[n_prompt:]}
+
+
+def test_pack_examples_is_greedy_over_whole_examples():
+    a, b, c, d, e = (_example(10, 2, 1), _example(20, 3, 1), _example(30, 3, 2), _example(40, 2, 0),
+                     _example(50, 7, 1))
+    blocks = pack_examples([a, b, c, d, e], block_size=5)
+    assert [blk["input_ids"] for blk in blocks] == [[10, 11, 20, 21, 22], [30, 31, 32, 40, 41], [50, 51, 52, 53, 54]]
+    assert blocks[0]["labels"] == [IGNORE, 11, IGNORE, 21, 22]  # each label stays on its token
+    assert blocks[2]["labels"] == [IGNORE, 51, 52, 53, 54]  # too long: truncated from the right, alone
+    # An example with nothing to learn (all prompt) is left out rather than packed.
+    assert pack_examples([_example(1, 3, 3), a], block_size=5) == [a]
+
+
+def test_packing_keeps_examples_whole_and_trains_every_answer_token(chat_tok):
+    records = [Record.from_prompt_completion(f"Question {i}?" + " Hello there." * (i % 4), f"Answer number {i}.")
+               for i in range(12)]
+    plain, _ = tokenize_records(records, chat_tok, max_length=100)
+    packed, stats = tokenize_records(records, chat_tok, max_length=100, packing=True)
+    assert stats.packed and stats.n_examples == len(packed) < len(plain)
+    # Each block is consecutive whole examples, as many as fit: the next one would not.
+    queue = list(plain)
+    for block in packed:
+        assert len(block["input_ids"]) <= 100
+        taken = []
+        while queue and len(taken) + len(queue[0]["input_ids"]) <= 100:
+            example = queue.pop(0)
+            taken += [(t, label) for t, label in zip(example["input_ids"], example["labels"])]
+        assert list(zip(block["input_ids"], block["labels"])) == taken
+    assert not queue
+    # No block starts mid-answer, so every supervised token is predicted from its own prompt.
+    trained = sum(label != IGNORE for block in packed for label in block["labels"][1:])
+    assert trained == stats.supervised_tokens
+    # Padding to a batch adds only ignored positions.
+    batch = Collator(chat_tok)(packed[:3])
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+# -- the pad-token fallback ---------------------------------------------------------------------------
+
+def test_pad_token_falls_back_to_eos():
+    from lorakit.models.tokenizer import pad_or_eos_id
+
+    tok = _train_tokenizer()
+    assert pad_or_eos_id(tok) == tok.pad_token_id != tok.eos_token_id
+    tok.pad_token = None
+    assert pad_or_eos_id(tok) == tok.eos_token_id and tok.pad_token is None  # only reads
+    assert Collator(tok).pad_token_id == tok.eos_token_id and tok.pad_token is None
+    assert pad_or_eos_id(tok, assign=True) == tok.eos_token_id and tok.pad_token == "<|endoftext|>"
+    tok.pad_token = tok.eos_token = None
+    assert pad_or_eos_id(tok) is None and Collator(tok).pad_token_id == 0
+
+
+def test_gguf_conversion_records_the_missing_pad_token(monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.models.gguf import convert_gguf
+
+    from .tiny import tiny_llama
+
+    tok = _train_tokenizer()
+    tok.pad_token = None
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_llama(vocab=len(tok)))
+    facts = convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
+    assert facts["had_pad_token"] is False and tok.pad_token == tok.eos_token
+
+
+# -- generation prompts are training prompts --------------------------------------------------------
+
+def _bos_tokenizer(sentencepiece_style: bool = False):
+    """A tokenizer that adds BOS by default, as Llama's do."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = _train_tokenizer(sentencepiece_style)
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
+                                                              special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
+
+
+def _training_prompt_ids(tok, user_text: str) -> list[int]:
+    (example,), _ = tokenize_records([Record.from_prompt_completion(user_text, " Paris.")], tok)
+    n = next(i for i, label in enumerate(example["labels"]) if label != IGNORE)
+    return example["input_ids"][:n]
+
+
+@pytest.mark.parametrize("template", [CHATML, None], ids=["chat-template", "no-template"])
+@pytest.mark.parametrize("sentencepiece_style", [False, True], ids=["byte-level", "sentencepiece"])
+def test_generation_prompt_is_the_training_prompt(template, sentencepiece_style):
+    tok = _bos_tokenizer(sentencepiece_style)
+    tok.chat_template = template
+    user_text = "What is the capital of France?\nAnswer:"
+    prompt = render_prompt(tok, user_text)
+    assert prompt == Renderer(tok).segments(Record.from_prompt_completion(user_text, " Paris."))[0].text
+    assert prompt.startswith("<s>") == (template is None)  # the template decides about BOS itself
+    # What generation feeds the model (add_special_tokens=False) is what training saw before the answer.
+    assert tok(prompt, add_special_tokens=False)["input_ids"] == _training_prompt_ids(tok, user_text)
