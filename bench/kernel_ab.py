@@ -22,8 +22,13 @@ import time
 
 import torch
 
-from lorakit.kernels import dispatch, triton_colsum, triton_merge
+from lorakit.kernels import dispatch, mlp_dispatch, triton_colsum, triton_merge, triton_swiglu
 from train_step import PRESETS, make_step
+
+# Gated MLPs run layer by layer (the fused MLP function declines every call).
+LAYERWISE_MLP = [(mlp_dispatch, "fused_mlp_forward", lambda mlp, x: None)]
+# The fused MLP's SiLU gate in torch ops instead of the Triton kernels.
+TORCH_GATE = [(triton_swiglu, "available", lambda g, u: False)]
 
 VARIANTS = {
     "frozen": ("frozen", []),
@@ -31,7 +36,12 @@ VARIANTS = {
     "lora-triton-merge": ("lorakit-lora", [(triton_merge, "MODE", "1")]),
     "lora-never-merge": ("lorakit-lora", [(dispatch, "MERGE_RATIO", float("inf"))]),
     "lora-reference": ("lorakit-lora-reference", []),
+    "lora-layerwise-mlp": ("lorakit-lora", LAYERWISE_MLP),
+    "lora-torch-gate": ("lorakit-lora", TORCH_GATE),
     "dora": ("lorakit-dora", []),
+    "dora-layerwise-mlp": ("lorakit-dora", LAYERWISE_MLP),
+    "dora-torch-gate": ("lorakit-dora", TORCH_GATE),
+    "dora-never-merge": ("lorakit-dora", [(dispatch, "MERGE_RATIO", float("inf"))]),
     "dora-no-triton": ("lorakit-dora", [(triton_merge, "MODE", "0"), (triton_colsum, "ENABLED", False)]),
     "dora-torch-dm": ("lorakit-dora", [(triton_colsum, "ENABLED", False)]),
     "dora-torch-builds": ("lorakit-dora", [(triton_merge, "MODE", "0")]),

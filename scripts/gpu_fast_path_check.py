@@ -57,9 +57,9 @@ def compare(dtype, dora):
 
 
 def kernel_check():
-    """The Triton kernels (merged weight, DoRA's ∂m column sums) in bf16 against the float64
-    formula (Llama-1B shapes)."""
-    from lorakit.kernels import triton_colsum, triton_merge
+    """The Triton kernels (merged weight, DoRA's ∂m column sums, the MLP's SiLU gate) in bf16
+    against the float64 formula (Llama-1B shapes)."""
+    from lorakit.kernels import triton_colsum, triton_merge, triton_swiglu
 
     assert triton_merge.triton is not None, "Triton is not installed here"
     gen = torch.Generator("cuda").manual_seed(0)
@@ -84,6 +84,14 @@ def kernel_check():
         error = ((triton_colsum.column_dot(g, out, bias).double() - want).abs().max() / scale).item()
         print(f"triton column dot 4096x{d_out} bf16: relative error {error:.1e}")
         assert error < 1e-5
+    g, u, dh = (torch.randn(4096, 8192, device="cuda", generator=gen).bfloat16() * 3 for _ in range(3))
+    gd, ud = g.double().requires_grad_(True), u.double().requires_grad_(True)
+    h = torch.nn.functional.silu(gd) * ud
+    wants = (h, *torch.autograd.grad(h, (gd, ud), dh.double()))
+    gots = (triton_swiglu.silu_mul(g, u), *triton_swiglu.silu_mul_backward(dh.clone(), g, u))
+    errors = [((got.double() - want).abs().max() / want.abs().max()).item() for got, want in zip(gots, wants)]
+    print("triton silu gate 4096x8192 bf16: relative errors h/dg/du " + " ".join(f"{e:.1e}" for e in errors))
+    assert max(errors) < 1e-2
 
 
 def compile_check(dora: bool):

@@ -177,3 +177,19 @@ def test_generation_prompt_is_the_training_prompt(template, sentencepiece_style)
     assert prompt.startswith("<s>") == (template is None)  # the template decides about BOS itself
     # What generation feeds the model (add_special_tokens=False) is what training saw before the answer.
     assert tok(prompt, add_special_tokens=False)["input_ids"] == _training_prompt_ids(tok, user_text)
+
+
+@pytest.mark.parametrize("template", [CHATML, None], ids=["chat-template", "no-template"])
+def test_chat_command_prompt_is_the_conversation_or_the_last_turn(template):
+    """`lorakit chat` renders the history with the template, or without one the last user turn
+    as a single prompt (it used to call apply_chat_template, which fails without a template)."""
+    tok = _bos_tokenizer()
+    tok.chat_template = template
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+               {"role": "user", "content": "Capital of France?"}]
+    got = Renderer(tok).conversation_prompt(history)
+    if template is None:
+        assert got == render_prompt(tok, "Capital of France?") == "<s>Capital of France?"
+    else:
+        assert got == tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        assert "Hello." in got and got.endswith("<|im_start|>assistant\n")

@@ -240,14 +240,21 @@ def test_mixed_directions_match_formula(merge_forward, merge_backward):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-def test_gated_mlp_is_fused_and_matches_reference(strategy, monkeypatch):
+@pytest.mark.parametrize("use_dora,act", [(False, "silu"), (True, "silu"), (False, "gelu_pytorch_tanh")],
+                         ids=["lora", "dora", "lora-gelu"])
+def test_gated_mlp_is_fused_and_matches_reference(strategy, use_dora, act, monkeypatch):
     """Llama's MLP runs as one fused function (h recomputed in backward) with the same results."""
     from lorakit.kernels import mlp_dispatch
     from lorakit.kernels.gated_mlp import GatedMlpFunction
 
-    model = tiny_llama().double()
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    model = tiny_llama(act=act).double()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
     randomize_adapters(model, 0.1)
+    if use_dora:  # magnitudes that differ from the norms, so ∂m and the rescale are not trivial
+        for _, layer in lora_layers(model):
+            with torch.no_grad():
+                m = layer.lora_magnitude_vector["default"]
+                m.mul_(torch.linspace(0.5, 1.5, m.numel(), dtype=m.dtype))
     model.train()
     mlp = model.model.layers[0].mlp
     assert isinstance(mlp.forward, mlp_dispatch.FusedOrOriginalForward)
@@ -271,13 +278,15 @@ def test_gated_mlp_is_fused_and_matches_reference(strategy, monkeypatch):
     assert "forward" not in mlp.__dict__
 
 
-def test_gated_mlp_is_fused_under_autocast(monkeypatch):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_gated_mlp_is_fused_under_autocast(use_dora, monkeypatch):
     """fp32 weights under bf16 autocast (mixed-precision training): one fused call in bf16, the
-    reference path's values and gradients within bf16 rounding, fp32 gradients for fp32 A and B."""
+    reference path's values and gradients within bf16 rounding, fp32 gradients for fp32 A and B
+    (and DoRA's magnitudes)."""
     from lorakit.kernels.gated_mlp import GatedMlpFunction
 
     model = tiny_llama()
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
     randomize_adapters(model, 0.1)
     model.train()
     mlp = model.model.layers[0].mlp
@@ -293,6 +302,26 @@ def test_gated_mlp_is_fused_under_autocast(monkeypatch):
     for key in ref_grads:
         assert fast_grads[key].dtype == ref_grads[key].dtype == torch.float32
         torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=5e-2, atol=5e-2, msg=key)
+
+
+@pytest.mark.parametrize("act", ["silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"])
+def test_fused_mlp_gate_product_and_its_gradients_are_autograds(act):
+    """h = act(g) ⊙ u recomputed in backward, and (∂g, ∂u): aten's silu_backward for SiLU,
+    autograd for other activations (the GPU's Triton kernels: tests/test_triton_swiglu.py)."""
+    from transformers.activations import ACT2FN
+
+    from lorakit.kernels.gated_mlp import GateProduct, is_plain_silu
+
+    module = ACT2FN[act]
+    assert is_plain_silu(module) == (act in ("silu", "swish"))
+    g, u, dh = (torch.randn(5, 8, dtype=torch.float64) for _ in range(3))
+    g.requires_grad_(True), u.requires_grad_(True)
+    expected_h = module(g) * u
+    expected = torch.autograd.grad(expected_h, (g, u), dh)
+    gate = GateProduct(module, g.detach(), u.detach())
+    torch.testing.assert_close(gate.h, expected_h.detach(), rtol=1e-14, atol=1e-14)
+    for got, want in zip(gate.backward(dh.clone()), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_gated_mlp_detection_is_by_code():

@@ -221,6 +221,14 @@ def test_train_with_unmatched_targets_writes_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_fp16_on_a_cpu_model_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    fake_data(monkeypatch)
+    model = tiny_llama()
+    with pytest.raises(lorakit.ConfigError, match="mixed_precision=bf16"):
+        lorakit.train(loaded=(model, None), data="x", mixed_precision="fp16", output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and lorakit.adapters(model) == []
+
+
 def test_train_failure_gives_the_callers_model_back_without_the_adapter(tmp_path, monkeypatch):
     fake_data(monkeypatch)
     seen = {}

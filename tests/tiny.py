@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama(vocab: int = 128, hidden: int = 32, layers: int = 2, tie: bool = False):
+def tiny_llama(vocab: int = 128, hidden: int = 32, layers: int = 2, tie: bool = False, act: str = "silu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, hidden_act=act)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
 

@@ -121,8 +121,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
+    from ..data.render import Renderer
+
+    renderer = Renderer(tokenizer)
     history: list[dict] = []
     print("lorakit chat — empty line or Ctrl-D to quit, /reset to clear the conversation")
+    if not renderer.chat:
+        print("(the tokenizer has no chat template: each message is answered on its own, without the earlier turns)")
     while True:
         try:
             text = input("you> ").strip()
@@ -135,7 +140,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history.clear()
             continue
         history.append({"role": "user", "content": text})
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+        prompt = renderer.conversation_prompt(history)
         print("model> ", end="", flush=True)
         answer = []
         for piece in stream_generate(model, tokenizer, prompt, **_generation_kwargs(args)):

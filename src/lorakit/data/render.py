@@ -150,6 +150,14 @@ class Renderer:
             return self._apply([{"role": "user", "content": user_text}], generation_prompt=True)
         return self.bos_text + user_text
 
+    def conversation_prompt(self, messages: list[dict[str, str]]) -> str:
+        """A conversation so far (its last message the user's) rendered for the next assistant
+        turn. Without a chat template there is no way to mark turns, so the last user message
+        stands alone, rendered as ``prompt`` does (what a completion-trained adapter expects)."""
+        if self.chat:
+            return self._apply(messages, generation_prompt=True)
+        return self.prompt(messages[-1]["content"])
+
     def eval_pair(self, record: Record) -> EvalPair | None:
         """(rendered prompt, reference) for records with a final answer; None for the others."""
         if record.kind == "prompt_completion":

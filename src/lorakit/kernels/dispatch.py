@@ -15,6 +15,12 @@ writes it); so the forward merges when N > 2 d_in. Backward likewise with the (N
 gradient: it merges when N > 2 d_out. Long training batches merge the wide layers in the direction
 where that pays; short ones (generation, small batches) never merge. ``MERGE_RATIO`` scales both
 thresholds (0: always merge, infinity: never), for benchmarks.
+
+DoRA counts the same way (``dora_merge_directions``): factored, it also scales the (N, d_out)
+output (backward: the gradient) by c and reads W0 once for the factored norm; merged, its build
+also norms and scales the rows, which the Triton kernel does in the same two passes and torch in
+about seven. So a GPU merges DoRA from N > d_in / 4 on (training batches, as before), the CPU
+only from N > 1.5 d_in (its training batches of a few hundred tokens stay factored).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import triton_merge
 from .dora_linear import DoraLinearFunction
 from .lora_linear import LoraLinearFunction
 
@@ -34,26 +41,38 @@ def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:
     return tokens > MERGE_RATIO * 2 * d_in, tokens > MERGE_RATIO * 2 * d_out
 
 
+def dora_merge_directions(tokens: int, d_in: int, d_out: int, fused_build: bool) -> tuple[bool, bool]:
+    """(merge the forward, merge the backward) for a DoRA call with ``tokens`` rows; ``fused_build``:
+    the merged weight comes from the Triton kernel (see the module docstring)."""
+    # Passes over a (d_out, d_in) matrix per build: forward (with the norm), backward.
+    forward_build, backward_build = (2, 2) if fused_build else (7, 6)
+    weight_elements = MERGE_RATIO * d_in * d_out
+    return (4 * tokens * d_out > (forward_build - 1) * weight_elements,
+            2 * tokens * (d_in + d_out) > backward_build * weight_elements)
+
+
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     """``layer(x)`` through a fused function, or None when the reference path must run."""
     operands = fusable_operands(layer, x)
     if operands is None:
         return None
     weight, bias, A, B, scaling, magnitude, dropout = operands
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        x, weight, bias, A, B = in_autocast_dtype(x, weight, bias, A, B)
-        with torch.autocast(device_type, enabled=False):
-            return _apply(x, weight, bias, A, B, scaling, magnitude, dropout)
-    return _apply(x, weight, bias, A, B, scaling, magnitude, dropout)
+    return call_in_autocast_dtype(lambda *cast: _apply(*cast, scaling, magnitude, dropout), (x, weight, bias, A, B))
 
 
-def in_autocast_dtype(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The tensors cast to the active autocast dtype (None stays None): what autocast would do to
-    a linear layer's operands, done once so the fused function can run with autocast off.
-    The casts are autograd ops, so fp32 parameters get fp32 gradients."""
-    dtype = torch.get_autocast_dtype(next(t for t in tensors if t is not None).device.type)
-    return [None if t is None else t.to(dtype) for t in tensors]
+def call_in_autocast_dtype(function, tensors: tuple[torch.Tensor | None, ...]):
+    """``function(*tensors)``; under autocast the tensors (None stays None) are first cast to the
+    autocast dtype and autocast is off inside. That is what autocast would do to a linear layer's
+    operands, done once so that a fused function runs in one dtype. The casts are autograd ops,
+    so fp32 parameters get fp32 gradients. (DoRA's magnitudes are not among the tensors: like the
+    norms, they stay in fp32.)"""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return function(*tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [None if t is None else t.to(dtype) for t in tensors]
+    with torch.autocast(device_type, enabled=False):
+        return function(*cast)
 
 
 def fusable_operands(layer, x: torch.Tensor):
@@ -88,7 +107,7 @@ def fusable_operands(layer, x: torch.Tensor):
     if magnitude is not None and dropout is not None:
         return None
     if torch.is_autocast_enabled(x.device.type):
-        return weight, bias, A, B, scaling, magnitude, dropout  # the caller casts (in_autocast_dtype)
+        return weight, bias, A, B, scaling, magnitude, dropout  # the caller casts (call_in_autocast_dtype)
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or A.dtype != B.dtype:
         return None
     if A.dtype != x.dtype:
@@ -101,10 +120,11 @@ def fusable_operands(layer, x: torch.Tensor):
 
 
 def _apply(x, weight, bias, A, B, scaling, magnitude, dropout):
+    tokens = x.numel() // x.shape[-1]
     if magnitude is not None:
-        return DoraLinearFunction.apply(x, weight, bias, A, B, magnitude, scaling)
+        merges = dora_merge_directions(tokens, *weight.shape[::-1], triton_merge.available(weight, dora=True))
+        return DoraLinearFunction.apply(x, weight, bias, A, B, magnitude, scaling, *merges)
     if dropout is not None:
         # The dropout module draws the mask (same random stream as the reference path).
         return LoraLinearFunction.apply(x, dropout(x), weight, bias, A, B, scaling, False, False)
-    tokens = x.numel() // x.shape[-1]
     return LoraLinearFunction.apply(x, None, weight, bias, A, B, scaling, *merge_directions(tokens, *weight.shape[::-1]))

@@ -1,17 +1,22 @@
-"""Fused DoRA linear: the weight norm once per call, one GEMM forward and one backward.
+"""Fused DoRA linear: the weight norm once per call, no (N, d_out) temporaries beyond the output.
 
     W   = W0 + s B A                               (d_out, d_in)
     c   = m / ||W||  per output unit (the norm detached, as in the paper and the reference path)
-    out = c ⊙ (x Wᵀ) + b  =  x (c ⊙ W)ᵀ + b          x: (N, d_in), m: (d_out,)
+    out = c ⊙ (x Wᵀ) + b                           x: (N, d_in), m: (d_out,)
 
-The rescale is folded into the weight, so the forward is the merged-LoRA build plus one norm and
-one row scaling of a (d_out, d_in) matrix, then a single GEMM — no (N, d_out) temporaries. The
-reference path instead computes W0 x, the low-rank term and their rescaled sum as separate
-(N, d_out) tensors and builds W for the norm on the side.
+Two ways per direction, chosen from the shapes by ``dispatch.dora_merge_directions`` as for LoRA:
 
-Backward (g: (N, d_out)):
+* merged: ``out = x (c ⊙ W)ᵀ + b``, the rescale folded into the built weight, so one GEMM;
+  backward ``∂x = g (c ⊙ W)`` with W rebuilt from the saved c (not kept). Pays for long inputs
+  (training on a GPU), where a weight-sized build is cheap next to the activations.
+* factored: ``out = c ⊙ (x W0ᵀ + s (x Aᵀ) Bᵀ) + b`` with c from the factored norm
+  (``dora_norm.py``: no (d_out, d_in) matrix is built); backward is LoRA's factored backward on
+  g ⊙ c. Pays for short inputs (CPU batches, generation), where building, norming and scaling a
+  (d_out, d_in) matrix twice per step costs as much as the layer's GEMMs.
 
-    ∂x = g (c ⊙ W)                     (W rebuilt, not kept)
+Backward (g: (N, d_out)), both ways:
+
+    ∂x = (g ⊙ c) W = g (c ⊙ W)
     ∂A = s ((g ⊙ c) B)ᵀ x = s (g (c ⊙ B))ᵀ x
     ∂B = s (c ⊙ (gᵀ (x Aᵀ)))
     ∂m = Σ_t g ⊙ (x Wᵀ) / ||W||  =  Σ_t g ⊙ (out - b) / m
@@ -22,9 +27,9 @@ Magnitudes start at ||W0|| and an optimizer does not land on an exact float zero
 documented edge, not a practical one. Only used without dropout (with dropout DoRA mixes W0 x and
 the dropped input, and the reference path handles it).
 
-On a GPU the builds of c ⊙ W (with the norm in the forward) are Triton kernels (one pass over W0,
-``triton_merge.py``) and so are ∂m's column sums (one pass over g and out, ``triton_colsum.py``);
-elsewhere torch computes the same expressions.
+On a GPU the merged builds of c ⊙ W (with the norm in the forward) are Triton kernels (one pass
+over W0, ``triton_merge.py``) and so are ∂m's column sums (one pass over g and out,
+``triton_colsum.py``); elsewhere torch computes the same expressions.
 """
 
 from __future__ import annotations
@@ -32,21 +37,51 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_colsum, triton_merge
-from .lora_linear import merged_weight
+from . import triton_colsum
+from .casting import as_dtype
+from .dora_norm import accumulation_dtype, dora_weight, factored_rescale
+from .lora_linear import lora_backward, lora_forward, merged_weight
 
 
-def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c ⊙ (W0 + s B A), c) with c = m / ||W0 + s B A|| per row, the norm computed in fp32 (or
-    wider); c comes back in the precision it was applied in (the weight's dtype with torch, fp32
-    with the Triton kernel)."""
-    if triton_merge.available(weight, dora=True):
-        return triton_merge.dora_weight(weight, A, B, scaling, magnitude)
-    combined = merged_weight(weight, A, B, scaling)
-    acc = torch.promote_types(combined.dtype, torch.float32)
-    rescale = (magnitude / torch.linalg.vector_norm(combined, dim=1, dtype=acc)).to(combined.dtype)
-    return combined.mul_(rescale[:, None]), rescale
+def dora_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                 B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
+                 merge: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, x Aᵀ, c) for 2-D x (N, d_in): out (N, d_out), x Aᵀ (N, r) and c (d_out,) are what
+    ``dora_backward`` needs besides the inputs."""
+    if merge:
+        scaled_weight, rescale = dora_weight(weight, A, B, scaling, magnitude)
+        return F.linear(x2, scaled_weight, bias), x2 @ A.t(), rescale
+    rescale = factored_rescale(weight, A, B, scaling, magnitude)
+    out, xa = lora_forward(x2, x2, weight, None, A, B, scaling, merge=False)
+    out.mul_(as_dtype(rescale, out.dtype))
+    if bias is not None:
+        out.add_(bias)
+    return out, xa, rescale
+
+
+def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
+                  rescale: torch.Tensor, out: torch.Tensor, scaling: float, merge: bool, need_x: bool,
+                  need_A: bool, need_B: bool, need_m: bool, grad_x: torch.Tensor | None = None):
+    """(∂x, ∂A, ∂B, ∂m) of ``dora_forward`` for output gradient g (N, d_out), each None when not
+    needed. When ``grad_x`` is given, ∂x is accumulated into it in place."""
+    s = scaling
+    grad_m = magnitude_grad(g, out, bias, magnitude) if need_m else None
+    c = as_dtype(rescale, g.dtype)                                     # for the products below
+    if not merge:
+        grad_x, _, grad_A, grad_B = lora_backward(g * c, x2, xa, weight, A, B, s, False, need_x, need_A, need_B,
+                                                  grad_x=grad_x)
+        return grad_x, grad_A, grad_B, grad_m
+    grad_A = grad_B = None
+    if need_x:
+        # Rebuild c ⊙ W from the saved c: the same matrix the forward used, without a new norm.
+        scaled_weight = merged_weight(weight, A, B, s, row_scale=rescale)
+        grad_x = g @ scaled_weight if grad_x is None else grad_x.addmm_(g, scaled_weight)
+    if need_A:
+        grad_A = torch.addmm(g.new_empty(()), g, B * c[:, None], beta=0, alpha=s).t() @ x2
+    if need_B:
+        grad_B = torch.addmm(g.new_empty(()), xa.t(), g, beta=0, alpha=s).t().mul_(c[:, None])
+    return grad_x, grad_A, grad_B, grad_m
 
 
 def magnitude_grad(g: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
@@ -58,49 +93,40 @@ def magnitude_grad(g: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None
     if triton_colsum.available(g):
         total = triton_colsum.column_dot(g, out, bias)
     else:
-        acc = torch.promote_types(g.dtype, torch.float32)
+        acc = accumulation_dtype(g.dtype)
         total = (g * out).sum(0, dtype=acc)
         if bias is not None:
             total -= bias.to(acc) * g.sum(0, dtype=acc)
-    return torch.where(magnitude != 0, total / magnitude, 0.0).to(magnitude.dtype)
+    return as_dtype(torch.where(magnitude != 0, total / magnitude, 0.0), magnitude.dtype)
 
 
 class DoraLinearFunction(torch.autograd.Function):
     """``out = m/||W0 + sBA|| ⊙ (x (W0 + sBA)ᵀ) + b``; see the module docstring.
 
     Args of ``apply``: x (..., d_in); weight (d_out, d_in), frozen; bias (d_out,) or None;
-    A (r, d_in); B (d_out, r); magnitude m (d_out,); scaling s. Returns (..., d_out).
+    A (r, d_in); B (d_out, r); magnitude m (d_out,); scaling s; merge_forward / merge_backward:
+    the merged or the factored way in that direction. Returns (..., d_out).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, magnitude, scaling: float):
+    def forward(ctx, x, weight, bias, A, B, magnitude, scaling: float, merge_forward: bool = True,
+                merge_backward: bool = True):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        scaled_weight, rescale = dora_weight(weight, A, B, scaling, magnitude)
-        out = F.linear(x2, scaled_weight, bias)
-        xa = x2 @ A.t()                                                # (N, r)
+        out, xa, rescale = dora_forward(x2, weight, bias, A, B, magnitude, scaling, merge_forward)
         ctx.save_for_backward(x2, xa, weight, bias, A, B, magnitude, rescale, out)
-        ctx.scaling, ctx.lead = scaling, lead
+        ctx.scaling, ctx.merge_backward, ctx.lead = scaling, merge_backward, lead
         return out.view(*lead, out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x2, xa, weight, bias, A, B, magnitude, rescale, out = ctx.saved_tensors
-        s = ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])
         need_x, _, need_bias, need_A, need_B, need_m = ctx.needs_input_grad[:6]
-        grad_x = grad_bias = grad_A = grad_B = grad_m = None
-        if need_x:
-            # Rebuild c ⊙ W from the saved c: the same matrix the forward used, without a new norm.
-            grad_x = g @ merged_weight(weight, A, B, s, row_scale=rescale)
+        grad_x, grad_A, grad_B, grad_m = dora_backward(g, x2, xa, weight, bias, A, B, magnitude, rescale, out,
+                                                       ctx.scaling, ctx.merge_backward, need_x, need_A, need_B,
+                                                       need_m)
+        if grad_x is not None:
             grad_x = grad_x.view(*ctx.lead, grad_x.shape[-1])
-        c = rescale if rescale.dtype == g.dtype else rescale.to(g.dtype)  # for the rank-r products
-        if need_A:
-            grad_A = torch.addmm(g.new_empty(()), g, B * c[:, None], beta=0, alpha=s).t() @ x2
-        if need_B:
-            grad_B = (g.t() @ xa).mul_(c[:, None]).mul_(s)
-        if need_m:
-            grad_m = magnitude_grad(g, out, bias, magnitude)
-        if need_bias:
-            grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None
+        grad_bias = g.sum(0) if need_bias else None
+        return grad_x, None, grad_bias, grad_A, grad_B, grad_m, None, None, None

@@ -1,6 +1,7 @@
-"""Fused gated MLP with LoRA on all three projections (Llama, Mistral, Qwen, Gemma, ...).
+"""Fused gated MLP with LoRA or DoRA on all three projections (Llama, Mistral, Qwen, Gemma, ...).
 
     g = gate(x),  u = up(x),  h = act(g) ⊙ u,  y = down(h)         each projection W0 + s B A
+                                                                    (DoRA: rescaled per row, m / ||W||)
 
 x: (N, d), g, u, h: (N, d_ff), y: (N, d). Run as separate layers, a LoRA step must keep h for
 the down projection's ∂A (= s (g_y B)ᵀ h), on top of what the frozen model keeps (g for act's
@@ -10,7 +11,10 @@ than the frozen MLP does; the price is two extra elementwise passes in backward.
 recomputing only act(g) measured no faster on the H200 benchmark, at +1 GiB of peak memory.)
 
 The two input gradients (through gate and up) are accumulated into one tensor by the GEMMs
-themselves (``addmm_``), where autograd would add two (N, d) tensors.
+themselves (``addmm_``), where autograd would add two (N, d) tensors. DoRA projections
+(``dora_linear.py``) also need their outputs for ∂m: g and u are kept anyway, and y (N, d) is.
+One autograd node per MLP instead of three (plus the activation's and the product's) also saves
+host time, which is what DoRA's many small operations are short of on a GPU.
 """
 
 from __future__ import annotations
@@ -18,69 +22,134 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from . import triton_swiglu
+from .dora_linear import dora_backward, dora_forward
 from .lora_linear import lora_backward, lora_forward
 
 
 @dataclass(frozen=True)
 class Projection:
     """What one projection's computation needs besides its tensors: its scaling and whether to
-    use the merged weight W0 + sBA forward / backward (see ``lora_linear.py``)."""
+    use the merged weight W0 + sBA forward / backward (see ``lora_linear.py``, ``dora_linear.py``)."""
 
     scaling: float
     merge_forward: bool
     merge_backward: bool
 
 
+def project(x2, weight, bias, A, B, magnitude, plan: Projection):
+    """One projection's forward: (out (N, d_out), x Aᵀ (N, r), DoRA's c (d_out,) or None)."""
+    if magnitude is None:
+        return (*lora_forward(x2, x2, weight, bias, A, B, plan.scaling, plan.merge_forward), None)
+    return dora_forward(x2, weight, bias, A, B, magnitude, plan.scaling, plan.merge_forward)
+
+
+def project_backward(grad, x2, xa, out, rescale, weight, bias, A, B, magnitude, plan: Projection, need_x,
+                     need_A, need_B, need_m, grad_x=None):
+    """(∂x, ∂A, ∂B, ∂m) of ``project`` for the output gradient (N, d_out); ∂x accumulated into
+    ``grad_x`` when given; ∂m None for LoRA."""
+    if magnitude is None:
+        grad_x, _, grad_A, grad_B = lora_backward(grad, x2, xa, weight, A, B, plan.scaling, plan.merge_backward,
+                                                  need_x, need_A, need_B, grad_x=grad_x)
+        return grad_x, grad_A, grad_B, None
+    return dora_backward(grad, x2, xa, weight, bias, A, B, magnitude, rescale, out, plan.scaling,
+                         plan.merge_backward, need_x, need_A, need_B, need_m, grad_x=grad_x)
+
+
+class GateProduct:
+    """h = act(g) ⊙ u, and the gradients through it (g, u: (N, d_ff)).
+
+    SiLU (Llama, Mistral, Qwen, ...) on a GPU takes the Triton kernels of ``triton_swiglu.py``
+    (one pass each way), elsewhere aten's ``silu`` and ``silu_backward``. Any other activation
+    module goes through autograd on a detached copy, which re-enters the autograd engine (about
+    as much host time as the rest of the MLP's backward ops together on a fast GPU)."""
+
+    def __init__(self, act: nn.Module, g: torch.Tensor, u: torch.Tensor) -> None:
+        self.g, self.u = g, u
+        self.silu = is_plain_silu(act)
+        self.triton = self.silu and triton_swiglu.available(g, u)
+        if self.triton:
+            self.h = triton_swiglu.silu_mul(g, u)
+            return
+        if self.silu:
+            self.activated = F.silu(g)
+        else:
+            with torch.enable_grad():
+                self.leaf = g.detach().requires_grad_(True)
+                self.graph = act(self.leaf)
+            self.activated = self.graph.detach()
+        self.h = self.activated * u
+
+    def backward(self, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∂g, ∂u) for ∂h (N, d_ff), which is overwritten (the caller's own temporary)."""
+        self.h = None  # no longer needed: free it before the gradients are allocated
+        if self.triton and dh.is_contiguous():
+            return triton_swiglu.silu_mul_backward(dh, self.g, self.u)
+        activated = self.activated if not self.triton else F.silu(self.g)
+        du = dh * activated
+        through_act = dh.mul_(self.u)                                  # ∂h ⊙ u
+        if self.silu:
+            return torch.ops.aten.silu_backward(through_act, self.g), du
+        return torch.autograd.grad(self.graph, self.leaf, through_act)[0], du
+
+
+def is_plain_silu(act: nn.Module) -> bool:
+    """True for torch's SiLU and transformers' SiLUActivation (``F.silu``), whose forward is the
+    class's own (not replaced on the instance, e.g. by a kernel library)."""
+    cls = type(act)
+    plain = cls is nn.SiLU or (cls.__name__ == "SiLUActivation" and cls.__module__ == "transformers.activations")
+    return plain and "forward" not in act.__dict__
+
+
 class GatedMlpFunction(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))``; see the module docstring.
 
-    Args of ``apply``: x (..., d); act (the MLP's activation module); the nine tensors
-    (weight, A, B for gate, up, down) and three biases as positional tensors so autograd sees
-    them; the three ``Projection`` records (scaling and merge choices).
-    Returns (..., d).
+    Args of ``apply``: x (..., d); act (the MLP's activation module); for gate, up and down in
+    turn the five tensors weight, bias, A, B, magnitude (bias / magnitude None where absent;
+    a magnitude makes the projection DoRA) as positional tensors so autograd sees them; the three
+    ``Projection`` records (scaling and merge choices). Returns (..., d).
     """
 
     @staticmethod
-    def forward(ctx, x, act, gate_w, gate_b, gate_A, gate_B, up_w, up_b, up_A, up_B, down_w, down_b, down_A,
-                down_B, plans):
+    def forward(ctx, x, act, gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B, up_m, down_w,
+                down_b, down_A, down_B, down_m, plans):
         gate_p, up_p, down_p = plans
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        g, gate_xa = lora_forward(x2, x2, gate_w, gate_b, gate_A, gate_B, gate_p.scaling, gate_p.merge_forward)
-        u, up_xa = lora_forward(x2, x2, up_w, up_b, up_A, up_B, up_p.scaling, up_p.merge_forward)
-        h = act(g) * u
-        y, down_xa = lora_forward(h, h, down_w, down_b, down_A, down_B, down_p.scaling, down_p.merge_forward)
-        ctx.save_for_backward(x2, g, u, gate_xa, up_xa, down_xa, gate_w, gate_A, gate_B, up_w, up_A, up_B,
-                              down_w, down_A, down_B)
+        g, gate_xa, gate_c = project(x2, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p)
+        u, up_xa, up_c = project(x2, up_w, up_b, up_A, up_B, up_m, up_p)
+        h = GateProduct(act, g, u).h
+        y, down_xa, down_c = project(h, down_w, down_b, down_A, down_B, down_m, down_p)
+        # y only for DoRA's ∂m (the output itself: no copy).
+        ctx.save_for_backward(x2, g, u, y if down_m is not None else None, gate_xa, up_xa, down_xa,
+                              gate_c, up_c, down_c, gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B,
+                              up_m, down_w, down_b, down_A, down_B, down_m)
         ctx.act, ctx.plans, ctx.lead = act, plans, lead
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x2, g, u, gate_xa, up_xa, down_xa, gate_w, gate_A, gate_B, up_w, up_A, up_B, down_w, down_A,
-         down_B) = ctx.saved_tensors
+        (x2, g, u, y, gate_xa, up_xa, down_xa, gate_c, up_c, down_c, gate_w, gate_b, gate_A, gate_B, gate_m,
+         up_w, up_b, up_A, up_B, up_m, down_w, down_b, down_A, down_B, down_m) = ctx.saved_tensors
         gate_p, up_p, down_p = ctx.plans
         needs = ctx.needs_input_grad
         need_x = needs[0]
         dy = grad_y.reshape(-1, grad_y.shape[-1])
-        with torch.enable_grad():
-            g_leaf = g.detach().requires_grad_(True)
-            activated = ctx.act(g_leaf)                                # recomputed, not kept from forward
-        h = activated.detach() * u
-        dh, _, d_down_A, d_down_B = lora_backward(dy, h, down_xa, down_w, down_A, down_B, down_p.scaling,
-                                                  down_p.merge_backward, True, needs[12], needs[13])
-        del h
-        du = dh * activated.detach()
-        (dg,) = torch.autograd.grad(activated, g_leaf, dh.mul_(u))      # dh ⊙ u through act
-        dx, _, d_gate_A, d_gate_B = lora_backward(dg, x2, gate_xa, gate_w, gate_A, gate_B, gate_p.scaling,
-                                                  gate_p.merge_backward, need_x, needs[4], needs[5])
-        dx, _, d_up_A, d_up_B = lora_backward(du, x2, up_xa, up_w, up_A, up_B, up_p.scaling, up_p.merge_backward,
-                                              need_x, needs[8], needs[9], grad_x=dx)
+        gate = GateProduct(ctx.act, g, u)                              # h recomputed, not kept from forward
+        dh, d_down_A, d_down_B, d_down_m = project_backward(dy, gate.h, down_xa, y, down_c, down_w, down_b, down_A,
+                                                            down_B, down_m, down_p, True, *needs[14:17])
+        dg, du = gate.backward(dh)
+        dx, d_gate_A, d_gate_B, d_gate_m = project_backward(dg, x2, gate_xa, g, gate_c, gate_w, gate_b, gate_A,
+                                                            gate_B, gate_m, gate_p, need_x, *needs[4:7])
+        dx, d_up_A, d_up_B, d_up_m = project_backward(du, x2, up_xa, u, up_c, up_w, up_b, up_A, up_B, up_m, up_p,
+                                                      need_x, *needs[9:12], grad_x=dx)
         d_gate_b = dg.sum(0) if needs[3] else None
-        d_up_b = du.sum(0) if needs[7] else None
-        d_down_b = dy.sum(0) if needs[11] else None
+        d_up_b = du.sum(0) if needs[8] else None
+        d_down_b = dy.sum(0) if needs[13] else None
         if dx is not None:
             dx = dx.view(*ctx.lead, dx.shape[-1])
-        return (dx, None, None, d_gate_b, d_gate_A, d_gate_B, None, d_up_b, d_up_A, d_up_B, None, d_down_b,
-                d_down_A, d_down_B, None)
+        return (dx, None, None, d_gate_b, d_gate_A, d_gate_B, d_gate_m, None, d_up_b, d_up_A, d_up_B, d_up_m,
+                None, d_down_b, d_down_A, d_down_B, d_down_m, None)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_merge
+from .casting import as_dtype
 
 
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
@@ -38,7 +39,7 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalin
     if triton_merge.available(weight, dora=row_scale is not None):
         return triton_merge.merged_weight(weight, A, B, scaling, row_scale)
     merged = torch.addmm(weight, B, A, alpha=scaling)
-    return merged if row_scale is None else merged.mul_(row_scale.to(merged.dtype)[:, None])
+    return merged if row_scale is None else merged.mul_(as_dtype(row_scale, merged.dtype)[:, None])
 
 
 def lora_forward(x2: torch.Tensor, xl2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

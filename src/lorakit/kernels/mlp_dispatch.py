@@ -3,8 +3,8 @@
 lorakit changes layers, not model code, so the fused MLP is attached per module instance: an
 MLP module whose class's ``forward`` is exactly the gated-MLP line that Llama, Mistral, Qwen,
 Gemma and ~130 other transformers models share gets an instance ``forward`` that uses the fused
-function when all three projections can (plain LoRA, one active adapter, no dropout, not under
-torch.compile; under autocast in autocast's dtype) and the class's own forward otherwise.
+function when all three projections can (LoRA or DoRA, one active adapter, no dropout, not
+under torch.compile; under autocast in autocast's dtype) and the class's own forward otherwise.
 Recognising the code, not class names, means a model whose MLP does anything else (extra
 dropout, other names) is left alone.
 """
@@ -18,7 +18,8 @@ import re
 import torch
 from torch import nn
 
-from .dispatch import fusable_operands, in_autocast_dtype, merge_directions
+from . import triton_merge
+from .dispatch import call_in_autocast_dtype, dora_merge_directions, fusable_operands, merge_directions
 from .gated_mlp import GatedMlpFunction, Projection
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
@@ -73,18 +74,26 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     # fusable_operands is None for a projection that is not (or no longer) a fusable LoRA layer.
     operands = [fusable_operands(getattr(mlp, p), x) for p in PROJECTIONS]
-    if any(o is None or o[5] is not None or o[6] is not None for o in operands):  # DoRA / dropout: per layer
+    if any(o is None or o[6] is not None for o in operands):  # dropout: per layer
         return None
     tokens = x.numel() // x.shape[-1]
-    plans, tensors = [], []
-    for weight, bias, A, B, scaling, _, _ in operands:
-        plans.append(Projection(scaling, *merge_directions(tokens, *weight.shape[::-1])))
-        tensors += [weight, bias, A, B]
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        # As autocast runs these layers: the three GEMMs in its dtype, and so the activation and
-        # the product between them (neither is on autocast's fp32 list).
-        x, *tensors = in_autocast_dtype(x, *tensors)
-        with torch.autocast(device_type, enabled=False):
-            return GatedMlpFunction.apply(x, mlp.act_fn, *tensors, tuple(plans))
-    return GatedMlpFunction.apply(x, mlp.act_fn, *tensors, tuple(plans))
+    plans, linear_tensors, magnitudes = [], [], []
+    for weight, bias, A, B, scaling, magnitude, _ in operands:
+        shape = weight.shape[::-1]
+        if magnitude is None:
+            merges = merge_directions(tokens, *shape)
+        else:
+            merges = dora_merge_directions(tokens, *shape, triton_merge.available(weight, dora=True))
+        plans.append(Projection(scaling, *merges))
+        linear_tensors += [weight, bias, A, B]
+        magnitudes.append(magnitude)
+
+    def apply(x, *linear):
+        # Under autocast the three GEMMs run in its dtype, and so do the activation and the product
+        # between them (neither is on autocast's fp32 list).
+        tensors = []
+        for index, magnitude in enumerate(magnitudes):
+            tensors += [*linear[4 * index:4 * index + 4], magnitude]
+        return GatedMlpFunction.apply(x, mlp.act_fn, *tensors, tuple(plans))
+
+    return call_in_autocast_dtype(apply, (x, *linear_tensors))

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from .casting import as_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -94,7 +96,7 @@ if triton is not None:
 
 
 def _operands(weight, A, B):
-    weight, A, B = weight.contiguous(), A.to(weight.dtype).contiguous(), B.to(weight.dtype).contiguous()
+    weight, A, B = weight.contiguous(), as_dtype(A, weight.dtype).contiguous(), as_dtype(B, weight.dtype).contiguous()
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
     return weight, A, B, precision
 
@@ -106,7 +108,7 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalin
     d_out, d_in = weight.shape
     out = torch.empty_like(weight)
     BM, BN = 64, 128
-    scale = row_scale.float().contiguous() if row_scale is not None else weight  # unused pointer when None
+    scale = as_dtype(row_scale, torch.float32).contiguous() if row_scale is not None else weight  # unused when None
     grid = (triton.cdiv(d_out, BM), triton.cdiv(d_in, BN))
     _tile_kernel[grid](weight, B, A, out, scale, float(scaling), d_out, d_in, R=A.shape[0], RP=_padded_rank(A.shape[0]),
                        BM=BM, BN=BN, HAS_SCALE=row_scale is not None, PRECISION=precision)

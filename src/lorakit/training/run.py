@@ -80,6 +80,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
 
         model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                       gradient_checkpointing=cfg.gradient_checkpointing)
+    check_mixed_precision(cfg.mixed_precision, model)
     data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
     if data.stats.n_truncated:
@@ -109,6 +110,15 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
             (out_dir / "eval_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
         (out_dir / "result.json").write_text(json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n")
     return TrainResult(out_dir, adapter_dir, loop.steps, loop.interrupted, data.stats, loop.last_eval, loop.records)
+
+
+def check_mixed_precision(mixed_precision: str, model) -> None:
+    """Refuse fp16 mixed precision for a model on the CPU before anything is written (accelerate
+    would refuse it only once the run's folder and config exist)."""
+    parameter = next(model.parameters(), None)
+    if mixed_precision == "fp16" and parameter is not None and parameter.device.type == "cpu":
+        raise ConfigError("mixed_precision=fp16 needs a GPU, and the model is on the CPU; "
+                          "use mixed_precision=bf16 (supported on CPUs) or no")
 
 
 def _adapter_state(model) -> tuple[dict, list[str]]:
