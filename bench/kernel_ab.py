@@ -93,7 +93,8 @@ def measure(case: str, patches, preset: dict, device: str, warmup: int, steps: i
 
 def measure_interleaved(names: list[str], preset: dict, device: str, warmup: int, steps: int):
     """All variants' models at once, one step of each in turn (patches around each step), so a
-    drift of the machine hits every variant alike. Rows of (median wall s, median host s, nan)."""
+    drift of the machine hits every variant alike. Rows of (median wall s, median host s, nan,
+    median per-round ratio to the first variant)."""
     steps_of = []
     for name in names:
         case, patches = VARIANTS[name]
@@ -106,7 +107,11 @@ def measure_interleaved(names: list[str], preset: dict, device: str, warmup: int
                 sample = timed(step, device)
             if i >= warmup:
                 record.append(sample)
-    return [(statistics.median(w for w, _ in r), statistics.median(h for _, h in r), float("nan")) for r in samples]
+    # Per round: each variant's wall time over the first variant's in the same round (the median
+    # of these is the figure least moved by a machine whose speed drifts over seconds).
+    rounds = [statistics.median(w / f for (w, _), (f, _) in zip(r, samples[0])) for r in samples]
+    return [(statistics.median(w for w, _ in r), statistics.median(h for _, h in r), float("nan"), per_round)
+            for r, per_round in zip(samples, rounds)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         results = [measure(*VARIANTS[name], preset, device, args.warmup, args.steps) for name in names]
     rows = [(name, *result) for name, result in zip(names, results)]
     first = rows[0][1]
-    print("| variant | wall | × first | host | peak memory |\n|---|---|---|---|---|")
-    for name, wall, host, peak in rows:
+    print("| variant | wall | × first | × first, per round | host | peak memory |\n|---|---|---|---|---|---|")
+    for name, wall, host, peak, *per_round in rows:
         memory = "—" if peak != peak else f"{peak:.1f} GiB"  # nan: not measured (interleaved, CPU)
-        print(f"| {name} | {wall * 1e3:.1f} ms | {wall / first:.3f} | {host * 1e3:.1f} ms | {memory} |")
+        paired = f"{per_round[0]:.3f}" if per_round else "—"  # interleaved runs only
+        print(f"| {name} | {wall * 1e3:.1f} ms | {wall / first:.3f} | {paired} | {host * 1e3:.1f} ms | {memory} |")
     return 0
 
 

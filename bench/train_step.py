@@ -247,13 +247,19 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             results.append(run_case(case, preset, args.device, args.warmup, args.steps, args.optimizer == "fused"))
             print(f"  {case}: median {results[-1].median_s * 1000:.0f} ms", file=sys.stderr, flush=True)
-    floor = next((m.median_s for m in results if m.case == "frozen"), None)
-    print("\n| case | step | x frozen | trainable params | peak memory |")
-    print("|---|---|---|---|---|")
+    frozen = next((m for m in results if m.case == "frozen"), None)
+    # Interleaved, step i of every case ran back to back: the median of those per-round ratios
+    # is the figure least moved by a machine whose speed drifts over seconds.
+    paired = args.interleave and frozen is not None
+    print("\n| case | step | x frozen | trainable params | peak memory |" + (" x frozen, per round |" if paired else ""))
+    print("|---|---|---|---|---|" + ("---|" if paired else ""))
     for m in results:
-        ratio = f"{m.median_s / floor:.2f}" if floor else "-"
+        ratio = f"{m.median_s / frozen.median_s:.2f}" if frozen else "-"
         peak = f"{m.peak_gib:.1f} GiB" if m.peak_gib is not None else "-"
-        print(f"| {CASES[m.case]} | {m.median_s * 1000:.0f} ms | {ratio} | {m.trainable:,} | {peak} |")
+        row = f"| {CASES[m.case]} | {m.median_s * 1000:.0f} ms | {ratio} | {m.trainable:,} | {peak} |"
+        if paired:
+            row += f" {statistics.median(t / f for t, f in zip(m.steps, frozen.steps)):.2f} |"
+        print(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": preset_name, "device": device_name, "versions": versions(),

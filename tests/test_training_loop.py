@@ -180,6 +180,18 @@ def test_a_fresh_run_drops_an_earlier_runs_checkpoints(tmp_path):
     assert latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step-0000002"
 
 
+def test_keep_checkpoints_keeps_the_newest_and_resume_uses_them(tmp_path):
+    cfg = dict(data="x", lr=1e-2, batch_size=4, device="cpu", save_every=1, keep_checkpoints=2)
+    run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=5), examples(), collate, tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+    resumed = run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=6, resume=True), examples(), collate,
+                       tmp_path, progress=False)
+    assert resumed.steps == 6
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005", "step-0000006"]
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        TrainConfig(data="x", keep_checkpoints=-1)
+
+
 def test_resume_without_a_checkpoint_is_the_seeded_run(tmp_path):
     cfg = dict(data="x", lr=1e-2, max_steps=2, batch_size=4, device="cpu", seed=5)
     fresh, resumed = adapted_model(), adapted_model()

@@ -24,6 +24,7 @@ HELP = {
     "loraplus_ratio": "LoRA+: learning rate of B = lr x this ratio (paper default 16)",
     "eval_every": "evaluate every N steps (0: only at the end)",
     "save_every": "checkpoint every N steps (0: only on Ctrl-C)",
+    "keep_checkpoints": "keep only the newest N checkpoints (0: keep all)",
     "resume": "continue from the latest checkpoint in output_dir",
     "mixed_precision": "no | bf16 | fp16 (GPU)",
     "dtype": "model weights dtype: auto | float32 | bfloat16 | float16",

@@ -74,11 +74,28 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     return directory
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The finished checkpoint with the highest step, or None."""
+def finished_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The finished checkpoints in ``checkpoints_dir``, oldest step first."""
     found = [(int(m.group(1)), p) for p in Path(checkpoints_dir).glob("step-*")
              if (m := CHECKPOINT_NAME.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The finished checkpoint with the highest step, or None."""
+    found = finished_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest finished checkpoints (``keep`` 0: none); the deleted.
+    Called after a new checkpoint is in place, so the newest is never the one at risk."""
+    if keep <= 0:
+        return []
+    old = finished_checkpoints(checkpoints_dir)[:-keep]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 @torch.no_grad()

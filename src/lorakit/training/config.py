@@ -66,6 +66,7 @@ class TrainConfig:
     eval_max_examples: int | None = None
     max_new_tokens: int = 64
     save_every: int = 0
+    keep_checkpoints: int = 0
     log_every: int = 1
     # hardware
     device: str | None = None
@@ -87,7 +88,7 @@ class TrainConfig:
             raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
         if not (isinstance(self.adalora_delta_t, int) and self.adalora_delta_t > 0):
             raise ConfigError(f"adalora_delta_t must be a positive integer, got {self.adalora_delta_t!r}")
-        for name in ("eval_every", "save_every", "warmup_steps", "adalora_tinit", "adalora_tfinal"):
+        for name in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "adalora_tinit", "adalora_tfinal"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..variants.adalora import RankAllocator, adalora_adapters, current_ranks, orthogonal_penalty
 from ..variants.dylora import dylora_adapters, sample_nested_rank, set_nested_rank
-from .checkpoint import Position, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
 from .optim import make_optimizer, make_scheduler
@@ -116,8 +116,10 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
 
     def checkpoint(rng: dict | None = None) -> Path:
         extra = {"adalora": {a.name: a.state_dict() for a in allocators}}
-        return save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
+        path = save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
                                scheduler, position, extra=extra, rng=rng)
+        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        return path
 
     bar = tqdm(total=n_steps, initial=position.step, disable=not (progress and accelerator.is_main_process),
                desc="training", unit="step", dynamic_ncols=True)
