@@ -52,11 +52,12 @@ def test_dora_function_every_direction_matches_formula(merge_forward, merge_back
 
 
 def test_base_norms_are_cached_recomputed_on_change_and_dropped_with_the_weight():
-    W, _, _, _ = factors()
+    W = torch.nn.Parameter(factors()[0], requires_grad=False)
     first = dora_norm.base_row_norms_squared(W)
     assert dora_norm.base_row_norms_squared(W) is first  # cached: W0 is not read again
     torch.testing.assert_close(first, (W * W).sum(1), rtol=1e-12, atol=1e-12)
-    W.mul_(2.0)  # an in-place write bumps the version
+    with torch.no_grad():
+        W.mul_(2.0)  # an in-place write bumps the version
     torch.testing.assert_close(dora_norm.base_row_norms_squared(W), 4 * first, rtol=1e-12, atol=1e-12)
     W.data = W.data.clone()[:, :6].contiguous()  # new storage and shape
     torch.testing.assert_close(dora_norm.base_row_norms_squared(W), (W * W).sum(1), rtol=1e-12, atol=1e-12)
@@ -75,3 +76,27 @@ def test_dora_merge_rule():
     assert dispatch.dora_merge_directions(512, 1536, 576, fused_build=False) == (False, False)
     assert dispatch.dora_merge_directions(1, 2048, 2048, fused_build=True) == (False, False)     # generation
     assert dispatch.dora_merge_directions(4096, 576, 576, fused_build=False) == (True, True)    # long CPU batch
+
+
+def test_only_parameters_are_kept():
+    """A tensor made for one call (autocast's cast of the weight) is not kept: nothing reuses it."""
+    W = factors()[0]
+    before = len(dora_norm._ROW_NORMS)
+    torch.testing.assert_close(dora_norm.base_row_norms_squared(W), (W * W).sum(1), rtol=1e-12, atol=1e-12)
+    assert len(dora_norm._ROW_NORMS) == before
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_dora_under_inference_mode(autocast):
+    """Inference tensors have no version counter: the factored path must not ask for one
+    (pipelines run under torch.inference_mode, often with autocast)."""
+    import lorakit
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    lorakit.add_adapter(net, lorakit.LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = net(x)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = net(x)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2 if autocast else 1e-6, atol=2e-2 if autocast else 1e-6)

@@ -41,6 +41,14 @@ def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:
     return tokens > MERGE_RATIO * 2 * d_in, tokens > MERGE_RATIO * 2 * d_out
 
 
+def plan_directions(tokens: int, weight: torch.Tensor, magnitude: torch.Tensor | None) -> tuple[bool, bool]:
+    """(merge the forward, merge the backward) for a LoRA (``magnitude`` None) or DoRA call."""
+    d_out, d_in = weight.shape
+    if magnitude is None:
+        return merge_directions(tokens, d_in, d_out)
+    return dora_merge_directions(tokens, d_in, d_out, triton_merge.available(weight, dora=True))
+
+
 def dora_merge_directions(tokens: int, d_in: int, d_out: int, fused_build: bool) -> tuple[bool, bool]:
     """(merge the forward, merge the backward) for a DoRA call with ``tokens`` rows; ``fused_build``:
     the merged weight comes from the Triton kernel (see the module docstring)."""
@@ -64,8 +72,8 @@ def call_in_autocast_dtype(function, tensors: tuple[torch.Tensor | None, ...]):
     """``function(*tensors)``; under autocast the tensors (None stays None) are first cast to the
     autocast dtype and autocast is off inside. That is what autocast would do to a linear layer's
     operands, done once so that a fused function runs in one dtype. The casts are autograd ops,
-    so fp32 parameters get fp32 gradients. (DoRA's magnitudes are not among the tensors: like the
-    norms, they stay in fp32.)"""
+    so fp32 parameters get fp32 gradients. (DoRA's magnitudes are not among the tensors: they stay
+    in their own dtype, and the norms are summed in fp32.)"""
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return function(*tensors)
@@ -78,7 +86,8 @@ def call_in_autocast_dtype(function, tensors: tuple[torch.Tensor | None, ...]):
 def fusable_operands(layer, x: torch.Tensor):
     """(weight, bias, A, B, scaling, magnitude or None, active dropout or None) when ``layer``'s
     call on ``x`` is covered by the fused functions (see the module docstring), else None.
-    A and B come back in x's dtype."""
+    A and B come back in x's dtype, except under autocast, where the caller casts everything
+    (``call_in_autocast_dtype``)."""
     # Runs on every call of every layer, so it reads the module's dicts directly: nn.Module's
     # attribute lookup (and LoraLayer's fallback to the base layer) cost more host time than the
     # rank-r GEMMs it guards (bench: 325 -> 202 µs per layer forward+backward on the 2-core CPU).
@@ -122,9 +131,9 @@ def fusable_operands(layer, x: torch.Tensor):
 def _apply(x, weight, bias, A, B, scaling, magnitude, dropout):
     tokens = x.numel() // x.shape[-1]
     if magnitude is not None:
-        merges = dora_merge_directions(tokens, *weight.shape[::-1], triton_merge.available(weight, dora=True))
-        return DoraLinearFunction.apply(x, weight, bias, A, B, magnitude, scaling, *merges)
+        return DoraLinearFunction.apply(x, weight, bias, A, B, magnitude, scaling,
+                                        *plan_directions(tokens, weight, magnitude))
     if dropout is not None:
         # The dropout module draws the mask (same random stream as the reference path).
         return LoraLinearFunction.apply(x, dropout(x), weight, bias, A, B, scaling, False, False)
-    return LoraLinearFunction.apply(x, None, weight, bias, A, B, scaling, *merge_directions(tokens, *weight.shape[::-1]))
+    return LoraLinearFunction.apply(x, None, weight, bias, A, B, scaling, *plan_directions(tokens, weight, None))

@@ -9,9 +9,10 @@ merged GEMM needs anyway. Factored (``factored_rescale``): the same norms withou
 
 one small-K GEMM over W0 (W0 Aᵀ, (d_out, r)) and rank-r products; ||W0||² is cached per frozen
 weight. That is what a factored forward needs, where N is too small for a merged build to pay
-(``dispatch.dora_merge_directions``). Both sum in fp32 (or wider); the expansion loses no more
-than the build's own rounding as long as the low-rank change is not far larger than W0 (LoRA's
-regime: B starts at zero).
+(``dispatch.dora_merge_directions``). Both sum the norms in fp32 (or wider); the products W0 Aᵀ
+and W0 + sBA are rounded to the weight's dtype first, as the GEMMs produce them (measured in
+bf16: c within 4e-4 relative factored, 2e-4 merged). The expansion loses no more than that as
+long as the low-rank change is not far larger than W0 (LoRA's regime: B starts at zero).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch import nn
 
 from . import triton_merge
 from .casting import as_dtype
@@ -60,13 +62,16 @@ def factored_rescale(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
 
 
 def base_row_norms_squared(weight: torch.Tensor) -> torch.Tensor:
-    """||W0_i||² (d_out,) in fp32 (or wider), kept per weight tensor until the weight changes.
+    """||W0_i||² (d_out,) in fp32 (or wider), kept per weight parameter until the weight changes.
 
     The base weight is frozen, so its norms would otherwise be re-read from the whole matrix on
-    every call. A write in place bumps the tensor's version, a ``.to()`` / ``.data =`` gives it new
-    storage: either recomputes. Under torch.compile the norms are computed in the graph."""
+    every call. A write in place (``copy_``, ``mul_``, ...) bumps the tensor's version, a ``.to()``
+    / ``.data =`` gives it new storage: either recomputes. A write through ``weight.data`` bumps
+    nothing and is not seen (torch's own caveat for ``.data``). Only parameters are kept: a
+    tensor made for this call (autocast's cast of the weight) has nothing to reuse, an inference
+    tensor has no version, and under torch.compile the norms are computed in the graph."""
     acc = accumulation_dtype(weight.dtype)
-    if torch.compiler.is_compiling():
+    if not isinstance(weight, nn.Parameter) or weight.is_inference() or torch.compiler.is_compiling():
         return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
     key = (weight._version, weight.data_ptr(), weight.dtype, weight.shape)
     cached = _ROW_NORMS.get(id(weight))

@@ -67,7 +67,8 @@ class GateProduct:
     module goes through autograd on a detached copy, which re-enters the autograd engine (about
     as much host time as the rest of the MLP's backward ops together on a fast GPU)."""
 
-    def __init__(self, act: nn.Module, g: torch.Tensor, u: torch.Tensor) -> None:
+    def __init__(self, act: nn.Module, g: torch.Tensor, u: torch.Tensor, for_backward: bool = True) -> None:
+        """``for_backward``: keep what ``backward`` needs (the forward pass only wants h)."""
         self.g, self.u = g, u
         self.silu = is_plain_silu(act)
         self.triton = self.silu and triton_swiglu.available(g, u)
@@ -76,11 +77,13 @@ class GateProduct:
             return
         if self.silu:
             self.activated = F.silu(g)
-        else:
+        elif for_backward:
             with torch.enable_grad():
                 self.leaf = g.detach().requires_grad_(True)
                 self.graph = act(self.leaf)
             self.activated = self.graph.detach()
+        else:
+            self.activated = act(g)
         self.h = self.activated * u
 
     def backward(self, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +124,7 @@ class GatedMlpFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         g, gate_xa, gate_c = project(x2, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p)
         u, up_xa, up_c = project(x2, up_w, up_b, up_A, up_B, up_m, up_p)
-        h = GateProduct(act, g, u).h
+        h = GateProduct(act, g, u, for_backward=False).h
         y, down_xa, down_c = project(h, down_w, down_b, down_A, down_B, down_m, down_p)
         # y only for DoRA's ∂m (the output itself: no copy).
         ctx.save_for_backward(x2, g, u, y if down_m is not None else None, gate_xa, up_xa, down_xa,

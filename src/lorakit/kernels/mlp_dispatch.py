@@ -18,8 +18,7 @@ import re
 import torch
 from torch import nn
 
-from . import triton_merge
-from .dispatch import call_in_autocast_dtype, dora_merge_directions, fusable_operands, merge_directions
+from .dispatch import call_in_autocast_dtype, fusable_operands, plan_directions
 from .gated_mlp import GatedMlpFunction, Projection
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
@@ -79,12 +78,7 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     tokens = x.numel() // x.shape[-1]
     plans, linear_tensors, magnitudes = [], [], []
     for weight, bias, A, B, scaling, magnitude, _ in operands:
-        shape = weight.shape[::-1]
-        if magnitude is None:
-            merges = merge_directions(tokens, *shape)
-        else:
-            merges = dora_merge_directions(tokens, *shape, triton_merge.available(weight, dora=True))
-        plans.append(Projection(scaling, *merges))
+        plans.append(Projection(scaling, *plan_directions(tokens, weight, magnitude)))
         linear_tensors += [weight, bias, A, B]
         magnitudes.append(magnitude)
 

@@ -17,13 +17,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU build of torch comes without Triton
-    triton = None
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .triton_support import on_gpu_in_kernel_dtype, tl, triton
 # Tile of one loop iteration; the fastest of (64|128|256) x (16|32|64) on the H200 in bf16.
 BLOCK_COLS, BLOCK_ROWS = 64, 64
 ENABLED = True  # bench/kernel_ab.py switches it off for A/B runs
@@ -31,7 +25,7 @@ ENABLED = True  # bench/kernel_ab.py switches it off for A/B runs
 
 def available(g: torch.Tensor) -> bool:
     """True when the kernel can compute the column sums for ``g`` (a CUDA tensor of a float dtype)."""
-    return ENABLED and triton is not None and g.is_cuda and g.dtype in KERNEL_DTYPES
+    return ENABLED and on_gpu_in_kernel_dtype(g)
 
 
 _LAUNCH_SHAPES: dict[tuple[int, int, torch.device], tuple[int, int]] = {}
@@ -43,6 +37,8 @@ def _launch_shape(rows: int, cols: int, device: torch.device) -> tuple[int, int]
     (A plain dict, not functools.lru_cache, which torch.compile warns about and traces through.)"""
     key = (rows, cols, device)
     if key not in _LAUNCH_SHAPES:
+        if len(_LAUNCH_SHAPES) > 4096:  # dynamic padding gives a new row count per batch: stay bounded
+            _LAUNCH_SHAPES.clear()
         column_blocks = triton.cdiv(cols, BLOCK_COLS)
         # (Triton's interpreter runs on CPU tensors: any count is right there.)
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -59,7 +55,7 @@ if triton is not None:
                        HAS_BIAS: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr):
         col = tl.program_id(0) * BC + tl.arange(0, BC)
         cmask = col < cols
-        start = tl.program_id(1) * rows_per_slice
+        start = tl.program_id(1).to(tl.int64) * rows_per_slice  # int64: N * d_out may pass 2^31
         end = tl.minimum(start + rows_per_slice, rows)
         acc = tl.zeros((BC,), dtype=tl.float32)
         if HAS_BIAS:

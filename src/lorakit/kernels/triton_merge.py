@@ -27,13 +27,7 @@ import torch
 
 from .casting import as_dtype
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU build of torch comes without Triton
-    triton = None
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .triton_support import on_gpu_in_kernel_dtype, tl, triton
 # "dora": DoRA's builds only (the default); "1": every merged build; "0": none. See the docstring.
 MODE = os.environ.get("LORAKIT_TRITON_MERGE") if os.environ.get("LORAKIT_TRITON_MERGE") in ("0", "1") else "dora"
 
@@ -42,7 +36,7 @@ def available(weight: torch.Tensor, dora: bool) -> bool:
     """True when the kernels should build the merged weight for ``weight``: a GPU tensor of a
     kernel dtype, Triton importable, and ``MODE`` covering this build (``dora``: a DoRA build)."""
     wanted = MODE == "1" or (MODE == "dora" and dora)
-    return wanted and triton is not None and weight.is_cuda and weight.dtype in KERNEL_DTYPES
+    return wanted and on_gpu_in_kernel_dtype(weight)
 
 
 def _padded_rank(r: int) -> int:
@@ -54,7 +48,7 @@ if triton is not None:
     @triton.jit
     def _tile_kernel(W, B, A, OUT, SCALE, s, d_out, d_in, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64: d_out * d_in may pass 2^31
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         # (.to(fp32) after s *: under torch.compile s arrives as a float64 scalar; sums stay fp32.)
         ks = tl.arange(0, RP)
@@ -71,7 +65,7 @@ if triton is not None:
     @triton.jit
     def _norm_kernel(W, B, A, OUT, SCALE, MAG, s, d_out, d_in, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, PRECISION: tl.constexpr):
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         ks = tl.arange(0, RP)
         rmask, kmask = rows < d_out, ks < R
         b = tl.load(B + rows[:, None] * R + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)

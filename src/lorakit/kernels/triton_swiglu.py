@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU build of torch comes without Triton
-    triton = None
+from .triton_support import on_gpu_in_kernel_dtype, tl, triton
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK = 2048
 
 
 def available(g: torch.Tensor, u: torch.Tensor) -> bool:
     """True when the kernels run for these tensors: Triton importable, CUDA, one kernel dtype and
     shape, contiguous."""
-    return (triton is not None and g.is_cuda and g.dtype in KERNEL_DTYPES and g.dtype == u.dtype
-            and g.shape == u.shape and g.is_contiguous() and u.is_contiguous())
+    return (on_gpu_in_kernel_dtype(g) and g.dtype == u.dtype and g.shape == u.shape and g.is_contiguous()
+            and u.is_contiguous())
 
 
 if triton is not None:

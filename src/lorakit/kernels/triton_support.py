@@ -1,0 +1,22 @@
+"""What the Triton kernels share: the optional import and the dtypes they are written for.
+
+The CPU build of torch comes without Triton, so ``triton`` (and ``tl``) are None there and every
+kernel module falls back to torch expressions that compute the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU build of torch comes without Triton
+    triton = tl = None
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def on_gpu_in_kernel_dtype(tensor: torch.Tensor) -> bool:
+    """True when Triton is importable and ``tensor`` is a CUDA tensor of a kernel dtype."""
+    return triton is not None and tensor.is_cuda and tensor.dtype in KERNEL_DTYPES
