@@ -31,14 +31,17 @@ CORPUS = [r.prompt + " " + r.completion for r in demo_records(150, "train", seed
 ]
 
 
-def _train_tokenizer(sentencepiece_style: bool = False):
+def _train_tokenizer(sentencepiece_style: bool = False, prepend_scheme: str = "always"):
+    """A small BPE tokenizer: byte-level (GPT-2 style), or SentencePiece style, which prepends "▁"
+    to every call as Llama-2/Mistral tokenizers do; ``prepend_scheme="always"`` also after each
+    special token (legacy Llama), ``"first"`` only at the start of the text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    if sentencepiece_style:  # prepends "▁" to every call, as Llama-2/Mistral tokenizers do
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    if sentencepiece_style:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
         alphabet = []
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

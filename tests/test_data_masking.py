@@ -1,12 +1,13 @@
-"""Loss masks where they are easy to get wrong: the prompt/answer boundary of SentencePiece-style
-tokenizers, packing whole examples into blocks, the pad-token fallback, and generation prompts
-rendered exactly as the training prompts. Offline: the tokenizers are trained in test_data."""
+"""Loss masks where they are easy to get wrong: the prompt/answer boundary (above all with
+SentencePiece-style tokenizers, which prepend "▁" to every call), packing whole examples into
+blocks, the pad-token fallback, and generation prompts rendered exactly as the training prompts.
+Offline: the tokenizers are trained in test_data."""
 
 from __future__ import annotations
 
 import pytest
 
-from lorakit.data import Collator, Record, pack_examples, tokenize_records
+from lorakit.data import Collator, Record, eval_pairs, pack_examples, tokenize_records
 from lorakit.data.render import Renderer, Segment
 from lorakit.generate import render_prompt
 
@@ -21,42 +22,125 @@ def sp_tok():
     return _train_tokenizer(sentencepiece_style=True)
 
 
+STYLES = {"byte-level": {}, "sp-always": {"sentencepiece_style": True},
+          "sp-first": {"sentencepiece_style": True, "prepend_scheme": "first"}}
+
+
+@pytest.fixture(scope="module", params=list(STYLES))
+def style_tok(request):
+    """Each tokenizer style: byte-level, and SentencePiece with "▁" prepended always or first only."""
+    return _train_tokenizer(**STYLES[request.param])
+
+
 def _tokens(tok, example, supervised: bool):
     return [t for t, label in zip(tok.convert_ids_to_tokens(example["input_ids"]), example["labels"])
             if (label != IGNORE) == supervised]
 
 
-# -- the prompt/answer boundary of SentencePiece-style tokenizers -----------------------------------
+def _split(example) -> tuple[list[int], list[int]]:
+    """(the ids before the first supervised token, the ids from there on)."""
+    n = next(i for i, label in enumerate(example["labels"]) if label != IGNORE)
+    return example["input_ids"][:n], example["input_ids"][n:]
 
-def test_prompt_ending_in_space_keeps_a_one_token_answer(sp_tok):
-    # Llama-2 style: "[INST] q [/INST] " + "answer". "▁Nairobi" covers the prompt's last space.
+
+def _generation_ids(tok, prompt: str) -> list[int]:
+    """What generation feeds the model for ``prompt`` (see `generate_batch`)."""
+    return tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+# -- the prompt/answer boundary ---------------------------------------------------------------------
+
+BOUNDARIES = {
+    "prompt-ends-in-space": ("Capital of Kenya? Answer: ", "Nairobi"),  # at once: ":", "▁Nairobi"
+    "answer-starts-with-space": ("Capital of Kenya? Answer:", " Nairobi"),
+    "mid-word": ("Capital? A: Pa", "ris is."),  # at once: "▁P", "ar", "is": "ar" straddles
+    "straddling-token": ('Reply: {"name', '": "Grace"}'),  # at once: one token '▁{"name":'
+}
+
+
+@pytest.mark.parametrize("prompt, completion", BOUNDARIES.values(), ids=BOUNDARIES.keys())
+def test_training_prompt_is_the_generation_prompt_at_any_boundary(style_tok, prompt, completion):
+    tok = style_tok
+    (example,), _ = tokenize_records([Record.from_prompt_completion(prompt, completion)], tok)
+    context, answer = _split(example)
+    # The model is trained on exactly the tokens generation will give it ...
+    assert context == _generation_ids(tok, render_prompt(tok, prompt))
+    assert all(label == IGNORE for label in example["labels"][:len(context)])
+    assert example["labels"][len(context):] == answer and answer[-1] == tok.eos_token_id
+    # ... and learns to go on with the completion: its text, no "▁" more (decoding adds no space).
+    assert tok.decode(context + answer[:-1]) == tok.decode(context) + completion
+
+
+def test_prompt_ending_in_space_leaves_the_answer_without_one(sp_tok):
+    # Llama-2 style: "[INST] q [/INST] " + "answer". Generation sees the prompt's space as a
+    # last "▁" token, so the answer must be learned as "N", "airobi", not "▁Nairobi".
     (example,), stats = tokenize_records([Record.from_prompt_completion("Capital of Kenya? Answer: ", "Nairobi")],
                                          sp_tok)
-    assert _tokens(sp_tok, example, supervised=True) == ["▁Nairobi", "<|endoftext|>"]
-    assert stats.supervised_tokens == 2
+    assert _tokens(sp_tok, example, supervised=False)[-2:] == [":", "▁"]
+    assert _tokens(sp_tok, example, supervised=True) == ["N", "airobi", "<|endoftext|>"]
+    assert stats.supervised_tokens == 3
     (example,), _ = tokenize_records([Record.from_prompt_completion("Capital of France? Answer: ", "Paris is.")],
                                      sp_tok)
     assert sp_tok.decode(_supervised_runs(example)[0]) == "Paris is.<|endoftext|>"
     context = [t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE]
-    assert sp_tok.decode(context) == "Capital of France? Answer:"  # and nothing of the answer
+    assert sp_tok.decode(context) == "Capital of France? Answer: "  # and nothing of the answer
 
 
-def test_generation_prompt_ending_in_space_chat_template():
-    tok = _train_tokenizer(sentencepiece_style=True)
+@pytest.mark.parametrize("prepend_scheme", ["always", "first"])
+def test_generation_prompt_ending_in_space_chat_template(prepend_scheme):
+    tok = _train_tokenizer(sentencepiece_style=True, prepend_scheme=prepend_scheme)
     tok.chat_template = NO_STOP  # the generation prompt ends in "assistant: "
-    messages = [{"role": "user", "content": "Capital of Kenya?"}, {"role": "assistant", "content": "Nairobi"}]
-    (example,), _ = tokenize_records([Record.from_messages(messages)], tok)
+    record = Record.from_messages([{"role": "user", "content": "Capital of Kenya?"},
+                                   {"role": "assistant", "content": "Nairobi"}])
+    (example,), _ = tokenize_records([record], tok)
+    assert _split(example)[0] == _generation_ids(tok, eval_pairs([record], tok)[0].prompt)
     # EOS follows the answer, before the template's trailing "\n\n" (which stays context).
-    assert _tokens(tok, example, supervised=True) == ["▁Nairobi", "<|endoftext|>"]
-    assert tok.convert_ids_to_tokens(example["input_ids"])[-3:] == ["▁Nairobi", "<|endoftext|>", "\n\n"]
+    assert _tokens(tok, example, supervised=True) == ["N", "airobi", "<|endoftext|>"]
+    assert tok.convert_ids_to_tokens(example["input_ids"])[-4:] == ["N", "airobi", "<|endoftext|>", "\n\n"]
 
 
-def test_token_straddling_the_boundary_is_supervised(sp_tok):
-    # The prompt ends inside a word: "...A: Pa" + "ris is." is tokenized "▁P", "ar", "is", ...
-    (example,), _ = tokenize_records([Record.from_prompt_completion("Q: capital? A: Pa", "ris is.")], sp_tok)
+@pytest.mark.parametrize("prepend_scheme", ["always", "first"])
+def test_multi_turn_chat_answers_follow_their_generation_prompts(prepend_scheme):
+    tok = _train_tokenizer(sentencepiece_style=True, prepend_scheme=prepend_scheme)
+    tok.chat_template = CHATML  # "always" also puts a "▁" after each special token
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    (example,), _ = tokenize_records([Record.from_messages(messages)], tok)
+    assert [tok.decode(run) for run in _supervised_runs(example)] == ["Hello!<|im_end|>", "Paris.<|im_end|>"]
+    starts = [i for i, label in enumerate(example["labels"])
+              if label != IGNORE and (i == 0 or example["labels"][i - 1] == IGNORE)]
+    for start, turn in zip(starts, (1, 3)):
+        prompt = tok.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
+        assert example["input_ids"][:start] == _generation_ids(tok, prompt)
+    assert tok.convert_ids_to_tokens(example["input_ids"]) == tok.convert_ids_to_tokens(
+        _generation_ids(tok, tok.apply_chat_template(messages, tokenize=False)))
+
+
+def test_token_straddling_the_boundary_is_split_there(sp_tok):
+    # Tokenized at once, "...A: Pa" + "ris is." is "▁P", "ar", "is", ...: "ar" straddles the
+    # boundary. Generation sees "▁P", "a", so the answer is learned from "r" on.
+    (example,), _ = tokenize_records([Record.from_prompt_completion("Capital? A: Pa", "ris is.")], sp_tok)
     tokens = sp_tok.convert_ids_to_tokens(example["input_ids"])
-    assert tokens[tokens.index("▁P"):] == ["▁P", "ar", "is", "▁is", ".", "<|endoftext|>"]
-    assert _tokens(sp_tok, example, supervised=True) == ["ar", "is", "▁is", ".", "<|endoftext|>"]
+    assert tokens[tokens.index("▁P"):] == ["▁P", "a", "r", "is", "▁is", ".", "<|endoftext|>"]
+    assert _tokens(sp_tok, example, supervised=True) == ["r", "is", "▁is", ".", "<|endoftext|>"]
+
+
+def test_empty_completion_trains_eos(style_tok):
+    # The byte-level path always trained the EOS here; the SentencePiece one used to lose it.
+    prompt = "Capital of Kenya? Answer:"
+    (example,), stats = tokenize_records([Record.from_prompt_completion(prompt, "")], style_tok)
+    assert _split(example) == (_generation_ids(style_tok, render_prompt(style_tok, prompt)), [style_tok.eos_token_id])
+    assert stats.supervised_tokens == 1
+
+
+def test_continuation_tries_another_sentinel_when_one_merges(sp_tok):
+    from lorakit.data.tokenize import _continuation
+
+    # '0"}' and "\n\n" are tokens of this vocabulary: the sentinels "0" and "\n" each merge with one.
+    for text, expected in [('"}', ['"}']), ("\n\nMessage:", ["\n\nMessage", ":"]), ("ris", ["r", "is"])]:
+        ids, offsets = _continuation(sp_tok, text)
+        assert sp_tok.convert_ids_to_tokens(ids) == expected
+        assert offsets[0][0] == 0 and offsets[-1][1] == len(text)  # offsets into the text itself
 
 
 def test_token_segment_rules():
@@ -149,34 +233,31 @@ def test_gguf_conversion_records_the_missing_pad_token(monkeypatch, tmp_path):
 
 # -- generation prompts are training prompts --------------------------------------------------------
 
-def _bos_tokenizer(sentencepiece_style: bool = False):
+def _bos_tokenizer(**style):
     """A tokenizer that adds BOS by default, as Llama's do."""
     from tokenizers.processors import TemplateProcessing
 
-    tok = _train_tokenizer(sentencepiece_style)
+    tok = _train_tokenizer(**style)
     tok.add_special_tokens({"bos_token": "<s>"})
     tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
                                                               special_tokens=[("<s>", tok.bos_token_id)])
     return tok
 
 
-def _training_prompt_ids(tok, user_text: str) -> list[int]:
-    (example,), _ = tokenize_records([Record.from_prompt_completion(user_text, " Paris.")], tok)
-    n = next(i for i, label in enumerate(example["labels"]) if label != IGNORE)
-    return example["input_ids"][:n]
-
-
+@pytest.mark.parametrize("user_text, completion", [("What is the capital of France?\nAnswer:", " Paris."),
+                                                   ("What is the capital of France?\nAnswer: ", "Paris.")],
+                         ids=["answer-with-space", "prompt-with-space"])
 @pytest.mark.parametrize("template", [CHATML, None], ids=["chat-template", "no-template"])
-@pytest.mark.parametrize("sentencepiece_style", [False, True], ids=["byte-level", "sentencepiece"])
-def test_generation_prompt_is_the_training_prompt(template, sentencepiece_style):
-    tok = _bos_tokenizer(sentencepiece_style)
+@pytest.mark.parametrize("style", list(STYLES))
+def test_generation_prompt_is_the_training_prompt(template, style, user_text, completion):
+    tok = _bos_tokenizer(**STYLES[style])
     tok.chat_template = template
-    user_text = "What is the capital of France?\nAnswer:"
     prompt = render_prompt(tok, user_text)
-    assert prompt == Renderer(tok).segments(Record.from_prompt_completion(user_text, " Paris."))[0].text
+    assert prompt == Renderer(tok).segments(Record.from_prompt_completion(user_text, completion))[0].text
     assert prompt.startswith("<s>") == (template is None)  # the template decides about BOS itself
     # What generation feeds the model (add_special_tokens=False) is what training saw before the answer.
-    assert tok(prompt, add_special_tokens=False)["input_ids"] == _training_prompt_ids(tok, user_text)
+    (example,), _ = tokenize_records([Record.from_prompt_completion(user_text, completion)], tok)
+    assert _generation_ids(tok, prompt) == _split(example)[0]
 
 
 @pytest.mark.parametrize("template", [CHATML, None], ids=["chat-template", "no-template"])

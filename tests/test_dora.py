@@ -260,3 +260,119 @@ def test_forward_with_some_adapters_merged(target, merged, kinds):
         layer.lora_dropout[name] = nn.Dropout(0.0)
     net.train()
     torch.testing.assert_close(layer(x), out, rtol=1e-12, atol=1e-12)
+
+
+# --- merge bookkeeping and the factor unmerging divides by ----------------------------------
+
+
+def failing_write(monkeypatch, layer):
+    def add_to_weight(delta):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(layer, "add_to_weight", add_to_weight)
+
+
+def test_failed_unmerge_write_keeps_the_adapter_merged_with_its_norm(monkeypatch):
+    net, layer = dora_net("lin")
+    x = INPUTS["lin"]()
+    w0, out = layer.weight.detach().clone(), layer(x)
+    lorakit.merge(net)
+    failing_write(monkeypatch, layer)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lorakit.unmerge(net)
+    assert layer.merged_adapters == ["default"]
+    torch.testing.assert_close(layer.unmerged_weight(), w0, rtol=1e-12, atol=1e-12)  # still solved as DoRA
+    torch.testing.assert_close(layer(x), out, rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
+    lorakit.unmerge(net)  # the retry works
+    torch.testing.assert_close(layer.weight.detach(), w0, rtol=1e-12, atol=1e-12)
+
+
+def test_failed_merge_write_leaves_the_layer_as_it_was(monkeypatch):
+    net, layer = dora_net("lin")
+    x = INPUTS["lin"]()
+    w0, out = layer.weight.detach().clone(), layer(x)
+    failing_write(monkeypatch, layer)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lorakit.merge(net)
+    assert layer.merged_adapters == [] and layer._dora_merge_norms == {}
+    monkeypatch.undo()
+    assert torch.equal(layer.weight, w0)
+    torch.testing.assert_close(layer(x), out, rtol=0, atol=0)
+    lorakit.merge(net)
+    lorakit.unmerge(net)
+    torch.testing.assert_close(layer.weight.detach(), w0, rtol=1e-12, atol=1e-12)
+
+
+def halve_magnitudes(layer, names):
+    """m = ||W0 + s B A|| / 2: each adapter's c = 1/2, so two merged put 1 + 2 (c - 1) = 0 on W0."""
+    with torch.no_grad():
+        for name in names:
+            layer.lora_magnitude_vector[name].copy_(layer.weight_norm(name) / 2)
+
+
+@pytest.mark.parametrize("target", ["lin", "emb", "conv"])
+def test_merge_that_would_lose_w0_is_refused_before_writing(target):
+    net, layer = two_adapter_net(target, ("dora", "dora"))
+    halve_magnitudes(layer, ["first", "second"])
+    x = INPUTS[target]()
+    w0, out = layer.weight.detach().clone(), layer(x)
+    with pytest.raises(lorakit.AdapterStateError, match=rf"module '{target}'.*'first'.*unmerge.*into_base=True"):
+        lorakit.merge(net)
+    assert layer.merged_adapters == [] and torch.equal(layer.weight, w0)
+    lorakit.merge(net, ["first"])  # one of them alone is fine
+    with pytest.raises(lorakit.AdapterStateError, match=r"'second'.*fewer of the DoRA adapters \['first', 'second'\]"):
+        lorakit.merge(net, ["second"])
+    assert layer.merged_adapters == ["first"]
+    torch.testing.assert_close(layer(x), out, rtol=1e-12, atol=1e-12)  # finite, as before
+    lorakit.unmerge(net)
+    torch.testing.assert_close(layer.weight.detach(), w0, rtol=1e-12, atol=1e-12)
+    # The way to keep both for good: their effect written into the base, no division involved.
+    lorakit.combine(net, ["first", "second"], into_base=True)
+    torch.testing.assert_close(layer.weight.detach(), formula_weight(layer, w0), rtol=1e-10, atol=1e-10)
+
+
+def test_unmerge_that_would_lose_w0_is_refused_and_unmerge_all_goes_latest_first():
+    """c = 2, 1/2, 1/2 merged in this order scale W0 by 2, 3/2, 1; unmerging the first would
+    leave the other two, which scale it by 0."""
+    net = Net()
+    for name in ("big", "first", "second"):
+        lorakit.add_adapter(net, LoraConfig(r=3, alpha=6, target_modules=["lin"], use_dora=True), name=name)
+    randomize_adapters(net)
+    lorakit.set_adapter(net, ["big", "first", "second"])
+    layer = net.lin
+    halve_magnitudes(layer, ["first", "second"])
+    with torch.no_grad():
+        layer.lora_magnitude_vector["big"].copy_(layer.weight_norm("big") * 2)
+    x = INPUTS["lin"]()
+    w0, out = layer.weight.detach().clone(), layer(x)
+    lorakit.merge(net)
+    with pytest.raises(lorakit.AdapterStateError, match="unmerging DoRA adapter 'big'.*reverse order"):
+        layer.unmerge("big")
+    assert layer.merged_adapters == ["big", "first", "second"]
+    torch.testing.assert_close(layer(x), out, rtol=1e-12, atol=1e-12)
+    lorakit.unmerge(net)  # second, first, big: each state on the way was checked when merging
+    torch.testing.assert_close(layer.weight.detach(), w0, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_magnitude_unit_cannot_be_merged():
+    net, layer = dora_net("lin")
+    w0 = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"][2] = 0  # that unit's merged weight would be 0: W0 is gone
+    with pytest.raises(lorakit.AdapterStateError, match="1 output unit.*keep it unmerged"):
+        layer.merge("default")
+    assert layer.merged_adapters == [] and torch.equal(layer.weight, w0)
+
+
+def test_refusal_in_a_later_layer_writes_no_layer():
+    net = Net()
+    for name in ("first", "second"):
+        lorakit.add_adapter(net, LoraConfig(r=3, alpha=6, target_modules=["lin", "conv"], use_dora=True), name=name)
+    randomize_adapters(net)
+    halve_magnitudes(net.conv, ["first", "second"])  # lin (first in the model) could merge, conv cannot
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(lorakit.AdapterStateError, match="module 'conv'"):
+        lorakit.merge(net, ["first", "second"])
+    assert net.lin.merged_adapters == [] and net.conv.merged_adapters == []
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

@@ -105,3 +105,33 @@ def test_trainer_trains_the_ranks_above_r(tmp_path):
     run_loop(model, None, TrainConfig(data="x", lr=1e-2, max_steps=6, batch_size=8, device="cpu"), examples(16),
              collate, tmp_path, progress=False)
     assert q_proj.lora_B["default"][:, 2:].any()  # ranks above r got trained (that all are drawn: the test above)
+
+
+@pytest.mark.parametrize("change", ["set", "context", "sample", "reset"])
+def test_nested_rank_of_a_merged_adapter_is_refused(change, ids):
+    """The rank decides ``delta_weight``, which unmerging subtracts: changing it while merged
+    would leave the wrong change behind in W0 (as truncating would; also refused)."""
+    from lorakit.variants.dylora import set_nested_rank
+
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"], dylora=True))
+    randomize_adapters(model, 0.2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if change == "reset":  # merged at rank 3: going back to full rank is a change too
+        set_nested_rank(model, 3)
+    lorakit.merge(model)
+    merged = model(ids).logits
+    with pytest.raises(lorakit.AdapterStateError, match="merged; unmerge it"):
+        if change == "set":
+            set_nested_rank(model, 2)
+        elif change == "context":
+            with nested_rank(model, 2):
+                pass
+        elif change == "sample":
+            sample_nested_rank(model, random.Random(0))
+        else:
+            set_nested_rank(model, None)
+    torch.testing.assert_close(model(ids).logits, merged, rtol=0, atol=0)
+    lorakit.unmerge(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=1e-6, atol=1e-6)

@@ -1,7 +1,9 @@
 """Saving and loading adapter directories: layout, round trips, atomic writes, refusals."""
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -172,8 +174,8 @@ def test_save_failing_at_any_rename_leaves_the_earlier_adapter(tmp_path, monkeyp
 
 
 def test_save_into_the_working_folder_or_through_a_link(tmp_path, monkeypatch):
-    # The folder is replaced by a rename: the process must not be left in the deleted old folder,
-    # and a link must stay a link to the (new) folder.
+    # "." and a link name the folder the files go into: the process stays where it was, and a
+    # link stays a link to the same folder.
     real = tmp_path / "real"
     lorakit.save_adapter(trained_llama(), real)
     monkeypatch.chdir(real)
@@ -183,6 +185,113 @@ def test_save_into_the_working_folder_or_through_a_link(tmp_path, monkeypatch):
     lorakit.save_adapter(trained_llama(), tmp_path / "link")
     assert (tmp_path / "link").is_symlink() and not json.loads((real / "adapter_config.json").read_text())["use_rslora"]
     assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+
+
+def test_save_keeps_the_working_folder_of_other_processes(tmp_path, monkeypatch):
+    # Another process (a shell, TensorBoard) standing in the folder must see the new adapter, not
+    # be left in a deleted folder: the folder itself is never replaced.
+    out = tmp_path / "adapter"
+    lorakit.save_adapter(trained_llama(), out)
+    monkeypatch.chdir(out)
+    inode, held = os.stat(".").st_ino, os.open(".", os.O_RDONLY)  # the folder as another process holds it
+    try:
+        lorakit.save_adapter(trained_llama(use_rslora=True), ".")
+        assert os.stat(out).st_ino == inode and os.stat(".").st_ino == inode
+        assert sorted(os.listdir(held)) == ["adapter_config.json", "adapter_model.safetensors"]
+        config = os.open("adapter_config.json", os.O_RDONLY, dir_fd=held)
+        with os.fdopen(config) as handle:
+            assert json.load(handle)["use_rslora"]
+    finally:
+        os.close(held)
+
+
+def test_save_into_a_folder_whose_parent_is_read_only(tmp_path):
+    out = tmp_path / "shared" / "adapter"
+    lorakit.save_adapter(trained_llama(), out)
+    (out / "README.md").write_text("notes")
+    out.parent.chmod(0o555)
+    try:
+        if os.access(out.parent, os.W_OK):
+            pytest.skip("chmod does not stop this user (root) from writing")
+        model = trained_llama(use_rslora=True)
+        assert lorakit.save_adapter(model, out) == out
+        assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert json.loads((out / "adapter_config.json").read_text())["use_rslora"]
+    finally:
+        out.parent.chmod(0o755)
+
+
+def test_save_into_a_mount_point(tmp_path, monkeypatch):
+    # A mount point (a Docker/Kubernetes volume) cannot be renamed or removed (EBUSY), nor can a
+    # file be moved across it: every rename, replace or rmdir must stay inside the folder.
+    out = tmp_path / "volume"
+    lorakit.save_adapter(trained_llama(), out)
+    (out / "README.md").write_text("notes")
+    real_rename, real_replace, real_rmdir = os.rename, os.replace, os.rmdir
+
+    def inside(*paths):
+        if not all(Path(p).parent.resolve() == out.resolve() for p in paths):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(paths[0]))
+
+    monkeypatch.setattr(os, "rename", lambda src, dst, **kw: inside(src, dst) or real_rename(src, dst, **kw))
+    monkeypatch.setattr(os, "replace", lambda src, dst, **kw: inside(src, dst) or real_replace(src, dst, **kw))
+    monkeypatch.setattr(os, "rmdir", lambda path, **kw: inside(path) or real_rmdir(path, **kw))
+    model = trained_llama(use_rslora=True, target_modules=["v_proj"])
+    assert lorakit.save_adapter(model, out) == out
+    assert sorted(os.listdir(out)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter_config.json").read_text())["use_rslora"]
+
+
+@pytest.mark.parametrize("earlier", [True, False], ids=["replacing", "new-folder"])
+def test_ctrl_c_at_any_step_of_a_save_leaves_the_folder_as_it_was(tmp_path, monkeypatch, earlier):
+    # Ctrl-C at each file operation of a save in turn (creating folders and files, writing,
+    # moving the earlier files aside, renaming the new ones into place, deleting the earlier
+    # ones): before the new config is in place the folder is left byte for byte as it was (or not
+    # created); after, the save stands, whole, and reports no failure.
+    out = tmp_path / "runs" / "adapter"
+    if earlier:
+        lorakit.save_adapter(trained_llama(), out)
+        (out / "README.md").write_text("notes")
+        torch.save({}, out / "adapter_model.bin")  # an earlier PEFT save's weights: removed by a save
+    before = folder_bytes(out) if earlier else None
+    model = trained_llama(use_rslora=True, target_modules=["v_proj"])
+    lorakit.save_adapter(model, tmp_path / "reference")
+    after = folder_bytes(tmp_path / "reference") | ({"README.md": b"notes"} if earlier else {})
+    calls, armed = [], False
+
+    def interrupting(real):
+        def call(*args, **kwargs):
+            if armed:
+                calls.append(real)
+                if len(calls) == fail_at:
+                    raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return call
+
+    for owner, attr in [(os, "mkdir"), (os, "open"), (os, "rename"), (os, "replace"), (os, "unlink"),
+                        (os, "rmdir"), (Path, "write_text"), (lorakit.io.save, "save_file")]:
+        monkeypatch.setattr(owner, attr, interrupting(getattr(owner, attr)))
+    for fail_at in range(1, 40):
+        calls.clear()
+        armed = True
+        try:
+            lorakit.save_adapter(model, out)
+        except KeyboardInterrupt:
+            armed = False
+            assert sorted(os.listdir(tmp_path)) == (["reference", "runs"] if earlier else ["reference"])
+            assert not earlier or (os.listdir(out.parent) == ["adapter"] and folder_bytes(out) == before)
+            continue
+        armed = False
+        assert folder_bytes(out) == after  # the save stands whole, no backups left behind
+        if fail_at > len(calls):
+            break  # every step has been interrupted once
+        # an interrupt once the files were in place: put the earlier state back for the next round
+        shutil.rmtree(tmp_path / "runs")
+        if earlier:
+            out.mkdir(parents=True)
+            for name, data in before.items():
+                (out / name).write_bytes(data)
+    assert fail_at > (8 if earlier else 4) and folder_bytes(out) == after
 
 
 class TwoStacks(nn.Module):

@@ -114,6 +114,23 @@ def test_merge_unmerge_fp32_relative_error():
     assert rel < 1e-6
 
 
+def test_merge_and_combine_into_base_write_the_same_rounded_sum():
+    """One helper for W0 + ΔW: summed in float32, rounded once to the weight's dtype."""
+    from lorakit.arithmetic.build import plus
+    from lorakit.layers import LoraLayer
+
+    net = nn.Sequential(nn.Linear(16, 16, dtype=torch.bfloat16))
+    lorakit.add_adapter(net, lorakit.LoraConfig(r=4, target_modules=["0"]))
+    randomize_adapters(net, std=0.1)
+    layer = net[0]
+    w0, delta = layer.weight.detach().clone(), layer.delta_weight("default")
+    expected = (w0.float() + delta).to(torch.bfloat16)
+    assert torch.equal(LoraLayer.weight_plus(w0, delta), expected)
+    assert torch.equal(plus(w0, delta), expected)
+    lorakit.merge(net)
+    assert torch.equal(layer.weight, expected)
+
+
 def test_dropout_applies_to_adapter_input_only_in_training():
     net = adapted(["lin"], dropout=0.5)
     layer = net.lin
@@ -137,6 +154,29 @@ def test_adapter_dtype_auto(base_dtype, expected):
     assert net[0].lora_A["default"].dtype == expected
     out = net(torch.randn(2, 8, dtype=base_dtype))
     assert out.dtype == base_dtype
+
+
+def test_fp16_model_gets_fp32_adapters_that_train(ids, tmp_path):
+    """What dtype="auto" loads on a GPU without native bf16 (T4, V100): fp16 base, fp32 adapters
+    (fp16 parameters would lose AdamW's small updates without loss scaling), also when loaded."""
+    from .tiny import tiny_llama
+
+    model = tiny_llama().half()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float16
+    randomize_adapters(model)  # |A| ~ 0.5, where an fp16 step of 1e-5 would round away
+    A = model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    before = A.detach().clone()
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert (A - before).abs().max() > 5e-6
+    lorakit.save_adapter(model, tmp_path)
+    fresh = tiny_llama().half()
+    lorakit.load_adapter(fresh, tmp_path)
+    assert all(p.dtype == torch.float32 for n, p in fresh.named_parameters() if "lora_" in n)
 
 
 def test_adapter_dtype_explicit():

@@ -68,27 +68,44 @@ def test_dtype_resolution():
         resolve_dtype(3, "cpu")  # type: ignore[arg-type]
 
 
-# (compute capability major, bf16 at least emulated, expected): A100/H100, V100/T4 (emulated), P100.
-GPUS = [(8, True, torch.bfloat16), (7, True, torch.float16), (6, False, torch.float16)]
+# (compute capability major, expected): A100/H100, V100/T4 (bf16 only emulated), P100.
+GPUS = [(8, torch.bfloat16), (7, torch.float16), (6, torch.float16)]
 
 
-@pytest.mark.parametrize("major, emulated, expected", GPUS)
-def test_auto_dtype_on_gpu_needs_native_bf16(monkeypatch, major, emulated, expected):
-    def is_bf16_supported(including_emulation=True):  # torch's answer for such a GPU
-        return major >= 8 or (including_emulation and emulated)
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
-    assert resolve_dtype("auto", "cuda") == expected
-    assert resolve_dtype(None, "cuda:1") == expected
-
-
-@pytest.mark.parametrize("major, emulated, expected", GPUS)
-def test_auto_dtype_on_gpu_with_a_torch_without_including_emulation(monkeypatch, major, emulated, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: major >= 8 or emulated)
+def fake_gpus(monkeypatch, majors):
+    """CUDA GPUs 0, 1, ... of these compute capabilities, GPU 0 current; ``is_bf16_supported``
+    answers (with emulation) for the current one, as torch's does."""
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: (majors[0 if device is None else device], 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: bool(torch.version.hip) or majors[0] >= 8
+                        or (including_emulation and majors[0] >= 7))
+
+
+@pytest.mark.parametrize("major, expected", GPUS)
+def test_auto_dtype_on_gpu_needs_native_bf16(monkeypatch, major, expected):
+    fake_gpus(monkeypatch, [major])
     assert resolve_dtype("auto", "cuda") == expected
+    assert resolve_dtype(None, "cuda:0") == expected
+
+
+def test_auto_dtype_asks_about_the_requested_gpu(monkeypatch):
+    fake_gpus(monkeypatch, [7, 8])  # a V100 (current) beside an A100
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert resolve_dtype("auto", "cuda") == torch.float16
+    fake_gpus(monkeypatch, [8, 7])
+    assert resolve_dtype("auto", "cuda:1") == torch.float16
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    with pytest.raises(ConfigError, match="not a torch device"):
+        resolve_dtype("auto", "cuda-1")
+
+
+def test_auto_dtype_on_rocm_is_bf16(monkeypatch):
+    fake_gpus(monkeypatch, [7])
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
 
 
 def test_device_resolution(monkeypatch):

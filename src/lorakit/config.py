@@ -75,9 +75,10 @@ class LoraConfig:
             or ``"h"``); by default the common names are tried.
         fan_in_fan_out: the base stores weights as (d_in, d_out) (GPT-2's ``Conv1D``). Detected
             automatically per layer; recorded here for PEFT.
-        adapter_dtype: dtype of A and B. ``"auto"`` = the base weight's dtype (fp32 base → fp32,
-            bf16 base → bf16), except fp16 bases get fp32 adapters, because fp16 parameters
-            cannot be trained with a plain optimizer without loss scaling.
+        adapter_dtype: dtype of A and B (and DoRA's m). ``"auto"`` = the base weight's dtype (fp32
+            base → fp32, bf16 base → bf16), except that fp16 bases (what ``dtype="auto"`` loads on
+            GPUs without native bf16, e.g. T4, V100) get fp32 adapters, as in PEFT: AdamW's small
+            updates to fp16 parameters underflow without loss scaling.
         seed: seeds the random init of every layer (each module gets its own stream derived from
             the seed and its name, so the result does not depend on injection order). ``None``
             uses torch's global generator.

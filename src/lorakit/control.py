@@ -84,9 +84,13 @@ def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iter
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
-    """Write ``s B A`` of the given adapters (default: the active ones) into the base weights.
+    """Write the change of the given adapters (default: the active ones) into the base weights:
+    ``s B A`` for LoRA, ``m / ||W0 + s B A|| (W0 + s B A) - W0`` for DoRA, each against the
+    original W0 (see ``LoraLayer.merge``).
 
-    Merged adapters cost nothing at inference; ``unmerge`` takes them out again.
+    Merged adapters cost nothing at inference; ``unmerge`` takes them out again. Raises
+    AdapterStateError before any weight is written when a DoRA merge would leave a layer's original
+    weight unrecoverable (``LoraLayer.check_merge``).
     """
     if names is None:
         names = active_adapters(model)
@@ -96,14 +100,24 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     already = [n for n in names if n in merged]
     if already:
         raise AdapterStateError(f"adapter(s) {already} are already merged; call lorakit.unmerge(model) first")
-    for _, layer in lora_layers(model):
+    layers = list(lora_layers(model))
+    for path, layer in layers:
+        try:
+            layer.check_merge(names)
+        except AdapterStateError as error:
+            raise AdapterStateError(f"module {path!r}: {error}") from None
+    for _, layer in layers:
         for name in names:
             if name in layer.lora_A:
                 layer.merge(name)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Take every merged adapter out of the base weights again (latest merged first)."""
+    """Take every merged adapter out of the base weights again.
+
+    Each change was taken against the original W0, so any order gives the same weights; the latest
+    merged go first because the states passed through are then those merging passed through,
+    which ``merge`` checked (several DoRA adapters must not scale W0 by about 0)."""
     for _, layer in lora_layers(model):
         for name in reversed(list(layer.merged_adapters)):
             layer.unmerge(name)

@@ -115,12 +115,9 @@ def combine(model: nn.Module, sources: Sequence[str], weights: Sequence[float] |
     return report
 
 
-@torch.no_grad()
 def plus(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """W0 + ΔW as a new tensor on W0's device, with ``LoraLayer.add_to_weight``'s arithmetic
-    (float32 sum, one rounding)."""
-    acc = torch.promote_types(weight.dtype, torch.float32)
-    return (weight.to(acc) + delta.to(weight.device, acc)).to(weight.dtype)
+    """W0 + ΔW as a new tensor on W0's device: what merging writes (``LoraLayer.weight_plus``)."""
+    return LoraLayer.weight_plus(weight, delta)
 
 
 @torch.no_grad()

@@ -29,6 +29,20 @@ log = logging.getLogger("lorakit.data.packing")
 IGNORE = -100
 
 
+def truncate(ids: list[int], labels: list[int], max_length: int | None) -> tuple[list[int], list[int], bool]:
+    """``(ids, labels, was_truncated)``: the example cut from the right to at most ``max_length``
+    tokens (None: no limit). The one truncation rule of `tokenize_records` and `pack_examples`."""
+    if max_length is None or len(ids) <= max_length:
+        return ids, labels, False
+    return ids[:max_length], labels[:max_length], True
+
+
+def n_supervised(labels: list[int]) -> int:
+    """How many tokens contribute to the loss. Position 0 never does: a causal LM predicts token
+    t from the tokens before it, and nothing precedes the first (of an example or of a block)."""
+    return sum(1 for label in labels[1:] if label != IGNORE)
+
+
 def pack_examples(examples: list[dict[str, list[int]]], block_size: int) -> list[dict[str, list[int]]]:
     """Blocks of whole examples, each block at most ``block_size`` tokens, in input order.
 
@@ -44,12 +58,10 @@ def pack_examples(examples: list[dict[str, list[int]]], block_size: int) -> list
     labels: list[int] = []
     truncated = skipped = n_tokens = 0
     for example in examples:
-        example_ids, example_labels = example["input_ids"], example["labels"]
-        if len(example_ids) > block_size:
-            truncated += 1
-            example_ids, example_labels = example_ids[:block_size], example_labels[:block_size]
+        example_ids, example_labels, was_truncated = truncate(example["input_ids"], example["labels"], block_size)
+        truncated += was_truncated
         # Its first label is unused when it starts a block, so it cannot be all it has to learn.
-        if all(label == IGNORE for label in example_labels[1:]):
+        if n_supervised(example_labels) == 0:
             skipped += 1
             continue
         if len(ids) + len(example_ids) > block_size:

@@ -6,11 +6,11 @@ Supervised means: the completion of prompt/completion records, assistant turns o
 every token of text records; each time with the end-of-turn / EOS token, so the model learns to
 stop.
 
-Segments are tokenized one by one and concatenated, so the prompt part is tokenized exactly as
-the evaluation/generation prompt will be (no token merges across the prompt/answer boundary).
-Tokenizers that prepend a dummy space to every call (SentencePiece "▁" style) would corrupt that,
-so for them the whole text is tokenized at once and the mask is set from character offsets: a
-token is supervised when any of its characters, leading whitespace aside, is (`_token_segment`).
+The prompt is tokenized exactly as generation tokenizes it (the rendered text alone, with
+``add_special_tokens=False``), and the answer's tokens follow as the model has to produce them
+after it: no token merges across the prompt/answer boundary. For most tokenizers that is each
+segment tokenized alone and concatenated. Tokenizers that prepend a dummy space to every call
+(SentencePiece "▁" style) need more care, see `_encode_chunks`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import DataError
-from .packing import IGNORE, pack_examples
+from .packing import IGNORE, n_supervised, pack_examples, truncate
 from .records import Problems, Record
 from .render import Renderer, Segment
 
@@ -90,21 +90,20 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int | No
             problems.add(record.source or f"record {i + 1}", f"cannot render with this tokenizer: {e}")
     problems.raise_if_any("data for this tokenizer")
 
-    encode = _encode_joint if _adds_dummy_prefix(tokenizer) else _encode_segments
+    encode = _encode_chunks if _adds_dummy_prefix(tokenizer) else _encode_segments
     stats = DatasetStats(n_records=len(records), max_length=max_length, packed=packing)
     examples = []
     for ids, labels in encode(tokenizer, rendered):
-        if max_length is not None and len(ids) > max_length:
-            stats.n_truncated += 1
-            ids, labels = ids[:max_length], labels[:max_length]
-            if _n_supervised(labels) == 0:
+        ids, labels, was_truncated = truncate(ids, labels, max_length)
+        stats.n_truncated += was_truncated
+        if n_supervised(labels) == 0:
+            if was_truncated:
                 stats.n_dropped_all_truncated += 1
-                continue
-        elif _n_supervised(labels) == 0:
-            stats.n_dropped_no_supervised += 1
+            else:
+                stats.n_dropped_no_supervised += 1
             continue
         stats.total_tokens += len(ids)
-        stats.supervised_tokens += _n_supervised(labels)
+        stats.supervised_tokens += n_supervised(labels)
         stats.max_tokens = max(stats.max_tokens, len(ids))
         examples.append({"input_ids": ids, "labels": labels})
 
@@ -123,11 +122,6 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int | No
     return examples, stats
 
 
-def _n_supervised(labels: list[int]) -> int:
-    # Position 0 never contributes: a causal LM predicts token t from the tokens before it.
-    return sum(1 for label in labels[1:] if label != IGNORE)
-
-
 def _encode_segments(tokenizer: Any, rendered: list[list[Segment]]):
     """Tokenize every segment separately (one batched call) and concatenate per example."""
     texts = [s.text for segments in rendered for s in segments]
@@ -144,44 +138,101 @@ def _encode_segments(tokenizer: Any, rendered: list[list[Segment]]):
         yield ids, labels
 
 
-def _encode_joint(tokenizer: Any, rendered: list[list[Segment]]):
-    """Tokenize each example's whole text once and label each token by `_token_segment`.
-    EOS is inserted after the last token of an ``append_eos`` segment."""
+# Plain text put before a text to tokenize it as a continuation: the dummy "▁" goes to the
+# sentinel, and the tokens after it are the text's. Digits first: SentencePiece models split
+# digits, so one never merges with what follows; the others are for a text it merges with.
+_SENTINELS = ("0", "\n", ".", "|", "#", "~")
+
+
+def _encode_chunks(tokenizer: Any, rendered: list[list[Segment]]):
+    """For tokenizers that prepend a dummy "▁" to every call (SentencePiece style).
+
+    Tokenizing each segment alone would put a "▁" that is not in the text before every answer,
+    and the whole text at once would merge tokens across the prompt/answer boundary
+    (``"Answer: " + "Nairobi"`` -> ``":", "▁Nairobi"`` where generation sees ``":", "▁"``).
+    So the text is cut into chunks where each supervised segment starts. The first chunk (the
+    prompt) is tokenized alone, exactly as generation does; each later chunk (an answer and the
+    context up to the next answer) is tokenized as a continuation (`_continuation`), without the
+    dummy "▁". Within a chunk, tokens are labelled by their character offsets (`_token_segment`),
+    and EOS is inserted after the tokens of an ``append_eos`` segment, even one with no text.
+    """
     for segments in rendered:
-        text = "".join(s.text for s in segments)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        spans, pos = [], 0
+        chunks: list[list[Segment]] = [[]]
         for s in segments:
-            spans.append((pos, pos + len(s.text), s))
-            pos += len(s.text)
+            if s.supervised and chunks[-1]:
+                chunks.append([])
+            chunks[-1].append(s)
         ids: list[int] = []
         labels: list[int] = []
-        pending_eos = None
-        for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
-            segment = _token_segment(text, start, end, spans) or segments[-1]
-            if pending_eos is not None and segment is not pending_eos:
+        after_text = False  # a chunk continues the text before it; only the very start is "▁"-prefixed
+        for chunk in chunks:
+            text = "".join(s.text for s in chunk)
+            if after_text:
+                chunk_ids, offsets = _continuation(tokenizer, text)
+            else:
+                enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+                chunk_ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            after_text = after_text or bool(text)
+            _label_chunk(tokenizer, chunk, text, chunk_ids, offsets, ids, labels)
+        yield ids, labels
+
+
+def _label_chunk(tokenizer: Any, chunk: list[Segment], text: str, chunk_ids: list[int],
+                 offsets: list[tuple[int, int]], ids: list[int], labels: list[int]) -> None:
+    """Append the chunk's tokens to ``ids``/``labels``, each labelled by its segment, and an EOS
+    as each ``append_eos`` segment is left behind."""
+    spans, pos = [], 0
+    for s in chunk:
+        spans.append((pos, pos + len(s.text), s))
+        pos += len(s.text)
+    index = {id(s): k for k, s in enumerate(chunk)}
+    reached = 0  # segments before this one have been left: their EOS is placed
+
+    def leave(upto: int) -> None:
+        nonlocal reached
+        for s in chunk[reached:upto]:
+            if s.append_eos:
                 ids.append(tokenizer.eos_token_id)
                 labels.append(tokenizer.eos_token_id)
-                pending_eos = None
-            ids.append(token_id)
-            labels.append(token_id if segment.supervised else IGNORE)
-            if segment.append_eos:
-                pending_eos = segment
-        if pending_eos is not None:
-            ids.append(tokenizer.eos_token_id)
-            labels.append(tokenizer.eos_token_id)
-        yield ids, labels
+        reached = max(reached, upto)
+
+    for token_id, (start, end) in zip(chunk_ids, offsets):
+        k = index[id(_token_segment(text, start, end, spans) or chunk[-1])]
+        leave(k)
+        ids.append(token_id)
+        labels.append(token_id if chunk[k].supervised else IGNORE)
+    leave(len(chunk))
+
+
+def _continuation(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """``(ids, offsets)`` of ``text`` as tokenized after other text: with no dummy "▁" of its own.
+
+    ``sentinel + text`` is tokenized and the sentinel's tokens (those starting before the text,
+    the dummy "▁" among them) dropped. A sentinel is used only when no token spans it and the
+    text: then no merge crossed the boundary, so the text's tokens are those it has after any text
+    it does not merge with. Otherwise the next sentinel is tried; should every one merge with the
+    text, the text is tokenized alone, dummy "▁" and all.
+    """
+    for sentinel in _SENTINELS:
+        n = len(sentinel)
+        enc = tokenizer(sentinel + text, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = list(zip(enc["input_ids"], enc["offset_mapping"]))
+        if any(start < n < end for _, (start, end) in pairs):
+            continue
+        kept = [(token_id, (start - n, end - n)) for token_id, (start, end) in pairs if start >= n]
+        return [t for t, _ in kept], [o for _, o in kept]
+    log.warning("could not tokenize %r as a continuation; its first token may carry a dummy space", text[:40])
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], enc["offset_mapping"]
 
 
 def _token_segment(text: str, start: int, end: int, spans: list[tuple[int, int, Segment]]) -> Segment | None:
     """The segment a token covering ``text[start:end]`` belongs to (None past the end).
 
-    A SentencePiece token carries the space before its word ("▁yes" covers " yes"), and that
-    space may be the prompt's last character ("[INST] q [/INST] " + "yes"). Judged by its first
-    character, such a token would be masked as prompt, and a one-token answer would lose its only
-    token. So leading whitespace is skipped, and a token that reaches into a supervised segment
-    belongs to it: a token straddling the prompt/answer boundary is learned rather than lost.
-    An all-whitespace token stays with the segment of its first character.
+    A token that reaches into a supervised segment belongs to it: one straddling the end of an
+    answer and the context after it ("s\n") is learned rather than lost. Leading whitespace does
+    not count (a SentencePiece token "▁yes" carries the space before its word, which may end the
+    segment before), and an all-whitespace token stays with the segment of its first character.
     """
     end = min(end, len(text))
     core = start

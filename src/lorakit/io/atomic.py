@@ -1,5 +1,5 @@
-"""Writing a file, or a folder of files, so that readers see the old one or the whole new one,
-never half of it (nor a mix of old and new files)."""
+"""Writing a file, or a set of files in one folder, so that readers see the old version or the
+whole new one, never half a file (nor a config beside another save's weights)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 log = logging.getLogger("lorakit.io")
@@ -41,60 +41,113 @@ def name_beside(path: Path, suffix: str) -> Path:
     return path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
 
 
-def write_directory_atomically(path: Path, write: Callable[[Path], object], replaces: Collection[str] = ()) -> Path:
-    """Run ``write(tmp_dir)`` on a new folder beside ``path``, then put it in ``path``'s place whole.
+def replace_files_in_folder(folder: Path, files: Mapping[str, Callable[[str], object]],
+                            removes: Collection[str] = ()) -> Path:
+    """Write ``files`` (name -> ``write(tmp)``) into ``folder``, created if missing, replacing
+    earlier files of those names; files named in ``removes`` go too, any other file stays.
 
-    An existing folder ``path`` is replaced: its entries named in ``replaces`` go with it, any
-    other entry (a README, the user's own files) is moved into the new folder first. The old
-    folder is renamed aside, the new one renamed into place, then the old one deleted, so a reader
-    sees the old folder, for an instant none, or the new one: never new files beside old ones.
-    On any failure (Ctrl-C included) ``path`` is left as it was, not even created, and nothing
-    is left beside it. A link to a folder stays a link; the folder it points to is replaced.
+    Everything happens inside ``folder``, which is never renamed or replaced: it may be a mount
+    point, the working directory of other processes, or sit in a folder this user cannot write.
+    Each file is written under a hidden temporary name beside its final one; then the earlier
+    files are moved to hidden backup names, last-named first, the new ones renamed into place in
+    the order given, and the backups deleted. A reader thus finds the last-named file (an
+    adapter's config) only with the others of the same save beside it; for an instant it may find
+    none of them. On any failure before the last file is in place (Ctrl-C included) ``folder`` is
+    left as it was, and not created. Once it is, the save stands: a Ctrl-C while the backups are
+    deleted is logged, not raised (a backup it leaves is a hidden ``.<name>.<hex>.old`` file).
     """
-    final = Path(path).resolve()  # "." or a link: rename the real folder, not its name
-    missing = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp, aside = name_beside(final, ".tmp"), name_beside(final, ".old")
-    moved: list[str] = []
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # innermost first
+    temps: dict[str, Path] = {}
+    backups: list[tuple[Path, Path]] = []  # (file, hidden name) of each earlier file moved aside
+    placed: list[str] = []
     try:
-        inside = os.getcwd() == str(final)  # then the process must follow the folder (see below)
-    except OSError:  # the working folder is gone already
-        inside = False
-    try:
-        tmp.mkdir()  # not mkdtemp, which makes the folder private (0700)
-        write(tmp)
-        if final.exists():
-            shutil.copymode(final, tmp)
-            keep = set(replaces) | set(os.listdir(tmp))
-            for entry in final.iterdir():
-                if entry.name not in keep:
-                    moved.append(entry.name)  # before the rename: an interrupt in between must undo it too
-                    os.rename(entry, tmp / entry.name)
-            os.rename(final, aside)  # a rename cannot replace a non-empty folder: move it away first
-        os.rename(tmp, final)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, write in files.items():
+            write(str(_new_file(folder / name, temps)))
+        for name in [*reversed(list(files)), *removes]:  # the last-placed file (the config) leaves first
+            if os.path.lexists(folder / name):
+                backups.append((folder / name, name_beside(folder / name, ".old")))  # before the rename:
+                os.rename(*backups[-1])  # an interrupt in between must undo it too
+        for name in files:
+            placed.append(name)
+            os.replace(temps[name], folder / name)
     except BaseException:
-        _undo(final, tmp, aside, moved, missing)
+        _shielded(lambda: _undo(placed, temps, backups, created, folder))
         raise
-    shutil.rmtree(aside, ignore_errors=True)
-    if inside:  # the process stood in the old folder, now deleted: move it to the new one
-        os.chdir(final)
-    return Path(path)
+    if _shielded(lambda: _delete_backups(backups)):
+        log.warning("Ctrl-C ignored: it came once the new files were in place in %s, and the save is complete%s",
+                    folder, f" (earlier files left: {[str(b) for _, b in backups]})" if backups else "")
+    return folder
 
 
-def _undo(final: Path, tmp: Path, aside: Path, moved: list[str], missing: list[Path]) -> None:
-    """Put ``final`` back as it was after a failed ``write_directory_atomically``."""
-    try:
-        if os.path.lexists(aside) and not os.path.lexists(final):
-            os.rename(aside, final)
-        for name in moved:
-            if os.path.lexists(tmp / name) and not os.path.lexists(final / name):
-                os.rename(tmp / name, final / name)
-    except OSError as exc:  # renames within one folder should not fail; say where the files are
-        log.error("could not restore %s after a failed write (%s); its files are in %s and %s", final, exc, aside, tmp)
-        return
-    shutil.rmtree(tmp, ignore_errors=True)
-    for folder in missing:  # innermost first: the parents this call created
+def _new_file(path: Path, temps: dict[str, Path]) -> Path:
+    """A new empty hidden file beside ``path``, recorded in ``temps`` (mode as the umask gives, as
+    a plain write would; mkstemp would make it private)."""
+    while True:
+        tmp = temps[path.name] = name_beside(path, ".tmp")  # known before it exists: Ctrl-C may come next
         try:
-            folder.rmdir()
-        except OSError:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # someone else's file of that name: never ours to remove
+            del temps[path.name]
+
+
+def _shielded(step: Callable[[], None], attempts: int = 3) -> bool:
+    """Run ``step``, which can be run again from where it stopped, to its end even through Ctrl-C
+    (up to ``attempts`` times); whether it was interrupted."""
+    interrupted = False
+    for _ in range(attempts):
+        try:
+            step()
+            return interrupted
+        except KeyboardInterrupt:
+            interrupted = True
+    return interrupted
+
+
+def _undo(placed: list[str], temps: dict[str, Path], backups: list[tuple[Path, Path]], created: list[Path],
+          folder: Path) -> None:
+    """Put ``folder`` back as it was after a failed ``replace_files_in_folder``. Each entry is
+    dropped once handled, so a second run after an interrupt continues where the first stopped."""
+    try:
+        while placed:
+            name = placed[-1]
+            if not os.path.lexists(temps[name]):  # it was renamed into place
+                _discard(folder / name)
+            placed.pop()
+        while backups:
+            original, backup = backups[-1]
+            if os.path.lexists(backup) and not os.path.lexists(original):
+                os.rename(backup, original)
+            backups.pop()
+    except OSError as exc:  # renames within one folder should not fail; say where the files are
+        log.error("could not restore %s after a failed write (%s); the earlier files are in %s", folder, exc,
+                  [str(b) for _, b in backups])
+        return
+    for tmp in temps.values():
+        _discard(tmp)
+    for path in created:
+        try:
+            path.rmdir()
+        except FileNotFoundError:  # removed by an earlier, interrupted run
+            continue
+        except OSError:  # not empty: someone else's files arrived meanwhile
             break
+
+
+def _delete_backups(backups: list[tuple[Path, Path]]) -> None:
+    while backups:
+        try:
+            _discard(backups[-1][1])
+        except OSError as exc:  # the save is complete: a backup left behind is no reason to fail it
+            log.warning("could not delete the backup %s (%s)", backups[-1][1], exc)
+        backups.pop()
+
+
+def _discard(path: Path) -> None:
+    """Remove the file (or link, or folder) ``path`` if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)

@@ -1,4 +1,4 @@
-"""`save_adapter`: write one adapter as PEFT does, atomically."""
+"""`save_adapter`: write one adapter as PEFT does, all or nothing."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..layers import LoraLayer
 from ..inject import trained_bias_ids
 from ..variants.adalora import plain_factors
 from ..targets import exact_pattern, exact_targets
-from .atomic import write_directory_atomically
+from .atomic import replace_files_in_folder
 from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME, task_type_of
 
 
@@ -106,10 +106,11 @@ def _in_lora_layer(model: nn.Module, key: str) -> bool:
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter ``name`` to directory ``path`` (created if needed) in PEFT's layout.
 
-    Both files are written into a new folder beside ``path`` that then takes ``path``'s place as
-    a whole (``write_directory_atomically``): a reader never sees a truncated weights file, nor new
-    weights beside an earlier save's config. An earlier adapter in ``path`` is replaced (other
-    files there are kept); a failed save leaves ``path`` as it was, or absent if it was.
+    Both files are written under hidden names inside ``path`` and renamed into place, the weights
+    before the config (``replace_files_in_folder``): a reader never sees a truncated weights file,
+    nor a config beside another save's weights. An earlier adapter in ``path`` is replaced (other
+    files there are kept); a failed save leaves ``path`` as it was, or absent if it was. ``path``
+    itself is never renamed, so it may be a mount point or another process's working directory.
     """
     tensors, config = adapter_state_dict(model, name)
     out = Path(path)
@@ -118,11 +119,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
                                "give the path of a directory (it is created if missing)")
     payload = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def write(folder: Path) -> None:
-        save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(payload)
-
-    # An earlier save's legacy .bin goes too: the loader would not read it, but a reader of the
-    # folder could take it for this adapter's weights.
-    write_directory_atomically(out, write, replaces=(CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME))
+    # The config last: a reader that finds it finds these weights beside it. An earlier save's
+    # legacy .bin goes too: the loader would not read it, but a reader of the folder could take it
+    # for this adapter's weights.
+    replace_files_in_folder(out, {
+        WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        CONFIG_NAME: lambda tmp: Path(tmp).write_text(payload),
+    }, removes=(LEGACY_WEIGHTS_NAME,))
     return out

@@ -20,16 +20,21 @@ def resolve_device(device: str | torch.device | None) -> str:
     return str(device)
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, or a ConfigError saying what devices look like."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+
+
 def require_device(device: str) -> None:
     """Raise ConfigError unless torch can use ``device`` on this machine.
 
     Checked before a model is loaded: otherwise a typo ("gpu") or a missing GPU only shows up as a
     torch error from ``model.to`` after the whole model (maybe a half-minute conversion) is loaded.
     """
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device {device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    parsed = parse_device(device)
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -44,34 +49,33 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """The torch dtype to load weights in.
 
     ``None``/"auto": float32 on CPU (CPU matmuls in half precision are slow and lossy), bfloat16 on
-    GPUs that compute in it natively (same range as float32, so no loss scaling is needed), else
-    float16.
+    GPUs that compute in it natively (same range as float32, so no loss scaling is needed; the GPU
+    asked for, e.g. "cuda:1"), else float16 (LoRA adapters then stay float32: see
+    ``LoraConfig.adapter_dtype``).
     Strings may be "float32"/"fp32", "bfloat16"/"bf16" or "float16"/"fp16"; torch dtypes pass through.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if native_bf16() else torch.float16
+            return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32
     if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
         raise ConfigError(f"dtype must be auto, a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype.lower()]
 
 
-def native_bf16() -> bool:
-    """True when the current CUDA GPU computes in bfloat16 in hardware (compute capability >= 8.0,
-    or ROCm).
+def native_bf16(device: str | torch.device | None = None) -> bool:
+    """True when CUDA GPU ``device`` ("cuda:1"; "cuda" or None: the current one) computes in
+    bfloat16 in hardware (compute capability >= 8.0, or ROCm).
 
-    ``torch.cuda.is_bf16_supported()`` alone also says yes for GPUs that only emulate it (V100,
-    T4), where bfloat16 runs several times slower than float16."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # a torch without the argument
-        pass
+    Not ``torch.cuda.is_bf16_supported()``: it asks about the current GPU only, and (unless told
+    ``including_emulation=False``, which older torch lacks) also says yes for GPUs that only emulate
+    bfloat16 (V100, T4), where it runs several times slower than float16."""
     if torch.version.hip:
         return True  # what torch's own check answers for every ROCm GPU
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    index = None if device is None else parse_device(device).index
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(index)[0] >= 8
 
 
 def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -25,13 +25,17 @@ def dylora_adapters(model: nn.Module) -> list[str]:
 
 
 def set_nested_rank(model: nn.Module, rank: int | None, name: str = "default") -> None:
-    """Run adapter ``name`` at its first ``rank`` ranks (None: full rank) until changed again."""
-    for _, layer in lora_layers(model):
-        if name in layer.lora_A:
-            if rank is None:
-                layer.nested_rank.pop(name, None)
-            else:
-                layer.nested_rank[name] = rank
+    """Run adapter ``name`` at its first ``rank`` ranks (None: full rank) until changed again.
+
+    Refused for a merged adapter: the rank decides the change that unmerging subtracts."""
+    layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+    if any(name in layer.merged_adapters for layer in layers):
+        raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before changing its nested rank")
+    for layer in layers:
+        if rank is None:
+            layer.nested_rank.pop(name, None)
+        else:
+            layer.nested_rank[name] = rank
 
 
 def sample_nested_rank(model: nn.Module, rng: random.Random, name: str = "default") -> int:
