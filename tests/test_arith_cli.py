@@ -2,6 +2,7 @@
 Llama saved as a transformers directory."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -102,6 +103,50 @@ def test_export_refuses_a_folder_with_files_and_leaves_it_alone(setup, tmp_path,
     empty.mkdir()
     assert main(["export", "--model", str(base), "--adapter", str(root / "a"), "--out", str(empty)]) == 0
     assert (empty / "config.json").is_file()
+
+
+def test_an_empty_out_folder_is_filled_in_place(tmp_path, monkeypatch):
+    """An existing empty --out (a container volume, a folder in a read-only parent) is never
+    renamed or removed: its inode stays; a failure halfway leaves it empty."""
+    from lorakit.cli.arith_commands import save_directory
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    inode = out.stat().st_ino
+
+    def write(folder):
+        (folder / "config.json").write_text("{}")
+        (folder / "shards").mkdir()
+        (folder / "shards" / "model.safetensors").write_text("weights")
+
+    real_rename = os.rename
+
+    def refuse_folder_moves(src, dst):  # what a mount point does to a rename of itself
+        if os.path.samefile(src, out):
+            raise OSError(16, "Device or resource busy")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refuse_folder_moves)
+    monkeypatch.setattr(os, "replace", refuse_folder_moves)
+    assert save_directory(out, write) == out
+    assert out.stat().st_ino == inode
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "shards"]
+    assert (out / "shards" / "model.safetensors").read_text() == "weights"
+
+    again = tmp_path / "again"
+    again.mkdir()
+    calls = []
+
+    def interrupted_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_directory(again, write)
+    assert list(again.iterdir()) == []
 
 
 def test_export_one_adapter_in_bfloat16(setup, tmp_path, ids):

@@ -164,6 +164,8 @@ def save_directory(out: Path, write) -> Path:
     """Run ``write(tmp_dir)`` and rename the folder to ``out`` (absent or empty): an interrupted
     export leaves no half model, and no old files mix with the new ones."""
     require_new_directory(out)
+    if out.exists():
+        return fill_empty_directory(out, write)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -174,3 +176,27 @@ def save_directory(out: Path, write) -> Path:
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fill_empty_directory(out: Path, write) -> Path:
+    """``save_directory`` for an existing empty ``out``, which is filled in place rather than
+    replaced: it may be a mount point (a container volume) or sit in a folder this user cannot
+    write. ``write`` fills a hidden folder inside it, whose entries are then moved up; on any
+    failure (Ctrl-C included) ``out`` is emptied again."""
+    tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
+    moved: list[Path] = []
+    try:
+        write(tmp)
+        for entry in sorted(tmp.iterdir()):
+            moved.append(out / entry.name)  # before the rename: an interrupt in between must undo it too
+            os.rename(entry, out / entry.name)
+        tmp.rmdir()
+        return out
+    except BaseException:
+        for path in moved:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                path.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
