@@ -135,3 +135,19 @@ def test_nested_rank_of_a_merged_adapter_is_refused(change, ids):
     lorakit.unmerge(model)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=1e-6, atol=1e-6)
+
+
+def test_nested_rank_refuses_an_unknown_adapter_or_a_rank_below_one():
+    """A misspelt name used to change nothing, silently (the CLI's rank table measured the full
+    adapter at every rank)."""
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"], dylora=True))
+    with pytest.raises(lorakit.AdapterNameError, match="unknown adapter 'adapter0'"):
+        with nested_rank(model, 2, "adapter0"):
+            pass
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(lorakit.ConfigError, match="nested rank"):
+            with nested_rank(model, bad):
+                pass
+    with nested_rank(model, 2):
+        assert all(layer.nested_rank["default"] == 2 for _, layer in lora_layers(model))

@@ -73,16 +73,9 @@ def _method_options(args: argparse.Namespace) -> dict:
 
 def _load_sources(args: argparse.Namespace, dtype: str | None = None):
     """The base model with each --adapter loaded (named after its directory), none of them active."""
-    from .. import load_adapter
-    from ..models import load_model
+    from .commands import load_with_adapters
 
-    model, tokenizer = load_model(args.model, dtype=dtype or args.dtype, device=args.device)
-    names = []
-    for i, path in enumerate(args.adapter):
-        wanted = Path(path).resolve().name.replace(".", "_") or f"adapter{i}"
-        names.append(load_adapter(model, path, name=wanted if wanted not in names else f"adapter{i}", activate=False))
-    model.eval()
-    return model, tokenizer, names
+    return load_with_adapters(args.model, args.adapter, args.device, dtype or args.dtype, activate=False)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

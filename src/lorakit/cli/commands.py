@@ -5,21 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .options import train_overrides
 
 
-def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | None, dtype: str):
-    """The base model with every given adapter loaded and active (their updates add up)."""
+def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | None, dtype: str,
+                       activate: bool = True):
+    """(model, tokenizer, adapter names): the base model in eval mode with every given adapter
+    loaded, each named after its directory (``adapter{i}`` where that name is taken), all active
+    (their updates add up) or, with ``activate=False``, none."""
     from .. import load_adapter, set_adapter
     from ..models import load_model
 
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
-    names = [load_adapter(model, path, name=f"adapter{i}") for i, path in enumerate(adapter_dirs)]
-    if names:
+    names: list[str] = []
+    for i, path in enumerate(adapter_dirs):
+        wanted = Path(path).resolve().name.replace(".", "_") or f"adapter{i}"
+        names.append(load_adapter(model, path, name=wanted if wanted not in names else f"adapter{i}", activate=False))
+    if names and activate:
         set_adapter(model, names)
     model.eval()
-    return model, tokenizer
+    return model, tokenizer, names
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -50,11 +57,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import Collator, eval_pairs, read_records, tokenize_records
     from ..training.evaluate import evaluate
 
-    model, tokenizer = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
+    model, tokenizer, names = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
     records = read_records(args.data)
     examples, _ = tokenize_records(records, tokenizer, max_length=args.max_length)
     if args.ranks:
-        return _eval_per_rank(args, model, examples, Collator(tokenizer))
+        return _eval_per_rank(args, model, names, examples, Collator(tokenizer))
     pairs = None if args.no_generate else eval_pairs(records, tokenizer)
     result = evaluate(model, tokenizer, examples, Collator(tokenizer), batch_size=args.batch_size, pairs=pairs,
                       max_examples=args.max_examples, max_new_tokens=args.max_new_tokens)
@@ -69,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_per_rank(args: argparse.Namespace, model, examples, collate) -> int:
+def _eval_per_rank(args: argparse.Namespace, model, names: list[str], examples, collate) -> int:
     """Loss of the (first) adapter truncated to each rank: the DyLoRA rank table."""
     from ..errors import ConfigError
     from ..training.evaluate import eval_loss, perplexity
@@ -83,7 +90,7 @@ def _eval_per_rank(args: argparse.Namespace, model, examples, collate) -> int:
         raise ConfigError(f"--ranks must be comma-separated integers, got {args.ranks!r}") from None
     rows = []
     for rank in ranks:
-        with nested_rank(model, rank, "adapter0"):
+        with nested_rank(model, rank, names[0]):
             loss = eval_loss(model, examples[:args.max_examples] if args.max_examples else examples, collate,
                              args.batch_size)
         rows.append({"rank": rank, "loss": loss, "perplexity": perplexity(loss)})
@@ -106,7 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..generate import render_prompt, stream_generate
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
+    model, tokenizer, _ = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
     prompt = args.prompt if args.raw else render_prompt(tokenizer, args.prompt)
     for piece in stream_generate(model, tokenizer, prompt, **_generation_kwargs(args)):
         print(piece, end="", flush=True)
@@ -120,7 +127,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from ..generate import stream_generate
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
+    model, tokenizer, _ = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
     from ..data.render import Renderer
 
     renderer = Renderer(tokenizer)

@@ -27,7 +27,11 @@ def dylora_adapters(model: nn.Module) -> list[str]:
 def set_nested_rank(model: nn.Module, rank: int | None, name: str = "default") -> None:
     """Run adapter ``name`` at its first ``rank`` ranks (None: full rank) until changed again.
 
-    Refused for a merged adapter: the rank decides the change that unmerging subtracts."""
+    Refused for an unknown or merged adapter (the rank decides the change that unmerging
+    subtracts) and for a rank below 1."""
+    require_adapters(model, [name])
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"a nested rank is a whole number >= 1 (or None: full rank), got {rank!r}")
     layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
     if any(name in layer.merged_adapters for layer in layers):
         raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before changing its nested rank")
