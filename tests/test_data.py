@@ -31,10 +31,11 @@ CORPUS = [r.prompt + " " + r.completion for r in demo_records(150, "train", seed
 ]
 
 
-def _train_tokenizer(sentencepiece_style: bool = False, prepend_scheme: str = "always"):
-    """A small BPE tokenizer: byte-level (GPT-2 style), or SentencePiece style, which prepends "▁"
-    to every call as Llama-2/Mistral tokenizers do; ``prepend_scheme="always"`` also after each
-    special token (legacy Llama), ``"first"`` only at the start of the text."""
+def _train_tokenizer(sentencepiece_style: bool = False, prepend_scheme: str = "always", prefix_space: bool = False):
+    """A small BPE tokenizer: byte-level (GPT-2 style; ``prefix_space``: with a "Ġ" prepended to
+    every call, as RoBERTa-style tokenizers do), or SentencePiece style, which prepends "▁" to every
+    call as Llama-2/Mistral tokenizers do; ``prepend_scheme="always"`` also after each special
+    token (legacy Llama), ``"first"`` only at the start of the text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -44,7 +45,7 @@ def _train_tokenizer(sentencepiece_style: bool = False, prepend_scheme: str = "a
         tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme=prepend_scheme)
         alphabet = []
     else:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
         tok.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, initial_alphabet=alphabet)

@@ -22,13 +22,14 @@ def sp_tok():
     return _train_tokenizer(sentencepiece_style=True)
 
 
-STYLES = {"byte-level": {}, "sp-always": {"sentencepiece_style": True},
+STYLES = {"byte-level": {}, "byte-level-prefix-space": {"prefix_space": True}, "sp-always": {"sentencepiece_style": True},
           "sp-first": {"sentencepiece_style": True, "prepend_scheme": "first"}}
 
 
 @pytest.fixture(scope="module", params=list(STYLES))
 def style_tok(request):
-    """Each tokenizer style: byte-level, and SentencePiece with "▁" prepended always or first only."""
+    """Each tokenizer style: byte-level (with or without a "Ġ" prepended to every call), and
+    SentencePiece with "▁" prepended always or first only."""
     return _train_tokenizer(**STYLES[request.param])
 
 

@@ -10,7 +10,8 @@ The prompt is tokenized exactly as generation tokenizes it (the rendered text al
 ``add_special_tokens=False``), and the answer's tokens follow as the model has to produce them
 after it: no token merges across the prompt/answer boundary. For most tokenizers that is each
 segment tokenized alone and concatenated. Tokenizers that prepend a dummy space to every call
-(SentencePiece "▁" style) need more care, see `_encode_chunks`.
+(SentencePiece "▁" style, or byte-level "Ġ" with ``add_prefix_space``) need more care, see
+`_encode_chunks`.
 """
 
 from __future__ import annotations
@@ -145,7 +146,8 @@ _SENTINELS = ("0", "\n", ".", "|", "#", "~")
 
 
 def _encode_chunks(tokenizer: Any, rendered: list[list[Segment]]):
-    """For tokenizers that prepend a dummy "▁" to every call (SentencePiece style).
+    """For tokenizers that prepend a dummy "▁" (SentencePiece style) or "Ġ" (byte-level with
+    ``add_prefix_space``) to every call.
 
     Tokenizing each segment alone would put a "▁" that is not in the text before every answer,
     and the whole text at once would merge tokens across the prompt/answer boundary
@@ -245,9 +247,11 @@ def _token_segment(text: str, start: int, end: int, spans: list[tuple[int, int, 
 
 
 def _adds_dummy_prefix(tokenizer: Any) -> bool:
-    """True when tokenizing "a" alone yields a token with a leading SentencePiece space."""
+    """True when tokenizing "a" alone yields a token with a leading space the text does not have:
+    SentencePiece's "▁" (Llama-2, Mistral) or byte-level BPE's "Ġ" (``add_prefix_space=True``,
+    RoBERTa-style). Such a tokenizer cannot tokenize an answer on its own without that space."""
     try:
         tokens = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])
     except Exception:  # noqa: BLE001 - a tokenizer we cannot probe: assume the common (byte-level) case
         return False
-    return bool(tokens) and isinstance(tokens[0], str) and tokens[0].startswith("\u2581")
+    return bool(tokens) and isinstance(tokens[0], str) and tokens[0].startswith(("\u2581", "\u0120"))
