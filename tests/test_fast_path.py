@@ -352,10 +352,12 @@ def test_merge_directions_follow_the_traffic_rule():
     assert dispatch.merge_directions(1, 2048, 2048) == (False, False)     # generation never merges
 
 
-def test_fused_mlp_keeps_less_for_backward_than_the_layers_do():
-    """The memory the fused MLP is for: it does not keep h = act(g) * u (nor act(g)) for backward."""
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_fused_mlp_keeps_less_for_backward_than_the_layers_do(use_dora):
+    """The memory the fused MLP is for: it does not keep h = act(g) * u (nor act(g)) for backward,
+    DoRA projections included (they keep their outputs for ∂m: g and u anyway, y besides)."""
     model = tiny_llama()
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
     mlp = model.model.layers[0].mlp
     x = torch.randn(3, 8, 32, requires_grad=True)
 

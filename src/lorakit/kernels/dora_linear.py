@@ -68,13 +68,12 @@ def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: t
     s = scaling
     grad_m = magnitude_grad(g, out, bias, magnitude) if need_m else None
     c = as_dtype(rescale, g.dtype)                                     # for the products below
+    grad_A = grad_B = None
     if not merge:
         if need_x or need_A or need_B:  # g ⊙ c: one (N, d_out) temporary, only when something reads it
             grad_x, _, grad_A, grad_B = lora_backward(g * c, x2, xa, weight, A, B, s, False, need_x, need_A,
                                                       need_B, grad_x=grad_x)
-            return grad_x, grad_A, grad_B, grad_m
-        return grad_x, None, None, grad_m
-    grad_A = grad_B = None
+        return grad_x, grad_A, grad_B, grad_m
     if need_x:
         # Rebuild c ⊙ W from the saved c: the same matrix the forward used, without a new norm.
         scaled_weight = merged_weight(weight, A, B, s, row_scale=rescale)
