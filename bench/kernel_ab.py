@@ -22,23 +22,30 @@ import time
 
 import torch
 
-from lorakit.kernels import dispatch, mlp_dispatch, triton_colsum, triton_merge, triton_swiglu
+from lorakit.kernels import (dispatch, lora_linear, mlp_dispatch, sibling_dispatch, triton_colsum,
+                             triton_merge, triton_swiglu)
 from train_step import PRESETS, make_step
 
 # Gated MLPs run layer by layer (the fused MLP function declines every call).
 LAYERWISE_MLP = [(mlp_dispatch, "fused_mlp_forward", lambda mlp, x: None)]
+# q, k, v as three separate calls (the shared call declines every time).
+SEPARATE_QKV = [(sibling_dispatch.SiblingProjections, "output", lambda self, layer, x: None)]
 # The fused MLP's SiLU gate in torch ops instead of the Triton kernels.
 TORCH_GATE = [(triton_swiglu, "available", lambda g, u: False)]
 
 VARIANTS = {
     "frozen": ("frozen", []),
     "lora": ("lorakit-lora", []),
-    "lora-triton-merge": ("lorakit-lora", [(triton_merge, "MODE", "1")]),
+    "lora-torch-merge": ("lorakit-lora", [(triton_merge, "MODE", "dora")]),
+    "lora-separate-qkv": ("lorakit-lora", SEPARATE_QKV),
+    "lora-rebuild-merged": ("lorakit-lora", [(lora_linear, "KEEP_MERGED", False)]),
     "lora-never-merge": ("lorakit-lora", [(dispatch, "MERGE_RATIO", float("inf"))]),
     "lora-reference": ("lorakit-lora-reference", []),
     "lora-layerwise-mlp": ("lorakit-lora", LAYERWISE_MLP),
     "lora-torch-gate": ("lorakit-lora", TORCH_GATE),
     "dora": ("lorakit-dora", []),
+    "dora-rebuild-merged": ("lorakit-dora", [(lora_linear, "KEEP_MERGED", False)]),
+    "dora-separate-qkv": ("lorakit-dora", SEPARATE_QKV),
     "dora-layerwise-mlp": ("lorakit-dora", LAYERWISE_MLP),
     "dora-torch-gate": ("lorakit-dora", TORCH_GATE),
     "dora-never-merge": ("lorakit-dora", [(dispatch, "MERGE_RATIO", float("inf"))]),
@@ -65,15 +72,45 @@ class patched:
             setattr(obj, name, value)
 
 
+# Seconds of GPU sleep queued before each step (``--head-start``): the host then queues the step
+# while the GPU sleeps, so the step's own GPU time (CUDA events around it) has no idle gaps where
+# the GPU waited for Python. Wall time minus that GPU time is what a faster host could recover.
+HEAD_START_S = 0.0
+
+
 def timed(step, device: str) -> tuple[float, float]:
-    """(wall s, host s) of one step: host is the time until ``step()`` returns, before the sync."""
+    """(wall s, host s) of one step: host is the time until ``step()`` returns, before the sync.
+    With a head start, "wall" is the GPU time between events around the step (see HEAD_START_S)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
+    if device == "cuda" and HEAD_START_S > 0:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(HEAD_START_S * _cycles_per_second()))
+        begin.record()
+        start = time.perf_counter()
+        step()
+        queued = time.perf_counter()
+        end.record()
+        sync()
+        return begin.elapsed_time(end) / 1e3, queued - start
     start = time.perf_counter()
     step()
     queued = time.perf_counter()
     sync()
     return time.perf_counter() - start, queued - start
+
+
+def _cycles_per_second(cache={}) -> float:
+    """GPU clock cycles of ``torch.cuda._sleep`` per second, measured once."""
+    if "rate" not in cache:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(10_000_000)  # warm-up
+        begin.record()
+        torch.cuda._sleep(100_000_000)
+        end.record()
+        torch.cuda.synchronize()
+        cache["rate"] = 100_000_000 / (begin.elapsed_time(end) / 1e3)
+    return cache["rate"]
 
 
 def measure(case: str, patches, preset: dict, device: str, warmup: int, steps: int) -> tuple[float, float, float]:
@@ -122,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--interleave", action="store_true",
                         help="build every variant first, then run one step of each in turn (no peak memory)")
+    parser.add_argument("--head-start", type=float, default=0.0, metavar="MS",
+                        help="queue MS of GPU sleep before each step and time the step's GPU work alone")
     args = parser.parse_args(argv)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -129,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = PRESETS[args.preset or ("llama-1b" if device == "cuda" else "smollm2-135m")]
+    global HEAD_START_S
+    HEAD_START_S = args.head_start / 1e3
     if args.interleave:
         results = measure_interleaved(names, preset, device, args.warmup, args.steps)
     else:

@@ -136,22 +136,26 @@ def make_step(case: str, preset: dict, device: str, total_steps: int, fused: boo
     done = [0]
 
     def step() -> None:
-        if case == "frozen":
-            # Backward through every layer for the input gradient only: no weight gradients.
-            embeds = embed(ids).detach().requires_grad_(True)
-            loss = model(inputs_embeds=embeds, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        if allocator:  # AdaLoRA's extra work per step, as the trainer does it
-            loss = loss + 0.1 * orthogonal_penalty(model, "default")
-        loss.backward()
-        if allocator:
-            allocator.update_importance()
-        if optimizer:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if allocator:
-            allocator.mask(done[0])
+        # The ranges name the phases in a profiler trace (bench/gpu_gaps.py); they cost ~1 µs each.
+        with torch.profiler.record_function("forward"):
+            if case == "frozen":
+                # Backward through every layer for the input gradient only: no weight gradients.
+                embeds = embed(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=embeds, labels=ids).loss
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+            if allocator:  # AdaLoRA's extra work per step, as the trainer does it
+                loss = loss + 0.1 * orthogonal_penalty(model, "default")
+        with torch.profiler.record_function("backward"):
+            loss.backward()
+        with torch.profiler.record_function("optimizer"):
+            if allocator:
+                allocator.update_importance()
+            if optimizer:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if allocator:
+                allocator.mask(done[0])
         done[0] += 1
 
     return step, sum(p.numel() for p in params)

@@ -376,3 +376,45 @@ def test_fused_mlp_keeps_less_for_backward_than_the_layers_do(use_dora):
 
     hidden = 3 * 8 * 64 * 4  # one (N, d_ff) fp32 tensor
     assert saved_bytes(True) <= saved_bytes(False) - 2 * hidden
+
+
+def test_merged_backward_reuses_the_forwards_merged_weight(monkeypatch):
+    """Both directions merged: W0 + sBA is built once per step (kept between forward and backward)."""
+    from lorakit.kernels import lora_linear
+    from lorakit.kernels.lora_linear import LoraLinearFunction
+
+    builds = []
+    original = lora_linear.merged_weight
+    monkeypatch.setattr(lora_linear, "merged_weight", lambda *a, **k: builds.append(1) or original(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    W, A, B = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in [(6, 5), (3, 5), (6, 3)])
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    out = LoraLinearFunction.apply(x, None, W, None, A, B, 0.5, True, True)
+    out.backward(torch.ones_like(out))
+    assert len(builds) == 1
+    full = W + 0.5 * B @ A
+    torch.testing.assert_close(out, x @ full.t(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, torch.ones_like(out) @ full, rtol=1e-12, atol=1e-12)
+
+
+def test_merged_dora_backward_reuses_the_forwards_scaled_weight(monkeypatch):
+    """DoRA with both directions merged: c ⊙ (W0 + sBA) is built in the forward only."""
+    from lorakit.kernels import dora_linear
+    from lorakit.kernels.dora_linear import DoraLinearFunction
+
+    rebuilds = []
+    original = dora_linear.merged_weight
+    monkeypatch.setattr(dora_linear, "merged_weight", lambda *a, **k: rebuilds.append(1) or original(*a, **k))
+    gen = torch.Generator().manual_seed(0)
+    W, A, B = (torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in [(6, 5), (3, 5), (6, 3)])
+    m = torch.linspace(0.5, 1.5, 6, dtype=torch.float64)
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = DoraLinearFunction.apply(x, W, None, A, B, m, 0.5, True, True)
+    out.backward(torch.ones_like(out))
+    assert rebuilds == []
+    full = W + 0.5 * B @ A
+    scaled = (m / full.norm(dim=1))[:, None] * full
+    torch.testing.assert_close(out, x @ scaled.t(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, torch.ones_like(out) @ scaled, rtol=1e-12, atol=1e-12)

@@ -59,7 +59,7 @@ def test_cpu_tensors_never_take_the_kernel():
 
 @pytest.mark.parametrize("mode, for_dora, for_lora", [("dora", True, False), ("1", True, True), ("0", False, False)])
 def test_which_builds_take_the_kernel(monkeypatch, mode, for_dora, for_lora):
-    """The default ("dora") sends DoRA's builds to the kernel and leaves plain LoRA's to torch."""
+    """The default ("1") sends every GPU build to the kernel; "dora" only DoRA's, "0" none."""
     from types import SimpleNamespace
 
     import torch
@@ -71,3 +71,14 @@ def test_which_builds_take_the_kernel(monkeypatch, mode, for_dora, for_lora):
     assert triton_merge.available(gpu_weight, dora=True) is for_dora
     assert triton_merge.available(gpu_weight, dora=False) is for_lora
     assert not triton_merge.available(SimpleNamespace(is_cuda=True, dtype=torch.float64), dora=True)
+
+
+def test_the_default_builds_every_gpu_merge_with_the_kernel():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LORAKIT_TRITON_MERGE"}
+    code = "from lorakit.kernels import triton_merge; print(triton_merge.MODE)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.stdout.strip() == "1", result.stderr[-2000:]

@@ -17,6 +17,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterNameError, AdapterStateError, TargetError
 from .kernels.mlp_dispatch import install_fused_mlps, remove_fused_mlps
+from .kernels.sibling_dispatch import install_sibling_groups, remove_sibling_groups
 from .init import BASE_CHANGING_INITS, initial_factors, module_generator
 from .layers import LoraLayer, LoraLinear, ModulesToSave, lora_class_for
 from .layers.vera import VeraProjection
@@ -176,6 +177,7 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
         for module in adapter_modules(model):
             module.active_adapters = [name]
     install_fused_mlps(model)  # gated MLPs whose projections are all LoRA layers: see kernels/mlp_dispatch.py
+    install_sibling_groups(model)  # attention's q, k, v in one call: see kernels/sibling_dispatch.py
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -284,5 +286,6 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for path, wrapper in list(saved_modules(model)):
         replace_module(model, path, wrapper.current() if merge else wrapper.original_module)
     remove_fused_mlps(model)
+    remove_sibling_groups(model)
     adapter_configs(model).clear()
     return model

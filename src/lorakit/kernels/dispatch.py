@@ -31,6 +31,7 @@ from torch import nn
 from . import triton_merge
 from .dora_linear import DoraLinearFunction
 from .lora_linear import LoraLinearFunction
+from .projection import Projection
 
 # Multiplies the break-even token counts of the docstring (benchmarks: bench/train_step.py).
 MERGE_RATIO = 1.0
@@ -65,22 +66,40 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     if operands is None:
         return None
     weight, bias, A, B, scaling, magnitude, dropout = operands
-    return call_in_autocast_dtype(lambda *cast: _apply(*cast, scaling, magnitude, dropout), (x, weight, bias, A, B))
+    return call_in_autocast_dtype(_apply, (x, weight, bias, A, B), scaling, magnitude, dropout)
 
 
-def call_in_autocast_dtype(function, tensors: tuple[torch.Tensor | None, ...]):
-    """``function(*tensors)``; under autocast the tensors (None stays None) are first cast to the
-    autocast dtype and autocast is off inside. That is what autocast would do to a linear layer's
-    operands, done once so that a fused function runs in one dtype. The casts are autograd ops,
-    so fp32 parameters get fp32 gradients. (DoRA's magnitudes are not among the tensors: they stay
-    in their own dtype, and the norms are summed in fp32.)"""
+def call_in_autocast_dtype(function, tensors: tuple[torch.Tensor | None, ...], *extra):
+    """``function(*tensors, *extra)``; under autocast the tensors (None stays None) are first cast
+    to the autocast dtype and autocast is off inside. That is what autocast would do to a linear
+    layer's operands, done once so that a fused function runs in one dtype. The casts are autograd
+    ops, so fp32 parameters get fp32 gradients. ``extra`` is passed as it is (DoRA's magnitudes are
+    among it: they stay in their own dtype, and the norms are summed in fp32)."""
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
-        return function(*tensors)
+        return function(*tensors, *extra)
     dtype = torch.get_autocast_dtype(device_type)
     cast = [None if t is None else t.to(dtype) for t in tensors]
     with torch.autocast(device_type, enabled=False):
-        return function(*cast)
+        return function(*cast, *extra)
+
+
+def fusable_projections(layers, x: torch.Tensor):
+    """(the ``Projection`` records, [weight, bias, A, B] of each layer in one list, the magnitudes)
+    when every layer's call on ``x`` is covered by the fused functions without dropout, else None:
+    what a function fusing several projections of one input (``gated_mlp.py``,
+    ``sibling_projections.py``) needs."""
+    tokens = x.numel() // x.shape[-1]
+    plans, linear_tensors, magnitudes = [], [], []
+    for layer in layers:
+        operands = fusable_operands(layer, x)
+        if operands is None or operands[6] is not None:  # dropout: per layer
+            return None
+        weight, bias, A, B, scaling, magnitude, _ = operands
+        plans.append(Projection(scaling, *plan_directions(tokens, weight, magnitude)))
+        linear_tensors += [weight, bias, A, B]
+        magnitudes.append(magnitude)
+    return tuple(plans), linear_tensors, magnitudes
 
 
 def fusable_operands(layer, x: torch.Tensor):

@@ -7,8 +7,11 @@
 Two ways per direction, chosen from the shapes by ``dispatch.dora_merge_directions`` as for LoRA:
 
 * merged: ``out = x (c ⊙ W)ᵀ + b``, the rescale folded into the built weight, so one GEMM;
-  backward ``∂x = g (c ⊙ W)`` with W rebuilt from the saved c (not kept). Pays for long inputs
-  (training on a GPU), where a weight-sized build is cheap next to the activations.
+  backward ``∂x = g (c ⊙ W)``, with the forward's c ⊙ W kept for it when both directions merge
+  (else rebuilt from the saved c). Pays for long inputs (training on a GPU), where a weight-sized
+  build is cheap next to the activations; keeping the built weights costs one base-weight-sized
+  matrix per layer between forward and backward (1.9 GB for the 1.2B Llama benchmark's bf16
+  layers, within the DoRA memory goal) and saves a build and a kernel launch per layer.
 * factored: ``out = c ⊙ (x W0ᵀ + s (x Aᵀ) Bᵀ) + b`` with c from the factored norm
   (``dora_norm.py``: no (d_out, d_in) matrix is built); backward is LoRA's factored backward on
   g ⊙ c. Pays for short inputs (CPU batches, generation), where building, norming and scaling a
@@ -37,7 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_colsum
+from . import lora_linear, triton_colsum
 from .casting import as_dtype
 from .dora_norm import accumulation_dtype, dora_weight, factored_rescale
 from .lora_linear import lora_backward, lora_forward, merged_weight
@@ -45,26 +48,28 @@ from .lora_linear import lora_backward, lora_forward, merged_weight
 
 def dora_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                  B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
-                 merge: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, x Aᵀ, c) for 2-D x (N, d_in): out (N, d_out), x Aᵀ (N, r) and c (d_out,) are what
-    ``dora_backward`` needs besides the inputs."""
+                 merge: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(out, x Aᵀ, c, c ⊙ W or None) for 2-D x (N, d_in): out (N, d_out), x Aᵀ (N, r), c (d_out,)
+    and the merged weight (d_out, d_in) when built are what ``dora_backward`` needs besides the inputs."""
     if merge:
         scaled_weight, rescale = dora_weight(weight, A, B, scaling, magnitude)
-        return F.linear(x2, scaled_weight, bias), x2 @ A.t(), rescale
+        return F.linear(x2, scaled_weight, bias), F.linear(x2, A), rescale, scaled_weight
     rescale = factored_rescale(weight, A, B, scaling, magnitude)
     out, xa = lora_forward(x2, x2, weight, None, A, B, scaling, merge=False)
     out.mul_(as_dtype(rescale, out.dtype))
     if bias is not None:
         out.add_(bias)
-    return out, xa, rescale
+    return out, xa, rescale, None
 
 
 def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
                   bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
                   rescale: torch.Tensor, out: torch.Tensor, scaling: float, merge: bool, need_x: bool,
-                  need_A: bool, need_B: bool, need_m: bool, grad_x: torch.Tensor | None = None):
+                  need_A: bool, need_B: bool, need_m: bool, grad_x: torch.Tensor | None = None,
+                  merged: torch.Tensor | None = None):
     """(∂x, ∂A, ∂B, ∂m) of ``dora_forward`` for output gradient g (N, d_out), each None when not
-    needed. When ``grad_x`` is given, ∂x is accumulated into it in place."""
+    needed. When ``grad_x`` is given, ∂x is accumulated into it in place. ``merged``: the
+    forward's c ⊙ W when kept (a merged backward), else it is rebuilt."""
     s = scaling
     grad_m = magnitude_grad(g, out, bias, magnitude) if need_m else None
     c = as_dtype(rescale, g.dtype)                                     # for the products below
@@ -75,8 +80,8 @@ def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: t
                                                       need_B, grad_x=grad_x)
         return grad_x, grad_A, grad_B, grad_m
     if need_x:
-        # Rebuild c ⊙ W from the saved c: the same matrix the forward used, without a new norm.
-        scaled_weight = merged_weight(weight, A, B, s, row_scale=rescale)
+        # Kept, or rebuilt from the saved c: the same matrix the forward used, without a new norm.
+        scaled_weight = merged if merged is not None else merged_weight(weight, A, B, s, row_scale=rescale)
         grad_x = g @ scaled_weight if grad_x is None else grad_x.addmm_(g, scaled_weight)
     if need_A:
         grad_A = torch.addmm(g.new_empty(()), g, B * c[:, None], beta=0, alpha=s).t() @ x2
@@ -114,19 +119,20 @@ class DoraLinearFunction(torch.autograd.Function):
                 merge_backward: bool = True):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        out, xa, rescale = dora_forward(x2, weight, bias, A, B, magnitude, scaling, merge_forward)
-        ctx.save_for_backward(x2, xa, weight, bias, A, B, magnitude, rescale, out)
+        out, xa, rescale, merged = dora_forward(x2, weight, bias, A, B, magnitude, scaling, merge_forward)
+        merged = merged if merge_backward and lora_linear.KEEP_MERGED else None
+        ctx.save_for_backward(x2, xa, weight, bias, A, B, magnitude, rescale, out, merged)
         ctx.scaling, ctx.merge_backward, ctx.lead = scaling, merge_backward, lead
         return out.view(*lead, out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, weight, bias, A, B, magnitude, rescale, out = ctx.saved_tensors
+        x2, xa, weight, bias, A, B, magnitude, rescale, out, merged = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1])
         need_x, _, need_bias, need_A, need_B, need_m = ctx.needs_input_grad[:6]
         grad_x, grad_A, grad_B, grad_m = dora_backward(g, x2, xa, weight, bias, A, B, magnitude, rescale, out,
                                                        ctx.scaling, ctx.merge_backward, need_x, need_A, need_B,
-                                                       need_m)
+                                                       need_m, merged=merged)
         if grad_x is not None:
             grad_x = grad_x.view(*ctx.lead, grad_x.shape[-1])
         grad_bias = g.sum(0) if need_bias else None

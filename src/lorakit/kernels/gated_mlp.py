@@ -19,44 +19,12 @@ host time, which is what DoRA's many small operations are short of on a GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import triton_swiglu
-from .dora_linear import dora_backward, dora_forward
-from .lora_linear import lora_backward, lora_forward
-
-
-@dataclass(frozen=True)
-class Projection:
-    """What one projection's computation needs besides its tensors: its scaling and whether to
-    use the merged weight W0 + sBA forward / backward (see ``lora_linear.py``, ``dora_linear.py``)."""
-
-    scaling: float
-    merge_forward: bool
-    merge_backward: bool
-
-
-def project(x2, weight, bias, A, B, magnitude, plan: Projection):
-    """One projection's forward: (out (N, d_out), x Aᵀ (N, r), DoRA's c (d_out,) or None)."""
-    if magnitude is None:
-        return (*lora_forward(x2, x2, weight, bias, A, B, plan.scaling, plan.merge_forward), None)
-    return dora_forward(x2, weight, bias, A, B, magnitude, plan.scaling, plan.merge_forward)
-
-
-def project_backward(grad, x2, xa, out, rescale, weight, bias, A, B, magnitude, plan: Projection, need_x,
-                     need_A, need_B, need_m, grad_x=None):
-    """(∂x, ∂A, ∂B, ∂m) of ``project`` for the output gradient (N, d_out); ∂x accumulated into
-    ``grad_x`` when given; ∂m None for LoRA."""
-    if magnitude is None:
-        grad_x, _, grad_A, grad_B = lora_backward(grad, x2, xa, weight, A, B, plan.scaling, plan.merge_backward,
-                                                  need_x, need_A, need_B, grad_x=grad_x)
-        return grad_x, grad_A, grad_B, None
-    return dora_backward(grad, x2, xa, weight, bias, A, B, magnitude, rescale, out, plan.scaling,
-                         plan.merge_backward, need_x, need_A, need_B, need_m, grad_x=grad_x)
+from .projection import project, project_backward
 
 
 class GateProduct:
@@ -110,49 +78,54 @@ def is_plain_silu(act: nn.Module) -> bool:
 class GatedMlpFunction(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))``; see the module docstring.
 
-    Args of ``apply``: x (..., d); act (the MLP's activation module); for gate, up and down in
-    turn the five tensors weight, bias, A, B, magnitude (bias / magnitude None where absent;
-    a magnitude makes the projection DoRA) as positional tensors so autograd sees them; the three
-    ``Projection`` records (scaling and merge choices). Returns (..., d).
+    Args of ``apply``: x (..., d); for gate, up and down in turn the four tensors weight, bias, A,
+    B (bias None where absent) as positional tensors so autograd sees them; act (the MLP's
+    activation module); the three ``Projection`` records (scaling and merge choices); the three
+    magnitudes (None for LoRA; a magnitude makes that projection DoRA). Returns (..., d).
     """
 
     @staticmethod
-    def forward(ctx, x, act, gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B, up_m, down_w,
-                down_b, down_A, down_B, down_m, plans):
+    def forward(ctx, x, gate_w, gate_b, gate_A, gate_B, up_w, up_b, up_A, up_B, down_w, down_b, down_A, down_B,
+                act, plans, gate_m, up_m, down_m):
         gate_p, up_p, down_p = plans
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        g, gate_xa, gate_c = project(x2, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p)
-        u, up_xa, up_c = project(x2, up_w, up_b, up_A, up_B, up_m, up_p)
+        g, gate_xa, gate_c, gate_merged = project(x2, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p)
+        u, up_xa, up_c, up_merged = project(x2, up_w, up_b, up_A, up_B, up_m, up_p)
         h = GateProduct(act, g, u, for_backward=False).h
-        y, down_xa, down_c = project(h, down_w, down_b, down_A, down_B, down_m, down_p)
+        y, down_xa, down_c, down_merged = project(h, down_w, down_b, down_A, down_B, down_m, down_p)
         # y only for DoRA's ∂m (the output itself: no copy).
         ctx.save_for_backward(x2, g, u, y if down_m is not None else None, gate_xa, up_xa, down_xa,
-                              gate_c, up_c, down_c, gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B,
+                              gate_c, up_c, down_c, gate_merged, up_merged, down_merged,
+                              gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B,
                               up_m, down_w, down_b, down_A, down_B, down_m)
         ctx.act, ctx.plans, ctx.lead = act, plans, lead
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x2, g, u, y, gate_xa, up_xa, down_xa, gate_c, up_c, down_c, gate_w, gate_b, gate_A, gate_B, gate_m,
-         up_w, up_b, up_A, up_B, up_m, down_w, down_b, down_A, down_B, down_m) = ctx.saved_tensors
+        (x2, g, u, y, gate_xa, up_xa, down_xa, gate_c, up_c, down_c, gate_merged, up_merged, down_merged,
+         gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B, up_m,
+         down_w, down_b, down_A, down_B, down_m) = ctx.saved_tensors
         gate_p, up_p, down_p = ctx.plans
         needs = ctx.needs_input_grad
         need_x = needs[0]
         dy = grad_y.reshape(-1, grad_y.shape[-1])
         gate = GateProduct(ctx.act, g, u)                              # h recomputed, not kept from forward
-        dh, d_down_A, d_down_B, d_down_m = project_backward(dy, gate.h, down_xa, y, down_c, down_w, down_b, down_A,
-                                                            down_B, down_m, down_p, True, *needs[14:17])
+        dh, d_down_A, d_down_B, d_down_m = project_backward(
+            dy, gate.h, down_xa, y, down_c, down_merged, down_w, down_b, down_A, down_B, down_m, down_p, True,
+            needs[11], needs[12], needs[17])
         dg, du = gate.backward(dh)
-        dx, d_gate_A, d_gate_B, d_gate_m = project_backward(dg, x2, gate_xa, g, gate_c, gate_w, gate_b, gate_A,
-                                                            gate_B, gate_m, gate_p, need_x, *needs[4:7])
-        dx, d_up_A, d_up_B, d_up_m = project_backward(du, x2, up_xa, u, up_c, up_w, up_b, up_A, up_B, up_m, up_p,
-                                                      need_x, *needs[9:12], grad_x=dx)
-        d_gate_b = dg.sum(0) if needs[3] else None
-        d_up_b = du.sum(0) if needs[8] else None
-        d_down_b = dy.sum(0) if needs[13] else None
+        dx, d_gate_A, d_gate_B, d_gate_m = project_backward(
+            dg, x2, gate_xa, g, gate_c, gate_merged, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p, need_x,
+            needs[3], needs[4], needs[15])
+        dx, d_up_A, d_up_B, d_up_m = project_backward(
+            du, x2, up_xa, u, up_c, up_merged, up_w, up_b, up_A, up_B, up_m, up_p, need_x,
+            needs[7], needs[8], needs[16], grad_x=dx)
+        d_gate_b = dg.sum(0) if needs[2] else None
+        d_up_b = du.sum(0) if needs[6] else None
+        d_down_b = dy.sum(0) if needs[10] else None
         if dx is not None:
             dx = dx.view(*ctx.lead, dx.shape[-1])
-        return (dx, None, None, d_gate_b, d_gate_A, d_gate_B, d_gate_m, None, d_up_b, d_up_A, d_up_B, d_up_m,
-                None, d_down_b, d_down_A, d_down_B, d_down_m, None)
+        return (dx, None, d_gate_b, d_gate_A, d_gate_B, None, d_up_b, d_up_A, d_up_B, None, d_down_b, d_down_A,
+                d_down_B, None, None, d_gate_m, d_up_m, d_down_m)

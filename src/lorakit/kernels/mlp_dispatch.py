@@ -18,8 +18,8 @@ import re
 import torch
 from torch import nn
 
-from .dispatch import call_in_autocast_dtype, fusable_operands, plan_directions
-from .gated_mlp import GatedMlpFunction, Projection
+from .dispatch import call_in_autocast_dtype, fusable_projections
+from .gated_mlp import GatedMlpFunction
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
 _FORMS = (f"defforward(self,x):down_proj={_EXPRESSION}returndown_proj", f"defforward(self,x):return{_EXPRESSION}")
@@ -71,23 +71,11 @@ def fused_mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The MLP through `GatedMlpFunction`, or None when one projection needs its own path."""
     if torch.compiler.is_compiling():
         return None
-    # fusable_operands is None for a projection that is not (or no longer) a fusable LoRA layer.
-    operands = [fusable_operands(getattr(mlp, p), x) for p in PROJECTIONS]
-    if any(o is None or o[6] is not None for o in operands):  # dropout: per layer
+    # None when a projection is not (or no longer) a fusable LoRA layer, or has dropout.
+    fusable = fusable_projections([getattr(mlp, p) for p in PROJECTIONS], x)
+    if fusable is None:
         return None
-    tokens = x.numel() // x.shape[-1]
-    plans, linear_tensors, magnitudes = [], [], []
-    for weight, bias, A, B, scaling, magnitude, _ in operands:
-        plans.append(Projection(scaling, *plan_directions(tokens, weight, magnitude)))
-        linear_tensors += [weight, bias, A, B]
-        magnitudes.append(magnitude)
-
-    def apply(x, *linear):
-        # Under autocast the three GEMMs run in its dtype, and so do the activation and the product
-        # between them (neither is on autocast's fp32 list).
-        tensors = []
-        for index, magnitude in enumerate(magnitudes):
-            tensors += [*linear[4 * index:4 * index + 4], magnitude]
-        return GatedMlpFunction.apply(x, mlp.act_fn, *tensors, tuple(plans))
-
-    return call_in_autocast_dtype(apply, (x, *linear_tensors))
+    plans, linear_tensors, magnitudes = fusable
+    # Under autocast the three GEMMs run in its dtype, and so do the activation and the product
+    # between them (neither is on autocast's fp32 list).
+    return call_in_autocast_dtype(GatedMlpFunction.apply, (x, *linear_tensors), mlp.act_fn, plans, *magnitudes)

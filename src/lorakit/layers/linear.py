@@ -39,7 +39,11 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.fast_path and not args and not kwargs:
-            out = fused_forward(self, x)
+            # q, k and v of one attention module share a fused call (kernels/sibling_dispatch.py).
+            siblings = self.__dict__.get("siblings")
+            out = siblings.output(self, x) if siblings is not None else None
+            if out is None:
+                out = fused_forward(self, x)
             if out is not None:
                 return out
         return super().forward(x, *args, **kwargs)

@@ -1,0 +1,200 @@
+"""Attention's q, k, v projections in one fused call (kernels/sibling_dispatch.py): same values and
+gradients as separate layers (float64), and every case where sharing would be wrong runs alone."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.kernels import dispatch, sibling_dispatch
+from lorakit.kernels.sibling_projections import SiblingProjectionsFunction
+from lorakit.state import lora_layers
+
+from .tiny import randomize_adapters, tiny_llama
+
+
+@pytest.fixture(params=["factored", "merged"])
+def strategy(request, monkeypatch):
+    monkeypatch.setattr(dispatch, "MERGE_RATIO", 0.0 if request.param == "merged" else float("inf"))
+    return request.param
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    calls = []
+    original = SiblingProjectionsFunction.apply
+    monkeypatch.setattr(SiblingProjectionsFunction, "apply", lambda *a: calls.append(a[0].dtype) or original(*a))
+    return calls
+
+
+def adapted_llama(use_dora=False, dtype=torch.float64, **config):
+    model = tiny_llama().to(dtype)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora, **config))
+    randomize_adapters(model, 0.1)
+    if use_dora:  # magnitudes that differ from the norms, so ∂m and the rescale are not trivial
+        for _, layer in lora_layers(model):
+            with torch.no_grad():
+                m = layer.lora_magnitude_vector["default"]
+                m.mul_(torch.linspace(0.5, 1.5, m.numel(), dtype=m.dtype))
+    return model.train()
+
+
+def qkv_outputs_and_grads(attention, x, fast: bool, use=("q_proj", "k_proj", "v_proj")):
+    """Call the projections named in ``use`` on x as attention does, then backward a fixed loss."""
+    lorakit.set_fast_path(attention, fast)
+    x = x.detach().clone().requires_grad_(True)
+    inputs = x * 1.0  # a non-leaf, as attention's input is
+    outputs = {name: getattr(attention, name)(inputs) for name in use}
+    loss = sum((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum()
+               for out in outputs.values())
+    loss.backward()
+    grads = {"x": x.grad}
+    for name, p in attention.named_parameters():
+        if p.requires_grad:
+            grads[name] = p.grad
+            p.grad = None
+    return {k: v.detach() for k, v in outputs.items()}, grads
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_qkv_share_one_call_with_the_layers_values_and_gradients(strategy, use_dora, fused_calls):
+    model = adapted_llama(use_dora)
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    fast_out, fast_grads = qkv_outputs_and_grads(attention, x, True)
+    assert len(fused_calls) == 1
+    ref_out, ref_grads = qkv_outputs_and_grads(attention, x, False)
+    assert len(fused_calls) == 1
+    for name in ref_out:
+        torch.testing.assert_close(fast_out[name], ref_out[name], rtol=1e-12, atol=1e-12)
+    assert fast_grads.keys() == ref_grads.keys()
+    for key in ref_grads:
+        torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_whole_model_matches_and_calls_once_per_layer(fused_calls):
+    model = adapted_llama(rank_pattern={"k_proj": 2}, bias="all")  # unequal ranks and trained biases
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(fast):
+        lorakit.set_fast_path(model, fast)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    fast_loss, fast_grads = loss_and_grads(True)
+    assert len(fused_calls) == len(model.model.layers)
+    ref_loss, ref_grads = loss_and_grads(False)
+    torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_an_unused_sibling_gets_no_gradient(fused_calls):
+    model = adapted_llama()
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    fast_out, fast_grads = qkv_outputs_and_grads(attention, x, True, use=("q_proj", "k_proj"))
+    ref_out, ref_grads = qkv_outputs_and_grads(attention, x, False, use=("q_proj", "k_proj"))
+    assert len(fused_calls) == 1
+    assert fast_grads["v_proj.lora_A.default"] is None and ref_grads["v_proj.lora_A.default"] is None
+    for key in ref_grads:
+        if ref_grads[key] is not None:
+            torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=1e-10, atol=1e-12, msg=key)
+    assert not attention.q_proj.siblings.kept or attention.v_proj.siblings.kept.keys() == {2}
+
+
+def test_an_input_changed_in_place_is_computed_again(fused_calls):
+    """k and v see the input after the change, as separate layers would. (Inference only: a
+    change in place of an input saved for backward breaks any layer's backward.)"""
+    model = adapted_llama()
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+
+    def outputs(fast):
+        lorakit.set_fast_path(attention, fast)
+        inputs, result = x.clone(), []
+        with torch.no_grad():
+            for name in ("q_proj", "k_proj", "v_proj"):
+                result.append(getattr(attention, name)(inputs))
+                inputs.mul_(2.0)
+        return result
+
+    fast, ref = outputs(True), outputs(False)
+    assert len(fused_calls) == 3  # each call found its kept output stale
+    for got, want in zip(fast, ref):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_another_input_or_a_pre_hook_runs_the_layer_alone(fused_calls):
+    model = adapted_llama()
+    attention = model.model.layers[0].self_attn
+    x, other = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 5, 32, dtype=torch.float64)
+    q = attention.q_proj(x)
+    k = attention.k_proj(other)  # not what q's call computed for k
+    assert len(fused_calls) == 2
+    lorakit.set_fast_path(attention, False)
+    torch.testing.assert_close(k, attention.k_proj(other), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(q, attention.q_proj(x), rtol=1e-12, atol=1e-12)
+    lorakit.set_fast_path(attention, True)
+    handle = attention.k_proj.register_forward_pre_hook(lambda module, args: (args[0] * 3.0,))
+    k = attention.k_proj(x)
+    assert len(fused_calls) == 2  # a pre-hook may change a sibling's input: no sharing
+    handle.remove()
+    torch.testing.assert_close(k, attention.k_proj(x * 3.0), rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_autocast_gives_fp32_gradients_within_rounding(fused_calls):
+    model = adapted_llama(dtype=torch.float32)
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast_out, fast_grads = qkv_outputs_and_grads(attention, x, True)
+        ref_out, ref_grads = qkv_outputs_and_grads(attention, x, False)
+    assert fused_calls == [torch.bfloat16]
+    for name in ref_out:
+        assert fast_out[name].dtype == ref_out[name].dtype == torch.bfloat16
+        torch.testing.assert_close(fast_out[name], ref_out[name], rtol=2e-2, atol=2e-2)
+    for key in ref_grads:
+        if ref_grads[key] is None:  # o_proj, not called here
+            assert fast_grads[key] is None
+            continue
+        assert fast_grads[key].dtype == ref_grads[key].dtype
+        torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=3e-2, atol=3e-2, msg=key)
+
+
+def test_groups_follow_copies_and_go_with_unload():
+    model = adapted_llama()
+    attention = model.model.layers[0].self_attn
+    group = attention.q_proj.siblings
+    assert group is attention.k_proj.siblings is attention.v_proj.siblings
+    assert group.layers == (attention.q_proj, attention.k_proj, attention.v_proj)
+    copied = copy.deepcopy(model).model.layers[0].self_attn
+    assert copied.q_proj.siblings.layers == (copied.q_proj, copied.k_proj, copied.v_proj)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False).model.layers[0].self_attn
+    assert loaded.v_proj.siblings.layers[2] is loaded.v_proj
+    lorakit.unload(model)
+    assert not any("siblings" in module.__dict__ for module in model.modules())
+
+
+def test_detection_is_by_code():
+    class SharedInput(nn.Module):
+        def forward(self, hidden_states):
+            return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
+    class OtherInputs(nn.Module):
+        def forward(self, hidden_states, memory):
+            return self.q_proj(hidden_states), self.k_proj(memory), self.v_proj(memory)  # cross-attention
+
+    assert sibling_dispatch.calls_siblings_on_one_input(SharedInput)
+    assert not sibling_dispatch.calls_siblings_on_one_input(OtherInputs)
