@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from lorakit.kernels import (dispatch, lora_linear, mlp_dispatch, sibling_dispatch, triton_colsum,
+from lorakit.kernels import (dispatch, lora_linear, mlp_dispatch, projection, sibling_dispatch, triton_colsum,
                              triton_merge, triton_swiglu)
 from train_step import PRESETS, make_step
 
@@ -36,8 +36,9 @@ TORCH_GATE = [(triton_swiglu, "available", lambda g, u: False)]
 VARIANTS = {
     "frozen": ("frozen", []),
     "lora": ("lorakit-lora", []),
-    "lora-torch-merge": ("lorakit-lora", [(triton_merge, "MODE", "dora")]),
+    "lora-triton-merge": ("lorakit-lora", [(triton_merge, "MODE", "1")]),
     "lora-separate-qkv": ("lorakit-lora", SEPARATE_QKV),
+    "lora-unstacked": ("lorakit-lora", [(projection, "STACK", False)]),
     "lora-rebuild-merged": ("lorakit-lora", [(lora_linear, "KEEP_MERGED", False)]),
     "lora-never-merge": ("lorakit-lora", [(dispatch, "MERGE_RATIO", float("inf"))]),
     "lora-reference": ("lorakit-lora-reference", []),
@@ -46,6 +47,7 @@ VARIANTS = {
     "dora": ("lorakit-dora", []),
     "dora-rebuild-merged": ("lorakit-dora", [(lora_linear, "KEEP_MERGED", False)]),
     "dora-separate-qkv": ("lorakit-dora", SEPARATE_QKV),
+    "dora-unstacked": ("lorakit-dora", [(projection, "STACK", False)]),
     "dora-layerwise-mlp": ("lorakit-dora", LAYERWISE_MLP),
     "dora-torch-gate": ("lorakit-dora", TORCH_GATE),
     "dora-never-merge": ("lorakit-dora", [(dispatch, "MERGE_RATIO", float("inf"))]),

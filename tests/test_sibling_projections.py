@@ -77,8 +77,13 @@ def test_qkv_share_one_call_with_the_layers_values_and_gradients(strategy, use_d
         torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=1e-10, atol=1e-12, msg=key)
 
 
-def test_whole_model_matches_and_calls_once_per_layer(fused_calls):
-    model = adapted_llama(rank_pattern={"k_proj": 2}, bias="all")  # unequal ranks and trained biases
+@pytest.mark.parametrize("config", [{"rank_pattern": {"k_proj": 2, "up_proj": 3}, "bias": "all"}, {"lora_fa": True},
+                                    {"use_dora": True, "rank_pattern": {"v_proj": 2}}],
+                         ids=["unequal-ranks-and-biases", "lora-fa", "dora"])
+def test_whole_model_matches_and_calls_once_per_layer(strategy, config, fused_calls):
+    """Stacked A (one GEMM for the x A_iᵀ, one for the ∂A_i) with unequal ranks, frozen A
+    (LoRA-FA: no ∂A, so no stacked ∂A) and DoRA, in attention and in the fused MLP."""
+    model = adapted_llama(**config)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads(fast):

@@ -57,23 +57,30 @@ def test_cpu_tensors_never_take_the_kernel():
     assert not triton_merge.available(torch.zeros(2, 2), dora=False)
 
 
-@pytest.mark.parametrize("mode, for_dora, for_lora", [("dora", True, False), ("1", True, True), ("0", False, False)])
-def test_which_builds_take_the_kernel(monkeypatch, mode, for_dora, for_lora):
-    """The default ("1") sends every GPU build to the kernel; "dora" only DoRA's, "0" none."""
+@pytest.mark.parametrize("mode, for_dora, for_small_lora, for_large_lora",
+                         [("auto", True, False, True), ("1", True, True, True), ("0", False, False, False)])
+def test_which_builds_take_the_kernel(monkeypatch, mode, for_dora, for_small_lora, for_large_lora):
+    """The default ("auto") sends DoRA's builds and LoRA's large ones to the kernel; "1" every
+    build, "0" none."""
     from types import SimpleNamespace
 
     import torch
 
     from lorakit.kernels import triton_merge
 
-    gpu_weight = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)  # only what available() reads
+    def gpu_weight(elements):  # only what available() reads
+        return SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, numel=lambda: elements)
+
+    large, small = triton_merge.LARGE_LORA_BUILD, triton_merge.LARGE_LORA_BUILD - 1
     monkeypatch.setattr(triton_merge, "MODE", mode)
-    assert triton_merge.available(gpu_weight, dora=True) is for_dora
-    assert triton_merge.available(gpu_weight, dora=False) is for_lora
-    assert not triton_merge.available(SimpleNamespace(is_cuda=True, dtype=torch.float64), dora=True)
+    assert triton_merge.available(gpu_weight(small), dora=True) is for_dora
+    assert triton_merge.available(gpu_weight(small), dora=False) is for_small_lora
+    assert triton_merge.available(gpu_weight(large), dora=False) is for_large_lora
+    assert not triton_merge.available(SimpleNamespace(is_cuda=True, dtype=torch.float64, numel=lambda: large),
+                                      dora=True)
 
 
-def test_the_default_builds_every_gpu_merge_with_the_kernel():
+def test_the_default_mode_is_auto():
     import os
     import subprocess
     import sys
@@ -81,4 +88,4 @@ def test_the_default_builds_every_gpu_merge_with_the_kernel():
     env = {k: v for k, v in os.environ.items() if k != "LORAKIT_TRITON_MERGE"}
     code = "from lorakit.kernels import triton_merge; print(triton_merge.MODE)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert result.stdout.strip() == "1", result.stderr[-2000:]
+    assert result.stdout.strip() == "auto", result.stderr[-2000:]

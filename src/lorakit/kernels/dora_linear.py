@@ -43,19 +43,22 @@ import torch.nn.functional as F
 from . import lora_linear, triton_colsum
 from .casting import as_dtype
 from .dora_norm import accumulation_dtype, dora_weight, factored_rescale
-from .lora_linear import lora_backward, lora_forward, merged_weight
+from .lora_linear import scaled_gb, lora_backward, lora_forward, merged_weight
 
 
 def dora_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                  B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
-                 merge: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                 merge: bool, xa: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(out, x Aᵀ, c, c ⊙ W or None) for 2-D x (N, d_in): out (N, d_out), x Aᵀ (N, r), c (d_out,)
-    and the merged weight (d_out, d_in) when built are what ``dora_backward`` needs besides the inputs."""
+    and the merged weight (d_out, d_in) when built are what ``dora_backward`` needs besides the
+    inputs. ``xa``: x Aᵀ when the caller computed it."""
     if merge:
         scaled_weight, rescale = dora_weight(weight, A, B, scaling, magnitude)
-        return F.linear(x2, scaled_weight, bias), F.linear(x2, A), rescale, scaled_weight
+        return (F.linear(x2, scaled_weight, bias), F.linear(x2, A) if xa is None else xa, rescale,
+                scaled_weight)
     rescale = factored_rescale(weight, A, B, scaling, magnitude)
-    out, xa = lora_forward(x2, x2, weight, None, A, B, scaling, merge=False)
+    out, xa = lora_forward(x2, x2, weight, None, A, B, scaling, merge=False, xa=xa)
     out.mul_(as_dtype(rescale, out.dtype))
     if bias is not None:
         out.add_(bias)
@@ -66,10 +69,11 @@ def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: t
                   bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
                   rescale: torch.Tensor, out: torch.Tensor, scaling: float, merge: bool, need_x: bool,
                   need_A: bool, need_B: bool, need_m: bool, grad_x: torch.Tensor | None = None,
-                  merged: torch.Tensor | None = None):
+                  merged: torch.Tensor | None = None, gb_rows: torch.Tensor | None = None):
     """(∂x, ∂A, ∂B, ∂m) of ``dora_forward`` for output gradient g (N, d_out), each None when not
     needed. When ``grad_x`` is given, ∂x is accumulated into it in place. ``merged``: the
-    forward's c ⊙ W when kept (a merged backward), else it is rebuilt."""
+    forward's c ⊙ W when kept (a merged backward), else it is rebuilt. ``gb_rows``: as for
+    ``lora_backward`` (∂A left to the caller)."""
     s = scaling
     grad_m = magnitude_grad(g, out, bias, magnitude) if need_m else None
     c = as_dtype(rescale, g.dtype)                                     # for the products below
@@ -77,14 +81,15 @@ def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: t
     if not merge:
         if need_x or need_A or need_B:  # g ⊙ c: one (N, d_out) temporary, only when something reads it
             grad_x, _, grad_A, grad_B = lora_backward(g * c, x2, xa, weight, A, B, s, False, need_x, need_A,
-                                                      need_B, grad_x=grad_x)
+                                                      need_B, grad_x=grad_x, gb_rows=gb_rows)
         return grad_x, grad_A, grad_B, grad_m
     if need_x:
         # Kept, or rebuilt from the saved c: the same matrix the forward used, without a new norm.
         scaled_weight = merged if merged is not None else merged_weight(weight, A, B, s, row_scale=rescale)
         grad_x = g @ scaled_weight if grad_x is None else grad_x.addmm_(g, scaled_weight)
     if need_A:
-        grad_A = torch.addmm(g.new_empty(()), g, B * c[:, None], beta=0, alpha=s).t() @ x2
+        gB = scaled_gb(g, B * c[:, None], s, gb_rows)                # s (g ⊙ c) B: (N, r)
+        grad_A = gB.t() @ x2 if gb_rows is None else None
     if need_B:
         grad_B = torch.addmm(g.new_empty(()), xa.t(), g, beta=0, alpha=s).t().mul_(c[:, None])
     return grad_x, grad_A, grad_B, grad_m

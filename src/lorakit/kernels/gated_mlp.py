@@ -11,8 +11,10 @@ than the frozen MLP does; the price is two extra elementwise passes in backward.
 recomputing only act(g) measured no faster on the H200 benchmark, at +1 GiB of peak memory.)
 
 The two input gradients (through gate and up) are accumulated into one tensor by the GEMMs
-themselves (``addmm_``), where autograd would add two (N, d) tensors. DoRA projections
-(``dora_linear.py``) also need their outputs for ∂m: g and u are kept anyway, and y (N, d) is.
+themselves (``addmm_``), where autograd would add two (N, d) tensors; gate's and up's x Aᵀ, and
+their ∂A, each come from one GEMM with the two A stacked (one read of x instead of two). DoRA
+projections (``dora_linear.py``) also need their outputs for ∂m: g and u are kept anyway, and
+y (N, d) is.
 One autograd node per MLP instead of three (plus the activation's and the product's) also saves
 host time, which is what DoRA's many small operations are short of on a GPU.
 """
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import triton_swiglu
-from .projection import project, project_backward
+from .projection import project, project_backward, stacked_gb_rows, stacked_input_grads, stacked_inputs
 
 
 class GateProduct:
@@ -90,8 +92,9 @@ class GatedMlpFunction(torch.autograd.Function):
         gate_p, up_p, down_p = plans
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        g, gate_xa, gate_c, gate_merged = project(x2, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p)
-        u, up_xa, up_c, up_merged = project(x2, up_w, up_b, up_A, up_B, up_m, up_p)
+        gate_xa, up_xa = stacked_inputs(x2, (gate_A, up_A))            # both x Aᵀ from one GEMM
+        g, gate_xa, gate_c, gate_merged = project(x2, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p, gate_xa)
+        u, up_xa, up_c, up_merged = project(x2, up_w, up_b, up_A, up_B, up_m, up_p, up_xa)
         h = GateProduct(act, g, u, for_backward=False).h
         y, down_xa, down_c, down_merged = project(h, down_w, down_b, down_A, down_B, down_m, down_p)
         # y only for DoRA's ∂m (the output itself: no copy).
@@ -116,12 +119,17 @@ class GatedMlpFunction(torch.autograd.Function):
             dy, gate.h, down_xa, y, down_c, down_merged, down_w, down_b, down_A, down_B, down_m, down_p, True,
             needs[11], needs[12], needs[17])
         dg, du = gate.backward(dh)
+        # Both ∂A from one GEMM when both A are trained (LoRA-FA's are not).
+        ranks = [gate_A.shape[0], up_A.shape[0]]
+        buffer, (gate_rows, up_rows) = stacked_gb_rows(x2, ranks) if needs[3] and needs[7] else (None, (None, None))
         dx, d_gate_A, d_gate_B, d_gate_m = project_backward(
             dg, x2, gate_xa, g, gate_c, gate_merged, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p, need_x,
-            needs[3], needs[4], needs[15])
+            needs[3], needs[4], needs[15], gb_rows=gate_rows)
         dx, d_up_A, d_up_B, d_up_m = project_backward(
             du, x2, up_xa, u, up_c, up_merged, up_w, up_b, up_A, up_B, up_m, up_p, need_x,
-            needs[7], needs[8], needs[16], grad_x=dx)
+            needs[7], needs[8], needs[16], grad_x=dx, gb_rows=up_rows)
+        if buffer is not None:
+            d_gate_A, d_up_A = stacked_input_grads(x2, buffer, ranks)
         d_gate_b = dg.sum(0) if needs[2] else None
         d_up_b = du.sum(0) if needs[6] else None
         d_down_b = dy.sum(0) if needs[10] else None

@@ -50,15 +50,18 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalin
 
 
 def lora_forward(x2: torch.Tensor, xl2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 A: torch.Tensor, B: torch.Tensor, scaling: float, merge: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W0ᵀ + b + s (x_d Aᵀ) Bᵀ, x_d Aᵀ) for 2-D x (N, d_in) and x_d; ``merge`` needs x_d is x."""
-    out, xa, _ = lora_forward_keeping_merged(x2, xl2, weight, bias, A, B, scaling, merge)
+                 A: torch.Tensor, B: torch.Tensor, scaling: float, merge: bool,
+                 xa: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W0ᵀ + b + s (x_d Aᵀ) Bᵀ, x_d Aᵀ) for 2-D x (N, d_in) and x_d; ``merge`` needs x_d is x.
+    ``xa``: x_d Aᵀ when the caller computed it (with other projections' A stacked)."""
+    out, xa, _ = lora_forward_keeping_merged(x2, xl2, weight, bias, A, B, scaling, merge, xa)
     return out, xa
 
 
-def lora_forward_keeping_merged(x2, xl2, weight, bias, A, B, scaling: float, merge: bool):
+def lora_forward_keeping_merged(x2, xl2, weight, bias, A, B, scaling: float, merge: bool, xa=None):
     """``lora_forward``'s (out, x_d Aᵀ) and the merged weight W0 + s B A it used (None: factored)."""
-    xa = F.linear(xl2, A)                                             # x_d Aᵀ (N, r), one op on the host
+    if xa is None:
+        xa = F.linear(xl2, A)                                         # x_d Aᵀ (N, r), one op on the host
     if merge and xl2 is x2:
         merged = merged_weight(weight, A, B, scaling)
         return F.linear(x2, merged, bias), xa, merged
@@ -70,17 +73,21 @@ def lora_forward_keeping_merged(x2, xl2, weight, bias, A, B, scaling: float, mer
 def lora_backward(g: torch.Tensor, xl2: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
                   B: torch.Tensor, scaling: float, merge: bool, need_x: bool, need_A: bool, need_B: bool,
                   separate_lora_input: bool = False, grad_x: torch.Tensor | None = None,
-                  merged: torch.Tensor | None = None):
+                  merged: torch.Tensor | None = None, gb_rows: torch.Tensor | None = None):
     """Gradients of ``lora_forward`` for output gradient g (N, d_out).
 
     Returns (∂x, ∂x_d, ∂A, ∂B), each None when not needed. With ``separate_lora_input`` (dropout)
     the low-rank part of the input gradient is returned as ∂x_d; otherwise it is inside ∂x. When
     ``grad_x`` is given, ∂x is accumulated into it in place (a sibling layer's input gradient).
     ``merged``: W0 + s B A when the caller still has it from the forward (a merged backward).
+    ``gb_rows``: an (r, N) buffer for (s g B)ᵀ; ∂A is then left to the caller, who computes the
+    ∂A of several projections of one input in one GEMM (``projection.stacked_input_grads``).
     """
     s = scaling
     need_gB = need_A or (need_x and (separate_lora_input or not merge))
-    gB = torch.addmm(g.new_empty(()), g, B, beta=0, alpha=s) if need_gB else None  # s g B: (N, r)
+    gB = scaled_gb(g, B, s, gb_rows) if need_gB else None                      # s g B: (N, r)
+    if gb_rows is not None:
+        need_A = False
     grad_xd = grad_A = grad_B = None
     if need_x:
         full = weight
@@ -101,6 +108,13 @@ def lora_backward(g: torch.Tensor, xl2: torch.Tensor, xa: torch.Tensor, weight: 
         # (s (x_d Aᵀ)ᵀ g)ᵀ: the same (r, N) x (N, d) layout as ∂A, faster than gᵀ (x_d Aᵀ) on CPU BLAS.
         grad_B = torch.addmm(g.new_empty(()), xa.t(), g, beta=0, alpha=s).t()
     return grad_x, grad_xd, grad_A, grad_B
+
+
+def scaled_gb(g: torch.Tensor, B: torch.Tensor, scaling: float, rows: torch.Tensor | None) -> torch.Tensor:
+    """s g B (N, r); written transposed into ``rows`` (r, N) when given, and returned as its view."""
+    if rows is None:
+        return torch.addmm(g.new_empty(()), g, B, beta=0, alpha=scaling)
+    return torch.addmm(g.new_empty(()), B.t(), g.t(), beta=0, alpha=scaling, out=rows).t()
 
 
 class LoraLinearFunction(torch.autograd.Function):

@@ -25,23 +25,63 @@ class Projection:
     merge_backward: bool
 
 
-def project(x2: torch.Tensor, weight, bias, A, B, magnitude, plan: Projection):
+def project(x2: torch.Tensor, weight, bias, A, B, magnitude, plan: Projection, xa=None):
     """One projection's forward for x2 (N, d_in): (out (N, d_out), x Aᵀ (N, r), DoRA's c (d_out,)
-    or None, the merged weight to keep for backward or None)."""
+    or None, the merged weight to keep for backward or None). ``xa``: x Aᵀ if already computed."""
     if magnitude is None:
-        out, xa, merged = lora_forward_keeping_merged(x2, x2, weight, bias, A, B, plan.scaling, plan.merge_forward)
+        out, xa, merged = lora_forward_keeping_merged(x2, x2, weight, bias, A, B, plan.scaling, plan.merge_forward,
+                                                      xa)
         return out, xa, None, merged if plan.merge_backward and lora_linear.KEEP_MERGED else None
-    out, xa, rescale, merged = dora_forward(x2, weight, bias, A, B, magnitude, plan.scaling, plan.merge_forward)
+    out, xa, rescale, merged = dora_forward(x2, weight, bias, A, B, magnitude, plan.scaling, plan.merge_forward, xa)
     return out, xa, rescale, merged if plan.merge_backward and lora_linear.KEEP_MERGED else None
 
 
 def project_backward(grad, x2, xa, out, rescale, merged, weight, bias, A, B, magnitude, plan: Projection,
-                     need_x, need_A, need_B, need_m, grad_x=None):
+                     need_x, need_A, need_B, need_m, grad_x=None, gb_rows=None):
     """(∂x, ∂A, ∂B, ∂m) of ``project`` for the output gradient (N, d_out); ∂x accumulated into
-    ``grad_x`` when given; ∂m None for LoRA. ``out``: the forward's output (DoRA's ∂m reads it)."""
+    ``grad_x`` when given; ∂m None for LoRA. ``out``: the forward's output (DoRA's ∂m reads it).
+    ``gb_rows``: see ``lora_backward`` (∂A is then None, left to ``stacked_input_grads``)."""
     if magnitude is None:
         grad_x, _, grad_A, grad_B = lora_backward(grad, x2, xa, weight, A, B, plan.scaling, plan.merge_backward,
-                                                  need_x, need_A, need_B, grad_x=grad_x, merged=merged)
+                                                  need_x, need_A, need_B, grad_x=grad_x, merged=merged,
+                                                  gb_rows=gb_rows)
         return grad_x, grad_A, grad_B, None
     return dora_backward(grad, x2, xa, weight, bias, A, B, magnitude, rescale, out, plan.scaling,
-                         plan.merge_backward, need_x, need_A, need_B, need_m, grad_x=grad_x, merged=merged)
+                         plan.merge_backward, need_x, need_A, need_B, need_m, grad_x=grad_x, merged=merged,
+                         gb_rows=gb_rows)
+
+
+# Projections of one input share two skinny GEMMs: x [A_1; ...; A_k]ᵀ in the forward and
+# [g_1 B_1 | ... | g_k B_k]ᵀ x for all ∂A in backward. Each reads the whole (N, d_in) input for
+# r output columns, so its time is the input's reading time: one GEMM instead of k saves k - 1
+# reads of x each way (and k - 1 kernel launches).
+
+# False: one GEMM per projection each way (for benchmarks: bench/kernel_ab.py).
+STACK = True
+
+
+def stacked_inputs(x2: torch.Tensor, As) -> list[torch.Tensor]:
+    """[x A_iᵀ (N, r_i)] for x2 (N, d_in) and the A_i (r_i, d_in), from one GEMM (column views)."""
+    if not STACK:
+        return [torch.nn.functional.linear(x2, A) for A in As]
+    xa = torch.nn.functional.linear(x2, torch.cat(As))
+    views, start = [], 0
+    for A in As:
+        views.append(xa[:, start:start + A.shape[0]])
+        start += A.shape[0]
+    return views
+
+
+def stacked_gb_rows(x2: torch.Tensor, ranks: list[int]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """A (Σ r_i, N) buffer and its row blocks (r_i, N), one per projection, for ``gb_rows``
+    (None and Nones when not stacking)."""
+    if not STACK:
+        return None, [None] * len(ranks)
+    buffer = x2.new_empty(sum(ranks), x2.shape[0])
+    return buffer, list(buffer.split(ranks))
+
+
+def stacked_input_grads(x2: torch.Tensor, buffer: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
+    """[∂A_i = (s g_i B_i)ᵀ x (r_i, d_in)] from a ``stacked_gb_rows`` buffer whose blocks backward
+    filled, in one GEMM."""
+    return list((buffer @ x2).split(ranks))

@@ -6,8 +6,10 @@ Run as separate layers, each projection is its own autograd node, and autograd a
 input gradients with two elementwise passes over (N, d) tensors. Here backward accumulates them
 inside the GEMMs (``addmm_`` into one ∂x) and the host makes one call where it made three: in
 the forward of a LoRA step, Python's time per layer (not the GPU's) is what sets the pace on a
-fast GPU (``bench/gpu_gaps.py``). Each projection's own computation is the single layer's
-(``projection.py``), so values and gradients are those of the separate layers.
+fast GPU (``bench/gpu_gaps.py``). The three x A_iᵀ come from one GEMM with the A_i stacked, and
+so do the three ∂A_i = (s g_i B_i)ᵀ x: each of these skinny GEMMs costs a read of x, whatever
+its r. Otherwise each projection's computation is the single layer's (``projection.py``), so
+values and gradients are those of the separate layers.
 
 A projection whose output the model never uses gets no gradient (autograd passes None): its
 adapter's gradients are None too, as they would be for an unused separate layer.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .projection import project, project_backward
+from .projection import project, project_backward, stacked_gb_rows, stacked_input_grads, stacked_inputs
 
 
 class SiblingProjectionsFunction(torch.autograd.Function):
@@ -36,9 +38,10 @@ class SiblingProjectionsFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         saved, outs = [x2], []
+        xas = stacked_inputs(x2, linear[2::4])  # every x A_iᵀ from one GEMM
         for index, (plan, magnitude) in enumerate(zip(plans, magnitudes)):
             weight, bias, A, B = linear[4 * index:4 * index + 4]
-            out, xa, rescale, merged = project(x2, weight, bias, A, B, magnitude, plan)
+            out, xa, rescale, merged = project(x2, weight, bias, A, B, magnitude, plan, xas[index])
             # The output only for DoRA's ∂m (the tensor returned: no copy).
             saved += [xa, out if magnitude is not None else None, rescale, merged, weight, bias, A, B, magnitude]
             outs.append(out.view(*lead, out.shape[-1]))
@@ -53,6 +56,11 @@ class SiblingProjectionsFunction(torch.autograd.Function):
         count = len(ctx.plans)
         grad_x = None
         result = [None] * (1 + 5 * count + 1)
+        # Every ∂A from one GEMM when every projection has a gradient and a trained A (else each its own).
+        ranks = [saved[9 * index + 6].shape[0] for index in range(count)]
+        stacked = all(g is not None and needs[3 + 4 * i] for i, g in enumerate(grads))
+        buffer, rows = stacked_gb_rows(x2, ranks) if stacked else (None, [None] * count)
+        stacked = buffer is not None
         for index, (plan, grad) in enumerate(zip(ctx.plans, grads)):
             if grad is None:
                 continue
@@ -61,10 +69,13 @@ class SiblingProjectionsFunction(torch.autograd.Function):
             first = 1 + 4 * index
             grad_x, grad_A, grad_B, grad_m = project_backward(
                 g, x2, xa, out, rescale, merged, weight, bias, A, B, magnitude, plan, needs[0],
-                needs[first + 2], needs[first + 3], needs[2 + 4 * count + index], grad_x=grad_x)
+                needs[first + 2], needs[first + 3], needs[2 + 4 * count + index], grad_x=grad_x,
+                gb_rows=rows[index])
             result[first + 1] = g.sum(0) if needs[first + 1] else None
             result[first + 2], result[first + 3] = grad_A, grad_B
             result[2 + 4 * count + index] = grad_m
+        if stacked:
+            result[3:1 + 4 * count:4] = stacked_input_grads(x2, buffer, ranks)
         if grad_x is not None and needs[0]:
             result[0] = grad_x.view(*ctx.lead, grad_x.shape[-1])
         return tuple(result)

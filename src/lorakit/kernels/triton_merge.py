@@ -9,16 +9,17 @@ for its norm. These kernels read W0 once and write W once (DoRA with the norm: W
 as the norm of a row must be known before the row is written). The rank-r product is a
 ``tl.dot`` per tile, accumulated in fp32 (``ieee`` precision for fp32 inputs: no TF32).
 
-Used by default for every merged build on a GPU. For DoRA one kernel replaces a copy, a GEMM, a
-norm and a row scaling whose broadcast multiply torch runs unvectorised (3-6 ms of the H200 DoRA
-step, docs/benchmarks.md). For plain LoRA it replaces a copy and a GEMM with K = r that cuBLAS
-runs at about half the memory bandwidth (41 µs against 21 µs for an 8192 × 2048 bf16 build); that
-saved no wall time while the backward built every merged weight a second time (each Triton
-launch costs more host time than an aten launch), and 1.2 ms of the step (1.5%) once the forward's
-builds were kept for backward. ``LORAKIT_TRITON_MERGE=0`` builds with torch everywhere, ``=dora``
-for DoRA only. Everything else (CPU tensors, no Triton, other dtypes) takes the torch
-expression, which computes the same values. The CPU tests run the kernels in Triton's
-interpreter (``TRITON_INTERPRET=1``).
+On a GPU the kernels build every DoRA weight: there one kernel replaces a copy, a GEMM, a norm
+and a row scaling whose broadcast multiply torch runs unvectorised (3-6 ms of the H200 DoRA step,
+docs/benchmarks.md). For plain LoRA they build the large weights only (``LARGE_LORA_BUILD``
+elements and more: an MLP's projections), where they replace a copy and a GEMM with K = r that
+cuBLAS runs at about half the memory bandwidth (41 µs against 21 µs for an 8192 × 2048 bf16
+build). A Triton launch costs 20-40 µs of Python where an aten call costs ~10, and a LoRA step's
+forward is host-bound on slower hosts, so the small builds (attention's, 4 µs of GPU time to
+gain) stay with torch. ``LORAKIT_TRITON_MERGE=1`` uses the kernels for every build, ``=0`` for
+none. Everything else (CPU tensors, no Triton, other dtypes) takes the torch expression, which
+computes the same values. The CPU tests run the kernels in Triton's interpreter
+(``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ import torch
 from .casting import as_dtype
 
 from .triton_support import on_gpu_in_kernel_dtype, tl, triton
-# "1": every merged build (the default); "dora": DoRA's builds only; "0": none. See the docstring.
-MODE = os.environ.get("LORAKIT_TRITON_MERGE", "1")
+# "auto": DoRA's builds and LoRA's large ones (the default); "1": every build; "0": none.
+MODE = os.environ.get("LORAKIT_TRITON_MERGE", "auto")
+LARGE_LORA_BUILD = 2**23  # elements; 8192 × 2048 and larger (see the docstring)
 
 
 def available(weight: torch.Tensor, dora: bool) -> bool:
     """True when the kernels should build the merged weight for ``weight``: a GPU tensor of a
-    kernel dtype, Triton importable, and ``MODE`` covering this build (``dora``: a DoRA build)."""
-    wanted = MODE == "1" or (MODE == "dora" and dora)
+    kernel dtype, Triton importable, and ``MODE`` covering this build (see the docstring)."""
+    wanted = MODE == "1" or (MODE == "auto" and (dora or weight.numel() >= LARGE_LORA_BUILD))
     return wanted and on_gpu_in_kernel_dtype(weight)
 
 
