@@ -77,6 +77,7 @@ def fake_gpus(monkeypatch, majors):
     answers (with emulation) for the current one, as torch's does."""
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(majors))
     monkeypatch.setattr(torch.cuda, "get_device_capability",
                         lambda device=None: (majors[0 if device is None else device], 0))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
@@ -100,6 +101,26 @@ def test_auto_dtype_asks_about_the_requested_gpu(monkeypatch):
     assert resolve_dtype("auto", "cuda:0") == torch.bfloat16
     with pytest.raises(ConfigError, match="not a torch device"):
         resolve_dtype("auto", "cuda-1")
+
+
+def test_auto_dtype_for_a_missing_gpu_is_a_config_error(monkeypatch):
+    """`lorakit export --device cuda:5` asks for the dtype before loading: a GPU the machine lacks
+    must be named as such, not surface as torch's "invalid device ordinal"."""
+    fake_gpus(monkeypatch, [8, 8])
+
+    def capability(device=None):  # what torch does for an index past the last GPU
+        raise AssertionError("Invalid device id")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    with pytest.raises(ConfigError, match=r"'cuda:5' does not exist: this machine has 2 CUDA GPU\(s\), cuda:0 to"):
+        resolve_dtype("auto", "cuda:5")
+    monkeypatch.setattr(torch.version, "hip", "6.0")  # ROCm answers bf16 without asking the GPU: still refused
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve_dtype(None, "cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU is available here"):
+        resolve_dtype("auto", "cuda:0")
+    assert resolve_dtype("bf16", "cuda:5") == torch.bfloat16  # an explicit dtype needs no GPU to resolve
 
 
 def test_auto_dtype_on_rocm_is_bf16(monkeypatch):

@@ -266,3 +266,109 @@ def test_eval_loss_of_a_fully_masked_set_is_nan_not_zero():
     loss = eval_loss(model, masked, collate)
     assert math.isnan(loss) and math.isnan(perplexity(loss))
     assert eval_loss(model, examples(4), collate) > 0
+
+
+def test_ctrl_c_after_the_optimizer_update_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """A real SIGINT right after step 3's update (on a GPU the likely moment: the host waits for the
+    step's loss): the step counts as done, so the resumed run does not apply it a second time."""
+    import os
+    import signal
+
+    from lorakit.training import loop as loop_module
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("the test runner handles SIGINT itself: a real Ctrl-C would reach its handler")
+    cfg = dict(data="x", lr=1e-2, max_steps=4, batch_size=4, grad_accum=2, device="cpu", seed=3)
+    straight = adapted_model()
+    run_loop(straight, None, TrainConfig(**cfg), examples(), collate, tmp_path / "a", progress=False)
+
+    make_optimizer = loop_module.make_optimizer
+    updates = {"n": 0}
+
+    def ctrl_c_after_third_update(optimizer, *args, **kwargs):
+        updates["n"] += 1
+        if updates["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def optimizer_with_hook(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+        optimizer.register_step_post_hook(ctrl_c_after_third_update)
+        return optimizer
+
+    monkeypatch.setattr(loop_module, "make_optimizer", optimizer_with_hook)
+    result = run_loop(adapted_model(), None, TrainConfig(**cfg), examples(), collate, tmp_path / "b", progress=False)
+    assert result.interrupted and result.steps == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's guard is gone again
+    monkeypatch.setattr(loop_module, "make_optimizer", make_optimizer)
+    torch.manual_seed(999)
+    resumed = adapted_model()
+    run_loop(resumed, None, TrainConfig(**cfg, resume=True), examples(), collate, tmp_path / "b", progress=False)
+    for name, value in trainable_state(straight).items():
+        assert torch.equal(trainable_state(resumed)[name], value), name
+
+
+class NotMainProcess:
+    """A one-process Accelerator that answers like rank 1 of a DDP run: not the main process."""
+
+    is_main_process = False
+
+    def __init__(self):
+        from accelerate import Accelerator
+
+        self._accelerator = Accelerator(cpu=True)
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+
+def test_step_start_generators_are_read_only_where_a_checkpoint_can_be_written(tmp_path, monkeypatch):
+    """The state of every generator (all CUDA devices' too) at a step's start only serves the Ctrl-C
+    checkpoint of that step, which the main process writes after a first step: nowhere else is it read."""
+    from lorakit.training import loop as loop_module
+
+    reads = {"n": 0}
+    rng_state = loop_module.rng_state
+
+    def counted():
+        reads["n"] += 1
+        return rng_state()
+
+    monkeypatch.setattr(loop_module, "rng_state", counted)
+    cfg = TrainConfig(data="x", lr=1e-2, max_steps=3, batch_size=4, device="cpu")
+    run_loop(adapted_model(), None, cfg, examples(), collate, tmp_path / "main", progress=False)
+    assert reads["n"] == 2  # steps 2 and 3
+    reads["n"] = 0
+    result = run_loop(adapted_model(), None, cfg, examples(), collate, tmp_path / "other", accelerator=NotMainProcess(),
+                      progress=False)
+    assert reads["n"] == 0 and result.steps == 3 and not result.main_process
+
+
+def test_only_the_main_process_writes_the_adapter(tmp_path, monkeypatch):
+    """Under DDP every process runs train(); the others must not save into the same folder at once."""
+    fake_data(monkeypatch)
+    done = SimpleNamespace(steps=2, interrupted=False, records=[], last_eval={"loss": 1.0}, main_process=False)
+    monkeypatch.setattr(run_module, "run_loop", lambda *args, **kwargs: done)
+    result = lorakit.train(loaded=(tiny_llama(), None), data="x", output_dir=str(tmp_path))
+    assert result.steps == 2
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "result.json").exists()
+
+
+def test_train_failure_keeps_the_callers_own_adapters(tmp_path, monkeypatch):
+    """The run's adapter is the one train() adds (named "default"); the caller's others stay, active as they were."""
+    fake_data(monkeypatch)
+
+    def failing_loop(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(run_module, "run_loop", failing_loop)
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]), name="mine")
+    lorakit.set_adapter(model, "mine")
+    trains = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lorakit.train(loaded=(model, None), data="x", output_dir=str(tmp_path))
+    assert lorakit.adapters(model) == ["mine"]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trains
+    from lorakit.state import active_adapters
+
+    assert active_adapters(model) == ["mine"]

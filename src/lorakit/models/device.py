@@ -40,7 +40,8 @@ def require_device(device: str) -> None:
         if count == 0:
             raise ConfigError(f"device {device!r}: no CUDA GPU is available here; use device='cpu' (or 'auto')")
         if parsed.index is not None and parsed.index >= count:
-            raise ConfigError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+            raise ConfigError(f"device {device!r} does not exist: this machine has {count} CUDA GPU(s), "
+                              f"cuda:0 to cuda:{count - 1}")
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {device!r}: MPS is not available here; use device='cpu' (or 'auto')")
 
@@ -53,11 +54,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     asked for, e.g. "cuda:1"), else float16 (LoRA adapters then stay float32: see
     ``LoraConfig.adapter_dtype``).
     Strings may be "float32"/"fp32", "bfloat16"/"bf16" or "float16"/"fp16"; torch dtypes pass through.
+    "auto" for a GPU this machine lacks raises ConfigError (see ``require_device``).
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.startswith("cuda"):
+            require_device(device)  # asking a missing GPU about bf16 would raise torch's own error
             return torch.bfloat16 if native_bf16(device) else torch.float16
         return torch.float32
     if not isinstance(dtype, str) or dtype.lower() not in DTYPES:

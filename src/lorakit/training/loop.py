@@ -12,6 +12,8 @@ import logging
 import math
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -38,6 +40,7 @@ class LoopResult:
     interrupted: bool
     records: list[dict] = field(default_factory=list)
     last_eval: dict | None = None
+    main_process: bool = True  # False on the other processes of a DDP run: they write no files
 
 
 def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -127,11 +130,16 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     tokens, started = 0, time.perf_counter()
     # Generators' state at the start of the step under way (None between steps): a Ctrl-C during
     # the step saves ``position`` (still the step's start) with it, so the resumed run redoes the
-    # whole step with the same batches and dropout masks.
+    # whole step with the same batches and dropout masks. Taken only where that checkpoint can be
+    # written (the main process, after a first step): reading every generator costs the host about
+    # 0.1 ms, mostly numpy's and Python's (CUDA's are read on the host, without a sync).
     step_start_rng = None
+    guard = _InterruptGuard()
     try:
+        guard.install()
         while position.step < n_steps:
-            step_start_rng = rng_state()
+            if accelerator.is_main_process and position.step > 0:
+                step_start_rng = rng_state()
             wrapped.train()
             for name in nested:  # DyLoRA: one rank per step, drawn from (seed, step) so resume agrees
                 sample_nested_rank(model, random.Random(cfg.seed * 7919 + position.step), name)
@@ -155,6 +163,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step: the next one's)
+            guard.holding = True  # from the update on, the step is done: a Ctrl-C waits until position says so
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -165,6 +174,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             step_loss = step_loss.item()  # after the optimizer's kernels are queued
             position.step, position.epoch, position.batch = position.step + 1, epoch, batch_in_epoch
             step_start_rng = None
+            guard.release()
             bar.update(1)
             rate = tokens / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
@@ -177,6 +187,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             if cfg.save_every and position.step % cfg.save_every == 0 and accelerator.is_main_process:
                 checkpoint()
     except KeyboardInterrupt:
+        guard.uninstall()  # a second Ctrl-C now stops the checkpoint's save at once, as without the guard
         interrupted = True
         optimizer.zero_grad(set_to_none=True)
         for name in nested:
@@ -185,6 +196,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             path = checkpoint(rng=step_start_rng)
             log.warning("interrupted at step %d; checkpoint saved to %s (continue with --resume)", position.step, path)
     finally:
+        guard.uninstall()
         bar.close()
     if not interrupted and eval_examples:
         try:
@@ -201,7 +213,46 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     records = metrics.records if metrics else []
     if metrics and records:
         plot_loss_curve(records, out_dir / "loss.png")
-    return LoopResult(steps=position.step, interrupted=interrupted, records=records, last_eval=last_eval)
+    return LoopResult(steps=position.step, interrupted=interrupted, records=records, last_eval=last_eval,
+                      main_process=accelerator.is_main_process)
+
+
+class _InterruptGuard:
+    """Ctrl-C raises KeyboardInterrupt at once, except while ``holding``: then it waits for ``release``.
+
+    An optimizer step changes the weights, optimizer and scheduler first and the position that counts
+    it last. A Ctrl-C in between (on a GPU the likely moment: the host waits in ``.item()`` for the
+    step's kernels) would checkpoint updated weights with the step's start position, and the resumed
+    run would apply that step twice. Only Python's default handler is replaced, in the main thread
+    (the only one signals reach); elsewhere, or under another handler, nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.held = False
+        self.installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._on_sigint)
+            self.installed = True
+
+    def uninstall(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.installed = False
+
+    def release(self) -> None:
+        self.holding = False
+        if self.held:
+            self.held = False
+            raise KeyboardInterrupt
+
+    def _on_sigint(self, signum, frame) -> None:
+        if not self.holding:
+            raise KeyboardInterrupt
+        self.held = True
 
 
 def _batch_stream(n_examples: int, cfg: TrainConfig, world: int, rank: int,
@@ -223,9 +274,10 @@ def _batch_stream(n_examples: int, cfg: TrainConfig, world: int, rank: int,
 
 
 def _evaluate_and_log(accelerator, model, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, step) -> dict:
+    # Every process evaluates its share of the batches; all get the gathered result.
     result = evaluate(accelerator.unwrap_model(model), tokenizer, eval_examples, collate, batch_size=cfg.batch_size,
                       pairs=eval_pairs, max_examples=cfg.eval_max_examples, max_new_tokens=cfg.max_new_tokens,
-                      device=accelerator.device)
+                      device=accelerator.device, accelerator=accelerator)
     if metrics:
         metrics.add({"step": step, **{f"eval_{k}": v for k, v in result.items() if k != "predictions"}})
     return result

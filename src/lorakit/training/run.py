@@ -102,7 +102,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
             _restore_adapter_state(model, before)
         raise
     adapter_dir = out_dir / "adapter"
-    if not loop.interrupted:
+    if not loop.interrupted and loop.main_process:  # under DDP one process writes, not all at once
         save_adapter(model, adapter_dir)
         final = {k: v for k, v in (loop.last_eval or {}).items() if k != "predictions"}
         predictions = (loop.last_eval or {}).get("predictions")
