@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import AdapterFileError, AdapterStateError
 from .io.load import group_factors, read_config, read_weights
+from .kernels.casting import accumulation_dtype
 from .state import adapter_configs, lora_layers, merged_adapters, require_adapters
 
 
@@ -135,7 +136,7 @@ def _write(layer: nn.Module, name: str, new: Incoming | None) -> None:
     r = new.A.shape[0]
     A[:r].copy_(new.A.to(A.device, A.dtype))
     ratio = new.scaling / layer.scaling[name]
-    wide = torch.promote_types(B.dtype, torch.float32)  # rescale before rounding to the slot's dtype
+    wide = accumulation_dtype(B.dtype)  # rescale before rounding to the slot's dtype
     B[:, :r].copy_((new.B.to(B.device, wide) * ratio).to(B.dtype))
     if new.magnitude is not None:
         magnitude = layer.lora_magnitude_vector[name]

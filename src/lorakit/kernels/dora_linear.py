@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from . import lora_linear, triton_colsum
-from .casting import as_dtype
-from .dora_norm import accumulation_dtype, dora_weight, factored_rescale
+from .casting import accumulation_dtype, as_dtype
+from .dora_norm import dora_weight, factored_rescale
 from .lora_linear import scaled_gb, lora_backward, lora_forward, merged_weight
 
 

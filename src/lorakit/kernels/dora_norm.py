@@ -23,17 +23,12 @@ import torch
 from torch import nn
 
 from . import triton_merge
-from .casting import as_dtype
+from .casting import accumulation_dtype, as_dtype
 from .lora_linear import merged_weight
 
 # id(weight) -> (weak reference to it, (its version, storage, dtype, shape), ||W0||² per row); see
 # base_row_norms_squared. Keyed by id: a WeakKeyDictionary compares tensors with ==, elementwise.
 _ROW_NORMS: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision tensors, their own dtype for fp32 / fp64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,

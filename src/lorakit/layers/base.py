@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterStateError
+from ..kernels.casting import accumulation_dtype
 from .routing import RowRouting
 
 
@@ -185,7 +186,7 @@ class LoraLayer(nn.Module):
         Always a constant for autograd (DoRA's norm is detached, as the paper recommends), so no
         graph is built for the dense matrix."""
         weight = self.unmerged_weight()
-        return self._unit_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)) + self.delta_weight(name))
+        return self._unit_norm(weight.to(accumulation_dtype(weight.dtype)) + self.delta_weight(name))
 
     @torch.no_grad()
     def dora_weight_change(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +218,7 @@ class LoraLayer(nn.Module):
         weight = self.base_weight
         if not self.merged_adapters:
             return weight
-        rest = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        rest = weight.to(accumulation_dtype(weight.dtype))
         factor = None
         for name in self.merged_adapters:
             delta = self.delta_weight(name)
@@ -395,13 +396,13 @@ class LoraLayer(nn.Module):
     def weight_plus(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """``weight + delta`` as a new tensor in ``weight``'s dtype and on its device, summed in
         float32 (or wider) whatever the weight's dtype and rounded once."""
-        acc = torch.promote_types(weight.dtype, torch.float32)
+        acc = accumulation_dtype(weight.dtype)
         return (weight.to(acc) + delta.to(weight.device, acc)).to(weight.dtype)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``live_factors`` in the accumulation dtype: float32, or float64 if wider."""
         A, B, s = self.live_factors(name)
-        acc = torch.promote_types(A.dtype, torch.float32)
+        acc = accumulation_dtype(A.dtype)
         return A.to(acc), B.to(acc), s
 
     def extra_repr(self) -> str:

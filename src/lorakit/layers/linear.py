@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused_forward
+from ..kernels.casting import accumulation_dtype
 from .base import LoraLayer
 
 
@@ -88,7 +89,7 @@ class LoraLinear(LoraLayer):
         scaled by its vectors, ``(d ⊙ A_s, b ⊙ B_s, 1)`` of shapes (r, d_in), (d_out, r)."""
         if name not in self.vera_projection:
             return super().factors(name)
-        d, b = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (self.lora_A[name], self.lora_B[name]))
+        d, b = (t.to(accumulation_dtype(t.dtype)) for t in (self.lora_A[name], self.lora_B[name]))
         A, B = (t.to(d.dtype) for t in self.vera_projection[name].sliced(self.in_dim, self.out_dim))
         return d[:, None] * A, b[:, None] * B, 1.0
 
