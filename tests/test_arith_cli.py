@@ -3,6 +3,7 @@ Llama saved as a transformers directory."""
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -147,6 +148,48 @@ def test_an_empty_out_folder_is_filled_in_place(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_directory(again, write)
     assert list(again.iterdir()) == []
+
+
+def test_a_second_ctrl_c_while_an_export_is_undone_still_empties_the_folder(tmp_path, monkeypatch):
+    from lorakit.cli.arith_commands import save_directory
+
+    out = tmp_path / "volume"
+    out.mkdir()
+
+    def write(folder):
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (folder / name).write_text(name)
+
+    real_rename, real_unlink, renames = os.rename, os.unlink, []
+
+    def interrupted_rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 3:
+            raise KeyboardInterrupt
+        return real_rename(src, dst)
+
+    def interrupted_unlink(path, **kwargs):  # the first removal of the undo: a second Ctrl-C
+        monkeypatch.setattr(os, "unlink", real_unlink)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted_rename)
+    monkeypatch.setattr(os, "unlink", interrupted_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        save_directory(out, write)
+    assert list(out.iterdir()) == []
+
+
+def test_an_exported_folder_is_as_open_as_any_new_folder(tmp_path):
+    # Not mkdtemp's 0700: the export is meant to be shared, like the files save_pretrained writes.
+    from lorakit.cli.arith_commands import save_directory
+
+    old_umask = os.umask(0o022)
+    try:
+        out = save_directory(tmp_path / "merged", lambda folder: (folder / "config.json").write_text("{}"))
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert os.listdir(tmp_path) == ["merged"] and os.listdir(out) == ["config.json"]
 
 
 def test_export_one_adapter_in_bfloat16(setup, tmp_path, ids):

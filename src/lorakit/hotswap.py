@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterFileError, AdapterStateError
-from .io.load import group_factors, read_config, read_weights
+from .io.load import group_factors, read_adapter
 from .kernels.casting import accumulation_dtype
 from .state import adapter_configs, lora_layers, merged_adapters, require_adapters
 
@@ -72,10 +72,10 @@ def _from_model(model: nn.Module, source: str) -> dict[str, Incoming]:
 def _from_files(directory: Path) -> dict[str, Incoming]:
     if not directory.is_dir():
         raise AdapterFileError(f"{directory} is neither an adapter directory nor the name of a loaded adapter")
-    config = read_config(directory)
+    config, weights = read_adapter(directory)  # one save's files, under the folder's lock
     if config.use_vera or config.adalora:
         raise AdapterFileError(f"{directory} holds a VeRA/AdaLoRA adapter; hot-swap takes LoRA and DoRA adapters")
-    parts, _ = group_factors(read_weights(directory))
+    parts, _ = group_factors(weights)
     result = {}
     for path, found in parts.items():
         if "lora_A" not in found or "lora_B" not in found:

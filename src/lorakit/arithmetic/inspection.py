@@ -26,7 +26,7 @@ import torch
 from ..errors import AdapterFileError
 from ..io.atomic import write_atomically
 from ..io.layout import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from ..io.load import group_factors, read_config, read_weights
+from ..io.load import group_factors, read_adapter
 from .factor import LowRank, energy_rank, entropy_rank, singular_values
 
 
@@ -93,8 +93,7 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
     directory = Path(path)
     if not directory.is_dir():
         raise AdapterFileError(f"adapter directory {directory} does not exist")
-    config = read_config(directory)
-    weights = read_weights(directory)
+    config, weights = read_adapter(directory)  # one save's files, under the folder's lock
     factors, _ = group_factors(weights)
     variant = "vera" if config.use_vera else "+".join(
         [v for v, on in (("dora", config.use_dora), ("rslora", config.use_rslora)) if on] or ["lora"])

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..arithmetic.options import METHODS
+from ..io.atomic import discard, shielded
 
 # Method options as flags: flag dest -> option name of lorakit.combine. Unset flags are not passed,
 # so a flag the chosen method does not take is reported instead of silently ignored.
@@ -160,7 +162,10 @@ def save_directory(out: Path, write) -> Path:
     if out.exists():
         return fill_empty_directory(out, write)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Not mkdtemp: its folder is private (0700), and this one becomes the export, which is meant
+    # to be shared; mkdir gives what the umask allows, as for any new folder.
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    os.mkdir(tmp)  # FileExistsError on a clash of random names: someone else's folder, left alone
     try:
         write(tmp)
         if out.exists():
@@ -175,7 +180,12 @@ def fill_empty_directory(out: Path, write) -> Path:
     """``save_directory`` for an existing empty ``out``, which is filled in place rather than
     replaced: it may be a mount point (a container volume) or sit in a folder this user cannot
     write. ``write`` fills a hidden folder inside it, whose entries are then moved up; on any
-    failure (Ctrl-C included) ``out`` is emptied again."""
+    failure (Ctrl-C included, even a second one) ``out`` is emptied again.
+
+    Not ``io.atomic.replace_files_in_folder``: that one writes files whose names it knows
+    beforehand, one by one, beside their final names, and keeps earlier files as backups; an
+    export is a tree whose names only ``save_pretrained`` knows (shards, tokenizer files, maybe
+    folders), written into a folder that is empty, so there is nothing to back up."""
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
     moved: list[Path] = []
     try:
@@ -186,10 +196,14 @@ def fill_empty_directory(out: Path, write) -> Path:
         tmp.rmdir()
         return out
     except BaseException:
-        for path in moved:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            elif os.path.lexists(path):
-                path.unlink()
-        shutil.rmtree(tmp, ignore_errors=True)
+        shielded(lambda: _empty_again(moved, tmp))
         raise
+
+
+def _empty_again(moved: list[Path], tmp: Path) -> None:
+    """Remove what a failed ``fill_empty_directory`` put in its folder; each entry is dropped once
+    removed, so a run cut short by Ctrl-C is finished by the next."""
+    while moved:
+        discard(moved[-1])
+        moved.pop()
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -1,44 +1,68 @@
 """Writing a file, or a set of files in one folder, so that readers see the old version or the
-whole new one, never half a file (nor a config beside another save's weights)."""
+whole new one, never half a file (nor a config beside another save's weights), even after a
+crash or a power cut."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
+
+from .folder_lock import FolderLock
+from .journal import (backup_path, fsync_folder, new_token, recover_folder, roll_back, roll_forward,
+                      temp_path, write_journal)
 
 log = logging.getLogger("lorakit.io")
 
 
-def temp_path_beside(path: Path, suffix: str = ".tmp") -> str:
-    """A new, empty temporary file in ``path``'s folder (same file system, so a rename is atomic)."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    return tmp
-
-
 def write_atomically(path: Path, write: Callable[[str], object], suffix: str = ".tmp") -> Path:
     """Run ``write(tmp)`` on a temporary file beside ``path`` and rename it onto ``path``; on any
-    failure the temporary file is removed and ``path`` is left as it was."""
+    failure the temporary file is removed and ``path`` is left as it was. The new file keeps the
+    permissions of the one it replaces (see ``write_new_file``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_beside(path, suffix)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+    while os.path.lexists(tmp):  # someone else's file of that name: never ours to remove
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
     try:
-        write(tmp)
+        write_new_file(tmp, write, previous=path)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
     return path
 
 
-def name_beside(path: Path, suffix: str) -> Path:
-    """An unused hidden name in ``path``'s folder (same file system, so a rename is atomic)."""
-    return path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+def write_new_file(tmp: Path, write: Callable[[str], object], previous: Path) -> None:
+    """Create ``tmp`` (it must not exist), run ``write(tmp)`` and flush the result to disk, so that
+    once renamed onto ``previous`` it cannot turn out empty after a power cut.
+
+    The permission bits are those of ``previous`` if it exists (followed if it is a link), else the
+    umask's, as for a plain write: not the 0600 of mkstemp, nor of writers that write a private
+    file of their own and rename it onto ``tmp`` (safetensors does), since adapters are meant to be
+    shared. On a failure ``tmp`` is left for the caller, who chose its name, to remove."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(os.stat(previous).st_mode)
+    except OSError:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what the umask left of 0666
+    finally:
+        os.close(fd)
+    write(str(tmp))
+    os.chmod(tmp, mode)
+    fd = os.open(tmp, os.O_RDONLY)  # anew: ``write`` may have put another file in tmp's place
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # Windows flushes only through a handle that may write: not flushed there
+        if exc.errno not in (errno.EBADF, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
 
 
 def replace_files_in_folder(folder: Path, files: Mapping[str, Callable[[str], object]],
@@ -48,52 +72,71 @@ def replace_files_in_folder(folder: Path, files: Mapping[str, Callable[[str], ob
 
     Everything happens inside ``folder``, which is never renamed or replaced: it may be a mount
     point, the working directory of other processes, or sit in a folder this user cannot write.
-    Each file is written under a hidden temporary name beside its final one; then the earlier
-    files are moved to hidden backup names, last-named first, the new ones renamed into place in
-    the order given, and the backups deleted. A reader thus finds the last-named file (an
-    adapter's config) only with the others of the same save beside it; for an instant it may find
-    none of them. On any failure before the last file is in place (Ctrl-C included) ``folder`` is
-    left as it was, and not created. Once it is, the save stands: a Ctrl-C while the backups are
-    deleted is logged, not raised (a backup it leaves is a hidden ``.<name>.<hex>.old`` file).
+    Under the folder's exclusive lock (``FolderLock``), each file is written under a hidden
+    temporary name beside its final one and flushed to disk; then the earlier files are moved to
+    hidden backup names, last-named first, the new ones renamed into place in the order given,
+    and the backups deleted (journal.py has the steps and what is on disk after each). A reader
+    under the shared lock sees the earlier files or all the new ones; one without it finds the
+    last-named file (an adapter's config) only with the others of the same save beside it, and for
+    an instant none of them.
+
+    On any failure before the last file is in place (Ctrl-C included) ``folder`` is left as it
+    was, and not created. Once it is, the save stands: a Ctrl-C while the backups are deleted is
+    logged, not raised. After a kill or a power cut the next save into ``folder``, or load from it,
+    finishes or undoes the swap. A file of these names that was a symbolic link is replaced by a
+    regular file (the link's target is left alone); its permission bits carry over, not its owner.
     """
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # innermost first
-    temps: dict[str, Path] = {}
-    backups: list[tuple[Path, Path]] = []  # (file, hidden name) of each earlier file moved aside
-    placed: list[str] = []
+    lock = FolderLock(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for name, write in files.items():
-            write(str(_new_file(folder / name, temps)))
-        for name in [*reversed(list(files)), *removes]:  # the last-placed file (the config) leaves first
-            if os.path.lexists(folder / name):
-                backups.append((folder / name, name_beside(folder / name, ".old")))  # before the rename:
-                os.rename(*backups[-1])  # an interrupt in between must undo it too
-        for name in files:
-            placed.append(name)
-            os.replace(temps[name], folder / name)
+        if lock.acquire(exclusive=True, make_folder=True):
+            recover_folder(folder, [*files, *removes])  # needs the lock: a live save's files look the same
+        _swap(folder, files, list(removes))
     except BaseException:
-        _shielded(lambda: _undo(placed, temps, backups, created, folder))
+        shielded(lambda: (lock.release(), _remove_created(created)))
         raise
-    if _shielded(lambda: _delete_backups(backups)):
-        log.warning("Ctrl-C ignored: it came once the new files were in place in %s, and the save is complete%s",
-                    folder, f" (earlier files left: {[str(b) for _, b in backups]})" if backups else "")
+    shielded(lock.release)
     return folder
 
 
-def _new_file(path: Path, temps: dict[str, Path]) -> Path:
-    """A new empty hidden file beside ``path``, recorded in ``temps`` (mode as the umask gives, as
-    a plain write would; mkstemp would make it private)."""
-    while True:
-        tmp = temps[path.name] = name_beside(path, ".tmp")  # known before it exists: Ctrl-C may come next
+def _swap(folder: Path, files: Mapping[str, Callable[[str], object]], removes: list[str]) -> None:
+    names = list(files)
+    token = new_token(folder, [*names, *removes])
+    try:
+        for name, write in files.items():
+            write_new_file(temp_path(folder, name, token), write, previous=folder / name)
+        write_journal(folder, token, names, removes)
+        for name in [*reversed(names), *removes]:  # the last-placed file (the config) leaves first
+            if os.path.lexists(folder / name):
+                os.rename(folder / name, backup_path(folder, name, token))
+        for name in names[:-1]:
+            os.replace(temp_path(folder, name, token), folder / name)
+        fsync_folder(folder)  # the renames above reach the disk before the commit below
+        if names:
+            os.replace(temp_path(folder, names[-1], token), folder / names[-1])
+    except BaseException:
         try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:  # someone else's file of that name: never ours to remove
-            del temps[path.name]
+            shielded(lambda: roll_back(folder, token, names, removes))
+        except OSError as exc:  # renames within one folder should not fail; the journal says what is where
+            log.error("could not restore %s after a failed write (%s); the next save into it or load from it "
+                      "will", folder, exc)
+        raise
+
+    def finish() -> None:
+        fsync_folder(folder)  # the commit is on disk before the earlier files are deleted
+        try:
+            roll_forward(folder, token, names, removes)
+        except OSError as exc:  # the save is complete: a backup left behind is no reason to fail it
+            log.warning("could not delete the earlier files in %s (%s); the next save or load will", folder, exc)
+
+    if shielded(finish):
+        log.warning("Ctrl-C ignored: it came once the new files were in place in %s, and the save is complete",
+                    folder)
 
 
-def _shielded(step: Callable[[], None], attempts: int = 3) -> bool:
+def shielded(step: Callable[[], object], attempts: int = 3) -> bool:
     """Run ``step``, which can be run again from where it stopped, to its end even through Ctrl-C
     (up to ``attempts`` times); whether it was interrupted."""
     interrupted = False
@@ -106,27 +149,8 @@ def _shielded(step: Callable[[], None], attempts: int = 3) -> bool:
     return interrupted
 
 
-def _undo(placed: list[str], temps: dict[str, Path], backups: list[tuple[Path, Path]], created: list[Path],
-          folder: Path) -> None:
-    """Put ``folder`` back as it was after a failed ``replace_files_in_folder``. Each entry is
-    dropped once handled, so a second run after an interrupt continues where the first stopped."""
-    try:
-        while placed:
-            name = placed[-1]
-            if not os.path.lexists(temps[name]):  # it was renamed into place
-                _discard(folder / name)
-            placed.pop()
-        while backups:
-            original, backup = backups[-1]
-            if os.path.lexists(backup) and not os.path.lexists(original):
-                os.rename(backup, original)
-            backups.pop()
-    except OSError as exc:  # renames within one folder should not fail; say where the files are
-        log.error("could not restore %s after a failed write (%s); the earlier files are in %s", folder, exc,
-                  [str(b) for _, b in backups])
-        return
-    for tmp in temps.values():
-        _discard(tmp)
+def _remove_created(created: list[Path]) -> None:
+    """Remove the folders a failed save created (innermost first), unless others' files arrived."""
     for path in created:
         try:
             path.rmdir()
@@ -136,16 +160,7 @@ def _undo(placed: list[str], temps: dict[str, Path], backups: list[tuple[Path, P
             break
 
 
-def _delete_backups(backups: list[tuple[Path, Path]]) -> None:
-    while backups:
-        try:
-            _discard(backups[-1][1])
-        except OSError as exc:  # the save is complete: a backup left behind is no reason to fail it
-            log.warning("could not delete the backup %s (%s)", backups[-1][1], exc)
-        backups.pop()
-
-
-def _discard(path: Path) -> None:
+def discard(path: Path) -> None:
     """Remove the file (or link, or folder) ``path`` if it is there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

@@ -17,6 +17,7 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, LorakitError
 from ..inject import InjectionPlan, commit, plan
 from ..state import adapter_configs
+from .journal import reading_folder
 from .layout import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME,
                      split_factor_key)
 
@@ -56,6 +57,14 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{legacy_file} does not hold a dict of named tensors (found {type(weights).__name__}); "
                                "it is not an adapter weights file")
     return weights
+
+
+def read_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """``read_config`` and ``read_weights`` of one save: both under the folder's shared lock, so a
+    save into ``directory`` meanwhile cannot pair one save's config with another's weights (it waits).
+    Leftovers of a save that was killed are recovered first (journal.py)."""
+    with reading_folder(directory, (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)):
+        return read_config(directory), read_weights(directory)
 
 
 def _strip_prefix(key: str) -> str:
@@ -181,11 +190,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     directory = Path(path)
     if not directory.is_dir():
         raise AdapterFileError(f"adapter directory {directory} does not exist")
-    config = read_config(directory)
+    config, weights = read_adapter(directory)
     if config.init != "default":
         log.warning("adapter in %s was saved with init=%r; loading its weights as they are", directory, config.init)
         config = config.replace(init="default")
-    weights = read_weights(directory)
     if name is None:
         name = "default" if "default" not in adapter_configs(model) else directory.resolve().name.replace(".", "_")
     planned = plan(model, config, name, draw_factors=False)

@@ -107,10 +107,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """Write adapter ``name`` to directory ``path`` (created if needed) in PEFT's layout.
 
     Both files are written under hidden names inside ``path`` and renamed into place, the weights
-    before the config (``replace_files_in_folder``): a reader never sees a truncated weights file,
-    nor a config beside another save's weights. An earlier adapter in ``path`` is replaced (other
-    files there are kept); a failed save leaves ``path`` as it was, or absent if it was. ``path``
-    itself is never renamed, so it may be a mount point or another process's working directory.
+    before the config, under the folder's lock (``replace_files_in_folder``): a reader never sees a
+    truncated weights file, nor a config beside another save's weights, and two saves into one
+    folder take turns. An earlier adapter in ``path`` is replaced (other files there are kept, and
+    the new files keep the earlier ones' permissions); a failed save leaves ``path`` as it was, or
+    absent if it was, and one cut short by a kill or a power cut is undone by the next save or load.
+    ``path`` itself is never renamed, so it may be a mount point or another process's working directory.
     """
     tensors, config = adapter_state_dict(model, name)
     out = Path(path)
