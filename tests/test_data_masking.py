@@ -135,7 +135,7 @@ def test_empty_completion_trains_eos(style_tok):
 
 
 def test_continuation_tries_another_sentinel_when_one_merges(sp_tok):
-    from lorakit.data.tokenize import _continuation
+    from lorakit.data.continuation import _continuation
 
     # '0"}' and "\n\n" are tokens of this vocabulary: the sentinels "0" and "\n" each merge with one.
     for text, expected in [('"}', ['"}']), ("\n\nMessage:", ["\n\nMessage", ":"]), ("ris", ["r", "is"])]:
@@ -145,7 +145,7 @@ def test_continuation_tries_another_sentinel_when_one_merges(sp_tok):
 
 
 def test_token_segment_rules():
-    from lorakit.data.tokenize import _token_segment
+    from lorakit.data.continuation import _token_segment
 
     prompt, answer, tail = Segment("A: ", False), Segment("yes", True, append_eos=True), Segment("\n\n", False)
     text = "A: yes\n\n"

@@ -11,7 +11,7 @@ The prompt is tokenized exactly as generation tokenizes it (the rendered text al
 after it: no token merges across the prompt/answer boundary. For most tokenizers that is each
 segment tokenized alone and concatenated. Tokenizers that prepend a dummy space to every call
 (SentencePiece "▁" style, or byte-level "Ġ" with ``add_prefix_space``) need more care, see
-`_encode_chunks`.
+``continuation.py``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import DataError
+from .continuation import adds_dummy_prefix, encode_chunks
 from .packing import IGNORE, n_supervised, pack_examples, truncate
 from .records import Problems, Record
 from .render import Renderer, Segment
@@ -91,7 +92,7 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int | No
             problems.add(record.source or f"record {i + 1}", f"cannot render with this tokenizer: {e}")
     problems.raise_if_any("data for this tokenizer")
 
-    encode = _encode_chunks if _adds_dummy_prefix(tokenizer) else _encode_segments
+    encode = encode_chunks if adds_dummy_prefix(tokenizer) else _encode_segments
     stats = DatasetStats(n_records=len(records), max_length=max_length, packed=packing)
     examples = []
     for ids, labels in encode(tokenizer, rendered):
@@ -137,121 +138,3 @@ def _encode_segments(tokenizer: Any, rendered: list[list[Segment]]):
             ids.extend(piece)
             labels.extend(piece if segment.supervised else [IGNORE] * len(piece))
         yield ids, labels
-
-
-# Plain text put before a text to tokenize it as a continuation: the dummy "▁" goes to the
-# sentinel, and the tokens after it are the text's. Digits first: SentencePiece models split
-# digits, so one never merges with what follows; the others are for a text it merges with.
-_SENTINELS = ("0", "\n", ".", "|", "#", "~")
-
-
-def _encode_chunks(tokenizer: Any, rendered: list[list[Segment]]):
-    """For tokenizers that prepend a dummy "▁" (SentencePiece style) or "Ġ" (byte-level with
-    ``add_prefix_space``) to every call.
-
-    Tokenizing each segment alone would put a "▁" that is not in the text before every answer,
-    and the whole text at once would merge tokens across the prompt/answer boundary
-    (``"Answer: " + "Nairobi"`` -> ``":", "▁Nairobi"`` where generation sees ``":", "▁"``).
-    So the text is cut into chunks where each supervised segment starts. The first chunk (the
-    prompt) is tokenized alone, exactly as generation does; each later chunk (an answer and the
-    context up to the next answer) is tokenized as a continuation (`_continuation`), without the
-    dummy "▁". Within a chunk, tokens are labelled by their character offsets (`_token_segment`),
-    and EOS is inserted after the tokens of an ``append_eos`` segment, even one with no text.
-    """
-    for segments in rendered:
-        chunks: list[list[Segment]] = [[]]
-        for s in segments:
-            if s.supervised and chunks[-1]:
-                chunks.append([])
-            chunks[-1].append(s)
-        ids: list[int] = []
-        labels: list[int] = []
-        after_text = False  # a chunk continues the text before it; only the very start is "▁"-prefixed
-        for chunk in chunks:
-            text = "".join(s.text for s in chunk)
-            if after_text:
-                chunk_ids, offsets = _continuation(tokenizer, text)
-            else:
-                enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-                chunk_ids, offsets = enc["input_ids"], enc["offset_mapping"]
-            after_text = after_text or bool(text)
-            _label_chunk(tokenizer, chunk, text, chunk_ids, offsets, ids, labels)
-        yield ids, labels
-
-
-def _label_chunk(tokenizer: Any, chunk: list[Segment], text: str, chunk_ids: list[int],
-                 offsets: list[tuple[int, int]], ids: list[int], labels: list[int]) -> None:
-    """Append the chunk's tokens to ``ids``/``labels``, each labelled by its segment, and an EOS
-    as each ``append_eos`` segment is left behind."""
-    spans, pos = [], 0
-    for s in chunk:
-        spans.append((pos, pos + len(s.text), s))
-        pos += len(s.text)
-    index = {id(s): k for k, s in enumerate(chunk)}
-    reached = 0  # segments before this one have been left: their EOS is placed
-
-    def leave(upto: int) -> None:
-        nonlocal reached
-        for s in chunk[reached:upto]:
-            if s.append_eos:
-                ids.append(tokenizer.eos_token_id)
-                labels.append(tokenizer.eos_token_id)
-        reached = max(reached, upto)
-
-    for token_id, (start, end) in zip(chunk_ids, offsets):
-        k = index[id(_token_segment(text, start, end, spans) or chunk[-1])]
-        leave(k)
-        ids.append(token_id)
-        labels.append(token_id if chunk[k].supervised else IGNORE)
-    leave(len(chunk))
-
-
-def _continuation(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """``(ids, offsets)`` of ``text`` as tokenized after other text: with no dummy "▁" of its own.
-
-    ``sentinel + text`` is tokenized and the sentinel's tokens (those starting before the text,
-    the dummy "▁" among them) dropped. A sentinel is used only when no token spans it and the
-    text: then no merge crossed the boundary, so the text's tokens are those it has after any text
-    it does not merge with. Otherwise the next sentinel is tried; should every one merge with the
-    text, the text is tokenized alone, dummy "▁" and all.
-    """
-    for sentinel in _SENTINELS:
-        n = len(sentinel)
-        enc = tokenizer(sentinel + text, add_special_tokens=False, return_offsets_mapping=True)
-        pairs = list(zip(enc["input_ids"], enc["offset_mapping"]))
-        if any(start < n < end for _, (start, end) in pairs):
-            continue
-        kept = [(token_id, (start - n, end - n)) for token_id, (start, end) in pairs if start >= n]
-        return [t for t, _ in kept], [o for _, o in kept]
-    log.warning("could not tokenize %r as a continuation; its first token may carry a dummy space", text[:40])
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return enc["input_ids"], enc["offset_mapping"]
-
-
-def _token_segment(text: str, start: int, end: int, spans: list[tuple[int, int, Segment]]) -> Segment | None:
-    """The segment a token covering ``text[start:end]`` belongs to (None past the end).
-
-    A token that reaches into a supervised segment belongs to it: one straddling the end of an
-    answer and the context after it ("s\n") is learned rather than lost. Leading whitespace does
-    not count (a SentencePiece token "▁yes" carries the space before its word, which may end the
-    segment before), and an all-whitespace token stays with the segment of its first character.
-    """
-    end = min(end, len(text))
-    core = start
-    while core < end and text[core].isspace():
-        core += 1
-    if core == end:  # all whitespace, or an empty span (some added tokens report (i, i))
-        return next((s for a, b, s in spans if a <= start < b), None)
-    overlapping = [s for a, b, s in spans if a < end and core < b]
-    return next((s for s in overlapping if s.supervised), overlapping[0] if overlapping else None)
-
-
-def _adds_dummy_prefix(tokenizer: Any) -> bool:
-    """True when tokenizing "a" alone yields a token with a leading space the text does not have:
-    SentencePiece's "▁" (Llama-2, Mistral) or byte-level BPE's "Ġ" (``add_prefix_space=True``,
-    RoBERTa-style). Such a tokenizer cannot tokenize an answer on its own without that space."""
-    try:
-        tokens = tokenizer.convert_ids_to_tokens(tokenizer("a", add_special_tokens=False)["input_ids"])
-    except Exception:  # noqa: BLE001 - a tokenizer we cannot probe: assume the common (byte-level) case
-        return False
-    return bool(tokens) and isinstance(tokens[0], str) and tokens[0].startswith(("\u2581", "\u0120"))
