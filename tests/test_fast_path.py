@@ -9,9 +9,8 @@ from torch import nn
 
 import lorakit
 from lorakit.kernels import dispatch
-from lorakit.state import lora_layers
 
-from .tiny import randomize_adapters, tiny_llama
+from .tiny import adapted_llama, model_loss_and_grads, randomize_adapters, tiny_llama
 
 
 class Net(nn.Module):
@@ -159,18 +158,8 @@ def test_llama_loss_and_all_gradients_match(strategy, dropout):
     randomize_adapters(model, 0.1)
     model.train()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
-
-    def loss_and_grads(fast):
-        lorakit.set_fast_path(model, fast)
-        torch.manual_seed(0)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad(set_to_none=True)
-        return loss.detach(), grads
-
-    fast_loss, fast_grads = loss_and_grads(True)
-    ref_loss, ref_grads = loss_and_grads(False)
+    fast_loss, fast_grads = model_loss_and_grads(model, ids, True)
+    ref_loss, ref_grads = model_loss_and_grads(model, ids, False)
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-10, atol=1e-10)
     for name in ref_grads:
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
@@ -247,15 +236,7 @@ def test_gated_mlp_is_fused_and_matches_reference(strategy, use_dora, act, monke
     from lorakit.kernels import mlp_dispatch
     from lorakit.kernels.gated_mlp import GatedMlpFunction
 
-    model = tiny_llama(act=act).double()
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
-    randomize_adapters(model, 0.1)
-    if use_dora:  # magnitudes that differ from the norms, so ∂m and the rescale are not trivial
-        for _, layer in lora_layers(model):
-            with torch.no_grad():
-                m = layer.lora_magnitude_vector["default"]
-                m.mul_(torch.linspace(0.5, 1.5, m.numel(), dtype=m.dtype))
-    model.train()
+    model = adapted_llama(use_dora, act=act)
     mlp = model.model.layers[0].mlp
     assert isinstance(mlp.forward, mlp_dispatch.FusedOrOriginalForward)
     applied = []

@@ -13,9 +13,8 @@ from torch import nn
 import lorakit
 from lorakit.kernels import dispatch, sibling_dispatch
 from lorakit.kernels.sibling_projections import SiblingProjectionsFunction
-from lorakit.state import lora_layers
 
-from .tiny import randomize_adapters, tiny_llama
+from .tiny import adapted_llama, model_loss_and_grads
 
 
 @pytest.fixture(params=["factored", "merged"])
@@ -30,18 +29,6 @@ def fused_calls(monkeypatch):
     original = SiblingProjectionsFunction.apply
     monkeypatch.setattr(SiblingProjectionsFunction, "apply", lambda *a: calls.append(a[0].dtype) or original(*a))
     return calls
-
-
-def adapted_llama(use_dora=False, dtype=torch.float64, **config):
-    model = tiny_llama().to(dtype)
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora, **config))
-    randomize_adapters(model, 0.1)
-    if use_dora:  # magnitudes that differ from the norms, so ∂m and the rescale are not trivial
-        for _, layer in lora_layers(model):
-            with torch.no_grad():
-                m = layer.lora_magnitude_vector["default"]
-                m.mul_(torch.linspace(0.5, 1.5, m.numel(), dtype=m.dtype))
-    return model.train()
 
 
 def qkv_outputs_and_grads(attention, x, fast: bool, use=("q_proj", "k_proj", "v_proj")):
@@ -85,18 +72,9 @@ def test_whole_model_matches_and_calls_once_per_layer(strategy, config, fused_ca
     (LoRA-FA: no ∂A, so no stacked ∂A) and DoRA, in attention and in the fused MLP."""
     model = adapted_llama(**config)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-
-    def loss_and_grads(fast):
-        lorakit.set_fast_path(model, fast)
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad(set_to_none=True)
-        return loss.detach(), grads
-
-    fast_loss, fast_grads = loss_and_grads(True)
+    fast_loss, fast_grads = model_loss_and_grads(model, ids, True)
     assert len(fused_calls) == len(model.model.layers)
-    ref_loss, ref_grads = loss_and_grads(False)
+    ref_loss, ref_grads = model_loss_and_grads(model, ids, False)
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-12, atol=1e-12)
     for name in ref_grads:
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)

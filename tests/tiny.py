@@ -56,3 +56,35 @@ def train_steps(model, ids, steps: int, lr: float = 1e-2) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def model_loss_and_grads(model, ids, fast: bool, seed: int = 0):
+    """(loss, {name: gradient}) of a causal LM on ``ids`` as its own labels, with lorakit's fast
+    path on or off; the same seed each call (the same dropout masks)."""
+    import lorakit
+
+    lorakit.set_fast_path(model, fast)
+    torch.manual_seed(seed)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def adapted_llama(use_dora: bool = False, dtype=torch.float64, act: str = "silu", **config):
+    """``tiny_llama`` with a random-valued r=4 all-linear adapter (``config``: more LoraConfig
+    fields), in training mode; DoRA magnitudes scaled off the norms, so ∂m and the rescale are
+    not trivial."""
+    import lorakit
+    from lorakit.state import lora_layers
+
+    model = tiny_llama(act=act).to(dtype)
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora, **config))
+    randomize_adapters(model, 0.1)
+    if use_dora:
+        for _, layer in lora_layers(model):
+            with torch.no_grad():
+                m = layer.lora_magnitude_vector["default"]
+                m.mul_(torch.linspace(0.5, 1.5, m.numel(), dtype=m.dtype))
+    return model.train()

@@ -25,6 +25,9 @@ only from N > 1.5 d_in (its training batches of a few hundred tokens stay factor
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import torch
 from torch import nn
 
@@ -58,6 +61,18 @@ def dora_merge_directions(tokens: int, d_in: int, d_out: int, fused_build: bool)
     weight_elements = MERGE_RATIO * d_in * d_out
     return (4 * tokens * d_out > (forward_build - 1) * weight_elements,
             2 * tokens * (d_in + d_out) > backward_build * weight_elements)
+
+
+def forward_code(cls: type) -> str | None:
+    """``cls.forward``'s source without docstrings, comments and whitespace (None when it has no
+    readable source): how ``mlp_dispatch`` and ``sibling_dispatch`` recognise model code."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+    source = re.sub(r'"""(?:.|\n)*?"""', "", source)
+    code = "".join(line.split("#")[0] for line in source.splitlines())
+    return "".join(code.split())
 
 
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:

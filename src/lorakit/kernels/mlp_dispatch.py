@@ -12,13 +12,11 @@ dropout, other names) is left alone.
 from __future__ import annotations
 
 import functools
-import inspect
-import re
 
 import torch
 from torch import nn
 
-from .dispatch import call_in_autocast_dtype, fusable_projections
+from .dispatch import call_in_autocast_dtype, forward_code, fusable_projections
 from .gated_mlp import GatedMlpFunction
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
@@ -29,13 +27,7 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 @functools.lru_cache(maxsize=None)
 def is_gated_mlp_class(cls: type) -> bool:
     """True when ``cls.forward`` is the plain gated-MLP line (comments and docstring aside)."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    source = re.sub(r'"""(?:.|\n)*?"""', "", source)
-    code = "".join(line.split("#")[0] for line in source.splitlines())
-    return "".join(code.split()) in _FORMS
+    return forward_code(cls) in _FORMS
 
 
 def install_fused_mlps(model: nn.Module) -> None:

@@ -15,12 +15,11 @@ shared. Modules are recognised by their class's code, not by name.
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 from torch import nn
 
-from .dispatch import call_in_autocast_dtype, fusable_projections
+from .dispatch import call_in_autocast_dtype, forward_code, fusable_projections
 from .sibling_projections import SiblingProjectionsFunction
 
 SIBLINGS = ("q_proj", "k_proj", "v_proj")
@@ -29,12 +28,8 @@ SIBLINGS = ("q_proj", "k_proj", "v_proj")
 @functools.lru_cache(maxsize=None)
 def calls_siblings_on_one_input(cls: type) -> bool:
     """True when ``cls.forward`` calls each of ``SIBLINGS`` once, on ``hidden_states``."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    code = "".join(source.split())
-    return all(code.count(f"self.{name}(") == 1 and f"self.{name}(hidden_states)" in code for name in SIBLINGS)
+    code = forward_code(cls)
+    return code is not None and all(code.count(f"self.{name}(") == 1 and f"self.{name}(hidden_states)" in code for name in SIBLINGS)
 
 
 def install_sibling_groups(model: nn.Module) -> None:
