@@ -365,6 +365,23 @@ def test_zero_magnitude_unit_cannot_be_merged():
     assert layer.merged_adapters == [] and torch.equal(layer.weight, w0)
 
 
+def test_unload_merges_a_zero_magnitude_unit_for_good():
+    """unload(merge=True) needs no W0 afterwards: the unit merges to the zero row it computes."""
+    net, layer = dora_net("lin")
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"][2] = 0
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        want = net.lin(x)
+    assert torch.all(want[:, 2] == layer.base_layer.bias[2])  # the unit's output is its bias alone
+    with pytest.raises(lorakit.AdapterStateError):
+        lorakit.merge(net)  # an ordinary merge still refuses: unmerge would need W0
+    lorakit.unload(net)
+    with torch.no_grad():
+        torch.testing.assert_close(net.lin(x), want, rtol=1e-12, atol=1e-12)
+    assert torch.all(net.lin.weight[2] == 0)
+
+
 def test_refusal_in_a_later_layer_writes_no_layer():
     net = Net()
     for name in ("first", "second"):

@@ -83,14 +83,15 @@ def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iter
             module.row_adapters = None
 
 
-def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, final: bool = False) -> None:
     """Write the change of the given adapters (default: the active ones) into the base weights:
     ``s B A`` for LoRA, ``m / ||W0 + s B A|| (W0 + s B A) - W0`` for DoRA, each against the
     original W0 (see ``LoraLayer.merge``).
 
     Merged adapters cost nothing at inference; ``unmerge`` takes them out again. Raises
     AdapterStateError before any weight is written when a DoRA merge would leave a layer's original
-    weight unrecoverable (``LoraLayer.check_merge``).
+    weight unrecoverable (``LoraLayer.check_merge``), unless ``final``: the adapters are removed
+    next (``unload``), so the original weight is not needed again.
     """
     if names is None:
         names = active_adapters(model)
@@ -101,7 +102,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     if already:
         raise AdapterStateError(f"adapter(s) {already} are already merged; call lorakit.unmerge(model) first")
     layers = list(lora_layers(model))
-    for path, layer in layers:
+    for path, layer in layers if not final else ():
         try:
             layer.check_merge(names)
         except AdapterStateError as error:
@@ -109,7 +110,7 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
     for _, layer in layers:
         for name in names:
             if name in layer.lora_A:
-                layer.merge(name)
+                layer.merge(name, final=final)
 
 
 def unmerge(model: nn.Module) -> None:

@@ -276,7 +276,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
         pending = [n for n in active_adapters(model) if n in adapter_configs(model)]
         merged = merged_adapters(model)
-        merge_adapters(model, [n for n in pending if n not in merged])
+        merge_adapters(model, [n for n in pending if n not in merged], final=True)  # W0 is not needed again
     for path, layer in list(lora_layers(model)):
         for name in list(layer.merged_adapters if not merge else []):
             layer.unmerge(name)

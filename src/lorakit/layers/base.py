@@ -340,21 +340,25 @@ class LoraLayer(nn.Module):
 
     # --- merging -----------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, name: str) -> None:
+    def merge(self, name: str, final: bool = False) -> None:
         """Add the adapter's change into the base weight, so ``forward`` skips the adapter: ``s B A``,
         or for DoRA ``m / ||W0 + s B A|| (W0 + s B A) - W0``, W0 being the weight without the
         adapters merged before (``unmerged_weight()``).
 
         Raises AdapterStateError, before writing, for a DoRA adapter that would leave W0
         unrecoverable: the merged DoRA adapters scale it by 1 + sum (c - 1), which must stay away
-        from 0 (``_require_solvable``). The bookkeeping changes only once the weight is written,
-        so a failed write (out of memory) leaves the layer as it was."""
+        from 0 (``_require_solvable``). ``final``: the layer is about to be replaced by its merged
+        base layer (``unload``), so W0 is never needed again and that check is skipped (a unit
+        whose magnitude is 0 then merges to a zero row, as the adapted layer computes). The
+        bookkeeping changes only once the weight is written, so a failed write (out of memory)
+        leaves the layer as it was."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is already merged; unmerge it before merging again")
         norm = None
         if name in self.lora_magnitude_vector:
             delta, norm = self.dora_weight_change(name)
-            self._require_merge_solvable(name, {**self._dora_merge_norms, name: norm})
+            if not final:
+                self._require_merge_solvable(name, {**self._dora_merge_norms, name: norm})
         else:
             delta = self.delta_weight(name)
         self.add_to_weight(delta)
