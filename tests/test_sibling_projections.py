@@ -181,3 +181,20 @@ def test_detection_is_by_code():
 
     assert sibling_dispatch.calls_siblings_on_one_input(SharedInput)
     assert not sibling_dispatch.calls_siblings_on_one_input(OtherInputs)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_through_the_shared_calls(use_reentrant, fused_calls):
+    """transformers' gradient checkpointing runs each layer's forward again in backward: the
+    shared q/k/v call is recomputed with it, and the gradients are those without checkpointing."""
+    model = adapted_llama()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    want_loss, want_grads = model_loss_and_grads(model, ids, False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:
+        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    loss, grads = model_loss_and_grads(model, ids, True)
+    assert len(fused_calls) == 2 * len(model.model.layers)  # forward, then again in backward
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-9, atol=1e-12, msg=name)
