@@ -86,7 +86,7 @@ def test_a_load_never_pairs_one_saves_config_with_anothers_weights(two_adapters,
     if not locked:
         without_locks(monkeypatch)
     config_read, save_done = threading.Event(), threading.Event()
-    real_read_config = lorakit.io.load.read_config
+    real_read_config = lorakit.io.load.read_config_data
 
     def slow_read_config(directory):
         config = real_read_config(directory)
@@ -99,7 +99,7 @@ def test_a_load_never_pairs_one_saves_config_with_anothers_weights(two_adapters,
         lorakit.save_adapter(b, out)
         save_done.set()
 
-    monkeypatch.setattr(lorakit.io.load, "read_config", slow_read_config)
+    monkeypatch.setattr(lorakit.io.load, "read_config_data", slow_read_config)
     writer = threading.Thread(target=save)
     writer.start()
     model = tiny_llama()

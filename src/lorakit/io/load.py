@@ -18,13 +18,15 @@ from ..errors import AdapterFileError, LorakitError
 from ..inject import InjectionPlan, commit, plan
 from ..state import adapter_configs
 from .journal import reading_folder
+from .peft_adalora import as_lora, is_peft_adalora
 from .layout import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME,
                      split_factor_key)
 
 log = logging.getLogger("lorakit.io")
 
 
-def read_config(directory: Path) -> LoraConfig:
+def read_config_data(directory: Path) -> dict:
+    """``directory``'s adapter_config.json as a dict (checked to be one)."""
     file = directory / CONFIG_NAME
     if not file.is_file():
         raise AdapterFileError(f"{file} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -34,6 +36,10 @@ def read_config(directory: Path) -> LoraConfig:
         raise AdapterFileError(f"{file} is not valid JSON ({exc}); the adapter directory is corrupt") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{file} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _config_from(data: dict, file: Path) -> LoraConfig:
     try:
         return LoraConfig.from_dict(data)
     except (LorakitError, TypeError) as exc:
@@ -60,11 +66,15 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def read_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """``read_config`` and ``read_weights`` of one save: both under the folder's shared lock, so a
+    """The config and the weights of one save: both under the folder's shared lock, so a
     save into ``directory`` meanwhile cannot pair one save's config with another's weights (it waits).
-    Leftovers of a save that was killed are recovered first (journal.py)."""
+    Leftovers of a save that was killed are recovered first (journal.py). PEFT's AdaLoRA adapters
+    come back as the LoRA adapters they compute (``peft_adalora.py``)."""
     with reading_folder(directory, (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)):
-        return read_config(directory), read_weights(directory)
+        data, weights = read_config_data(directory), read_weights(directory)
+    if is_peft_adalora(data):
+        return as_lora(data, weights, str(directory))
+    return _config_from(data, directory / CONFIG_NAME), weights
 
 
 def _strip_prefix(key: str) -> str:
