@@ -36,6 +36,7 @@ TORCH_GATE = [(triton_swiglu, "available", lambda g, u: False)]
 VARIANTS = {
     "frozen": ("frozen", []),
     "lora": ("lorakit-lora", []),
+    "lora-fp32": ("lorakit-lora-fp32", []),
     "lora-triton-merge": ("lorakit-lora", [(triton_merge, "MODE", "1")]),
     "lora-separate-qkv": ("lorakit-lora", SEPARATE_QKV),
     "lora-unstacked": ("lorakit-lora", [(projection, "STACK", False)]),
