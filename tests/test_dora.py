@@ -353,6 +353,9 @@ def test_unmerge_that_would_lose_w0_is_refused_and_unmerge_all_goes_latest_first
     torch.testing.assert_close(layer(x), out, rtol=1e-12, atol=1e-12)
     lorakit.unmerge(net)  # second, first, big: each state on the way was checked when merging
     torch.testing.assert_close(layer.weight.detach(), w0, rtol=1e-12, atol=1e-12)
+    lorakit.merge(net)
+    lorakit.unload(net, merge=False)  # the original base back: unmerged latest first too
+    torch.testing.assert_close(net.lin.weight.detach(), w0, rtol=1e-12, atol=1e-12)
 
 
 def test_zero_magnitude_unit_cannot_be_merged():

@@ -278,7 +278,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         merged = merged_adapters(model)
         merge_adapters(model, [n for n in pending if n not in merged], final=True)  # W0 is not needed again
     for path, layer in list(lora_layers(model)):
-        for name in list(layer.merged_adapters if not merge else []):
+        for name in list(reversed(layer.merged_adapters)) if not merge else []:  # latest first, as unmerge() does
             layer.unmerge(name)
         for name in layer.adapter_names:
             _restore_residual(layer, name)
