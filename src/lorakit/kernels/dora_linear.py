@@ -40,10 +40,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import lora_linear, triton_colsum
+from . import triton_colsum
 from .casting import accumulation_dtype, as_dtype
 from .dora_norm import dora_weight, factored_rescale
-from .lora_linear import scaled_gb, lora_backward, lora_forward, merged_weight
+from .lora_linear import kept_for_backward, lora_backward, lora_forward, merged_weight, scaled_gb
 
 
 def dora_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -58,7 +58,7 @@ def dora_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return (F.linear(x2, scaled_weight, bias), F.linear(x2, A) if xa is None else xa, rescale,
                 scaled_weight)
     rescale = factored_rescale(weight, A, B, scaling, magnitude)
-    out, xa = lora_forward(x2, x2, weight, None, A, B, scaling, merge=False, xa=xa)
+    out, xa, _ = lora_forward(x2, x2, weight, None, A, B, scaling, merge=False, xa=xa)
     out.mul_(as_dtype(rescale, out.dtype))
     if bias is not None:
         out.add_(bias)
@@ -125,8 +125,8 @@ class DoraLinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         out, xa, rescale, merged = dora_forward(x2, weight, bias, A, B, magnitude, scaling, merge_forward)
-        merged = merged if merge_backward and lora_linear.KEEP_MERGED else None
-        ctx.save_for_backward(x2, xa, weight, bias, A, B, magnitude, rescale, out, merged)
+        ctx.save_for_backward(x2, xa, weight, bias, A, B, magnitude, rescale, out,
+                              kept_for_backward(merged, merge_backward))
         ctx.scaling, ctx.merge_backward, ctx.lead = scaling, merge_backward, lead
         return out.view(*lead, out.shape[-1])
 

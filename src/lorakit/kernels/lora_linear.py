@@ -38,6 +38,11 @@ from .casting import as_dtype
 KEEP_MERGED = True
 
 
+def kept_for_backward(merged: torch.Tensor | None, merge_backward: bool) -> torch.Tensor | None:
+    """The forward's merged weight if the backward will use it (``KEEP_MERGED``), else None."""
+    return merged if merge_backward and KEEP_MERGED else None
+
+
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                   row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``W0 + s B A`` (d_out, d_in) in the weight's dtype, times ``row_scale`` (d_out,) per row when
@@ -51,15 +56,10 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalin
 
 def lora_forward(x2: torch.Tensor, xl2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  A: torch.Tensor, B: torch.Tensor, scaling: float, merge: bool,
-                 xa: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W0ᵀ + b + s (x_d Aᵀ) Bᵀ, x_d Aᵀ) for 2-D x (N, d_in) and x_d; ``merge`` needs x_d is x.
-    ``xa``: x_d Aᵀ when the caller computed it (with other projections' A stacked)."""
-    out, xa, _ = lora_forward_keeping_merged(x2, xl2, weight, bias, A, B, scaling, merge, xa)
-    return out, xa
-
-
-def lora_forward_keeping_merged(x2, xl2, weight, bias, A, B, scaling: float, merge: bool, xa=None):
-    """``lora_forward``'s (out, x_d Aᵀ) and the merged weight W0 + s B A it used (None: factored)."""
+                 xa: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x W0ᵀ + b + s (x_d Aᵀ) Bᵀ, x_d Aᵀ, the merged weight W0 + s B A used or None when
+    factored) for 2-D x (N, d_in) and x_d; ``merge`` needs x_d is x. ``xa``: x_d Aᵀ when the
+    caller computed it (with other projections' A stacked)."""
     if xa is None:
         xa = F.linear(xl2, A)                                         # x_d Aᵀ (N, r), one op on the host
     if merge and xl2 is x2:
@@ -131,9 +131,9 @@ class LoraLinearFunction(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         xl2 = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
-        out, xa, merged = lora_forward_keeping_merged(x2, xl2, weight, bias, A, B, scaling, merge_forward)
+        out, xa, merged = lora_forward(x2, xl2, weight, bias, A, B, scaling, merge_forward)
         # The forward's merged weight serves the merged backward too (see the module docstring).
-        ctx.save_for_backward(xl2, xa, weight, A, B, merged if merge_backward and KEEP_MERGED else None)
+        ctx.save_for_backward(xl2, xa, weight, A, B, kept_for_backward(merged, merge_backward))
         ctx.scaling, ctx.merge_backward, ctx.lead = scaling, merge_backward, lead
         ctx.separate_lora_input = x_dropped is not None
         return out.view(*lead, out.shape[-1])

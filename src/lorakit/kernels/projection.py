@@ -11,8 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .dora_linear import dora_backward, dora_forward
-from . import lora_linear
-from .lora_linear import lora_backward, lora_forward_keeping_merged
+from .lora_linear import kept_for_backward, lora_backward, lora_forward
 
 
 @dataclass(frozen=True)
@@ -29,11 +28,11 @@ def project(x2: torch.Tensor, weight, bias, A, B, magnitude, plan: Projection, x
     """One projection's forward for x2 (N, d_in): (out (N, d_out), x Aᵀ (N, r), DoRA's c (d_out,)
     or None, the merged weight to keep for backward or None). ``xa``: x Aᵀ if already computed."""
     if magnitude is None:
-        out, xa, merged = lora_forward_keeping_merged(x2, x2, weight, bias, A, B, plan.scaling, plan.merge_forward,
-                                                      xa)
-        return out, xa, None, merged if plan.merge_backward and lora_linear.KEEP_MERGED else None
-    out, xa, rescale, merged = dora_forward(x2, weight, bias, A, B, magnitude, plan.scaling, plan.merge_forward, xa)
-    return out, xa, rescale, merged if plan.merge_backward and lora_linear.KEEP_MERGED else None
+        out, xa, merged = lora_forward(x2, x2, weight, bias, A, B, plan.scaling, plan.merge_forward, xa)
+        rescale = None
+    else:
+        out, xa, rescale, merged = dora_forward(x2, weight, bias, A, B, magnitude, plan.scaling, plan.merge_forward, xa)
+    return out, xa, rescale, kept_for_backward(merged, plan.merge_backward)
 
 
 def project_backward(grad, x2, xa, out, rescale, merged, weight, bias, A, B, magnitude, plan: Projection,
