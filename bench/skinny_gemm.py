@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         xa, gb = x @ A.t(), g @ B
         A3 = torch.cat([A, A, A])
         W0 = torch.randn(d_out, d_in, device="cuda", dtype=dtype)
+        # s g B of one projection written into a buffer for three projections' ∂A: as a row block
+        # (r, N) of a (3r, N) buffer, or a column block (N, r) of an (N, 3r) buffer.
+        rows, columns, empty = g.new_empty(3 * r, n), g.new_empty(n, 3 * r), g.new_empty(())
         cases = {
             "x Aᵀ": (lambda: x @ A.t(), x.numel()),
             "g B": (lambda: g @ B, g.numel()),
@@ -67,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             "∂B = (xAᵀ)ᵀ g": (lambda: xa.t() @ g, g.numel()),
             "∂B as gᵀ (xAᵀ)": (lambda: g.t() @ xa, g.numel()),
             "x [A; A; A]ᵀ (3 stacked)": (lambda: x @ A3.t(), x.numel()),
+            "s g B into a row block": (lambda: torch.addmm(empty, B.t(), g.t(), beta=0, alpha=2.0, out=rows[:r]),
+                                       g.numel()),
+            "s g B into a column block": (lambda: torch.addmm(empty, g, B, beta=0, alpha=2.0, out=columns[:, :r]),
+                                          g.numel()),
+            "3 ∂A from the row buffer": (lambda: rows @ x, x.numel()),
+            "3 ∂A from the column buffer": (lambda: columns.t() @ x, x.numel()),
             "W0 + s B A (addmm)": (lambda: torch.addmm(W0, B, A), 2 * W0.numel()),
             "W0 + s B A (Triton)": (lambda: triton_merge.merged_weight(W0, A, B, 1.0), 2 * W0.numel()),
             "copy of x (bandwidth)": (lambda: x.clone(), 2 * x.numel()),

@@ -69,10 +69,10 @@ def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: t
                   bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
                   rescale: torch.Tensor, out: torch.Tensor, scaling: float, merge: bool, need_x: bool,
                   need_A: bool, need_B: bool, need_m: bool, grad_x: torch.Tensor | None = None,
-                  merged: torch.Tensor | None = None, gb_rows: torch.Tensor | None = None):
+                  merged: torch.Tensor | None = None, gb_columns: torch.Tensor | None = None):
     """(∂x, ∂A, ∂B, ∂m) of ``dora_forward`` for output gradient g (N, d_out), each None when not
     needed. When ``grad_x`` is given, ∂x is accumulated into it in place. ``merged``: the
-    forward's c ⊙ W when kept (a merged backward), else it is rebuilt. ``gb_rows``: as for
+    forward's c ⊙ W when kept (a merged backward), else it is rebuilt. ``gb_columns``: as for
     ``lora_backward`` (∂A left to the caller)."""
     s = scaling
     grad_m = magnitude_grad(g, out, bias, magnitude) if need_m else None
@@ -81,15 +81,15 @@ def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: t
     if not merge:
         if need_x or need_A or need_B:  # g ⊙ c: one (N, d_out) temporary, only when something reads it
             grad_x, _, grad_A, grad_B = lora_backward(g * c, x2, xa, weight, A, B, s, False, need_x, need_A,
-                                                      need_B, grad_x=grad_x, gb_rows=gb_rows)
+                                                      need_B, grad_x=grad_x, gb_columns=gb_columns)
         return grad_x, grad_A, grad_B, grad_m
     if need_x:
         # Kept, or rebuilt from the saved c: the same matrix the forward used, without a new norm.
         scaled_weight = merged if merged is not None else merged_weight(weight, A, B, s, row_scale=rescale)
         grad_x = g @ scaled_weight if grad_x is None else grad_x.addmm_(g, scaled_weight)
     if need_A:
-        gB = scaled_gb(g, B * c[:, None], s, gb_rows)                # s (g ⊙ c) B: (N, r)
-        grad_A = gB.t() @ x2 if gb_rows is None else None
+        gB = scaled_gb(g, B * c[:, None], s, gb_columns)                # s (g ⊙ c) B: (N, r)
+        grad_A = gB.t() @ x2 if gb_columns is None else None
     if need_B:
         grad_B = torch.addmm(g.new_empty(()), xa.t(), g, beta=0, alpha=s).t().mul_(c[:, None])
     return grad_x, grad_A, grad_B, grad_m

@@ -36,18 +36,18 @@ def project(x2: torch.Tensor, weight, bias, A, B, magnitude, plan: Projection, x
 
 
 def project_backward(grad, x2, xa, out, rescale, merged, weight, bias, A, B, magnitude, plan: Projection,
-                     need_x, need_A, need_B, need_m, grad_x=None, gb_rows=None):
+                     need_x, need_A, need_B, need_m, grad_x=None, gb_columns=None):
     """(∂x, ∂A, ∂B, ∂m) of ``project`` for the output gradient (N, d_out); ∂x accumulated into
     ``grad_x`` when given; ∂m None for LoRA. ``out``: the forward's output (DoRA's ∂m reads it).
-    ``gb_rows``: see ``lora_backward`` (∂A is then None, left to ``stacked_input_grads``)."""
+    ``gb_columns``: see ``lora_backward`` (∂A is then None, left to ``stacked_input_grads``)."""
     if magnitude is None:
         grad_x, _, grad_A, grad_B = lora_backward(grad, x2, xa, weight, A, B, plan.scaling, plan.merge_backward,
                                                   need_x, need_A, need_B, grad_x=grad_x, merged=merged,
-                                                  gb_rows=gb_rows)
+                                                  gb_columns=gb_columns)
         return grad_x, grad_A, grad_B, None
     return dora_backward(grad, x2, xa, weight, bias, A, B, magnitude, rescale, out, plan.scaling,
                          plan.merge_backward, need_x, need_A, need_B, need_m, grad_x=grad_x, merged=merged,
-                         gb_rows=gb_rows)
+                         gb_columns=gb_columns)
 
 
 # Projections of one input share two skinny GEMMs: x [A_1; ...; A_k]ᵀ in the forward and
@@ -71,16 +71,16 @@ def stacked_inputs(x2: torch.Tensor, As) -> list[torch.Tensor]:
     return views
 
 
-def stacked_gb_rows(x2: torch.Tensor, ranks: list[int]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-    """A (Σ r_i, N) buffer and its row blocks (r_i, N), one per projection, for ``gb_rows``
+def stacked_gb_columns(x2: torch.Tensor, ranks: list[int]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """An (N, Σ r_i) buffer and its column blocks (N, r_i), one per projection, for ``gb_columns``
     (None and Nones when not stacking)."""
     if not STACK:
         return None, [None] * len(ranks)
-    buffer = x2.new_empty(sum(ranks), x2.shape[0])
-    return buffer, list(buffer.split(ranks))
+    buffer = x2.new_empty(x2.shape[0], sum(ranks))
+    return buffer, list(buffer.split(ranks, dim=1))
 
 
 def stacked_input_grads(x2: torch.Tensor, buffer: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
-    """[∂A_i = (s g_i B_i)ᵀ x (r_i, d_in)] from a ``stacked_gb_rows`` buffer whose blocks backward
+    """[∂A_i = (s g_i B_i)ᵀ x (r_i, d_in)] from a ``stacked_gb_columns`` buffer whose blocks backward
     filled, in one GEMM."""
-    return list((buffer @ x2).split(ranks))
+    return list((buffer.t() @ x2).split(ranks))

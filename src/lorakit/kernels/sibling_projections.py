@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .projection import project, project_backward, stacked_gb_rows, stacked_input_grads, stacked_inputs
+from .projection import project, project_backward, stacked_gb_columns, stacked_input_grads, stacked_inputs
 
 
 class SiblingProjectionsFunction(torch.autograd.Function):
@@ -59,7 +59,7 @@ class SiblingProjectionsFunction(torch.autograd.Function):
         # Every ∂A from one GEMM when every projection has a gradient and a trained A (else each its own).
         ranks = [saved[9 * index + 6].shape[0] for index in range(count)]
         stacked = all(g is not None and needs[3 + 4 * i] for i, g in enumerate(grads))
-        buffer, rows = stacked_gb_rows(x2, ranks) if stacked else (None, [None] * count)
+        buffer, columns = stacked_gb_columns(x2, ranks) if stacked else (None, [None] * count)
         stacked = buffer is not None
         for index, (plan, grad) in enumerate(zip(ctx.plans, grads)):
             if grad is None:
@@ -70,7 +70,7 @@ class SiblingProjectionsFunction(torch.autograd.Function):
             grad_x, grad_A, grad_B, grad_m = project_backward(
                 g, x2, xa, out, rescale, merged, weight, bias, A, B, magnitude, plan, needs[0],
                 needs[first + 2], needs[first + 3], needs[2 + 4 * count + index], grad_x=grad_x,
-                gb_rows=rows[index])
+                gb_columns=columns[index])
             result[first + 1] = g.sum(0) if needs[first + 1] else None
             result[first + 2], result[first + 3] = grad_A, grad_B
             result[2 + 4 * count + index] = grad_m
