@@ -75,12 +75,13 @@ def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: t
     forward's c ⊙ W when kept (a merged backward), else it is rebuilt. ``gb_columns``: as for
     ``lora_backward`` (∂A left to the caller)."""
     s = scaling
-    grad_m = magnitude_grad(g, out, bias, magnitude) if need_m else None
+    grad_m, spare = magnitude_grad(g, out, bias, magnitude) if need_m else (None, None)
     c = as_dtype(rescale, g.dtype)                                     # for the products below
     grad_A = grad_B = None
     if not merge:
         if need_x or need_A or need_B:  # g ⊙ c: one (N, d_out) temporary, only when something reads it
-            grad_x, _, grad_A, grad_B = lora_backward(g * c, x2, xa, weight, A, B, s, False, need_x, need_A,
+            scaled_g = torch.mul(g, c, out=spare)  # into ∂m's product buffer when there is one
+            grad_x, _, grad_A, grad_B = lora_backward(scaled_g, x2, xa, weight, A, B, s, False, need_x, need_A,
                                                       need_B, grad_x=grad_x, gb_columns=gb_columns)
         return grad_x, grad_A, grad_B, grad_m
     if need_x:
@@ -96,19 +97,24 @@ def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: t
 
 
 def magnitude_grad(g: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
-                   magnitude: torch.Tensor) -> torch.Tensor:
-    """∂m = Σ_t g ⊙ (out − b) / m for g, out (N, d_out); 0 where m == 0 (see the module docstring).
+                   magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(∂m = Σ_t g ⊙ (out − b) / m for g, out (N, d_out), 0 where m == 0 (see the module
+    docstring); a spare (N, d_out) buffer of g's dtype or None).
 
     The column sums run in fp32: one pass over g and out with the Triton kernel on a GPU,
-    torch's product-then-sum elsewhere."""
+    torch's product-then-sum elsewhere, whose product buffer is then spare: the caller's g ⊙ c
+    can go into it instead of a new (N, d_out) allocation (measured on the development CPU,
+    where a fresh activation-sized tensor costs page faults)."""
+    spare = None
     if triton_colsum.available(g):
         total = triton_colsum.column_dot(g, out, bias)
     else:
         acc = accumulation_dtype(g.dtype)
-        total = (g * out).sum(0, dtype=acc)
+        spare = g * out
+        total = spare.sum(0, dtype=acc)
         if bias is not None:
             total -= bias.to(acc) * g.sum(0, dtype=acc)
-    return as_dtype(torch.where(magnitude != 0, total / magnitude, 0.0), magnitude.dtype)
+    return as_dtype(torch.where(magnitude != 0, total / magnitude, 0.0), magnitude.dtype), spare
 
 
 class DoraLinearFunction(torch.autograd.Function):
