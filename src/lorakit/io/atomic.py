@@ -38,6 +38,12 @@ def write_atomically(path: Path, write: Callable[[str], object], suffix: str = "
     return path
 
 
+def write_text_atomically(path: Path, text: str) -> Path:
+    """``path.write_text(text)`` (UTF-8) through ``write_atomically``: a crash or a full disk leaves
+    the previous file, never a truncated one."""
+    return write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_new_file(tmp: Path, write: Callable[[str], object], previous: Path) -> None:
     """Create ``tmp`` (it must not exist), run ``write(tmp)`` and flush the result to disk, so that
     once renamed onto ``previous`` it cannot turn out empty after a power cut.

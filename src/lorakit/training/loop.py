@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..io.atomic import write_text_atomically
 from ..variants.adalora import RankAllocator, adalora_adapters, current_ranks, orthogonal_penalty
 from ..variants.dylora import dylora_adapters, sample_nested_rank, set_nested_rank
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
@@ -69,7 +70,7 @@ class MetricsLog:
             # Lines written after the checkpoint by the interrupted run are dropped: they will be
             # produced again, identically, by the resumed run.
             self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def add(self, record: dict) -> None:
         self.records.append(record)
@@ -209,7 +210,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
         log.info("AdaLoRA %r: %d ranks left over %d modules (budget %d)", allocator.name, sum(ranks.values()),
                  len(ranks), allocator.target)
         if accelerator.is_main_process:
-            (out_dir / f"adalora_ranks_{allocator.name}.json").write_text(json.dumps(ranks, indent=2) + "\n")
+            write_text_atomically(out_dir / f"adalora_ranks_{allocator.name}.json", json.dumps(ranks, indent=2) + "\n")
     records = metrics.records if metrics else []
     if metrics and records:
         plot_loss_curve(records, out_dir / "loss.png")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from ..control import set_adapter, set_fast_path
 from ..errors import ConfigError
 from ..inject import add_adapter, delete_adapter
 from ..io import save_adapter
+from ..io.atomic import write_text_atomically
 from ..report import summary
 from ..state import active_adapters
 from .config import TrainConfig
@@ -94,7 +96,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         log.info("%s", summary(model))
         out_dir = Path(cfg.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(cfg, out_dir / "train_config.yaml")
+        if launched_as_main_process():  # under DDP every process gets here; one writes
+            _write_config(cfg, out_dir / "train_config.yaml")
         loop = run_loop(model, tokenizer, cfg, data.train, data.collate, out_dir, eval_examples=data.valid,
                         eval_pairs=data.valid_pairs, progress=progress)
     except Exception:
@@ -107,8 +110,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         final = {k: v for k, v in (loop.last_eval or {}).items() if k != "predictions"}
         predictions = (loop.last_eval or {}).get("predictions")
         if predictions:
-            (out_dir / "eval_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
-        (out_dir / "result.json").write_text(json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n")
+            write_text_atomically(out_dir / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+        write_text_atomically(out_dir / "result.json", json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n")
     return TrainResult(out_dir, adapter_dir, loop.steps, loop.interrupted, data.stats, loop.last_eval, loop.records)
 
 
@@ -135,7 +138,14 @@ def _restore_adapter_state(model, state: tuple[dict, list[str]]) -> None:
         set_adapter(model, active)
 
 
+def launched_as_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch (``torchrun``, ``accelerate
+    launch`` set ``RANK``), known before the training loop creates its Accelerator (creating one
+    here would fix its device and precision before the loop chooses them)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _write_config(cfg: TrainConfig, path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text_atomically(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
