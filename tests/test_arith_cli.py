@@ -4,6 +4,7 @@ Llama saved as a transformers directory."""
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,42 @@ def test_inspect_prints_the_table_and_writes_a_png(setup, tmp_path, capsys):
 def test_inspect_of_a_missing_directory_is_a_clean_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["new-folder", "empty-folder"])
+def test_an_export_reaches_the_disk_before_it_is_published(tmp_path, monkeypatch, exists):
+    """Every file save_pretrained wrote is fsync'd before the rename that makes the export
+    visible, so a power cut cannot leave a published folder of empty files."""
+    from lorakit.cli.arith_commands import save_directory
+
+    out = tmp_path / "merged"
+    if exists:
+        out.mkdir()
+    synced, published = set(), []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def publish(real):
+        def move(src, dst):
+            published.append(all(os.path.realpath(p) in synced for p in _files_under(Path(src))))
+            return real(src, dst)
+        return move
+
+    def write(folder):
+        (folder / "config.json").write_text("{}")
+        (folder / "shards").mkdir()
+        (folder / "shards" / "model-00001.safetensors").write_text("weights")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", publish(real_replace))
+    monkeypatch.setattr(os, "rename", publish(real_rename))
+    save_directory(out, write)
+    assert published and all(published)
+    assert (out / "shards" / "model-00001.safetensors").read_text() == "weights"
+
+
+def _files_under(path: Path) -> list[str]:
+    return [str(path)] if path.is_file() else [str(p) for p in path.rglob("*") if p.is_file()]

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 from ..arithmetic.options import METHODS
-from ..io.atomic import discard, shielded
+from ..io.atomic import discard, fsync_tree, shielded
+from ..io.journal import fsync_folder
 
 # Method options as flags: flag dest -> option name of lorakit.combine. Unset flags are not passed,
 # so a flag the chosen method does not take is reported instead of silently ignored.
@@ -168,9 +169,11 @@ def save_directory(out: Path, write) -> Path:
     os.mkdir(tmp)  # FileExistsError on a clash of random names: someone else's folder, left alone
     try:
         write(tmp)
+        fsync_tree(tmp)  # the files on disk before the rename that publishes them
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
+        fsync_folder(out.parent)
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -190,10 +193,12 @@ def fill_empty_directory(out: Path, write) -> Path:
     moved: list[Path] = []
     try:
         write(tmp)
+        fsync_tree(tmp)
         for entry in sorted(tmp.iterdir()):
             moved.append(out / entry.name)  # before the rename: an interrupt in between must undo it too
             os.rename(entry, out / entry.name)
         tmp.rmdir()
+        fsync_folder(out)
         return out
     except BaseException:
         shielded(lambda: _empty_again(moved, tmp))

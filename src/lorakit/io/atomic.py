@@ -44,6 +44,20 @@ def write_text_atomically(path: Path, text: str) -> Path:
     return write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, and the folders themselves, to disk: a tree written by
+    someone else's writer (``save_pretrained``) before it is renamed into place, so that the
+    rename cannot survive a power cut that its files' contents do not."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_folder(Path(folder))
+
+
 def write_new_file(tmp: Path, write: Callable[[str], object], previous: Path) -> None:
     """Create ``tmp`` (it must not exist), run ``write(tmp)`` and flush the result to disk, so that
     once renamed onto ``previous`` it cannot turn out empty after a power cut.

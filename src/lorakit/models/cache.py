@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..io.atomic import fsync_tree
+
 log = logging.getLogger("lorakit.models.cache")
 
 # Written last into every entry. Its presence is what marks an entry complete, and its "format"
@@ -109,6 +111,7 @@ def build_atomically(final: Path, build: Callable[[Path], None], **expected: Any
     try:
         build(tmp)
         _relax_permissions(tmp)
+        fsync_tree(tmp)  # a power cut must not leave a complete-looking entry of empty files
         if final.exists() and not is_complete(final, **expected):
             # Outdated or foreign content: move it aside first, since a rename cannot replace a
             # non-empty directory.
