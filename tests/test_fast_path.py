@@ -229,18 +229,12 @@ def test_mixed_directions_match_formula(merge_forward, merge_backward):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("use_dora,act,recompute", [(False, "silu", False), (True, "silu", False),
-                                                    (False, "silu", True), (True, "silu", True),
-                                                    (False, "gelu_pytorch_tanh", True)],
-                         ids=["lora", "dora", "lora-recomputed", "dora-recomputed", "lora-gelu"])
-def test_gated_mlp_is_fused_and_matches_reference(strategy, use_dora, act, recompute, monkeypatch):
-    """Llama's MLP runs as one fused function (h kept or recomputed for backward) with the same
-    results."""
+@pytest.mark.parametrize("use_dora,act", [(False, "silu"), (True, "silu"), (False, "gelu_pytorch_tanh")],
+                         ids=["lora", "dora", "lora-gelu"])
+def test_gated_mlp_is_fused_and_matches_reference(strategy, use_dora, act, monkeypatch):
+    """Llama's MLP runs as one fused function (h recomputed in backward) with the same results."""
     from lorakit.kernels import mlp_dispatch
-    from lorakit.kernels.gated_mlp import GatedMlpFunction, GateProduct
-
-    if recompute:  # as on a GPU's Triton gate (other activations always recompute)
-        monkeypatch.setattr(GateProduct, "worth_keeping", lambda self: None)
+    from lorakit.kernels.gated_mlp import GatedMlpFunction
 
     model = adapted_llama(use_dora, act=act)
     mlp = model.model.layers[0].mlp
@@ -293,7 +287,7 @@ def test_gated_mlp_is_fused_under_autocast(use_dora, monkeypatch):
 
 @pytest.mark.parametrize("act", ["silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"])
 def test_fused_mlp_gate_product_and_its_gradients_are_autograds(act):
-    """h = act(g) ⊙ u recomputed in backward or kept, and (∂g, ∂u): aten's silu_backward for SiLU,
+    """h = act(g) ⊙ u recomputed in backward, and (∂g, ∂u): aten's silu_backward for SiLU,
     autograd for other activations (the GPU's Triton kernels: tests/test_triton_swiglu.py)."""
     from transformers.activations import ACT2FN
 
@@ -309,16 +303,6 @@ def test_fused_mlp_gate_product_and_its_gradients_are_autograds(act):
     torch.testing.assert_close(gate.h, expected_h.detach(), rtol=1e-14, atol=1e-14)
     for got, want in zip(gate.backward(dh.clone()), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # On the CPU, SiLU's act(g) and h are kept from the forward (torch's ops would allocate two
-    # tensors to recompute them); the backward from them gives the same gradients.
-    kept = GateProduct(module, g.detach(), u.detach(), for_backward=False).worth_keeping()
-    assert (kept is not None) == is_plain_silu(module)
-    if kept is not None:
-        torch.testing.assert_close(kept[1], expected_h.detach(), rtol=1e-14, atol=1e-14)
-        again = GateProduct(module, g.detach(), u.detach(), kept=kept)
-        assert again.h is kept[1]
-        for got, want in zip(again.backward(dh.clone()), expected):
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_gated_mlp_detection_is_by_code():
@@ -350,13 +334,9 @@ def test_merge_directions_follow_the_traffic_rule():
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_fused_mlp_keeps_less_for_backward_than_the_layers_do(use_dora, monkeypatch):
-    """The memory the fused MLP is for: where it recomputes h = act(g) * u in backward (the GPU's
-    Triton gate), it keeps neither h nor act(g), DoRA projections included (they keep their
-    outputs for ∂m: g and u anyway, y besides). Where it keeps them (torch's ops), no more than
-    the layers keep."""
-    from lorakit.kernels.gated_mlp import GateProduct
-
+def test_fused_mlp_keeps_less_for_backward_than_the_layers_do(use_dora):
+    """The memory the fused MLP is for: it does not keep h = act(g) * u (nor act(g)) for backward,
+    DoRA projections included (they keep their outputs for ∂m: g and u anyway, y besides)."""
     model = tiny_llama()
     lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
     mlp = model.model.layers[0].mlp
@@ -376,8 +356,6 @@ def test_fused_mlp_keeps_less_for_backward_than_the_layers_do(use_dora, monkeypa
         return sum(n for ptr, n in storages.items() if ptr not in params)
 
     hidden = 3 * 8 * 64 * 4  # one (N, d_ff) fp32 tensor
-    assert saved_bytes(True) <= saved_bytes(False)
-    monkeypatch.setattr(GateProduct, "worth_keeping", lambda self: None)  # recompute, as with Triton
     assert saved_bytes(True) <= saved_bytes(False) - 2 * hidden
 
 

@@ -5,13 +5,13 @@
 
 x: (N, d), g, u, h: (N, d_ff), y: (N, d). Run as separate layers, a LoRA step must keep h for
 the down projection's ∂A (= s (g_y B)ᵀ h), on top of what the frozen model keeps (g for act's
-backward, act(g) and u for the product's): three (N, d_ff) tensors plus h. Where the SiLU gate
-runs as Triton kernels (GPU), this function keeps x, g and u only and recomputes h in backward
-(one extra pass over g and u), so the MLP of a LoRA step holds less than the frozen MLP does.
-(Keeping h there measured no faster on the H200 benchmark, at +1 GiB of peak memory.) With
-torch's ops (CPU), recomputing act(g) and h costs two passes that each allocate an (N, d_ff)
-tensor, ~1 ms per layer of the 135M model on the development CPU: there both are kept from the
-forward (the separate layers' memory), and the backward writes ∂g over its own temporary.
+backward, act(g) and u for the product's): three (N, d_ff) tensors plus h. This function keeps
+x, g and u only and recomputes act(g) and h in backward, so the MLP of a LoRA step holds less
+than the frozen MLP does; the price is two extra elementwise passes in backward. (Keeping h and
+recomputing only act(g) measured no faster on the H200 benchmark, at +1 GiB of peak memory. On
+CPUs keeping act(g) and h measured slower too, 2–10% of the whole LoRA step on two machines: the
+recomputation reads g and u once more, but then they and h are in cache for the backward that
+follows, where kept tensors come back from memory.)
 
 The two input gradients (through gate and up) are accumulated into one tensor by the GEMMs
 themselves (``addmm_``), where autograd would add two (N, d) tensors; gate's and up's x Aᵀ, and
@@ -40,16 +40,11 @@ class GateProduct:
     module goes through autograd on a detached copy, which re-enters the autograd engine (about
     as much host time as the rest of the MLP's backward ops together on a fast GPU)."""
 
-    def __init__(self, act: nn.Module, g: torch.Tensor, u: torch.Tensor, for_backward: bool = True,
-                 kept: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """``for_backward``: keep what ``backward`` needs (the forward pass only wants h).
-        ``kept``: (act(g), h) of an earlier instance's ``worth_keeping``, used instead of recomputing."""
+    def __init__(self, act: nn.Module, g: torch.Tensor, u: torch.Tensor, for_backward: bool = True) -> None:
+        """``for_backward``: keep what ``backward`` needs (the forward pass only wants h)."""
         self.g, self.u = g, u
         self.silu = is_plain_silu(act)
         self.triton = self.silu and triton_swiglu.available(g, u)
-        if kept is not None:
-            self.activated, self.h = kept
-            return
         if self.triton:
             self.h = triton_swiglu.silu_mul(g, u)
             return
@@ -63,11 +58,6 @@ class GateProduct:
         else:
             self.activated = act(g)
         self.h = self.activated * u
-
-    def worth_keeping(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(act(g), h) for the backward to reuse (``kept``) where recomputing them is torch's two
-        allocating passes (SiLU off the Triton path); None where the backward should recompute."""
-        return (self.activated, self.h) if self.silu and not self.triton else None
 
     def backward(self, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(∂g, ∂u) for ∂h (N, d_ff), which is overwritten (the caller's own temporary)."""
@@ -108,11 +98,10 @@ class GatedMlpFunction(torch.autograd.Function):
         gate_xa, up_xa = stacked_inputs(x2, (gate_A, up_A))            # both x Aᵀ from one GEMM
         g, gate_xa, gate_c, gate_merged = project(x2, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p, gate_xa)
         u, up_xa, up_c, up_merged = project(x2, up_w, up_b, up_A, up_B, up_m, up_p, up_xa)
-        gate = GateProduct(act, g, u, for_backward=False)
-        activated, h = gate.worth_keeping() or (None, None)
-        y, down_xa, down_c, down_merged = project(gate.h, down_w, down_b, down_A, down_B, down_m, down_p)
+        h = GateProduct(act, g, u, for_backward=False).h
+        y, down_xa, down_c, down_merged = project(h, down_w, down_b, down_A, down_B, down_m, down_p)
         # y only for DoRA's ∂m (the output itself: no copy).
-        ctx.save_for_backward(x2, g, u, activated, h, y if down_m is not None else None, gate_xa, up_xa, down_xa,
+        ctx.save_for_backward(x2, g, u, y if down_m is not None else None, gate_xa, up_xa, down_xa,
                               gate_c, up_c, down_c, gate_merged, up_merged, down_merged,
                               gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B,
                               up_m, down_w, down_b, down_A, down_B, down_m)
@@ -121,14 +110,14 @@ class GatedMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x2, g, u, activated, h, y, gate_xa, up_xa, down_xa, gate_c, up_c, down_c, gate_merged, up_merged, down_merged,
+        (x2, g, u, y, gate_xa, up_xa, down_xa, gate_c, up_c, down_c, gate_merged, up_merged, down_merged,
          gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B, up_m,
          down_w, down_b, down_A, down_B, down_m) = ctx.saved_tensors
         gate_p, up_p, down_p = ctx.plans
         needs = ctx.needs_input_grad
         need_x = needs[0]
         dy = grad_y.reshape(-1, grad_y.shape[-1])
-        gate = GateProduct(ctx.act, g, u, kept=None if h is None else (activated, h))  # or recomputed
+        gate = GateProduct(ctx.act, g, u)                              # h recomputed, not kept from forward
         dh, d_down_A, d_down_B, d_down_m = project_backward(
             dy, gate.h, down_xa, y, down_c, down_merged, down_w, down_b, down_A, down_B, down_m, down_p, True,
             needs[11], needs[12], needs[17])
