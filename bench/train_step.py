@@ -254,15 +254,18 @@ def main(argv: list[str] | None = None) -> int:
     frozen = next((m for m in results if m.case == "frozen"), None)
     # Interleaved, step i of every case ran back to back: the median of those per-round ratios
     # is the figure least moved by a machine whose speed drifts over seconds.
+    # The best step too: a shared machine's neighbours only ever add time.
     paired = args.interleave and frozen is not None
-    print("\n| case | step | x frozen | trainable params | peak memory |" + (" x frozen, per round |" if paired else ""))
-    print("|---|---|---|---|---|" + ("---|" if paired else ""))
+    print("\n| case | step | x frozen | trainable params | peak memory |"
+          + (" x frozen, per round | best step, x frozen |" if paired else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if paired else ""))
     for m in results:
         ratio = f"{m.median_s / frozen.median_s:.2f}" if frozen else "-"
         peak = f"{m.peak_gib:.1f} GiB" if m.peak_gib is not None else "-"
         row = f"| {CASES[m.case]} | {m.median_s * 1000:.0f} ms | {ratio} | {m.trainable:,} | {peak} |"
         if paired:
-            row += f" {statistics.median(t / f for t, f in zip(m.steps, frozen.steps)):.2f} |"
+            row += (f" {statistics.median(t / f for t, f in zip(m.steps, frozen.steps)):.2f} |"
+                    f" {min(m.steps) * 1000:.0f} ms, {min(m.steps) / min(frozen.steps):.2f} |")
         print(row)
     if args.json:
         with open(args.json, "w") as f:
