@@ -249,3 +249,27 @@ def test_torch_compile_full_graph_matches_eager(ids):
     randomize_adapters(model, 0.1)
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # tracing only: no graph breaks
     torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_a_training_step_compiles_to_one_graph(ids, use_dora):
+    """Forward and backward of a training step under torch.compile(fullgraph=True), fused path
+    on: one graph (DoRA's cached base norms are bypassed while compiling, without a graph break),
+    and the eager loss and gradients."""
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
+    randomize_adapters(model, 0.1)
+    model.train()
+
+    def loss_and_grads(forward):
+        loss = forward(ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, backend="eager", fullgraph=True))
+    eager_loss, eager_grads = loss_and_grads(model)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

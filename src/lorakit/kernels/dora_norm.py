@@ -66,7 +66,8 @@ def base_row_norms_squared(weight: torch.Tensor) -> torch.Tensor:
     tensor made for this call (autocast's cast of the weight) has nothing to reuse, an inference
     tensor has no version, and under torch.compile the norms are computed in the graph."""
     acc = accumulation_dtype(weight.dtype)
-    if not isinstance(weight, nn.Parameter) or weight.is_inference() or torch.compiler.is_compiling():
+    # is_compiling first: dynamo cannot trace is_inference() (a graph break under fullgraph).
+    if torch.compiler.is_compiling() or not isinstance(weight, nn.Parameter) or weight.is_inference():
         return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
     key = (weight._version, weight.data_ptr(), weight.dtype, weight.shape)
     cached = _ROW_NORMS.get(id(weight))
