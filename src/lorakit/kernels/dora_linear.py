@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from . import triton_colsum
 from .casting import accumulation_dtype, as_dtype
 from .dora_norm import dora_weight, factored_rescale
-from .lora_linear import kept_for_backward, lora_backward, lora_forward, merged_weight, scaled_gb
+from .lora_linear import kept_for_backward, lora_backward, lora_forward, merged_weight
 
 
 def dora_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -84,15 +84,16 @@ def dora_backward(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: t
             grad_x, _, grad_A, grad_B = lora_backward(scaled_g, x2, xa, weight, A, B, s, False, need_x, need_A,
                                                       need_B, grad_x=grad_x, gb_columns=gb_columns)
         return grad_x, grad_A, grad_B, grad_m
-    if need_x:
-        # Kept, or rebuilt from the saved c: the same matrix the forward used, without a new norm.
-        scaled_weight = merged if merged is not None else merged_weight(weight, A, B, s, row_scale=rescale)
-        grad_x = g @ scaled_weight if grad_x is None else grad_x.addmm_(g, scaled_weight)
-    if need_A:
-        gB = scaled_gb(g, B * c[:, None], s, gb_columns)                # s (g ⊙ c) B: (N, r)
-        grad_A = gB.t() @ x2 if gb_columns is None else None
-    if need_B:
-        grad_B = torch.addmm(g.new_empty(()), xa.t(), g, beta=0, alpha=s).t().mul_(c[:, None])
+    if need_x and merged is None:
+        # Rebuilt from the saved c: the same matrix the forward used, without a new norm.
+        merged = merged_weight(weight, A, B, s, row_scale=rescale)
+    # LoRA's merged backward with the rows of B scaled by c: ∂x = g (c ⊙ W), ∂A = s (g (c ⊙ B))ᵀ x,
+    # and its ∂B, taken for c ⊙ B, is s (x Aᵀ)ᵀ g, which the c of ∂B = s c ⊙ (gᵀ (x Aᵀ)) finishes.
+    row_scaled_B = B * c[:, None] if need_A else B                   # B only feeds s (g ⊙ c) B
+    grad_x, _, grad_A, grad_B = lora_backward(g, x2, xa, weight, A, row_scaled_B, s, True, need_x, need_A, need_B,
+                                              grad_x=grad_x, merged=merged, gb_columns=gb_columns)
+    if grad_B is not None:
+        grad_B.mul_(c[:, None])
     return grad_x, grad_A, grad_B, grad_m
 
 
