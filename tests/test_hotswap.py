@@ -76,13 +76,14 @@ def test_refusals_leave_the_slot_untouched(tmp_path, case):
         assert torch.equal(value, before[key]), key
 
 
-def test_no_recompilation_when_swapping(tmp_path):
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_no_recompilation_when_swapping(tmp_path, use_dora):
     """A compiled model keeps its graph across swaps of same or smaller rank (fast path on)."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
     slot = tiny_llama()
-    lorakit.add_adapter(slot, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    lorakit.add_adapter(slot, LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=use_dora))
     counter = CompileCounter()
     compiled = torch.compile(slot, backend=counter, fullgraph=True)
     with torch.no_grad():
@@ -90,7 +91,7 @@ def test_no_recompilation_when_swapping(tmp_path):
         frames = counter.frame_count
         assert frames >= 1
         for name, config in (("a", {"r": 4}), ("b", {"r": 2, "alpha": 5})):
-            path = adapter_dir(tmp_path, name, 5, **config)
+            path = adapter_dir(tmp_path, name, 5, use_dora=use_dora, **config)
             lorakit.hotswap_adapter(slot, path)
             got = compiled(IDS).logits
             torch.testing.assert_close(got.double(), expected_logits(path), rtol=1e-4, atol=1e-4)
