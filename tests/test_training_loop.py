@@ -147,6 +147,33 @@ def test_fast_and_reference_paths_train_the_same_adapter(tmp_path):
         torch.testing.assert_close(states[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_training_steps_train_the_eager_adapter(tmp_path, monkeypatch):
+    """--compile: the training steps run through torch.compile (here with the aot_eager backend,
+    which traces forward and backward as inductor would, without needing a C++ compiler) and
+    train the same adapter as eager steps; the saved checkpoint has the model's own names."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: real_compile(module, backend=counter))
+    states = []
+    for compiled in (True, False):
+        model = adapted_model()
+        cfg = TrainConfig(data="x", lr=1e-2, max_steps=3, batch_size=8, grad_accum=2, device="cpu", seed=0,
+                          compile=compiled, save_every=3)
+        run_loop(model, None, cfg, examples(), collate, tmp_path / str(compiled), progress=False)
+        states.append(trainable_state(model))
+        if compiled:
+            assert counter.frame_count >= 1  # the steps did go through the compiler
+            assert not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+            saved = torch.load(latest_checkpoint(tmp_path / "True" / "checkpoints") / STATE_FILE, weights_only=False)
+            assert set(saved["trainable"]) == set(trainable_state(model))  # no "_orig_mod." in the names
+    for name, value in states[1].items():
+        torch.testing.assert_close(states[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert set(states[0]) == set(states[1])
+
+
 def test_ctrl_c_mid_step_resumes_bit_for_bit(tmp_path, monkeypatch):
     """Ctrl-C after the first of a step's two micro-batches: the resumed run redoes that whole step
     (same batches, same dropout masks) instead of skipping the micro-batch already drawn."""

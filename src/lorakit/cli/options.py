@@ -28,6 +28,8 @@ HELP = {
     "resume": "continue from the latest checkpoint in output_dir",
     "mixed_precision": "no | bf16 | fp16 (GPU)",
     "dtype": "model weights dtype: auto | float32 | bfloat16 | float16",
+    "compile": "torch.compile the training step (inductor; the first steps compile, and on a CPU it "
+               "needs a C++ compiler)",
 }
 SKIP = {"extra"}
 

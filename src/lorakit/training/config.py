@@ -75,6 +75,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # the fused LoRA/DoRA layers (lorakit/kernels); False runs the plain reference formula
     fast_path: bool = True
+    # torch.compile the training steps' forward and backward (evaluation stays eager)
+    compile: bool = False
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -115,6 +115,9 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
         shutil.rmtree(ckpt_dir)
     metrics = MetricsLog(out_dir / "metrics.jsonl", position.step if cfg.resume else None) if accelerator.is_main_process else None
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    # Compiled: a wrapper that calls the same module, so saving, evaluation (eager: another mode
+    # and other shapes, compiled for nothing) and the caller's model are untouched.
+    step_forward = torch.compile(wrapped) if cfg.compile else wrapped
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     batches = _batch_stream(len(train_examples), cfg, world, rank, position)
 
@@ -154,7 +157,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                 batch = {k: v.to(accelerator.device) for k, v in host_batch.items()}
                 sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(wrapped)
                 with sync, accelerator.autocast():
-                    loss = wrapped(**batch).loss / cfg.grad_accum
+                    loss = step_forward(**batch).loss / cfg.grad_accum
                     step_loss += loss.detach().float()
                     for allocator in allocators:  # AdaLoRA: keep P and Q near orthogonal
                         loss = loss + schedule.orth_reg_weight * orthogonal_penalty(model, allocator.name) / cfg.grad_accum
