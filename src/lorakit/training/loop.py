@@ -118,6 +118,9 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     # Compiled: a wrapper that calls the same module, so saving, evaluation (eager: another mode
     # and other shapes, compiled for nothing) and the caller's model are untouched.
     step_forward = torch.compile(wrapped) if cfg.compile else wrapped
+    if cfg.compile and nested:
+        log.warning("DyLoRA draws a rank per step, and torch.compile compiles a graph per rank (up to r of "
+                    "them, eager past torch._dynamo.config.recompile_limit): expect slow first steps")
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     batches = _batch_stream(len(train_examples), cfg, world, rank, position)
 
