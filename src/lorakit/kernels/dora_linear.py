@@ -104,8 +104,7 @@ def magnitude_grad(g: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None
 
     The column sums run in fp32: one pass over g and out with the Triton kernel on a GPU,
     torch's product-then-sum elsewhere, whose product buffer is then spare: the caller's g ⊙ c
-    can go into it instead of a new (N, d_out) allocation (measured on the development CPU,
-    where a fresh activation-sized tensor costs page faults)."""
+    can go into it instead of a new (N, d_out) allocation."""
     spare = None
     if triton_colsum.available(g):
         total = triton_colsum.column_dot(g, out, bias)
