@@ -9,7 +9,8 @@ from lorakit import LoraConfig, TargetError
 from lorakit.layers import LoraEmbedding, LoraLinear, ModulesToSave
 from lorakit.state import lora_layers
 
-from .tiny import randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llama, train_steps
+from .tiny import (adapted_llama, model_loss_and_grads, randomize_adapters, tiny_bert_classifier, tiny_gpt2,
+                   tiny_llama, train_steps)
 
 
 def adapted_paths(model):
@@ -256,20 +257,10 @@ def test_a_training_step_compiles_to_one_graph(ids, use_dora):
     """Forward and backward of a training step under torch.compile(fullgraph=True), fused path
     on: one graph (DoRA's cached base norms are bypassed while compiling, without a graph break),
     and the eager loss and gradients."""
-    model = tiny_llama()
-    lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
-    randomize_adapters(model, 0.1)
-    model.train()
-
-    def loss_and_grads(forward):
-        loss = forward(ids, labels=ids).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad(set_to_none=True)
-        return loss.detach(), grads
-
-    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, backend="eager", fullgraph=True))
-    eager_loss, eager_grads = loss_and_grads(model)
+    model = adapted_llama(use_dora, dtype=torch.float32)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    compiled_loss, compiled_grads = model_loss_and_grads(model, ids, True, forward=compiled)
+    eager_loss, eager_grads = model_loss_and_grads(model, ids, True)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

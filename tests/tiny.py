@@ -58,14 +58,15 @@ def train_steps(model, ids, steps: int, lr: float = 1e-2) -> list[float]:
     return losses
 
 
-def model_loss_and_grads(model, ids, fast: bool, seed: int = 0):
+def model_loss_and_grads(model, ids, fast: bool, seed: int = 0, forward=None):
     """(loss, {name: gradient}) of a causal LM on ``ids`` as its own labels, with lorakit's fast
-    path on or off; the same seed each call (the same dropout masks)."""
+    path on or off; the same seed each call (the same dropout masks). ``forward``: what to call
+    instead of ``model`` (a compiled ``model``)."""
     import lorakit
 
     lorakit.set_fast_path(model, fast)
     torch.manual_seed(seed)
-    loss = model(ids, labels=ids).loss
+    loss = (model if forward is None else forward)(ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)

@@ -29,7 +29,7 @@ import random
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..io.atomic import write_atomically
+from ..io.atomic import write_text_atomically
 from . import demo_pools as pools
 from .records import Record
 
@@ -120,7 +120,7 @@ def write_demo_dataset(out_dir: str | Path, n_train: int = 480, n_test: int = 40
     paths = {}
     for split, text in texts.items():
         paths[split] = out / f"{split}.jsonl"
-        write_atomically(paths[split], lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text_atomically(paths[split], text)
     log.info("demo dataset: %d train and %d test records in %s", n_train, n_test, out)
     return paths
 

@@ -50,11 +50,7 @@ def fsync_tree(root: Path) -> None:
     rename cannot survive a power cut that its files' contents do not."""
     for folder, _, names in os.walk(root):
         for name in names:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(folder, name))
         fsync_folder(Path(folder))
 
 
@@ -75,7 +71,12 @@ def write_new_file(tmp: Path, write: Callable[[str], object], previous: Path) ->
         os.close(fd)
     write(str(tmp))
     os.chmod(tmp, mode)
-    fd = os.open(tmp, os.O_RDONLY)  # anew: ``write`` may have put another file in tmp's place
+    fsync_file(tmp)  # opened anew: ``write`` may have put another file in tmp's place
+
+
+def fsync_file(path: Path | str) -> None:
+    """Flush ``path``'s contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as exc:  # Windows flushes only through a handle that may write: not flushed there

@@ -33,6 +33,11 @@ FACTOR_SUFFIXES = {
 VERA_PROJECTION_KEYS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
 
 
+def strip_prefix(key: str) -> str:
+    """``key`` without PEFT's ``base_model.model.`` prefix."""
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
 def split_factor_key(key: str) -> tuple[str, str] | None:
     """``<path>.lora_A.weight`` -> (path, "lora_A"); None for other keys."""
     for suffix, factor in FACTOR_SUFFIXES.items():

@@ -19,8 +19,8 @@ from ..inject import InjectionPlan, commit, plan
 from ..state import adapter_configs
 from .journal import reading_folder
 from .peft_adalora import as_lora, is_peft_adalora
-from .layout import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME,
-                     split_factor_key)
+from .layout import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, VERA_PROJECTION_KEYS, WEIGHTS_NAME,
+                     split_factor_key, strip_prefix)
 
 log = logging.getLogger("lorakit.io")
 
@@ -77,19 +77,15 @@ def read_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     return _config_from(data, directory / CONFIG_NAME), weights
 
 
-def _strip_prefix(key: str) -> str:
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
-
-
 def group_factors(weights: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """A file's tensors as ({module path: {"lora_A"/"lora_B"/"magnitude": tensor}}, {other key: tensor}),
     keys without PEFT's ``base_model.model.`` prefix."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
-        split = split_factor_key(_strip_prefix(key))
+        split = split_factor_key(strip_prefix(key))
         if split is None:
-            rest[_strip_prefix(key)] = value
+            rest[strip_prefix(key)] = value
         else:
             path, factor = split
             factors.setdefault(path, {})[factor] = value

@@ -24,7 +24,7 @@ import torch
 from ..config import LoraConfig
 from ..errors import AdapterFileError, LorakitError
 from ..targets import exact_pattern
-from .layout import PREFIX
+from .layout import strip_prefix
 
 # The AdaLoRA-only fields of PEFT's config: the schedule and mask of training, not the adapter.
 _ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
@@ -68,7 +68,7 @@ def as_lora(data: dict[str, Any], weights: dict[str, torch.Tensor], source: str)
         folded = (E.reshape(-1, 1).to(wide) * A.to(wide) * scaling).to(A.dtype)
         tensors[f"{prefixed}.lora_A.weight"] = folded
         tensors[f"{prefixed}.lora_B.weight"] = B
-        ranks[prefixed[len(PREFIX):] if prefixed.startswith(PREFIX) else prefixed] = rank
+        ranks[strip_prefix(prefixed)] = rank
     if not ranks:
         raise AdapterFileError(f"{source}: every module of this AdaLoRA adapter was pruned to rank 0; it changes nothing")
     paths = sorted(ranks)

@@ -124,7 +124,7 @@ class GatedMlpFunction(torch.autograd.Function):
         dg, du = gate.backward(dh)
         # Both ∂A from one GEMM when both A are trained (LoRA-FA's are not).
         ranks = [gate_A.shape[0], up_A.shape[0]]
-        buffer, (gate_columns, up_columns) = stacked_gb_columns(x2, ranks) if needs[3] and needs[7] else (None, (None, None))
+        buffer, (gate_columns, up_columns) = stacked_gb_columns(x2, ranks, needs[3] and needs[7])
         dx, d_gate_A, d_gate_B, d_gate_m = project_backward(
             dg, x2, gate_xa, g, gate_c, gate_merged, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p, need_x,
             needs[3], needs[4], needs[15], gb_columns=gate_columns)

@@ -71,10 +71,12 @@ def stacked_inputs(x2: torch.Tensor, As) -> list[torch.Tensor]:
     return views
 
 
-def stacked_gb_columns(x2: torch.Tensor, ranks: list[int]) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
-    """An (N, Σ r_i) buffer and its column blocks (N, r_i), one per projection, for ``gb_columns``
-    (None and Nones when not stacking)."""
-    if not STACK:
+def stacked_gb_columns(x2: torch.Tensor, ranks: list[int],
+                       wanted: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """An (N, Σ r_i) buffer and its column blocks (N, r_i), one per projection, for ``gb_columns``;
+    None and Nones when not stacking (``STACK`` off, or not ``wanted`` by the caller: some
+    projection gets no ∂A)."""
+    if not (STACK and wanted):
         return None, [None] * len(ranks)
     buffer = x2.new_empty(x2.shape[0], sum(ranks))
     return buffer, list(buffer.split(ranks, dim=1))

@@ -58,9 +58,8 @@ class SiblingProjectionsFunction(torch.autograd.Function):
         result = [None] * (1 + 5 * count + 1)
         # Every ∂A from one GEMM when every projection has a gradient and a trained A (else each its own).
         ranks = [saved[9 * index + 6].shape[0] for index in range(count)]
-        stacked = all(g is not None and needs[3 + 4 * i] for i, g in enumerate(grads))
-        buffer, columns = stacked_gb_columns(x2, ranks) if stacked else (None, [None] * count)
-        stacked = buffer is not None
+        wanted = all(g is not None and needs[3 + 4 * i] for i, g in enumerate(grads))
+        buffer, columns = stacked_gb_columns(x2, ranks, wanted)
         for index, (plan, grad) in enumerate(zip(ctx.plans, grads)):
             if grad is None:
                 continue
@@ -74,7 +73,7 @@ class SiblingProjectionsFunction(torch.autograd.Function):
             result[first + 1] = g.sum(0) if needs[first + 1] else None
             result[first + 2], result[first + 3] = grad_A, grad_B
             result[2 + 4 * count + index] = grad_m
-        if stacked:
+        if buffer is not None:
             result[3:1 + 4 * count:4] = stacked_input_grads(x2, buffer, ranks)
         if grad_x is not None and needs[0]:
             result[0] = grad_x.view(*ctx.lead, grad_x.shape[-1])
