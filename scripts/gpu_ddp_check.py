@@ -6,7 +6,8 @@ Run on a machine with >= 2 GPUs (CI has none; this is run by hand or on a lent G
 
 Builds a small random Llama with a ChatML tokenizer (no download), writes the demo dataset, runs
 `accelerate launch --num_processes N -m lorakit train ...` and checks that every process ran, the loss
-fell, and the adapter was saved once and loads back.
+fell, and the adapter was saved once and loads back. With ``--single-gpu N`` it trains one process
+with ``--device cuda:N`` and checks that the model stayed on that GPU.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--single-gpu", type=int, default=None, metavar="N")
     args = parser.parse_args()
     from lorakit.data import write_demo_dataset
 
     data = write_demo_dataset(args.out / "data", n_train=256, n_test=16)
     corpus = [line for line in data["train"].read_text().splitlines()]
     build_model(args.out / "model", corpus)
+    if args.single_gpu is not None:
+        return check_single_gpu(args.out, data, args.single_gpu)
     run = args.out / "run"
     cmd = ["accelerate", "launch", "--num_processes", str(args.processes), "--mixed_precision", "bf16", "-m", "lorakit",
            "-v", "train", "--model", str(args.out / "model"), "--data", str(data["train"]), "--valid-data",
@@ -60,6 +64,11 @@ def main() -> int:
     print(done.stderr[-3000:], file=sys.stderr)
     if done.returncode != 0:
         return done.returncode
+    # Each process loaded the model straight onto its own GPU and trained in one group of N.
+    for rank in range(args.processes):
+        assert f"process {rank} of {args.processes} on cuda:{rank}" in done.stderr, f"process {rank} is not on cuda:{rank}"
+        assert f"on cuda:{rank} as " in done.stderr, f"process {rank} did not load the model onto cuda:{rank}"
+    assert done.stdout.count("adapter:") == 1, "more than one process reported the run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     print(f"steps logged: {len(losses)}; first loss {losses[0]:.3f}, last {losses[-1]:.3f}")
@@ -71,6 +80,22 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(args.out / "model")
     lorakit.load_adapter(model, run / "adapter")
     print("DDP check passed:", lorakit.summary(model).splitlines()[0])
+    return 0
+
+
+def check_single_gpu(out: Path, data: dict, index: int) -> int:
+    """One process with ``--device cuda:N``: the model loads onto GPU N and trains there."""
+    cmd = [sys.executable, "-m", "lorakit", "-v", "train", "--model", str(out / "model"), "--data", str(data["train"]),
+           "--output-dir", str(out / f"run-cuda{index}"), "--max-steps", "3", "--batch-size", "8",
+           "--device", f"cuda:{index}"]
+    print(" ".join(cmd), flush=True)
+    done = subprocess.run(cmd, env={**os.environ}, capture_output=True, text=True)
+    print(done.stderr[-3000:], file=sys.stderr)
+    if done.returncode != 0:
+        return done.returncode
+    assert f"on cuda:{index} as " in done.stderr, f"the model was not loaded onto cuda:{index}"
+    assert f"process 0 of 1 on cuda:{index}" in done.stderr, f"the model did not train on cuda:{index}"
+    print(f"single-GPU check passed: trained on cuda:{index}")
     return 0
 
 

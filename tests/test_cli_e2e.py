@@ -103,3 +103,26 @@ def test_every_variant_trains_from_the_cli(tmp_path, demo_data, variant):
     assert config.get("use_dora", False) == (variant == "dora")
     if variant == "adalora":
         assert "AdaLoRA:" in done.stdout and config["rank_pattern"]
+
+
+def test_train_under_a_two_process_launch(tmp_path, demo_data):
+    """`torchrun --nproc_per_node 2 -m lorakit train` (what `accelerate launch` starts): both
+    processes train, and one writes the run's files."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lorakit", "-v", "train", "--data", str(demo_data["train"]), "--valid-data",
+                           str(demo_data["test"]), "--output-dir", str(tmp_path), "--max-steps", "2", "--batch-size",
+                           "2", "--rank", "4", "--lr", "1e-3", "--max-new-tokens", "4", "--save-every", "1"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    # One gloo group on the CPU (without it each process trains alone, all into one folder).
+    assert "process 0 of 2" in done.stderr and "process 1 of 2" in done.stderr, done.stderr[-4000:]
+    assert done.stdout.count("adapter:") == 1  # one process saved and reported
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]  # one log, not one per process
+    assert "eval_loss" in records[-1]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-0000001", "step-0000002"]
+    assert json.loads((tmp_path / "result.json").read_text())["steps"] == 2
+    assert "max_steps: 2" in (tmp_path / "train_config.yaml").read_text()
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "adapter"))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4  # --rank: --r's alias

@@ -379,11 +379,15 @@ def test_only_the_main_process_writes_the_adapter(tmp_path, monkeypatch):
     assert result.steps == 2
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "result.json").exists()
     assert (tmp_path / "train_config.yaml").is_file()  # rank 0 of a launch, or no launch: the main process
-    # A non-zero rank of torchrun / accelerate launch (RANK) writes not even the run's config.
-    monkeypatch.setenv("RANK", "1")
+    # Another process of the launch writes not even the run's config: the accelerator that decides
+    # is the one the loop gets.
+    given = []
+    monkeypatch.setattr(run_module, "make_accelerator", lambda cfg: NotMainProcess())
+    monkeypatch.setattr(run_module, "run_loop", lambda *args, **kwargs: given.append(kwargs["accelerator"]) or done)
     result = lorakit.train(loaded=(tiny_llama(), None), data="x", output_dir=str(tmp_path / "rank1"))
     assert result.steps == 2 and (tmp_path / "rank1").is_dir()
     assert not any((tmp_path / "rank1").iterdir())
+    assert len(given) == 1 and not given[0].is_main_process and not result.main_process
 
 
 def test_train_failure_keeps_the_callers_own_adapters(tmp_path, monkeypatch):

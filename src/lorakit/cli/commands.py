@@ -33,6 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..training import train
 
     result = train(args.config, **train_overrides(args))
+    if not result.main_process:  # a DDP run's other processes: the main one reports, once
+        return 130 if result.interrupted else 0
     print(f"\ndata: {result.stats.summary()}")
     print(f"trained {result.steps} steps")
     if result.interrupted:

@@ -32,6 +32,9 @@ HELP = {
                "needs a C++ compiler)",
 }
 SKIP = {"extra"}
+# Second spellings. ``--rank``: torchrun's parser rejects ``--r`` anywhere on its command line as an
+# ambiguous prefix of its own flags (--rdzv-*, --role, ...), even after the script's name.
+ALIASES = {"r": ("--rank",)}
 
 
 def _type_of(default: Any, annotation: str):
@@ -50,13 +53,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         if f.name in SKIP:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ()))
         default = f.default if f.default is not MISSING else None
         helptext = HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
         else:
-            parser.add_argument(flag, dest=f.name, type=_type_of(default, str(f.type)), default=None, help=helptext)
+            parser.add_argument(*flags, dest=f.name, type=_type_of(default, str(f.type)), default=None, help=helptext)
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:

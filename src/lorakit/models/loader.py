@@ -151,6 +151,7 @@ def load_model(
         # which is the case when the embedding is frozen (LoRA); the non-reentrant one does not.
         _enable_checkpointing(model)
     log.info("loaded %s (%s, %.1fM parameters) on %s as %s in %.1f s", name_or_path, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6, device, str(torch_dtype).replace("torch.", ""),
+             sum(p.numel() for p in model.parameters()) / 1e6, next(model.parameters()).device,  # cuda:N, not cuda
+             str(torch_dtype).replace("torch.", ""),
              time.perf_counter() - start)
     return model, tokenizer

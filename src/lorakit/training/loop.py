@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..io.atomic import write_text_atomically
+from ..models.device import parse_device, resolve_device
 from ..variants.adalora import RankAllocator, adalora_adapters, current_ranks, orthogonal_penalty
 from ..variants.dylora import dylora_adapters, sample_nested_rank, set_nested_rank
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
@@ -78,20 +80,41 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def make_accelerator(cfg: TrainConfig):
+    """The run's ``accelerate.Accelerator``: this process's device and the mixed precision.
+
+    ``cfg.device`` None/"auto" is the GPU when there is one, else the CPU. Under a launch
+    (``accelerate launch``, ``torchrun``) each process gets its own GPU, and on the CPU the processes
+    join one gloo group: accelerate forms that group only when told the run is on the CPU, and
+    without it every process would train alone, all writing into one folder. An explicit
+    ``cuda:N`` of a single process becomes the current GPU, where accelerate then places the model
+    (it would otherwise move it to GPU 0). One per run: ``train()`` makes it first, to load the
+    model straight onto this process's device, and under DDP only its main process writes."""
+    from accelerate import Accelerator
+
+    device = parse_device(resolve_device(cfg.device))
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(device)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+
+
+def process_device(cfg: TrainConfig, accelerator) -> str:
+    """Where this process loads the model: ``cfg.device``, with the GPU index the launch gave it."""
+    asked = parse_device(resolve_device(cfg.device))
+    return str(accelerator.device) if asked.type == accelerator.device.type else str(asked)
+
+
 def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list[dict], collate: Callable,
              out_dir: Path, eval_examples: list[dict] | None = None, eval_pairs: list[tuple[str, str]] | None = None,
              accelerator=None, progress: bool = True) -> LoopResult:
     """Train the model's trainable parameters on ``train_examples``; see the module docstring."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    accelerator = accelerator or Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     world, rank = accelerator.num_processes, accelerator.process_index
     n_steps = total_steps(len(train_examples), cfg, world)
-    log.info("process %d of %d on %s: %d steps of %d x %d examples", rank, world, accelerator.device, n_steps,
-             cfg.grad_accum, cfg.batch_size)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
     scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.schedule)
     nested = dylora_adapters(model)
@@ -115,6 +138,9 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
         shutil.rmtree(ckpt_dir)
     metrics = MetricsLog(out_dir / "metrics.jsonl", position.step if cfg.resume else None) if accelerator.is_main_process else None
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    placed = next(wrapped.parameters()).device  # where accelerate put the model, index included
+    log.info("process %d of %d on %s: %d steps of %d x %d examples", rank, world, placed, n_steps, cfg.grad_accum,
+             cfg.batch_size)
     # Compiled: a wrapper that calls the same module, so saving, evaluation (eager: another mode
     # and other shapes, compiled for nothing) and the caller's model are untouched.
     step_forward = torch.compile(wrapped) if cfg.compile else wrapped

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ from ..errors import ConfigError
 from ..inject import add_adapter, delete_adapter
 from ..io import save_adapter
 from ..io.atomic import write_text_atomically
+from ..models.device import parse_device, require_device, resolve_device
 from ..report import summary
 from ..state import active_adapters
 from .config import TrainConfig
-from .loop import run_loop
+from .loop import make_accelerator, process_device, run_loop
 
 log = logging.getLogger("lorakit.training")
 
@@ -36,6 +36,7 @@ class TrainResult:
     stats: Any
     final_eval: dict | None
     records: list[dict]
+    main_process: bool = True  # False on a DDP run's other processes, which write no files
 
 
 @dataclass
@@ -75,14 +76,17 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
     cfg = TrainConfig.from_sources(config.to_dict() if isinstance(config, TrainConfig) else config, **overrides)
     if not cfg.data:
         raise ConfigError("no training data: set data (--data FILE.jsonl)")
+    device = resolve_device(cfg.device)
+    require_device(device)  # a clear error before accelerate meets a missing GPU
+    check_mixed_precision(cfg.mixed_precision, _device_type(loaded[0]) if loaded is not None else parse_device(device).type)
+    accelerator = make_accelerator(cfg)  # writes nothing; under a launch it knows this process's GPU
     if loaded is not None:
         model, tokenizer = loaded
     else:
         from ..models import load_model
 
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device,
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=process_device(cfg, accelerator),
                                       gradient_checkpointing=cfg.gradient_checkpointing)
-    check_mixed_precision(cfg.mixed_precision, model)
     data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
     if data.stats.n_truncated:
@@ -96,10 +100,10 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         log.info("%s", summary(model))
         out_dir = Path(cfg.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if launched_as_main_process():  # under DDP every process gets here; one writes
+        if accelerator.is_main_process:  # under DDP every process gets here; one writes
             _write_config(cfg, out_dir / "train_config.yaml")
         loop = run_loop(model, tokenizer, cfg, data.train, data.collate, out_dir, eval_examples=data.valid,
-                        eval_pairs=data.valid_pairs, progress=progress)
+                        eval_pairs=data.valid_pairs, accelerator=accelerator, progress=progress)
     except Exception:
         if loaded is not None:  # the caller's model goes back as it came, without the half-trained adapter
             _restore_adapter_state(model, before)
@@ -112,16 +116,22 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         if predictions:
             write_text_atomically(out_dir / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
         write_text_atomically(out_dir / "result.json", json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n")
-    return TrainResult(out_dir, adapter_dir, loop.steps, loop.interrupted, data.stats, loop.last_eval, loop.records)
+    return TrainResult(out_dir, adapter_dir, loop.steps, loop.interrupted, data.stats, loop.last_eval, loop.records,
+                       loop.main_process)
 
 
-def check_mixed_precision(mixed_precision: str, model) -> None:
-    """Refuse fp16 mixed precision for a model on the CPU before anything is written (accelerate
-    would refuse it only once the run's folder and config exist)."""
-    parameter = next(model.parameters(), None)
-    if mixed_precision == "fp16" and parameter is not None and parameter.device.type == "cpu":
+def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
+    """Refuse fp16 mixed precision for a model on the CPU (``device_type``: where the model is or
+    will be loaded) before the Accelerator is made and anything is written (accelerate would
+    refuse it only once the run's folder and config exist)."""
+    if mixed_precision == "fp16" and device_type == "cpu":
         raise ConfigError("mixed_precision=fp16 needs a GPU, and the model is on the CPU; "
                           "use mixed_precision=bf16 (supported on CPUs) or no")
+
+
+def _device_type(model) -> str:
+    parameter = next(model.parameters(), None)
+    return parameter.device.type if parameter is not None else "cpu"
 
 
 def _adapter_state(model) -> tuple[dict, list[str]]:
@@ -136,13 +146,6 @@ def _restore_adapter_state(model, state: tuple[dict, list[str]]) -> None:
         param.requires_grad_(flag)
     if active:
         set_adapter(model, active)
-
-
-def launched_as_main_process() -> bool:
-    """True unless this is a non-zero rank of a distributed launch (``torchrun``, ``accelerate
-    launch`` set ``RANK``), known before the training loop creates its Accelerator (creating one
-    here would fix its device and precision before the loop chooses them)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _write_config(cfg: TrainConfig, path: Path) -> None:
