@@ -13,6 +13,7 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.cli.main import main
 
+from .durability import watch_publishing
 from .test_models import save_tiny_model
 from .tiny import randomize_adapters, tiny_llama
 
@@ -245,31 +246,13 @@ def test_an_export_reaches_the_disk_before_it_is_published(tmp_path, monkeypatch
     out = tmp_path / "merged"
     if exists:
         out.mkdir()
-    synced, published = set(), []
-    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
-
-    def fsync(fd):
-        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
-        return real_fsync(fd)
-
-    def publish(real):
-        def move(src, dst):
-            published.append(all(os.path.realpath(p) in synced for p in _files_under(Path(src))))
-            return real(src, dst)
-        return move
-
     def write(folder):
         (folder / "config.json").write_text("{}")
         (folder / "shards").mkdir()
         (folder / "shards" / "model-00001.safetensors").write_text("weights")
 
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", publish(real_replace))
-    monkeypatch.setattr(os, "rename", publish(real_rename))
+    published = watch_publishing(monkeypatch)
     save_directory(out, write)
     assert published and all(published)
     assert (out / "shards" / "model-00001.safetensors").read_text() == "weights"
 
-
-def _files_under(path: Path) -> list[str]:
-    return [str(path)] if path.is_file() else [str(p) for p in path.rglob("*") if p.is_file()]

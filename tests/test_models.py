@@ -27,6 +27,7 @@ from lorakit.models import (ALIASES, DEFAULT_MODEL, WheelModel, cache_root, desc
 from lorakit.models.cache import MARKER, _umask, build_atomically, gguf_cache_key, is_complete, write_marker
 from lorakit.models.hub import looks_like_path
 
+from .durability import watch_publishing
 from .tiny import tiny_llama
 
 
@@ -204,6 +205,20 @@ def test_atomic_build_success_and_replacement(tmp_path):
     assert is_complete(final) and json.loads((final / MARKER).read_text())["source"] == "test"
     assert [p.name for p in final.parent.iterdir()] == ["x"]  # no temporary directory left
     assert (final / "weights").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_a_cache_entry_reaches_the_disk_before_it_is_published(tmp_path, monkeypatch):
+    """A power cut must not leave a complete-looking entry (marker and all) of empty files."""
+    final = tmp_path / "models" / "x"
+    published = watch_publishing(monkeypatch)
+
+    def build(tmp: Path) -> None:
+        complete_entry(tmp)
+        (tmp / "shards").mkdir()
+        (tmp / "shards" / "model.safetensors").write_bytes(b"weights")
+
+    build_atomically(final, build)
+    assert published and all(published) and is_complete(final)
 
 
 def test_atomic_build_keeps_an_entry_finished_meanwhile(tmp_path):

@@ -75,8 +75,22 @@ def test_loop_trains_logs_and_plots(tmp_path):
     assert result.steps == 6 and not result.interrupted
 
 
-def test_resume_is_bit_for_bit(tmp_path):
-    cfg = dict(data="x", lr=1e-2, max_steps=6, batch_size=4, grad_accum=2, device="cpu", seed=3)
+def compile_with_aot_eager(monkeypatch):
+    """torch.compile with the aot_eager backend, which traces forward and backward as inductor
+    would, without needing a C++ compiler; returns the counter of compiled frames."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: real_compile(module, backend=counter))
+    return counter
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_resume_is_bit_for_bit(tmp_path, monkeypatch, compiled):
+    counter = compile_with_aot_eager(monkeypatch)
+    cfg = dict(data="x", lr=1e-2, max_steps=6, batch_size=4, grad_accum=2, device="cpu", seed=3, compile=compiled)
     straight = adapted_model()
     run_loop(straight, None, TrainConfig(**cfg), examples(), collate, tmp_path / "a", progress=False)
 
@@ -94,6 +108,7 @@ def test_resume_is_bit_for_bit(tmp_path):
         assert torch.equal(trainable_state(resumed)[name], value), name
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+    assert (counter.frame_count > 0) == compiled
 
 
 def interrupt_at_forward(model, monkeypatch, n):
@@ -148,15 +163,9 @@ def test_fast_and_reference_paths_train_the_same_adapter(tmp_path):
 
 
 def test_compiled_training_steps_train_the_eager_adapter(tmp_path, monkeypatch):
-    """--compile: the training steps run through torch.compile (here with the aot_eager backend,
-    which traces forward and backward as inductor would, without needing a C++ compiler) and
+    """--compile: the training steps run through torch.compile (here with the aot_eager backend) and
     train the same adapter as eager steps; the saved checkpoint has the model's own names."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: real_compile(module, backend=counter))
+    counter = compile_with_aot_eager(monkeypatch)
     states = []
     for compiled in (True, False):
         model = adapted_model()
@@ -172,6 +181,20 @@ def test_compiled_training_steps_train_the_eager_adapter(tmp_path, monkeypatch):
     for name, value in states[1].items():
         torch.testing.assert_close(states[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert set(states[0]) == set(states[1])
+
+
+def test_compiling_dylora_warns_of_a_graph_per_rank(tmp_path, monkeypatch, caplog):
+    """DyLoRA draws a rank per step and each rank compiles its own graph: the run says so up front."""
+    compile_with_aot_eager(monkeypatch)
+    for compiled in (True, False):
+        model = tiny_llama()
+        lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj"], dylora=True, seed=0))
+        cfg = TrainConfig(data="x", lr=1e-2, max_steps=1, batch_size=4, device="cpu", compile=compiled)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lorakit.training"):
+            run_loop(model, None, cfg, examples(), collate, tmp_path / str(compiled), progress=False)
+        warned = [r.getMessage() for r in caplog.records if "compiles a graph per rank" in r.getMessage()]
+        assert len(warned) == (1 if compiled else 0)
 
 
 def test_ctrl_c_mid_step_resumes_bit_for_bit(tmp_path, monkeypatch):
