@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from lorakit.kernels import (dispatch, lora_linear, mlp_dispatch, projection, sibling_dispatch, triton_colsum,
-                             triton_merge, triton_swiglu)
+from lorakit.kernels import (dispatch, dora_linear, dora_norm, lora_linear, mlp_dispatch, projection, sibling_dispatch,
+                             triton_colsum, triton_merge, triton_swiglu)
 from train_step import PRESETS, make_step
 
 # Gated MLPs run layer by layer (the fused MLP function declines every call).
@@ -32,6 +32,20 @@ LAYERWISE_MLP = [(mlp_dispatch, "fused_mlp_forward", lambda mlp, x: None)]
 SEPARATE_QKV = [(sibling_dispatch.SiblingProjections, "output", lambda self, layer, x: None)]
 # The fused MLP's SiLU gate in torch ops instead of the Triton kernels.
 TORCH_GATE = [(triton_swiglu, "available", lambda g, u: False)]
+
+# Diagnostics (wrong results, timing only): what DoRA's per-step parts cost. Each weight's first c
+# reused instead of the factored norm every step; no ∂m (zeros) instead of its product and sums.
+_FIRST_RESCALE: dict[int, torch.Tensor] = {}
+
+
+def _rescale_once(weight, A, B, scaling, magnitude):
+    if id(weight) not in _FIRST_RESCALE:
+        _FIRST_RESCALE[id(weight)] = dora_norm.factored_rescale(weight, A, B, scaling, magnitude)
+    return _FIRST_RESCALE[id(weight)]
+
+
+NORM_ONCE = [(dora_linear, "factored_rescale", _rescale_once)]
+NO_MAGNITUDE_GRAD = [(dora_linear, "magnitude_grad", lambda g, out, bias, m: (torch.zeros_like(m), None))]
 
 VARIANTS = {
     "frozen": ("frozen", []),
@@ -58,6 +72,9 @@ VARIANTS = {
     "dora-torch-dm": ("lorakit-dora", [(triton_colsum, "ENABLED", False)]),
     "dora-torch-builds": ("lorakit-dora", [(triton_merge, "MODE", "0")]),
     "dora-reference": ("lorakit-dora-reference", []),
+    "dora-norm-once": ("lorakit-dora", NORM_ONCE),
+    "dora-no-dm": ("lorakit-dora", NO_MAGNITUDE_GRAD),
+    "dora-norm-once-no-dm": ("lorakit-dora", NORM_ONCE + NO_MAGNITUDE_GRAD),
 }
 
 
