@@ -85,8 +85,11 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
     else:
         from ..models import load_model
 
-        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=process_device(cfg, accelerator),
-                                      gradient_checkpointing=cfg.gradient_checkpointing)
+        # Under a launch one process downloads or converts into the model cache; the others wait for
+        # it and then read the cache, instead of all doing the same ~30 s of work at once.
+        with accelerator.main_process_first():
+            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=process_device(cfg, accelerator),
+                                          gradient_checkpointing=cfg.gradient_checkpointing)
     data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
     if data.stats.n_truncated:
