@@ -275,6 +275,25 @@ def fake_data(monkeypatch):
         examples(8), [], [], collate, SimpleNamespace(summary=lambda: "", n_truncated=0)))
 
 
+def test_runs_in_one_process_each_get_their_own_mixed_precision(tmp_path, monkeypatch):
+    """accelerate keeps one mixed precision per process; a second run (an ablation, a notebook)
+    with another must still get its own, and train with it."""
+    fake_data(monkeypatch)
+    seen = []
+    real_run_loop = run_module.run_loop
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["accelerator"].mixed_precision)
+        return real_run_loop(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_loop", recording)
+    for precision in ("no", "bf16", "no"):
+        result = lorakit.train(loaded=(tiny_llama(), None), data="x", output_dir=str(tmp_path / precision),
+                               max_steps=1, batch_size=4, mixed_precision=precision, device="cpu", progress=False)
+        assert result.steps == 1
+    assert seen == ["no", "bf16", "no"]
+
+
 def test_train_with_unmatched_targets_writes_nothing(tmp_path, monkeypatch):
     fake_data(monkeypatch)
     model = tiny_llama()

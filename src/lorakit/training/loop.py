@@ -93,9 +93,23 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     device = parse_device(resolve_device(cfg.device))
-    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        _forget_earlier_accelerate_settings()
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+
+
+def _forget_earlier_accelerate_settings() -> None:
+    """accelerate keeps one device and mixed precision per process and refuses an Accelerator
+    with others ("AcceleratorState has already been initialized"): a second run in one process
+    (an ablation, a notebook) could not switch to bf16 or to the CPU. A single process has no
+    process group to lose, so its state is reset for each run, as transformers' Trainer does.
+    Under a launch the state holds the group: it is kept, and accelerate's check stands."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def process_device(cfg: TrainConfig, accelerator) -> str:
