@@ -374,6 +374,9 @@ def test_ctrl_c_after_the_optimizer_update_resumes_bit_for_bit(tmp_path, monkeyp
     run_loop(resumed, None, TrainConfig(**cfg, resume=True), examples(), collate, tmp_path / "b", progress=False)
     for name, value in trainable_state(straight).items():
         assert torch.equal(trainable_state(resumed)[name], value), name
+    # The step that counted has its line in the metrics log too: no gap in the resumed run's curve.
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 class NotMainProcess:

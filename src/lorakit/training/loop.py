@@ -210,7 +210,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step: the next one's)
-            guard.holding = True  # from the update on, the step is done: a Ctrl-C waits until position says so
+            guard.holding = True  # from the update on, the step is done: a Ctrl-C waits until position and log say so
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -221,13 +221,13 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             step_loss = step_loss.item()  # after the optimizer's kernels are queued
             position.step, position.epoch, position.batch = position.step + 1, epoch, batch_in_epoch
             step_start_rng = None
-            guard.release()
             bar.update(1)
             rate = tokens / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
             if metrics and (position.step % cfg.log_every == 0 or position.step == n_steps):
                 metrics.add({"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr,
                              "tokens_per_s": rate})
+            guard.release()  # after the step's metrics line: a resumed run does not redo the step, nor write it
             if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < n_steps and eval_examples:
                 last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs,
                                               metrics, position.step)
