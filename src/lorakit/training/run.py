@@ -78,7 +78,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         raise ConfigError("no training data: set data (--data FILE.jsonl)")
     device = resolve_device(cfg.device)
     require_device(device)  # a clear error before accelerate meets a missing GPU
-    check_mixed_precision(cfg.mixed_precision, _device_type(loaded[0]) if loaded is not None else parse_device(device).type)
+    model_device = _device_type(loaded[0]) if loaded is not None else parse_device(device).type
+    check_mixed_precision(cfg.mixed_precision, model_device)
     accelerator = make_accelerator(cfg)  # writes nothing; under a launch it knows this process's GPU
     if loaded is not None:
         model, tokenizer = loaded
