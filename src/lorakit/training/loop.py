@@ -93,23 +93,30 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     device = parse_device(resolve_device(cfg.device))
+    cpu = device.type == "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        _forget_earlier_accelerate_settings()
+        _forget_other_accelerate_settings(cpu, cfg.mixed_precision)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
 
 
-def _forget_earlier_accelerate_settings() -> None:
+def _forget_other_accelerate_settings(cpu: bool, mixed_precision: str) -> None:
     """accelerate keeps one device and mixed precision per process and refuses an Accelerator
     with others ("AcceleratorState has already been initialized"): a second run in one process
     (an ablation, a notebook) could not switch to bf16 or to the CPU. A single process has no
-    process group to lose, so its state is reset for each run, as transformers' Trainer does.
+    process group to lose, so a state with other settings is reset, as transformers' Trainer
+    does; one with the same settings is kept (another Accelerator of the caller's may share it).
     Under a launch the state holds the group: it is kept, and accelerate's check stands."""
-    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    state = AcceleratorState._shared_state
+    if not state:
+        return
+    device = PartialState._shared_state.get("device")
+    if state.get("_mixed_precision") != mixed_precision or (device is not None and (device.type == "cpu") != cpu):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def process_device(cfg: TrainConfig, accelerator) -> str:
