@@ -275,7 +275,7 @@ class _InterruptGuard:
     """Ctrl-C raises KeyboardInterrupt at once, except while ``holding``: then it waits for ``release``.
 
     An optimizer step changes the weights, optimizer and scheduler first and the position that counts
-    it last. A Ctrl-C in between (on a GPU the likely moment: the host waits in ``.item()`` for the
+    it (and the metrics line that logs it) last. A Ctrl-C in between (on a GPU the likely moment: the host waits in ``.item()`` for the
     step's kernels) would checkpoint updated weights with the step's start position, and the resumed
     run would apply that step twice. Only Python's default handler is replaced, in the main thread
     (the only one signals reach); elsewhere, or under another handler, nothing changes.
