@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import signal
@@ -25,12 +24,12 @@ import torch
 from torch import nn
 
 from ..io.atomic import write_text_atomically
-from ..models.device import parse_device, resolve_device
 from ..variants.adalora import RankAllocator, adalora_adapters, current_ranks, orthogonal_penalty
 from ..variants.dylora import dylora_adapters, sample_nested_rank, set_nested_rank
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
+from .launch import make_accelerator
 from .optim import make_optimizer, make_scheduler
 from .plot import plot_loss_curve
 
@@ -78,51 +77,6 @@ class MetricsLog:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def make_accelerator(cfg: TrainConfig):
-    """The run's ``accelerate.Accelerator``: this process's device and the mixed precision.
-
-    ``cfg.device`` None/"auto" is the GPU when there is one, else the CPU. Under a launch
-    (``accelerate launch``, ``torchrun``) each process gets its own GPU, and on the CPU the processes
-    join one gloo group: accelerate forms that group only when told the run is on the CPU, and
-    without it every process would train alone, all writing into one folder. An explicit
-    ``cuda:N`` of a single process becomes the current GPU, where accelerate then places the model
-    (it would otherwise move it to GPU 0). One per run: ``train()`` makes it first, to load the
-    model straight onto this process's device, and under DDP only its main process writes."""
-    from accelerate import Accelerator
-
-    device = parse_device(resolve_device(cfg.device))
-    cpu = device.type == "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        _forget_other_accelerate_settings(cpu, cfg.mixed_precision)
-        if device.type == "cuda" and device.index is not None:
-            torch.cuda.set_device(device)
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
-
-
-def _forget_other_accelerate_settings(cpu: bool, mixed_precision: str) -> None:
-    """accelerate keeps one device and mixed precision per process and refuses an Accelerator
-    with others ("AcceleratorState has already been initialized"): a second run in one process
-    (an ablation, a notebook) could not switch to bf16 or to the CPU. A single process has no
-    process group to lose, so a state with other settings is reset, as transformers' Trainer
-    does; one with the same settings is kept (another Accelerator of the caller's may share it).
-    Under a launch the state holds the group: it is kept, and accelerate's check stands."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    state = AcceleratorState._shared_state
-    if not state:
-        return
-    device = PartialState._shared_state.get("device")
-    if state.get("_mixed_precision") != mixed_precision or (device is not None and (device.type == "cpu") != cpu):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-
-
-def process_device(cfg: TrainConfig, accelerator) -> str:
-    """Where this process loads the model: ``cfg.device``, with the GPU index the launch gave it."""
-    asked = parse_device(resolve_device(cfg.device))
-    return str(accelerator.device) if asked.type == accelerator.device.type else str(asked)
 
 
 def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list[dict], collate: Callable,

@@ -22,7 +22,8 @@ from ..models.device import parse_device, require_device, resolve_device
 from ..report import summary
 from ..state import active_adapters
 from .config import TrainConfig
-from .loop import make_accelerator, process_device, run_loop
+from .launch import make_accelerator, process_device
+from .loop import run_loop
 
 log = logging.getLogger("lorakit.training")
 
