@@ -294,6 +294,31 @@ def test_runs_in_one_process_each_get_their_own_mixed_precision(tmp_path, monkey
     assert seen == ["no", "bf16", "no"]
 
 
+def test_the_launchers_mixed_precision_applies_unless_the_run_sets_its_own(tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` says so in ACCELERATE_MIXED_PRECISION, which an
+    Accelerator given its own precision ignores; a run that sets none gets the launcher's."""
+    fake_data(monkeypatch)
+    seen = []
+    done = SimpleNamespace(steps=0, interrupted=False, records=[], last_eval=None, main_process=False)
+    monkeypatch.setattr(run_module, "run_loop", lambda *args, **kwargs: seen.append(kwargs["accelerator"].mixed_precision)
+                        or done)
+
+    def run(launched, out, **own):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+        return lorakit.train(loaded=(tiny_llama(), None), data="x", output_dir=str(tmp_path / out), device="cpu", **own)
+
+    run("bf16", "launched")
+    assert "mixed_precision: bf16" in (tmp_path / "launched" / "train_config.yaml").read_text()
+    run("fp16", "own", mixed_precision="bf16")  # the run's own choice wins
+    run("no", "plain")
+    assert seen == ["bf16", "bf16", "no"]
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):  # the launcher's choice is checked like the run's
+        run("fp16", "fp16")
+    with pytest.raises(ConfigError, match="ACCELERATE_MIXED_PRECISION='fp8'"):
+        run("fp8", "fp8")
+    assert not (tmp_path / "fp16").exists() and not (tmp_path / "fp8").exists()
+
+
 def test_train_with_unmatched_targets_writes_nothing(tmp_path, monkeypatch):
     fake_data(monkeypatch)
     model = tiny_llama()

@@ -6,12 +6,17 @@ makes one Accelerator per run, before loading the model, so that it knows its ow
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 
 import torch
 
+from ..errors import ConfigError
 from ..models.device import parse_device, resolve_device
-from .config import TrainConfig
+from .config import MIXED_PRECISION, TrainConfig
+
+log = logging.getLogger("lorakit.training")
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -57,3 +62,19 @@ def process_device(cfg: TrainConfig, accelerator) -> str:
     """Where this process loads the model: ``cfg.device``, with the GPU index the launch gave it."""
     asked = parse_device(resolve_device(cfg.device))
     return str(accelerator.device) if asked.type == accelerator.device.type else str(asked)
+
+
+def with_launch_precision(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the launcher's mixed precision when the run left it at "no".
+
+    ``accelerate launch --mixed_precision bf16`` passes its choice in ``ACCELERATE_MIXED_PRECISION``;
+    an Accelerator given a precision of its own ignores it, so a run launched for bf16 would train
+    in full precision. A precision the run asks for itself wins."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if cfg.mixed_precision != "no" or launched == "no":
+        return cfg
+    if launched not in MIXED_PRECISION:
+        raise ConfigError(f"ACCELERATE_MIXED_PRECISION={launched!r} (from accelerate launch or its config) is not "
+                          f"one of {MIXED_PRECISION}; pass --mixed-precision to choose")
+    log.info("mixed precision %s, as launched (ACCELERATE_MIXED_PRECISION)", launched)
+    return dataclasses.replace(cfg, mixed_precision=launched)

@@ -22,7 +22,7 @@ from ..models.device import parse_device, require_device, resolve_device
 from ..report import summary
 from ..state import active_adapters
 from .config import TrainConfig
-from .launch import make_accelerator, process_device
+from .launch import make_accelerator, process_device, with_launch_precision
 from .loop import run_loop
 
 log = logging.getLogger("lorakit.training")
@@ -75,6 +75,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
     ``config.model``.
     """
     cfg = TrainConfig.from_sources(config.to_dict() if isinstance(config, TrainConfig) else config, **overrides)
+    cfg = with_launch_precision(cfg)  # what the run's config file then records
     if not cfg.data:
         raise ConfigError("no training data: set data (--data FILE.jsonl)")
     device = resolve_device(cfg.device)
