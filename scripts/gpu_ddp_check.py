@@ -57,7 +57,7 @@ def main() -> int:
     cmd = ["accelerate", "launch", "--num_processes", str(args.processes), "--mixed_precision", "bf16", "-m", "lorakit",
            "-v", "train", "--model", str(args.out / "model"), "--data", str(data["train"]), "--valid-data",
            str(data["test"]), "--output-dir", str(run), "--max-steps", "30", "--batch-size", "8", "--lr", "3e-3",
-           "--mixed-precision", "bf16", "--save-every", "10", "--max-new-tokens", "8"]
+           "--save-every", "10", "--max-new-tokens", "8"]  # bf16: the launcher's, not a flag of the run
     print(" ".join(cmd), flush=True)
     done = subprocess.run(cmd, env={**os.environ}, capture_output=True, text=True)
     print(done.stdout[-3000:])
@@ -69,6 +69,7 @@ def main() -> int:
         assert f"process {rank} of {args.processes} on cuda:{rank}" in done.stderr, f"process {rank} is not on cuda:{rank}"
         assert f"on cuda:{rank} as " in done.stderr, f"process {rank} did not load the model onto cuda:{rank}"
     assert done.stdout.count("adapter:") == 1, "more than one process reported the run"
+    assert done.stderr.count("mixed precision bf16, as launched") == args.processes, "the launcher's bf16 was not used"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     print(f"steps logged: {len(losses)}; first loss {losses[0]:.3f}, last {losses[-1]:.3f}")
