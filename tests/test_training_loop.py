@@ -294,6 +294,38 @@ def test_runs_in_one_process_each_get_their_own_mixed_precision(tmp_path, monkey
     assert seen == ["no", "bf16", "no"]
 
 
+def test_a_launched_process_loads_onto_its_own_gpu_after_the_main_process(tmp_path, monkeypatch):
+    """Rank 1 of a launch on cuda:1: it waits for the main process (which fills the model cache),
+    then loads the model straight onto cuda:1, not onto "cuda" (GPU 0)."""
+    from contextlib import contextmanager
+
+    import lorakit.models
+
+    fake_data(monkeypatch)
+    events = []
+
+    class SecondGpuProcess:
+        device, is_main_process = torch.device("cuda", 1), False
+
+        @contextmanager
+        def main_process_first(self):
+            events.append("main process first")
+            yield
+            events.append("others")
+
+    def load_model(name, dtype, device, gradient_checkpointing):
+        events.append(f"load onto {device}")
+        return tiny_llama(), None
+
+    done = SimpleNamespace(steps=0, interrupted=False, records=[], last_eval=None, main_process=False)
+    monkeypatch.setattr(run_module, "make_accelerator", lambda cfg: SecondGpuProcess())
+    monkeypatch.setattr(run_module, "require_device", lambda device: None)  # no GPU on this machine
+    monkeypatch.setattr(lorakit.models, "load_model", load_model)
+    monkeypatch.setattr(run_module, "run_loop", lambda *args, **kwargs: done)
+    lorakit.train(data="x", device="cuda", output_dir=str(tmp_path / "out"))
+    assert events == ["main process first", "load onto cuda:1", "others"]
+
+
 def test_the_launchers_mixed_precision_applies_unless_the_run_sets_its_own(tmp_path, monkeypatch):
     """`accelerate launch --mixed_precision bf16` says so in ACCELERATE_MIXED_PRECISION, which an
     Accelerator given its own precision ignores; a run that sets none gets the launcher's."""

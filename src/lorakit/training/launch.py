@@ -58,9 +58,9 @@ def _forget_other_accelerate_settings(cpu: bool, mixed_precision: str) -> None:
         GradientState._reset_state()
 
 
-def process_device(cfg: TrainConfig, accelerator) -> str:
-    """Where this process loads the model: ``cfg.device``, with the GPU index the launch gave it."""
-    asked = parse_device(resolve_device(cfg.device))
+def process_device(asked: torch.device, accelerator) -> str:
+    """Where this process loads the model: the run's device (resolved), with the GPU index the
+    launch gave this process."""
     return str(accelerator.device) if asked.type == accelerator.device.type else str(asked)
 
 

@@ -171,7 +171,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step: the next one's)
-            guard.holding = True  # from the update on, the step is done: a Ctrl-C waits until position and log say so
+            # From the update on the step is done: a Ctrl-C waits until the position and the log say so.
+            guard.holding = True
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -188,7 +189,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             if metrics and (position.step % cfg.log_every == 0 or position.step == n_steps):
                 metrics.add({"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr,
                              "tokens_per_s": rate})
-            guard.release()  # after the step's metrics line: a resumed run does not redo the step, nor write it
+            guard.release()  # after the step's metrics line, which a resumed run does not write again
             if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < n_steps and eval_examples:
                 last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs,
                                               metrics, position.step)
@@ -228,10 +229,10 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
 class _InterruptGuard:
     """Ctrl-C raises KeyboardInterrupt at once, except while ``holding``: then it waits for ``release``.
 
-    An optimizer step changes the weights, optimizer and scheduler first and the position that counts
-    it (and the metrics line that logs it) last. A Ctrl-C in between (on a GPU the likely moment: the host waits in ``.item()`` for the
-    step's kernels) would checkpoint updated weights with the step's start position, and the resumed
-    run would apply that step twice. Only Python's default handler is replaced, in the main thread
+    An optimizer step changes the weights, optimizer and scheduler first, and the position that
+    counts it (and the metrics line that logs it) last. A Ctrl-C in between (on a GPU the likely
+    moment: the host waits in ``.item()`` for the step's kernels) would checkpoint updated weights
+    with the step's start position, and the resumed run would apply that step twice. Only Python's default handler is replaced, in the main thread
     (the only one signals reach); elsewhere, or under another handler, nothing changes.
     """
 

@@ -78,9 +78,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
     cfg = with_launch_precision(cfg)  # what the run's config file then records
     if not cfg.data:
         raise ConfigError("no training data: set data (--data FILE.jsonl)")
-    device = resolve_device(cfg.device)
-    require_device(device)  # a clear error before accelerate meets a missing GPU
-    model_device = _device_type(loaded[0]) if loaded is not None else parse_device(device).type
+    device = parse_device(resolve_device(cfg.device))
+    require_device(str(device))  # a clear error before accelerate meets a missing GPU
+    model_device = _device_type(loaded[0]) if loaded is not None else device.type
     check_mixed_precision(cfg.mixed_precision, model_device)
     accelerator = make_accelerator(cfg)  # writes nothing; under a launch it knows this process's GPU
     if loaded is not None:
@@ -91,7 +91,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         # Under a launch one process downloads or converts into the model cache; the others wait for
         # it and then read the cache, instead of all doing the same ~30 s of work at once.
         with accelerator.main_process_first():
-            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=process_device(cfg, accelerator),
+            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=process_device(device, accelerator),
                                           gradient_checkpointing=cfg.gradient_checkpointing)
     data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
