@@ -264,3 +264,25 @@ def test_a_training_step_compiles_to_one_graph(ids, use_dora):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_batches_on_both_sides_of_the_merge_choice_share_one_dynamic_graph(use_dora):
+    """The fused path's merge-or-factor choice reads the traced batch's token count without a
+    guard. After the first shape's graph and one dynamic graph (traced at 80 tokens: merged), a
+    batch of 40 tokens (factored in eager: the break-even is 64 for LoRA, 48 for DoRA at
+    d_in = 32) compiles nothing new and still gives eager's loss and gradients."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()  # dynamo remembers which sizes varied per code object, across models
+    model = adapted_llama(use_dora, dtype=torch.float32)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for length in (16, 40, 20):
+        ids = torch.randint(0, 128, (2, length), generator=torch.Generator().manual_seed(length))
+        compiled_loss, compiled_grads = model_loss_and_grads(model, ids, True, forward=compiled)
+    assert counter.frame_count == 2
+    eager_loss, eager_grads = model_loss_and_grads(model, ids, True)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -28,8 +28,8 @@ HELP = {
     "resume": "continue from the latest checkpoint in output_dir",
     "mixed_precision": "no | bf16 | fp16 (GPU)",
     "dtype": "model weights dtype: auto | float32 | bfloat16 | float16",
-    "compile": "torch.compile the training step (inductor). Each new batch shape or merge choice of the "
-               "first steps compiles (on a CPU minutes each for a 30-layer model, and a C++ compiler is needed)",
+    "compile": "torch.compile the training step (inductor). The first batch compiles, and the first of another "
+               "shape once more (on a CPU minutes each for a 30-layer model, and a C++ compiler is needed)",
 }
 SKIP = {"extra"}
 # Second spellings. ``--rank``: torchrun's parser rejects ``--r`` anywhere on its command line as an

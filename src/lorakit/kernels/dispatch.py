@@ -21,6 +21,12 @@ output (backward: the gradient) by c and reads W0 once for the factored norm; me
 also norms and scales the rows, which the Triton kernel does in the same two passes and torch in
 about seven. So a GPU merges DoRA from N > d_in / 4 on (training batches, as before), the CPU
 only from N > 1.5 d_in (its training batches of a few hundred tokens stay factored).
+
+Under torch.compile with a dynamic batch shape, N is symbolic, and comparing it with a threshold
+would guard on the comparison: a new graph for every batch whose N lands on the other side of a
+layer's break-even (on a CPU minutes of compiling each). ``planned_tokens`` reads N's hint instead,
+the size of the batch being traced, without a guard: the choice is fixed when the graph is traced.
+Both ways compute the same values, so only the speed of later batches of other sizes differs.
 """
 
 from __future__ import annotations
@@ -31,6 +37,12 @@ import re
 import torch
 from torch import nn
 
+try:  # torch >= 2.11: a symbolic size's hint without a guard
+    from torch.fx.experimental.symbolic_shapes import optimization_hint as _size_hint
+except ImportError:  # older torch: the comparison guards, and a compiled model recompiles per choice
+    def _size_hint(tokens):
+        return tokens
+
 from . import triton_merge
 from .dora_linear import DoraLinearFunction
 from .lora_linear import LoraLinearFunction
@@ -38,6 +50,12 @@ from .projection import Projection
 
 # Multiplies the break-even token counts of the docstring (benchmarks: bench/train_step.py).
 MERGE_RATIO = 1.0
+
+
+def planned_tokens(x: torch.Tensor) -> int:
+    """The rows of x (N for x (..., d_in)) as the merge choice counts them: a plain int, under
+    torch.compile the hint of a symbolic N (see the module docstring)."""
+    return _size_hint(x.numel() // x.shape[-1])
 
 
 def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:
@@ -104,7 +122,7 @@ def fusable_projections(layers, x: torch.Tensor):
     when every layer's call on ``x`` is covered by the fused functions without dropout, else None:
     what a function fusing several projections of one input (``gated_mlp.py``,
     ``sibling_projections.py``) needs."""
-    tokens = x.numel() // x.shape[-1]
+    tokens = planned_tokens(x)
     plans, linear_tensors, magnitudes = [], [], []
     for layer in layers:
         operands = fusable_operands(layer, x)
@@ -163,7 +181,7 @@ def fusable_operands(layer, x: torch.Tensor):
 
 
 def _apply(x, weight, bias, A, B, scaling, magnitude, dropout):
-    tokens = x.numel() // x.shape[-1]
+    tokens = planned_tokens(x)
     if magnitude is not None:
         return DoraLinearFunction.apply(x, weight, bias, A, B, magnitude, scaling,
                                         *plan_directions(tokens, weight, magnitude))
