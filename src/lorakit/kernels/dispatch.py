@@ -37,11 +37,10 @@ import re
 import torch
 from torch import nn
 
-try:  # torch >= 2.11: a symbolic size's hint without a guard
-    from torch.fx.experimental.symbolic_shapes import optimization_hint as _size_hint
-except ImportError:  # older torch: the comparison guards, and a compiled model recompiles per choice
-    def _size_hint(tokens):
-        return tokens
+try:  # torch >= 2.13: a symbolic size's hint, without a guard
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+except ImportError:
+    optimization_hint = None
 
 from . import triton_merge
 from .dora_linear import DoraLinearFunction
@@ -54,8 +53,13 @@ MERGE_RATIO = 1.0
 
 def planned_tokens(x: torch.Tensor) -> int:
     """The rows of x (N for x (..., d_in)) as the merge choice counts them: a plain int, under
-    torch.compile the hint of a symbolic N (see the module docstring)."""
-    return _size_hint(x.numel() // x.shape[-1])
+    torch.compile the hint of a symbolic N (see the module docstring). A torch without
+    ``optimization_hint`` (before 2.13) plans every compiled call as 0 tokens: the factored way
+    in both directions, which needs no guard either."""
+    tokens = x.numel() // x.shape[-1]
+    if optimization_hint is not None:
+        return optimization_hint(tokens)  # an int as it is; dynamo reads a symbolic one's hint
+    return 0 if torch.compiler.is_compiling() else tokens
 
 
 def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:

@@ -24,8 +24,11 @@ ENABLED = True  # bench/kernel_ab.py switches it off for A/B runs
 
 
 def available(g: torch.Tensor) -> bool:
-    """True when the kernel can compute the column sums for ``g`` (a CUDA tensor of a float dtype)."""
-    return ENABLED and on_gpu_in_kernel_dtype(g)
+    """True when the kernel should compute the column sums for ``g``: a CUDA tensor of a float
+    dtype, outside torch.compile. (Inductor fuses the torch expression's product and sum by
+    itself, and the launch shape, worked out per row count, would break a graph whose row count
+    is symbolic.)"""
+    return ENABLED and not torch.compiler.is_compiling() and on_gpu_in_kernel_dtype(g)
 
 
 _LAUNCH_SHAPES: dict[tuple[int, int, torch.device], tuple[int, int]] = {}
