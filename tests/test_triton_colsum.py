@@ -65,3 +65,18 @@ def test_magnitude_grad_is_the_formula_and_zero_where_m_is_zero():
     want = (g * out).sum(0) / m
     want[2] = 0.0
     torch.testing.assert_close(magnitude_grad(g, out, None, m)[0], want, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_graphs_take_the_torch_expression(monkeypatch):
+    """Under torch.compile the kernel is not used (inductor fuses the torch expression itself, and
+    the kernel's per-row-count launch shape would break a graph with a symbolic row count): a
+    GPU tensor would take it in eager code only."""
+    monkeypatch.setattr(triton_colsum, "on_gpu_in_kernel_dtype", lambda tensor: True)
+
+    def kernel_taken(g):
+        return g * (2.0 if triton_colsum.available(g) else 3.0)
+
+    g = torch.ones(4, 2)
+    assert kernel_taken(g)[0, 0].item() == 2.0
+    compiled = torch.compile(kernel_taken, backend="eager", fullgraph=True)
+    assert compiled(g)[0, 0].item() == 3.0
