@@ -69,8 +69,8 @@ def test_magnitude_grad_is_the_formula_and_zero_where_m_is_zero():
 
 def test_compiled_graphs_take_the_torch_expression(monkeypatch):
     """Under torch.compile the kernel is not used (inductor fuses the torch expression itself, and
-    the kernel's per-row-count launch shape would break a graph with a symbolic row count): a
-    GPU tensor would take it in eager code only."""
+    the kernel's launch-shape memo broke the graph in every DoRA layer on a GPU): a GPU tensor
+    takes it in eager code only."""
     monkeypatch.setattr(triton_colsum, "on_gpu_in_kernel_dtype", lambda tensor: True)
 
     def kernel_taken(g):

@@ -26,8 +26,8 @@ ENABLED = True  # bench/kernel_ab.py switches it off for A/B runs
 def available(g: torch.Tensor) -> bool:
     """True when the kernel should compute the column sums for ``g``: a CUDA tensor of a float
     dtype, outside torch.compile. (Inductor fuses the torch expression's product and sum by
-    itself, and the launch shape, worked out per row count, would break a graph whose row count
-    is symbolic.)"""
+    itself, and writing ``_LAUNCH_SHAPES`` while dynamo traces DoRA's autograd.Function breaks
+    the graph in every DoRA layer.)"""
     return ENABLED and not torch.compiler.is_compiling() and on_gpu_in_kernel_dtype(g)
 
 
