@@ -106,6 +106,7 @@ def compile_check(dora: bool):
     ids = torch.randint(0, 1000, (2, 256), device="cuda")
     eager_loss, eager = loss_and_grads(model, ids, True)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = torch.compile(model)
     loss = compiled(ids, labels=ids).loss
     loss.backward()
@@ -114,6 +115,8 @@ def compile_check(dora: bool):
     print(f"torch.compile (inductor, bf16, dora={dora}): loss {loss.item():.6f} vs eager {eager_loss:.6f}, "
           f"worst relative grad difference {worst:.2e}")
     assert abs(loss.item() - eager_loss) < 3e-2 * abs(eager_loss) and worst < 5e-2
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    assert not breaks, f"graph breaks: {breaks}"
 
 
 if __name__ == "__main__":
