@@ -232,6 +232,21 @@ def test_inspect_prints_the_table_and_writes_a_png(setup, tmp_path, capsys):
         assert module["norm"] == pytest.approx(sum(s * s for s in module["singular_values"]) ** 0.5)
 
 
+def test_inspect_of_a_vera_adapter_says_what_it_cannot_compute(tmp_path, capsys):
+    """VeRA's update needs each layer's input size, which the adapter files do not hold: the table
+    shows d_in as "?", the JSON as null, and --plot writes no empty figure."""
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"], use_vera=True))
+    lorakit.save_adapter(model, tmp_path / "vera")
+    assert main(["inspect", str(tmp_path / "vera"), "--plot", str(tmp_path / "v.png")]) == 0
+    captured = capsys.readouterr()
+    assert "| model.layers.0.self_attn.q_proj | 4 | 1 | 32x? | n/a |" in captured.out and "VeRA" in captured.out
+    assert "not written" in captured.err and not (tmp_path / "v.png").exists()
+    assert main(["inspect", str(tmp_path / "vera"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["modules"][0]["shape"] == [32, None] and info["plot"] is None
+
+
 def test_inspect_of_a_missing_directory_is_a_clean_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -35,7 +35,7 @@ class ModuleInfo:
     path: str
     rank: int
     scaling: float
-    shape: tuple[int, int]  # (d_out, d_in) of the update, conv kernels flattened
+    shape: tuple[int, int | None]  # (d_out, d_in) of the update, conv kernels flattened; VeRA: d_in None
     norm: float | None = None
     singular_values: list[float] | None = None
     effective_rank: float | None = None
@@ -75,7 +75,8 @@ class AdapterInfo:
                  "|---|---|---|---|---|---|---|---|"]
         for m in self.modules:
             if m.norm is None:
-                lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {m.shape[0]}x{m.shape[1]} | n/a | n/a | n/a | n/a |")
+                d_in = "?" if m.shape[1] is None else m.shape[1]
+                lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {m.shape[0]}x{d_in} | n/a | n/a | n/a | n/a |")
                 continue
             top = m.singular_values[0] if m.singular_values else 0.0
             lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {m.shape[0]}x{m.shape[1]} | {m.norm:.4g} | "
@@ -83,8 +84,11 @@ class AdapterInfo:
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
-    def plot(self, path: str | os.PathLike) -> Path:
-        """Singular-value spectra (σ_j / σ_1, one line per module) and ‖ΔW‖_F per module, as a PNG."""
+    def plot(self, path: str | os.PathLike) -> Path | None:
+        """Singular-value spectra (σ_j / σ_1, one line per module) and ‖ΔW‖_F per module, as a PNG;
+        None, and no file, when no module has a spectrum (VeRA)."""
+        if not any(m.singular_values for m in self.modules):
+            return None
         return plot_spectra(self, Path(path))
 
 
@@ -114,7 +118,7 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
 def module_info(path: str, found: dict[str, torch.Tensor], config) -> ModuleInfo:
     A, B = found["lora_A"].double(), found["lora_B"].double()
     if config.use_vera:  # d (r,), b (d_out,)
-        return ModuleInfo(path, A.shape[0], 1.0, (B.shape[0], -1))
+        return ModuleInfo(path, A.shape[0], 1.0, (B.shape[0], None))  # d_in: the base layer's, unknown here
     rank = A.shape[0]
     alpha = config.alpha_for(path)
     scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank

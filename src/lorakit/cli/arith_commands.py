@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -138,6 +139,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     info = inspect_adapter(args.adapter)
     plot = info.plot(args.plot) if args.plot else None
+    if args.plot and plot is None:
+        print(f"plot: {args.plot} not written: no module has a spectrum to plot", file=sys.stderr)
     if args.json:
         print(json.dumps({**info.to_dict(), "plot": str(plot) if plot else None}, indent=2))
         return 0
