@@ -95,8 +95,7 @@ def kernel_check():
 
 
 def compile_check(dora: bool):
-    """A compiled LoRA (or DoRA) model against eager. With torch >= 2.13 DoRA merges at these 512
-    tokens, its Triton build kernel inside the graph; an older torch plans compiled calls factored."""
+    """A compiled LoRA (or DoRA: its Triton build kernel inside the graph) model against eager."""
     import torch._dynamo
 
     model = small_llama(torch.bfloat16)

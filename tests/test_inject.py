@@ -266,14 +266,20 @@ def test_a_training_step_compiles_to_one_graph(ids, use_dora):
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_batches_on_both_sides_of_the_merge_choice_share_one_dynamic_graph(use_dora):
+@pytest.mark.parametrize("use_dora, hint", [(False, True), (True, True), (True, False)],
+                         ids=["lora", "dora", "dora-without-hint"])
+def test_batches_on_both_sides_of_the_merge_choice_share_one_dynamic_graph(use_dora, hint, monkeypatch):
     """The fused path's merge-or-factor choice reads the traced batch's token count without a
     guard. After the first shape's graph and one dynamic graph (traced at 80 tokens: merged), a
     batch of 40 tokens (factored in eager: the break-even is 64 for LoRA, 48 for DoRA at
-    d_in = 32) compiles nothing new and still gives eager's loss and gradients."""
+    d_in = 32) compiles nothing new and still gives eager's loss and gradients. Without torch's
+    ``optimization_hint`` (before 2.13) the dynamic graph is factored, likewise without a guard."""
     from torch._dynamo.testing import CompileCounter
 
+    from lorakit.kernels import dispatch
+
+    if not hint:
+        monkeypatch.setattr(dispatch, "optimization_hint", None)
     torch._dynamo.reset()  # dynamo remembers which sizes varied per code object, across models
     model = adapted_llama(use_dora, dtype=torch.float32)
     counter = CompileCounter()

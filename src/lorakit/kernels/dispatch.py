@@ -26,7 +26,9 @@ Under torch.compile with a dynamic batch shape, N is symbolic, and comparing it 
 would guard on the comparison: a new graph for every batch whose N lands on the other side of a
 layer's break-even (on a CPU minutes of compiling each). ``planned_tokens`` reads N's hint instead,
 the size of the batch being traced, without a guard: the choice is fixed when the graph is traced.
-Both ways compute the same values, so only the speed of later batches of other sizes differs.
+Both ways compute the same values, so only the speed of later batches of other sizes differs. A
+torch before 2.13 has no such hint: there a dynamic graph takes the factored way (a graph for one
+shape still plans from its N).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import re
 
 import torch
 from torch import nn
+
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:  # torch >= 2.13: a symbolic size's hint, without a guard
     from torch.fx.experimental.symbolic_shapes import optimization_hint
@@ -54,12 +58,10 @@ MERGE_RATIO = 1.0
 def planned_tokens(x: torch.Tensor) -> int:
     """The rows of x (N for x (..., d_in)) as the merge choice counts them: a plain int, under
     torch.compile the hint of a symbolic N (see the module docstring). A torch without
-    ``optimization_hint`` (before 2.13) plans every compiled call as 0 tokens: the factored way
-    in both directions, which needs no guard either."""
+    ``optimization_hint`` (before 2.13) returns a symbolic N as it is, and ``plan_directions``
+    then merges only where that holds for every N."""
     tokens = x.numel() // x.shape[-1]
-    if optimization_hint is not None:
-        return optimization_hint(tokens)  # an int as it is; dynamo reads a symbolic one's hint
-    return 0 if torch.compiler.is_compiling() else tokens
+    return tokens if optimization_hint is None else optimization_hint(tokens)
 
 
 def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:
@@ -71,8 +73,12 @@ def plan_directions(tokens: int, weight: torch.Tensor, magnitude: torch.Tensor |
     """(merge the forward, merge the backward) for a LoRA (``magnitude`` None) or DoRA call."""
     d_out, d_in = weight.shape
     if magnitude is None:
-        return merge_directions(tokens, d_in, d_out)
-    return dora_merge_directions(tokens, d_in, d_out, triton_merge.available(weight, dora=True))
+        forward, backward = merge_directions(tokens, d_in, d_out)
+    else:
+        forward, backward = dora_merge_directions(tokens, d_in, d_out, triton_merge.available(weight, dora=True))
+    # Plain bools as they are; a symbolic comparison (see planned_tokens) is True only where it
+    # holds for every size, and asking adds no guard.
+    return statically_known_true(forward), statically_known_true(backward)
 
 
 def dora_merge_directions(tokens: int, d_in: int, d_out: int, fused_build: bool) -> tuple[bool, bool]:
