@@ -3,6 +3,7 @@
     python bench/train_step.py                       # CPU: SmolLM2-135M shape, fp32, batch 8x64
     python bench/train_step.py --preset llama-1b     # GPU: 1.2B Llama shape, bf16, batch 4x2048
     python bench/train_step.py --interleave --steps 10 --cases frozen,lorakit-lora,peft-lora   # shared CPU
+    python bench/train_step.py --preset llama-1b --compile --cases frozen,lorakit-lora,lorakit-dora
 
 Every case builds the same randomly initialised model (no download), runs warm-up steps, then
 times optimizer steps (forward + backward + AdamW) and reports the median, the ratio to the frozen
@@ -119,10 +120,12 @@ def prepare(case: str, model):
     return model
 
 
-def make_step(case: str, preset: dict, device: str, total_steps: int, fused: bool):
-    """Build ``case``'s model and optimizer; returns (one training step, trainable parameter count)."""
+def make_step(case: str, preset: dict, device: str, total_steps: int, fused: bool, compiled: bool = False):
+    """Build ``case``'s model and optimizer; returns (one training step, trainable parameter count).
+    ``compiled``: the forward through torch.compile (inductor; the first warm-up step compiles)."""
     model = prepare(case, build_model(preset, device))
     model.train()
+    forward = torch.compile(model) if compiled else model
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, preset["model"]["vocab_size"], (preset["batch"], preset["seq"]), generator=gen).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -141,9 +144,9 @@ def make_step(case: str, preset: dict, device: str, total_steps: int, fused: boo
             if case == "frozen":
                 # Backward through every layer for the input gradient only: no weight gradients.
                 embeds = embed(ids).detach().requires_grad_(True)
-                loss = model(inputs_embeds=embeds, labels=ids).loss
+                loss = forward(inputs_embeds=embeds, labels=ids).loss
             else:
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = forward(input_ids=ids, labels=ids).loss
             if allocator:  # AdaLoRA's extra work per step, as the trainer does it
                 loss = loss + 0.1 * orthogonal_penalty(model, "default")
         with torch.profiler.record_function("backward"):
@@ -171,9 +174,10 @@ def timed(step, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fused: bool) -> Measurement:
+def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fused: bool,
+             compiled: bool = False) -> Measurement:
     """One case on its own (peak memory is per case)."""
-    step, trainable = make_step(case, preset, device, warmup + steps, fused)
+    step, trainable = make_step(case, preset, device, warmup + steps, fused, compiled)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [timed(step, device) for _ in range(warmup + steps)][warmup:]
@@ -186,10 +190,10 @@ def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fuse
 
 
 def run_interleaved(cases: list[str], preset: dict, device: str, warmup: int, steps: int,
-                    fused: bool) -> list[Measurement]:
+                    fused: bool, compiled: bool = False) -> list[Measurement]:
     """All cases' models at once, one step of each in turn: a machine whose speed drifts (shared
     CPU cores) slows every case alike, so the ratios stay meaningful. No peak memory."""
-    built = [make_step(case, preset, device, warmup + steps, fused) for case in cases]
+    built = [make_step(case, preset, device, warmup + steps, fused, compiled) for case in cases]
     times: list[list[float]] = [[] for _ in cases]
     for i in range(warmup + steps):
         for (step, _), record in zip(built, times):
@@ -228,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="build every case first and alternate their steps (for noisy CPUs; no peak memory)")
     parser.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
                         help="AdamW implementation, the same for every case (default: fused)")
+    parser.add_argument("--compile", action="store_true",
+                        help="every case's forward through torch.compile (inductor); keep --warmup >= 1 for the compile")
     args = parser.parse_args(argv)
     if args.merge_ratio is not None:
         from lorakit.kernels import dispatch
@@ -243,13 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown cases {unknown}")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"# {preset_name}, {preset['dtype']}, batch {preset['batch']}x{preset['seq']}, {device_name}; "
-          f"AdamW ({args.optimizer}); {versions()}", flush=True)
+          f"AdamW ({args.optimizer}){'; torch.compile' if args.compile else ''}; {versions()}", flush=True)
     if args.interleave:
-        results = run_interleaved(cases, preset, args.device, args.warmup, args.steps, args.optimizer == "fused")
+        results = run_interleaved(cases, preset, args.device, args.warmup, args.steps, args.optimizer == "fused",
+                                  args.compile)
     else:
         results = []
         for case in cases:
-            results.append(run_case(case, preset, args.device, args.warmup, args.steps, args.optimizer == "fused"))
+            results.append(run_case(case, preset, args.device, args.warmup, args.steps, args.optimizer == "fused",
+                                    args.compile))
             print(f"  {case}: median {results[-1].median_s * 1000:.0f} ms", file=sys.stderr, flush=True)
     frozen = next((m for m in results if m.case == "frozen"), None)
     # Interleaved, step i of every case ran back to back: the median of those per-round ratios
