@@ -38,7 +38,6 @@ import re
 
 import torch
 from torch import nn
-
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:  # torch >= 2.13: a symbolic size's hint, without a guard
