@@ -31,8 +31,8 @@ documented edge, not a practical one. Only used without dropout (with dropout Do
 the dropped input, and the reference path handles it).
 
 On a GPU the merged builds of c ⊙ W (with the norm in the forward) are Triton kernels (one pass
-over W0, ``triton_merge.py``) and so are ∂m's column sums (one pass over g and out,
-``triton_colsum.py``); elsewhere torch computes the same expressions.
+over W0, ``triton_merge.py``) and so are ∂m's column sums in eager code (one pass over g and
+out, ``triton_colsum.py``); elsewhere torch computes the same expressions.
 """
 
 from __future__ import annotations

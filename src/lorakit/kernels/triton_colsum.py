@@ -8,8 +8,8 @@ out once each and accumulates in fp32. Each program sums a block of columns over
 rows; the slices' partial sums land in an (n_slices, d_out) buffer that torch adds up, so the
 result does not depend on scheduling (no atomics).
 
-``dora_linear.magnitude_grad`` uses it for CUDA tensors when Triton is importable (``available``);
-elsewhere it takes the torch expression, which computes the same values. The CPU tests run the
+``dora_linear.magnitude_grad`` uses it for CUDA tensors when Triton is importable, in eager code
+(``available``); elsewhere, and under torch.compile, it takes the torch expression, which computes the same values. The CPU tests run the
 kernel in Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
