@@ -71,4 +71,11 @@ def test_from_dict_refuses_what_it_cannot_honour():
 def test_from_dict_ignores_unknown_peft_fields():
     config = LoraConfig.from_dict({"peft_type": "LORA", "target_modules": ["q"], "megatron_core": "x",
                                    "init_lora_weights": "pissa_niter_4", "r": 3, "lora_alpha": 6})
-    assert config.init == "pissa" and config.r == 3 and config.alpha == 6
+    assert config.init == "pissa_niter_4" and config.r == 3 and config.alpha == 6
+    assert config.to_dict()["init_lora_weights"] == "pissa_niter_4"  # PEFT's spelling, kept
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_", "pissa_niter_x", "pissa_niter_-1", "pissa-niter-4"])
+def test_a_malformed_fast_pissa_init_is_refused(init):
+    with pytest.raises(ConfigError, match="pissa_niter_<N>"):
+        LoraConfig(target_modules=["q"], init=init)

@@ -139,7 +139,7 @@ def test_default_and_gaussian_inits_start_at_zero_update():
             assert torch.count_nonzero(layer.delta_weight("default")) == 0
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
 def test_decomposition_inits_keep_outputs_and_save_against_original_base(init, ids, tmp_path):
     model = tiny_llama()
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -148,7 +148,7 @@ def test_decomposition_inits_keep_outputs_and_save_against_original_base(init, i
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-5)
     layer = model.model.layers[0].self_attn.q_proj
     W0 = original["model.layers.0.self_attn.q_proj.weight"].double()
-    if init == "pissa":
+    if init == "pissa":  # (pissa_niter's top part: test_randomized_svd_finds_the_top_singular_triplets)
         U, S, Vh = torch.linalg.svd(W0)
         top = (U[:, :4] * S[:4]) @ Vh[:4]
         torch.testing.assert_close(layer.delta_weight("default").double(), top, rtol=1e-4, atol=1e-5)
@@ -165,6 +165,25 @@ def test_decomposition_inits_keep_outputs_and_save_against_original_base(init, i
     lorakit.unload(model, merge=False)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, original[k], rtol=1e-5, atol=1e-6)
+
+
+def test_randomized_svd_finds_the_top_singular_triplets():
+    """pissa_niter_<N>'s randomized SVD against the exact one (float64), on a spectrum that decays
+    past rank r as trained weights' do; the same seed gives the same factors."""
+    from lorakit.init import top_singular_triplets
+
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(64, 48, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(48, 48, generator=gen, dtype=torch.float64))
+    S = 0.6 ** torch.arange(48, dtype=torch.float64)
+    W = (U * S) @ V.T
+    exact = top_singular_triplets(W, 4, None)
+    fast = top_singular_triplets(W, 4, 2, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fast[1], S[:4], rtol=1e-10, atol=0)
+    top = (exact[0] * exact[1]) @ exact[2]
+    torch.testing.assert_close((fast[0] * fast[1]) @ fast[2], top, rtol=0, atol=1e-10)
+    again = top_singular_triplets(W, 4, 2, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(fast, again))
 
 
 def test_two_adapters_on_one_model():

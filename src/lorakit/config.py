@@ -16,12 +16,33 @@ from typing import Any
 from .errors import ConfigError
 
 ALL_LINEAR = "all-linear"
-INITS = ("default", "gaussian", "pissa", "olora")
+INITS = ("default", "gaussian", "pissa", "olora")  # and "pissa_niter_<N>": see valid_init
 BIASES = ("none", "all", "lora_only")
 ADAPTER_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-# PEFT's init_lora_weights values for each lorakit init.
+# PEFT's init_lora_weights values for each lorakit init ("pissa_niter_<N>" is spelt alike).
 _INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+_FAST_PISSA = re.compile(r"pissa_niter_(\d+)")
+
+
+def valid_init(init: Any) -> bool:
+    """One of ``INITS``, or ``"pissa_niter_<N>"``: PiSSA from a randomized SVD with N power
+    iterations (PEFT's spelling; see ``init.py``)."""
+    return init in INITS or (isinstance(init, str) and _FAST_PISSA.fullmatch(init) is not None)
+
+
+def pissa_iterations(init: str) -> int | None:
+    """N of ``"pissa_niter_<N>"``; None for any other init (``"pissa"``: the exact SVD)."""
+    match = _FAST_PISSA.fullmatch(init)
+    return int(match.group(1)) if match else None
+
+
+def changes_base(init: str) -> bool:
+    """Whether ``init`` moves the adapter's initial update out of W0 (PiSSA, OLoRA)."""
+    return init in ("pissa", "olora") or pissa_iterations(init) is not None
+
+
+INIT_CHOICES = f"one of {INITS} or 'pissa_niter_<N>' (PiSSA by a randomized SVD, N power iterations)"
 
 # PEFT config keys whose non-default value changes the adapter's maths in a way lorakit does not
 # implement yet: loading such a file must fail loudly rather than give wrong outputs.
@@ -66,7 +87,9 @@ class LoraConfig:
             also writes the shared pair into the file (PEFT's default). Linear layers only.
         init: ``"default"`` (Kaiming-uniform A, zero B), ``"gaussian"`` (A ~ N(0, 1/r), zero B),
             ``"pissa"`` (principal singular vectors and values of W0 in A, B; residual kept in
-            W0) or ``"olora"`` (QR-based orthonormal init; residual kept in W0).
+            W0), ``"pissa_niter_<N>"`` (the same from a randomized SVD with N power iterations:
+            seconds instead of minutes on large models) or ``"olora"`` (QR-based orthonormal
+            init; residual kept in W0).
         modules_to_save: modules trained in full and saved with the adapter (e.g. a classifier).
         rank_pattern / alpha_pattern: per-module overrides of ``r`` / ``alpha``; keys are module
             names, name suffixes or regular expressions (first matching key wins).
@@ -127,8 +150,8 @@ class LoraConfig:
             self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.bias not in BIASES:
             raise ConfigError(f"bias must be one of {BIASES}, got {self.bias!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if not valid_init(self.init):
+            raise ConfigError(f"init must be {INIT_CHOICES}, got {self.init!r}")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ConfigError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {self.adapter_dtype!r}")
         if not self.modules_to_save:
@@ -206,7 +229,7 @@ class LoraConfig:
             "bias": self.bias,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,
-            "init_lora_weights": _INIT_TO_PEFT[self.init],
+            "init_lora_weights": _INIT_TO_PEFT.get(self.init, self.init),
             "modules_to_save": self.modules_to_save,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
@@ -274,14 +297,12 @@ def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
 def _init_from_peft(value: Any) -> str:
     if value is True or value == "default":
         return "default"
-    if value in ("gaussian", "pissa", "olora"):
+    if value in ("gaussian", "pissa", "olora") or valid_init(value):
         return value
-    if isinstance(value, str) and value.startswith("pissa_niter_"):
-        return "pissa"
     if value is False:
         # PEFT's "random B" init; the weights come from the file anyway, so the init is moot.
         return "default"
-    raise ConfigError(f"init_lora_weights={value!r} is not supported; use one of {INITS}")
+    raise ConfigError(f"init_lora_weights={value!r} is not supported; use {INIT_CHOICES}")
 
 
 def _check_rank(what: str, value: Any) -> None:

@@ -6,6 +6,10 @@
 - ``pissa`` (Meng et al. 2024): with W0 = U S Vᵀ, the top-r part goes into the adapter,
   ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_rᵀ``, so ``s B A = U_r S_r V_rᵀ``; the caller
   leaves the residual ``W0 - s B A`` in the base weight.
+- ``pissa_niter_<N>``: the same with U_r, S_r, V_r from a randomized SVD (Halko, Martinsson and
+  Tropp 2011: a random (d_in, r + 8) probe, N power iterations, each re-orthonormalised). The
+  exact SVD of every (d_out, d_in) weight takes minutes on a 7B model; this takes seconds, and
+  where the spectrum decays past rank r it finds the same top-r part up to rounding.
 - ``olora`` (Büyükakyüz 2024): with W0 = Q R, ``B = Q[:, :r]``, ``A = R[:r]``; residual as above.
 
 Factors are drawn in float32 on the CPU from a per-module generator when a seed is given, so the
@@ -20,12 +24,14 @@ import zlib
 import torch
 from torch import nn
 
+from .config import changes_base, pissa_iterations
 from .errors import TargetError
 from .layers.base import LoraLayer
 from .layers.embedding import LoraEmbedding
 from .layers.linear import LoraLinear
 
-BASE_CHANGING_INITS = ("pissa", "olora")
+# Extra probe columns of the randomized SVD beyond r (Halko et al. suggest 5-10).
+OVERSAMPLING = 8
 
 
 def module_generator(seed: int | None, module_name: str) -> torch.Generator | None:
@@ -44,8 +50,8 @@ def initial_factors(layer: LoraLayer, r: int, scaling: float, init: str, dtype: 
     device = layer.base_weight.device
     if device.type == "meta":  # shapes only: nothing to draw
         return torch.empty(shape_a, dtype=dtype, device=device), torch.empty(shape_b, dtype=dtype, device=device)
-    if init in BASE_CHANGING_INITS:
-        A, B = _decomposition_factors(layer, r, scaling, init)
+    if changes_base(init):
+        A, B = _decomposition_factors(layer, r, scaling, init, generator)
     else:
         A, B = torch.empty(shape_a), torch.empty(shape_b)
         if isinstance(layer, LoraEmbedding):
@@ -63,7 +69,8 @@ def initial_factors(layer: LoraLayer, r: int, scaling: float, init: str, dtype: 
     return A.to(device=device, dtype=dtype).contiguous(), B.to(device=device, dtype=dtype).contiguous()
 
 
-def _decomposition_factors(layer: LoraLayer, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _decomposition_factors(layer: LoraLayer, r: int, scaling: float, init: str,
+                           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(layer, LoraLinear):
         raise TargetError(f"init={init!r} is defined for linear layers only, not {type(layer.base_layer).__name__}")
     weight = layer.base_weight.detach().float()
@@ -71,12 +78,25 @@ def _decomposition_factors(layer: LoraLayer, r: int, scaling: float, init: str) 
         weight = weight.T
     if r > min(weight.shape):
         raise TargetError(f"init={init!r} needs r <= min(d_out, d_in) = {min(weight.shape)}, got r={r}")
-    if init == "pissa":
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        root = torch.sqrt(S[:r] / scaling)
-        A = root[:, None] * Vh[:r]
-        B = U[:, :r] * root[None, :]
-    else:
+    if init == "olora":
         Q, R = torch.linalg.qr(weight)
-        A, B = R[:r], Q[:, :r]
-    return A.cpu(), B.cpu()
+        return R[:r].cpu(), Q[:, :r].cpu()
+    U, S, Vh = top_singular_triplets(weight, r, pissa_iterations(init), generator)
+    root = torch.sqrt(S / scaling)
+    return (root[:, None] * Vh).cpu(), (U * root[None, :]).cpu()
+
+
+def top_singular_triplets(weight: torch.Tensor, r: int, iterations: int | None,
+                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r (d_out, r), S_r (r,), V_rᵀ (r, d_in)) of ``weight`` (d_out, d_in): from the exact SVD
+    when ``iterations`` is None, else from a randomized SVD with that many power iterations (see
+    the module docstring), its probe drawn from ``generator`` on the CPU."""
+    if iterations is None:
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        return U[:, :r], S[:r], Vh[:r]
+    probe = torch.randn(weight.shape[1], min(r + OVERSAMPLING, min(weight.shape)), generator=generator)
+    basis = torch.linalg.qr(weight @ probe.to(weight)).Q                # (d_out, k): spans W's top range
+    for _ in range(iterations):  # W Wᵀ sharpens the spectrum; QR after each product keeps it stable
+        basis = torch.linalg.qr(weight @ torch.linalg.qr(weight.T @ basis).Q).Q
+    U_small, S, Vh = torch.linalg.svd(basis.T @ weight, full_matrices=False)   # (k, d_in): small
+    return (basis @ U_small)[:, :r], S[:r], Vh[:r]

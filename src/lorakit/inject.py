@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import LoraConfig, changes_base
 from .errors import AdapterNameError, AdapterStateError, TargetError
 from .kernels.mlp_dispatch import install_fused_mlps, remove_fused_mlps
 from .kernels.sibling_dispatch import install_sibling_groups, remove_sibling_groups
-from .init import BASE_CHANGING_INITS, initial_factors, module_generator
+from .init import initial_factors, module_generator
 from .layers import LoraLayer, LoraLinear, ModulesToSave, lora_class_for
 from .layers.vera import VeraProjection
 from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters, replace_module,
@@ -79,7 +79,7 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
         layer = lora_class_for(module)(module) if is_new else module
         if config.adalora and not isinstance(layer, LoraLinear):
             raise TargetError(f"AdaLoRA adapts linear layers only; exclude {path!r} (exclude_modules)")
-        if config.init in BASE_CHANGING_INITS and layer.init_factors:
+        if changes_base(config.init) and layer.init_factors:
             raise TargetError(
                 f"module {path!r} already carries an adapter with a base-changing init "
                 f"({list(layer.init_factors)}); only one PiSSA/OLoRA adapter per layer is possible"
@@ -151,7 +151,7 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
             # P and Q start small and random, the singular values at zero: the update starts at 0.
             p.layer.lora_E[name] = nn.Parameter(torch.zeros(p.A.shape[0], dtype=p.A.dtype, device=p.A.device),
                                                 requires_grad=trainable)
-        if config.init in BASE_CHANGING_INITS:
+        if changes_base(config.init):
             # W0 keeps the residual W0 - s B0 A0; (A0, B0) are kept to express the update against
             # the original W0 when saving or removing the adapter.
             p.layer.add_to_weight(-p.layer.delta_weight(name))

@@ -28,6 +28,7 @@ HELP = {
     "resume": "continue from the latest checkpoint in output_dir",
     "mixed_precision": "no | bf16 | fp16 (GPU)",
     "dtype": "model weights dtype: auto | float32 | bfloat16 | float16",
+    "init": "default | gaussian | pissa | pissa_niter_<N> (PiSSA by a randomized SVD: fast on large models) | olora",
     "compile": "torch.compile the training step (inductor). The first batch compiles, and the first of another "
                "shape once more (on a CPU minutes each for a 30-layer model, and a C++ compiler is needed)",
 }

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import INITS, LoraConfig
+from ..config import INIT_CHOICES, LoraConfig, valid_init
 from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -110,8 +110,8 @@ class TrainConfig:
             raise ConfigError(f"loraplus_ratio must be positive (LoRA+ suggests 16), got {self.loraplus_ratio!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if not valid_init(self.init):
+            raise ConfigError(f"init must be {INIT_CHOICES}, got {self.init!r}")
         if isinstance(self.target_modules, str) and "," in self.target_modules:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
         self.lora_config()  # validates r, alpha, dropout, targets now rather than after loading a model
