@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     weight = layer(args.d_out, args.d_in, args.flat).proj.weight.detach().double()
     U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
     top = (U[:, :args.r] * S[:args.r]) @ Vh[:args.r]
-    print(f"# {args.d_out}x{args.d_in} fp32 ({'flat' if args.flat else 'decaying'} spectrum), r {args.r}, CPU x{torch.get_num_threads()} threads, torch {torch.__version__}")
+    spectrum = "flat" if args.flat else "decaying"
+    print(f"# {args.d_out}x{args.d_in} fp32 ({spectrum} spectrum), r {args.r}, "
+          f"CPU x{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("\n| case | time | relative distance from the exact top-r part |\n|---|---|---|")
     for case in cases:
         model = layer(args.d_out, args.d_in, args.flat)

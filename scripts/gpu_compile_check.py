@@ -63,7 +63,8 @@ def main() -> int:
         breaks = [line for line in log.splitlines() if "Graph break" in line]
         drift = max(abs(a - b) / abs(b) for a, b in zip(compiled, eager))
         print(f"{variant}: eager {eager_wall:.1f} s, compiled {compiled_wall:.1f} s, recompiles {recompiles}, "
-              f"graph breaks {len(breaks)}, largest relative loss difference {drift:.2e}, losses {eager[0]:.3f} -> {eager[-1]:.3f}")
+              f"graph breaks {len(breaks)}, largest relative loss difference {drift:.2e}, "
+              f"losses {eager[0]:.3f} -> {eager[-1]:.3f}")
         if recompiles > 1:
             failures.append(f"{variant}: {recompiles} recompiles")
             print("\n".join(line for line in log.splitlines() if "recompiles" in line)[-4000:])
