@@ -38,12 +38,15 @@ import re
 
 import torch
 from torch import nn
-from torch.fx.experimental.symbolic_shapes import statically_known_true
-
 try:  # torch >= 2.13: a symbolic size's hint, without a guard
     from torch.fx.experimental.symbolic_shapes import optimization_hint
 except ImportError:
     optimization_hint = None
+try:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+except ImportError:  # a torch too old for it: the comparison guards, and compiled steps recompile per choice
+    def statically_known_true(condition) -> bool:
+        return bool(condition)
 
 from . import triton_merge
 from .dora_linear import DoraLinearFunction
