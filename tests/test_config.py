@@ -77,5 +77,10 @@ def test_from_dict_ignores_unknown_peft_fields():
 
 @pytest.mark.parametrize("init", ["pissa_niter_", "pissa_niter_x", "pissa_niter_-1", "pissa-niter-4"])
 def test_a_malformed_fast_pissa_init_is_refused(init):
+    from lorakit.training import TrainConfig
+
     with pytest.raises(ConfigError, match="pissa_niter_<N>"):
         LoraConfig(target_modules=["q"], init=init)
+    with pytest.raises(ConfigError, match="pissa_niter_<N>"):  # the trainer's config (--init)
+        TrainConfig(data="x", init=init)
+    assert TrainConfig(data="x", init="pissa_niter_4").lora_config().init == "pissa_niter_4"

@@ -297,7 +297,7 @@ def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
 def _init_from_peft(value: Any) -> str:
     if value is True or value == "default":
         return "default"
-    if value in ("gaussian", "pissa", "olora") or valid_init(value):
+    if valid_init(value):
         return value
     if value is False:
         # PEFT's "random B" init; the weights come from the file anyway, so the init is moot.

@@ -38,6 +38,7 @@ import re
 
 import torch
 from torch import nn
+
 try:  # torch >= 2.13: a symbolic size's hint, without a guard
     from torch.fx.experimental.symbolic_shapes import optimization_hint
 except ImportError:

@@ -9,8 +9,8 @@ rows; the slices' partial sums land in an (n_slices, d_out) buffer that torch ad
 result does not depend on scheduling (no atomics).
 
 ``dora_linear.magnitude_grad`` uses it for CUDA tensors when Triton is importable, in eager code
-(``available``); elsewhere, and under torch.compile, it takes the torch expression, which computes the same values. The CPU tests run the
-kernel in Triton's interpreter (``TRITON_INTERPRET=1``).
+(``available``); elsewhere, and under torch.compile, it takes the torch expression, which computes
+the same values. The CPU tests run the kernel in Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations

@@ -232,8 +232,9 @@ class _InterruptGuard:
     An optimizer step changes the weights, optimizer and scheduler first, and the position that
     counts it (and the metrics line that logs it) last. A Ctrl-C in between (on a GPU the likely
     moment: the host waits in ``.item()`` for the step's kernels) would checkpoint updated weights
-    with the step's start position, and the resumed run would apply that step twice. Only Python's default handler is replaced, in the main thread
-    (the only one signals reach); elsewhere, or under another handler, nothing changes.
+    with the step's start position, and the resumed run would apply that step twice. Only Python's
+    default handler is replaced, in the main thread (the only one signals reach); elsewhere, or
+    under another handler, nothing changes.
     """
 
     def __init__(self) -> None:
