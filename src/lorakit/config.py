@@ -44,6 +44,19 @@ def changes_base(init: str) -> bool:
 
 INIT_CHOICES = f"one of {INITS} or 'pissa_niter_<N>' (PiSSA by a randomized SVD, N power iterations)"
 
+# PEFT inits lorakit reads in files but does not draw. These leave W0 as it is, so a file saved
+# with one is fully described by its weights (only a new adapter would start differently).
+_PEFT_INITS_KEEPING_BASE = ("eva", "orthogonal", "mica")
+# These moved part of W0 into the adapter from data lorakit does not have (activations, gradients,
+# a quantizer's choices): the base the file's weights belong to cannot be rebuilt from W0.
+_PEFT_INITS_FROM_DATA = ("corda", "loftq", "lora_ga")
+
+UNCONVERTED_ADVICE = (
+    "convert it in PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=DIR) writes the update "
+    "against the original base), or, if you have the changed base model it was trained on, set "
+    "init_lora_weights to true in its adapter_config.json and load it onto that model"
+)
+
 # PEFT config keys whose non-default value changes the adapter's maths in a way lorakit does not
 # implement yet: loading such a file must fail loudly rather than give wrong outputs.
 _UNSUPPORTED_PEFT_OPTIONS = {
@@ -295,13 +308,15 @@ def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
 
 
 def _init_from_peft(value: Any) -> str:
-    if value is True or value == "default":
+    if value is True or value is False or value == "default" or value in _PEFT_INITS_KEEPING_BASE:
+        # False is PEFT's "random B" init. Like the others it left W0 alone: the weights say all.
         return "default"
     if valid_init(value):
         return value
-    if value is False:
-        # PEFT's "random B" init; the weights come from the file anyway, so the init is moot.
-        return "default"
+    if value in _PEFT_INITS_FROM_DATA:
+        raise ConfigError(f"init_lora_weights={value!r}: the adapter was trained against a base weight that init "
+                          f"changed using data lorakit does not have, so its update cannot be placed on the original "
+                          f"base; {UNCONVERTED_ADVICE}")
     raise ConfigError(f"init_lora_weights={value!r} is not supported; use {INIT_CHOICES}")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import changes_base
 from .errors import AdapterFileError, AdapterStateError
 from .io.load import group_factors, read_adapter
 from .kernels.casting import accumulation_dtype
@@ -75,6 +76,11 @@ def _from_files(directory: Path) -> dict[str, Incoming]:
     config, weights = read_adapter(directory)  # one save's files, under the folder's lock
     if config.use_vera or config.adalora:
         raise AdapterFileError(f"{directory} holds a VeRA/AdaLoRA adapter; hot-swap takes LoRA and DoRA adapters")
+    if changes_base(config.init):
+        raise AdapterFileError(f"{directory} was saved by PEFT with init_lora_weights={config.init!r} before "
+                               "conversion: its weights belong to a changed base weight. Load it with load_adapter "
+                               "(which rebuilds that base), save it with save_adapter (which converts it) and "
+                               "hot-swap the saved directory")
     parts, _ = group_factors(weights)
     result = {}
     for path, found in parts.items():

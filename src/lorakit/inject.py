@@ -41,6 +41,9 @@ class LayerPlan:
     B: torch.Tensor
     magnitude: torch.Tensor | None = None  # DoRA's m when loaded from a file; drawn at commit otherwise
     projection: nn.Module | None = None  # VeRA's shared frozen pair
+    # (A0, B0) of a PiSSA/OLoRA init: s B0 A0 leaves W0 at commit. A load keeps them when the file's
+    # A and B replace the drawn ones (an unconverted PEFT file: see io/load.py).
+    moved_from_base: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -96,7 +99,8 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
             shape_a, shape_b = layer.adapter_shapes(r)
             A = torch.zeros(shape_a, dtype=dtype, device=layer.base_weight.device)
             B = torch.zeros(shape_b, dtype=dtype, device=layer.base_weight.device)
-        result.layers.append(LayerPlan(path, layer, is_new, scaling, config.dropout, A, B))
+        moved = (A, B) if draw_factors and changes_base(config.init) else None
+        result.layers.append(LayerPlan(path, layer, is_new, scaling, config.dropout, A, B, moved_from_base=moved))
     if config.use_vera:
         _plan_vera(result, config)
     result.saved_paths = _modules_to_save_paths(model, config)
@@ -151,11 +155,12 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
             # P and Q start small and random, the singular values at zero: the update starts at 0.
             p.layer.lora_E[name] = nn.Parameter(torch.zeros(p.A.shape[0], dtype=p.A.dtype, device=p.A.device),
                                                 requires_grad=trainable)
-        if changes_base(config.init):
+        if p.moved_from_base is not None:
             # W0 keeps the residual W0 - s B0 A0; (A0, B0) are kept to express the update against
             # the original W0 when saving or removing the adapter.
-            p.layer.add_to_weight(-p.layer.delta_weight(name))
-            p.layer.init_factors[name] = (p.A.detach().clone(), p.B.detach().clone())
+            A0, B0 = (t.detach().clone() for t in p.moved_from_base)
+            p.layer.add_to_weight(-p.layer.dense_update(A0.float(), B0.float(), p.scaling))
+            p.layer.init_factors[name] = (A0, B0)
         if config.use_dora:
             if p.magnitude is None:
                 p.layer.init_magnitude(name, trainable=trainable)

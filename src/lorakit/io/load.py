@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import UNCONVERTED_ADVICE, LoraConfig, changes_base, pissa_iterations
 from ..errors import AdapterFileError, LorakitError
 from ..inject import InjectionPlan, commit, plan
 from ..state import adapter_configs
@@ -197,18 +197,33 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if not directory.is_dir():
         raise AdapterFileError(f"adapter directory {directory} does not exist")
     config, weights = read_adapter(directory)
-    if config.init != "default":
-        log.warning("adapter in %s was saved with init=%r; loading its weights as they are", directory, config.init)
-        config = config.replace(init="default")
+    rebuild_base = changes_base(config.init)
+    if rebuild_base:
+        _check_rebuildable(config, directory)
+        log.info("adapter in %s was saved by PEFT with init=%r before conversion: its weights belong to the base "
+                 "minus that init's part, which is recomputed from the model's weights", directory, config.init)
     if name is None:
         name = "default" if "default" not in adapter_configs(model) else directory.resolve().name.replace(".", "_")
-    planned = plan(model, config, name, draw_factors=False)
+    planned = plan(model, config, name, draw_factors=rebuild_base)
     _fit_projection(planned, weights)
     rest = _fit_factors(model, planned, weights)
     extras = _fit_other_tensors(model, planned, rest)
     commit(model, planned, trainable=trainable, activate=activate)
     _assign(model, name, extras)
     return name
+
+
+def _check_rebuildable(config: LoraConfig, directory: Path) -> None:
+    """A PiSSA/OLoRA file that PEFT saved unconverted holds A, B trained against the residual
+    W0 - s B0 A0, with (A0, B0) from the init. PEFT recomputes that residual when loading; so does
+    lorakit for the deterministic inits (exact SVD, QR). A randomized SVD's draw is not in the file
+    (PEFT's own reload draws another), so such a file is refused rather than loaded slightly wrong.
+    lorakit's own saves are always converted (init "default"), and never get here."""
+    if pissa_iterations(config.init) is not None:
+        raise AdapterFileError(
+            f"{directory} was saved with init_lora_weights={config.init!r} before conversion: its weights belong to "
+            f"the base minus a randomized SVD's part, which cannot be recomputed exactly; {UNCONVERTED_ADVICE}"
+        )
 
 
 @torch.no_grad()
