@@ -63,7 +63,6 @@ _UNSUPPORTED_PEFT_OPTIONS = {
     "layer_replication": None,
     "lora_bias": False,
     "use_qalora": False,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "alora_invocation_tokens": None,
 }
@@ -82,6 +81,13 @@ class LoraConfig:
             regular expression that must match the full module name; ``"all-linear"`` selects
             every linear layer except the model's output head.
         exclude_modules: modules to skip, same forms as ``target_modules``.
+        target_parameters: parameters to adapt directly, by full name (``"<module>.<parameter>"``)
+            or a suffix of it (``["experts.gate_up_proj", "experts.down_proj"]``): for weights that are
+            no layer of their own, above all mixture-of-experts stacks (E, d_out, d_in), where each
+            expert gets its own rank-r update (``layers/parameter.py``). PEFT's option of that
+            name, with its limits: no dropout, no DoRA or other variant, and (as in PEFT)
+            ``exclude_modules`` / ``layers_to_transform`` do not apply to it. ``target_modules``
+            may then be None.
         bias: ``"none"`` (biases stay frozen), ``"all"`` (every bias in the model is trained and
             saved) or ``"lora_only"`` (biases of adapted layers are trained and saved).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
@@ -126,6 +132,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     bias: str = "none"
     use_rslora: bool = False
     use_dora: bool = False
@@ -153,12 +160,15 @@ class LoraConfig:
         _check_alpha("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if self.target_modules is None:
+        if self.target_parameters is not None:
+            self._check_target_parameters()
+        if self.target_modules is None and not self.target_parameters:
             raise ConfigError(
                 "target_modules is required: give module names (e.g. ['q_proj', 'v_proj']), "
-                "a regular expression, or 'all-linear'"
+                "a regular expression, or 'all-linear' (or parameters in target_parameters)"
             )
-        self.target_modules = _names_or_regex("target_modules", self.target_modules)
+        if self.target_modules is not None:
+            self.target_modules = _names_or_regex("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.bias not in BIASES:
@@ -193,6 +203,25 @@ class LoraConfig:
             self._check_vera()
         if self.adalora and (self.use_dora or self.use_vera or self.dylora or self.lora_fa or self.init != "default"):
             raise ConfigError("adalora cannot be combined with use_dora, use_vera, dylora, lora_fa or a non-default init")
+
+    def _check_target_parameters(self) -> None:
+        names = self.target_parameters
+        if isinstance(names, str) or not isinstance(names, (list, tuple, set)) or not all(
+                isinstance(n, str) and n for n in names):
+            raise ConfigError(f"target_parameters must be a list of parameter names or suffixes such as "
+                              f"'experts.gate_up_proj', got {names!r}")
+        self.target_parameters = sorted(names) if isinstance(names, set) else list(names)
+        if not self.target_parameters:
+            self.target_parameters = None
+            return
+        clash = {"dropout > 0": self.dropout > 0, "use_dora": self.use_dora, "use_vera": self.use_vera,
+                 "adalora": self.adalora, "dylora": self.dylora,
+                 f"init={self.init!r}": self.init not in ("default", "gaussian")}
+        clash = [k for k, v in clash.items() if v]
+        if clash:
+            raise ConfigError(f"target_parameters cannot be combined with {clash}: a parameter is adapted as a whole, "
+                              "without an input to drop out or a variant's extra terms (as in PEFT); put those "
+                              "modules in a separate adapter")
 
     def _check_vera(self) -> None:
         others = {"use_dora": self.use_dora, "lora_fa": self.lora_fa, "dylora": self.dylora,
@@ -239,6 +268,7 @@ class LoraConfig:
             "lora_dropout": self.dropout,
             "target_modules": self.target_modules,
             "exclude_modules": self.exclude_modules,
+            "target_parameters": self.target_parameters,
             "bias": self.bias,
             "use_rslora": self.use_rslora,
             "use_dora": self.use_dora,

@@ -27,6 +27,7 @@ from .config import changes_base
 from .errors import AdapterFileError, AdapterStateError
 from .io.load import group_factors, read_adapter
 from .kernels.casting import accumulation_dtype
+from .layers.parameter import LoraParameter
 from .state import adapter_configs, lora_layers, merged_adapters, require_adapters
 
 
@@ -116,6 +117,9 @@ def _check(name: str, slots: dict[str, nn.Module], incoming: dict[str, Incoming]
                 raise AdapterStateError(f"the new adapter has nothing for DoRA module {path!r}; it cannot be left empty")
             continue
         slot_A, slot_B = layer.lora_A[name], layer.lora_B[name]
+        if isinstance(layer, LoraParameter) and new.A.shape != slot_A.shape:
+            raise AdapterStateError(f"module {path!r} is a parameter target, whose factors interleave the experts: "
+                                    f"hot-swap needs the slot's rank there ({layer.rank(name)})")
         r_new, r_slot = new.A.shape[0], slot_A.shape[0]
         if r_new > r_slot:
             raise AdapterStateError(

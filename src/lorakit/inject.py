@@ -20,10 +20,11 @@ from .kernels.mlp_dispatch import install_fused_mlps, remove_fused_mlps
 from .kernels.sibling_dispatch import install_sibling_groups, remove_sibling_groups
 from .init import initial_factors, module_generator
 from .layers import LoraLayer, LoraLinear, ModulesToSave, lora_class_for
+from .layers.parameter import LoraParameter
 from .layers.vera import VeraProjection
 from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters, replace_module,
                     require_adapters, saved_modules)
-from .targets import matches, named_base_modules, find_targets
+from .targets import find_parameter_targets, find_targets, matches, named_base_modules
 
 log = logging.getLogger("lorakit.inject")
 
@@ -44,6 +45,7 @@ class LayerPlan:
     # (A0, B0) of a PiSSA/OLoRA init: s B0 A0 leaves W0 at commit. A load keeps them when the file's
     # A and B replace the drawn ones (an unconverted PEFT file: see io/load.py).
     moved_from_base: tuple[torch.Tensor, torch.Tensor] | None = None
+    nested: bool = False  # a new LoraParameter inside another new one: placed by its parent, not replaced
 
 
 @dataclass
@@ -77,7 +79,11 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
     """Check everything and prepare the layers for adapter ``name``; the model is not touched."""
     check_new_name(model, name)
     result = InjectionPlan(name=name, config=config)
-    for path, module in find_targets(model, config):
+    module_targets = find_targets(model, config) if config.target_modules is not None else []
+    for path, module in module_targets:
+        if isinstance(module, LoraParameter):
+            raise TargetError(f"module {path!r} has adapters on its parameters (target_parameters); adapt it the same "
+                              "way (target_parameters) or target the layers inside it")
         is_new = not isinstance(module, LoraLayer)
         layer = lora_class_for(module)(module) if is_new else module
         if config.adalora and not isinstance(layer, LoraLinear):
@@ -89,22 +95,64 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
             )
         r = config.rank_for(path)
         scaling = config.scaling_for(path)
-        dtype = adapter_dtype(config, layer.base_weight)
         if config.use_vera:
             A = B = None  # filled by _plan_vera, which needs every layer's shape first
-        elif draw_factors:
-            init = "adalora" if config.adalora else config.init
-            A, B = initial_factors(layer, r, scaling, init, dtype, module_generator(config.seed, path))
         else:
-            shape_a, shape_b = layer.adapter_shapes(r)
-            A = torch.zeros(shape_a, dtype=dtype, device=layer.base_weight.device)
-            B = torch.zeros(shape_b, dtype=dtype, device=layer.base_weight.device)
+            A, B = _factors(layer, config, r, scaling, draw_factors, module_generator(config.seed, path))
         moved = (A, B) if draw_factors and changes_base(config.init) else None
         result.layers.append(LayerPlan(path, layer, is_new, scaling, config.dropout, A, B, moved_from_base=moved))
+    if config.target_parameters:
+        taken = {path for path, _ in module_targets}
+        for path, module, params in find_parameter_targets(model, config):
+            if path in taken:
+                raise TargetError(f"module {path!r} is matched by target_modules and by target_parameters; "
+                                  "adapt it one way")
+            result.layers.extend(_plan_parameters(path, module, params, config, draw_factors))
     if config.use_vera:
         _plan_vera(result, config)
     result.saved_paths = _modules_to_save_paths(model, config)
     return result
+
+
+def _plan_parameters(path: str, module: nn.Module, params: list[str], config: LoraConfig,
+                     draw_factors: bool) -> list[LayerPlan]:
+    """The nest of ``LoraParameter`` wrappers for ``params`` of the module at ``path``: built new
+    (first parameter innermost, at ``path.base_layer...``, where PEFT's files have it) or the
+    existing one, which must adapt the same parameters (PEFT's rule)."""
+    if isinstance(module, LoraParameter):
+        nest, layer = [], module
+        while isinstance(layer, LoraParameter):
+            nest.insert(0, layer)
+            layer = layer.base_layer
+        if [w.parameter_name for w in nest] != params:
+            raise TargetError(f"module {path!r} has adapters on parameters {[w.parameter_name for w in nest]}; every "
+                              f"adapter must target the same parameters of a module (this one: {params})")
+        is_new = False
+    else:
+        nest, layer = [], module
+        for param in params:
+            layer = LoraParameter(layer, param)
+            nest.append(layer)
+        is_new = True
+    plans = []
+    for depth, layer in enumerate(nest):
+        key = f"{path}.{layer.parameter_name}"  # rank_pattern / alpha_pattern keys name the parameter
+        A, B = _factors(layer, config, config.rank_for(key), config.scaling_for(key), draw_factors,
+                        module_generator(config.seed, key))
+        plans.append(LayerPlan(path + ".base_layer" * (len(nest) - 1 - depth), layer, is_new,
+                               config.scaling_for(key), 0.0, A, B, nested=depth < len(nest) - 1))
+    return plans
+
+
+def _factors(layer: LoraLayer, config: LoraConfig, r: int, scaling: float, draw: bool,
+             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial (A, B) of a planned layer: drawn by ``config.init``, or zeros for a load to fill."""
+    dtype = adapter_dtype(config, layer.base_weight)
+    if draw:
+        return initial_factors(layer, r, scaling, "adalora" if config.adalora else config.init, dtype, generator)
+    shape_a, shape_b = layer.adapter_shapes(r)
+    device = layer.base_weight.device
+    return torch.zeros(shape_a, dtype=dtype, device=device), torch.zeros(shape_b, dtype=dtype, device=device)
 
 
 def _plan_vera(planned: InjectionPlan, config: LoraConfig) -> None:
@@ -168,7 +216,8 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
                 p.layer.lora_magnitude_vector[name] = nn.Parameter(p.magnitude, requires_grad=trainable)
         if p.is_new:
             p.layer.active_adapters = list(current)
-            replace_module(model, p.path, p.layer)
+            if not p.nested:
+                replace_module(model, p.path, p.layer)
     for path in planned.saved_paths:
         wrapper = model.get_submodule(path)
         if not isinstance(wrapper, ModulesToSave):
@@ -254,7 +303,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     require_adapters(model, [name])
     if name in merged_adapters(model):
         raise AdapterStateError(f"adapter {name!r} is merged into the weights; call lorakit.unmerge(model) first")
-    for path, layer in list(lora_layers(model)):
+    # Innermost first: a nested LoraParameter's path runs through the wrapper around it.
+    for path, layer in reversed(list(lora_layers(model))):
         if name in layer.lora_A:
             _restore_residual(layer, name)
             layer.remove_adapter(name)
@@ -282,7 +332,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         pending = [n for n in active_adapters(model) if n in adapter_configs(model)]
         merged = merged_adapters(model)
         merge_adapters(model, [n for n in pending if n not in merged], final=True)  # W0 is not needed again
-    for path, layer in list(lora_layers(model)):
+    for path, layer in reversed(list(lora_layers(model))):  # innermost first, as in delete_adapter
         for name in list(reversed(layer.merged_adapters)) if not merge else []:  # latest first, as unmerge() does
             layer.unmerge(name)
         for name in layer.adapter_names:

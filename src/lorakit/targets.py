@@ -130,6 +130,35 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     return chosen
 
 
+def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module, list[str]]]:
+    """(module name, module, parameter names) for ``config.target_parameters``, in model order.
+
+    A parameter ``p`` of module ``m`` is chosen when ``"m.p"`` equals an entry or ends with
+    ``"." + entry`` (PEFT's rule). Names are listed in the order the module registered them, which
+    is the order PEFT nests its wrappers in (the first innermost). The module is the one in the
+    model: an existing ``LoraParameter`` nest or the plain module. Raises TargetError when nothing
+    matches."""
+    from .layers.parameter import LoraParameter
+
+    wanted = config.target_parameters or []
+    chosen = []
+    for name, module in named_base_modules(model):
+        owner = module.owner if isinstance(module, LoraParameter) else module
+        if not name or isinstance(owner, (LoraLayer, ModulesToSave)):  # the model itself cannot be wrapped
+            continue
+        params = [p for p, _ in owner.named_parameters(recurse=False)
+                  if any(f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t) for t in wanted)]
+        if params:
+            chosen.append((name, module, params))
+    if not chosen:
+        found = sorted({f"{n.rsplit('.', 1)[-1]}.{p}" for n, m in named_base_modules(model)
+                        for p, v in m.named_parameters(recurse=False)
+                        if n and v.dim() == 3 and not isinstance(m, (LoraLayer, ModulesToSave))})
+        raise TargetError(f"no parameter matched target_parameters={wanted!r}; give '<module>.<parameter>' names "
+                          f"or suffixes" + (f" (3-D parameters in this model: {', '.join(found)})" if found else ""))
+    return chosen
+
+
 def _adaptable_leaf_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, module in named_base_modules(model)
                    if name and (isinstance(module, LoraLayer) or lora_class_for(module) is not None)})

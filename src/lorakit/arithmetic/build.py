@@ -33,6 +33,7 @@ from ..errors import AdapterNameError, AdapterStateError, ConfigError
 from ..init import module_generator
 from ..inject import check_new_name, commit, plan
 from ..layers import LoraLayer
+from ..layers.parameter import LoraParameter
 from ..state import adapter_configs, lora_layers, merged_adapters, require_adapters
 from ..targets import exact_pattern, exact_targets
 from . import methods
@@ -161,6 +162,10 @@ def check_sources(model: nn.Module, sources: list[str], combining: bool = True) 
             raise ConfigError(f"adapter {source!r} also trains full copies of {configs[source].modules_to_save} "
                               "(modules_to_save), which are not low-rank updates and cannot be combined; "
                               "combine adapters without modules_to_save, or export this one alone")
+        if any(source in layer.lora_A and isinstance(layer, LoraParameter) for _, layer in lora_layers(model)):
+            raise ConfigError(f"adapter {source!r} adapts parameters (target_parameters), one update per expert, "
+                              "which combining and compressing do not handle yet; export it alone (lorakit export) "
+                              "or combine adapters without target_parameters")
         if any(source in layer.init_factors for _, layer in lora_layers(model)):
             raise ConfigError(f"adapter {source!r} was initialised with {configs[source].init}, which moved part of "
                               "the base weight into it; save it and load it back (the file holds its update against "

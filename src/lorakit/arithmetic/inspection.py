@@ -40,6 +40,7 @@ class ModuleInfo:
     singular_values: list[float] | None = None
     effective_rank: float | None = None
     r90: int | None = None
+    experts: int = 1  # a parameter target's stack: one rank-r update per expert (see expert_stack_info)
 
 
 @dataclass
@@ -47,12 +48,13 @@ class AdapterInfo:
     path: str
     peft_type: str
     base_model: str | None
-    target_modules: list[str] | str
+    target_modules: list[str] | str | None
     variant: str  # lora | rslora | dora | vera (with rslora/dora combined as "dora+rslora")
     params: int
     file_bytes: int
     modules: list[ModuleInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    target_parameters: list[str] | None = None
 
     @property
     def ranks(self) -> dict[int, int]:
@@ -68,18 +70,19 @@ class AdapterInfo:
     def table(self) -> str:
         ranks = ", ".join(f"r={r} x{n}" for r, n in self.ranks.items())
         lines = [f"adapter     {self.path}", f"type        {self.peft_type} ({self.variant})",
-                 f"base model  {self.base_model or 'unknown'}", f"targets     {self.target_modules}",
+                 f"base model  {self.base_model or 'unknown'}", f"targets     {self.target_modules}"
+                 + (f" + parameters {self.target_parameters}" if self.target_parameters else ""),
                  f"modules     {len(self.modules)} ({ranks})",
                  f"parameters  {self.params:,}", f"file size   {_size(self.file_bytes)}", "",
                  "| module | rank | scaling | shape | ‖ΔW‖_F | σ_1 | eff. rank | r90 |",
                  "|---|---|---|---|---|---|---|---|"]
         for m in self.modules:
+            shape = ("" if m.experts == 1 else f"{m.experts}x") + f"{m.shape[0]}x{'?' if m.shape[1] is None else m.shape[1]}"
             if m.norm is None:
-                d_in = "?" if m.shape[1] is None else m.shape[1]
-                lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {m.shape[0]}x{d_in} | n/a | n/a | n/a | n/a |")
+                lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {shape} | n/a | n/a | n/a | n/a |")
                 continue
             top = m.singular_values[0] if m.singular_values else 0.0
-            lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {m.shape[0]}x{m.shape[1]} | {m.norm:.4g} | "
+            lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {shape} | {m.norm:.4g} | "
                          f"{top:.4g} | {m.effective_rank:.2f} | {m.r90} |")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -103,7 +106,8 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
         [v for v, on in (("dora", config.use_dora), ("rslora", config.use_rslora)) if on] or ["lora"])
     file = directory / WEIGHTS_NAME if (directory / WEIGHTS_NAME).is_file() else directory / LEGACY_WEIGHTS_NAME
     info = AdapterInfo(str(directory), "VERA" if config.use_vera else "LORA", config.base_model_name_or_path,
-                       config.target_modules, variant, sum(t.numel() for t in weights.values()), file.stat().st_size)
+                       config.target_modules, variant, sum(t.numel() for t in weights.values()), file.stat().st_size,
+                       target_parameters=config.target_parameters)
     for module_path, found in sorted(factors.items(), key=lambda item: _natural(item[0])):
         if "lora_A" not in found or "lora_B" not in found:
             raise AdapterFileError(f"{directory}: module {module_path!r} lacks its lora_A or lora_B weights")
@@ -112,13 +116,53 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
         info.notes.append("VeRA: spectra need each layer's input size (from the base model); not computed")
     if config.use_dora:
         info.notes.append("DoRA: spectra are those of s·B·A; the magnitudes also rescale each output unit")
+    if any(m.experts > 1 for m in info.modules):
+        info.notes.append("expert stacks: ‖ΔW‖_F over all experts; σ_1 and r90 the largest of any expert, eff. rank "
+                          "their mean; the plotted spectrum is the expert with the largest update")
+    if any(m.norm is None and not config.use_vera for m in info.modules):
+        info.notes.append("n/a for a parameter target: its rank_pattern leaves the number of experts ambiguous")
     return info
+
+
+def parameter_keys(path: str, config) -> list[str]:
+    """The ``<module>.<parameter>`` names ``config.target_parameters`` can mean at file path
+    ``path`` (PEFT nests one ``base_layer`` per further parameter of a module); [] for a module
+    target. Which one a nesting level holds depends on the module's own parameter order, which only
+    the model knows, so the caller takes what they agree on."""
+    if not config.target_parameters:
+        return []
+    module = path
+    while module.endswith(".base_layer"):
+        module = module[: -len(".base_layer")]
+    keys = dict.fromkeys(f"{module}.{t.rsplit('.', 1)[-1]}" for t in config.target_parameters)
+    return [k for k in keys if any(k == t or k.endswith("." + t) for t in config.target_parameters)]
+
+
+def expert_stack_info(path: str, A: torch.Tensor, B: torch.Tensor, keys: list[str], config) -> ModuleInfo:
+    """A parameter target's A (E·r, d_in) and B (d_out, r·E) (see ``layers/parameter.py``)
+    analysed expert by expert, when the config gives one (r, alpha) for the names it can mean."""
+    choices = {(config.rank_for(k), config.alpha_for(k)) for k in keys if A.shape[0] % config.rank_for(k) == 0}
+    if len(choices) != 1:
+        return ModuleInfo(path, A.shape[0], float("nan"), (B.shape[0], A.shape[1]))
+    (rank, alpha), = choices
+    scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank
+    experts = A.shape[0] // rank
+    A_e = A.reshape(experts, rank, -1)
+    B_e = B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)
+    spectra = [singular_values(LowRank(B_e[e] * scaling, A_e[e])) for e in range(experts)]
+    largest = max(spectra, key=lambda S: float(S.norm()))
+    return ModuleInfo(path, rank, scaling, (B.shape[0], A.shape[1]), float(torch.cat(spectra).norm()),
+                      [float(s) for s in largest], sum(entropy_rank(S) for S in spectra) / experts,
+                      max(energy_rank(S, 0.9) for S in spectra), experts)
 
 
 def module_info(path: str, found: dict[str, torch.Tensor], config) -> ModuleInfo:
     A, B = found["lora_A"].double(), found["lora_B"].double()
     if config.use_vera:  # d (r,), b (d_out,)
         return ModuleInfo(path, A.shape[0], 1.0, (B.shape[0], None))  # d_in: the base layer's, unknown here
+    keys = parameter_keys(path, config)
+    if keys:
+        return expert_stack_info(path, A, B, keys, config)
     rank = A.shape[0]
     alpha = config.alpha_for(path)
     scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank

@@ -20,7 +20,9 @@ HELP = {
     "valid_data": "validation file (else --valid-ratio of the training data)",
     "valid_ratio": "fraction of the training data held out for validation",
     "output_dir": "where the adapter, metrics.jsonl, loss.png and checkpoints go",
-    "target_modules": "comma-separated module names, a regex, or all-linear",
+    "target_modules": "comma-separated module names, a regex, all-linear, or none (parameters only)",
+    "target_parameters": "comma-separated parameters adapted directly, one update per expert for mixture-of-experts "
+                         "stacks, e.g. experts.gate_up_proj,experts.down_proj (no dropout or variant with these)",
     "loraplus_ratio": "LoRA+: learning rate of B = lr x this ratio (paper default 16)",
     "eval_every": "evaluate every N steps (0: only at the end)",
     "save_every": "checkpoint every N steps (0: only on Ctrl-C)",

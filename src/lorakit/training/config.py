@@ -35,7 +35,8 @@ class TrainConfig:
     r: int = 16
     alpha: float = 32
     dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
+    target_modules: list[str] | str | None = "all-linear"
+    target_parameters: list[str] | str | None = None
     init: str = "default"
     use_rslora: bool = False
     # AdaLoRA's budget schedule (variant adalora; r is the initial rank)
@@ -114,6 +115,10 @@ class TrainConfig:
             raise ConfigError(f"init must be {INIT_CHOICES}, got {self.init!r}")
         if isinstance(self.target_modules, str) and "," in self.target_modules:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        if self.target_modules == "none":  # parameters only (target_parameters)
+            self.target_modules = None
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [t.strip() for t in self.target_parameters.split(",") if t.strip()]
         self.lora_config()  # validates r, alpha, dropout, targets now rather than after loading a model
         if self.variant == "adalora" and not (isinstance(self.adalora_target_r, int) and 0 < self.adalora_target_r <= self.r):
             raise ConfigError(f"adalora_target_r must be between 1 and r={self.r}, got {self.adalora_target_r!r}")
@@ -127,7 +132,7 @@ class TrainConfig:
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
-                          init=self.init, use_rslora=self.use_rslora, seed=self.seed, **VARIANTS[self.variant])
+                          target_parameters=self.target_parameters, init=self.init, use_rslora=self.use_rslora, seed=self.seed, **VARIANTS[self.variant])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
