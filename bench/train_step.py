@@ -4,6 +4,7 @@
     python bench/train_step.py --preset llama-1b     # GPU: 1.2B Llama shape, bf16, batch 4x2048
     python bench/train_step.py --interleave --steps 10 --cases frozen,lorakit-lora,peft-lora   # shared CPU
     python bench/train_step.py --preset llama-1b --compile --cases frozen,lorakit-lora,lorakit-dora
+    python bench/train_step.py --preset moe --cases frozen,lorakit-lora,lorakit-experts,peft-experts   # MoE
 
 Every case builds the same randomly initialised model (no download), runs warm-up steps, then
 times optimizer steps (forward + backward + AdamW) and reports the median, the ratio to the frozen
@@ -33,7 +34,21 @@ PRESETS = {
     "llama-1b": dict(model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
                      batch=4, seq=2048, dtype="bfloat16"),
+    # A mixture-of-experts Mixtral shape (transformers 5: experts as stacked 3-D parameters); all-linear
+    # there is attention only, the experts need target_parameters.
+    "moe": dict(arch="mixtral", model=dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=8,
+                                           num_attention_heads=16, num_key_value_heads=4, num_local_experts=32,
+                                           num_experts_per_tok=4, vocab_size=32000),
+                batch=4, seq=2048, dtype="bfloat16"),
+    "moe-small": dict(arch="mixtral", model=dict(hidden_size=256, intermediate_size=128, num_hidden_layers=4,
+                                                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                                                 num_experts_per_tok=2, vocab_size=4096),
+                      batch=8, seq=64, dtype="float32"),
 }
+EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+# The experts cases name attention's projections: PEFT reads "all-linear" on a transformers-5 MoE model as
+# its transformers-4 layout (router included, gate_up_proj at rank 2r), which would compare different work.
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 CASES = {
     "frozen": "frozen base, fwd+bwd (input grads only)",
@@ -55,6 +70,9 @@ CASES = {
     "lorakit-vera": "lorakit VeRA r256 all-linear",
     "peft-vera": "PEFT VeRA r256 all-linear",
     "full": "full fine-tuning",
+    "lorakit-experts": "lorakit LoRA r16 attention + every expert (target_parameters)",
+    "peft-experts": "PEFT LoRA r16 attention + every expert (target_parameters), default (fp32 adapters)",
+    "peft-experts-bf16": "PEFT LoRA r16 attention + every expert, adapters in the base dtype",
 }
 # The default set: the fast-training issue's rows, for lorakit and PEFT.
 DEFAULT_CASES = ["frozen", "lorakit-lora", "lorakit-lora-fp32", "lorakit-lora-qv", "lorakit-lora-reference",
@@ -72,12 +90,14 @@ class Measurement:
 
 
 def build_model(preset: dict, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**preset["model"], attn_implementation="sdpa")
+    config_class, model_class = ((MixtralConfig, MixtralForCausalLM) if preset.get("arch") == "mixtral"
+                                 else (LlamaConfig, LlamaForCausalLM))
+    config = config_class(**preset["model"], attn_implementation="sdpa")
     with torch.device(device):
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     return model.to(getattr(torch, preset["dtype"]))
 
 
@@ -101,8 +121,9 @@ def prepare(case: str, model):
         import peft
 
         variant, _, option = case.removeprefix("peft-").partition("-")
-        targets = ["q_proj", "v_proj"] if option == "qv" else "all-linear"
-        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, use_dora=variant == "dora")
+        targets = ["q_proj", "v_proj"] if option == "qv" else ATTENTION if variant == "experts" else "all-linear"
+        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, use_dora=variant == "dora",
+                                 target_parameters=EXPERT_PARAMETERS if variant == "experts" else None)
         # PEFT casts adapters to fp32 unless told not to.
         return peft.get_peft_model(model, config, autocast_adapter_dtype=option != "bf16")
     variant = case.removeprefix("lorakit-")
@@ -113,7 +134,7 @@ def prepare(case: str, model):
             variant = variant.removesuffix(suffix)
             options.update(option)
     flags = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True},
-             "adalora": {"adalora": True}}[variant]
+             "adalora": {"adalora": True}, "experts": {"target_parameters": EXPERT_PARAMETERS, "target_modules": ATTENTION}}[variant]
     config = {"r": 16, "alpha": 32, "target_modules": "all-linear", **flags, **options}
     lorakit.add_adapter(model, lorakit.LoraConfig(**config))
     lorakit.set_fast_path(model, not case.endswith("-reference"))

@@ -372,3 +372,15 @@ def test_hot_swap_into_an_expert_slot_needs_its_rank():
     torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(AdapterStateError, match="slot's rank"):
         lorakit.hotswap_adapter(model, "small", "slot")
+
+
+def test_all_linear_on_a_mixture_of_experts_model_says_the_experts_stay_frozen(caplog):
+    model = tiny_mixtral()
+    with caplog.at_level("WARNING", logger="lorakit"):
+        lorakit.add_adapter(model, LoraConfig(r=2, target_modules="all-linear"))
+    assert "--target-parameters experts.down_proj,experts.gate_up_proj" in caplog.text
+    caplog.clear()
+    lorakit.delete_adapter(model, "default")
+    with caplog.at_level("WARNING", logger="lorakit"):
+        lorakit.add_adapter(model, LoraConfig(r=2, target_modules="all-linear", target_parameters=EXPERT_PARAMS))
+    assert "stay frozen" not in caplog.text

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import LoraConfig, changes_base
+from .config import ALL_LINEAR, LoraConfig, changes_base
 from .errors import AdapterNameError, AdapterStateError, TargetError
 from .kernels.mlp_dispatch import install_fused_mlps, remove_fused_mlps
 from .kernels.sibling_dispatch import install_sibling_groups, remove_sibling_groups
@@ -281,8 +281,23 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
     if config.base_model_name_or_path is None:
         config = config.replace(base_model_name_or_path=_model_name(model))
     commit(model, plan(model, config, name), trainable=True, activate=activate)
+    _warn_about_frozen_experts(model, config)
     log.info("added adapter %r to %d modules", name, sum(1 for _, l in lora_layers(model) if name in l.lora_A))
     return model
+
+
+def _warn_about_frozen_experts(model: nn.Module, config: LoraConfig) -> None:
+    """"all-linear" on a mixture-of-experts model whose experts are stacked parameters (transformers
+    5) adapts attention only: say so, since the same flag used to cover every expert's layers."""
+    if config.target_modules != ALL_LINEAR:
+        return
+    stacks = sorted({f"{path.rsplit('.', 1)[-1]}.{param}" for path, module in named_base_modules(model)
+                     if path and not isinstance(module, (LoraLayer, ModulesToSave))
+                     for param, value in module.named_parameters(recurse=False) if value.dim() == 3})
+    if stacks:
+        log.warning("all-linear adapts linear layers only; this model's stacked expert weights (%s) stay frozen. "
+                    "Add target_parameters=%s (CLI: --target-parameters %s) to train the experts too",
+                    ", ".join(stacks), stacks, ",".join(stacks))
 
 
 def _model_name(model: nn.Module) -> str | None:
