@@ -384,3 +384,48 @@ def test_all_linear_on_a_mixture_of_experts_model_says_the_experts_stay_frozen(c
     with caplog.at_level("WARNING", logger="lorakit"):
         lorakit.add_adapter(model, LoraConfig(r=2, target_modules="all-linear", target_parameters=EXPERT_PARAMS))
     assert "stay frozen" not in caplog.text
+
+
+def _grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_backward_rebuilds_the_adapted_experts_with_the_same_gradients(checkpointing, monkeypatch, ids):
+    """The stack W0 + s B A is not kept from forward to backward (rebuilt_weights.py), and the
+    gradients equal those of keeping it, with transformers' gradient checkpointing too."""
+    import contextlib
+    import gc
+    import weakref
+
+    import lorakit.layers.parameter as parameter
+
+    model = tiny_mixtral()  # the default grouped-GEMM experts
+    ids = ids % 64
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERT_PARAMS))
+    randomize_adapters(model, std=0.3)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    built = []
+    original = parameter.LoraParameter.weight_with
+
+    def recorded(self, names):
+        weight = original(self, names)
+        if torch.is_grad_enabled():
+            built.append(weakref.ref(weight))
+        return weight
+
+    monkeypatch.setattr(parameter.LoraParameter, "weight_with", recorded)
+    loss = model(ids, labels=ids).loss
+    gc.collect()
+    assert built and all(ref() is None for ref in built)  # none of the forward's stacks is alive
+    loss.backward()
+    rebuilt = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    monkeypatch.setattr(parameter, "rebuilt_in_backward", lambda recipes: contextlib.nullcontext())
+    kept = _grads(model, ids)
+    assert rebuilt.keys() == kept.keys()
+    for name, grad in kept.items():
+        torch.testing.assert_close(rebuilt[name], grad, rtol=1e-6, atol=1e-7)

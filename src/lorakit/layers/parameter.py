@@ -18,7 +18,8 @@ forward calls the module with the adapted parameter in place of its own
 (``torch.func.functional_call``), built as W0 + s Σ B_e A_e in one batched GEMM per adapter: the
 module's code never sees lorakit, and the frozen W0 is not written. The adapted weight is a tensor
 the size of the parameter for every forward (as in PEFT), so this suits expert stacks, while
-linear layers take the lighter ``LoraLinear``.
+linear layers take the lighter ``LoraLinear``. What the module saves of it for backward is rebuilt
+there instead of kept (``rebuilt_weights.py``).
 
 Several parameters of one module are adapted by nested wrappers, the first registered parameter
 innermost (``base_layer.base_layer...``), which is where PEFT's files put them; the outermost
@@ -28,6 +29,7 @@ DoRA, and no per-row adapter batches, as in PEFT.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from torch import nn
 
 from ..errors import AdapterStateError, TargetError
 from .base import LoraLayer
+from .rebuilt_weights import rebuilt_in_backward
 
 
 class LoraParameter(LoraLayer):
@@ -108,29 +111,40 @@ class LoraParameter(LoraLayer):
             return torch.addmm(weight, lhs[0], rhs[0], alpha=s)
         return torch.baddbmm(weight, lhs, rhs, alpha=s)
 
-    def _add_override(self, overrides: dict[str, torch.Tensor]) -> None:
+    def pending_adapters(self) -> list[str]:
+        """The adapters whose update forward adds (active, not merged, not disabled)."""
         if self.disabled:
-            return
+            return []
         if self.row_adapters is not None:
             raise AdapterStateError(f"parameter {self.parameter_name!r} is adapted as a whole (target_parameters), so "
                                     "one batch cannot mix its adapters; run each adapter's rows as a batch of their own")
-        pending = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
-        if not pending:
-            return
+        return [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+
+    def weight_with(self, names: list[str]) -> torch.Tensor:
+        """W0 plus the updates of ``names``, each taken against W0 and added, as for every LoRA layer."""
         weight = self.base_weight
-        for name in pending:  # each update taken against W0 and added, as for every LoRA layer
+        for name in names:
             weight = self.adapted_weight(weight, name)
-        overrides[self.parameter_name] = weight
+        return weight
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         overrides: dict[str, torch.Tensor] = {}
+        recipes = []
         module: nn.Module = self
         while isinstance(module, LoraParameter):  # the outermost wrapper speaks for the whole nest
-            module._add_override(overrides)
+            names = module.pending_adapters()
+            if names:
+                weight = module.weight_with(names)
+                overrides[module.parameter_name] = weight
+                recipes.append((weight, partial(module.weight_with, names)))
             module = module.base_layer
         if not overrides:
             return module(*args, **kwargs)
-        return torch.func.functional_call(module, overrides, args, kwargs)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # Nothing is saved without autograd; a compiled graph chooses what to keep itself.
+            return torch.func.functional_call(module, overrides, args, kwargs)
+        with rebuilt_in_backward(recipes):
+            return torch.func.functional_call(module, overrides, args, kwargs)
 
     def extra_repr(self) -> str:
         return f"parameter={self.parameter_name!r}, experts={self.num_experts}, " + super().extra_repr()

@@ -1,0 +1,69 @@
+"""`rebuilt_in_backward`: keep the recipe of an adapted weight for backward, not the weight.
+
+A module called with W0 + s B_e A_e in place of its parameter (``LoraParameter``) saves that
+tensor, the size of the whole expert stack, for its own backward (∂x needs the weight), next to
+the frozen W0 it holds anyway: one more parameter-sized tensor per adapted parameter and layer
+until backward. On the benchmark's 8-layer MoE that is 3.2 GB in bf16 (docs/benchmarks.md); on a
+30B-class MoE, tens of GB.
+
+Inside these saved-tensor hooks, a tensor saved for backward that is the adapted weight or a view
+of it (an expert's slice, a transpose) is stored as where it sits in that weight. Backward builds
+the weight again (the same batched GEMM, without autograd) when it first needs it and drops it
+after the last saved view is used, so it lives for one layer's backward instead of from forward
+to backward. The values are the forward's: A and B do not change between the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _Recipe:
+    storage: int  # data pointer of the adapted weight's storage: what its views share
+    dtype: torch.dtype
+    build: Callable[[], torch.Tensor]
+    uses: int = 0  # saved views not yet unpacked
+    built: torch.Tensor | None = None
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, wrappers)
+        return None
+
+
+@contextmanager
+def rebuilt_in_backward(weights: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]) -> Iterator[None]:
+    """Within the block, tensors saved for backward that live in one of ``weights`` (each
+    paired with a function that builds it again, called without autograd) are rebuilt in backward."""
+    recipes = [_Recipe(_storage(w), w.dtype, build) for w, build in weights]
+
+    def pack(tensor: torch.Tensor):
+        storage = _storage(tensor)
+        for recipe in recipes:
+            if storage == recipe.storage and storage and tensor.dtype == recipe.dtype:
+                recipe.uses += 1
+                return recipe, tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
+        return tensor
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        recipe, offset, shape, stride = packed
+        if recipe.built is None:
+            with torch.no_grad():
+                recipe.built = recipe.build()
+        view = recipe.built.as_strided(shape, stride, offset)
+        recipe.uses -= 1
+        if recipe.uses <= 0:
+            recipe.built = None  # the view keeps the storage for as long as backward needs it
+        return view
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
