@@ -511,3 +511,19 @@ def test_train_failure_keeps_the_callers_own_adapters(tmp_path, monkeypatch):
     from lorakit.state import active_adapters
 
     assert active_adapters(model) == ["mine"]
+
+
+def test_trainable_tensors_backward_never_reaches_are_named(tmp_path, caplog):
+    """An adapter on a module the forward never calls trains nothing: the first step says so."""
+    model = tiny_llama()
+    model.model.unused = torch.nn.Linear(32, 32)  # like a tower the training data does not go through
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj", "unused"]))
+    cfg = TrainConfig(data="x", max_steps=2, batch_size=4, device="cpu")
+    with caplog.at_level("WARNING", logger="lorakit"):
+        run_loop(model, None, cfg, examples(), collate, tmp_path, progress=False)
+    assert "2 trainable tensors got no gradient" in caplog.text and "model.unused.lora_A.default" in caplog.text
+    assert caplog.text.count("got no gradient") == 1  # checked once, not every step
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lorakit"):
+        run_loop(adapted_model(), None, cfg, examples(), collate, tmp_path / "plain", progress=False)
+    assert "got no gradient" not in caplog.text

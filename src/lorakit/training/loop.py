@@ -123,6 +123,7 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
         log.warning("DyLoRA draws a rank per step, and torch.compile compiles a graph per rank (up to r of "
                     "them, eager past torch._dynamo.config.recompile_limit): expect slow first steps")
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    unchecked = True  # the first step looks for trainable parameters backward never reached
     batches = _batch_stream(len(train_examples), cfg, world, rank, position)
 
     def checkpoint(rng: dict | None = None) -> Path:
@@ -166,6 +167,9 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                     for allocator in allocators:  # AdaLoRA: keep P and Q near orthogonal
                         loss = loss + schedule.orth_reg_weight * orthogonal_penalty(model, allocator.name) / cfg.grad_accum
                 accelerator.backward(loss)
+            if unchecked:
+                _warn_about_unreached(wrapped)
+                unchecked = False
             for allocator in allocators:
                 allocator.update_importance()
             if cfg.max_grad_norm:
@@ -263,6 +267,17 @@ class _InterruptGuard:
         if not self.holding:
             raise KeyboardInterrupt
         self.held = True
+
+
+def _warn_about_unreached(model: nn.Module) -> None:
+    """Trainable parameters without a gradient after a backward do not train: their module is not
+    on the forward path (a tower the data never uses), or a parameter target is read by another
+    module than its own (target_parameters adapts a parameter where its module's forward reads it)."""
+    unreached = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if unreached:
+        log.warning("%d trainable tensors got no gradient in the first step and will not train (their module "
+                    "is not on the forward path, or a target parameter is read outside its module): %s%s",
+                    len(unreached), ", ".join(unreached[:5]), " ..." if len(unreached) > 5 else "")
 
 
 def _batch_stream(n_examples: int, cfg: TrainConfig, world: int, rank: int,
