@@ -24,7 +24,7 @@ from .layers.parameter import LoraParameter
 from .layers.vera import VeraProjection
 from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters, replace_module,
                     require_adapters, saved_modules)
-from .targets import find_parameter_targets, find_targets, matches, named_base_modules
+from .targets import find_parameter_targets, find_targets, matches, named_base_modules, stacked_parameters
 
 log = logging.getLogger("lorakit.inject")
 
@@ -291,9 +291,7 @@ def _warn_about_frozen_experts(model: nn.Module, config: LoraConfig) -> None:
     5) adapts attention only: say so, since the same flag used to cover every expert's layers."""
     if config.target_modules != ALL_LINEAR:
         return
-    stacks = sorted({f"{path.rsplit('.', 1)[-1]}.{param}" for path, module in named_base_modules(model)
-                     if path and not isinstance(module, (LoraLayer, ModulesToSave))
-                     for param, value in module.named_parameters(recurse=False) if value.dim() == 3})
+    stacks = stacked_parameters(model)
     if stacks:
         log.warning("all-linear adapts linear layers only; this model's stacked expert weights (%s) stay frozen. "
                     "Add target_parameters=%s (CLI: --target-parameters %s) to train the experts too",

@@ -21,6 +21,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import TargetError
 from .layers import LoraLayer, ModulesToSave, is_conv1d, lora_class_for
+from .layers.parameter import LoraParameter
 
 _DEFAULT_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer")
 
@@ -138,8 +139,6 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
     is the order PEFT nests its wrappers in (the first innermost). The module is the one in the
     model: an existing ``LoraParameter`` nest or the plain module. Raises TargetError when nothing
     matches."""
-    from .layers.parameter import LoraParameter
-
     wanted = config.target_parameters or []
     chosen = []
     for name, module in named_base_modules(model):
@@ -151,12 +150,19 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
         if params:
             chosen.append((name, module, params))
     if not chosen:
-        found = sorted({f"{n.rsplit('.', 1)[-1]}.{p}" for n, m in named_base_modules(model)
-                        for p, v in m.named_parameters(recurse=False)
-                        if n and v.dim() == 3 and not isinstance(m, (LoraLayer, ModulesToSave))})
+        found = stacked_parameters(model)
         raise TargetError(f"no parameter matched target_parameters={wanted!r}; give '<module>.<parameter>' names "
-                          f"or suffixes" + (f" (3-D parameters in this model: {', '.join(found)})" if found else ""))
+                          f"or suffixes" + (f" (stacked parameters in this model: {', '.join(found)})" if found else ""))
     return chosen
+
+
+def stacked_parameters(model: nn.Module) -> list[str]:
+    """``"<module>.<parameter>"`` names (the module's last name part) of the 3-D parameters of
+    modules LoRA does not wrap as layers: mixture-of-experts stacks, which only
+    ``target_parameters`` reaches (a Conv1d's 3-D kernel is a layer's, and not listed)."""
+    return sorted({f"{name.rsplit('.', 1)[-1]}.{param}" for name, module in named_base_modules(model)
+                   if name and not isinstance(module, (LoraLayer, ModulesToSave)) and lora_class_for(module) is None
+                   for param, value in module.named_parameters(recurse=False) if value.dim() == 3})
 
 
 def _adaptable_leaf_names(model: nn.Module) -> list[str]:

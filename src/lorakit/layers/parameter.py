@@ -48,6 +48,9 @@ class LoraParameter(LoraLayer):
         super().__init__(base_layer)
         self.parameter_name = parameter_name
         shape = tuple(self.base_weight.shape)
+        if not self.base_weight.is_floating_point():
+            raise TargetError(f"parameter {parameter_name!r} is {self.base_weight.dtype}; LoRA adapts floating-point "
+                              "weights (a quantized stack needs its dequantized form)")
         if len(shape) == 2:
             self.num_experts, self._out, self._in, self.transposed = 1, shape[0], shape[1], False
         elif len(shape) == 3:
