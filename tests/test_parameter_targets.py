@@ -429,3 +429,45 @@ def test_backward_rebuilds_the_adapted_experts_with_the_same_gradients(checkpoin
     assert rebuilt.keys() == kept.keys()
     for name, grad in kept.items():
         torch.testing.assert_close(rebuilt[name], grad, rtol=1e-6, atol=1e-7)
+
+
+def test_hooks_around_the_call_still_see_every_other_saved_tensor(monkeypatch, ids):
+    """torch applies only the innermost saved-tensor hooks: the rebuilt-stack hooks must hand every
+    tensor that is not an adapted stack to the ones around them (activation checkpointing,
+    offloading), or those would silently keep what they were meant to drop."""
+    import contextlib
+
+    import lorakit.layers.parameter as parameter
+
+    model = tiny_mixtral()
+    ids = ids % 64
+    lorakit.add_adapter(model, LoraConfig(r=2, target_parameters=EXPERT_PARAMS))
+    randomize_adapters(model, std=0.3)
+    stacks = []  # held, so that no later tensor reuses a stack's memory and is mistaken for it
+    original = parameter.LoraParameter.weight_with
+
+    def recorded(self, names):
+        weight = original(self, names)
+        stacks.append(weight)
+        return weight
+
+    monkeypatch.setattr(parameter.LoraParameter, "weight_with", recorded)
+
+    def outer_counts():
+        seen = {"stack views": 0, "other": 0}
+
+        def pack(tensor):
+            in_stack = any(tensor.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in stacks)
+            seen["stack views" if in_stack else "other"] += 1
+            return tensor
+
+        stacks.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(ids, labels=ids).loss.backward()
+        return seen
+
+    rebuilt = outer_counts()
+    monkeypatch.setattr(parameter, "rebuilt_in_backward", lambda recipes: contextlib.nullcontext())
+    kept = outer_counts()
+    assert kept["stack views"] > 0 and rebuilt["stack views"] == 0
+    assert rebuilt["other"] == kept["other"]

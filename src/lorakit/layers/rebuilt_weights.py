@@ -11,6 +11,10 @@ of it (an expert's slice, a transpose) is stored as where it sits in that weight
 the weight again (the same batched GEMM, without autograd) when it first needs it and drops it
 after the last saved view is used, so it lives for one layer's backward instead of from forward
 to backward. The values are the forward's: A and B do not change between the two.
+
+Every other saved tensor goes to the hooks that were in force around the call (torch applies only
+the innermost pair): activation checkpointing, which is saved-tensor hooks too, and any offloading
+the caller set up keep working inside the experts.
 """
 
 from __future__ import annotations
@@ -31,6 +35,30 @@ class _Recipe:
     built: torch.Tensor | None = None
 
 
+@dataclass
+class _View:
+    """Where a saved tensor sits in an adapted weight."""
+
+    recipe: _Recipe
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+@dataclass
+class _Outer:
+    """What the enclosing hooks made of a saved tensor."""
+
+    packed: object
+
+
+def _enclosing_hooks():
+    """The (pack, unpack) pair in force before ours, or None. torch has no public way to ask, and
+    without it ours would keep what checkpointing or offloading around the call meant to drop."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
 def _storage(tensor: torch.Tensor) -> int | None:
     try:
         return tensor.untyped_storage().data_ptr()
@@ -43,23 +71,26 @@ def rebuilt_in_backward(weights: list[tuple[torch.Tensor, Callable[[], torch.Ten
     """Within the block, tensors saved for backward that live in one of ``weights`` (each
     paired with a function that builds it again, called without autograd) are rebuilt in backward."""
     recipes = [_Recipe(_storage(w), w.dtype, build) for w, build in weights]
+    enclosing = _enclosing_hooks()
 
     def pack(tensor: torch.Tensor):
         storage = _storage(tensor)
         for recipe in recipes:
             if storage == recipe.storage and storage and tensor.dtype == recipe.dtype:
                 recipe.uses += 1
-                return recipe, tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
-        return tensor
+                return _View(recipe, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        return tensor if enclosing is None else _Outer(enclosing[0](tensor))
 
     def unpack(packed):
-        if isinstance(packed, torch.Tensor):
+        if isinstance(packed, _Outer):
+            return enclosing[1](packed.packed)
+        if not isinstance(packed, _View):
             return packed
-        recipe, offset, shape, stride = packed
+        recipe = packed.recipe
         if recipe.built is None:
             with torch.no_grad():
                 recipe.built = recipe.build()
-        view = recipe.built.as_strided(shape, stride, offset)
+        view = recipe.built.as_strided(packed.shape, packed.stride, packed.offset)
         recipe.uses -= 1
         if recipe.uses <= 0:
             recipe.built = None  # the view keeps the storage for as long as backward needs it
