@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -73,6 +74,19 @@ def exact_pattern(values: dict[str, Any], adapted: Iterable[str]) -> dict[str, A
         clash = any(other != path and key.fullmatch(other) for other in adapted)
         out["^" + re.escape(path) + "$" if clash else path] = value
     return out
+
+
+def low_rank_config(ranks: dict[str, int], template: LoraConfig, **changes: Any) -> LoraConfig:
+    """A plain LoRA config for per-module ranks with scaling 1 everywhere (alpha = r).
+
+    The most common rank becomes ``r``; the others go to ``rank_pattern`` / ``alpha_pattern``
+    keyed by full module path (anchored where a path would also match another module, see
+    ``exact_pattern``), which PEFT's loader reads the same way."""
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = exact_pattern({path: r for path, r in ranks.items() if r != common}, ranks)
+    values = dict(r=common, alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False,
+                  use_dora=False, use_vera=False, adalora=False, dylora=False, lora_fa=False, init="default", dropout=0.0)
+    return template.replace(**{**values, **changes})
 
 
 def layer_index(module_name: str, layers_pattern: list[str] | None) -> int | None:

@@ -35,7 +35,7 @@ from ..inject import check_new_name, commit, plan
 from ..layers import LoraLayer
 from ..layers.parameter import LoraParameter
 from ..state import adapter_configs, lora_layers, merged_adapters, require_adapters
-from ..targets import exact_pattern, exact_targets
+from ..targets import exact_targets, low_rank_config
 from . import methods
 from .factor import LowRank, best_rank_k, concatenated, singular_values, svd_of_factors, truncated
 from .options import MergeOptions, parse_options
@@ -221,19 +221,6 @@ def dense_result(path: str, layer: LoraLayer, sources: list[str], opts: MergeOpt
     weights = torch.tensor(opts.weights, dtype=first.dtype, device=first.device)
     return methods.generalized(torch.stack(deltas), weights, consensus=opts.consensus if opts.spec.elect_sign else None,
                                normalize=opts.normalize, lambda_=opts.lambda_)
-
-
-def low_rank_config(ranks: dict[str, int], template: LoraConfig, **changes: Any) -> LoraConfig:
-    """A plain LoRA config for per-module ranks with scaling 1 everywhere (alpha = r).
-
-    The most common rank becomes ``r``; the others go to ``rank_pattern`` / ``alpha_pattern``
-    keyed by full module path (anchored where a path would also match another module, see
-    ``exact_pattern``), which PEFT's loader reads the same way."""
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = exact_pattern({path: r for path, r in ranks.items() if r != common}, ranks)
-    values = dict(r=common, alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False,
-                  use_dora=False, use_vera=False, adalora=False, dylora=False, lora_fa=False, init="default", dropout=0.0)
-    return template.replace(**{**values, **changes})
 
 
 def install(model: nn.Module, name: str, results: list[LayerResult], template: LoraConfig, activate: bool) -> None:

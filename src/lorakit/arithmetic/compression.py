@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..state import adapter_configs, lora_layers
-from .build import LayerResult, check_sources, combine, low_rank_config
+from ..targets import low_rank_config
+from .build import LayerResult, check_sources, combine
 from .factor import svd_of_factors, truncated
 from .report import CombineReport, LayerReport
 from .updates import adapter_factors, is_dora, low_rank_update

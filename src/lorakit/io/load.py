@@ -18,6 +18,7 @@ from ..errors import AdapterFileError, LorakitError
 from ..inject import InjectionPlan, commit, plan
 from ..state import adapter_configs
 from .journal import reading_folder
+from .legacy_experts import convert_legacy_experts
 from .peft_adalora import as_lora, is_peft_adalora
 from .layout import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, VERA_PROJECTION_KEYS, WEIGHTS_NAME,
                      split_factor_key, strip_prefix)
@@ -197,6 +198,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if not directory.is_dir():
         raise AdapterFileError(f"adapter directory {directory} does not exist")
     config, weights = read_adapter(directory)
+    config, weights = convert_legacy_experts(model, config, weights, str(directory))
     rebuild_base = changes_base(config.init)
     if rebuild_base:
         _check_rebuildable(config, directory)
