@@ -85,7 +85,8 @@ def low_rank_config(ranks: dict[str, int], template: LoraConfig, **changes: Any)
     common = Counter(ranks.values()).most_common(1)[0][0]
     pattern = exact_pattern({path: r for path, r in ranks.items() if r != common}, ranks)
     values = dict(r=common, alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False,
-                  use_dora=False, use_vera=False, adalora=False, dylora=False, lora_fa=False, init="default", dropout=0.0)
+                  use_dora=False, use_vera=False, adalora=False, dylora=False, lora_fa=False, init="default",
+                  dropout=0.0)
     return template.replace(**{**values, **changes})
 
 
@@ -165,8 +166,9 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
             chosen.append((name, module, params))
     if not chosen:
         found = stacked_parameters(model)
+        hint = f" (stacked parameters in this model: {', '.join(found)})" if found else ""
         raise TargetError(f"no parameter matched target_parameters={wanted!r}; give '<module>.<parameter>' names "
-                          f"or suffixes" + (f" (stacked parameters in this model: {', '.join(found)})" if found else ""))
+                          f"or suffixes{hint}")
     return chosen
 
 

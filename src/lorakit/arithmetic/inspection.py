@@ -77,7 +77,8 @@ class AdapterInfo:
                  "| module | rank | scaling | shape | ‖ΔW‖_F | σ_1 | eff. rank | r90 |",
                  "|---|---|---|---|---|---|---|---|"]
         for m in self.modules:
-            shape = ("" if m.experts == 1 else f"{m.experts}x") + f"{m.shape[0]}x{'?' if m.shape[1] is None else m.shape[1]}"
+            d_in = "?" if m.shape[1] is None else m.shape[1]
+            shape = ("" if m.experts == 1 else f"{m.experts}x") + f"{m.shape[0]}x{d_in}"
             if m.norm is None:
                 lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {shape} | n/a | n/a | n/a | n/a |")
                 continue

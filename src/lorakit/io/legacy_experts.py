@@ -34,6 +34,10 @@ from .layout import PREFIX, split_factor_key, strip_prefix
 
 log = logging.getLogger("lorakit.io")
 
+# The converters read here: experts stacked along a new dim 0, then (for several source layers)
+# concatenated along the output, dim 1 of the stack.
+STACK, CONCATENATE = [("MergeModulelist", 0)], [("Concatenate", 1)]
+
 
 def convert_legacy_experts(model: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor],
                            source: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -52,12 +56,14 @@ def convert_legacy_experts(model: nn.Module, config: LoraConfig, weights: dict[s
     stacks: dict[str, dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
     sources_of: dict[str, int] = {}
     plain: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    moved = False
     for path, found in factors.items():
         if "lora_A" not in found or "lora_B" not in found:
             return config, weights  # incomplete: the load names what is missing
         # s folded into B in float64: one rounding, when the load casts to the adapter dtype
         pair = (found["lora_A"].double(), found["lora_B"].double() * config.scaling_for(path))
         new_path = _renamed(path, renamings)
+        moved |= new_path != path
         placed = _stack_of(new_path, converters)
         if placed is None:
             plain[new_path] = pair
@@ -65,23 +71,23 @@ def convert_legacy_experts(model: nn.Module, config: LoraConfig, weights: dict[s
             key, index, expert, count = placed
             stacks.setdefault(key, {}).setdefault(index, {})[expert] = pair
             sources_of[key] = count
-    if not stacks and all(path in modules for path in factors):
-        return config, weights
     targets = {key: _stacked_factors(modules, key, parts, sources_of[key]) for key, parts in stacks.items()}
     for path, pair in list(plain.items()):
         module = modules.get(path)
-        if module is not None and lora_class_for(module) is None and isinstance(getattr(module, "weight", None), nn.Parameter):
+        weight = getattr(module, "weight", None)
+        if module is not None and lora_class_for(module) is None and isinstance(weight, nn.Parameter):
             targets[f"{path}.weight"] = plain.pop(path)  # a renamed layer that is now a bare 2-D weight
-    if not targets:
+    if not targets and not moved:  # nothing transformers moves: the load says which modules are missing
         return config, weights
     out = {k: v for k, v in weights.items() if split_factor_key(strip_prefix(k)) is None}
     for path, (A, B) in {**plain, **_nest_paths(modules, targets)}.items():
         out[PREFIX + path + ".lora_A.weight"], out[PREFIX + path + ".lora_B.weight"] = A, B
     ranks = {path: A.shape[0] for path, (A, _) in plain.items()}
     ranks.update({key: A.shape[0] // _experts(modules, key) for key, (A, _) in targets.items()})
-    converted = low_rank_config(ranks, config, target_modules=sorted(plain) or None, target_parameters=sorted(targets),
-                                exclude_modules=None, layers_to_transform=None, layers_pattern=None)
-    log.info("%s: per-expert layers of transformers 4 read as %d stacked parameters of this model", source,
+    converted = low_rank_config(ranks, config, target_modules=sorted(plain) or None,
+                                target_parameters=sorted(targets) or None, exclude_modules=None,
+                                layers_to_transform=None, layers_pattern=None)
+    log.info("%s: layers of transformers 4 read onto this model (%d stacked or bare parameters)", source,
              len(targets))
     return converted, out
 
@@ -100,11 +106,15 @@ def _conversion_rules(model: nn.Module) -> tuple[list[tuple[str, str]], list[tup
         operations = [(type(op).__name__, getattr(op, "dim", None)) for op in getattr(rule, "operations", [])]
         if type(rule).__name__ == "WeightRenaming" and len(sources) == len(targets) == 1:
             renamings.append((sources[0], targets[0]))
-        elif operations in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]) and len(targets) == 1:
-            patterns = [re.compile(r"(?:^|(?<=\.))" + re.escape(s.removesuffix(".weight").lstrip(".")).replace(r"\*", r"(\d+)")
-                                   + "$") for s in sources]
+        elif operations in (STACK, STACK + CONCATENATE) and len(targets) == 1:
+            patterns = [re.compile(r"(?:^|(?<=\.))" + _expert_pattern(s) + "$") for s in sources]
             converters.append((patterns, targets[0].lstrip(".")))
     return renamings, converters
+
+
+def _expert_pattern(source: str) -> str:
+    """transformers' ``.experts.*.w1.weight`` as a regex over module paths, the expert index captured."""
+    return re.escape(source.removesuffix(".weight").lstrip(".")).replace(r"\*", r"(\d+)")
 
 
 def _renamed(path: str, renamings: list[tuple[str, str]]) -> str:
@@ -144,7 +154,8 @@ def _stacked_factors(modules: dict[str, nn.Module], key: str,
     outs = [first[k][1].shape[0] for k in range(count)]
     if sum(outs) != d_out or any(first[k][0].shape[1] != d_in for k in range(count)) or \
             max(e for k in parts for e in parts[k]) >= experts:
-        raise AdapterFileError(f"{key}: the file's expert layers do not add up to the stack's shape {tuple(weight.shape)}")
+        raise AdapterFileError(f"{key}: the file's expert layers do not add up to the stack's shape "
+                               f"{tuple(weight.shape)}")
     rank = sum(ranks)
     A = torch.zeros(experts, rank, d_in, dtype=torch.float64)
     B = torch.zeros(experts, d_out, rank, dtype=torch.float64)

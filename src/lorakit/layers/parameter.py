@@ -119,8 +119,9 @@ class LoraParameter(LoraLayer):
         if self.disabled:
             return []
         if self.row_adapters is not None:
-            raise AdapterStateError(f"parameter {self.parameter_name!r} is adapted as a whole (target_parameters), so "
-                                    "one batch cannot mix its adapters; run each adapter's rows as a batch of their own")
+            raise AdapterStateError(f"parameter {self.parameter_name!r} is adapted as a whole (target_parameters), "
+                                    "so one batch cannot mix its adapters; run each adapter's rows as a batch of "
+                                    "their own")
         return [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
 
     def weight_with(self, names: list[str]) -> torch.Tensor:
