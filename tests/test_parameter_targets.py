@@ -239,6 +239,8 @@ def test_refusals_leave_the_model_alone():
     with pytest.raises(AdapterStateError, match="cannot mix"):
         with lorakit.adapter_batch(model, ["a", "b"]):
             model(torch.randn(2, 8))
+    with pytest.raises(ConfigError, match="no nested ranks"):
+        lorakit.truncate(model, 1, "a")
 
 
 def test_training_moves_the_experts_loss(ids):
@@ -325,6 +327,11 @@ def test_the_cli_trains_inspects_and_exports_expert_adapters(tmp_path, embedded_
     shown = run_cli("inspect", str(adapter)).stdout
     assert "4x96x32" in shown and "4x32x48" in shown  # (experts, d_out, d_in) of gate_up and down
     run_cli("export", "--model", str(tmp_path / "model"), "--adapter", str(adapter), "--out", str(tmp_path / "merged"))
+    assert run_cli("generate", "--model", str(tmp_path / "model"), "--adapter", str(adapter), "--max-new-tokens", "4",
+                   "Hello").returncode == 0
+    evaluated = json.loads(run_cli("eval", "--model", str(tmp_path / "model"), "--adapter", str(adapter), "--data",
+                                   str(data["test"]), "--json", "--no-generate").stdout)
+    assert evaluated["loss"] > 0
 
     ids = torch.randint(0, len(tokenizer), (1, 12))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()

@@ -14,9 +14,12 @@ def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | N
                        activate: bool = True):
     """(model, tokenizer, adapter names): the base model in eval mode with every given adapter
     loaded, each named after its directory (``adapter{i}`` where that name is taken), all active
-    (their updates add up) or, with ``activate=False``, none."""
-    from .. import load_adapter, set_adapter
+    (their updates add up) or, with ``activate=False``, none. Active adapters with parameter
+    targets (expert stacks) come merged into the weights."""
+    from .. import load_adapter, merge, set_adapter
+    from ..layers.parameter import LoraParameter
     from ..models import load_model
+    from ..state import lora_layers
 
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     names: list[str] = []
@@ -25,6 +28,10 @@ def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | N
         names.append(load_adapter(model, path, name=wanted if wanted not in names else f"adapter{i}", activate=False))
     if names and activate:
         set_adapter(model, names)
+        if any(isinstance(layer, LoraParameter) for _, layer in lora_layers(model)):
+            # Expert stacks adapted as parameters are rebuilt on every forward, every generated
+            # token included; merged, inference costs what the base model does.
+            merge(model, names)
     model.eval()
     return model, tokenizer, names
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterStateError, ConfigError
+from ..layers.parameter import LoraParameter
 from ..state import adapter_configs, lora_layers, require_adapters
 
 
@@ -33,6 +34,7 @@ def set_nested_rank(model: nn.Module, rank: int | None, name: str = "default") -
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"a nested rank is a whole number >= 1 (or None: full rank), got {rank!r}")
     layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+    _require_nestable(name, layers)
     if any(name in layer.merged_adapters for layer in layers):
         raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before changing its nested rank")
     for layer in layers:
@@ -40,6 +42,14 @@ def set_nested_rank(model: nn.Module, rank: int | None, name: str = "default") -
             layer.nested_rank.pop(name, None)
         else:
             layer.nested_rank[name] = rank
+
+
+def _require_nestable(name: str, layers: list) -> None:
+    """Parameter targets interleave their experts' ranks (layers/parameter.py): no prefix of A's
+    rows is a lower-rank adapter there."""
+    if any(isinstance(layer, LoraParameter) for layer in layers):
+        raise ConfigError(f"adapter {name!r} adapts parameters (target_parameters), whose per-expert factors have "
+                          "no nested ranks to cut")
 
 
 def sample_nested_rank(model: nn.Module, rng: random.Random, name: str = "default") -> int:
@@ -82,6 +92,7 @@ def truncate(model: nn.Module, rank: int, name: str = "default") -> None:
                           f"cannot be cut to a prefix; use lorakit.compress(model, {name!r}, {rank}) for the best "
                           "rank-limited plain LoRA adapter instead")
     layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
+    _require_nestable(name, layers)
     if any(name in layer.merged_adapters for layer in layers):
         raise AdapterStateError(f"adapter {name!r} is merged; unmerge it before truncating")
     if any(name in layer.init_factors for layer in layers):
