@@ -115,13 +115,14 @@ def test_per_expert_files_land_on_the_stacks(case, tmp_path):
     model = tiny_moe(kind)
     lorakit.load_adapter(model, tmp_path / "v4")
     assert not torch.allclose(logits(model, ids), logits(tiny_moe(kind), ids))
-    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-9, atol=1e-9)
+    # The file is fp32: folding s into B there rounds once (relative 6e-8).
+    torch.testing.assert_close(logits(model, ids), expected, rtol=1e-6, atol=1e-6)
     assert adapter_configs(model)["default"].target_parameters  # the stacks are parameter targets now
 
     lorakit.save_adapter(model, tmp_path / "v5")
     peft = pytest.importorskip("peft")
     theirs = peft.PeftModel.from_pretrained(tiny_moe(kind), tmp_path / "v5").eval()
-    torch.testing.assert_close(logits(theirs, ids), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(logits(theirs, ids), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_a_file_with_half_a_stack_is_refused_and_the_model_kept(tmp_path):

@@ -25,8 +25,9 @@ import re
 import torch
 from torch import nn
 
-from ..config import LoraConfig
+from ..config import LoraConfig, changes_base
 from ..errors import AdapterFileError
+from ..kernels.casting import accumulation_dtype
 from ..layers import lora_class_for
 from ..layers.parameter import LoraParameter
 from ..targets import low_rank_config, named_base_modules
@@ -50,7 +51,8 @@ def convert_legacy_experts(model: nn.Module, config: LoraConfig, weights: dict[s
         split = split_factor_key(strip_prefix(key))
         if split is not None:
             factors.setdefault(split[0], {})[split[1]] = value
-    if all(path in modules for path in factors) or config.use_vera or config.use_dora or config.target_parameters:
+    if all(path in modules for path in factors) or config.use_vera or config.use_dora or config.target_parameters \
+            or changes_base(config.init):  # those files are read as they are, or refused by the load
         return config, weights
     renamings, converters = _conversion_rules(model)
     stacks: dict[str, dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
@@ -60,8 +62,8 @@ def convert_legacy_experts(model: nn.Module, config: LoraConfig, weights: dict[s
     for path, found in factors.items():
         if "lora_A" not in found or "lora_B" not in found:
             return config, weights  # incomplete: the load names what is missing
-        # s folded into B in float64: one rounding, when the load casts to the adapter dtype
-        pair = (found["lora_A"].double(), found["lora_B"].double() * config.scaling_for(path))
+        acc = accumulation_dtype(found["lora_B"].dtype)  # s folded into B: one rounding, in fp32 or wider
+        pair = (found["lora_A"].to(acc), found["lora_B"].to(acc) * config.scaling_for(path))
         new_path = _renamed(path, renamings)
         moved |= new_path != path
         placed = _stack_of(new_path, converters)
@@ -157,8 +159,9 @@ def _stacked_factors(modules: dict[str, nn.Module], key: str,
         raise AdapterFileError(f"{key}: the file's expert layers do not add up to the stack's shape "
                                f"{tuple(weight.shape)}")
     rank = sum(ranks)
-    A = torch.zeros(experts, rank, d_in, dtype=torch.float64)
-    B = torch.zeros(experts, d_out, rank, dtype=torch.float64)
+    dtype = first[0][0].dtype
+    A = torch.zeros(experts, rank, d_in, dtype=dtype)
+    B = torch.zeros(experts, d_out, rank, dtype=dtype)
     row = col = 0
     for k in range(count):
         for e, (A_k, B_k) in parts[k].items():
