@@ -478,3 +478,24 @@ def test_hooks_around_the_call_still_see_every_other_saved_tensor(monkeypatch, i
     kept = outer_counts()
     assert kept["stack views"] > 0 and rebuilt["stack views"] == 0
     assert rebuilt["other"] == kept["other"]
+
+
+def test_peft_all_linear_on_a_mixture_of_experts_model_loads(tmp_path, ids):
+    """PEFT reads "all-linear" on a transformers-5 MoE model as the transformers-4 layers: the
+    router's weight and the expert stacks (gate_up_proj at rank 2r) become parameter targets in its
+    file. lorakit loads that file to the same outputs."""
+    peft = pytest.importorskip("peft")
+    ids = ids % 64
+    theirs = peft.get_peft_model(tiny_mixtral(), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear")).eval()
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+        expected = theirs(ids).logits
+    theirs.save_pretrained(tmp_path)
+    model = tiny_mixtral()
+    lorakit.load_adapter(model, tmp_path)
+    assert "gate.weight" in lorakit.state.adapter_configs(model)["default"].target_parameters
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
