@@ -305,3 +305,21 @@ def test_a_load_leaves_no_lock_file_and_a_read_only_folder_still_loads(tmp_path,
     lorakit.load_adapter(again, out)  # no lock file can be made: read without one
     torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert sorted(os.listdir(out)) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_a_stale_temporary_file_of_safetensors_goes_at_the_next_load(two_adapters, ids):
+    """safetensors writes under ``.tmpXXXXXX`` and renames; a kill mid-write leaves that file. It
+    goes once unchanged for an hour; a recent one (perhaps another program's running write) and
+    other names stay."""
+    from lorakit.io.journal import STALE_WRITE_S
+
+    out, a, _, bytes_a, _ = two_adapters
+    for name in (".tmpAbC123", ".tmpXyZ789", ".tmpAbC1234", "tmpAbC123"):
+        (out / name).write_bytes(b"part of a file")
+    old = time.time() - STALE_WRITE_S - 60
+    for name in (".tmpAbC123", ".tmpAbC1234", "tmpAbC123"):
+        os.utime(out / name, (old, old))
+    model = tiny_llama()
+    lorakit.load_adapter(model, out)
+    torch.testing.assert_close(model(ids).logits, a(ids).logits, rtol=0, atol=0)
+    assert set(folder_bytes(out)) == set(bytes_a) | {".tmpXyZ789", ".tmpAbC1234", "tmpAbC123"}

@@ -21,6 +21,11 @@ Backups without a journal are left by lorakit versions before it, which cannot t
 their save finished: a backup whose file is missing is restored (the newest, if several), one
 whose file exists is deleted (the file in place wins). Temporary files without a journal are
 from a save that had not begun to move files: they are deleted.
+
+safetensors writes each file under a name of its own first (``.tmp`` and six characters) and
+renames it onto ours, so a kill during that write leaves such a file. Nothing names its owner,
+so one goes only when it has not changed for ``STALE_WRITE_S``: a write still running (lorakit's
+holds the lock; another program's might not) keeps changing it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +47,8 @@ log = logging.getLogger("lorakit.io")
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<token>[0-9a-f]{12})\.(?P<kind>tmp|old)")
 _JOURNAL = re.compile(r"\.lorakit\.(?P<token>[0-9a-f]{12})\.journal")
+_WRITER_TEMP = re.compile(r"\.tmp[0-9A-Za-z]{6}")  # safetensors' (Rust tempfile's) name before its rename
+STALE_WRITE_S = 3600
 
 
 def temp_path(folder: Path, name: str, token: str) -> Path:
@@ -122,7 +130,20 @@ def fsync_folder(folder: Path) -> None:
 def has_leftovers(folder: Path, names: Collection[str]) -> bool:
     """Whether ``folder`` holds a journal, or a temporary file or backup of one of ``names``."""
     return any(_JOURNAL.fullmatch(entry) or ((m := _LEFTOVER.fullmatch(entry)) and m["name"] in names)
-               for entry in _entries(folder))
+               for entry in _entries(folder)) or bool(_stale_writer_temps(folder))
+
+
+def _stale_writer_temps(folder: Path) -> list[Path]:
+    """safetensors' temporary files in ``folder`` unchanged for ``STALE_WRITE_S`` (see the module docstring)."""
+    now, stale = time.time(), []
+    for entry in _entries(folder):
+        if _WRITER_TEMP.fullmatch(entry):
+            try:
+                if now - os.lstat(folder / entry).st_mtime > STALE_WRITE_S:
+                    stale.append(folder / entry)
+            except FileNotFoundError:
+                pass
+    return stale
 
 
 def recover_folder(folder: Path, names: Collection[str]) -> list[str]:
@@ -147,6 +168,9 @@ def recover_folder(folder: Path, names: Collection[str]) -> list[str]:
         for path in [*backups, *(p for kind, p in found if kind == "tmp")]:
             _remove(path)
             done.append(f"removed {path.name}")
+    for path in _stale_writer_temps(folder):
+        _remove(path)
+        done.append(f"removed {path.name} (a killed write's temporary file)")
     if done:
         fsync_folder(folder)
         log.warning("%s: recovered from an interrupted save: %s", folder, "; ".join(done))
