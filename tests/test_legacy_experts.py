@@ -134,3 +134,23 @@ def test_a_file_with_half_a_stack_is_refused_and_the_model_kept(tmp_path):
     with pytest.raises(AdapterFileError, match="only some of the 2 layers"):
         lorakit.load_adapter(model, tmp_path / "v4")
     assert lorakit.adapters(model) == [] and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_inspect_settles_the_ranks_of_converted_stacks(tmp_path):
+    """A converted file holds gate_up_proj at rank 2 + 2 and down_proj at rank 3 (its rank
+    pattern), nested under one module in an order the file does not record: inspect settles which
+    is which from the expert count they must share, and reports each stack's update."""
+    from lorakit.arithmetic import inspect_adapter
+    from lorakit.layers.parameter import LoraParameter
+    from lorakit.state import lora_layers
+
+    write_v4_adapter(tmp_path / "v4", "mixtral", {"w2": 3})
+    model = tiny_moe("mixtral")
+    lorakit.load_adapter(model, tmp_path / "v4")
+    lorakit.save_adapter(model, tmp_path / "v5")
+    shown = {m.path: m for m in inspect_adapter(tmp_path / "v5").modules}
+    for path, layer in lora_layers(model):
+        if isinstance(layer, LoraParameter):
+            m = shown[path]
+            assert (m.rank, m.experts) == ({"gate_up_proj": 4, "down_proj": 3}[layer.parameter_name], E)
+            assert m.norm == pytest.approx(float(layer.delta_weight("default").norm()), rel=1e-6)

@@ -16,6 +16,7 @@ to each layer's input size, which only the base model knows, so no spectra are c
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -109,10 +110,12 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
     info = AdapterInfo(str(directory), "VERA" if config.use_vera else "LORA", config.base_model_name_or_path,
                        config.target_modules, variant, sum(t.numel() for t in weights.values()), file.stat().st_size,
                        target_parameters=config.target_parameters)
-    for module_path, found in sorted(factors.items(), key=lambda item: _natural(item[0])):
+    for module_path, found in factors.items():
         if "lora_A" not in found or "lora_B" not in found:
             raise AdapterFileError(f"{directory}: module {module_path!r} lacks its lora_A or lora_B weights")
-        info.modules.append(module_info(module_path, found, config))
+    settled = expert_ranks(factors, config)
+    for module_path, found in sorted(factors.items(), key=lambda item: _natural(item[0])):
+        info.modules.append(module_info(module_path, found, config, settled))
     if config.use_vera:
         info.notes.append("VeRA: spectra need each layer's input size (from the base model); not computed")
     if config.use_dora:
@@ -121,7 +124,8 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
         info.notes.append("expert stacks: ‖ΔW‖_F over all experts; σ_1 and r90 the largest of any expert, eff. rank "
                           "their mean; the plotted spectrum is the expert with the largest update")
     if any(m.norm is None and not config.use_vera for m in info.modules):
-        info.notes.append("n/a for a parameter target: its rank_pattern leaves the number of experts ambiguous")
+        info.notes.append("n/a for a parameter target: the config's ranks and the file's shapes do not settle its "
+                          "number of experts")
     return info
 
 
@@ -139,13 +143,40 @@ def parameter_keys(path: str, config) -> list[str]:
     return [k for k in keys if any(k == t or k.endswith("." + t) for t in config.target_parameters)]
 
 
-def expert_stack_info(path: str, A: torch.Tensor, B: torch.Tensor, keys: list[str], config) -> ModuleInfo:
+def expert_ranks(factors: dict[str, dict[str, torch.Tensor]], config) -> dict[str, tuple[int, float]]:
+    """(r, alpha) of each parameter target in the file where the config and the shapes settle it.
+
+    The nesting levels of one module (``m``, ``m.base_layer``, ...) hold one target parameter
+    each, in the module's own order, which the file does not record; but every stack of a module
+    has the same number of experts E, and A has E·r rows. The assignments of the config's names to
+    levels that give every level a whole, common E are tried; the ranks are settled when all such
+    assignments agree on them."""
+    by_module: dict[str, list[tuple[str, list[str], int]]] = {}
+    for path, found in factors.items():
+        keys = parameter_keys(path, config)
+        if keys:
+            by_module.setdefault(keys[0].rpartition(".")[0], []).append((path, keys, found["lora_A"].shape[0]))
+    settled: dict[str, tuple[int, float]] = {}
+    for levels in by_module.values():
+        options = []
+        for chosen in itertools.permutations(levels[0][1], len(levels)):
+            ranks = [config.rank_for(key) for key in chosen]
+            experts = {rows // r for (_, _, rows), r in zip(levels, ranks) if rows % r == 0}
+            if len(experts) == 1 and all(rows % r == 0 for (_, _, rows), r in zip(levels, ranks)):
+                options.append({path: (config.rank_for(key), config.alpha_for(key))
+                                for (path, _, _), key in zip(levels, chosen)})
+        if options and all(option == options[0] for option in options):
+            settled.update(options[0])
+    return settled
+
+
+def expert_stack_info(path: str, A: torch.Tensor, B: torch.Tensor, choice: tuple[int, float] | None,
+                      config) -> ModuleInfo:
     """A parameter target's A (E·r, d_in) and B (d_out, r·E) (see ``layers/parameter.py``)
-    analysed expert by expert, when the config gives one (r, alpha) for the names it can mean."""
-    choices = {(config.rank_for(k), config.alpha_for(k)) for k in keys if A.shape[0] % config.rank_for(k) == 0}
-    if len(choices) != 1:
+    analysed expert by expert, with its (r, alpha) from ``expert_ranks`` (None: not settled)."""
+    if choice is None:
         return ModuleInfo(path, A.shape[0], float("nan"), (B.shape[0], A.shape[1]))
-    (rank, alpha), = choices
+    rank, alpha = choice
     scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank
     experts = A.shape[0] // rank
     A_e = A.reshape(experts, rank, -1)
@@ -157,13 +188,14 @@ def expert_stack_info(path: str, A: torch.Tensor, B: torch.Tensor, keys: list[st
                       max(energy_rank(S, 0.9) for S in spectra), experts)
 
 
-def module_info(path: str, found: dict[str, torch.Tensor], config) -> ModuleInfo:
+def module_info(path: str, found: dict[str, torch.Tensor], config,
+                settled: dict[str, tuple[int, float]] | None = None) -> ModuleInfo:
+    """One module's figures; ``settled``: the parameter targets' (r, alpha) (``expert_ranks``)."""
     A, B = found["lora_A"].double(), found["lora_B"].double()
     if config.use_vera:  # d (r,), b (d_out,)
         return ModuleInfo(path, A.shape[0], 1.0, (B.shape[0], None))  # d_in: the base layer's, unknown here
-    keys = parameter_keys(path, config)
-    if keys:
-        return expert_stack_info(path, A, B, keys, config)
+    if parameter_keys(path, config):
+        return expert_stack_info(path, A, B, (settled or {}).get(path), config)
     rank = A.shape[0]
     alpha = config.alpha_for(path)
     scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank
