@@ -247,6 +247,38 @@ def test_inspect_of_a_vera_adapter_says_what_it_cannot_compute(tmp_path, capsys)
     assert info["modules"][0]["shape"] == [32, None] and info["plot"] is None
 
 
+def test_inspect_with_the_base_model_gives_vera_spectra(tmp_path):
+    """Given the model, a VeRA adapter is analysed in it (the shared pair sliced per layer): the
+    norms are those of the layers' own updates, and the model is left as it was."""
+    from lorakit.arithmetic import inspect_adapter
+    from lorakit.state import lora_layers
+
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_vera=True))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path / "vera")
+    expected = {path: float(layer.delta_weight("default").norm()) for path, layer in lora_layers(model)}
+    base = tiny_llama()
+    info = inspect_adapter(tmp_path / "vera", base)
+    assert {m.path: m.norm for m in info.modules} == pytest.approx(expected, rel=1e-6)
+    assert {m.path: m.shape for m in info.modules}["model.layers.0.mlp.down_proj"] == (32, 64)
+    assert lorakit.adapters(base) == [] and not any(True for _ in lora_layers(base))
+    assert not any("VeRA" in note for note in info.notes)
+
+
+@pytest.mark.e2e
+def test_the_inspect_command_takes_the_model_for_vera(tmp_path, capsys, embedded_model):
+    model, _ = embedded_model
+    lorakit.add_adapter(model, LoraConfig(r=8, target_modules=["q_proj"], use_vera=True), "vera")
+    try:
+        lorakit.save_adapter(model, tmp_path / "vera", "vera")
+    finally:
+        lorakit.delete_adapter(model, "vera")
+    assert main(["inspect", str(tmp_path / "vera"), "--model", "smollm2-135m", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [m["shape"] for m in info["modules"]][:1] == [[576, 576]] and info["modules"][0]["norm"] >= 0
+
+
 def test_inspect_of_a_missing_directory_is_a_clean_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -11,7 +11,8 @@ adapter on a 4096×4096 layer costs a 16×16 SVD. Reported per module:
 An effective rank far below r means the adapter uses few of its directions (``compress`` would
 lose little). DoRA files: the spectra are those of s B A; the magnitudes also rescale each output
 unit, which needs the base weight to evaluate. VeRA files: the shared projection must be sliced
-to each layer's input size, which only the base model knows, so no spectra are computed.
+to each layer's input size, which only the base model knows: given the model, the adapter is
+loaded into it and analysed there; without it, no spectra are computed.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..errors import AdapterFileError
+from ..inject import delete_adapter
 from ..io.atomic import write_atomically
 from ..io.layout import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from ..io.load import group_factors, read_adapter
+from ..io.load import group_factors, load_adapter, read_adapter
+from ..state import adapter_configs, lora_layers
 from .factor import LowRank, energy_rank, entropy_rank, singular_values
+from .updates import low_rank_update
 
 
 @dataclass
@@ -97,8 +102,11 @@ class AdapterInfo:
         return plot_spectra(self, Path(path))
 
 
-def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
-    """Read adapter directory ``path`` (lorakit's or PEFT's files) and analyse each module's update."""
+def inspect_adapter(path: str | os.PathLike, model: nn.Module | None = None) -> AdapterInfo:
+    """Read adapter directory ``path`` (lorakit's or PEFT's files) and analyse each module's update.
+
+    ``model``: the base model, which only VeRA adapters need (their shared projection is sliced to
+    each layer's input size); the adapter is loaded into it for the analysis and removed again."""
     directory = Path(path)
     if not directory.is_dir():
         raise AdapterFileError(f"adapter directory {directory} does not exist")
@@ -114,10 +122,14 @@ def inspect_adapter(path: str | os.PathLike) -> AdapterInfo:
         if "lora_A" not in found or "lora_B" not in found:
             raise AdapterFileError(f"{directory}: module {module_path!r} lacks its lora_A or lora_B weights")
     settled = expert_ranks(factors, config)
+    vera = vera_updates(model, directory) if config.use_vera and model is not None else {}
     for module_path, found in sorted(factors.items(), key=lambda item: _natural(item[0])):
-        info.modules.append(module_info(module_path, found, config, settled))
-    if config.use_vera:
-        info.notes.append("VeRA: spectra need each layer's input size (from the base model); not computed")
+        if module_path in vera:
+            info.modules.append(update_info(module_path, found["lora_A"].shape[0], 1.0, vera[module_path]))
+        else:
+            info.modules.append(module_info(module_path, found, config, settled))
+    if config.use_vera and not vera:
+        info.notes.append("VeRA: spectra need each layer's input size: give the base model (--model)")
     if config.use_dora:
         info.notes.append("DoRA: spectra are those of s·B·A; the magnitudes also rescale each output unit")
     if any(m.experts > 1 for m in info.modules):
@@ -188,6 +200,25 @@ def expert_stack_info(path: str, A: torch.Tensor, B: torch.Tensor, choice: tuple
                       max(energy_rank(S, 0.9) for S in spectra), experts)
 
 
+def vera_updates(model: nn.Module, directory: Path) -> dict[str, LowRank]:
+    """Each module's update b ⊙ B_s (d ⊙ A_s x) of the VeRA adapter in ``directory`` as factors,
+    the shared pair sliced by ``model``'s layers: loaded under a fresh name, read, deleted."""
+    name = "inspected"
+    while name in adapter_configs(model):
+        name += "_"
+    load_adapter(model, directory, name=name, activate=False)
+    try:
+        return {path: low_rank_update(layer, name) for path, layer in lora_layers(model) if name in layer.lora_A}
+    finally:
+        delete_adapter(model, name)
+
+
+def update_info(path: str, rank: int, scaling: float, update: LowRank) -> ModuleInfo:
+    S = singular_values(update)
+    return ModuleInfo(path, rank, scaling, (update.B.shape[0], update.A.shape[1]), float(S.norm()),
+                      [float(s) for s in S], entropy_rank(S), energy_rank(S, 0.9))
+
+
 def module_info(path: str, found: dict[str, torch.Tensor], config,
                 settled: dict[str, tuple[int, float]] | None = None) -> ModuleInfo:
     """One module's figures; ``settled``: the parameter targets' (r, alpha) (``expert_ranks``)."""
@@ -199,10 +230,7 @@ def module_info(path: str, found: dict[str, torch.Tensor], config,
     rank = A.shape[0]
     alpha = config.alpha_for(path)
     scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank
-    update = LowRank(B.flatten(1) * scaling, A.flatten(1))
-    S = singular_values(update)
-    return ModuleInfo(path, rank, scaling, (update.B.shape[0], update.A.shape[1]), float(S.norm()),
-                      [float(s) for s in S], entropy_rank(S), energy_rank(S, 0.9))
+    return update_info(path, rank, scaling, LowRank(B.flatten(1) * scaling, A.flatten(1)))
 
 
 def plot_spectra(info: AdapterInfo, path: Path) -> Path:

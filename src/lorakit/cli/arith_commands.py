@@ -41,7 +41,9 @@ def add_arith_parsers(sub) -> None:
     compress.add_argument("--json", action="store_true", help="print the report as JSON")
 
     inspect = sub.add_parser("inspect", help="ranks, parameters, update norms and singular values of an adapter")
-    inspect.add_argument("adapter", help="adapter directory (no base model needed)")
+    inspect.add_argument("adapter", help="adapter directory (no base model needed, except for VeRA's spectra)")
+    inspect.add_argument("--model", help="base model, for VeRA adapters' spectra (alias, directory, .gguf or hub id)")
+    inspect.add_argument("--device", default="cpu")
     inspect.add_argument("--plot", help="write the spectra and norms as a PNG here")
     inspect.add_argument("--json", action="store_true", help="print everything as JSON")
 
@@ -137,7 +139,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..arithmetic import inspect_adapter
 
-    info = inspect_adapter(args.adapter)
+    model = None
+    if args.model:
+        from ..models import load_model
+
+        model, _ = load_model(args.model, device=args.device)
+    info = inspect_adapter(args.adapter, model)
     plot = info.plot(args.plot) if args.plot else None
     if args.plot and plot is None:
         print(f"plot: {args.plot} not written: no module has a spectrum to plot", file=sys.stderr)
