@@ -332,6 +332,10 @@ def test_the_cli_trains_inspects_and_exports_expert_adapters(tmp_path, embedded_
     evaluated = json.loads(run_cli("eval", "--model", str(tmp_path / "model"), "--adapter", str(adapter), "--data",
                                    str(data["test"]), "--json", "--no-generate").stdout)
     assert evaluated["loss"] > 0
+    from lorakit.cli.commands import load_with_adapters  # what eval/generate/chat load: merged, not rebuilt per token
+
+    loaded, _, names = load_with_adapters(str(tmp_path / "model"), [str(adapter)], "cpu", "float32")
+    assert lorakit.state.merged_adapters(loaded) == names
 
     ids = torch.randint(0, len(tokenizer), (1, 12))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()

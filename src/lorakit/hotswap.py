@@ -25,7 +25,8 @@ from torch import nn
 
 from .config import changes_base
 from .errors import AdapterFileError, AdapterStateError
-from .io.load import group_factors, read_adapter
+from .io.layout import group_factors
+from .io.load import read_adapter
 from .kernels.casting import accumulation_dtype
 from .layers.parameter import LoraParameter
 from .state import adapter_configs, lora_layers, merged_adapters, require_adapters

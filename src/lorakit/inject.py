@@ -24,7 +24,8 @@ from .layers.parameter import LoraParameter
 from .layers.vera import VeraProjection
 from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters, replace_module,
                     require_adapters, saved_modules)
-from .targets import find_parameter_targets, find_targets, matches, named_base_modules, stacked_parameters
+from .targets import (find_parameter_targets, find_targets, matches, named_base_modules, nested_path,
+                      stacked_parameters)
 
 log = logging.getLogger("lorakit.inject")
 
@@ -135,12 +136,12 @@ def _plan_parameters(path: str, module: nn.Module, params: list[str], config: Lo
             nest.append(layer)
         is_new = True
     plans = []
-    for depth, layer in enumerate(nest):
+    for layer in nest:
         key = f"{path}.{layer.parameter_name}"  # rank_pattern / alpha_pattern keys name the parameter
         A, B = _factors(layer, config, config.rank_for(key), config.scaling_for(key), draw_factors,
                         module_generator(config.seed, key))
-        plans.append(LayerPlan(path + ".base_layer" * (len(nest) - 1 - depth), layer, is_new,
-                               config.scaling_for(key), 0.0, A, B, nested=depth < len(nest) - 1))
+        plans.append(LayerPlan(nested_path(path, params, layer.parameter_name), layer, is_new,
+                               config.scaling_for(key), 0.0, A, B, nested=layer is not nest[-1]))
     return plans
 
 

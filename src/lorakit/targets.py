@@ -172,6 +172,12 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
     return chosen
 
 
+def nested_path(module_path: str, params: list[str], param: str) -> str:
+    """Where the ``LoraParameter`` for ``param`` sits when a module's targeted ``params`` (in the
+    module's registration order) nest, the first innermost: PEFT's nesting, hence its file keys."""
+    return module_path + ".base_layer" * (len(params) - 1 - params.index(param))
+
+
 def stacked_parameters(model: nn.Module) -> list[str]:
     """``"<module>.<parameter>"`` names (the module's last name part) of the 3-D parameters of
     modules LoRA does not wrap as layers: mixture-of-experts stacks, which only

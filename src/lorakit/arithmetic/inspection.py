@@ -29,8 +29,8 @@ from torch import nn
 from ..errors import AdapterFileError
 from ..inject import delete_adapter
 from ..io.atomic import write_atomically
-from ..io.layout import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
-from ..io.load import group_factors, load_adapter, read_adapter
+from ..io.layout import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, group_factors
+from ..io.load import load_adapter, read_adapter
 from ..state import adapter_configs, lora_layers
 from .factor import LowRank, energy_rank, entropy_rank, singular_values
 from .updates import low_rank_update
@@ -156,7 +156,7 @@ def parameter_keys(path: str, config) -> list[str]:
 
 
 def expert_ranks(factors: dict[str, dict[str, torch.Tensor]], config) -> dict[str, tuple[int, float]]:
-    """(r, alpha) of each parameter target in the file where the config and the shapes settle it.
+    """(r, s) of each parameter target in the file where the config and the shapes settle it.
 
     The nesting levels of one module (``m``, ``m.base_layer``, ...) hold one target parameter
     each, in the module's own order, which the file does not record; but every stack of a module
@@ -173,23 +173,21 @@ def expert_ranks(factors: dict[str, dict[str, torch.Tensor]], config) -> dict[st
         options = []
         for chosen in itertools.permutations(levels[0][1], len(levels)):
             ranks = [config.rank_for(key) for key in chosen]
-            experts = {rows // r for (_, _, rows), r in zip(levels, ranks) if rows % r == 0}
-            if len(experts) == 1 and all(rows % r == 0 for (_, _, rows), r in zip(levels, ranks)):
-                options.append({path: (config.rank_for(key), config.alpha_for(key))
-                                for (path, _, _), key in zip(levels, chosen)})
+            if all(rows % r == 0 for (_, _, rows), r in zip(levels, ranks)) and \
+                    len({rows // r for (_, _, rows), r in zip(levels, ranks)}) == 1:
+                options.append({path: (r, config.scaling_for(key))
+                                for (path, _, _), key, r in zip(levels, chosen, ranks)})
         if options and all(option == options[0] for option in options):
             settled.update(options[0])
     return settled
 
 
-def expert_stack_info(path: str, A: torch.Tensor, B: torch.Tensor, choice: tuple[int, float] | None,
-                      config) -> ModuleInfo:
+def expert_stack_info(path: str, A: torch.Tensor, B: torch.Tensor, choice: tuple[int, float] | None) -> ModuleInfo:
     """A parameter target's A (E·r, d_in) and B (d_out, r·E) (see ``layers/parameter.py``)
-    analysed expert by expert, with its (r, alpha) from ``expert_ranks`` (None: not settled)."""
+    analysed expert by expert, with its (r, s) from ``expert_ranks`` (None: not settled)."""
     if choice is None:
         return ModuleInfo(path, A.shape[0], float("nan"), (B.shape[0], A.shape[1]))
-    rank, alpha = choice
-    scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank
+    rank, scaling = choice
     experts = A.shape[0] // rank
     A_e = A.reshape(experts, rank, -1)
     B_e = B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)
@@ -221,12 +219,12 @@ def update_info(path: str, rank: int, scaling: float, update: LowRank) -> Module
 
 def module_info(path: str, found: dict[str, torch.Tensor], config,
                 settled: dict[str, tuple[int, float]] | None = None) -> ModuleInfo:
-    """One module's figures; ``settled``: the parameter targets' (r, alpha) (``expert_ranks``)."""
+    """One module's figures; ``settled``: the parameter targets' (r, s) (``expert_ranks``)."""
     A, B = found["lora_A"].double(), found["lora_B"].double()
     if config.use_vera:  # d (r,), b (d_out,)
         return ModuleInfo(path, A.shape[0], 1.0, (B.shape[0], None))  # d_in: the base layer's, unknown here
     if parameter_keys(path, config):
-        return expert_stack_info(path, A, B, (settled or {}).get(path), config)
+        return expert_stack_info(path, A, B, (settled or {}).get(path))
     rank = A.shape[0]
     alpha = config.alpha_for(path)
     scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank

@@ -129,14 +129,16 @@ def fsync_folder(folder: Path) -> None:
 
 def has_leftovers(folder: Path, names: Collection[str]) -> bool:
     """Whether ``folder`` holds a journal, or a temporary file or backup of one of ``names``."""
+    entries = _entries(folder)
     return any(_JOURNAL.fullmatch(entry) or ((m := _LEFTOVER.fullmatch(entry)) and m["name"] in names)
-               for entry in _entries(folder)) or bool(_stale_writer_temps(folder))
+               for entry in entries) or bool(_stale_writer_temps(folder, entries))
 
 
-def _stale_writer_temps(folder: Path) -> list[Path]:
-    """safetensors' temporary files in ``folder`` unchanged for ``STALE_WRITE_S`` (see the module docstring)."""
+def _stale_writer_temps(folder: Path, entries: list[str]) -> list[Path]:
+    """safetensors' temporary files among ``folder``'s ``entries`` unchanged for ``STALE_WRITE_S``
+    (see the module docstring)."""
     now, stale = time.time(), []
-    for entry in _entries(folder):
+    for entry in entries:
         if _WRITER_TEMP.fullmatch(entry):
             try:
                 if now - os.lstat(folder / entry).st_mtime > STALE_WRITE_S:
@@ -168,7 +170,7 @@ def recover_folder(folder: Path, names: Collection[str]) -> list[str]:
         for path in [*backups, *(p for kind, p in found if kind == "tmp")]:
             _remove(path)
             done.append(f"removed {path.name}")
-    for path in _stale_writer_temps(folder):
+    for path in _stale_writer_temps(folder, _entries(folder)):
         _remove(path)
         done.append(f"removed {path.name} (a killed write's temporary file)")
     if done:

@@ -14,6 +14,11 @@ the adapter name stripped:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
@@ -44,6 +49,21 @@ def split_factor_key(key: str) -> tuple[str, str] | None:
         if key.endswith(suffix):
             return key[: -len(suffix)], factor
     return None
+
+
+def group_factors(weights: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A file's tensors as ({module path: {"lora_A"/"lora_B"/"magnitude": tensor}}, {other key: tensor}),
+    keys without PEFT's ``base_model.model.`` prefix."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, value in weights.items():
+        split = split_factor_key(strip_prefix(key))
+        if split is None:
+            rest[strip_prefix(key)] = value
+        else:
+            path, factor = split
+            factors.setdefault(path, {})[factor] = value
+    return factors, rest
 
 
 def task_type_of(model: object) -> str | None:

@@ -30,8 +30,8 @@ from ..errors import AdapterFileError
 from ..kernels.casting import accumulation_dtype
 from ..layers import lora_class_for
 from ..layers.parameter import LoraParameter
-from ..targets import low_rank_config, named_base_modules
-from .layout import PREFIX, split_factor_key, strip_prefix
+from ..targets import low_rank_config, named_base_modules, nested_path
+from .layout import PREFIX, group_factors, split_factor_key, strip_prefix
 
 log = logging.getLogger("lorakit.io")
 
@@ -45,14 +45,11 @@ def convert_legacy_experts(model: nn.Module, config: LoraConfig, weights: dict[s
     """``(config, weights)`` as they apply to ``model``: unchanged unless the file has factors for
     modules the model lacks and the model's transformers conversion mapping places them. Raises
     AdapterFileError when it places them on something they do not fit."""
+    if config.use_vera or config.use_dora or config.target_parameters or changes_base(config.init):
+        return config, weights  # read as they are, or refused by the load
     modules = dict(named_base_modules(model))
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in weights.items():
-        split = split_factor_key(strip_prefix(key))
-        if split is not None:
-            factors.setdefault(split[0], {})[split[1]] = value
-    if all(path in modules for path in factors) or config.use_vera or config.use_dora or config.target_parameters \
-            or changes_base(config.init):  # those files are read as they are, or refused by the load
+    factors, _ = group_factors(weights)
+    if all(path in modules for path in factors):
         return config, weights
     renamings, converters = _conversion_rules(model)
     stacks: dict[str, dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
@@ -187,5 +184,5 @@ def _nest_paths(modules: dict[str, nn.Module], targets: dict[str, tuple]) -> dic
         module = modules[module_path]
         owner = module.owner if isinstance(module, LoraParameter) else module
         order = [p for p, _ in owner.named_parameters(recurse=False) if f"{module_path}.{p}" in targets]
-        out[module_path + ".base_layer" * (len(order) - 1 - order.index(param))] = pair
+        out[nested_path(module_path, order, param)] = pair
     return out

@@ -20,8 +20,7 @@ from ..state import adapter_configs
 from .journal import reading_folder
 from .legacy_experts import convert_legacy_experts
 from .peft_adalora import as_lora, is_peft_adalora
-from .layout import (CONFIG_NAME, LEGACY_WEIGHTS_NAME, VERA_PROJECTION_KEYS, WEIGHTS_NAME,
-                     split_factor_key, strip_prefix)
+from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, VERA_PROJECTION_KEYS, WEIGHTS_NAME, group_factors
 
 log = logging.getLogger("lorakit.io")
 
@@ -76,21 +75,6 @@ def read_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     if is_peft_adalora(data):
         return as_lora(data, weights, str(directory))
     return _config_from(data, directory / CONFIG_NAME), weights
-
-
-def group_factors(weights: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """A file's tensors as ({module path: {"lora_A"/"lora_B"/"magnitude": tensor}}, {other key: tensor}),
-    keys without PEFT's ``base_model.model.`` prefix."""
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    rest: dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        split = split_factor_key(strip_prefix(key))
-        if split is None:
-            rest[strip_prefix(key)] = value
-        else:
-            path, factor = split
-            factors.setdefault(path, {})[factor] = value
-    return factors, rest
 
 
 def _fit_factors(model: nn.Module, planned: InjectionPlan, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

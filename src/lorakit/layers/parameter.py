@@ -87,9 +87,6 @@ class LoraParameter(LoraLayer):
     def rank(self, name: str) -> int:
         return self.lora_A[name].shape[0] // self.num_experts
 
-    def output_bias(self) -> torch.Tensor | None:
-        return None
-
     def expert_factors(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(lhs, rhs) with lhs @ rhs = B_e A_e per expert laid out like the parameter:
         (E, d_out, r) @ (E, r, d_in), or their transposes for a transposed parameter."""

@@ -132,7 +132,8 @@ class TrainConfig:
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
-                          target_parameters=self.target_parameters, init=self.init, use_rslora=self.use_rslora, seed=self.seed, **VARIANTS[self.variant])
+                          target_parameters=self.target_parameters, init=self.init, use_rslora=self.use_rslora,
+                          seed=self.seed, **VARIANTS[self.variant])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
