@@ -177,7 +177,7 @@ def two_adapter_net(target, kinds):
     randomize_adapters(net)
     layer = getattr(net, target)
     with torch.no_grad():
-        for m in layer.lora_magnitude_vector.values():
+        for m in layer._modules.get("lora_magnitude_vector", {}).values():
             m.mul_(torch.rand_like(m) + 0.5)
     lorakit.set_adapter(net, ["first", "second"])
     return net, layer
@@ -193,7 +193,7 @@ def formula_weight(layer, w0):
         A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
         delta = 2.0 * (B.flatten(1) @ A.flatten(1))  # s = alpha / r = 2
         delta = delta.T if unit == 1 else delta.reshape(w0.shape)  # embedding: (num_embeddings, dim)
-        if name not in layer.lora_magnitude_vector:
+        if layer.variants[name].name != "dora":
             total += delta
             continue
         shape = [1] * w0.dim()
@@ -295,7 +295,7 @@ def test_failed_merge_write_leaves_the_layer_as_it_was(monkeypatch):
     failing_write(monkeypatch, layer)
     with pytest.raises(RuntimeError, match="out of memory"):
         lorakit.merge(net)
-    assert layer.merged_adapters == [] and layer._dora_merge_norms == {}
+    assert layer.merged_adapters == [] and layer.merge_records == {}
     monkeypatch.undo()
     assert torch.equal(layer.weight, w0)
     torch.testing.assert_close(layer(x), out, rtol=0, atol=0)
@@ -308,7 +308,7 @@ def halve_magnitudes(layer, names):
     """m = ||W0 + s B A|| / 2: each adapter's c = 1/2, so two merged put 1 + 2 (c - 1) = 0 on W0."""
     with torch.no_grad():
         for name in names:
-            layer.lora_magnitude_vector[name].copy_(layer.weight_norm(name) / 2)
+            layer.lora_magnitude_vector[name].copy_(layer.variants[name].weight_norm(layer, name) / 2)
 
 
 @pytest.mark.parametrize("target", ["lin", "emb", "conv"])
@@ -343,7 +343,7 @@ def test_unmerge_that_would_lose_w0_is_refused_and_unmerge_all_goes_latest_first
     layer = net.lin
     halve_magnitudes(layer, ["first", "second"])
     with torch.no_grad():
-        layer.lora_magnitude_vector["big"].copy_(layer.weight_norm("big") * 2)
+        layer.lora_magnitude_vector["big"].copy_(layer.variants["big"].weight_norm(layer, "big") * 2)
     x = INPUTS["lin"]()
     w0, out = layer.weight.detach().clone(), layer(x)
     lorakit.merge(net)

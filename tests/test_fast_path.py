@@ -27,7 +27,7 @@ def adapted(dtype=torch.float64, bias=True, **config):
     config = {"r": 4, "alpha": 8, "target_modules": ["lin"], **config}
     lorakit.add_adapter(net, lorakit.LoraConfig(**config))
     randomize_adapters(net, 0.3)
-    if "default" in net.lin.lora_magnitude_vector:  # DoRA: a magnitude that differs from the norm
+    if net.lin.variants["default"].name == "dora":  # DoRA: a magnitude that differs from the norm
         with torch.no_grad():
             net.lin.lora_magnitude_vector["default"].mul_(torch.linspace(0.5, 1.5, 20, dtype=dtype))
     return net.train()

@@ -68,6 +68,21 @@ _UNSUPPORTED_PEFT_OPTIONS = {
 }
 
 
+# The LoRA family's members by name (``LoraConfig.variant``): `Variant` objects (layers/variant.py),
+# each registered by its own file in lorakit/variants/ when the package is imported.
+VARIANTS: dict[str, Any] = {}
+
+
+def register_variant(variant: Any) -> Any:
+    """Make ``variant`` (a `lorakit.layers.variant.Variant`) selectable as ``LoraConfig(variant=...)``."""
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+def variant_names() -> list[str]:
+    return sorted(VARIANTS)
+
+
 @dataclass
 class LoraConfig:
     """Configuration of one LoRA adapter: ``h = W0 x + s * B A dropout(x)``.
@@ -91,6 +106,11 @@ class LoraConfig:
         bias: ``"none"`` (biases stay frozen), ``"all"`` (every bias in the model is trained and
             saved) or ``"lora_only"`` (biases of adapted layers are trained and saved).
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+        variant: the member of the LoRA family: ``"lora"`` (plain), ``"dora"``, ``"lora-fa"``,
+            ``"dylora"``, ``"vera"`` or ``"adalora"`` (each one file in ``lorakit/variants/``).
+            The boolean fields below select the same (``use_dora=True`` is ``variant="dora"``),
+            so older code and PEFT's files keep working; after validation they agree with
+            ``variant``. One adapter has one variant.
         use_dora: weight-decomposed LoRA (Liu et al. 2024): each output unit of ``W0 + s B A`` is
             rescaled to a trained magnitude ``m``; see ``docs/variants.md``.
         lora_fa: LoRA-FA (Zhang et al. 2023): A stays frozen at its init and only B trains, halving
@@ -135,6 +155,7 @@ class LoraConfig:
     target_parameters: list[str] | None = None
     bias: str = "none"
     use_rslora: bool = False
+    variant: str = "lora"
     use_dora: bool = False
     lora_fa: bool = False
     dylora: bool = False
@@ -199,10 +220,36 @@ class LoraConfig:
             self.layers_to_transform = list(self.layers_to_transform)
         if isinstance(self.layers_pattern, str):
             self.layers_pattern = [self.layers_pattern]
-        if self.use_vera:
-            self._check_vera()
-        if self.adalora and (self.use_dora or self.use_vera or self.dylora or self.lora_fa or self.init != "default"):
-            raise ConfigError("adalora cannot be combined with use_dora, use_vera, dylora, lora_fa or a non-default init")
+        variant = self._resolve_variant()
+        if variant.own_init and self.init != "default":
+            raise ConfigError(f"variant {variant.label} draws its own initial factors; it cannot be combined "
+                              f"with init={self.init!r}")
+        if self.target_parameters and not variant.parameter_targets:
+            raise ConfigError(f"target_parameters cannot be combined with variant {variant.label}: a parameter is "
+                              "adapted as a whole, without a variant's extra terms (as in PEFT); put those "
+                              "modules in a separate adapter")
+        variant.check_config(self)
+
+    def _resolve_variant(self) -> Any:
+        """Settle ``variant`` from itself and the legacy boolean fields, then set those to agree."""
+        flagged = [v.name for v in VARIANTS.values() if v.legacy_flag and getattr(self, v.legacy_flag)]
+        if len(flagged) > 1 or (flagged and self.variant not in ("lora", flagged[0])):
+            chosen = ", ".join(VARIANTS[n].label for n in sorted(set(flagged) | ({self.variant} - {"lora"})))
+            raise ConfigError(f"an adapter has one variant, got {chosen}; choose one (variant=...), or put the "
+                              "others in adapters of their own")
+        if flagged:
+            self.variant = flagged[0]
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant must be one of {variant_names()}, got {self.variant!r}")
+        for other in VARIANTS.values():
+            if other.legacy_flag:
+                setattr(self, other.legacy_flag, other.name == self.variant)
+        return VARIANTS[self.variant]
+
+    @property
+    def variant_object(self) -> Any:
+        """The `Variant` (layers/variant.py) this config names."""
+        return VARIANTS[self.variant]
 
     def _check_target_parameters(self) -> None:
         names = self.target_parameters
@@ -214,27 +261,12 @@ class LoraConfig:
         if not self.target_parameters:
             self.target_parameters = None
             return
-        clash = {"dropout > 0": self.dropout > 0, "use_dora": self.use_dora, "use_vera": self.use_vera,
-                 "adalora": self.adalora, "dylora": self.dylora,
-                 f"init={self.init!r}": self.init not in ("default", "gaussian")}
-        clash = [k for k, v in clash.items() if v]
+        clash = [k for k, v in {"dropout > 0": self.dropout > 0,
+                                f"init={self.init!r}": self.init not in ("default", "gaussian")}.items() if v]
         if clash:
             raise ConfigError(f"target_parameters cannot be combined with {clash}: a parameter is adapted as a whole, "
                               "without an input to drop out or a variant's extra terms (as in PEFT); put those "
                               "modules in a separate adapter")
-
-    def _check_vera(self) -> None:
-        others = {"use_dora": self.use_dora, "lora_fa": self.lora_fa, "dylora": self.dylora,
-                  "rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern,
-                  "init": self.init != "default"}
-        clash = [k for k, v in others.items() if v]
-        if clash:
-            raise ConfigError(f"use_vera cannot be combined with {clash}: VeRA shares one random pair of one rank "
-                              "across all layers and trains only its scaling vectors")
-        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
-            raise ConfigError(f"projection_prng_key must be an integer, got {self.projection_prng_key!r}")
-        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):
-            raise ConfigError(f"d_initial must be a number, got {self.d_initial!r}")
 
     # --- per-module values -------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -255,9 +287,7 @@ class LoraConfig:
     # --- PEFT JSON ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The config as PEFT's ``adapter_config.json`` keys (plus nothing PEFT would reject)."""
-        if self.use_vera:
-            return self._vera_dict()
-        return {
+        data = {
             "peft_type": "LORA",
             "task_type": self.task_type,
             "base_model_name_or_path": self.base_model_name_or_path,
@@ -271,7 +301,7 @@ class LoraConfig:
             "target_parameters": self.target_parameters,
             "bias": self.bias,
             "use_rslora": self.use_rslora,
-            "use_dora": self.use_dora,
+            "use_dora": False,  # DoRA says True (variants/dora.py)
             "init_lora_weights": _INIT_TO_PEFT.get(self.init, self.init),
             "modules_to_save": self.modules_to_save,
             "rank_pattern": dict(self.rank_pattern),
@@ -280,29 +310,19 @@ class LoraConfig:
             "layers_pattern": self.layers_pattern,
             "fan_in_fan_out": self.fan_in_fan_out,
         }
-
-    def _vera_dict(self) -> dict[str, Any]:
-        """PEFT's VeraConfig keys."""
-        return {
-            "peft_type": "VERA", "task_type": self.task_type, "base_model_name_or_path": self.base_model_name_or_path,
-            "revision": None, "inference_mode": True, "r": self.r, "target_modules": self.target_modules,
-            "projection_prng_key": self.projection_prng_key, "save_projection": self.save_projection,
-            "vera_dropout": self.dropout, "d_initial": self.d_initial, "fan_in_fan_out": self.fan_in_fan_out,
-            "bias": self.bias, "modules_to_save": self.modules_to_save, "init_weights": True,
-            "layers_to_transform": self.layers_to_transform, "layers_pattern": self.layers_pattern,
-        }
+        return self.variant_object.peft_config(self, data)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
         """Read a PEFT ``adapter_config.json`` dict (LORA or VERA; or lorakit's own field names)."""
         data = dict(data)
         peft_type = str(data.pop("peft_type", "LORA")).upper()
-        if peft_type == "VERA":
-            data["use_vera"] = True
-            data["dropout"] = data.pop("vera_dropout", 0.0)
-            data.pop("init_weights", None)
-        elif peft_type != "LORA":
-            raise ConfigError(f"adapter has peft_type {peft_type!r}; lorakit reads LoRA and VeRA adapters")
+        if peft_type != "LORA":
+            readers = [v for v in VARIANTS.values() if v.peft_type == peft_type]
+            if not readers:
+                known = sorted({v.peft_type for v in VARIANTS.values()})
+                raise ConfigError(f"adapter has peft_type {peft_type!r}; lorakit reads {known} adapters")
+            data = readers[0].read_peft_config(data)
         for key, default in _UNSUPPORTED_PEFT_OPTIONS.items():
             if data.get(key, default) not in (default, None, False, [], {}):
                 raise ConfigError(f"adapter uses {key}={data[key]!r}, which lorakit does not support yet")
@@ -318,7 +338,17 @@ class LoraConfig:
     def replace(self, **changes: Any) -> "LoraConfig":
         """A copy with some fields changed (validated again)."""
         values = asdict(self)
-        values.update(changes)
+        # ``variant`` says which variant this is; the older flags follow it, so they are dropped
+        # here and only a flag named in ``changes`` selects (True) or leaves (False) a variant.
+        flags = {v.legacy_flag: v.name for v in VARIANTS.values() if v.legacy_flag}
+        for flag, name in flags.items():
+            del values[flag]
+            if flag in changes and "variant" not in changes:
+                if changes[flag]:
+                    values["variant"] = name
+                elif values["variant"] == name:
+                    values["variant"] = "lora"
+        values.update({k: v for k, v in changes.items() if k not in flags or "variant" in changes})
         return LoraConfig(**values)
 
 

@@ -39,7 +39,7 @@ class Incoming:
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
-    magnitude: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor]  # the variant's own per-module tensors (DoRA's m), by file slot
 
 
 def hotswap_adapter(model: nn.Module, source: str | os.PathLike, name: str = "default") -> None:
@@ -67,8 +67,7 @@ def _from_model(model: nn.Module, source: str) -> dict[str, Incoming]:
         if source in layer.lora_A:
             _require_swappable(layer, source, "save it and hot-swap the saved directory instead")
             A, B, s = layer.live_factors(source)
-            magnitude = layer.lora_magnitude_vector[source] if source in layer.lora_magnitude_vector else None
-            result[path] = Incoming(A.detach(), B.detach(), s, magnitude)
+            result[path] = Incoming(A.detach(), B.detach(), s, layer.variants[source].saved_extras(layer, source))
     return result
 
 
@@ -76,8 +75,9 @@ def _from_files(directory: Path) -> dict[str, Incoming]:
     if not directory.is_dir():
         raise AdapterFileError(f"{directory} is neither an adapter directory nor the name of a loaded adapter")
     config, weights = read_adapter(directory)  # one save's files, under the folder's lock
-    if config.use_vera or config.adalora:
-        raise AdapterFileError(f"{directory} holds a VeRA/AdaLoRA adapter; hot-swap takes LoRA and DoRA adapters")
+    if not config.variant_object.hot_swappable:
+        raise AdapterFileError(f"{directory} holds a {config.variant_object.title} adapter; hot-swap takes LoRA and "
+                               "DoRA adapters")
     if changes_base(config.init):
         raise AdapterFileError(f"{directory} was saved by PEFT with init_lora_weights={config.init!r} before "
                                "conversion: its weights belong to a changed base weight. Load it with load_adapter "
@@ -88,15 +88,17 @@ def _from_files(directory: Path) -> dict[str, Incoming]:
     for path, found in parts.items():
         if "lora_A" not in found or "lora_B" not in found:
             raise AdapterFileError(f"{directory}: module {path!r} lacks lora_A or lora_B; the adapter is incomplete")
-        result[path] = Incoming(found["lora_A"], found["lora_B"], config.scaling_for(path), found.get("magnitude"))
+        extras = {slot: value for slot, value in found.items() if slot not in ("lora_A", "lora_B")}
+        result[path] = Incoming(found["lora_A"], found["lora_B"], config.scaling_for(path), extras)
     return result
 
 
 def _require_swappable(layer: nn.Module, name: str, advice: str) -> None:
     """Hot-swap moves plain LoRA and DoRA factors; AdaLoRA's E, VeRA's projection and a PiSSA/OLoRA
     init (which changed the base weight) do not carry over."""
-    if name in layer.lora_E or name in getattr(layer, "vera_projection", {}):
-        raise AdapterStateError(f"adapter {name!r} is an AdaLoRA/VeRA adapter; hot-swap takes LoRA and DoRA")
+    if not layer.variants[name].hot_swappable:
+        raise AdapterStateError(f"adapter {name!r} is a {layer.variants[name].title} adapter; hot-swap takes LoRA "
+                                "and DoRA")
     if name in layer.init_factors:
         raise AdapterStateError(f"adapter {name!r} was initialised with PiSSA/OLoRA (it changed the base weight); "
                                 f"{advice}")
@@ -112,10 +114,11 @@ def _check(name: str, slots: dict[str, nn.Module], incoming: dict[str, Incoming]
     for path, layer in slots.items():
         _require_swappable(layer, name, "it cannot serve as a hot-swap slot")
         new = incoming.get(path)
-        slot_is_dora = name in layer.lora_magnitude_vector
+        variant = layer.variants[name]
         if new is None:
-            if slot_is_dora:
-                raise AdapterStateError(f"the new adapter has nothing for DoRA module {path!r}; it cannot be left empty")
+            if variant.file_slots:  # its own tensors (DoRA's m) have no empty value
+                raise AdapterStateError(f"the new adapter has nothing for {variant.title} module {path!r}; it cannot "
+                                        "be left empty")
             continue
         slot_A, slot_B = layer.lora_A[name], layer.lora_B[name]
         if isinstance(layer, LoraParameter) and new.A.shape != slot_A.shape:
@@ -130,8 +133,8 @@ def _check(name: str, slots: dict[str, nn.Module], incoming: dict[str, Incoming]
         if new.A.shape[1:] != slot_A.shape[1:] or new.B.shape[0] != slot_B.shape[0] or new.B.shape[2:] != slot_B.shape[2:]:
             raise AdapterStateError(f"module {path!r}: the new adapter's shapes {tuple(new.A.shape)}, "
                                     f"{tuple(new.B.shape)} do not fit the layer; is it for a different model?")
-        if (new.magnitude is not None) != slot_is_dora:
-            kind = "DoRA" if slot_is_dora else "plain LoRA"
+        if set(new.extras) != set(variant.file_slots):
+            kind = variant.title if variant.file_slots else "plain LoRA"
             raise AdapterStateError(f"module {path!r}: slot {name!r} is {kind} and the new adapter is not; "
                                     "hot-swap DoRA into DoRA and LoRA into LoRA")
         if layer.scaling[name] == 0:
@@ -149,6 +152,5 @@ def _write(layer: nn.Module, name: str, new: Incoming | None) -> None:
     ratio = new.scaling / layer.scaling[name]
     wide = accumulation_dtype(B.dtype)  # rescale before rounding to the slot's dtype
     B[:, :r].copy_((new.B.to(B.device, wide) * ratio).to(B.dtype))
-    if new.magnitude is not None:
-        magnitude = layer.lora_magnitude_vector[name]
-        magnitude.copy_(new.magnitude.to(magnitude.device, magnitude.dtype))
+    for slot, tensor in layer.variants[name].extra_tensors(layer, name).items():
+        tensor.copy_(new.extras[slot].to(tensor.device, tensor.dtype))

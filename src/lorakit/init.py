@@ -58,9 +58,6 @@ def initial_factors(layer: LoraLayer, r: int, scaling: float, init: str, dtype: 
         if isinstance(layer, LoraEmbedding):
             nn.init.zeros_(A)
             nn.init.normal_(B, generator=generator)
-        elif init == "adalora":
-            nn.init.normal_(A, std=0.02, generator=generator)  # AdaLoRA's P and Q (the paper's code)
-            nn.init.normal_(B, std=0.02, generator=generator)
         elif init == "gaussian":
             nn.init.normal_(A, std=1 / r, generator=generator)
             nn.init.zeros_(B)

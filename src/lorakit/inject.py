@@ -19,9 +19,8 @@ from .errors import AdapterNameError, AdapterStateError, TargetError
 from .kernels.mlp_dispatch import install_fused_mlps, remove_fused_mlps
 from .kernels.sibling_dispatch import install_sibling_groups, remove_sibling_groups
 from .init import initial_factors, module_generator
-from .layers import LoraLayer, LoraLinear, ModulesToSave, lora_class_for
+from .layers import LoraLayer, ModulesToSave, lora_class_for
 from .layers.parameter import LoraParameter
-from .layers.vera import VeraProjection
 from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters, replace_module,
                     require_adapters, saved_modules)
 from .targets import (find_parameter_targets, find_targets, matches, named_base_modules, nested_path,
@@ -41,8 +40,9 @@ class LayerPlan:
     dropout: float
     A: torch.Tensor
     B: torch.Tensor
-    magnitude: torch.Tensor | None = None  # DoRA's m when loaded from a file; drawn at commit otherwise
-    projection: nn.Module | None = None  # VeRA's shared frozen pair
+    # The variant's own planned state by name (DoRA's m read from a file, VeRA's shared pair):
+    # filled by ``Variant.plan_adapter`` / ``Variant.read_extras``, used by ``Variant.attach``.
+    extras: dict = field(default_factory=dict)
     # (A0, B0) of a PiSSA/OLoRA init: s B0 A0 leaves W0 at commit. A load keeps them when the file's
     # A and B replace the drawn ones (an unconverted PEFT file: see io/load.py).
     moved_from_base: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -79,6 +79,7 @@ def check_new_name(model: nn.Module, name: str) -> None:
 def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = True) -> InjectionPlan:
     """Check everything and prepare the layers for adapter ``name``; the model is not touched."""
     check_new_name(model, name)
+    variant = config.variant_object
     result = InjectionPlan(name=name, config=config)
     module_targets = find_targets(model, config) if config.target_modules is not None else []
     for path, module in module_targets:
@@ -87,8 +88,9 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
                               "way (target_parameters) or target the layers inside it")
         is_new = not isinstance(module, LoraLayer)
         layer = lora_class_for(module)(module) if is_new else module
-        if config.adalora and not isinstance(layer, LoraLinear):
-            raise TargetError(f"AdaLoRA adapts linear layers only; exclude {path!r} (exclude_modules)")
+        refusal = variant.refusal(layer)
+        if refusal:
+            raise TargetError(f"{refusal}; exclude {path!r} (exclude_modules)")
         if changes_base(config.init) and layer.init_factors:
             raise TargetError(
                 f"module {path!r} already carries an adapter with a base-changing init "
@@ -96,10 +98,8 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
             )
         r = config.rank_for(path)
         scaling = config.scaling_for(path)
-        if config.use_vera:
-            A = B = None  # filled by _plan_vera, which needs every layer's shape first
-        else:
-            A, B = _factors(layer, config, r, scaling, draw_factors, module_generator(config.seed, path))
+        A, B = _factors(layer, config, r, scaling, draw_factors and variant.draws_factors,
+                        module_generator(config.seed, path))
         moved = (A, B) if draw_factors and changes_base(config.init) else None
         result.layers.append(LayerPlan(path, layer, is_new, scaling, config.dropout, A, B, moved_from_base=moved))
     if config.target_parameters:
@@ -109,8 +109,7 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
                 raise TargetError(f"module {path!r} is matched by target_modules and by target_parameters; "
                                   "adapt it one way")
             result.layers.extend(_plan_parameters(path, module, params, config, draw_factors))
-    if config.use_vera:
-        _plan_vera(result, config)
+    variant.plan_adapter(result, config)  # variants that size shared state from every layer (VeRA)
     result.saved_paths = _modules_to_save_paths(model, config)
     return result
 
@@ -149,29 +148,14 @@ def _factors(layer: LoraLayer, config: LoraConfig, r: int, scaling: float, draw:
              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The initial (A, B) of a planned layer: drawn by ``config.init``, or zeros for a load to fill."""
     dtype = adapter_dtype(config, layer.base_weight)
-    if draw:
-        return initial_factors(layer, r, scaling, "adalora" if config.adalora else config.init, dtype, generator)
-    shape_a, shape_b = layer.adapter_shapes(r)
     device = layer.base_weight.device
+    own = config.variant_object.own_factors(layer, r, generator) if draw and device.type != "meta" else None
+    if own is not None:
+        return tuple(t.to(device=device, dtype=dtype).contiguous() for t in own)
+    if draw:
+        return initial_factors(layer, r, scaling, config.init, dtype, generator)
+    shape_a, shape_b = layer.adapter_shapes(r)
     return torch.zeros(shape_a, dtype=dtype, device=device), torch.zeros(shape_b, dtype=dtype, device=device)
-
-
-def _plan_vera(planned: InjectionPlan, config: LoraConfig) -> None:
-    """One shared projection sized for the largest layer; d = d_initial, b = 0 per layer."""
-    wrong = [p.path for p in planned.layers if not isinstance(p.layer, LoraLinear)]
-    if wrong:
-        raise TargetError(f"VeRA adapts linear layers only; exclude {wrong[:5]} (exclude_modules)")
-    first = planned.layers[0].layer.base_weight
-    projection = VeraProjection(config.r, max(p.layer.in_dim for p in planned.layers),
-                                max(p.layer.out_dim for p in planned.layers), config.projection_prng_key)
-    projection.to(first.device)
-    for p in planned.layers:
-        dtype = adapter_dtype(config, p.layer.base_weight)
-        device = p.layer.base_weight.device
-        p.A = torch.full((config.r,), float(config.d_initial), dtype=dtype, device=device)
-        p.B = torch.zeros(p.layer.out_dim, dtype=dtype, device=device)
-        p.scaling = 1.0
-        p.projection = projection
 
 
 def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -191,30 +175,21 @@ def _modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
 def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, activate: bool = True) -> None:
     """Attach the planned adapter to the model (in place) and freeze everything else."""
     name, config = planned.name, planned.config
+    variant = config.variant_object
     current = active_adapters(model)
     for p in planned.layers:
         if p.is_new:  # new modules start in training mode: follow the module they wrap
             p.layer.train(p.layer.base_layer.training)
-        if p.projection is not None:
-            p.layer.vera_projection[name] = p.projection
-        p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable, rslora=config.use_rslora)
-        if config.lora_fa:
-            p.layer.lora_A[name].requires_grad_(False)
-        if config.adalora:
-            # P and Q start small and random, the singular values at zero: the update starts at 0.
-            p.layer.lora_E[name] = nn.Parameter(torch.zeros(p.A.shape[0], dtype=p.A.dtype, device=p.A.device),
-                                                requires_grad=trainable)
+        p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable, rslora=config.use_rslora,
+                            variant=variant)
         if p.moved_from_base is not None:
             # W0 keeps the residual W0 - s B0 A0; (A0, B0) are kept to express the update against
             # the original W0 when saving or removing the adapter.
             A0, B0 = (t.detach().clone() for t in p.moved_from_base)
             p.layer.add_to_weight(-p.layer.dense_update(A0.float(), B0.float(), p.scaling))
             p.layer.init_factors[name] = (A0, B0)
-        if config.use_dora:
-            if p.magnitude is None:
-                p.layer.init_magnitude(name, trainable=trainable)
-            else:
-                p.layer.lora_magnitude_vector[name] = nn.Parameter(p.magnitude, requires_grad=trainable)
+        # After the residual moved: a variant's state (DoRA's m = ||W0 + s B A||) is of the new W0.
+        variant.attach(p.layer, name, p, trainable)
         if p.is_new:
             p.layer.active_adapters = list(current)
             if not p.nested:
@@ -240,10 +215,8 @@ def freeze_base(model: nn.Module) -> None:
     adapter_params = set()
     for module in adapter_modules(model):
         if isinstance(module, LoraLayer):
-            adapter_params.update(map(id, module.lora_A.parameters()))
-            adapter_params.update(map(id, module.lora_B.parameters()))
-            adapter_params.update(map(id, module.lora_magnitude_vector.parameters()))
-            adapter_params.update(map(id, module.lora_E.parameters()))
+            for name, variant in module.variants.items():
+                adapter_params.update(map(id, variant.trained_tensors(module, name)))
         else:
             adapter_params.update(map(id, module.modules_to_save.parameters()))
     trained_biases = trained_bias_ids(model)

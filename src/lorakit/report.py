@@ -18,24 +18,15 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def adapter_parameter_count(model: nn.Module, name: str) -> int:
-    """Parameters belonging to adapter ``name`` (A, B and its modules_to_save copies)."""
+    """Parameters belonging to adapter ``name`` (A, B, its variant's own and its modules_to_save copies)."""
     count = 0
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
-            count += sum(holder[name].numel() for holder in (layer.lora_A, layer.lora_B, layer.lora_E,
-                                                              layer.lora_magnitude_vector) if name in holder)
+            count += sum(t.numel() for t in layer.variants[name].trained_tensors(layer, name))
     for _, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
             count += sum(p.numel() for p in wrapper.modules_to_save[name].parameters())
     return count
-
-
-def variant_name(config) -> str:
-    """The LoRA-family member a config describes (lora, dora, lora-fa, dylora, vera)."""
-    for flag, name in (("adalora", "adalora"), ("use_vera", "vera"), ("use_dora", "dora"), ("lora_fa", "lora-fa"), ("dylora", "dylora")):
-        if getattr(config, flag):
-            return name
-    return "lora"
 
 
 def summary(model: nn.Module) -> str:
@@ -50,7 +41,7 @@ def summary(model: nn.Module) -> str:
         saved = [path for path, w in saved_modules(model) if name in w.modules_to_save]
         state = ", ".join(s for s, on in (("active", name in active), ("merged", name in merged)) if on) or "inactive"
         lines.append(
-            f"adapter {name!r}: {variant_name(config)} r={'/'.join(map(str, ranks))} alpha={config.alpha:g}"
+            f"adapter {name!r}: {config.variant} r={'/'.join(map(str, ranks))} alpha={config.alpha:g}"
             f"{' rslora' if config.use_rslora else ''} init={config.init} on {len(layers)} modules"
             f"{f' + modules_to_save {saved}' if saved else ''}, "
             f"{adapter_parameter_count(model, name):,} params [{state}]"

@@ -85,8 +85,7 @@ def low_rank_config(ranks: dict[str, int], template: LoraConfig, **changes: Any)
     common = Counter(ranks.values()).most_common(1)[0][0]
     pattern = exact_pattern({path: r for path, r in ranks.items() if r != common}, ranks)
     values = dict(r=common, alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False,
-                  use_dora=False, use_vera=False, adalora=False, dylora=False, lora_fa=False, init="default",
-                  dropout=0.0)
+                  variant="lora", init="default", dropout=0.0)
     return template.replace(**{**values, **changes})
 
 

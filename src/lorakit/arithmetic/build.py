@@ -40,7 +40,7 @@ from . import methods
 from .factor import LowRank, best_rank_k, concatenated, singular_values, svd_of_factors, truncated
 from .options import MergeOptions, parse_options
 from .report import CombineReport, LayerReport
-from .updates import adapter_factors, dense_update, is_dora, low_rank_update, to_weight_layout
+from .updates import adapter_factors, dense_update, dense_only, low_rank_update, to_weight_layout
 
 log = logging.getLogger("lorakit.combine")
 
@@ -184,7 +184,7 @@ def combine_layer(path: str, layer: LoraLayer, sources: list[str], opts: MergeOp
     present = [i for i, s in enumerate(sources) if s in layer.lora_A]
     source_ranks = {sources[i]: layer.rank(sources[i]) for i in present}
     spec = opts.spec
-    if spec.low_rank and not any(is_dora(layer, sources[i]) for i in present):
+    if spec.low_rank and not any(dense_only(layer, sources[i]) for i in present):
         total = sum(opts.weights)
         divisor = total if opts.normalize and abs(total) >= 1e-8 else 1.0
         exact = concatenated([low_rank_update(layer, sources[i]) for i in present],

@@ -21,7 +21,7 @@ from ..targets import low_rank_config
 from .build import LayerResult, check_sources, combine
 from .factor import svd_of_factors, truncated
 from .report import CombineReport, LayerReport
-from .updates import adapter_factors, is_dora, low_rank_update
+from .updates import adapter_factors, dense_only, low_rank_update
 
 log = logging.getLogger("lorakit.combine")
 
@@ -40,7 +40,7 @@ def compress(model: nn.Module, name: str, rank: int, *, new_name: str | None = N
     check_sources(model, [name], combining=new_name is not None)
     if new_name is not None:
         return combine(model, [name], [1.0], "svd", new_name, rank=rank)
-    if any(is_dora(layer, name) for _, layer in lora_layers(model)):
+    if any(dense_only(layer, name) for _, layer in lora_layers(model)):
         raise ConfigError(f"adapter {name!r} is a DoRA adapter, whose magnitudes were trained against the full "
                           "update, so it cannot be truncated in place; pass new_name=... to get a plain LoRA adapter "
                           "approximating its effective update, or merge it into the base (lorakit export)")
@@ -52,7 +52,8 @@ def compress(model: nn.Module, name: str, rank: int, *, new_name: str | None = N
             report = LayerReport(path, {name: layer.rank(name)}, stored.rank, float(S.norm()), error)
             results.append(LayerResult(path, layer, report, stored))
     old = adapter_configs(model)[name]
-    config = low_rank_config({r.path: r.stored.rank for r in results}, old, dropout=old.dropout, lora_fa=old.lora_fa)
+    kept = old.variant if old.variant_object.kept_by_compression else "lora"  # LoRA-FA stays LoRA-FA
+    config = low_rank_config({r.path: r.stored.rank for r in results}, old, dropout=old.dropout, variant=kept)
     for result in results:  # nothing below can fail on user input
         replace_factors(result, name)
     adapter_configs(model)[name] = config

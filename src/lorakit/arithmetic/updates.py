@@ -21,8 +21,9 @@ from ..layers import LoraConv, LoraEmbedding, LoraLayer
 from .factor import WORK_DTYPE, LowRank
 
 
-def is_dora(layer: LoraLayer, name: str) -> bool:
-    return name in layer.lora_magnitude_vector
+def dense_only(layer: LoraLayer, name: str) -> bool:
+    """Whether adapter ``name``'s update on ``layer`` is not its factors' ``s B A`` (DoRA)."""
+    return not layer.variants[name].low_rank
 
 
 def low_rank_update(layer: LoraLayer, name: str) -> LowRank:
@@ -35,9 +36,9 @@ def low_rank_update(layer: LoraLayer, name: str) -> LowRank:
 @torch.no_grad()
 def dense_update(layer: LoraLayer, name: str) -> torch.Tensor:
     """What adapter ``name`` changes in the weight, (d_out, d_in) in the factor layout."""
-    if not is_dora(layer, name):
+    if not dense_only(layer, name):
         return low_rank_update(layer, name).dense()
-    change, _ = layer.dora_weight_change(name)  # exactly what merging it would add to W0
+    change, _ = layer.variants[name].merge_change(layer, name, check=False)  # what merging it adds to W0
     return from_weight_layout(layer, change.to(WORK_DTYPE))
 
 

@@ -6,8 +6,8 @@ the adapter name stripped:
 
     <path>.lora_A.weight / <path>.lora_B.weight           linear and conv layers
     <path>.lora_embedding_A / <path>.lora_embedding_B     embeddings
-    <path>.lora_magnitude_vector                          DoRA's magnitude m
-    <path>.vera_lambda_d / <path>.vera_lambda_b           VeRA's vectors (+ base_model.vera_A / vera_B)
+    <path>.<variant's keys>                               a variant's own tensors (Variant.file_suffixes,
+                                                          model_keys: DoRA's m, VeRA's vectors and pair)
     <path>.<param>                                        modules_to_save copies (e.g. lm_head.weight)
     <path>.base_layer.bias or <path>.bias                 trained biases (bias="all"/"lora_only")
 """
@@ -15,6 +15,8 @@ the adapter name stripped:
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from ..config import VARIANTS
 
 if TYPE_CHECKING:
     import torch
@@ -24,18 +26,27 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-# Saved-key suffix -> (kind of factor), for every layer type.
-FACTOR_SUFFIXES = {
+# Saved-key suffix -> (kind of factor), for every layer type; variants add theirs (factor_suffixes).
+LORA_SUFFIXES = {
     ".lora_A.weight": "lora_A",
     ".lora_B.weight": "lora_B",
     ".lora_embedding_A": "lora_A",
     ".lora_embedding_B": "lora_B",
-    ".lora_magnitude_vector": "magnitude",
-    ".vera_lambda_d": "lora_A",  # VeRA keeps its vectors d and b in the A/B slots
-    ".vera_lambda_b": "lora_B",
 }
-# VeRA's shared frozen pair, stored once per file (PEFT's save_projection=True).
-VERA_PROJECTION_KEYS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
+
+
+def factor_suffixes() -> dict[str, str]:
+    """Every per-module key suffix a file may hold -> its slot: LoRA's and each registered
+    variant's (``Variant.file_suffixes``: DoRA's magnitude, VeRA's vectors in the A/B slots)."""
+    suffixes = dict(LORA_SUFFIXES)
+    for variant in VARIANTS.values():
+        suffixes.update(variant.file_suffixes)
+    return suffixes
+
+
+def model_key_owners() -> dict[str, str]:
+    """Keys a file holds once per adapter (``Variant.model_keys``) -> the variant they belong to."""
+    return {key: variant.name for variant in VARIANTS.values() for key in variant.model_keys}
 
 
 def strip_prefix(key: str) -> str:
@@ -45,7 +56,7 @@ def strip_prefix(key: str) -> str:
 
 def split_factor_key(key: str) -> tuple[str, str] | None:
     """``<path>.lora_A.weight`` -> (path, "lora_A"); None for other keys."""
-    for suffix, factor in FACTOR_SUFFIXES.items():
+    for suffix, factor in factor_suffixes().items():
         if key.endswith(suffix):
             return key[: -len(suffix)], factor
     return None

@@ -45,7 +45,8 @@ def convert_legacy_experts(model: nn.Module, config: LoraConfig, weights: dict[s
     """``(config, weights)`` as they apply to ``model``: unchanged unless the file has factors for
     modules the model lacks and the model's transformers conversion mapping places them. Raises
     AdapterFileError when it places them on something they do not fit."""
-    if config.use_vera or config.use_dora or config.target_parameters or changes_base(config.init):
+    # Only plain factors convert: a variant with tensors of its own in files (DoRA, VeRA) is read as it is.
+    if config.variant_object.file_suffixes or config.target_parameters or changes_base(config.init):
         return config, weights  # read as they are, or refused by the load
     modules = dict(named_base_modules(model))
     factors, _ = group_factors(weights)

@@ -20,7 +20,7 @@ from ..state import adapter_configs
 from .journal import reading_folder
 from .legacy_experts import convert_legacy_experts
 from .peft_adalora import as_lora, is_peft_adalora
-from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, VERA_PROJECTION_KEYS, WEIGHTS_NAME, group_factors
+from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, group_factors, model_key_owners
 
 log = logging.getLogger("lorakit.io")
 
@@ -100,33 +100,23 @@ def _fit_factors(model: nn.Module, planned: InjectionPlan, weights: dict[str, to
                 )
         p.A = found["lora_A"].to(dtype=p.A.dtype, device=p.A.device)
         p.B = found["lora_B"].to(dtype=p.B.dtype, device=p.B.device)
-        if planned.config.use_dora:
-            if "magnitude" not in found:
-                raise AdapterFileError(f"the file has no lora_magnitude_vector for DoRA module {p.path!r}")
-            expected = p.layer.magnitude_shape()
-            if tuple(found["magnitude"].shape) != tuple(expected):
-                raise AdapterFileError(f"lora_magnitude_vector of module {p.path!r} has shape "
-                                       f"{tuple(found['magnitude'].shape)} in the file but the model needs {expected}")
-            p.magnitude = found["magnitude"].to(dtype=p.A.dtype, device=p.A.device)
-        elif "magnitude" in found:
-            raise AdapterFileError(f"the file has a DoRA magnitude for {p.path!r} but its config says use_dora=false")
+        planned.config.variant_object.read_extras(p, found)
     return rest
 
 
-def _fit_projection(planned: InjectionPlan, weights: dict[str, torch.Tensor]) -> None:
-    """Take VeRA's shared pair from the file when it is there (else the seeded draw stands)."""
-    found = {attr: weights.pop(key) for key, attr in VERA_PROJECTION_KEYS.items() if key in weights}
+def _fit_model_tensors(planned: InjectionPlan, weights: dict[str, torch.Tensor]) -> None:
+    """Hand the file's once-per-adapter tensors (``Variant.model_keys``: VeRA's shared pair) to the
+    config's variant; those of another variant mean the config and the weights disagree."""
+    owners = model_key_owners()
+    found = {key: weights.pop(key) for key in list(weights) if key in owners}
     if not found:
         return
-    if not planned.config.use_vera:
-        raise AdapterFileError("the file holds VeRA projections (vera_A, vera_B) but its config is not a VeRA config")
-    projection = planned.layers[0].projection
-    for attr, value in found.items():
-        mine = getattr(projection, attr)
-        if tuple(value.shape) != tuple(mine.shape):
-            raise AdapterFileError(f"{attr} has shape {tuple(value.shape)} in the file but this model's targets need "
-                                   f"{tuple(mine.shape)}")
-        mine.copy_(value.to(mine.dtype))
+    variant = planned.config.variant_object
+    foreign = sorted(key for key in found if owners[key] != variant.name)
+    if foreign:
+        raise AdapterFileError(f"the file holds {[owners[k] for k in foreign][0]} tensors {foreign} but its config "
+                               f"is a {variant.name!r} config")
+    variant.read_model_tensors(planned, found)
 
 
 def _normalized(key: str) -> str:
@@ -191,7 +181,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if name is None:
         name = "default" if "default" not in adapter_configs(model) else directory.resolve().name.replace(".", "_")
     planned = plan(model, config, name, draw_factors=rebuild_base)
-    _fit_projection(planned, weights)
+    _fit_model_tensors(planned, weights)
     rest = _fit_factors(model, planned, weights)
     extras = _fit_other_tensors(model, planned, rest)
     commit(model, planned, trainable=trainable, activate=activate)

@@ -16,10 +16,9 @@ from ..errors import AdapterFileError
 from ..state import adapter_configs, lora_layers, require_adapters, saved_modules
 from ..layers import LoraLayer
 from ..inject import trained_bias_ids
-from ..variants.adalora import plain_factors
 from ..targets import exact_pattern, exact_targets
 from .atomic import replace_files_in_folder
-from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME, task_type_of
+from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, task_type_of
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[str, torch.Tensor], LoraConfig]:
@@ -27,8 +26,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
 
     A regex or ``"all-linear"`` combined with ``layers_to_transform`` (which PEFT refuses) is
     written as the adapted modules' exact paths (``exact_targets``: a list, or an anchored regex
-    where a listed name would also select another module). AdaLoRA adapters are written as plain LoRA:
-    the ranks left per module (``rank_pattern``), with E and the scaling folded into A.
+    where a listed name would also select another module). The variant says what its file holds
+    (``Variant.saved_factors`` / ``saved_extras`` / ``saved_config`` / ``model_tensors``): AdaLoRA
+    adapters, for one, are written as plain LoRA with the ranks left per module.
 
     PiSSA/OLoRA adapters are written against the *original* W0: the update since init,
     ``s (B A - B0 A0)``, is stored exactly as a rank-2r adapter ``[B, -B0] [A; A0]`` with alpha
@@ -38,31 +38,31 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
     config = adapter_configs(model)[name]
     tensors: dict[str, torch.Tensor] = {}
     converted = False
-    paths = []
-    adalora_ranks: dict[str, int] = {}
+    paths, layers = [], []
+    variant = config.variant_object
+    saved_ranks: dict[str, int] = {}
     for path, layer in lora_layers(model):
         if name not in layer.lora_A:
             continue
         paths.append(path)
-        A, B = layer.lora_A[name].detach(), layer.lora_B[name].detach()
-        if name in layer.lora_E:
-            A, B, adalora_ranks[path] = plain_factors(layer, name)
+        layers.append(layer)
+        A, B, rank = variant.saved_factors(layer, name)
+        if rank is not None:
+            saved_ranks[path] = rank
         if name in layer.init_factors:
             A0, B0 = layer.init_factors[name]
             A, B = torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1)
             converted = True
         tensors[PREFIX + path + "." + layer.peft_key(name, "lora_A")] = A
         tensors[PREFIX + path + "." + layer.peft_key(name, "lora_B")] = B
-        if name in layer.lora_magnitude_vector:
-            tensors[PREFIX + path + "." + layer.peft_key(name, "magnitude")] = layer.lora_magnitude_vector[name].detach()
+        for slot, value in variant.saved_extras(layer, name).items():
+            tensors[PREFIX + path + "." + layer.peft_key(name, slot)] = value
     for path, wrapper in saved_modules(model):
         if name in wrapper.modules_to_save:
             for key, value in wrapper.modules_to_save[name].state_dict().items():
                 tensors[PREFIX + path + "." + key] = value
     tensors.update(_trained_biases(model, config))
-    if config.use_vera and config.save_projection:
-        projection = next(layer.vera_projection[name] for _, layer in lora_layers(model) if name in layer.lora_A)
-        tensors.update({key: getattr(projection, attr) for key, attr in VERA_PROJECTION_KEYS.items()})
+    tensors.update(variant.model_tensors(layers, name, config))
     fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model) if name in layer.lora_A)
     config = config.replace(fan_in_fan_out=fan_in_fan_out, task_type=config.task_type or task_type_of(model))
     if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
@@ -70,13 +70,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
         # modules instead, which selects the same modules in every loader.
         config = config.replace(target_modules=exact_targets(model, paths), layers_to_transform=None,
                                 layers_pattern=None, exclude_modules=None)
-    if adalora_ranks:
-        # Scaling is folded into A', so each module gets alpha = its rank (sqrt with rsLoRA): s' = 1.
-        config = config.replace(
-            rank_pattern=exact_pattern(adalora_ranks, paths),
-            alpha_pattern=exact_pattern({p: (k ** 0.5 if config.use_rslora else k) for p, k in adalora_ranks.items()},
-                                        paths),
-        )
+    config = variant.saved_config(config, saved_ranks, paths)
     if converted:
         growth = math.sqrt(2) if config.use_rslora else 2
         config = config.replace(

@@ -168,14 +168,12 @@ def fusable_operands(layer, x: torch.Tensor):
     if weight.requires_grad or len(active) != 1 or state["merged_adapters"]:
         return None
     name = active[0]
-    if name not in modules["lora_A"]._parameters or name in modules["vera_projection"]._modules:
+    if name not in modules["lora_A"]._parameters:
         return None
-    if name in modules["lora_E"]._parameters or name in state["nested_rank"]:
-        A, B, scaling = layer.live_factors(name)  # AdaLoRA / DyLoRA: derived factors
-    else:
-        A, B = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
-        scaling = state["scaling"][name]
-    magnitude = modules["lora_magnitude_vector"]._parameters.get(name)
+    fused = state["variants"][name].fused_factors(layer, name)  # None: the variant has no fused form
+    if fused is None:
+        return None
+    A, B, scaling, magnitude = fused
     dropout = modules["lora_dropout"]._modules[name]
     dropout = dropout if type(dropout) is nn.Dropout and dropout.training and dropout.p > 0 else None
     if magnitude is not None and dropout is not None:

@@ -2,9 +2,9 @@
 
     h = base(x) + sum over active adapters a of  s_a * B_a A_a dropout_a(x)
 
-DoRA adapters (Liu et al. 2024) instead rescale each output unit of the adapted weight to a
-learned magnitude m:  W = m * (W0 + s B A) / ||W0 + s B A||, the norm taken per output unit and
-treated as a constant in backward (the paper's recommendation, also PEFT's).
+Each adapter has a `Variant` (``layers/variant.py``; plain LoRA by default) that says what its
+factors are and what it adds: DoRA rescales each output unit, VeRA scales a shared pair, and so
+on (``lorakit/variants/``). This class asks the variant and never looks for a variant's tensors.
 
 With several adapters each one's change is taken against W0 alone and the changes add up, in
 forward and in merging alike, so neither the order of the active adapters nor which of them are
@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import AdapterStateError
 from ..kernels.casting import accumulation_dtype
 from .routing import RowRouting
+from .variant import LORA, Variant
 from .weight_merging import WeightMerging
 
 
@@ -43,18 +44,19 @@ class LoraLayer(WeightMerging, nn.Module):
         merged_adapters: names whose update currently sits inside the base weight.
         disabled: when True, ``forward`` is the base layer alone.
         row_adapters: during ``adapter_batch``, the adapter of each batch row (a ``RowRouting``).
-        lora_magnitude_vector: DoRA adapters only: name -> magnitude m (``magnitude_shape()``).
-        lora_E: AdaLoRA adapters only: name -> singular values (r,), the update being
-            ``s * B diag(E) A`` (see ``variants/adalora.py``); pruned ranks have E = 0.
-        nested_rank: DyLoRA training: name -> rank b in use this step (first b rows of A / columns
-            of B, scaling alpha/b); absent means full rank.
+        variants: adapter name -> its `Variant`, which answers everything variant-specific.
+        merge_records: adapter name -> what its variant recorded when it was merged (DoRA: the
+            norm it used), for unmerging; absent for variants that need none.
+        rslora: adapter name -> whether its scaling is alpha / sqrt(r).
+        nested_rank: adapter name -> rank b it runs at for now (its first b ranks, scaling of a
+            rank-b adapter: DyLoRA's training, ``lorakit.truncate``); absent means full rank.
         init_factors: for inits that move part of W0 into A, B (PiSSA, OLoRA), the initial
             (A0, B0) kept so the update can be expressed against the original W0.
     """
 
     # Keys of A and B inside PEFT's files, relative to the module path (adapter name stripped).
-    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
-    # The dimension of the base weight that indexes output units (DoRA's norm is taken per unit).
+    peft_keys = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    # The dimension of the base weight that indexes output units (per-unit norms and magnitudes).
     unit_dim = 0
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -63,9 +65,8 @@ class LoraLayer(WeightMerging, nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self.lora_E = nn.ParameterDict()
-        self._dora_merge_norms: dict[str, torch.Tensor] = {}
+        self.variants: dict[str, Variant] = {}
+        self.merge_records: dict[str, Any] = {}
         self.scaling: dict[str, float] = {}
         self.rslora: dict[str, bool] = {}
         self.nested_rank: dict[str, int] = {}
@@ -125,49 +126,41 @@ class LoraLayer(WeightMerging, nn.Module):
             return getattr(base, name)
 
     def peft_key(self, name: str, slot: str) -> str:
-        """Where ``slot`` ("lora_A", "lora_B", "magnitude") of adapter ``name`` goes in PEFT's files."""
-        return self.peft_keys[slot]
+        """Where ``slot`` ("lora_A", "lora_B" or a variant's) of adapter ``name`` goes in PEFT's files."""
+        return self.variants[name].file_key(self, slot)
+
+    def slot(self, slot: str, container: type[nn.Module] = nn.ParameterDict) -> nn.Module:
+        """The container ``slot`` (adapter name -> tensor or module) a variant keeps its state
+        in, created empty on first use."""
+        holder = self.__dict__["_modules"].get(slot)
+        if holder is None:
+            holder = container()
+            self.add_module(slot, holder)
+        return holder
 
     # --- the low-rank path ------------------------------------------------------------------
     def live_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A, B, s) used by forward: the full adapter, or its first b ranks during DyLoRA training
-        (with the scaling of a rank-b adapter: alpha/b, or alpha/sqrt(b) with rsLoRA)."""
-        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        if name in self.lora_E:
-            A = A * self.lora_E[name][:, None]  # AdaLoRA: P diag(E) Q, gradients reach E, P and Q
-        b = self.nested_rank.get(name)
-        if b is None or b >= A.shape[0]:
-            return A, B, s
-        ratio = A.shape[0] / b
-        return A[:b], B[:, :b], s * (ratio ** 0.5 if self.rslora[name] else ratio)
+        """(A, B, s) used by forward and merging, as adapter ``name``'s variant defines them."""
+        return self.variants[name].live_factors(self, name)
 
     def dropped_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.lora_dropout[name](x.to(self.lora_A[name].dtype))
 
     def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``s * B A dropout(x)`` for adapter ``name``, in the adapter's dtype."""
-        return self.apply_lora(self.dropped_input(x, name), name)
+        return self.variants[name].lora_output(self, self.dropped_input(x, name), name)
 
     def adapter_increment(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         """What adapter ``name`` adds for input ``x``, given the base output ``base_out = W0 x + b``
         (W0 without any other adapter: see the module docstring)."""
-        if name not in self.lora_magnitude_vector:
-            return self.lora_output(x, name).to(base_out.dtype)
-        # DoRA: m/||W|| * (W0 x + s B A x) + b  ==  base_out + (scale - 1) W0 x + scale s B A x
-        x_d = self.dropped_input(x, name)
-        lora = self.apply_lora(x_d, name)
-        scale = self.lora_magnitude_vector[name] / self.weight_norm(name).to(lora.dtype)
-        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
-            bias = self.output_bias()
-            base = base_out if bias is None else base_out - bias
-        else:
-            base = self.base_output_without_bias(x_d)
-        return ((scale - 1) * base.to(lora.dtype) + scale * lora).to(base_out.dtype)
+        return self.variants[name].increment(self, x, name, base_out)
 
     # --- adapters ----------------------------------------------------------------------------
     def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
-                    trainable: bool = True, rslora: bool = False) -> None:
-        """Attach adapter ``name`` with ready-made factors (see ``lorakit.init``)."""
+                    trainable: bool = True, rslora: bool = False, variant: Variant = LORA) -> None:
+        """Attach adapter ``name`` with ready-made factors (see ``lorakit.initialization``); its
+        variant's own state is attached by the variant (``Variant.attach``)."""
+        self.variants[name] = variant
         self.rslora[name] = rslora
         self.lora_A[name] = nn.Parameter(A, requires_grad=trainable)
         self.lora_B[name] = nn.Parameter(B, requires_grad=trainable)
@@ -179,10 +172,12 @@ class LoraLayer(WeightMerging, nn.Module):
         """Drop adapter ``name`` (it must not be merged)."""
         if name in self.merged_adapters:
             raise AdapterStateError(f"adapter {name!r} is merged into the weights; unmerge it before deleting it")
-        for holder in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector, self.lora_E):
+        variant = self.variants.pop(name, LORA)
+        variant.detach(self, name)
+        for holder in (self.lora_A, self.lora_B, self.lora_dropout):
             if name in holder:
                 del holder[name]
-        for table in (self.scaling, self.rslora, self.nested_rank):
+        for table in (self.scaling, self.rslora, self.merge_records, self.nested_rank):
             table.pop(name, None)
         self.init_factors.pop(name, None)
         if name in self.active_adapters:
@@ -193,7 +188,7 @@ class LoraLayer(WeightMerging, nn.Module):
         return list(self.lora_A.keys())
 
     def rank(self, name: str) -> int:
-        return self.lora_A[name].shape[0]  # also right for VeRA, whose lora_A slot holds d (r,)
+        return self.variants[name].rank(self, name)
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -206,8 +201,8 @@ class LoraLayer(WeightMerging, nn.Module):
         # Every adapter gets W0 x + b, not the running sum: DoRA rescales the base output it is
         # given, so handing it an earlier adapter's contribution would make the order matter.
         base_out = result
-        if self.merged_adapters and any(n in self.lora_magnitude_vector for n in pending):
-            # The base layer's output includes the merged adapters; DoRA needs W0 x without them.
+        if self.merged_adapters and any(self.variants[n].needs_base_output for n in pending):
+            # The base layer's output includes the merged adapters; this variant needs W0 x alone.
             bias = self.output_bias()
             base_out = self.base_output_without_bias(x).to(result.dtype)
             base_out = base_out if bias is None else base_out + bias
@@ -226,8 +221,12 @@ class LoraLayer(WeightMerging, nn.Module):
         return result
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``live_factors`` in the accumulation dtype: float32, or float64 if wider."""
-        A, B, s = self.live_factors(name)
+        """(A, B, s) with ``s B A`` the update, in the accumulation dtype: float32, or float64 if wider."""
+        return self.variants[name].factors(self, name)
+
+    @staticmethod
+    def accumulated(A: torch.Tensor, B: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) cast to the accumulation dtype of A (float32, or float64 if wider)."""
         acc = accumulation_dtype(A.dtype)
         return A.to(acc), B.to(acc), s
 

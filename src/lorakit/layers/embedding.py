@@ -17,7 +17,7 @@ from .base import LoraLayer
 class LoraEmbedding(LoraLayer):
     """LoRA around an embedding table; see the module docstring for the formula and shapes."""
 
-    peft_keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B", "magnitude": "lora_magnitude_vector"}
+    peft_keys = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
     unit_dim = 1  # DoRA: one magnitude per embedding dimension, as in PEFT
 
     @property
@@ -32,11 +32,11 @@ class LoraEmbedding(LoraLayer):
         return (r, self.in_dim), (self.out_dim, r)
 
     def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
-                    trainable: bool = True, rslora: bool = False) -> None:
+                    **options) -> None:
         # No dropout module at all (not an unused one): the DoRA path takes a dropout module as
         # the sign that the adapter saw a different input than the base, and the base output
         # would then be recomputed from token ids.
-        super().add_adapter(name, A, B, scaling, 0.0, trainable=trainable, rslora=rslora)
+        super().add_adapter(name, A, B, scaling, 0.0, **options)
 
     def dropped_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return x  # token ids: nothing to drop or cast

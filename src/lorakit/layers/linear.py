@@ -4,11 +4,6 @@
 
 ``Conv1D`` stores its weight as (d_in, d_out) and computes ``x @ W + b``; the adapter is the same
 (A, B) pair, only the dense update is transposed when merged ("fan_in_fan_out" in PEFT's terms).
-
-VeRA adapters (see ``layers/vera.py``) live here too: their two trained tensors are the scaling
-vectors, kept in the same slots — ``lora_A[name]`` holds d (r,), ``lora_B[name]`` holds b (d_out,) —
-so adding, freezing, counting, saving and deleting work as for LoRA; ``vera_projection[name]`` is
-the frozen random pair they scale:  h = W0 x + b ⊙ (B_s (d ⊙ (A_s x))).
 """
 
 from __future__ import annotations
@@ -18,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fused_forward
-from ..kernels.casting import accumulation_dtype
 from .base import LoraLayer
 
 
@@ -34,7 +28,6 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
         self.unit_dim = 1 if self.fan_in_fan_out else 0
-        self.vera_projection = nn.ModuleDict()
         # Use the fused path (``kernels/``) when it applies; False forces the reference forward.
         self.fast_path = True
 
@@ -48,16 +41,6 @@ class LoraLinear(LoraLayer):
             if out is not None:
                 return out
         return super().forward(x, *args, **kwargs)
-
-    def remove_adapter(self, name: str) -> None:
-        super().remove_adapter(name)
-        if name in self.vera_projection:
-            del self.vera_projection[name]
-
-    def peft_key(self, name: str, slot: str) -> str:
-        if name in self.vera_projection:
-            return {"lora_A": "vera_lambda_d", "lora_B": "vera_lambda_b"}[slot]
-        return super().peft_key(name, slot)
 
     @property
     def in_dim(self) -> int:
@@ -73,25 +56,12 @@ class LoraLinear(LoraLayer):
         return (r, self.in_dim), (self.out_dim, r)
 
     def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        if name in self.vera_projection:
-            d, b = self.lora_A[name], self.lora_B[name]
-            A, B = (t.to(d.dtype) for t in self.vera_projection[name].sliced(self.in_dim, self.out_dim))
-            return b * F.linear(d * F.linear(x, A), B)
         A, B, s = self.live_factors(name)
         return F.linear(F.linear(x, A), B) * s
 
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.unmerged_weight().to(x.dtype)
         return x @ weight if self.fan_in_fan_out else F.linear(x, weight)
-
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A, B, s) with ``s B A`` the update, in float32 or wider; for VeRA the shared pair
-        scaled by its vectors, ``(d ⊙ A_s, b ⊙ B_s, 1)`` of shapes (r, d_in), (d_out, r)."""
-        if name not in self.vera_projection:
-            return super().factors(name)
-        d, b = (t.to(accumulation_dtype(t.dtype)) for t in (self.lora_A[name], self.lora_B[name]))
-        A, B = (t.to(d.dtype) for t in self.vera_projection[name].sliced(self.in_dim, self.out_dim))
-        return d[:, None] * A, b[:, None] * B, 1.0
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return self.dense_update(*self.factors(name))

@@ -7,13 +7,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import INIT_CHOICES, LoraConfig, valid_init
+from ..config import INIT_CHOICES, LoraConfig, valid_init, variant_names
 from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
-# --variant: which member of the LoRA family to train (flags of LoraConfig).
-VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True},
-            "vera": {"use_vera": True}, "adalora": {"adalora": True}}
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -109,8 +106,8 @@ class TrainConfig:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
             raise ConfigError(f"loraplus_ratio must be positive (LoRA+ suggests 16), got {self.loraplus_ratio!r}")
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if self.variant not in variant_names():
+            raise ConfigError(f"variant must be one of {variant_names()}, got {self.variant!r}")
         if not valid_init(self.init):
             raise ConfigError(f"init must be {INIT_CHOICES}, got {self.init!r}")
         if isinstance(self.target_modules, str) and "," in self.target_modules:
@@ -133,7 +130,7 @@ class TrainConfig:
     def lora_config(self) -> LoraConfig:
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
                           target_parameters=self.target_parameters, init=self.init, use_rslora=self.use_rslora,
-                          seed=self.seed, **VARIANTS[self.variant])
+                          seed=self.seed, variant=self.variant)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

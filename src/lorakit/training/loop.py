@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from ..io.atomic import write_text_atomically
-from ..variants.adalora import RankAllocator, adalora_adapters, current_ranks, orthogonal_penalty
-from ..variants.dylora import dylora_adapters, sample_nested_rank, set_nested_rank
+from ..state import adapter_configs
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
@@ -92,9 +91,9 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     n_steps = total_steps(len(train_examples), cfg, world)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
     scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.schedule)
-    nested = dylora_adapters(model)
-    schedule = cfg.adalora_schedule()
-    allocators = [RankAllocator(model, name, schedule, n_steps) for name in adalora_adapters(model)]
+    # Variants whose training is more than backward and a step (AdaLoRA, DyLoRA): variants/hooks.py.
+    hooks = [h for h in (config.variant_object.trainer(model, name, cfg, n_steps)
+                         for name, config in adapter_configs(model).items()) if h is not None]
     position = Position()
     torch.manual_seed(cfg.seed)  # a resumed run then restores its checkpoint's generators instead
     if cfg.resume:
@@ -103,8 +102,9 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             log.warning("--resume: no checkpoint in %s; starting from scratch", ckpt_dir)
         else:
             position, extra = load_checkpoint(found, model, optimizer, scheduler)
-            for allocator in allocators:
-                allocator.load_state_dict(extra["adalora"][allocator.name])
+            for hook in hooks:
+                if hook.checkpoint_key is not None:
+                    hook.load_state_dict(extra[hook.checkpoint_key][hook.name])
             log.info("resumed from %s at step %d", found, position.step)
     elif accelerator.is_main_process and ckpt_dir.is_dir():
         # A fresh run replaces an earlier run's metrics and adapter in this directory; its
@@ -119,15 +119,17 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     # Compiled: a wrapper that calls the same module, so saving, evaluation (eager: another mode
     # and other shapes, compiled for nothing) and the caller's model are untouched.
     step_forward = torch.compile(wrapped) if cfg.compile else wrapped
-    if cfg.compile and nested:
-        log.warning("DyLoRA draws a rank per step, and torch.compile compiles a graph per rank (up to r of "
-                    "them, eager past torch._dynamo.config.recompile_limit): expect slow first steps")
+    for note in {hook.compile_note for hook in hooks if cfg.compile and hook.compile_note}:
+        log.warning("%s", note)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     unchecked = True  # the first step looks for trainable parameters backward never reached
     batches = _batch_stream(len(train_examples), cfg, world, rank, position)
 
     def checkpoint(rng: dict | None = None) -> Path:
-        extra = {"adalora": {a.name: a.state_dict() for a in allocators}}
+        extra = {"adalora": {}}  # the key older checkpoints always had
+        for hook in hooks:
+            if hook.checkpoint_key is not None:
+                extra.setdefault(hook.checkpoint_key, {})[hook.name] = hook.state_dict()
         path = save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
                                scheduler, position, extra=extra, rng=rng)
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
@@ -150,8 +152,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             if accelerator.is_main_process and position.step > 0:
                 step_start_rng = rng_state()
             wrapped.train()
-            for name in nested:  # DyLoRA: one rank per step, drawn from (seed, step) so resume agrees
-                sample_nested_rank(model, random.Random(cfg.seed * 7919 + position.step), name)
+            for hook in hooks:
+                hook.before_step(position.step)
             # Summed on the device and read once per step: a .item() per micro-batch would make
             # the host wait for the GPU before it could queue the next one.
             step_loss = torch.zeros((), device=accelerator.device)
@@ -164,14 +166,16 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                 with sync, accelerator.autocast():
                     loss = step_forward(**batch).loss / cfg.grad_accum
                     step_loss += loss.detach().float()
-                    for allocator in allocators:  # AdaLoRA: keep P and Q near orthogonal
-                        loss = loss + schedule.orth_reg_weight * orthogonal_penalty(model, allocator.name) / cfg.grad_accum
+                    for hook in hooks:  # e.g. AdaLoRA's orthogonality term
+                        term = hook.loss_term()
+                        if term is not None:
+                            loss = loss + term / cfg.grad_accum
                 accelerator.backward(loss)
             if unchecked:
                 _warn_about_unreached(wrapped)
                 unchecked = False
-            for allocator in allocators:
-                allocator.update_importance()
+            for hook in hooks:
+                hook.after_backward()
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (after scheduler.step: the next one's)
@@ -180,10 +184,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            for name in nested:
-                set_nested_rank(model, None, name)
-            for allocator in allocators:
-                allocator.mask(position.step)
+            for hook in hooks:
+                hook.after_step(position.step)
             step_loss = step_loss.item()  # after the optimizer's kernels are queued
             position.step, position.epoch, position.batch = position.step + 1, epoch, batch_in_epoch
             step_start_rng = None
@@ -203,8 +205,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
         guard.uninstall()  # a second Ctrl-C now stops the checkpoint's save at once, as without the guard
         interrupted = True
         optimizer.zero_grad(set_to_none=True)
-        for name in nested:
-            set_nested_rank(model, None, name)
+        for hook in hooks:
+            hook.abandon_step()
         if accelerator.is_main_process and position.step > 0:
             path = checkpoint(rng=step_start_rng)
             log.warning("interrupted at step %d; checkpoint saved to %s (continue with --resume)", position.step, path)
@@ -217,12 +219,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                                           metrics, position.step)
         except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
             log.warning("final evaluation interrupted; the trained adapter is still saved")
-    for allocator in allocators:
-        ranks = current_ranks(model, allocator.name)
-        log.info("AdaLoRA %r: %d ranks left over %d modules (budget %d)", allocator.name, sum(ranks.values()),
-                 len(ranks), allocator.target)
-        if accelerator.is_main_process:
-            write_text_atomically(out_dir / f"adalora_ranks_{allocator.name}.json", json.dumps(ranks, indent=2) + "\n")
+    for hook in hooks:
+        hook.finish(out_dir, write=accelerator.is_main_process)
     records = metrics.records if metrics else []
     if metrics and records:
         plot_loss_curve(records, out_dir / "loss.png")

@@ -18,12 +18,72 @@ The result saves as a plain LoRA adapter whose per-module ranks are the ranks le
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..state import adapter_configs, lora_layers
+from ..config import register_variant
+from ..layers.variant import Variant
+from ..io.atomic import write_text_atomically
+from ..state import lora_layers
+from ..targets import exact_pattern
+from .hooks import TrainingHooks
+
+log = logging.getLogger("lorakit.variants.adalora")
+SLOT = "lora_E"
+
+
+class AdaLora(Variant):
+    """LoRA plus a singular-value vector E (``lora_E[name]``, (r,)) that scales A's rows."""
+
+    name = "adalora"
+    title = "AdaLoRA"
+    legacy_flag = "adalora"
+    layer_kinds = ("LoraLinear",)
+    parameter_targets = False
+    own_init = True
+    hot_swappable = False
+    nested_ranks = False  # pruning zeroes E anywhere: no prefix of the ranks is an adapter
+    slots = (SLOT,)
+
+    def own_factors(self, layer: Any, r: int, generator: torch.Generator | None):
+        """P and Q small and random (the paper's code); E = 0 then makes the update 0."""
+        shape_a, shape_b = layer.adapter_shapes(r)
+        A, B = torch.empty(shape_a), torch.empty(shape_b)
+        nn.init.normal_(A, std=0.02, generator=generator)
+        nn.init.normal_(B, std=0.02, generator=generator)
+        return A, B
+
+    def attach(self, layer: Any, name: str, planned_layer: Any, trainable: bool) -> None:
+        A = layer.lora_A[name]
+        layer.slot(SLOT)[name] = nn.Parameter(torch.zeros(A.shape[0], dtype=A.dtype, device=A.device),
+                                              requires_grad=trainable)
+
+    def live_factors(self, layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        A, B, s = super().live_factors(layer, name)
+        E = layer.__dict__["_modules"][SLOT][name]
+        return A * E[:A.shape[0], None], B, s  # P diag(E) Q: gradients reach E, P and Q
+
+    def fused_factors(self, layer: Any, name: str):
+        return (*self.live_factors(layer, name), None)
+
+    def saved_factors(self, layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        return plain_factors(layer, name)
+
+    def saved_config(self, config: Any, ranks: dict[str, int], paths: list[str]) -> Any:
+        # Scaling is folded into A', so each module gets alpha = its rank (sqrt with rsLoRA): s' = 1.
+        return config.replace(
+            rank_pattern=exact_pattern(ranks, paths),
+            alpha_pattern=exact_pattern({p: (k ** 0.5 if config.use_rslora else k) for p, k in ranks.items()}, paths),
+        )
+
+    def trainer(self, model: nn.Module, name: str, run, total_steps: int) -> TrainingHooks:
+        return AdaLoraTraining(model, name, run.adalora_schedule(), total_steps)
 
 
 @dataclass
@@ -39,10 +99,6 @@ class AdaLoraSchedule:
     orth_reg_weight: float = 0.1
 
 
-def adalora_adapters(model: nn.Module) -> list[str]:
-    return [name for name, config in adapter_configs(model).items() if config.adalora]
-
-
 def budget(step: int, total_steps: int, initial: int, target: int, schedule: AdaLoraSchedule) -> int:
     """Total ranks allowed after ``step`` (0-based): initial, cubic decrease, then target."""
     if step < schedule.tinit:
@@ -54,14 +110,19 @@ def budget(step: int, total_steps: int, initial: int, target: int, schedule: Ada
     return int(target + (initial - target) * (1 - progress) ** 3)
 
 
+def adalora_layers(model: nn.Module, name: str) -> list[tuple[str, Any]]:
+    """(path, layer) of every layer where ``name`` is an AdaLoRA adapter."""
+    return [(path, layer) for path, layer in lora_layers(model)
+            if name in layer.lora_A and isinstance(layer.variants[name], AdaLora)]
+
+
 def orthogonal_penalty(model: nn.Module, name: str) -> torch.Tensor:
     """Mean over the adapter's P and Q of ``‖QQᵀ − I‖_F`` and ``‖PᵀP − I‖_F``."""
     terms = []
-    for _, layer in lora_layers(model):
-        if name in layer.lora_E:
-            Q, P = layer.lora_A[name], layer.lora_B[name]
-            eye = torch.eye(Q.shape[0], device=Q.device, dtype=Q.dtype)
-            terms += [torch.linalg.matrix_norm(Q @ Q.T - eye), torch.linalg.matrix_norm(P.T @ P - eye)]
+    for _, layer in adalora_layers(model, name):
+        Q, P = layer.lora_A[name], layer.lora_B[name]
+        eye = torch.eye(Q.shape[0], device=Q.device, dtype=Q.dtype)
+        terms += [torch.linalg.matrix_norm(Q @ Q.T - eye), torch.linalg.matrix_norm(P.T @ P - eye)]
     return torch.stack(terms).mean()
 
 
@@ -70,7 +131,7 @@ class RankAllocator:
 
     def __init__(self, model: nn.Module, name: str, schedule: AdaLoraSchedule, total_steps: int) -> None:
         self.name, self.schedule, self.total_steps = name, schedule, total_steps
-        self.layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.lora_E]
+        self.layers = adalora_layers(model, name)
         self.initial = sum(layer.rank(name) for _, layer in self.layers)
         self.target = min(self.initial, schedule.target_r * len(self.layers))
         self.ipt: dict[tuple[str, str], torch.Tensor] = {}
@@ -127,8 +188,7 @@ class RankAllocator:
 
 def current_ranks(model: nn.Module, name: str) -> dict[str, int]:
     """Module path -> ranks left (non-zero singular values) of AdaLoRA adapter ``name``."""
-    return {path: int(torch.count_nonzero(layer.lora_E[name])) for path, layer in lora_layers(model)
-            if name in layer.lora_E}
+    return {path: int(torch.count_nonzero(layer.lora_E[name])) for path, layer in adalora_layers(model, name)}
 
 
 def plain_factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -143,3 +203,40 @@ def plain_factors(layer, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     if A.shape[0] == 0:
         A, B = torch.zeros_like(layer.lora_A[name][:1]), torch.zeros_like(layer.lora_B[name][:, :1])
     return A, B, A.shape[0]
+
+
+class AdaLoraTraining(TrainingHooks):
+    """The rank allocator and the orthogonality term around each step; the ranks left are
+    written to ``adalora_ranks_<name>.json`` at the end."""
+
+    checkpoint_key = "adalora"
+
+    def __init__(self, model: nn.Module, name: str, schedule: AdaLoraSchedule, total_steps: int) -> None:
+        super().__init__(name)
+        self.model, self.schedule = model, schedule
+        self.allocator = RankAllocator(model, name, schedule, total_steps)
+
+    def loss_term(self) -> torch.Tensor:
+        return self.schedule.orth_reg_weight * orthogonal_penalty(self.model, self.name)
+
+    def after_backward(self) -> None:
+        self.allocator.update_importance()
+
+    def after_step(self, step: int) -> None:
+        self.allocator.mask(step)
+
+    def state_dict(self) -> dict:
+        return self.allocator.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.allocator.load_state_dict(state)
+
+    def finish(self, out_dir: Path, write: bool) -> None:
+        ranks = current_ranks(self.model, self.name)
+        log.info("AdaLoRA %r: %d ranks left over %d modules (budget %d)", self.name, sum(ranks.values()), len(ranks),
+                 self.allocator.target)
+        if write:
+            write_text_atomically(out_dir / f"adalora_ranks_{self.name}.json", json.dumps(ranks, indent=2) + "\n")
+
+
+register_variant(AdaLora())

@@ -15,14 +15,44 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..config import register_variant
 from ..errors import AdapterStateError, ConfigError
 from ..layers.parameter import LoraParameter
+from ..layers.variant import Variant
 from ..state import adapter_configs, lora_layers, require_adapters
+from .hooks import TrainingHooks
 
 
-def dylora_adapters(model: nn.Module) -> list[str]:
-    """Names of the model's adapters configured with ``dylora=True``."""
-    return [name for name, config in adapter_configs(model).items() if config.dylora]
+class DyLora(Variant):
+    """Plain LoRA whose training runs each step at a sampled nested rank (``DyLoraTraining``)."""
+
+    name = "dylora"
+    title = "DyLoRA"
+    legacy_flag = "dylora"
+    parameter_targets = False
+
+    def trainer(self, model: nn.Module, name: str, run, total_steps: int) -> TrainingHooks:
+        return DyLoraTraining(model, name, run.seed)
+
+
+class DyLoraTraining(TrainingHooks):
+    """One rank per step for all layers, drawn from (seed, step) so that a resumed run agrees."""
+
+    compile_note = ("DyLoRA draws a rank per step, and torch.compile compiles a graph per rank (up to r of "
+                    "them, eager past torch._dynamo.config.recompile_limit): expect slow first steps")
+
+    def __init__(self, model: nn.Module, name: str, seed: int) -> None:
+        super().__init__(name)
+        self.model, self.seed = model, seed
+
+    def before_step(self, step: int) -> None:
+        sample_nested_rank(self.model, random.Random(self.seed * 7919 + step), self.name)
+
+    def after_step(self, step: int) -> None:
+        set_nested_rank(self.model, None, self.name)
+
+    def abandon_step(self) -> None:
+        set_nested_rank(self.model, None, self.name)
 
 
 def set_nested_rank(model: nn.Module, rank: int | None, name: str = "default") -> None:
@@ -85,12 +115,10 @@ def truncate(model: nn.Module, rank: int, name: str = "default") -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     config = adapter_configs(model)[name]
-    if config.use_vera or config.adalora:
-        # VeRA's rank belongs to the projection shared by every layer, and AdaLoRA's ranks are
-        # ordered by nothing (pruning zeroes E anywhere): neither has "first b ranks" to keep.
-        raise ConfigError(f"adapter {name!r} is a {'VeRA' if config.use_vera else 'AdaLoRA'} adapter, whose ranks "
-                          f"cannot be cut to a prefix; use lorakit.compress(model, {name!r}, {rank}) for the best "
-                          "rank-limited plain LoRA adapter instead")
+    if not config.variant_object.nested_ranks:
+        raise ConfigError(f"adapter {name!r} is a {config.variant} adapter, whose ranks cannot be cut to a prefix; use "
+                          f"lorakit.compress(model, {name!r}, {rank}) for the best rank-limited plain LoRA adapter "
+                          "instead")
     layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
     _require_nestable(name, layers)
     if any(name in layer.merged_adapters for layer in layers):
@@ -111,3 +139,6 @@ def truncate(model: nn.Module, rank: int, name: str = "default") -> None:
     adapter_configs(model)[name] = config.replace(
         r=min(rank, config.r), rank_pattern={k: min(v, rank) for k, v in config.rank_pattern.items()},
     )
+
+
+register_variant(DyLora())
