@@ -18,7 +18,7 @@ from ..layers import LoraLayer
 from ..inject import trained_bias_ids
 from ..variants.adalora import plain_factors
 from ..targets import exact_pattern, exact_targets
-from .atomic import replace_files_in_folder
+from ..safe_files.atomic import replace_files_in_folder
 from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, VERA_PROJECTION_KEYS, WEIGHTS_NAME, task_type_of
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..io.atomic import fsync_tree
+from ..safe_files.atomic import fsync_tree
 
 log = logging.getLogger("lorakit.models.cache")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io.atomic import write_text_atomically
+from ..safe_files.atomic import write_text_atomically
 from ..variants.adalora import RankAllocator, adalora_adapters, current_ranks, orthogonal_penalty
 from ..variants.dylora import dylora_adapters, sample_nested_rank, set_nested_rank
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint

@@ -17,9 +17,9 @@ from ..control import set_adapter, set_fast_path
 from ..errors import ConfigError
 from ..inject import add_adapter, delete_adapter
 from ..io import save_adapter
-from ..io.atomic import write_text_atomically
 from ..models.device import parse_device, require_device, resolve_device
 from ..report import summary
+from ..safe_files.atomic import write_text_atomically
 from ..state import active_adapters
 from .config import TrainConfig
 from .launch import make_accelerator, process_device, with_launch_precision
