@@ -167,7 +167,7 @@ class LoraLayer(WeightMerging, nn.Module):
     # --- adapters ----------------------------------------------------------------------------
     def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
                     trainable: bool = True, rslora: bool = False) -> None:
-        """Attach adapter ``name`` with ready-made factors (see ``lorakit.init``)."""
+        """Attach adapter ``name`` with ready-made factors (see ``lorakit.initialization``)."""
         self.rslora[name] = rslora
         self.lora_A[name] = nn.Parameter(A, requires_grad=trainable)
         self.lora_B[name] = nn.Parameter(B, requires_grad=trainable)
