@@ -89,7 +89,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         from ..models import load_model
 
         # Under a launch one process downloads or converts into the model cache; the others wait for
-        # it and then read the cache, instead of all doing the same ~30 s of work at once.
+        # it and then read the cache, instead of all doing the same conversion at once.
         with accelerator.main_process_first():
             model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=process_device(device, accelerator),
                                           gradient_checkpointing=cfg.gradient_checkpointing)
