@@ -111,7 +111,7 @@ def test_export_refuses_a_folder_with_files_and_leaves_it_alone(setup, tmp_path,
 def test_an_empty_out_folder_is_filled_in_place(tmp_path, monkeypatch):
     """An existing empty --out (a container volume, a folder in a read-only parent) is never
     renamed or removed: its inode stays; a failure halfway leaves it empty."""
-    from lorakit.cli.arith_commands import save_directory
+    from lorakit.safe_files.directory_export import save_directory
 
     out = tmp_path / "volume"
     out.mkdir()
@@ -153,7 +153,7 @@ def test_an_empty_out_folder_is_filled_in_place(tmp_path, monkeypatch):
 
 
 def test_a_second_ctrl_c_while_an_export_is_undone_still_empties_the_folder(tmp_path, monkeypatch):
-    from lorakit.cli.arith_commands import save_directory
+    from lorakit.safe_files.directory_export import save_directory
 
     out = tmp_path / "volume"
     out.mkdir()
@@ -183,7 +183,7 @@ def test_a_second_ctrl_c_while_an_export_is_undone_still_empties_the_folder(tmp_
 
 def test_an_exported_folder_is_as_open_as_any_new_folder(tmp_path):
     # Not mkdtemp's 0700: the export is meant to be shared, like the files save_pretrained writes.
-    from lorakit.cli.arith_commands import save_directory
+    from lorakit.safe_files.directory_export import save_directory
 
     old_umask = os.umask(0o022)
     try:
@@ -288,7 +288,7 @@ def test_inspect_of_a_missing_directory_is_a_clean_error(tmp_path, capsys):
 def test_an_export_reaches_the_disk_before_it_is_published(tmp_path, monkeypatch, exists):
     """Every file save_pretrained wrote is fsync'd before the rename that makes the export
     visible, so a power cut cannot leave a published folder of empty files."""
-    from lorakit.cli.arith_commands import save_directory
+    from lorakit.safe_files.directory_export import save_directory
 
     out = tmp_path / "merged"
     if exists:

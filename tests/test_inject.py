@@ -170,7 +170,7 @@ def test_decomposition_inits_keep_outputs_and_save_against_original_base(init, i
 def test_randomized_svd_finds_the_top_singular_triplets():
     """pissa_niter_<N>'s randomized SVD against the exact one (float64), on a spectrum that decays
     past rank r as trained weights' do; the same seed gives the same factors."""
-    from lorakit.init import top_singular_triplets
+    from lorakit.initialization import top_singular_triplets
 
     gen = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(64, 48, generator=gen, dtype=torch.float64))

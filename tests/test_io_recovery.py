@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.io.atomic import replace_files_in_folder, write_atomically
+from lorakit.safe_files.atomic import replace_files_in_folder, write_atomically
 from lorakit.io.layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 
 from .test_io import folder_bytes, trained_llama
@@ -33,7 +33,7 @@ def two_adapters(tmp_path):
 
 def without_locks(monkeypatch):
     """What a platform without fcntl does (Windows): no lock at all."""
-    monkeypatch.setattr("lorakit.io.folder_lock.fcntl", None)
+    monkeypatch.setattr("lorakit.safe_files.folder_lock.fcntl", None)
 
 
 @needs_flock
@@ -120,7 +120,7 @@ def test_a_load_never_pairs_one_saves_config_with_anothers_weights(two_adapters,
 def test_the_lock_excludes_every_other_holder_while_its_file_comes_and_goes(tmp_path):
     # Each release removes the lock file while others wait on it: a waiter must then lock the
     # new file, never hold the old one beside a holder of the new.
-    from lorakit.io.folder_lock import FolderLock
+    from lorakit.safe_files.folder_lock import FolderLock
 
     inside, overlaps = [], []
 
@@ -217,7 +217,7 @@ def test_a_save_cut_off_after_its_weights_is_undone_not_mixed(two_adapters, ids)
     # The state a kill leaves between the two renames: B's weights in place, A's config and
     # weights in backups, B's config still temporary. Restoring only what is missing would put
     # A's config beside B's weights; the journal says to undo the whole save.
-    from lorakit.io.journal import backup_path, temp_path, write_journal
+    from lorakit.safe_files.journal import backup_path, temp_path, write_journal
 
     out, a, _, bytes_a, bytes_b = two_adapters
     token = "0123456789ab"
@@ -235,7 +235,7 @@ def test_a_save_cut_off_after_its_weights_is_undone_not_mixed(two_adapters, ids)
 def test_a_save_cut_off_after_its_config_is_finished_by_the_next_save(two_adapters):
     # Killed once both files were in place, before the backups were deleted: the save stands,
     # and the next save (here of B again) clears its backups before its own work.
-    from lorakit.io.journal import backup_path, write_journal
+    from lorakit.safe_files.journal import backup_path, write_journal
 
     out, _, b, _, bytes_b = two_adapters
     token = "0123456789ab"
@@ -311,7 +311,7 @@ def test_a_stale_temporary_file_of_safetensors_goes_at_the_next_load(two_adapter
     """safetensors writes under ``.tmpXXXXXX`` and renames; a kill mid-write leaves that file. It
     goes once unchanged for an hour; a recent one (perhaps another program's running write) and
     other names stay."""
-    from lorakit.io.journal import STALE_WRITE_S
+    from lorakit.safe_files.journal import STALE_WRITE_S
 
     out, a, _, bytes_a, _ = two_adapters
     for name in (".tmpAbC123", ".tmpXyZ789", ".tmpAbC1234", "tmpAbC123"):

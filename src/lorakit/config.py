@@ -27,7 +27,7 @@ _FAST_PISSA = re.compile(r"pissa_niter_(\d+)")
 
 def valid_init(init: Any) -> bool:
     """One of ``INITS``, or ``"pissa_niter_<N>"``: PiSSA from a randomized SVD with N power
-    iterations (PEFT's spelling; see ``init.py``)."""
+    iterations (PEFT's spelling; see ``initialization.py``)."""
     return init in INITS or (isinstance(init, str) and _FAST_PISSA.fullmatch(init) is not None)
 
 

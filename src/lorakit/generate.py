@@ -7,6 +7,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .data.render import Renderer
+from .data.stop_tokens import stop_token_ids
+
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
@@ -39,22 +42,10 @@ def generate_batch(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     return [o.strip() for o in outputs]
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the chat template's end-of-turn token when the tokenizer has one."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
-            ids.append(token_id)
-    return ids
-
-
 def render_prompt(tokenizer, user_text: str) -> str:
     """A single user turn rendered with the chat template (plain text if there is none), exactly as
     training renders the prompt of a prompt/completion record (BOS text included): the model is
     asked in the form it was trained on. Tokenize it with ``add_special_tokens=False``."""
-    from .data.render import Renderer  # lazy: render imports this module (for `stop_token_ids`) too
-
     return Renderer(tokenizer).prompt(user_text)
 
 

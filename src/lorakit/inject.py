@@ -16,9 +16,9 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig, changes_base
 from .errors import AdapterNameError, AdapterStateError, TargetError
+from .initialization import initial_factors, module_generator
 from .kernels.mlp_dispatch import install_fused_mlps, remove_fused_mlps
 from .kernels.sibling_dispatch import install_sibling_groups, remove_sibling_groups
-from .init import initial_factors, module_generator
 from .layers import LoraLayer, ModulesToSave, lora_class_for
 from .layers.parameter import LoraParameter
 from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters, replace_module,

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import ADAPTER_DTYPES, LoraConfig
 from ..errors import AdapterNameError, AdapterStateError, ConfigError
-from ..init import module_generator
+from ..initialization import module_generator
 from ..inject import check_new_name, commit, plan
 from ..layers import LoraLayer
 from ..layers.parameter import LoraParameter

@@ -28,9 +28,9 @@ from torch import nn
 
 from ..errors import AdapterFileError
 from ..inject import delete_adapter
-from ..io.atomic import write_atomically
 from ..io.layout import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, group_factors
 from ..io.load import load_adapter, read_adapter
+from ..safe_files.atomic import write_atomically
 from ..state import adapter_configs, lora_layers
 from .factor import LowRank, energy_rank, entropy_rank, singular_values
 from .updates import low_rank_update

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-# Tuned on the embedded SmolLM2-135M on a 2-core CPU (2026-11-28): exact match on the test split was
-# 34-38% after 8-10 steps, 66-78% after 16-20 and 97% after 24; the run takes about 4.5 minutes.
+# Tuned on the embedded SmolLM2-135M on a 2-core CPU: the fewest steps after which nearly every test
+# answer is exactly right, in a few minutes (docs/benchmarks.md, "The demo").
 DEMO_STEPS = 24
 DEMO_TRAIN = 480
 DEMO_TEST = 32

@@ -29,7 +29,7 @@ import random
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..io.atomic import write_text_atomically
+from ..safe_files.atomic import write_text_atomically
 from . import demo_pools as pools
 from .records import Record
 

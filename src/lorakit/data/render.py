@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .records import Record
+from .stop_tokens import stop_token_ids
 
 log = logging.getLogger("lorakit.data.render")
 
@@ -53,8 +54,6 @@ class Renderer:
     """Renders records for one tokenizer; tokenizer facts (stop tokens, BOS) are looked up once."""
 
     def __init__(self, tokenizer: Any) -> None:
-        from ..generate import stop_token_ids  # one definition of "stop" for training and generation
-
         self.tokenizer = tokenizer
         self.chat = has_chat_template(tokenizer)
         ids = stop_token_ids(tokenizer)

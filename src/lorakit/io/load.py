@@ -17,7 +17,7 @@ from ..config import UNCONVERTED_ADVICE, LoraConfig, changes_base, pissa_iterati
 from ..errors import AdapterFileError, LorakitError
 from ..inject import InjectionPlan, commit, plan
 from ..state import adapter_configs
-from .journal import reading_folder
+from ..safe_files.journal import reading_folder
 from .legacy_experts import convert_legacy_experts
 from .peft_adalora import as_lora, is_peft_adalora
 from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, group_factors, model_key_owners
@@ -68,8 +68,8 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def read_adapter(directory: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The config and the weights of one save: both under the folder's shared lock, so a
     save into ``directory`` meanwhile cannot pair one save's config with another's weights (it waits).
-    Leftovers of a save that was killed are recovered first (journal.py). PEFT's AdaLoRA adapters
-    come back as the LoRA adapters they compute (``peft_adalora.py``)."""
+    Leftovers of a save that was killed are recovered first (safe_files/journal.py). PEFT's
+    AdaLoRA adapters come back as the LoRA adapters they compute (``peft_adalora.py``)."""
     with reading_folder(directory, (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME)):
         data, weights = read_config_data(directory), read_weights(directory)
     if is_peft_adalora(data):

@@ -17,7 +17,7 @@ from ..state import adapter_configs, lora_layers, require_adapters, saved_module
 from ..layers import LoraLayer
 from ..inject import trained_bias_ids
 from ..targets import exact_pattern, exact_targets
-from .atomic import replace_files_in_folder
+from ..safe_files.atomic import replace_files_in_folder
 from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, task_type_of
 
 

@@ -6,8 +6,8 @@ import torch
 
 
 def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor`` in ``dtype``: itself when it already is. A no-op ``.to()`` still costs several µs
-    of host time, and a DoRA step on a GPU makes hundreds of them; on a fast GPU the step's
+    """``tensor`` in ``dtype``: itself when it already is. A no-op ``.to()`` still costs an aten
+    call's host time, and a DoRA step on a GPU makes hundreds of them; on a fast GPU the step's
     host time is what bounds it (docs/benchmarks.md)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 

@@ -155,7 +155,7 @@ def fusable_operands(layer, x: torch.Tensor):
     (``call_in_autocast_dtype``)."""
     # Runs on every call of every layer, so it reads the module's dicts directly: nn.Module's
     # attribute lookup (and LoraLayer's fallback to the base layer) cost more host time than the
-    # rank-r GEMMs it guards (bench: 325 -> 202 µs per layer forward+backward on the 2-core CPU).
+    # rank-r GEMMs it guards (docs/benchmarks.md).
     state = layer.__dict__
     if not state.get("fast_path") or state["disabled"] or state["row_adapters"] is not None:
         return None

@@ -10,8 +10,8 @@ Two ways per direction, chosen from the shapes by ``dispatch.dora_merge_directio
   backward ``∂x = g (c ⊙ W)``, with the forward's c ⊙ W kept for it when both directions merge
   (else rebuilt from the saved c). Pays for long inputs (training on a GPU), where a weight-sized
   build is cheap next to the activations; keeping the built weights costs one base-weight-sized
-  matrix per layer between forward and backward (1.9 GB for the 1.2B Llama benchmark's bf16
-  layers, within the DoRA memory goal) and saves a build and a kernel launch per layer.
+  matrix per layer between forward and backward (within the DoRA memory goal on the 1.2B Llama
+  benchmark: docs/benchmarks.md) and saves a build and a kernel launch per layer.
 * factored: ``out = c ⊙ (x W0ᵀ + s (x Aᵀ) Bᵀ) + b`` with c from the factored norm
   (``dora_norm.py``: no (d_out, d_in) matrix is built); backward is LoRA's factored backward on
   g ⊙ c. Pays for short inputs (CPU batches, generation), where building, norming and scaling a
@@ -114,8 +114,8 @@ def magnitude_grad(g: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None
         total = spare.sum(0, dtype=acc)
         if bias is not None:
             total -= bias.to(acc) * g.sum(0, dtype=acc)
-    # masked_fill_ with a Python number: torch.where(cond, t, 0.0) measured ~75 µs of host time a
-    # call on a GPU (host_profile.py), a third of this function's.
+    # masked_fill_ with a Python number: torch.where(cond, t, 0.0) took a third of this function's
+    # host time on a GPU (host_profile.py, docs/benchmarks.md).
     grad = (total / magnitude).masked_fill_(magnitude == 0, 0.0)
     return as_dtype(grad, magnitude.dtype), spare
 

@@ -8,10 +8,10 @@ the down projection's ∂A (= s (g_y B)ᵀ h), on top of what the frozen model k
 backward, act(g) and u for the product's): three (N, d_ff) tensors plus h. This function keeps
 x, g and u only and recomputes act(g) and h in backward, so the MLP of a LoRA step holds less
 than the frozen MLP does; the price is two extra elementwise passes in backward. (Keeping h and
-recomputing only act(g) measured no faster on the H200 benchmark, at +1 GiB of peak memory. On
-CPUs keeping act(g) and h measured slower too, 2–10% of the whole LoRA step on two machines: the
-recomputation reads g and u once more, but then they and h are in cache for the backward that
-follows, where kept tensors come back from memory.)
+recomputing only act(g) measured no faster on a GPU, at a higher peak. On CPUs keeping act(g)
+and h measured slower too: the recomputation reads g and u once more, but then they and h are in
+cache for the backward that follows, where kept tensors come back from memory. Both in
+docs/benchmarks.md.)
 
 The two input gradients (through gate and up) are accumulated into one tensor by the GEMMs
 themselves (``addmm_``), where autograd would add two (N, d) tensors; gate's and up's x Aᵀ, and

@@ -15,7 +15,7 @@ two ways to add the low-rank term, chosen per call by ``dispatch.py`` from the s
 Both save x (or x_d) and the small x_d Aᵀ (N, r) — never an (N, d_out) tensor. When both
 directions merge, the forward's merged weight is kept for backward instead of built again: one
 (d_out, d_in) matrix per layer between the two passes (a small fraction of what a step keeps for
-backward: 320 MB on the 1.2B Llama benchmark) for two to four fewer passes over it. Backward computes
+backward: docs/benchmarks.md) for two to four fewer passes over it. Backward computes
 
     ∂x   = g W0 + s (g B) A                   (g: (N, d_out), the output gradient)
     ∂A   = s (g B)ᵀ x_d                       (r, d_in)
@@ -113,8 +113,8 @@ def lora_backward(g: torch.Tensor, xl2: torch.Tensor, xa: torch.Tensor, weight: 
 
 def scaled_gb(g: torch.Tensor, B: torch.Tensor, scaling: float, columns: torch.Tensor | None) -> torch.Tensor:
     """s g B (N, r); written into ``columns`` (an (N, r) view with unit column stride) when given.
-    (Written transposed into (r, N) rows instead, the GEMM measured 1.4–1.6× slower on the CPU and
-    the same on an H200: docs/benchmarks.md.)"""
+    (Written transposed into (r, N) rows instead, the GEMM measured slower on the CPU and the same
+    on a GPU: docs/benchmarks.md.)"""
     return torch.addmm(g.new_empty(()), g, B, beta=0, alpha=scaling, out=columns)
 
 

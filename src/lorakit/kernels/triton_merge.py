@@ -10,16 +10,15 @@ as the norm of a row must be known before the row is written). The rank-r produc
 ``tl.dot`` per tile, accumulated in fp32 (``ieee`` precision for fp32 inputs: no TF32).
 
 On a GPU the kernels build every DoRA weight: there one kernel replaces a copy, a GEMM, a norm
-and a row scaling whose broadcast multiply torch runs unvectorised (3-6 ms of the H200 DoRA step,
-docs/benchmarks.md). For plain LoRA they build the large weights only (``LARGE_LORA_BUILD``
-elements and more: an MLP's projections), where they replace a copy and a GEMM with K = r that
-cuBLAS runs at about half the memory bandwidth (41 µs against 21 µs for an 8192 × 2048 bf16
-build). A Triton launch costs 20-40 µs of Python where an aten call costs ~10, and a LoRA step's
-forward is host-bound on slower hosts, so the small builds (attention's, 4 µs of GPU time to
-gain) stay with torch. ``LORAKIT_TRITON_MERGE=1`` uses the kernels for every build, ``=0`` for
-none. Everything else (CPU tensors, no Triton, other dtypes) takes the torch expression, which
-computes the same values. The CPU tests run the kernels in Triton's interpreter
-(``TRITON_INTERPRET=1``).
+and a row scaling whose broadcast multiply torch runs unvectorised. For plain LoRA they build the
+large weights only (``LARGE_LORA_BUILD`` elements and more: an MLP's projections), where they
+replace a copy and a GEMM with K = r that cuBLAS runs at about half the memory bandwidth. A
+Triton launch costs more Python time than an aten call, and a LoRA step's forward is host-bound
+on slower hosts, so the small builds (attention's, little GPU time to gain) stay with torch (the
+measurements: docs/benchmarks.md). ``LORAKIT_TRITON_MERGE=1`` uses the kernels for every build,
+``=0`` for none. Everything else (CPU tensors, no Triton, other dtypes) takes the torch
+expression, which computes the same values. The CPU tests run the kernels in Triton's
+interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations

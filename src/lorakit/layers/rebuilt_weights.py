@@ -3,8 +3,7 @@
 A module called with W0 + s B_e A_e in place of its parameter (``LoraParameter``) saves that
 tensor, the size of the whole expert stack, for its own backward (∂x needs the weight), next to
 the frozen W0 it holds anyway: one more parameter-sized tensor per adapted parameter and layer
-until backward. On the benchmark's 8-layer MoE that is 3.2 GB in bf16 (docs/benchmarks.md); on a
-30B-class MoE, tens of GB.
+until backward, a cost that grows with the model (docs/benchmarks.md).
 
 Inside these saved-tensor hooks, a tensor saved for backward that is the adapted weight or a view
 of it (an expert's slice, a transpose) is stored as where it sits in that weight. Backward builds

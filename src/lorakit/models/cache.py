@@ -1,7 +1,7 @@
 """The converted-model cache: ``$LORAKIT_CACHE`` (default ``~/.cache/lorakit``) / models / <key>.
 
-Converting a GGUF file takes about half a minute on 2 CPU cores; the converted safetensors then
-load in a few seconds. An entry is built in a temporary directory beside its final place and
+Converting a GGUF file is slow; the converted safetensors then load many times faster
+(docs/benchmarks.md). An entry is built in a temporary directory beside its final place and
 renamed into place only when complete (a rename within one file system is atomic), so an
 interrupted conversion never leaves a half-written entry that later loads would trust.
 """
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..io.atomic import fsync_tree
+from ..safe_files.atomic import fsync_tree
 
 log = logging.getLogger("lorakit.models.cache")
 

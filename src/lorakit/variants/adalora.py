@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import register_variant
 from ..layers.variant import Variant
-from ..io.atomic import write_text_atomically
+from ..safe_files.atomic import write_text_atomically
 from ..state import lora_layers
 from ..targets import exact_pattern
 from .hooks import TrainingHooks

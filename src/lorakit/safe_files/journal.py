@@ -43,6 +43,7 @@ from pathlib import Path
 
 from .folder_lock import FolderLock
 
+# The logger of adapter saves and loads, which these messages are mostly about.
 log = logging.getLogger("lorakit.io")
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<token>[0-9a-f]{12})\.(?P<kind>tmp|old)")

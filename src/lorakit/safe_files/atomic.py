@@ -17,6 +17,7 @@ from .folder_lock import FolderLock
 from .journal import (backup_path, fsync_folder, new_token, recover_folder, roll_back, roll_forward,
                       temp_path, write_journal)
 
+# The logger of adapter saves and loads, which these messages are mostly about.
 log = logging.getLogger("lorakit.io")
 
 

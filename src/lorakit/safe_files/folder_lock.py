@@ -33,6 +33,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+# The logger of adapter saves and loads, which these messages are mostly about.
 log = logging.getLogger("lorakit.io")
 
 LOCK_NAME = ".lorakit.lock"

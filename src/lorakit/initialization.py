@@ -7,10 +7,9 @@
   ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_rᵀ``, so ``s B A = U_r S_r V_rᵀ``; the caller
   leaves the residual ``W0 - s B A`` in the base weight.
 - ``pissa_niter_<N>``: the same with U_r, S_r, V_r from a randomized SVD (Halko, Martinsson and
-  Tropp 2011: a random (d_in, r + 8) probe, N power iterations, each re-orthonormalised). On one
-  4096 × 14336 weight on 2 CPU cores the exact SVD took 106 s and N = 4 1.6 s
-  (bench/pissa_init.py); where the spectrum decays past rank r it finds the same top-r part up to
-  rounding.
+  Tropp 2011: a random (d_in, r + 8) probe, N power iterations, each re-orthonormalised): far
+  faster than the exact SVD on large weights (bench/pissa_init.py, docs/benchmarks.md); where the
+  spectrum decays past rank r it finds the same top-r part up to rounding.
 - ``olora`` (Büyükakyüz 2024): with W0 = Q R, ``B = Q[:, :r]``, ``A = R[:r]``; residual as above.
 
 Factors are drawn in float32 on the CPU from a per-module generator when a seed is given, so the
