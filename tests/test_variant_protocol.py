@@ -44,6 +44,7 @@ class GateClamp(TrainingHooks):
     def finish(self, out_dir, write):
         if write:
             (out_dir / f"gate_steps_{self.name}.json").write_text(json.dumps(self.steps))
+        return f"gates clamped {self.steps} times"
 
 
 class GatedLora(Variant):
@@ -108,7 +109,8 @@ def test_a_variant_defined_outside_lorakit_adds_trains_merges_saves_and_loads(ga
 
     cfg = TrainConfig(data="x", lr=5e-2, max_steps=5, batch_size=4, device="cpu", variant="gated", r=4,
                       target_modules=["q_proj", "down_proj"])
-    run_loop(model, None, cfg, examples(16), collate, tmp_path / "run", progress=False)
+    result = run_loop(model, None, cfg, examples(16), collate, tmp_path / "run", progress=False)
+    assert result.notes == ["gates clamped 5 times"]  # what `lorakit train` prints at the end
     assert json.loads((tmp_path / "run" / "gate_steps_default.json").read_text()) == 5
     gates = torch.stack([layer.lora_gate["default"].detach() for layer in layers])
     assert not torch.equal(gates, torch.ones_like(gates)) and bool(((gates >= 0) & (gates <= 2)).all())

@@ -112,30 +112,32 @@ def inspect_adapter(path: str | os.PathLike, model: nn.Module | None = None) -> 
         raise AdapterFileError(f"adapter directory {directory} does not exist")
     config, weights = read_adapter(directory)  # one save's files, under the folder's lock
     factors, _ = group_factors(weights)
-    variant = "vera" if config.use_vera else "+".join(
-        [v for v, on in (("dora", config.use_dora), ("rslora", config.use_rslora)) if on] or ["lora"])
+    kind = config.variant_object
+    variant = "+".join(([config.variant] if config.variant != "lora" else [])
+                       + (["rslora"] if config.use_rslora and kind.file_holds_factors else [])) or "lora"
     file = directory / WEIGHTS_NAME if (directory / WEIGHTS_NAME).is_file() else directory / LEGACY_WEIGHTS_NAME
-    info = AdapterInfo(str(directory), "VERA" if config.use_vera else "LORA", config.base_model_name_or_path,
+    info = AdapterInfo(str(directory), kind.peft_type, config.base_model_name_or_path,
                        config.target_modules, variant, sum(t.numel() for t in weights.values()), file.stat().st_size,
                        target_parameters=config.target_parameters)
     for module_path, found in factors.items():
         if "lora_A" not in found or "lora_B" not in found:
             raise AdapterFileError(f"{directory}: module {module_path!r} lacks its lora_A or lora_B weights")
     settled = expert_ranks(factors, config)
-    vera = vera_updates(model, directory) if config.use_vera and model is not None else {}
+    # A variant whose files hold no factors (VeRA's vectors) is read by loading it into the model.
+    loaded = loaded_updates(model, directory) if not kind.file_holds_factors and model is not None else {}
     for module_path, found in sorted(factors.items(), key=lambda item: _natural(item[0])):
-        if module_path in vera:
-            info.modules.append(update_info(module_path, found["lora_A"].shape[0], 1.0, vera[module_path]))
+        if module_path in loaded:
+            info.modules.append(update_info(module_path, found["lora_A"].shape[0], 1.0, loaded[module_path]))
         else:
             info.modules.append(module_info(module_path, found, config, settled))
-    if config.use_vera and not vera:
-        info.notes.append("VeRA: spectra need each layer's input size: give the base model (--model)")
-    if config.use_dora:
-        info.notes.append("DoRA: spectra are those of s·B·A; the magnitudes also rescale each output unit")
+    if not kind.file_holds_factors and not loaded:
+        info.notes.append(f"{kind.title}: spectra need each layer's input size: give the base model (--model)")
+    if kind.inspection_note:
+        info.notes.append(kind.inspection_note)
     if any(m.experts > 1 for m in info.modules):
         info.notes.append("expert stacks: ‖ΔW‖_F over all experts; σ_1 and r90 the largest of any expert, eff. rank "
                           "their mean; the plotted spectrum is the expert with the largest update")
-    if any(m.norm is None and not config.use_vera for m in info.modules):
+    if any(m.norm is None and kind.file_holds_factors for m in info.modules):
         info.notes.append("n/a for a parameter target: the config's ranks and the file's shapes do not settle its "
                           "number of experts")
     return info
@@ -198,9 +200,10 @@ def expert_stack_info(path: str, A: torch.Tensor, B: torch.Tensor, choice: tuple
                       max(energy_rank(S, 0.9) for S in spectra), experts)
 
 
-def vera_updates(model: nn.Module, directory: Path) -> dict[str, LowRank]:
-    """Each module's update b ⊙ B_s (d ⊙ A_s x) of the VeRA adapter in ``directory`` as factors,
-    the shared pair sliced by ``model``'s layers: loaded under a fresh name, read, deleted."""
+def loaded_updates(model: nn.Module, directory: Path) -> dict[str, LowRank]:
+    """Each module's update of the adapter in ``directory`` as factors, as the model's layers
+    compute them (VeRA: b ⊙ B_s (d ⊙ A_s x), the shared pair sliced to each layer): loaded under a
+    fresh name, read, deleted."""
     name = "inspected"
     while name in adapter_configs(model):
         name += "_"
@@ -221,7 +224,7 @@ def module_info(path: str, found: dict[str, torch.Tensor], config,
                 settled: dict[str, tuple[int, float]] | None = None) -> ModuleInfo:
     """One module's figures; ``settled``: the parameter targets' (r, s) (``expert_ranks``)."""
     A, B = found["lora_A"].double(), found["lora_B"].double()
-    if config.use_vera:  # d (r,), b (d_out,)
+    if not config.variant_object.file_holds_factors:  # VeRA: d (r,), b (d_out,)
         return ModuleInfo(path, A.shape[0], 1.0, (B.shape[0], None))  # d_in: the base layer's, unknown here
     if parameter_keys(path, config):
         return expert_stack_info(path, A, B, (settled or {}).get(path))

@@ -52,10 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     if result.final_eval:
         print("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float)))
-    for ranks_file in sorted(result.output_dir.glob("adalora_ranks_*.json")):
-        ranks = json.loads(ranks_file.read_text())
-        print(f"AdaLoRA: {sum(ranks.values())} ranks left over {len(ranks)} modules "
-              f"(min {min(ranks.values())}, max {max(ranks.values())}); per module: {ranks_file}")
+    for note in result.notes:  # what the adapter's variant reports (AdaLoRA: the ranks left)
+        print(note)
     print(f"adapter:  {result.adapter_dir}")
     print(f"metrics:  {result.output_dir / 'metrics.jsonl'}")
     print(f"plot:     {result.output_dir / 'loss.png'}")

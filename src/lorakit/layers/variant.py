@@ -184,6 +184,10 @@ class Variant:
     file_suffixes: dict[str, str] = {}
     # Keys of tensors a file holds once for the whole adapter (VeRA's shared pair).
     model_keys: tuple[str, ...] = ()
+    # Whether a file's lora_A / lora_B are the factors of s B A (VeRA's are scaling vectors), and
+    # what ``lorakit inspect`` should add about the spectra of this variant's files.
+    file_holds_factors = True
+    inspection_note: str | None = None
 
     def saved_factors(self, layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, int | None]:
         """(A, B, rank written or None) as the file stores them."""

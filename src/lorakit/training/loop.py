@@ -42,6 +42,7 @@ class LoopResult:
     records: list[dict] = field(default_factory=list)
     last_eval: dict | None = None
     main_process: bool = True  # False on the other processes of a DDP run: they write no files
+    notes: list[str] = field(default_factory=list)  # the variants' end-of-training lines (TrainingHooks.finish)
 
 
 def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -219,13 +220,12 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
                                           metrics, position.step)
         except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
             log.warning("final evaluation interrupted; the trained adapter is still saved")
-    for hook in hooks:
-        hook.finish(out_dir, write=accelerator.is_main_process)
+    notes = [note for note in (hook.finish(out_dir, write=accelerator.is_main_process) for hook in hooks) if note]
     records = metrics.records if metrics else []
     if metrics and records:
         plot_loss_curve(records, out_dir / "loss.png")
     return LoopResult(steps=position.step, interrupted=interrupted, records=records, last_eval=last_eval,
-                      main_process=accelerator.is_main_process)
+                      main_process=accelerator.is_main_process, notes=notes)
 
 
 class _InterruptGuard:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class TrainResult:
     final_eval: dict | None
     records: list[dict]
     main_process: bool = True  # False on a DDP run's other processes, which write no files
+    notes: list[str] = field(default_factory=list)  # what variants report at the end (AdaLoRA's ranks)
 
 
 @dataclass
@@ -123,7 +124,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
             write_text_atomically(out_dir / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
         write_text_atomically(out_dir / "result.json", json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n")
     return TrainResult(out_dir, adapter_dir, loop.steps, loop.interrupted, data.stats, loop.last_eval, loop.records,
-                       loop.main_process)
+                       loop.main_process, loop.notes)
 
 
 def check_mixed_precision(mixed_precision: str, device_type: str) -> None:

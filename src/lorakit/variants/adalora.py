@@ -231,12 +231,15 @@ class AdaLoraTraining(TrainingHooks):
     def load_state_dict(self, state: dict) -> None:
         self.allocator.load_state_dict(state)
 
-    def finish(self, out_dir: Path, write: bool) -> None:
+    def finish(self, out_dir: Path, write: bool) -> str:
         ranks = current_ranks(self.model, self.name)
         log.info("AdaLoRA %r: %d ranks left over %d modules (budget %d)", self.name, sum(ranks.values()), len(ranks),
                  self.allocator.target)
+        path = out_dir / f"adalora_ranks_{self.name}.json"
         if write:
-            write_text_atomically(out_dir / f"adalora_ranks_{self.name}.json", json.dumps(ranks, indent=2) + "\n")
+            write_text_atomically(path, json.dumps(ranks, indent=2) + "\n")
+        return (f"AdaLoRA: {sum(ranks.values())} ranks left over {len(ranks)} modules "
+                f"(min {min(ranks.values())}, max {max(ranks.values())}); per module: {path}")
 
 
 register_variant(AdaLora())

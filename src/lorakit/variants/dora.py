@@ -38,6 +38,7 @@ class Dora(Variant):
     file_slots = {"magnitude": SLOT}
     file_suffixes = {"." + SLOT: "magnitude"}
     needs_base_output = True
+    inspection_note = "DoRA: spectra are those of s·B·A; the magnitudes also rescale each output unit"
 
     def peft_config(self, config: Any, data: dict[str, Any]) -> dict[str, Any]:
         return {**data, "use_dora": True}

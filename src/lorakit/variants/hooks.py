@@ -51,6 +51,7 @@ class TrainingHooks:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def finish(self, out_dir: Path, write: bool) -> None:
-        """Training is over: log, and write result files into ``out_dir`` if ``write`` (the main
-        process of a run)."""
+    def finish(self, out_dir: Path, write: bool) -> str | None:
+        """Training is over: write result files into ``out_dir`` if ``write`` (the main process of
+        a run); returns a line for the user (the CLI prints it), or None."""
+        return None

@@ -72,6 +72,7 @@ class Vera(Variant):
     slots = (SLOT,)
     file_suffixes = {".vera_lambda_d": "lora_A", ".vera_lambda_b": "lora_B"}
     model_keys = tuple(PROJECTION_KEYS)
+    file_holds_factors = False
 
     # --- configuration -----------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
