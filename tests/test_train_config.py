@@ -133,3 +133,7 @@ def test_flags_reach_the_adapter_the_trainer_adds(tmp_path, monkeypatch):
     assert adapted["model.layers.1.self_attn.q_proj"] == 4 and adapted["model.layers.1.self_attn.v_proj"] == 8
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (saved["bias"], saved["modules_to_save"]) == ("lora_only", ["lm_head"])  # the layers: in the names
+
+
+def test_the_run_file_starts_with_data_and_model():
+    assert list(TrainConfig(data="x").to_dict())[:6] == ["data", "model", "valid_data", "valid_ratio", "output_dir", "r"]

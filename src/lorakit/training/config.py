@@ -149,7 +149,11 @@ class TrainConfig(_AdaLoraOptions, _LoraOptions):
         return LoraConfig(**{name: getattr(self, name) for name in LORA_OPTIONS}, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options by name, in the order a run's ``train_config.yaml`` lists them."""
+        values = asdict(self)
+        # asdict lists the generated bases' fields (the adapter's) first; the file starts as it did.
+        first = ("data", "model", "valid_data", "valid_ratio", "output_dir")
+        return {**{name: values[name] for name in first}, **values}
 
     @classmethod
     def from_sources(cls, file: str | Path | dict | None = None, **overrides: Any) -> "TrainConfig":
