@@ -59,7 +59,7 @@ def test_no_fast_path_flag():
 
 
 def test_float_fields_with_int_defaults_take_fractions():
-    """alpha defaults to 32 (an int) but is a float: --alpha 0.5 must parse."""
+    """alpha defaults to 16 (an int) but is a float: --alpha 0.5 must parse."""
     cfg = TrainConfig.from_sources(None, **train_overrides(parse_train("--data", "d.jsonl", "--alpha", "0.5")))
     assert cfg.alpha == 0.5
 

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-test", type=int, default=None, help="number of held-out test requests")
     demo.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded smollm2-135m)")
 
-    train = sub.add_parser("train", help="fine-tune a LoRA adapter on your data")
+    train = sub.add_parser("train", help="fine-tune a LoRA adapter on your data",
+                           usage="%(prog)s [--config FILE] [OPTIONS]")
     train.add_argument("--config", help="YAML or JSON file with training options (flags override it)")
     add_train_options(train)
 

@@ -1,22 +1,46 @@
 """Command-line flags generated from `TrainConfig`'s fields, so flags and config keys never drift.
 
-``--max-steps 30`` sets ``max_steps``; booleans get ``--packing`` / ``--no-packing``; flags left
-unset fall through to the YAML file (``--config``) and then to the dataclass defaults.
+``--max-steps 30`` sets ``max_steps``; booleans get ``--packing`` / ``--no-packing``; list options
+take comma-separated values and dict options a JSON object (``--rank-pattern '{"q_proj": 4}'``);
+flags left unset fall through to the YAML file (``--config``) and then to the dataclass defaults.
+The LoRA flags are `LoraConfig`'s fields (through `TrainConfig`), so a new adapter option is a flag.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from typing import Any
 
-from ..training.config import TrainConfig
+from ..training.config import ADALORA_KEYS, LORA_OPTIONS, TrainConfig
 
 HELP = {
     "data": "training data: JSONL (prompt/completion, chat messages, or text), CSV or Parquet",
     "model": "base model: built-in alias, local directory, .gguf file or hub id (offline: must be cached)",
+    "r": "rank of the update",
+    "alpha": "scaling numerator: s = alpha / r (alpha / sqrt(r) with --use-rslora)",
+    "dropout": "dropout on the adapter's input, in [0, 1)",
+    "use_rslora": "rank-stabilised scaling alpha / sqrt(r)",
     "variant": "lora | dora | lora-fa | dylora | vera | adalora",
+    "exclude_modules": "modules to leave out: comma-separated names or a regex",
+    "bias": "none | all (every bias trains) | lora_only (biases of adapted layers train)",
+    "modules_to_save": "comma-separated modules trained in full and saved with the adapter (e.g. lm_head)",
+    "rank_pattern": "per-module ranks as JSON, e.g. '{\"q_proj\": 4}' (names, suffixes or regexes)",
+    "alpha_pattern": "per-module alphas as JSON, e.g. '{\"q_proj\": 8}'",
+    "layers_to_transform": "comma-separated layer indices: adapt only modules in these layers",
+    "layers_pattern": "name of the layer list for --layers-to-transform (e.g. layers, h)",
+    "adapter_dtype": "dtype of the adapter weights: auto (the base's; fp32 on fp16 bases) | float32 | bfloat16 "
+                     "| float16",
+    "projection_prng_key": "VeRA: seed of the shared random projection pair",
+    "save_projection": "VeRA: write the shared projection pair into the adapter file",
+    "d_initial": "VeRA: initial value of the scaling vector d",
     "adalora_target_r": "AdaLoRA: average rank per module left at the end (r is the initial rank)",
+    "adalora_tinit": "AdaLoRA: steps at the full budget before pruning starts",
+    "adalora_tfinal": "AdaLoRA: steps at the final budget at the end of training",
+    "adalora_delta_t": "AdaLoRA: steps between two rank reallocations",
+    "adalora_beta1": "AdaLoRA: smoothing of the importance estimate",
+    "adalora_beta2": "AdaLoRA: smoothing of the importance's uncertainty",
+    "adalora_orth_reg": "AdaLoRA: weight of the orthogonality regulariser on A and B",
     "valid_data": "validation file (else --valid-ratio of the training data)",
     "valid_ratio": "fraction of the training data held out for validation",
     "output_dir": "where the adapter, metrics.jsonl, loss.png and checkpoints go",
@@ -35,6 +59,18 @@ HELP = {
                "shape once more (on a CPU minutes each for a 30-layer model, and a C++ compiler is needed)",
 }
 SKIP = {"extra"}
+# How --help groups the flags; a field in no group is listed under "other options".
+GROUPS = {
+    "data and model": ("data", "valid_data", "valid_ratio", "model", "output_dir"),
+    "LoRA adapter (LoraConfig)": LORA_OPTIONS,
+    "AdaLoRA schedule (--variant adalora)": tuple(ADALORA_KEYS.values()),
+    "optimisation": ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_steps", "schedule",
+                     "weight_decay", "max_grad_norm", "loraplus_ratio", "seed"),
+    "data preparation": ("max_length", "packing"),
+    "evaluation and checkpoints": ("eval_every", "eval_max_examples", "max_new_tokens", "save_every",
+                                   "keep_checkpoints", "log_every", "resume"),
+    "hardware and speed": ("device", "dtype", "mixed_precision", "gradient_checkpointing", "fast_path", "compile"),
+}
 # Second spellings. ``--rank``: torchrun's parser rejects ``--r`` anywhere on its command line as an
 # ambiguous prefix of its own flags (--rdzv-*, --role, ...), even after the script's name.
 ALIASES = {"r": ("--rank",)}
@@ -44,6 +80,8 @@ def _type_of(default: Any, annotation: str):
     """The argparse type of a field: its annotation first (``alpha: float = 32`` takes 0.5)."""
     if isinstance(default, bool):
         return None
+    if "list[" in annotation or "dict[" in annotation:  # split or JSON-read by TrainConfig
+        return str
     if isinstance(default, float) or "float" in annotation:
         return float
     if isinstance(default, int) or ("int" in annotation and "str" not in annotation):
@@ -52,17 +90,29 @@ def _type_of(default: Any, annotation: str):
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; every default is None so that only given flags override."""
-    for f in fields(TrainConfig):
-        if f.name in SKIP:
-            continue
-        flags = ("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ()))
-        default = f.default if f.default is not MISSING else None
-        helptext = HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
-        if isinstance(default, bool):
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
-        else:
-            parser.add_argument(*flags, dest=f.name, type=_type_of(default, str(f.type)), default=None, help=helptext)
+    """One flag per TrainConfig field, in GROUPS; every default is None so that only given flags override."""
+    by_name = {f.name: f for f in fields(TrainConfig) if f.name not in SKIP}
+    grouped = {name for names in GROUPS.values() for name in names}
+    sections = [*GROUPS.items(), ("other options", tuple(n for n in by_name if n not in grouped))]
+    for title, names in sections:
+        if any(name in by_name for name in names):
+            group = parser.add_argument_group(title)
+            for name in names:
+                if name in by_name:
+                    _add_flag(group, by_name[name])
+
+
+def _add_flag(group: argparse._ArgumentGroup, f: Field) -> None:
+    """The flag of TrainConfig field ``f``, with its help text and default."""
+    flags = ("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ()))
+    default = f.default if f.default is not MISSING else None
+    helptext = HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
+    if isinstance(default, bool):
+        group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+    else:
+        metavar = "JSON" if "dict[" in str(f.type) else None
+        group.add_argument(*flags, dest=f.name, type=_type_of(default, str(f.type)), default=None, metavar=metavar,
+                           help=helptext)
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:

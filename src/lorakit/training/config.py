@@ -3,23 +3,61 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import INIT_CHOICES, LoraConfig, valid_init, variant_names
 from ..errors import ConfigError
+from ..variants.adalora import AdaLoraSchedule
 
 SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
+# LoraConfig fields that are no training option: the older variant booleans (``variant`` says the
+# same), what the loaded model decides (fan_in_fan_out, base_model_name_or_path, task_type), and
+# ``seed``, which the run has for itself and passes on.
+NOT_OPTIONS = ("use_dora", "lora_fa", "dylora", "use_vera", "adalora", "fan_in_fan_out",
+               "base_model_name_or_path", "task_type", "seed")
+# A run needs targets, where the library has no default: train every linear layer unless told.
+# "none" (parameters only) is a string for the command line; lora_config() passes it as None.
+TRAINING_DEFAULTS = {"target_modules": "all-linear"}
+# The schedule's names as keys (``adalora_<name>``); orth_reg_weight kept its older, shorter key.
+ADALORA_KEYS = {f.name: "adalora_" + {"orth_reg_weight": "orth_reg"}.get(f.name, f.name)
+                for f in fields(AdaLoraSchedule)}
+
+
+def _option(source: Field, default: Any = MISSING) -> tuple[str, Any, Field]:
+    """A copy of dataclass field ``source`` (type and default) for make_dataclass."""
+    if default is not MISSING:
+        return source.name, source.type, field(default=default)
+    if source.default_factory is not MISSING:
+        return source.name, source.type, field(default_factory=source.default_factory)
+    return source.name, source.type, field(default=source.default)
+
+
+# Generated from the dataclasses themselves, so that a field added to LoraConfig or to the schedule
+# is a YAML key and a flag without anyone copying it. Keyword-only: TrainConfig's own fields keep
+# their positions.
+LORA_OPTIONS = tuple(f.name for f in fields(LoraConfig) if f.name not in NOT_OPTIONS)
+_LoraOptions = make_dataclass("_LoraOptions", [
+    _option(f, TRAINING_DEFAULTS.get(f.name, MISSING)) for f in fields(LoraConfig) if f.name in LORA_OPTIONS],
+    kw_only=True)
+_AdaLoraOptions = make_dataclass("_AdaLoraOptions", [
+    (ADALORA_KEYS[f.name], *_option(f)[1:]) for f in fields(AdaLoraSchedule)], kw_only=True)
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_AdaLoraOptions, _LoraOptions):
     """Everything a run needs. Defaults suit the embedded model on a CPU.
 
     Steps are optimizer steps (each ``batch_size * grad_accum`` examples). ``max_steps`` wins
     over ``epochs`` when set. Eval/checkpoint intervals are in steps; 0 turns them off.
+
+    The adapter's options are `LoraConfig`'s own fields (all but ``NOT_OPTIONS``), with its
+    defaults but ``target_modules="all-linear"``; AdaLoRA's are `AdaLoraSchedule`'s, prefixed
+    ``adalora_`` (used with ``variant="adalora"``, where ``r`` is the initial rank). List options
+    also take comma-separated strings, dict options a JSON object in a string (the command line).
     """
 
     data: str | None = None
@@ -27,23 +65,7 @@ class TrainConfig:
     valid_data: str | None = None
     valid_ratio: float = 0.0
     output_dir: str = "runs/lorakit"
-    # LoRA
-    variant: str = "lora"
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.0
-    target_modules: list[str] | str | None = "all-linear"
-    target_parameters: list[str] | str | None = None
-    init: str = "default"
-    use_rslora: bool = False
-    # AdaLoRA's budget schedule (variant adalora; r is the initial rank)
-    adalora_target_r: int = 8
-    adalora_tinit: int = 0
-    adalora_tfinal: int = 0
-    adalora_delta_t: int = 1
-    adalora_beta1: float = 0.85
-    adalora_beta2: float = 0.85
-    adalora_orth_reg: float = 0.1
+    # LoRA: LoraConfig's fields and AdaLoRA's schedule, from the bases generated above
     # optimisation
     lr: float = 2e-4
     epochs: int = 1
@@ -110,30 +132,28 @@ class TrainConfig:
             raise ConfigError(f"variant must be one of {variant_names()}, got {self.variant!r}")
         if not valid_init(self.init):
             raise ConfigError(f"init must be {INIT_CHOICES}, got {self.init!r}")
-        if isinstance(self.target_modules, str) and "," in self.target_modules:
-            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        for name in LORA_OPTIONS:
+            setattr(self, name, _from_string(name, _LORA_TYPES[name], getattr(self, name)))
         if self.target_modules == "none":  # parameters only (target_parameters)
             self.target_modules = None
-        if isinstance(self.target_parameters, str):
-            self.target_parameters = [t.strip() for t in self.target_parameters.split(",") if t.strip()]
         self.lora_config()  # validates r, alpha, dropout, targets now rather than after loading a model
         if self.variant == "adalora" and not (isinstance(self.adalora_target_r, int) and 0 < self.adalora_target_r <= self.r):
             raise ConfigError(f"adalora_target_r must be between 1 and r={self.r}, got {self.adalora_target_r!r}")
 
-    def adalora_schedule(self):
-        from ..variants.adalora import AdaLoraSchedule
-
-        return AdaLoraSchedule(target_r=self.adalora_target_r, tinit=self.adalora_tinit, tfinal=self.adalora_tfinal,
-                               delta_t=self.adalora_delta_t, beta1=self.adalora_beta1, beta2=self.adalora_beta2,
-                               orth_reg_weight=self.adalora_orth_reg)
+    def adalora_schedule(self) -> AdaLoraSchedule:
+        """AdaLoRA's budget schedule from the ``adalora_*`` options."""
+        return AdaLoraSchedule(**{name: getattr(self, key) for name, key in ADALORA_KEYS.items()})
 
     def lora_config(self) -> LoraConfig:
-        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
-                          target_parameters=self.target_parameters, init=self.init, use_rslora=self.use_rslora,
-                          seed=self.seed, variant=self.variant)
+        """The adapter this run trains: every LoRA option, and the run's seed."""
+        return LoraConfig(**{name: getattr(self, name) for name in LORA_OPTIONS}, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The options by name, in the order a run's ``train_config.yaml`` lists them."""
+        values = asdict(self)
+        # asdict lists the generated bases' fields (the adapter's) first; the file starts as it did.
+        first = ("data", "model", "valid_data", "valid_ratio", "output_dir")
+        return {**{name: values[name] for name in first}, **values}
 
     @classmethod
     def from_sources(cls, file: str | Path | dict | None = None, **overrides: Any) -> "TrainConfig":
@@ -152,9 +172,40 @@ class TrainConfig:
         return cls(**values)
 
 
+_LORA_TYPES = {f.name: str(f.type) for f in fields(LoraConfig)}
+
+
+def _from_string(name: str, annotation: str, value: Any) -> Any:
+    """The value of list or dict option ``name`` given as a string: comma-separated items, or a
+    JSON object. A string stays one where the option also takes one (a regex in target_modules)."""
+    kinds = {kind.strip() for kind in annotation.split("|")}
+    if any(kind.startswith("dict[") for kind in kinds):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name} must be a JSON object such as '{{\"q_proj\": 4}}', got {value!r} "
+                                  f"({exc.msg} at character {exc.pos})") from None
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of module names to values (a JSON object on the "
+                              f"command line), got {value!r}")
+        return value
+    if not isinstance(value, str) or not any(kind.startswith("list[") for kind in kinds):
+        return value
+    if "str" in kinds and "," not in value:
+        return value
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if "list[int]" in kinds:
+        try:
+            return [int(item) for item in items]
+        except ValueError:
+            raise ConfigError(f"{name} must be comma-separated integers such as 0,1,2, got {value!r}") from None
+    return items
+
+
 def _read_float_strings(values: dict[str, Any]) -> None:
     """YAML 1.1 reads ``lr: 2e-4`` (no dot) as a string; a float field takes it as the number meant."""
-    float_fields = {f.name for f in fields(TrainConfig) if "float" in str(f.type)}
+    float_fields = {f.name for f in fields(TrainConfig) if "float" in str(f.type) and "dict" not in str(f.type)}
     for name in float_fields & set(values):
         if isinstance(values[name], str):
             try:
