@@ -12,6 +12,7 @@ import argparse
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
+from ..config import variant_names
 from ..training.config import ADALORA_KEYS, LORA_OPTIONS, TrainConfig
 
 HELP = {
@@ -21,7 +22,7 @@ HELP = {
     "alpha": "scaling numerator: s = alpha / r (alpha / sqrt(r) with --use-rslora)",
     "dropout": "dropout on the adapter's input, in [0, 1)",
     "use_rslora": "rank-stabilised scaling alpha / sqrt(r)",
-    "variant": "lora | dora | lora-fa | dylora | vera | adalora",
+    "variant": "the LoRA-family member: {variants}",
     "exclude_modules": "modules to leave out: comma-separated names or a regex",
     "bias": "none | all (every bias trains) | lora_only (biases of adapted layers train)",
     "modules_to_save": "comma-separated modules trained in full and saved with the adapter (e.g. lm_head)",
@@ -106,7 +107,8 @@ def _add_flag(group: argparse._ArgumentGroup, f: Field) -> None:
     """The flag of TrainConfig field ``f``, with its help text and default."""
     flags = ("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ()))
     default = f.default if f.default is not MISSING else None
-    helptext = HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
+    helptext = HELP.get(f.name, "").replace("{variants}", " | ".join(variant_names()))
+    helptext += f" (default: {default})" if default not in (None, "") else ""
     if isinstance(default, bool):
         group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
     else:
