@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.kernels import dispatch
+from lorakit.kernels import dispatch, tuning
 
 from .tiny import adapted_llama, model_loss_and_grads, randomize_adapters, tiny_llama
 
@@ -36,7 +36,7 @@ def adapted(dtype=torch.float64, bias=True, **config):
 @pytest.fixture(params=["factored", "merged"])
 def strategy(request, monkeypatch):
     # MERGE_RATIO 0: every call merges; infinity: none does.
-    monkeypatch.setattr(dispatch, "MERGE_RATIO", 0.0 if request.param == "merged" else float("inf"))
+    monkeypatch.setattr(tuning, "MERGE_RATIO", 0.0 if request.param == "merged" else float("inf"))
     return request.param
 
 

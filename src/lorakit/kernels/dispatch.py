@@ -13,8 +13,8 @@ forward costs a read-modify-write of the (N, d_out) output, about 2 N d_out elem
 the merged one the build of W0 + sBA, about 4 d_in d_out (copy W0, then a GEMM that reads and
 writes it); so the forward merges when N > 2 d_in. Backward likewise with the (N, d_in) input
 gradient: it merges when N > 2 d_out. Long training batches merge the wide layers in the direction
-where that pays; short ones (generation, small batches) never merge. ``MERGE_RATIO`` scales both
-thresholds (0: always merge, infinity: never), for benchmarks.
+where that pays; short ones (generation, small batches) never merge. ``tuning.MERGE_RATIO``
+scales both thresholds (0: always merge, infinity: never), for benchmarks.
 
 DoRA counts the same way (``dora_merge_directions``): factored, it also scales the (N, d_out)
 output (backward: the gradient) by c and reads W0 once for the factored norm; merged, its build
@@ -49,13 +49,10 @@ except ImportError:  # a torch too old for it: the comparison guards, and compil
     def statically_known_true(condition) -> bool:
         return bool(condition)
 
-from . import triton_merge
+from . import triton_merge, tuning
 from .dora_linear import DoraLinearFunction
 from .lora_linear import LoraLinearFunction
 from .projection import Projection
-
-# Multiplies the break-even token counts of the docstring (benchmarks: bench/train_step.py).
-MERGE_RATIO = 1.0
 
 
 def planned_tokens(x: torch.Tensor) -> int:
@@ -69,7 +66,8 @@ def planned_tokens(x: torch.Tensor) -> int:
 
 def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:
     """(merge the forward, merge the backward) for a call with ``tokens`` rows."""
-    return tokens > MERGE_RATIO * 2 * d_in, tokens > MERGE_RATIO * 2 * d_out
+    ratio = tuning.MERGE_RATIO
+    return tokens > ratio * 2 * d_in, tokens > ratio * 2 * d_out
 
 
 def plan_directions(tokens: int, weight: torch.Tensor, magnitude: torch.Tensor | None) -> tuple[bool, bool]:
@@ -89,7 +87,7 @@ def dora_merge_directions(tokens: int, d_in: int, d_out: int, fused_build: bool)
     the merged weight comes from the Triton kernel (see the module docstring)."""
     # Passes over a (d_out, d_in) matrix per build: forward (with the norm), backward.
     forward_build, backward_build = (2, 2) if fused_build else (7, 6)
-    weight_elements = MERGE_RATIO * d_in * d_out
+    weight_elements = tuning.MERGE_RATIO * d_in * d_out
     return (4 * tokens * d_out > (forward_build - 1) * weight_elements,
             2 * tokens * (d_in + d_out) > backward_build * weight_elements)
 
