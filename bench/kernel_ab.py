@@ -22,13 +22,14 @@ import time
 
 import torch
 
-from lorakit.kernels import dora_linear, dora_norm, mlp_dispatch, sibling_dispatch, triton_swiglu, tuning
+from lorakit.kernels import dora_linear, dora_norm, triton_swiglu, tuning
+from lorakit.patching import attention_siblings, gated_mlp
 from train_step import PRESETS, make_step
 
 # Gated MLPs run layer by layer (the fused MLP function declines every call).
-LAYERWISE_MLP = [(mlp_dispatch, "fused_mlp_forward", lambda mlp, x: None)]
+LAYERWISE_MLP = [(gated_mlp, "fused_mlp_forward", lambda mlp, x: None)]
 # q, k, v as three separate calls (the shared call declines every time).
-SEPARATE_QKV = [(sibling_dispatch.SiblingProjections, "output", lambda self, layer, x: None)]
+SEPARATE_QKV = [(attention_siblings.SiblingProjections, "output", lambda self, layer, x: None)]
 # The fused MLP's SiLU gate in torch ops instead of the Triton kernels.
 TORCH_GATE = [(triton_swiglu, "available", lambda g, u: False)]
 

@@ -191,7 +191,8 @@ def _experts():
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
-@pytest.mark.parametrize("build", [_gpt2, _embedding, _conv2d, _experts], ids=["conv1d", "embedding", "conv2d", "experts"])
+@pytest.mark.parametrize("build", [_gpt2, _embedding, _conv2d, _experts],
+                         ids=["conv1d", "embedding", "conv2d", "experts"])
 def test_every_layer_kind(build, fast, ids):
     model, run = build()
     visible(model)

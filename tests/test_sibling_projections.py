@@ -1,4 +1,4 @@
-"""Attention's q, k, v projections in one fused call (kernels/sibling_dispatch.py): same values and
+"""Attention's q, k, v projections in one fused call (patching/attention_siblings.py): same values and
 gradients as separate layers (float64), and every case where sharing would be wrong runs alone."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.kernels import sibling_dispatch, tuning
+from lorakit.kernels import tuning
 from lorakit.kernels.sibling_projections import SiblingProjectionsFunction
+from lorakit.patching import attention_siblings
 
 from .tiny import adapted_llama, model_loss_and_grads
 
@@ -179,8 +180,8 @@ def test_detection_is_by_code():
         def forward(self, hidden_states, memory):
             return self.q_proj(hidden_states), self.k_proj(memory), self.v_proj(memory)  # cross-attention
 
-    assert sibling_dispatch.calls_siblings_on_one_input(SharedInput)
-    assert not sibling_dispatch.calls_siblings_on_one_input(OtherInputs)
+    assert attention_siblings.calls_siblings_on_one_input(SharedInput)
+    assert not attention_siblings.calls_siblings_on_one_input(OtherInputs)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -33,9 +33,6 @@ shape still plans from its N).
 
 from __future__ import annotations
 
-import inspect
-import re
-
 import torch
 from torch import nn
 
@@ -92,18 +89,6 @@ def dora_merge_directions(tokens: int, d_in: int, d_out: int, fused_build: bool)
             2 * tokens * (d_in + d_out) > backward_build * weight_elements)
 
 
-def forward_code(cls: type) -> str | None:
-    """``cls.forward``'s source without docstrings, comments and whitespace (None when it has no
-    readable source): how ``mlp_dispatch`` and ``sibling_dispatch`` recognise model code."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return None
-    source = re.sub(r'"""(?:.|\n)*?"""', "", source)
-    code = "".join(line.split("#")[0] for line in source.splitlines())
-    return "".join(code.split())
-
-
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     """``layer(x)`` through a fused function, or None when the reference path must run."""
     operands = fusable_operands(layer, x)
@@ -126,24 +111,6 @@ def call_in_autocast_dtype(function, tensors: tuple[torch.Tensor | None, ...], *
     cast = [None if t is None else t.to(dtype) for t in tensors]
     with torch.autocast(device_type, enabled=False):
         return function(*cast, *extra)
-
-
-def fusable_projections(layers, x: torch.Tensor):
-    """(the ``Projection`` records, [weight, bias, A, B] of each layer in one list, the magnitudes)
-    when every layer's call on ``x`` is covered by the fused functions without dropout, else None:
-    what a function fusing several projections of one input (``gated_mlp.py``,
-    ``sibling_projections.py``) needs."""
-    tokens = planned_tokens(x)
-    plans, linear_tensors, magnitudes = [], [], []
-    for layer in layers:
-        operands = fusable_operands(layer, x)
-        if operands is None or operands[6] is not None:  # dropout: per layer
-            return None
-        weight, bias, A, B, scaling, magnitude, _ = operands
-        plans.append(Projection(scaling, *plan_directions(tokens, weight, magnitude)))
-        linear_tensors += [weight, bias, A, B]
-        magnitudes.append(magnitude)
-    return tuple(plans), linear_tensors, magnitudes
 
 
 def fusable_operands(layer, x: torch.Tensor):

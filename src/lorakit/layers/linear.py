@@ -40,7 +40,7 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.fast_path and not args and not kwargs:
-            # q, k and v of one attention module share a fused call (kernels/sibling_dispatch.py).
+            # q, k and v of one attention module share a fused call (patching/attention_siblings.py).
             siblings = self.__dict__.get("siblings")
             out = siblings.output(self, x) if siblings is not None else None
             if out is None:

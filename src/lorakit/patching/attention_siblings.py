@@ -1,4 +1,5 @@
-"""Routing an attention module's q, k and v projections through `SiblingProjectionsFunction`.
+"""Routing an attention module's q, k and v projections through `SiblingProjectionsFunction`
+(``kernels/sibling_projections.py``).
 
 Attention code calls ``self.q_proj(hidden_states)``, ``self.k_proj(hidden_states)`` and
 ``self.v_proj(hidden_states)`` one after another (Llama, Mistral, Qwen, Gemma, Granite, OLMo
@@ -8,8 +9,9 @@ all three outputs in one fused call and keeps the other two, and each sibling ca
 the very same input tensor, unchanged since (``_version``), returns its kept output. Any other
 call (another input, an input changed in place, an inference tensor, which has no ``_version``,
 a sibling with a forward pre-hook that might change its input, torch.compile, a layer that
-cannot take the fused path) drops what is kept and runs as a single layer, so the values are always those of separate layers; only the work is
-shared. Modules are recognised by their class's code, not by name.
+cannot take the fused path) drops what is kept and runs as a single layer, so the values are
+always those of separate layers; only the work is shared. Modules are recognised by their
+class's code, not by name.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import functools
 import torch
 from torch import nn
 
-from .dispatch import call_in_autocast_dtype, forward_code, fusable_projections
-from .sibling_projections import SiblingProjectionsFunction
+from ..kernels.dispatch import call_in_autocast_dtype
+from ..kernels.sibling_projections import SiblingProjectionsFunction
+from .model_code import forward_code, fusable_projections
 
 SIBLINGS = ("q_proj", "k_proj", "v_proj")
 
