@@ -1,12 +1,13 @@
-"""When a `LoraLinear` call can take the fused path, and which computation it uses.
+"""Which fused computation a `LoraLinear` call uses, given its tensors.
 
 The fused functions (``lora_linear.py``, ``dora_linear.py``) cover the common training and
 inference case: an ``nn.Linear`` base with a frozen weight, one active unmerged LoRA or DoRA
 adapter (plain, rsLoRA, LoRA-FA, DyLoRA's nested rank, AdaLoRA's scaled A), no per-row routing,
 all tensors in one compute dtype (or autocast, which casts them to its dtype here; fp32 adapters
-on a bf16/fp16 base are likewise computed in the base's dtype). Anything else
-returns None and the layer runs its reference forward, which is always available and gives the
-same values (tests compare them).
+on a bf16/fp16 base are likewise computed in the base's dtype). The layer decides whether a call
+is covered and hands over its tensors as `FusedOperands` (``LoraLinear.fused_operands``);
+anything else runs the layer's reference forward, which is always available and gives the same
+values (tests compare them). Nothing here reads a layer.
 
 Factored or merged, per direction (LoRA without dropout; see ``lora_linear.py``): the factored
 forward costs a read-modify-write of the (N, d_out) output, about 2 N d_out elements of traffic,
@@ -33,8 +34,10 @@ shape still plans from its N).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
-from torch import nn
 
 try:  # torch >= 2.13: a symbolic size's hint, without a guard
     from torch.fx.experimental.symbolic_shapes import optimization_hint
@@ -50,6 +53,25 @@ from . import triton_merge, tuning
 from .dora_linear import DoraLinearFunction
 from .lora_linear import LoraLinearFunction
 from .projection import Projection
+
+
+class FusedOperands(NamedTuple):
+    """What a fused call of one linear layer computes with: out = x W0ᵀ + b + s (x_d Aᵀ) Bᵀ
+    (DoRA: rescaled per output row to the magnitude).
+
+    weight: W0 (d_out, d_in), frozen; bias: (d_out,) or None; A: (r, d_in); B: (d_out, r), both in
+    x's dtype except under autocast, where ``call_in_autocast_dtype`` casts everything; scaling: s;
+    magnitude: DoRA's m (d_out,) or None for LoRA; dropout: the active dropout that gives x_d from
+    x (a callable: it draws the mask from the same random stream as the reference path), or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor | None
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 def planned_tokens(x: torch.Tensor) -> int:
@@ -89,11 +111,8 @@ def dora_merge_directions(tokens: int, d_in: int, d_out: int, fused_build: bool)
             2 * tokens * (d_in + d_out) > backward_build * weight_elements)
 
 
-def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """``layer(x)`` through a fused function, or None when the reference path must run."""
-    operands = fusable_operands(layer, x)
-    if operands is None:
-        return None
+def fused_linear(x: torch.Tensor, operands: FusedOperands) -> torch.Tensor:
+    """The layer's output (..., d_out) for x (..., d_in) through a fused function."""
     weight, bias, A, B, scaling, magnitude, dropout = operands
     return call_in_autocast_dtype(_apply, (x, weight, bias, A, B), scaling, magnitude, dropout)
 
@@ -113,49 +132,17 @@ def call_in_autocast_dtype(function, tensors: tuple[torch.Tensor | None, ...], *
         return function(*cast, *extra)
 
 
-def fusable_operands(layer, x: torch.Tensor):
-    """(weight, bias, A, B, scaling, magnitude or None, active dropout or None) when ``layer``'s
-    call on ``x`` is covered by the fused functions (see the module docstring), else None.
-    A and B come back in x's dtype, except under autocast, where the caller casts everything
-    (``call_in_autocast_dtype``)."""
-    # Runs on every call of every layer, so it reads the module's dicts directly: nn.Module's
-    # attribute lookup (and LoraLayer's fallback to the base layer) cost more host time than the
-    # rank-r GEMMs it guards (bench: 325 -> 202 µs per layer forward+backward on the 2-core CPU).
-    state = layer.__dict__
-    if not state.get("fast_path") or state["disabled"] or state["row_adapters"] is not None:
-        return None
-    modules = state["_modules"]
-    base = modules["base_layer"]
-    if type(base) is not nn.Linear:
-        return None
-    weight, bias = base._parameters["weight"], base._parameters["bias"]
-    active = state["active_adapters"]
-    if weight.requires_grad or len(active) != 1 or state["merged_adapters"]:
-        return None
-    name = active[0]
-    if name not in modules["lora_A"]._parameters or name in modules["vera_projection"]._modules:
-        return None
-    if name in modules["lora_E"]._parameters or name in state["nested_rank"]:
-        A, B, scaling = layer.live_factors(name)  # AdaLoRA / DyLoRA: derived factors
-    else:
-        A, B = modules["lora_A"]._parameters[name], modules["lora_B"]._parameters[name]
-        scaling = state["scaling"][name]
-    magnitude = modules["lora_magnitude_vector"]._parameters.get(name)
-    dropout = modules["lora_dropout"]._modules[name]
-    dropout = dropout if type(dropout) is nn.Dropout and dropout.training and dropout.p > 0 else None
-    if magnitude is not None and dropout is not None:
-        return None
-    if torch.is_autocast_enabled(x.device.type):
-        return weight, bias, A, B, scaling, magnitude, dropout  # the caller casts (call_in_autocast_dtype)
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or A.dtype != B.dtype:
-        return None
-    if A.dtype != x.dtype:
-        if not (A.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
-            return None
-        # fp32 adapters on a half-precision base: computed in the base's dtype (as autocast would),
-        # their gradients summed back into fp32 by autograd.
-        A, B = A.to(x.dtype), B.to(x.dtype)
-    return weight, bias, A, B, scaling, magnitude, dropout
+def projection_operands(x: torch.Tensor, operands: list[FusedOperands]):
+    """(the ``Projection`` records, [weight, bias, A, B] of each projection in one list, the
+    magnitudes): what a function fusing several projections of one input x (``gated_mlp.py``,
+    ``sibling_projections.py``) takes, for operands without dropout (dropout is per layer)."""
+    tokens = planned_tokens(x)
+    plans, linear_tensors, magnitudes = [], [], []
+    for weight, bias, A, B, scaling, magnitude, _ in operands:
+        plans.append(Projection(scaling, *plan_directions(tokens, weight, magnitude)))
+        linear_tensors += [weight, bias, A, B]
+        magnitudes.append(magnitude)
+    return tuple(plans), linear_tensors, magnitudes
 
 
 def _apply(x, weight, bias, A, B, scaling, magnitude, dropout):

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..kernels.dispatch import fusable_operands, plan_directions, planned_tokens
-from ..kernels.projection import Projection
+from ..kernels.dispatch import projection_operands
+from ..layers.linear import LoraLinear
 
 
 def forward_code(cls: type) -> str | None:
@@ -29,17 +29,14 @@ def forward_code(cls: type) -> str | None:
 
 def fusable_projections(layers: Sequence[nn.Module], x: torch.Tensor):
     """(the ``Projection`` records, [weight, bias, A, B] of each layer in one list, the magnitudes)
-    when every layer's call on ``x`` is covered by the fused functions without dropout, else None:
-    what a function fusing several projections of one input (``kernels/gated_mlp.py``,
-    ``kernels/sibling_projections.py``) needs."""
-    tokens = planned_tokens(x)
-    plans, linear_tensors, magnitudes = [], [], []
+    when every layer's call on x (..., d_in) is covered by the fused functions without dropout,
+    else None (a layer that is not, or no longer, a LoRA layer included): what a function fusing
+    several projections of one input (``kernels/gated_mlp.py``, ``kernels/sibling_projections.py``)
+    takes."""
+    operands = []
     for layer in layers:
-        operands = fusable_operands(layer, x)
-        if operands is None or operands[6] is not None:  # dropout: per layer
+        found = layer.fused_operands(x) if isinstance(layer, LoraLinear) else None
+        if found is None or found.dropout is not None:  # dropout: per layer
             return None
-        weight, bias, A, B, scaling, magnitude, _ = operands
-        plans.append(Projection(scaling, *plan_directions(tokens, weight, magnitude)))
-        linear_tensors += [weight, bias, A, B]
-        magnitudes.append(magnitude)
-    return tuple(plans), linear_tensors, magnitudes
+        operands.append(found)
+    return projection_operands(x, operands)
