@@ -22,14 +22,14 @@ import time
 
 import torch
 
-from lorakit.kernels import (dispatch, dora_linear, dora_norm, lora_linear, mlp_dispatch, projection, sibling_dispatch,
-                             triton_colsum, triton_merge, triton_swiglu)
+from lorakit.kernels import dora_linear, dora_norm, triton_swiglu, tuning
+from lorakit.patching import attention_siblings, gated_mlp
 from train_step import PRESETS, make_step
 
 # Gated MLPs run layer by layer (the fused MLP function declines every call).
-LAYERWISE_MLP = [(mlp_dispatch, "fused_mlp_forward", lambda mlp, x: None)]
+LAYERWISE_MLP = [(gated_mlp, "fused_mlp_forward", lambda mlp, x: None)]
 # q, k, v as three separate calls (the shared call declines every time).
-SEPARATE_QKV = [(sibling_dispatch.SiblingProjections, "output", lambda self, layer, x: None)]
+SEPARATE_QKV = [(attention_siblings.SiblingProjections, "output", lambda self, layer, x: None)]
 # The fused MLP's SiLU gate in torch ops instead of the Triton kernels.
 TORCH_GATE = [(triton_swiglu, "available", lambda g, u: False)]
 
@@ -51,26 +51,26 @@ VARIANTS = {
     "frozen": ("frozen", []),
     "lora": ("lorakit-lora", []),
     "lora-fp32": ("lorakit-lora-fp32", []),
-    "lora-triton-merge": ("lorakit-lora", [(triton_merge, "MODE", "1")]),
+    "lora-triton-merge": ("lorakit-lora", [(tuning, "TRITON_MERGE", "1")]),
     "lora-separate-qkv": ("lorakit-lora", SEPARATE_QKV),
-    "lora-unstacked": ("lorakit-lora", [(projection, "STACK", False)]),
-    "lora-rebuild-merged": ("lorakit-lora", [(lora_linear, "KEEP_MERGED", False)]),
-    "lora-never-merge": ("lorakit-lora", [(dispatch, "MERGE_RATIO", float("inf"))]),
-    "lora-always-merge": ("lorakit-lora", [(dispatch, "MERGE_RATIO", 0.0)]),
+    "lora-unstacked": ("lorakit-lora", [(tuning, "STACK_PROJECTIONS", False)]),
+    "lora-rebuild-merged": ("lorakit-lora", [(tuning, "KEEP_MERGED", False)]),
+    "lora-never-merge": ("lorakit-lora", [(tuning, "MERGE_RATIO", float("inf"))]),
+    "lora-always-merge": ("lorakit-lora", [(tuning, "MERGE_RATIO", 0.0)]),
     "lora-reference": ("lorakit-lora-reference", []),
     "lora-layerwise-mlp": ("lorakit-lora", LAYERWISE_MLP),
     "lora-torch-gate": ("lorakit-lora", TORCH_GATE),
     "dora": ("lorakit-dora", []),
-    "dora-rebuild-merged": ("lorakit-dora", [(lora_linear, "KEEP_MERGED", False)]),
+    "dora-rebuild-merged": ("lorakit-dora", [(tuning, "KEEP_MERGED", False)]),
     "dora-separate-qkv": ("lorakit-dora", SEPARATE_QKV),
-    "dora-unstacked": ("lorakit-dora", [(projection, "STACK", False)]),
+    "dora-unstacked": ("lorakit-dora", [(tuning, "STACK_PROJECTIONS", False)]),
     "dora-layerwise-mlp": ("lorakit-dora", LAYERWISE_MLP),
     "dora-torch-gate": ("lorakit-dora", TORCH_GATE),
-    "dora-never-merge": ("lorakit-dora", [(dispatch, "MERGE_RATIO", float("inf"))]),
-    "dora-always-merge": ("lorakit-dora", [(dispatch, "MERGE_RATIO", 0.0)]),
-    "dora-no-triton": ("lorakit-dora", [(triton_merge, "MODE", "0"), (triton_colsum, "ENABLED", False)]),
-    "dora-torch-dm": ("lorakit-dora", [(triton_colsum, "ENABLED", False)]),
-    "dora-torch-builds": ("lorakit-dora", [(triton_merge, "MODE", "0")]),
+    "dora-never-merge": ("lorakit-dora", [(tuning, "MERGE_RATIO", float("inf"))]),
+    "dora-always-merge": ("lorakit-dora", [(tuning, "MERGE_RATIO", 0.0)]),
+    "dora-no-triton": ("lorakit-dora", [(tuning, "TRITON_MERGE", "0"), (tuning, "TRITON_COLSUM", False)]),
+    "dora-torch-dm": ("lorakit-dora", [(tuning, "TRITON_COLSUM", False)]),
+    "dora-torch-builds": ("lorakit-dora", [(tuning, "TRITON_MERGE", "0")]),
     "dora-reference": ("lorakit-dora-reference", []),
     "dora-norm-once": ("lorakit-dora", NORM_ONCE),
     "dora-no-dm": ("lorakit-dora", NO_MAGNITUDE_GRAD),

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", help="also write the measurements to this file")
     parser.add_argument("--merge-ratio", type=float, default=None,
-                        help="override lorakit.kernels.dispatch.MERGE_RATIO (0: always merged, inf: never)")
+                        help="override lorakit.kernels.tuning.MERGE_RATIO (0: always merged, inf: never)")
     parser.add_argument("--interleave", action="store_true",
                         help="build every case first and alternate their steps (for noisy CPUs; no peak memory)")
     parser.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
@@ -257,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="every case's forward through torch.compile (inductor); keep --warmup >= 1 for the compile")
     args = parser.parse_args(argv)
     if args.merge_ratio is not None:
-        from lorakit.kernels import dispatch
+        from lorakit.kernels import tuning
 
-        dispatch.MERGE_RATIO = args.merge_ratio
+        tuning.MERGE_RATIO = args.merge_ratio
     if args.threads:
         torch.set_num_threads(args.threads)
     preset_name = args.preset or ("llama-1b" if args.device == "cuda" else "smollm2-135m")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.kernels import dispatch
+from lorakit.kernels import dispatch, tuning
 
 from .tiny import adapted_llama, model_loss_and_grads, randomize_adapters, tiny_llama
 
@@ -36,7 +36,7 @@ def adapted(dtype=torch.float64, bias=True, **config):
 @pytest.fixture(params=["factored", "merged"])
 def strategy(request, monkeypatch):
     # MERGE_RATIO 0: every call merges; infinity: none does.
-    monkeypatch.setattr(dispatch, "MERGE_RATIO", 0.0 if request.param == "merged" else float("inf"))
+    monkeypatch.setattr(tuning, "MERGE_RATIO", 0.0 if request.param == "merged" else float("inf"))
     return request.param
 
 
@@ -233,12 +233,12 @@ def test_mixed_directions_match_formula(merge_forward, merge_backward):
                          ids=["lora", "dora", "lora-gelu"])
 def test_gated_mlp_is_fused_and_matches_reference(strategy, use_dora, act, monkeypatch):
     """Llama's MLP runs as one fused function (h recomputed in backward) with the same results."""
-    from lorakit.kernels import mlp_dispatch
+    from lorakit.patching import gated_mlp
     from lorakit.kernels.gated_mlp import GatedMlpFunction
 
     model = adapted_llama(use_dora, act=act)
     mlp = model.model.layers[0].mlp
-    assert isinstance(mlp.forward, mlp_dispatch.FusedOrOriginalForward)
+    assert isinstance(mlp.forward, gated_mlp.FusedOrOriginalForward)
     applied = []
     original = GatedMlpFunction.apply
     monkeypatch.setattr(GatedMlpFunction, "apply", lambda *a: applied.append(1) or original(*a))
@@ -254,7 +254,7 @@ def test_gated_mlp_is_fused_and_matches_reference(strategy, use_dora, act, monke
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
-    assert isinstance(torch.load(buffer, weights_only=False).model.layers[0].mlp.forward, mlp_dispatch.FusedOrOriginalForward)
+    assert isinstance(torch.load(buffer, weights_only=False).model.layers[0].mlp.forward, gated_mlp.FusedOrOriginalForward)
     lorakit.unload(model)
     assert "forward" not in mlp.__dict__
 
@@ -310,7 +310,7 @@ def test_gated_mlp_detection_is_by_code():
     from transformers.models.llama.modeling_llama import LlamaMLP
     from transformers.models.mistral.modeling_mistral import MistralMLP
 
-    from lorakit.kernels.mlp_dispatch import is_gated_mlp_class
+    from lorakit.patching.gated_mlp import is_gated_mlp_class
 
     assert is_gated_mlp_class(LlamaMLP) and is_gated_mlp_class(MistralMLP)
     assert not is_gated_mlp_class(GPT2MLP) and not is_gated_mlp_class(nn.Linear)

@@ -1,4 +1,4 @@
-"""Attention's q, k, v projections in one fused call (kernels/sibling_dispatch.py): same values and
+"""Attention's q, k, v projections in one fused call (patching/attention_siblings.py): same values and
 gradients as separate layers (float64), and every case where sharing would be wrong runs alone."""
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.kernels import dispatch, sibling_dispatch
+from lorakit.kernels import tuning
 from lorakit.kernels.sibling_projections import SiblingProjectionsFunction
+from lorakit.patching import attention_siblings
 
 from .tiny import adapted_llama, model_loss_and_grads
 
 
 @pytest.fixture(params=["factored", "merged"])
 def strategy(request, monkeypatch):
-    monkeypatch.setattr(dispatch, "MERGE_RATIO", 0.0 if request.param == "merged" else float("inf"))
+    monkeypatch.setattr(tuning, "MERGE_RATIO", 0.0 if request.param == "merged" else float("inf"))
     return request.param
 
 
@@ -179,8 +180,8 @@ def test_detection_is_by_code():
         def forward(self, hidden_states, memory):
             return self.q_proj(hidden_states), self.k_proj(memory), self.v_proj(memory)  # cross-attention
 
-    assert sibling_dispatch.calls_siblings_on_one_input(SharedInput)
-    assert not sibling_dispatch.calls_siblings_on_one_input(OtherInputs)
+    assert attention_siblings.calls_siblings_on_one_input(SharedInput)
+    assert not attention_siblings.calls_siblings_on_one_input(OtherInputs)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
@@ -227,17 +228,15 @@ class GemmCounter:
 def test_projections_of_one_input_share_their_skinny_gemms(block, monkeypatch):
     """The stacking is there: the k projections of one input (q/k/v: 3, gate/up: 2) get their
     x Aᵀ from one GEMM in the forward and their ∂A from one GEMM in backward, so a forward and
-    backward runs 2 (k - 1) GEMMs fewer than with ``projection.STACK`` off (values equal)."""
-    from lorakit.kernels import projection
-
-    monkeypatch.setattr(dispatch, "MERGE_RATIO", float("inf"))  # factored: every rank-r GEMM runs
+    backward runs 2 (k - 1) GEMMs fewer than with ``tuning.STACK_PROJECTIONS`` off (values equal)."""
+    monkeypatch.setattr(tuning, "MERGE_RATIO", float("inf"))  # factored: every rank-r GEMM runs
     model = adapted_llama()
     layer = model.model.layers[0]
     module, siblings = (layer.self_attn, 3) if block == "attention" else (layer.mlp, 2)
     x = torch.randn(2, 5, 32, dtype=torch.float64)
 
     def run(stack):
-        monkeypatch.setattr(projection, "STACK", stack)
+        monkeypatch.setattr(tuning, "STACK_PROJECTIONS", stack)
         inputs = x.clone().requires_grad_(True)
         with GemmCounter() as counter:
             if block == "attention":

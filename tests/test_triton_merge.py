@@ -66,13 +66,13 @@ def test_which_builds_take_the_kernel(monkeypatch, mode, for_dora, for_small_lor
 
     import torch
 
-    from lorakit.kernels import triton_merge
+    from lorakit.kernels import triton_merge, tuning
 
     def gpu_weight(elements):  # only what available() reads
         return SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, numel=lambda: elements)
 
-    large, small = triton_merge.LARGE_LORA_BUILD, triton_merge.LARGE_LORA_BUILD - 1
-    monkeypatch.setattr(triton_merge, "MODE", mode)
+    large, small = tuning.LARGE_LORA_BUILD, tuning.LARGE_LORA_BUILD - 1
+    monkeypatch.setattr(tuning, "TRITON_MERGE", mode)
     assert triton_merge.available(gpu_weight(small), dora=True) is for_dora
     assert triton_merge.available(gpu_weight(small), dora=False) is for_small_lora
     assert triton_merge.available(gpu_weight(large), dora=False) is for_large_lora
@@ -86,6 +86,6 @@ def test_the_default_mode_is_auto():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "LORAKIT_TRITON_MERGE"}
-    code = "from lorakit.kernels import triton_merge; print(triton_merge.MODE)"
+    code = "from lorakit.kernels import tuning; print(tuning.TRITON_MERGE)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.stdout.strip() == "auto", result.stderr[-2000:]

@@ -17,10 +17,9 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig, changes_base
 from .errors import AdapterNameError, AdapterStateError, TargetError
 from .initialization import initial_factors, module_generator
-from .kernels.mlp_dispatch import install_fused_mlps, remove_fused_mlps
-from .kernels.sibling_dispatch import install_sibling_groups, remove_sibling_groups
 from .layers import LoraLayer, ModulesToSave, lora_class_for
 from .layers.parameter import LoraParameter
+from .patching import install_patches, remove_patches
 from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters, replace_module,
                     require_adapters, saved_modules)
 from .targets import (find_parameter_targets, find_targets, matches, named_base_modules, nested_path,
@@ -206,8 +205,7 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
     if activate:
         for module in adapter_modules(model):
             module.active_adapters = [name]
-    install_fused_mlps(model)  # gated MLPs whose projections are all LoRA layers: see kernels/mlp_dispatch.py
-    install_sibling_groups(model)  # attention's q, k, v in one call: see kernels/sibling_dispatch.py
+    install_patches(model)  # gated MLPs and attention's q, k, v in one fused call each: see patching/
 
 
 def freeze_base(model: nn.Module) -> None:
@@ -327,7 +325,6 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         replace_module(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         replace_module(model, path, wrapper.current() if merge else wrapper.original_module)
-    remove_fused_mlps(model)
-    remove_sibling_groups(model)
+    remove_patches(model)
     adapter_configs(model).clear()
     return model

@@ -1,20 +1,21 @@
-"""When a `LoraLinear` call can take the fused path, and which computation it uses.
+"""Which fused computation a `LoraLinear` call uses, given its tensors.
 
 The fused functions (``lora_linear.py``, ``dora_linear.py``) cover the common training and
 inference case: an ``nn.Linear`` base with a frozen weight, one active unmerged LoRA or DoRA
 adapter (plain, rsLoRA, LoRA-FA, DyLoRA's nested rank, AdaLoRA's scaled A), no per-row routing,
 all tensors in one compute dtype (or autocast, which casts them to its dtype here; fp32 adapters
-on a bf16/fp16 base are likewise computed in the base's dtype). Anything else
-returns None and the layer runs its reference forward, which is always available and gives the
-same values (tests compare them).
+on a bf16/fp16 base are likewise computed in the base's dtype). The layer decides whether a call
+is covered and hands over its tensors as `FusedOperands` (``LoraLinear.fused_operands``);
+anything else runs the layer's reference forward, which is always available and gives the same
+values (tests compare them). Nothing here reads a layer.
 
 Factored or merged, per direction (LoRA without dropout; see ``lora_linear.py``): the factored
 forward costs a read-modify-write of the (N, d_out) output, about 2 N d_out elements of traffic,
 the merged one the build of W0 + sBA, about 4 d_in d_out (copy W0, then a GEMM that reads and
 writes it); so the forward merges when N > 2 d_in. Backward likewise with the (N, d_in) input
 gradient: it merges when N > 2 d_out. Long training batches merge the wide layers in the direction
-where that pays; short ones (generation, small batches) never merge. ``MERGE_RATIO`` scales both
-thresholds (0: always merge, infinity: never), for benchmarks.
+where that pays; short ones (generation, small batches) never merge. ``tuning.MERGE_RATIO``
+scales both thresholds (0: always merge, infinity: never), for benchmarks.
 
 DoRA counts the same way (``dora_merge_directions``): factored, it also scales the (N, d_out)
 output (backward: the gradient) by c and reads W0 once for the factored norm; merged, its build
@@ -33,11 +34,10 @@ shape still plans from its N).
 
 from __future__ import annotations
 
-import inspect
-import re
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-from torch import nn
 
 try:  # torch >= 2.13: a symbolic size's hint, without a guard
     from torch.fx.experimental.symbolic_shapes import optimization_hint
@@ -49,13 +49,29 @@ except ImportError:  # a torch too old for it: the comparison guards, and compil
     def statically_known_true(condition) -> bool:
         return bool(condition)
 
-from . import triton_merge
+from . import triton_merge, tuning
 from .dora_linear import DoraLinearFunction
 from .lora_linear import LoraLinearFunction
 from .projection import Projection
 
-# Multiplies the break-even token counts of the docstring (benchmarks: bench/train_step.py).
-MERGE_RATIO = 1.0
+
+class FusedOperands(NamedTuple):
+    """What a fused call of one linear layer computes with: out = x W0ᵀ + b + s (x_d Aᵀ) Bᵀ
+    (DoRA: rescaled per output row to the magnitude).
+
+    weight: W0 (d_out, d_in), frozen; bias: (d_out,) or None; A: (r, d_in); B: (d_out, r), both in
+    x's dtype except under autocast, where ``call_in_autocast_dtype`` casts everything; scaling: s;
+    magnitude: DoRA's m (d_out,) or None for LoRA; dropout: the active dropout that gives x_d from
+    x (a callable: it draws the mask from the same random stream as the reference path), or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    magnitude: torch.Tensor | None
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None
 
 
 def planned_tokens(x: torch.Tensor) -> int:
@@ -69,7 +85,8 @@ def planned_tokens(x: torch.Tensor) -> int:
 
 def merge_directions(tokens: int, d_in: int, d_out: int) -> tuple[bool, bool]:
     """(merge the forward, merge the backward) for a call with ``tokens`` rows."""
-    return tokens > MERGE_RATIO * 2 * d_in, tokens > MERGE_RATIO * 2 * d_out
+    ratio = tuning.MERGE_RATIO
+    return tokens > ratio * 2 * d_in, tokens > ratio * 2 * d_out
 
 
 def plan_directions(tokens: int, weight: torch.Tensor, magnitude: torch.Tensor | None) -> tuple[bool, bool]:
@@ -89,28 +106,13 @@ def dora_merge_directions(tokens: int, d_in: int, d_out: int, fused_build: bool)
     the merged weight comes from the Triton kernel (see the module docstring)."""
     # Passes over a (d_out, d_in) matrix per build: forward (with the norm), backward.
     forward_build, backward_build = (2, 2) if fused_build else (7, 6)
-    weight_elements = MERGE_RATIO * d_in * d_out
+    weight_elements = tuning.MERGE_RATIO * d_in * d_out
     return (4 * tokens * d_out > (forward_build - 1) * weight_elements,
             2 * tokens * (d_in + d_out) > backward_build * weight_elements)
 
 
-def forward_code(cls: type) -> str | None:
-    """``cls.forward``'s source without docstrings, comments and whitespace (None when it has no
-    readable source): how ``mlp_dispatch`` and ``sibling_dispatch`` recognise model code."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return None
-    source = re.sub(r'"""(?:.|\n)*?"""', "", source)
-    code = "".join(line.split("#")[0] for line in source.splitlines())
-    return "".join(code.split())
-
-
-def fused_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """``layer(x)`` through a fused function, or None when the reference path must run."""
-    operands = fusable_operands(layer, x)
-    if operands is None:
-        return None
+def fused_linear(x: torch.Tensor, operands: FusedOperands) -> torch.Tensor:
+    """The layer's output (..., d_out) for x (..., d_in) through a fused function."""
     weight, bias, A, B, scaling, magnitude, dropout = operands
     return call_in_autocast_dtype(_apply, (x, weight, bias, A, B), scaling, magnitude, dropout)
 
@@ -130,65 +132,17 @@ def call_in_autocast_dtype(function, tensors: tuple[torch.Tensor | None, ...], *
         return function(*cast, *extra)
 
 
-def fusable_projections(layers, x: torch.Tensor):
-    """(the ``Projection`` records, [weight, bias, A, B] of each layer in one list, the magnitudes)
-    when every layer's call on ``x`` is covered by the fused functions without dropout, else None:
-    what a function fusing several projections of one input (``gated_mlp.py``,
-    ``sibling_projections.py``) needs."""
+def projection_operands(x: torch.Tensor, operands: list[FusedOperands]):
+    """(the ``Projection`` records, [weight, bias, A, B] of each projection in one list, the
+    magnitudes): what a function fusing several projections of one input x (``gated_mlp.py``,
+    ``sibling_projections.py``) takes, for operands without dropout (dropout is per layer)."""
     tokens = planned_tokens(x)
     plans, linear_tensors, magnitudes = [], [], []
-    for layer in layers:
-        operands = fusable_operands(layer, x)
-        if operands is None or operands[6] is not None:  # dropout: per layer
-            return None
-        weight, bias, A, B, scaling, magnitude, _ = operands
+    for weight, bias, A, B, scaling, magnitude, _ in operands:
         plans.append(Projection(scaling, *plan_directions(tokens, weight, magnitude)))
         linear_tensors += [weight, bias, A, B]
         magnitudes.append(magnitude)
     return tuple(plans), linear_tensors, magnitudes
-
-
-def fusable_operands(layer, x: torch.Tensor):
-    """(weight, bias, A, B, scaling, magnitude or None, active dropout or None) when ``layer``'s
-    call on ``x`` is covered by the fused functions (see the module docstring), else None.
-    A and B come back in x's dtype, except under autocast, where the caller casts everything
-    (``call_in_autocast_dtype``)."""
-    # Runs on every call of every layer, so it reads the module's dicts directly: nn.Module's
-    # attribute lookup (and LoraLayer's fallback to the base layer) cost more host time than the
-    # rank-r GEMMs it guards (docs/benchmarks.md).
-    state = layer.__dict__
-    if not state.get("fast_path") or state["disabled"] or state["row_adapters"] is not None:
-        return None
-    modules = state["_modules"]
-    base = modules["base_layer"]
-    if type(base) is not nn.Linear:
-        return None
-    weight, bias = base._parameters["weight"], base._parameters["bias"]
-    active = state["active_adapters"]
-    if weight.requires_grad or len(active) != 1 or state["merged_adapters"]:
-        return None
-    name = active[0]
-    if name not in modules["lora_A"]._parameters:
-        return None
-    fused = state["variants"][name].fused_factors(layer, name)  # None: the variant has no fused form
-    if fused is None:
-        return None
-    A, B, scaling, magnitude = fused
-    dropout = modules["lora_dropout"]._modules[name]
-    dropout = dropout if type(dropout) is nn.Dropout and dropout.training and dropout.p > 0 else None
-    if magnitude is not None and dropout is not None:
-        return None
-    if torch.is_autocast_enabled(x.device.type):
-        return weight, bias, A, B, scaling, magnitude, dropout  # the caller casts (call_in_autocast_dtype)
-    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or A.dtype != B.dtype:
-        return None
-    if A.dtype != x.dtype:
-        if not (A.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
-            return None
-        # fp32 adapters on a half-precision base: computed in the base's dtype (as autocast would),
-        # their gradients summed back into fp32 by autograd.
-        A, B = A.to(x.dtype), B.to(x.dtype)
-    return weight, bias, A, B, scaling, magnitude, dropout
 
 
 def _apply(x, weight, bias, A, B, scaling, magnitude, dropout):

@@ -30,17 +30,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import triton_merge
+from . import triton_merge, tuning
 from .casting import as_dtype
-
-# Keep the forward's merged weight for a merged backward, LoRA's and DoRA's (False: build it
-# again; for benchmarks).
-KEEP_MERGED = True
 
 
 def kept_for_backward(merged: torch.Tensor | None, merge_backward: bool) -> torch.Tensor | None:
-    """The forward's merged weight if the backward will use it (``KEEP_MERGED``), else None."""
-    return merged if merge_backward and KEEP_MERGED else None
+    """The forward's merged weight if the backward will use it (``tuning.KEEP_MERGED``), else None."""
+    return merged if merge_backward and tuning.KEEP_MERGED else None
 
 
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,

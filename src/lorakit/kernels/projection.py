@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import tuning
 from .dora_linear import dora_backward, dora_forward
 from .lora_linear import kept_for_backward, lora_backward, lora_forward
 
@@ -53,15 +54,13 @@ def project_backward(grad, x2, xa, out, rescale, merged, weight, bias, A, B, mag
 # Projections of one input share two skinny GEMMs: x [A_1; ...; A_k]ᵀ in the forward and
 # [g_1 B_1 | ... | g_k B_k]ᵀ x for all ∂A in backward. Each reads the whole (N, d_in) input for
 # r output columns, so its time is the input's reading time: one GEMM instead of k saves k - 1
-# reads of x each way (and k - 1 kernel launches).
-
-# False: one GEMM per projection each way (for benchmarks: bench/kernel_ab.py).
-STACK = True
+# reads of x each way (and k - 1 kernel launches). ``tuning.STACK_PROJECTIONS`` False: one GEMM
+# per projection each way.
 
 
 def stacked_inputs(x2: torch.Tensor, As) -> list[torch.Tensor]:
     """[x A_iᵀ (N, r_i)] for x2 (N, d_in) and the A_i (r_i, d_in), from one GEMM (column views)."""
-    if not STACK:
+    if not tuning.STACK_PROJECTIONS:
         return [torch.nn.functional.linear(x2, A) for A in As]
     xa = torch.nn.functional.linear(x2, torch.cat(As))
     views, start = [], 0
@@ -74,9 +73,9 @@ def stacked_inputs(x2: torch.Tensor, As) -> list[torch.Tensor]:
 def stacked_gb_columns(x2: torch.Tensor, ranks: list[int],
                        wanted: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """An (N, Σ r_i) buffer and its column blocks (N, r_i), one per projection, for ``gb_columns``;
-    None and Nones when not stacking (``STACK`` off, or not ``wanted`` by the caller: some
+    None and Nones when not stacking (``tuning.STACK_PROJECTIONS`` off, or not ``wanted`` by the caller: some
     projection gets no ∂A)."""
-    if not (STACK and wanted):
+    if not (tuning.STACK_PROJECTIONS and wanted):
         return None, [None] * len(ranks)
     buffer = x2.new_empty(x2.shape[0], sum(ranks))
     return buffer, list(buffer.split(ranks, dim=1))

@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import torch
 
+from . import tuning
 from .triton_support import on_gpu_in_kernel_dtype, tl, triton
+
 # Tile of one loop iteration; the fastest of (64|128|256) x (16|32|64) on the H200 in bf16.
 BLOCK_COLS, BLOCK_ROWS = 64, 64
-ENABLED = True  # bench/kernel_ab.py switches it off for A/B runs
 
 
 def available(g: torch.Tensor) -> bool:
-    """True when the kernel should compute the column sums for ``g``: a CUDA tensor of a float
-    dtype, outside torch.compile. (Inductor fuses the torch expression's product and sum by
+    """True when the kernel should compute the column sums for ``g``: ``tuning.TRITON_COLSUM`` on,
+    a CUDA tensor of a float dtype, outside torch.compile. (Inductor fuses the torch expression's product and sum by
     itself, and writing ``_LAUNCH_SHAPES`` while dynamo traces DoRA's autograd.Function breaks
     the graph in every DoRA layer.)"""
-    return ENABLED and not torch.compiler.is_compiling() and on_gpu_in_kernel_dtype(g)
+    return tuning.TRITON_COLSUM and not torch.compiler.is_compiling() and on_gpu_in_kernel_dtype(g)
 
 
 _LAUNCH_SHAPES: dict[tuple[int, int, torch.device], tuple[int, int]] = {}

@@ -11,11 +11,11 @@ as the norm of a row must be known before the row is written). The rank-r produc
 
 On a GPU the kernels build every DoRA weight: there one kernel replaces a copy, a GEMM, a norm
 and a row scaling whose broadcast multiply torch runs unvectorised. For plain LoRA they build the
-large weights only (``LARGE_LORA_BUILD`` elements and more: an MLP's projections), where they
+large weights only (``tuning.LARGE_LORA_BUILD`` elements and more: an MLP's projections), where they
 replace a copy and a GEMM with K = r that cuBLAS runs at about half the memory bandwidth. A
 Triton launch costs more Python time than an aten call, and a LoRA step's forward is host-bound
 on slower hosts, so the small builds (attention's, little GPU time to gain) stay with torch (the
-measurements: docs/benchmarks.md). ``LORAKIT_TRITON_MERGE=1`` uses the kernels for every build,
+measurements: docs/benchmarks.md). ``LORAKIT_TRITON_MERGE=1`` (``tuning.TRITON_MERGE``) uses the kernels for every build,
 ``=0`` for none. Everything else (CPU tensors, no Triton, other dtypes) takes the torch
 expression, which computes the same values. The CPU tests run the kernels in Triton's
 interpreter (``TRITON_INTERPRET=1``).
@@ -23,22 +23,19 @@ interpreter (``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from . import tuning
 from .casting import as_dtype
 
 from .triton_support import on_gpu_in_kernel_dtype, tl, triton
-# "auto": DoRA's builds and LoRA's large ones (the default); "1": every build; "0": none.
-MODE = os.environ.get("LORAKIT_TRITON_MERGE", "auto")
-LARGE_LORA_BUILD = 2**23  # elements; 8192 × 2048 and larger (see the docstring)
 
 
 def available(weight: torch.Tensor, dora: bool) -> bool:
     """True when the kernels should build the merged weight for ``weight``: a GPU tensor of a
-    kernel dtype, Triton importable, and ``MODE`` covering this build (see the docstring)."""
-    wanted = MODE == "1" or (MODE == "auto" and (dora or weight.numel() >= LARGE_LORA_BUILD))
+    kernel dtype, Triton importable, and ``tuning.TRITON_MERGE`` covering this build (see the docstring)."""
+    mode = tuning.TRITON_MERGE
+    wanted = mode == "1" or (mode == "auto" and (dora or weight.numel() >= tuning.LARGE_LORA_BUILD))
     return wanted and on_gpu_in_kernel_dtype(weight)
 
 

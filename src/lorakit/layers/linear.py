@@ -4,6 +4,10 @@
 
 ``Conv1D`` stores its weight as (d_in, d_out) and computes ``x @ W + b``; the adapter is the same
 (A, B) pair, only the dense update is transposed when merged ("fan_in_fan_out" in PEFT's terms).
+
+``forward`` is the one place that chooses between the reference formula (``LoraLayer.forward``)
+and the fused functions of ``kernels/``: ``fused_operands`` says whether a call is covered and
+hands the kernels its tensors.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import fused_forward
+from ..kernels import FusedOperands, fused_linear
 from .base import LoraLayer
 
 
@@ -33,14 +37,58 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.fast_path and not args and not kwargs:
-            # q, k and v of one attention module share a fused call (kernels/sibling_dispatch.py).
+            # q, k and v of one attention module share a fused call (patching/attention_siblings.py).
             siblings = self.__dict__.get("siblings")
             out = siblings.output(self, x) if siblings is not None else None
-            if out is None:
-                out = fused_forward(self, x)
             if out is not None:
                 return out
+            operands = self.fused_operands(x)
+            if operands is not None:
+                return fused_linear(x, operands)
         return super().forward(x, *args, **kwargs)
+
+    def fused_operands(self, x: torch.Tensor) -> FusedOperands | None:
+        """The tensors of this call on x (..., d_in) for the fused functions, or None when the call
+        is not covered (see ``kernels/dispatch.py``) and the reference forward must run. A and B
+        come back in x's dtype, except under autocast, where the kernels cast everything."""
+        # Runs on every call of every layer, so it reads the module's dicts directly: nn.Module's
+        # attribute lookup (and LoraLayer's fallback to the base layer) cost more host time than
+        # the rank-r GEMMs it guards (docs/benchmarks.md).
+        state = self.__dict__
+        if not state.get("fast_path") or state["disabled"] or state["row_adapters"] is not None:
+            return None
+        modules = state["_modules"]
+        base = modules["base_layer"]
+        if type(base) is not nn.Linear:
+            return None
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        active = state["active_adapters"]
+        if weight.requires_grad or len(active) != 1 or state["merged_adapters"]:
+            return None
+        name = active[0]
+        if name not in modules["lora_A"]._parameters:
+            return None
+        dropout = modules["lora_dropout"]._modules[name]
+        dropout = dropout if type(dropout) is nn.Dropout and dropout.training and dropout.p > 0 else None
+        # What the adapter's variant computes on the fused path: None keeps it on the reference
+        # path (VeRA); DoRA adds its magnitude, AdaLoRA and nested ranks derive A and B.
+        fused = state["variants"][name].fused_factors(self, name)
+        if fused is None:
+            return None
+        A, B, scaling, magnitude = fused
+        if magnitude is not None and dropout is not None:
+            return None  # the fused function with a magnitude (DoRA's) has no dropout
+        if torch.is_autocast_enabled(x.device.type):
+            return FusedOperands(weight, bias, A, B, scaling, magnitude, dropout)  # the kernels cast
+        if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype) or A.dtype != B.dtype:
+            return None
+        if A.dtype != x.dtype:
+            if not (A.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)):
+                return None
+            # fp32 adapters on a half-precision base: computed in the base's dtype (as autocast
+            # would), their gradients summed back into fp32 by autograd.
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        return FusedOperands(weight, bias, A, B, scaling, magnitude, dropout)
 
     @property
     def in_dim(self) -> int:

@@ -1,4 +1,5 @@
-"""Routing gated MLPs (``down(act(gate(x)) * up(x))``) through `GatedMlpFunction`.
+"""Routing gated MLPs (``down(act(gate(x)) * up(x))``) through `GatedMlpFunction`
+(``kernels/gated_mlp.py``).
 
 lorakit changes layers, not model code, so the fused MLP is attached per module instance: an
 MLP module whose class's ``forward`` is exactly the gated-MLP line that Llama, Mistral, Qwen,
@@ -16,8 +17,9 @@ import functools
 import torch
 from torch import nn
 
-from .dispatch import call_in_autocast_dtype, forward_code, fusable_projections
-from .gated_mlp import GatedMlpFunction
+from ..kernels.dispatch import call_in_autocast_dtype
+from ..kernels.gated_mlp import GatedMlpFunction
+from .model_code import forward_code, fusable_projections
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
 _FORMS = (f"defforward(self,x):down_proj={_EXPRESSION}returndown_proj", f"defforward(self,x):return{_EXPRESSION}")

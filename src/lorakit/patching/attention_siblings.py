@@ -1,4 +1,5 @@
-"""Routing an attention module's q, k and v projections through `SiblingProjectionsFunction`.
+"""Routing an attention module's q, k and v projections through `SiblingProjectionsFunction`
+(``kernels/sibling_projections.py``).
 
 Attention code calls ``self.q_proj(hidden_states)``, ``self.k_proj(hidden_states)`` and
 ``self.v_proj(hidden_states)`` one after another (Llama, Mistral, Qwen, Gemma, Granite, OLMo
@@ -6,10 +7,11 @@ and most other transformers models). lorakit changes layers, not model code, so 
 layers of such a module share a `SiblingProjections` record: the first of them called computes
 all three outputs in one fused call and keeps the other two, and each sibling called next with
 the very same input tensor, unchanged since (``_version``), returns its kept output. Any other
-call (another input, an input changed in place, a sibling with a forward pre-hook that might
-change its input, torch.compile, a layer that cannot take the fused path) drops what is kept and
-runs as a single layer, so the values are always those of separate layers; only the work is
-shared. Modules are recognised by their class's code, not by name.
+call (another input, an input changed in place, an inference tensor, which has no ``_version``,
+a sibling with a forward pre-hook that might change its input, torch.compile, a layer that
+cannot take the fused path) drops what is kept and runs as a single layer, so the values are
+always those of separate layers; only the work is shared. Modules are recognised by their
+class's code, not by name.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import functools
 import torch
 from torch import nn
 
-from .dispatch import call_in_autocast_dtype, forward_code, fusable_projections
-from .sibling_projections import SiblingProjectionsFunction
+from ..kernels.dispatch import call_in_autocast_dtype
+from ..kernels.sibling_projections import SiblingProjectionsFunction
+from .model_code import forward_code, fusable_projections
 
 SIBLINGS = ("q_proj", "k_proj", "v_proj")
 
@@ -66,6 +69,11 @@ class SiblingProjections:
         if kept is not None and kept[0] is x and kept[1] == x._version:
             return kept[2]
         self.kept.clear()  # a new input: whatever was kept is stale
+        if x.is_inference():
+            # An inference tensor (made under torch.inference_mode) has no version counter, and
+            # inside inference mode it can still be changed in place: nothing would tell a kept
+            # output from a stale one, so each projection runs alone (still fused).
+            return None
         if any(sibling._forward_pre_hooks for sibling in self.layers):
             return None  # a pre-hook may give a sibling another input
         fusable = fusable_projections(self.layers, x)

@@ -1,0 +1,45 @@
+"""The fast path's tuning knobs, in one place.
+
+Each knob picks between computations that give the same values; only speed and memory change.
+The kernels read them as attributes of this module at every call (``tuning.MERGE_RATIO``), so a
+benchmark or a test sets one for a run with ``tuning.MERGE_RATIO = ...`` (or pytest's
+``monkeypatch.setattr(tuning, "MERGE_RATIO", ...)``) and it takes effect at the next call. Their
+effects are measured in docs/benchmarks.md and compared with ``bench/kernel_ab.py``. A Triton
+kernel's tile sizes stay beside the kernel, whose code they are tuned with.
+"""
+
+from __future__ import annotations
+
+import os
+
+MERGE_RATIO = 1.0
+"""Scales the token counts beyond which a fused call multiplies by the merged weight W0 + sBA
+instead of adding the low-rank term to the output (``dispatch.py``'s docstring: forward from
+N > 2 d_in, backward from N > 2 d_out, DoRA's own counts). It trades the (d_out, d_in) build of
+the merged weight against traffic over the (N, d) activations. 0: always merge; ``float("inf")``:
+never (``bench/train_step.py --merge-ratio``)."""
+
+KEEP_MERGED = True
+"""Keep a merged forward's W0 + sBA for a merged backward (LoRA and DoRA, ``lora_linear.py``):
+one weight-sized matrix per such layer held between the passes, for two to four fewer passes
+over it. False: build it again in backward."""
+
+STACK_PROJECTIONS = True
+"""Projections of one input (q/k/v, the MLP's gate and up) share one x·Aᵀ GEMM in forward and one
+∂A GEMM in backward with their A stacked (``projection.py``): each skinny GEMM costs a read of x
+whatever its rank. False: one GEMM per projection each way."""
+
+TRITON_MERGE = os.environ.get("LORAKIT_TRITON_MERGE", "auto")
+"""Which merged-weight builds take the Triton kernel on a GPU (``triton_merge.py``): "auto" (the
+default) DoRA's builds and LoRA's large ones (``LARGE_LORA_BUILD``), "1" every build, "0" none.
+It trades a Triton launch's host time against passes over W0. Read from the environment variable
+``LORAKIT_TRITON_MERGE`` when lorakit is imported."""
+
+LARGE_LORA_BUILD = 2**23
+"""Elements of a plain LoRA weight (8192 × 2048 and up: an MLP's projections) from which "auto"
+builds W0 + sBA with the Triton kernel: below it a Triton launch costs more host time than the
+GPU time it saves over torch's copy and K = r GEMM."""
+
+TRITON_COLSUM = True
+"""DoRA's magnitude gradient Σ g ⊙ out by the Triton column-sum kernel on a GPU
+(``triton_colsum.py``; one pass over g and out). False: the torch expression."""
