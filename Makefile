@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 
-.PHONY: test demo venv clean
+.PHONY: test lint format demo venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,17 @@ endif
 
 venv: $(VENV)/.installed
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed lint
 	$(PY) -m pytest -q
+
+# Lint and format check (ruff; settings in pyproject.toml). `make format` rewrites the files.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check src tests bench scripts
+	$(PY) -m ruff format --check src tests bench scripts
+
+format: $(VENV)/.installed
+	$(PY) -m ruff format src tests bench scripts
+	$(PY) -m ruff check --fix src tests bench scripts
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/lorakit demo

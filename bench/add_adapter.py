@@ -18,8 +18,14 @@ import time
 import torch
 
 # Llama-3-8B: hidden 4096, intermediate 14336, 32 layers, 32/8 heads, vocab 128256.
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256)
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
 CASES = ("lorakit-lora", "peft-lora", "lorakit-dora", "peft-dora")
 
 

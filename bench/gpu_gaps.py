@@ -21,7 +21,6 @@ import tempfile
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
 from train_step import CASES, PRESETS, make_step
 
 PHASES = ("forward", "backward", "optimizer")
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         for phase in PHASES:
             busy, idle, count = phases[phase]
             print(f"| {case} | {phase} | {busy / 1e3:.1f} ms | {idle / 1e3:.2f} ms | {count} |")
-        listings.append((case, sorted(gaps, reverse=True)[:args.gaps]))
+        listings.append((case, sorted(gaps, reverse=True)[: args.gaps]))
     for case, longest in listings:
         print(f"\n{case}: longest gaps (µs, phase, the kernel before -> the kernel after)")
         for gap, phase, before, after in longest:
@@ -64,10 +63,16 @@ def idle_by_phase(prof) -> tuple[dict[str, list[float]], list[tuple[float, str, 
         prof.export_chrome_trace(path)
         with open(path) as handle:
             events = json.load(handle)["traceEvents"]
-    ranges = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
-              if e.get("cat") == "user_annotation" and e.get("name") in PHASES]
-    launches = {e["args"]["correlation"]: e["ts"] for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    ranges = [
+        (e["ts"], e["ts"] + e["dur"], e["name"])
+        for e in events
+        if e.get("cat") == "user_annotation" and e.get("name") in PHASES
+    ]
+    launches = {
+        e["args"]["correlation"]: e["ts"]
+        for e in events
+        if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})
+    }
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATEGORIES), key=lambda e: e["ts"])
     phases = {phase: [0.0, 0.0, 0] for phase in PHASES}
     gaps, previous = [], None

@@ -16,7 +16,6 @@ import pstats
 import sys
 
 import torch
-
 from train_step import CASES, PRESETS, make_step
 
 

@@ -21,10 +21,10 @@ import sys
 import time
 
 import torch
+from train_step import PRESETS, make_step
 
 from lorakit.kernels import dora_linear, dora_norm, triton_swiglu, tuning
 from lorakit.patching import attention_siblings, gated_mlp
-from train_step import PRESETS, make_step
 
 # Gated MLPs run layer by layer (the fused MLP function declines every call).
 LAYERWISE_MLP = [(gated_mlp, "fused_mlp_forward", lambda mlp, x: None)]
@@ -171,8 +171,16 @@ def measure_interleaved(names: list[str], preset: dict, device: str, warmup: int
     rounds = [statistics.median(w / f for (w, _), (f, _) in zip(r, samples[0])) for r in samples]
     # The best step is the other figure a shared machine cannot inflate: its neighbours and CPU
     # steal only ever add time, so the fastest of many steps is the closest to the code's own cost.
-    return [(statistics.median(w for w, _ in r), statistics.median(h for _, h in r), float("nan"), per_round,
-             min(w for w, _ in r)) for r, per_round in zip(samples, rounds)]
+    return [
+        (
+            statistics.median(w for w, _ in r),
+            statistics.median(h for _, h in r),
+            float("nan"),
+            per_round,
+            min(w for w, _ in r),
+        )
+        for r, per_round in zip(samples, rounds)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,10 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=PRESETS, default=None)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--interleave", action="store_true",
-                        help="build every variant first, then run one step of each in turn (no peak memory)")
-    parser.add_argument("--head-start", type=float, default=0.0, metavar="MS",
-                        help="queue MS of GPU sleep before each step and time the step's GPU work alone")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="build every variant first, then run one step of each in turn (no peak memory)",
+    )
+    parser.add_argument(
+        "--head-start",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="queue MS of GPU sleep before each step and time the step's GPU work alone",
+    )
     args = parser.parse_args(argv)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -201,13 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(name, *result) for name, result in zip(names, results)]
     first = rows[0][1]
     best_first = rows[0][5] if args.interleave else None
-    print("| variant | wall | × first | × first, per round | best, × first | host | peak memory |\n"
-          "|---|---|---|---|---|---|---|")
+    print(
+        "| variant | wall | × first | × first, per round | best, × first | host | peak memory |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for name, wall, host, peak, *interleaved in rows:
         memory = "—" if peak != peak else f"{peak:.1f} GiB"  # nan: not measured (interleaved, CPU)
-        paired, best = (f"{interleaved[0]:.3f}", f"{interleaved[1] * 1e3:.1f} ms, {interleaved[1] / best_first:.3f}"
-                        ) if interleaved else ("—", "—")  # interleaved runs only
-        print(f"| {name} | {wall * 1e3:.1f} ms | {wall / first:.3f} | {paired} | {best} | {host * 1e3:.1f} ms | {memory} |")
+        paired, best = (
+            (f"{interleaved[0]:.3f}", f"{interleaved[1] * 1e3:.1f} ms, {interleaved[1] / best_first:.3f}")
+            if interleaved
+            else ("—", "—")
+        )  # interleaved runs only
+        print(
+            f"| {name} | {wall * 1e3:.1f} ms | {wall / first:.3f} | {paired} | {best} | "
+            f"{host * 1e3:.1f} ms | {memory} |"
+        )
     return 0
 
 

@@ -33,7 +33,7 @@ def layer(d_out: int, d_in: int, flat: bool) -> nn.Module:
         V = torch.linalg.qr(torch.randn(d_in, 64)).Q
         # The bulk's largest singular value is about std (√d_out + √d_in); the added directions
         # stand 9× to ~1.1× above it, as a trained weight's leading directions stand above its noise.
-        edge = model.proj.weight.std().item() * (d_out ** 0.5 + d_in ** 0.5)
+        edge = model.proj.weight.std().item() * (d_out**0.5 + d_in**0.5)
         strength = edge * (1 + 8 * 0.85 ** torch.arange(64.0))
         with torch.no_grad():
             model.proj.weight.add_((U * strength) @ V.T)
@@ -50,8 +50,9 @@ def initial_update(case: str, model: nn.Module, r: int) -> torch.Tensor:
         return model.proj.delta_weight("default").detach()
     import peft
 
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=r, target_modules=["proj"],
-                                                         init_lora_weights=init))
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=r, lora_alpha=r, target_modules=["proj"], init_lora_weights=init)
+    )
     proj = wrapped.base_model.model.proj
     return proj.get_delta_weight("default").detach()
 
@@ -69,14 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown cases {unknown}")
     import lorakit  # noqa: F401  (imports outside the timed part)
+
     if any(c.startswith("peft-") for c in cases):
         import peft  # noqa: F401
     weight = layer(args.d_out, args.d_in, args.flat).proj.weight.detach().double()
     U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-    top = (U[:, :args.r] * S[:args.r]) @ Vh[:args.r]
+    top = (U[:, : args.r] * S[: args.r]) @ Vh[: args.r]
     spectrum = "flat" if args.flat else "decaying"
-    print(f"# {args.d_out}x{args.d_in} fp32 ({spectrum} spectrum), r {args.r}, "
-          f"CPU x{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"# {args.d_out}x{args.d_in} fp32 ({spectrum} spectrum), r {args.r}, "
+        f"CPU x{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print("\n| case | time | relative distance from the exact top-r part |\n|---|---|---|")
     for case in cases:
         model = layer(args.d_out, args.d_in, args.flat)

@@ -14,7 +14,6 @@ import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-
 from train_step import CASES, PRESETS, make_step
 
 
@@ -42,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         del step
     first, *others = args.cases
     for case in others:
-        diff = {k: totals[case].get(k, (0, 0))[0] - totals[first].get(k, (0, 0))[0] for k in {*totals[case], *totals[first]}}
-        print(f"===== {case} vs {first}: {sum(t for t, _ in totals[case].values()) / 1e3:.1f} ms vs "
-              f"{sum(t for t, _ in totals[first].values()) / 1e3:.1f} ms of kernel time")
-        for name in sorted(diff, key=lambda k: -abs(diff[k]))[:args.rows]:
+        diff = {
+            k: totals[case].get(k, (0, 0))[0] - totals[first].get(k, (0, 0))[0] for k in {*totals[case], *totals[first]}
+        }
+        print(
+            f"===== {case} vs {first}: {sum(t for t, _ in totals[case].values()) / 1e3:.1f} ms vs "
+            f"{sum(t for t, _ in totals[first].values()) / 1e3:.1f} ms of kernel time"
+        )
+        for name in sorted(diff, key=lambda k: -abs(diff[k]))[: args.rows]:
             calls = totals[case].get(name, (0, 0))[1] - totals[first].get(name, (0, 0))[1]
             print(f"  {diff[name] / 1e3:+8.2f} ms  {calls:+5d} calls  {name[:110]}")
     return 0

@@ -70,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             "∂B = (xAᵀ)ᵀ g": (lambda: xa.t() @ g, g.numel()),
             "∂B as gᵀ (xAᵀ)": (lambda: g.t() @ xa, g.numel()),
             "x [A; A; A]ᵀ (3 stacked)": (lambda: x @ A3.t(), x.numel()),
-            "s g B into a row block": (lambda: torch.addmm(empty, B.t(), g.t(), beta=0, alpha=2.0, out=rows[:r]),
-                                       g.numel()),
-            "s g B into a column block": (lambda: torch.addmm(empty, g, B, beta=0, alpha=2.0, out=columns[:, :r]),
-                                          g.numel()),
+            "s g B into a row block": (
+                lambda: torch.addmm(empty, B.t(), g.t(), beta=0, alpha=2.0, out=rows[:r]),
+                g.numel(),
+            ),
+            "s g B into a column block": (
+                lambda: torch.addmm(empty, g, B, beta=0, alpha=2.0, out=columns[:, :r]),
+                g.numel(),
+            ),
             "3 ∂A from the row buffer": (lambda: rows @ x, x.numel()),
             "3 ∂A from the column buffer": (lambda: columns.t() @ x, x.numel()),
             "W0 + s B A (addmm)": (lambda: torch.addmm(W0, B, A), 2 * W0.numel()),

@@ -27,23 +27,69 @@ import torch
 
 PRESETS = {
     # SmolLM2-135M: 30 layers, hidden 576, 9/3 heads, vocab 49152.
-    "smollm2-135m": dict(model=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-                         batch=8, seq=64, dtype="float32"),
+    "smollm2-135m": dict(
+        model=dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        ),
+        batch=8,
+        seq=64,
+        dtype="float32",
+    ),
     # The 1.2B Llama shape of the fast-training issue: hidden 2048, 16 layers, 32/8 heads, vocab 128256.
-    "llama-1b": dict(model=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-                     batch=4, seq=2048, dtype="bfloat16"),
+    "llama-1b": dict(
+        model=dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+        ),
+        batch=4,
+        seq=2048,
+        dtype="bfloat16",
+    ),
     # A mixture-of-experts Mixtral shape (transformers 5: experts as stacked 3-D parameters); all-linear
     # there is attention only, the experts need target_parameters.
-    "moe": dict(arch="mixtral", model=dict(hidden_size=2048, intermediate_size=1024, num_hidden_layers=8,
-                                           num_attention_heads=16, num_key_value_heads=4, num_local_experts=32,
-                                           num_experts_per_tok=4, vocab_size=32000),
-                batch=4, seq=2048, dtype="bfloat16"),
-    "moe-small": dict(arch="mixtral", model=dict(hidden_size=256, intermediate_size=128, num_hidden_layers=4,
-                                                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                                                 num_experts_per_tok=2, vocab_size=4096),
-                      batch=8, seq=64, dtype="float32"),
+    "moe": dict(
+        arch="mixtral",
+        model=dict(
+            hidden_size=2048,
+            intermediate_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+            vocab_size=32000,
+        ),
+        batch=4,
+        seq=2048,
+        dtype="bfloat16",
+    ),
+    "moe-small": dict(
+        arch="mixtral",
+        model=dict(
+            hidden_size=256,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            vocab_size=4096,
+        ),
+        batch=8,
+        seq=64,
+        dtype="float32",
+    ),
 }
 EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 # The experts cases name attention's projections: PEFT reads "all-linear" on a transformers-5 MoE model as
@@ -75,9 +121,22 @@ CASES = {
     "peft-experts-bf16": "PEFT LoRA r16 attention + every expert, adapters in the base dtype",
 }
 # The default set: the fast-training issue's rows, for lorakit and PEFT.
-DEFAULT_CASES = ["frozen", "lorakit-lora", "lorakit-lora-fp32", "lorakit-lora-qv", "lorakit-lora-reference",
-                 "peft-lora", "peft-lora-bf16", "peft-lora-qv", "lorakit-dora", "lorakit-dora-fp32",
-                 "lorakit-dora-reference", "peft-dora", "peft-dora-bf16", "full"]
+DEFAULT_CASES = [
+    "frozen",
+    "lorakit-lora",
+    "lorakit-lora-fp32",
+    "lorakit-lora-qv",
+    "lorakit-lora-reference",
+    "peft-lora",
+    "peft-lora-bf16",
+    "peft-lora-qv",
+    "lorakit-dora",
+    "lorakit-dora-fp32",
+    "lorakit-dora-reference",
+    "peft-dora",
+    "peft-dora-bf16",
+    "full",
+]
 
 
 @dataclass
@@ -93,8 +152,9 @@ def build_model(preset: dict, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config_class, model_class = ((MixtralConfig, MixtralForCausalLM) if preset.get("arch") == "mixtral"
-                                 else (LlamaConfig, LlamaForCausalLM))
+    config_class, model_class = (
+        (MixtralConfig, MixtralForCausalLM) if preset.get("arch") == "mixtral" else (LlamaConfig, LlamaForCausalLM)
+    )
     config = config_class(**preset["model"], attn_implementation="sdpa")
     with torch.device(device):
         model = model_class(config)
@@ -122,19 +182,33 @@ def prepare(case: str, model):
 
         variant, _, option = case.removeprefix("peft-").partition("-")
         targets = ["q_proj", "v_proj"] if option == "qv" else ATTENTION if variant == "experts" else "all-linear"
-        config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets, use_dora=variant == "dora",
-                                 target_parameters=EXPERT_PARAMETERS if variant == "experts" else None)
+        config = peft.LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=targets,
+            use_dora=variant == "dora",
+            target_parameters=EXPERT_PARAMETERS if variant == "experts" else None,
+        )
         # PEFT casts adapters to fp32 unless told not to.
         return peft.get_peft_model(model, config, autocast_adapter_dtype=option != "bf16")
     variant = case.removeprefix("lorakit-")
     options = {}
-    for suffix, option in (("-fp32", {"adapter_dtype": "float32"}), ("-qv", {"target_modules": ["q_proj", "v_proj"]}),
-                           ("-reference", {})):
+    for suffix, option in (
+        ("-fp32", {"adapter_dtype": "float32"}),
+        ("-qv", {"target_modules": ["q_proj", "v_proj"]}),
+        ("-reference", {}),
+    ):
         if variant.endswith(suffix):
             variant = variant.removesuffix(suffix)
             options.update(option)
-    flags = {"lora": {}, "dora": {"use_dora": True}, "lora-fa": {"lora_fa": True}, "dylora": {"dylora": True},
-             "adalora": {"adalora": True}, "experts": {"target_parameters": EXPERT_PARAMETERS, "target_modules": ATTENTION}}[variant]
+    flags = {
+        "lora": {},
+        "dora": {"use_dora": True},
+        "lora-fa": {"lora_fa": True},
+        "dylora": {"dylora": True},
+        "adalora": {"adalora": True},
+        "experts": {"target_parameters": EXPERT_PARAMETERS, "target_modules": ATTENTION},
+    }[variant]
     config = {"r": 16, "alpha": 32, "target_modules": "all-linear", **flags, **options}
     lorakit.add_adapter(model, lorakit.LoraConfig(**config))
     lorakit.set_fast_path(model, not case.endswith("-reference"))
@@ -195,8 +269,9 @@ def timed(step, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fused: bool,
-             compiled: bool = False) -> Measurement:
+def run_case(
+    case: str, preset: dict, device: str, warmup: int, steps: int, fused: bool, compiled: bool = False
+) -> Measurement:
     """One case on its own (peak memory is per case)."""
     step, trainable = make_step(case, preset, device, warmup + steps, fused, compiled)
     if device == "cuda":
@@ -210,8 +285,9 @@ def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, fuse
     return Measurement(case, statistics.median(times), times, trainable, peak)
 
 
-def run_interleaved(cases: list[str], preset: dict, device: str, warmup: int, steps: int,
-                    fused: bool, compiled: bool = False) -> list[Measurement]:
+def run_interleaved(
+    cases: list[str], preset: dict, device: str, warmup: int, steps: int, fused: bool, compiled: bool = False
+) -> list[Measurement]:
     """All cases' models at once, one step of each in turn: a machine whose speed drifts (shared
     CPU cores) slows every case alike, so the ratios stay meaningful. No peak memory."""
     built = [make_step(case, preset, device, warmup + steps, fused, compiled) for case in cases]
@@ -221,14 +297,20 @@ def run_interleaved(cases: list[str], preset: dict, device: str, warmup: int, st
             elapsed = timed(step, device)
             if i >= warmup:
                 record.append(elapsed)
-    return [Measurement(case, statistics.median(t), t, trainable, None)
-            for case, (_, trainable), t in zip(cases, built, times)]
+    return [
+        Measurement(case, statistics.median(t), t, trainable, None)
+        for case, (_, trainable), t in zip(cases, built, times)
+    ]
 
 
 def versions() -> str:
     import transformers
 
-    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    parts = [
+        f"python {platform.python_version()}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+    ]
     try:
         import peft
 
@@ -247,14 +329,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", help="also write the measurements to this file")
-    parser.add_argument("--merge-ratio", type=float, default=None,
-                        help="override lorakit.kernels.tuning.MERGE_RATIO (0: always merged, inf: never)")
-    parser.add_argument("--interleave", action="store_true",
-                        help="build every case first and alternate their steps (for noisy CPUs; no peak memory)")
-    parser.add_argument("--optimizer", choices=("fused", "foreach"), default="fused",
-                        help="AdamW implementation, the same for every case (default: fused)")
-    parser.add_argument("--compile", action="store_true",
-                        help="every case's forward through torch.compile (inductor); keep --warmup >= 1 for the compile")
+    parser.add_argument(
+        "--merge-ratio",
+        type=float,
+        default=None,
+        help="override lorakit.kernels.tuning.MERGE_RATIO (0: always merged, inf: never)",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="build every case first and alternate their steps (for noisy CPUs; no peak memory)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("fused", "foreach"),
+        default="fused",
+        help="AdamW implementation, the same for every case (default: fused)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="every case's forward through torch.compile (inductor); keep --warmup >= 1 for the compile",
+    )
     args = parser.parse_args(argv)
     if args.merge_ratio is not None:
         from lorakit.kernels import tuning
@@ -269,37 +365,54 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown cases {unknown}")
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"# {preset_name}, {preset['dtype']}, batch {preset['batch']}x{preset['seq']}, {device_name}; "
-          f"AdamW ({args.optimizer}){'; torch.compile' if args.compile else ''}; {versions()}", flush=True)
+    print(
+        f"# {preset_name}, {preset['dtype']}, batch {preset['batch']}x{preset['seq']}, {device_name}; "
+        f"AdamW ({args.optimizer}){'; torch.compile' if args.compile else ''}; {versions()}",
+        flush=True,
+    )
     if args.interleave:
-        results = run_interleaved(cases, preset, args.device, args.warmup, args.steps, args.optimizer == "fused",
-                                  args.compile)
+        results = run_interleaved(
+            cases, preset, args.device, args.warmup, args.steps, args.optimizer == "fused", args.compile
+        )
     else:
         results = []
         for case in cases:
-            results.append(run_case(case, preset, args.device, args.warmup, args.steps, args.optimizer == "fused",
-                                    args.compile))
+            results.append(
+                run_case(case, preset, args.device, args.warmup, args.steps, args.optimizer == "fused", args.compile)
+            )
             print(f"  {case}: median {results[-1].median_s * 1000:.0f} ms", file=sys.stderr, flush=True)
     frozen = next((m for m in results if m.case == "frozen"), None)
     # Interleaved, step i of every case ran back to back: the median of those per-round ratios
     # is the figure least moved by a machine whose speed drifts over seconds.
     # The best step too: a shared machine's neighbours only ever add time.
     paired = args.interleave and frozen is not None
-    print("\n| case | step | x frozen | trainable params | peak memory |"
-          + (" x frozen, per round | best step, x frozen |" if paired else ""))
+    print(
+        "\n| case | step | x frozen | trainable params | peak memory |"
+        + (" x frozen, per round | best step, x frozen |" if paired else "")
+    )
     print("|---|---|---|---|---|" + ("---|---|" if paired else ""))
     for m in results:
         ratio = f"{m.median_s / frozen.median_s:.2f}" if frozen else "-"
         peak = f"{m.peak_gib:.1f} GiB" if m.peak_gib is not None else "-"
         row = f"| {CASES[m.case]} | {m.median_s * 1000:.0f} ms | {ratio} | {m.trainable:,} | {peak} |"
         if paired:
-            row += (f" {statistics.median(t / f for t, f in zip(m.steps, frozen.steps)):.2f} |"
-                    f" {min(m.steps) * 1000:.0f} ms, {min(m.steps) / min(frozen.steps):.2f} |")
+            row += (
+                f" {statistics.median(t / f for t, f in zip(m.steps, frozen.steps)):.2f} |"
+                f" {min(m.steps) * 1000:.0f} ms, {min(m.steps) / min(frozen.steps):.2f} |"
+            )
         print(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": preset_name, "device": device_name, "versions": versions(),
-                       "results": [vars(m) for m in results]}, f, indent=2)
+            json.dump(
+                {
+                    "preset": preset_name,
+                    "device": device_name,
+                    "versions": versions(),
+                    "results": [vars(m) for m in results],
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

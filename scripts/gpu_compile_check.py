@@ -25,12 +25,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_ddp_check import build_model  # noqa: E402
 
 
-def train(out: Path, data: dict, name: str, steps: int, device: str,
-          extra: list[str]) -> tuple[list[float], str, float]:
+def train(
+    out: Path, data: dict, name: str, steps: int, device: str, extra: list[str]
+) -> tuple[list[float], str, float]:
     """(logged losses, stderr, wall seconds) of one `lorakit train` run."""
-    cmd = [sys.executable, "-m", "lorakit", "-v", "train", "--model", str(out / "model"), "--data", str(data["train"]),
-           "--output-dir", str(out / name), "--max-steps", str(steps), "--batch-size", "8", "--lr", "3e-3",
-           "--device", device, "--dtype", "float32", "--seed", "0", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "-v",
+        "train",
+        "--model",
+        str(out / "model"),
+        "--data",
+        str(data["train"]),
+        "--output-dir",
+        str(out / name),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--device",
+        device,
+        "--dtype",
+        "float32",
+        "--seed",
+        "0",
+        *extra,
+    ]
     print(" ".join(cmd), flush=True)
     started = time.perf_counter()
     env = {**os.environ, "TORCH_LOGS": "recompiles,graph_breaks"}
@@ -57,14 +81,17 @@ def main() -> int:
     for variant in ("lora", "dora"):
         flags = ["--variant", variant]
         eager, _, eager_wall = train(args.out, data, f"{variant}-eager", args.steps, args.device, flags)
-        compiled, log, compiled_wall = train(args.out, data, f"{variant}-compiled", args.steps, args.device,
-                                             [*flags, "--compile"])
+        compiled, log, compiled_wall = train(
+            args.out, data, f"{variant}-compiled", args.steps, args.device, [*flags, "--compile"]
+        )
         recompiles = log.count("Recompiling function")
         breaks = [line for line in log.splitlines() if "Graph break" in line]
         drift = max(abs(a - b) / abs(b) for a, b in zip(compiled, eager))
-        print(f"{variant}: eager {eager_wall:.1f} s, compiled {compiled_wall:.1f} s, recompiles {recompiles}, "
-              f"graph breaks {len(breaks)}, largest relative loss difference {drift:.2e}, "
-              f"losses {eager[0]:.3f} -> {eager[-1]:.3f}")
+        print(
+            f"{variant}: eager {eager_wall:.1f} s, compiled {compiled_wall:.1f} s, recompiles {recompiles}, "
+            f"graph breaks {len(breaks)}, largest relative loss difference {drift:.2e}, "
+            f"losses {eager[0]:.3f} -> {eager[-1]:.3f}"
+        )
         if recompiles > 1:
             failures.append(f"{variant}: {recompiles} recompiles")
             print("\n".join(line for line in log.splitlines() if "recompiles" in line)[-4000:])

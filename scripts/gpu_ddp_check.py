@@ -19,8 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def build_model(directory: Path, corpus: list[str]) -> None:
@@ -30,13 +32,28 @@ def build_model(directory: Path, corpus: list[str]) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=1024, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"])
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(directory)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
@@ -54,10 +71,36 @@ def main() -> int:
     if args.single_gpu is not None:
         return check_single_gpu(args.out, data, args.single_gpu)
     run = args.out / "run"
-    cmd = ["accelerate", "launch", "--num_processes", str(args.processes), "--mixed_precision", "bf16", "-m", "lorakit",
-           "-v", "train", "--model", str(args.out / "model"), "--data", str(data["train"]), "--valid-data",
-           str(data["test"]), "--output-dir", str(run), "--max-steps", "30", "--batch-size", "8", "--lr", "3e-3",
-           "--save-every", "10", "--max-new-tokens", "8"]  # bf16: the launcher's, not a flag of the run
+    cmd = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        str(args.processes),
+        "--mixed_precision",
+        "bf16",
+        "-m",
+        "lorakit",
+        "-v",
+        "train",
+        "--model",
+        str(args.out / "model"),
+        "--data",
+        str(data["train"]),
+        "--valid-data",
+        str(data["test"]),
+        "--output-dir",
+        str(run),
+        "--max-steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--save-every",
+        "10",
+        "--max-new-tokens",
+        "8",
+    ]  # bf16: the launcher's, not a flag of the run
     print(" ".join(cmd), flush=True)
     done = subprocess.run(cmd, env={**os.environ}, capture_output=True, text=True)
     print(done.stdout[-3000:])
@@ -66,7 +109,9 @@ def main() -> int:
         return done.returncode
     # Each process loaded the model straight onto its own GPU and trained in one group of N.
     for rank in range(args.processes):
-        assert f"process {rank} of {args.processes} on cuda:{rank}" in done.stderr, f"process {rank} is not on cuda:{rank}"
+        assert f"process {rank} of {args.processes} on cuda:{rank}" in done.stderr, (
+            f"process {rank} is not on cuda:{rank}"
+        )
         assert f"on cuda:{rank} as " in done.stderr, f"process {rank} did not load the model onto cuda:{rank}"
     assert done.stdout.count("adapter:") == 1, "more than one process reported the run"
     assert done.stderr.count("mixed precision bf16, as launched") == args.processes, "the launcher's bf16 was not used"
@@ -75,8 +120,9 @@ def main() -> int:
     print(f"steps logged: {len(losses)}; first loss {losses[0]:.3f}, last {losses[-1]:.3f}")
     assert len(losses) == 30 and losses[-1] < losses[0] * 0.7, "loss did not fall"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    import lorakit
     from transformers import AutoModelForCausalLM
+
+    import lorakit
 
     model = AutoModelForCausalLM.from_pretrained(args.out / "model")
     lorakit.load_adapter(model, run / "adapter")
@@ -86,9 +132,25 @@ def main() -> int:
 
 def check_single_gpu(out: Path, data: dict, index: int) -> int:
     """One process with ``--device cuda:N``: the model loads onto GPU N and trains there."""
-    cmd = [sys.executable, "-m", "lorakit", "-v", "train", "--model", str(out / "model"), "--data", str(data["train"]),
-           "--output-dir", str(out / f"run-cuda{index}"), "--max-steps", "3", "--batch-size", "8",
-           "--device", f"cuda:{index}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "-v",
+        "train",
+        "--model",
+        str(out / "model"),
+        "--data",
+        str(data["train"]),
+        "--output-dir",
+        str(out / f"run-cuda{index}"),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--device",
+        f"cuda:{index}",
+    ]
     print(" ".join(cmd), flush=True)
     done = subprocess.run(cmd, env={**os.environ}, capture_output=True, text=True)
     print(done.stderr[-3000:], file=sys.stderr)

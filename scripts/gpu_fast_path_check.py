@@ -19,8 +19,14 @@ def small_llama(dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     return LlamaForCausalLM(config).to("cuda", dtype)
 
 
@@ -50,8 +56,10 @@ def compare(dtype, dora):
     fast_loss, fast = loss_and_grads(model, ids, True)
     ref_loss, ref = loss_and_grads(model, ids, False)
     worst = max(((fast[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
-    print(f"{str(dtype):15s} dora={dora!s:5s} loss fast {fast_loss:.6f} ref {ref_loss:.6f}  "
-          f"worst relative grad difference {worst:.2e}")
+    print(
+        f"{str(dtype):15s} dora={dora!s:5s} loss fast {fast_loss:.6f} ref {ref_loss:.6f}  "
+        f"worst relative grad difference {worst:.2e}"
+    )
     limit = 1e-4 if dtype == torch.float32 else 3e-2
     assert abs(fast_loss - ref_loss) <= limit * abs(ref_loss) and worst <= limit, "fast and reference differ"
 
@@ -72,10 +80,15 @@ def kernel_check():
         merged = triton_merge.merged_weight(W, A, B, 2.0)
         scaled, c = triton_merge.dora_weight(W, A, B, 2.0, m)
         want_c = m.double() / exact.norm(dim=1)
-        errors = [((merged.double() - exact).abs().max() / exact.abs().max()).item(),
-                  ((c.double() - want_c).abs() / want_c).max().item(),
-                  ((scaled.double() - want_c[:, None] * exact).abs().max() / (want_c[:, None] * exact).abs().max()).item()]
-        print(f"triton merge {d_out}x{d_in} bf16: relative errors merged/norm/dora {errors[0]:.1e} {errors[1]:.1e} {errors[2]:.1e}")
+        errors = [
+            ((merged.double() - exact).abs().max() / exact.abs().max()).item(),
+            ((c.double() - want_c).abs() / want_c).max().item(),
+            ((scaled.double() - want_c[:, None] * exact).abs().max() / (want_c[:, None] * exact).abs().max()).item(),
+        ]
+        print(
+            f"triton merge {d_out}x{d_in} bf16: relative errors merged/norm/dora "
+            f"{errors[0]:.1e} {errors[1]:.1e} {errors[2]:.1e}"
+        )
         assert max(errors) < 1e-2
         g, out = (torch.randn(4096, d_out, device="cuda", generator=gen).bfloat16() for _ in range(2))
         bias = torch.randn(d_out, device="cuda", generator=gen).bfloat16()
@@ -109,10 +122,15 @@ def compile_check(dora: bool):
     compiled = torch.compile(model)
     loss = compiled(ids, labels=ids).loss
     loss.backward()
-    worst = max(((p.grad.float() - eager[n]).norm() / eager[n].norm()).item()
-                for n, p in model.named_parameters() if p.requires_grad)
-    print(f"torch.compile (inductor, bf16, dora={dora}): loss {loss.item():.6f} vs eager {eager_loss:.6f}, "
-          f"worst relative grad difference {worst:.2e}")
+    worst = max(
+        ((p.grad.float() - eager[n]).norm() / eager[n].norm()).item()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    )
+    print(
+        f"torch.compile (inductor, bf16, dora={dora}): loss {loss.item():.6f} vs eager {eager_loss:.6f}, "
+        f"worst relative grad difference {worst:.2e}"
+    )
     assert abs(loss.item() - eager_loss) < 3e-2 * abs(eager_loss) and worst < 5e-2
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
     assert not breaks, f"graph breaks: {breaks}"

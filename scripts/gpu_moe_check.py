@@ -31,11 +31,23 @@ def main() -> int:
     import lorakit.layers.parameter as parameter
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=512, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)
+    config = MixtralConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    )
     model = MixtralForCausalLM(config).to(args.device, getattr(torch, args.dtype)).train()
-    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"],
-                                                  target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    lorakit.add_adapter(
+        model,
+        lorakit.LoraConfig(
+            r=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+        ),
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -55,8 +67,10 @@ def main() -> int:
     finally:
         parameter.rebuilt_in_backward = real
     worst = max(((rebuilt[k] - kept[k]).abs().max() / kept[k].abs().max()).item() for k in kept)
-    print(f"experts implementation {model.config._experts_implementation}; largest gradient difference, "
-          f"rebuilt against kept: {worst:.3g} of the gradient's largest entry")
+    print(
+        f"experts implementation {model.config._experts_implementation}; largest gradient difference, "
+        f"rebuilt against kept: {worst:.3g} of the gradient's largest entry"
+    )
     return 0 if worst < 1e-2 else 1
 
 

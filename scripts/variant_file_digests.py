@@ -20,11 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.test_training_loop import collate, examples  # noqa: E402
+from tests.tiny import tiny_gpt2, tiny_llama  # noqa: E402
+
 import lorakit  # noqa: E402
 from lorakit.training.config import TrainConfig  # noqa: E402
 from lorakit.training.loop import run_loop  # noqa: E402
-from tests.test_training_loop import collate, examples  # noqa: E402
-from tests.tiny import tiny_gpt2, tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 CASES = {
@@ -46,8 +47,18 @@ def digest(folder: Path) -> str:
 
 
 def run_case(options: dict, model, out: Path) -> str:
-    cfg = TrainConfig(data="x", lr=2e-2, max_steps=4, batch_size=4, device="cpu", r=4, alpha=8, seed=3,
-                      target_modules=options.pop("target_modules", TARGETS), **options)
+    cfg = TrainConfig(
+        data="x",
+        lr=2e-2,
+        max_steps=4,
+        batch_size=4,
+        device="cpu",
+        r=4,
+        alpha=8,
+        seed=3,
+        target_modules=options.pop("target_modules", TARGETS),
+        **options,
+    )
     lorakit.add_adapter(model, cfg.lora_config())
     run_loop(model, None, cfg, examples(16), collate, out, progress=False)
     lorakit.save_adapter(model, out / "adapter")

@@ -18,6 +18,7 @@ def watch_publishing(monkeypatch) -> list[bool]:
         def move(src, dst):
             published.append(all(os.path.realpath(p) in synced for p in _files_under(Path(src))))
             return real(src, dst)
+
         return move
 
     monkeypatch.setattr(os, "fsync", fsync)

@@ -88,7 +88,7 @@ def test_export_is_exact_and_loads_in_peft(tmp_path, ids):
     fill_singular_values(model)
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.lora_E["default"][:4] = 0  # pruned ranks
-        model.model.layers[1].mlp.up_proj.lora_E["default"].zero_()       # a module with nothing left
+        model.model.layers[1].mlp.up_proj.lora_E["default"].zero_()  # a module with nothing left
     expected = model(ids).logits
     lorakit.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -103,8 +103,20 @@ def test_export_is_exact_and_loads_in_peft(tmp_path, ids):
 
 def test_training_prunes_to_target_and_learns(tmp_path):
     model = adalora_model(r=8)
-    cfg = TrainConfig(data="x", lr=5e-2, max_steps=20, batch_size=8, device="cpu", variant="adalora", r=8,
-                      schedule="constant", adalora_target_r=3, adalora_tinit=5, adalora_tfinal=5, adalora_delta_t=1)
+    cfg = TrainConfig(
+        data="x",
+        lr=5e-2,
+        max_steps=20,
+        batch_size=8,
+        device="cpu",
+        variant="adalora",
+        r=8,
+        schedule="constant",
+        adalora_target_r=3,
+        adalora_tinit=5,
+        adalora_tfinal=5,
+        adalora_delta_t=1,
+    )
     result = run_loop(model, None, cfg, examples(32), collate, tmp_path, progress=False)
     losses = [r["loss"] for r in result.records if "loss" in r]
     assert losses[-1] < losses[0] - 0.05
@@ -119,8 +131,19 @@ def test_training_prunes_to_target_and_learns(tmp_path):
 def test_resume_restores_importance_state(tmp_path):
     import shutil
 
-    cfg = dict(data="x", lr=5e-2, max_steps=8, batch_size=8, device="cpu", variant="adalora", r=8, adalora_target_r=3,
-               adalora_tinit=2, adalora_tfinal=2, save_every=3)
+    cfg = dict(
+        data="x",
+        lr=5e-2,
+        max_steps=8,
+        batch_size=8,
+        device="cpu",
+        variant="adalora",
+        r=8,
+        adalora_target_r=3,
+        adalora_tinit=2,
+        adalora_tfinal=2,
+        save_every=3,
+    )
     straight = adalora_model(r=8)
     run_loop(straight, None, TrainConfig(**cfg), examples(32), collate, tmp_path / "a", progress=False)
     interrupted = adalora_model(r=8)

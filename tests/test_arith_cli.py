@@ -4,7 +4,6 @@ Llama saved as a transformers directory."""
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,8 +47,22 @@ def logits(model, ids):
 
 def test_merge_linear_writes_an_exact_adapter(setup, tmp_path, capsys, ids):
     root, base = setup
-    rc = main(["merge", "--model", str(base), "--adapter", str(root / "a"), "--adapter", str(root / "b"),
-               "--weights", "0.7", "-0.3", "--out", str(tmp_path / "ab")])
+    rc = main(
+        [
+            "merge",
+            "--model",
+            str(base),
+            "--adapter",
+            str(root / "a"),
+            "--adapter",
+            str(root / "b"),
+            "--weights",
+            "0.7",
+            "-0.3",
+            "--out",
+            str(tmp_path / "ab"),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "| model.layers.0.self_attn.q_proj | 4 + 2 | 6 |" in out and "exact" in out
@@ -62,8 +75,26 @@ def test_merge_linear_writes_an_exact_adapter(setup, tmp_path, capsys, ids):
 
 def test_merge_ties_reports_the_error_as_json(setup, tmp_path, capsys):
     root, base = setup
-    rc = main(["merge", "--model", str(base), "--adapter", str(root / "a"), "--adapter", str(root / "b"),
-               "--method", "ties", "--density", "0.5", "--rank", "3", "--out", str(tmp_path / "t"), "--json"])
+    rc = main(
+        [
+            "merge",
+            "--model",
+            str(base),
+            "--adapter",
+            str(root / "a"),
+            "--adapter",
+            str(root / "b"),
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+            "--rank",
+            "3",
+            "--out",
+            str(tmp_path / "t"),
+            "--json",
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["method"] == "ties" and 0 < report["max_error"] < 1
@@ -73,8 +104,9 @@ def test_merge_ties_reports_the_error_as_json(setup, tmp_path, capsys):
 
 def test_merge_rejects_an_option_the_method_does_not_take(setup, tmp_path, capsys):
     root, base = setup
-    rc = main(["merge", "--model", str(base), "--adapter", str(root / "a"), "--density", "0.5",
-               "--out", str(tmp_path / "x")])
+    rc = main(
+        ["merge", "--model", str(base), "--adapter", str(root / "a"), "--density", "0.5", "--out", str(tmp_path / "x")]
+    )
     assert rc == 2
     assert "does not take ['density']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
@@ -84,8 +116,19 @@ def test_export_saves_a_plain_transformers_model(setup, tmp_path, capsys, ids):
     from transformers import AutoModelForCausalLM
 
     root, base = setup
-    rc = main(["export", "--model", str(base), "--adapter", str(root / "a"), "--adapter", str(root / "b"),
-               "--out", str(tmp_path / "merged")])
+    rc = main(
+        [
+            "export",
+            "--model",
+            str(base),
+            "--adapter",
+            str(root / "a"),
+            "--adapter",
+            str(root / "b"),
+            "--out",
+            str(tmp_path / "merged"),
+        ]
+    )
     assert rc == 0 and "model:" in capsys.readouterr().out
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in key for key in plain.state_dict())
@@ -198,21 +241,53 @@ def test_export_one_adapter_in_bfloat16(setup, tmp_path, ids):
     from transformers import AutoModelForCausalLM
 
     root, base = setup
-    assert main(["export", "--model", str(base), "--adapter", str(root / "a"), "--dtype", "bfloat16",
-                 "--out", str(tmp_path / "bf16")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(base),
+                "--adapter",
+                str(root / "a"),
+                "--dtype",
+                "bfloat16",
+                "--out",
+                str(tmp_path / "bf16"),
+            ]
+        )
+        == 0
+    )
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
     assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     # One rounding of the fp32-accumulated sum: the weights equal the fp32 merge cast to bf16.
     reference = with_adapters(setup, "a")
     lorakit.unload(reference, merge=True)
-    torch.testing.assert_close(plain.model.layers[0].self_attn.q_proj.weight,
-                               reference.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16), rtol=0, atol=0)
+    torch.testing.assert_close(
+        plain.model.layers[0].self_attn.q_proj.weight,
+        reference.model.layers[0].self_attn.q_proj.weight.to(torch.bfloat16),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_compress_writes_a_smaller_adapter(setup, tmp_path, capsys):
     root, base = setup
-    assert main(["compress", "--model", str(base), "--adapter", str(root / "a"), "--rank", "2",
-                 "--out", str(tmp_path / "small")]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                "--model",
+                str(base),
+                "--adapter",
+                str(root / "a"),
+                "--rank",
+                "2",
+                "--out",
+                str(tmp_path / "small"),
+            ]
+        )
+        == 0
+    )
     assert "rel. error" in capsys.readouterr().out
     config = json.loads((tmp_path / "small" / "adapter_config.json").read_text())
     assert config["r"] == 2 and config["lora_alpha"] == 2
@@ -293,6 +368,7 @@ def test_an_export_reaches_the_disk_before_it_is_published(tmp_path, monkeypatch
     out = tmp_path / "merged"
     if exists:
         out.mkdir()
+
     def write(folder):
         (folder / "config.json").write_text("{}")
         (folder / "shards").mkdir()
@@ -302,4 +378,3 @@ def test_an_export_reaches_the_disk_before_it_is_published(tmp_path, monkeypatch
     save_directory(out, write)
     assert published and all(published)
     assert (out / "shards" / "model-00001.safetensors").read_text() == "weights"
-

@@ -32,13 +32,24 @@ def two_adapters(tmp_path_factory, embedded_model):
 
 def test_merge_inspect_export(two_adapters, tmp_path):
     a, b = two_adapters / "a", two_adapters / "b"
-    done = run_cli("merge", "--adapter", str(a), "--adapter", str(b), "--weights", "0.7", "-0.3",
-                   "--out", str(tmp_path / "mix"), "--json")
-    report = json.loads(done.stdout[done.stdout.index("{"):])
+    done = run_cli(
+        "merge",
+        "--adapter",
+        str(a),
+        "--adapter",
+        str(b),
+        "--weights",
+        "0.7",
+        "-0.3",
+        "--out",
+        str(tmp_path / "mix"),
+        "--json",
+    )
+    report = json.loads(done.stdout[done.stdout.index("{") :])
     assert report["max_error"] == 0.0  # linear stays exact
 
     done = run_cli("inspect", str(tmp_path / "mix"), "--plot", str(tmp_path / "spectra.png"), "--json")
-    info = json.loads(done.stdout[done.stdout.index("{"):])
+    info = json.loads(done.stdout[done.stdout.index("{") :])
     assert len(info["modules"]) == 210 and (tmp_path / "spectra.png").stat().st_size > 1000
 
     run_cli("export", "--adapter", str(tmp_path / "mix"), "--out", str(tmp_path / "merged"), "--dtype", "float32")

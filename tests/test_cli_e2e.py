@@ -14,8 +14,14 @@ pytestmark = pytest.mark.e2e
 
 
 def lorakit(*args, check=True, timeout=600, stdin=None):
-    done = subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, input=stdin)
+    done = subprocess.run(
+        [sys.executable, "-m", "lorakit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        input=stdin,
+    )
     if check and done.returncode != 0:
         raise AssertionError(f"lorakit {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
@@ -32,9 +38,31 @@ def trained(tmp_path_factory, demo_data):
     from lorakit.models.cache import model_cache_dir
 
     # --model as a local directory (the converted cache entry) exercises the path a user's own model takes.
-    done = lorakit("train", "--model", str(model_cache_dir("smollm2-135m")), "--data", str(demo_data["train"]), "--valid-data", str(demo_data["test"]),
-                   "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--lr", "2e-3", "--r", "8", "--variant", "dylora",
-                   "--max-new-tokens", "16", "--save-every", "1")
+    done = lorakit(
+        "train",
+        "--model",
+        str(model_cache_dir("smollm2-135m")),
+        "--data",
+        str(demo_data["train"]),
+        "--valid-data",
+        str(demo_data["test"]),
+        "--output-dir",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--r",
+        "8",
+        "--variant",
+        "dylora",
+        "--max-new-tokens",
+        "16",
+        "--save-every",
+        "1",
+    )
     return out, done
 
 
@@ -54,8 +82,9 @@ def test_train_writes_everything(trained):
 
 def test_eval_and_generate_use_the_adapter(trained, demo_data):
     out, _ = trained
-    done = lorakit("eval", "--adapter", str(out / "adapter"), "--data", str(demo_data["test"]), "--json",
-                   "--max-new-tokens", "16")
+    done = lorakit(
+        "eval", "--adapter", str(out / "adapter"), "--data", str(demo_data["test"]), "--json", "--max-new-tokens", "16"
+    )
     result = json.loads(done.stdout)
     assert result["loss"] > 0 and 0 <= result["exact_match"] <= 1 and len(result["predictions"]) == 4
     done = lorakit("generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "8", "Say hello.")
@@ -70,8 +99,9 @@ def test_chat_answers_each_turn(trained):
 
 def test_eval_per_rank_table(trained, demo_data):
     out, _ = trained
-    done = lorakit("eval", "--adapter", str(out / "adapter"), "--data", str(demo_data["test"]), "--ranks", "2,8",
-                   "--json")
+    done = lorakit(
+        "eval", "--adapter", str(out / "adapter"), "--data", str(demo_data["test"]), "--ranks", "2,8", "--json"
+    )
     rows = json.loads(done.stdout)
     assert [r["rank"] for r in rows] == [2, 8] and all(r["loss"] > 0 for r in rows)
     assert rows[0]["loss"] != rows[1]["loss"]
@@ -96,8 +126,24 @@ def test_demo_runs_end_to_end(tmp_path):
 @pytest.mark.parametrize("variant", ["dora", "lora-fa", "vera", "adalora"])
 def test_every_variant_trains_from_the_cli(tmp_path, demo_data, variant):
     extra = ["--adalora-target-r", "2", "--adalora-tinit", "1"] if variant == "adalora" else []
-    done = lorakit("train", "--data", str(demo_data["train"]), "--output-dir", str(tmp_path), "--variant", variant,
-                   "--max-steps", "2", "--batch-size", "2", "--r", "4", "--lr", "1e-3", *extra)
+    done = lorakit(
+        "train",
+        "--data",
+        str(demo_data["train"]),
+        "--output-dir",
+        str(tmp_path),
+        "--variant",
+        variant,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--r",
+        "4",
+        "--lr",
+        "1e-3",
+        *extra,
+    )
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == ("VERA" if variant == "vera" else "LORA")
     assert config.get("use_dora", False) == (variant == "dora")
@@ -109,11 +155,42 @@ def test_train_under_a_two_process_launch(tmp_path, demo_data):
     """`torchrun --nproc_per_node 2 -m lorakit train` (what `accelerate launch` starts): both
     processes train, and one writes the run's files."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "lorakit", "-v", "train", "--data", str(demo_data["train"]), "--valid-data",
-                           str(demo_data["test"]), "--output-dir", str(tmp_path), "--max-steps", "2", "--batch-size",
-                           "2", "--rank", "4", "--lr", "1e-3", "--max-new-tokens", "4", "--save-every", "1"],
-                          capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lorakit",
+            "-v",
+            "train",
+            "--data",
+            str(demo_data["train"]),
+            "--valid-data",
+            str(demo_data["test"]),
+            "--output-dir",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--rank",
+            "4",
+            "--lr",
+            "1e-3",
+            "--max-new-tokens",
+            "4",
+            "--save-every",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     # One gloo group on the CPU (without it each process trains alone, all into one folder).
     assert "process 0 of 2" in done.stderr and "process 1 of 2" in done.stderr, done.stderr[-4000:]

@@ -19,7 +19,9 @@ def test_every_config_field_has_a_flag():
 
 
 def test_flags_override_file(tmp_path):
-    (tmp_path / "run.yaml").write_text("data: a.jsonl\nlr: 0.001\nr: 8\npacking: true\ntarget_modules: [q_proj, v_proj]\n")
+    (tmp_path / "run.yaml").write_text(
+        "data: a.jsonl\nlr: 0.001\nr: 8\npacking: true\ntarget_modules: [q_proj, v_proj]\n"
+    )
     args = parse_train("--config", str(tmp_path / "run.yaml"), "--lr", "0.002", "--no-packing", "--max-steps", "5")
     cfg = TrainConfig.from_sources(args.config, **train_overrides(args))
     assert cfg.lr == 0.002 and cfg.r == 8 and cfg.packing is False and cfg.max_steps == 5
@@ -32,13 +34,16 @@ def test_comma_separated_targets_and_loraplus():
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.loraplus_ratio == 16.0
 
 
-@pytest.mark.parametrize("values,fragment", [
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-    ({"lr": -1.0}, "lr must be a positive number"),
-    ({"schedule": "step"}, "schedule must be one of"),
-    ({"r": 0}, "r must be a positive integer"),
-    ({"unknown_option": 1}, "unknown training option"),
-])
+@pytest.mark.parametrize(
+    "values,fragment",
+    [
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"schedule": "step"}, "schedule must be one of"),
+        ({"r": 0}, "r must be a positive integer"),
+        ({"unknown_option": 1}, "unknown training option"),
+    ],
+)
 def test_bad_options(values, fragment):
     with pytest.raises(ConfigError, match=fragment):
         TrainConfig.from_sources(None, data="d.jsonl", **values)

@@ -27,8 +27,13 @@ def net_with_sources():
     """Three adapters of mixed ranks: plain, rsLoRA with alpha/rank patterns, and a partial one."""
     net = Net()
     lorakit.add_adapter(net, LoraConfig(r=3, alpha=6, target_modules=TARGETS), "a")
-    lorakit.add_adapter(net, LoraConfig(r=2, alpha=5, use_rslora=True, target_modules=TARGETS,
-                                        rank_pattern={"conv": 1}, alpha_pattern={"lin": 3}), "b")
+    lorakit.add_adapter(
+        net,
+        LoraConfig(
+            r=2, alpha=5, use_rslora=True, target_modules=TARGETS, rank_pattern={"conv": 1}, alpha_pattern={"lin": 3}
+        ),
+        "b",
+    )
     lorakit.add_adapter(net, LoraConfig(r=4, alpha=2, target_modules=["lin"]), "c")
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -152,11 +157,23 @@ def test_sum_and_count_consensus_differ():
 def test_magnitude_prune_and_ties_options():
     net = net_with_sources()
     lorakit.combine(net, ["a", "b"], [0.5, 2.0], "magnitude_prune", "mp", density=[0.4, 0.7], rank=12)
-    check(net, "mp", {m: 0.5 * trim(reference_delta(net, m, "a"), 0.4) + 2.0 * trim(reference_delta(net, m, "b"), 0.7)
-                      for m in TARGETS})
+    check(
+        net,
+        "mp",
+        {
+            m: 0.5 * trim(reference_delta(net, m, "a"), 0.4) + 2.0 * trim(reference_delta(net, m, "b"), 0.7)
+            for m in TARGETS
+        },
+    )
     lorakit.combine(net, ["a", "b"], [0.5, 2.0], "ties", "t", density=0.6, normalize=False, **{"lambda": 1.5}, rank=12)
-    check(net, "t", {m: ref_ties([reference_delta(net, m, s) for s in "ab"], [0.5, 2.0], 0.6, normalize=False, lam=1.5)
-                     for m in TARGETS})
+    check(
+        net,
+        "t",
+        {
+            m: ref_ties([reference_delta(net, m, s) for s in "ab"], [0.5, 2.0], 0.6, normalize=False, lam=1.5)
+            for m in TARGETS
+        },
+    )
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
@@ -181,8 +198,7 @@ def test_dare_drop_and_rescale_formula(rescale):
         delta, got = reference_delta(net, m, "a"), reference_delta(net, m, "d")
         kept = np.abs(got) > 1e-9
         assert 0 < kept.sum() < kept.size
-        factor = {"density": 1 / 0.5, False: 1.0,
-                  "l1": np.abs(delta).sum() / np.abs(delta[kept]).sum()}[rescale]
+        factor = {"density": 1 / 0.5, False: 1.0, "l1": np.abs(delta).sum() / np.abs(delta[kept]).sum()}[rescale]
         np.testing.assert_allclose(got[kept], factor * delta[kept], rtol=1e-9)
         np.testing.assert_allclose(got[~kept], 0, atol=1e-9)
 
@@ -205,8 +221,9 @@ def test_slerp_matches_formula_and_falls_back_to_lerp_when_parallel():
             module.lora_A["a2"].copy_(module.lora_A["a"])
             module.lora_B["a2"].copy_(module.lora_B["a"])
     lorakit.combine(net2, ["a", "a2"], method="slerp", name="s", t=0.25, rank=12)
-    check(net2, "s", {m: 0.75 * reference_delta(net2, m, "a") + 0.25 * 2 * reference_delta(net2, m, "a")
-                      for m in TARGETS})
+    check(
+        net2, "s", {m: 0.75 * reference_delta(net2, m, "a") + 0.25 * 2 * reference_delta(net2, m, "a") for m in TARGETS}
+    )
 
 
 def test_into_base_adds_the_exact_result_to_the_weights():
@@ -216,25 +233,29 @@ def test_into_base_adds_the_exact_result_to_the_weights():
     report = lorakit.combine(net, ["a", "b"], [1.0, 0.5], "ties", density=0.5, into_base=True)
     assert report.into_base and report.name is None and "mix" not in lorakit.adapters(net)
     for m in TARGETS:
-        np.testing.assert_allclose(getattr(net, m).weight.detach().numpy() - before[m],
-                                   ref_ties(deltas[m], [1.0, 0.5], 0.5), atol=1e-12)
+        np.testing.assert_allclose(
+            getattr(net, m).weight.detach().numpy() - before[m], ref_ties(deltas[m], [1.0, 0.5], 0.5), atol=1e-12
+        )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(sources=["a", "zz"]), "unknown adapter 'zz'"),
-    (dict(weights=[1.0]), "one number per source"),
-    (dict(method="average"), "unknown combination method"),
-    (dict(method="ties", density=0.0), "density must be in (0, 1]"),
-    (dict(method="ties", density=1.5), "density must be in (0, 1]"),
-    (dict(method="linear", density=0.5), "does not take ['density']"),
-    (dict(method="slerp", weights=None, sources=["a", "b", "c"]), "exactly two"),
-    (dict(method="slerp", t=1.5, sources=["a", "b"], weights=None), "t must be in [0, 1]"),
-    (dict(method="ties", consensus="mean"), "consensus must be"),
-    (dict(method="dare_ties", rescale="l3"), "rescale must be"),
-    (dict(method="svd", rank=0), "rank must be a positive integer"),
-    (dict(name="a"), "already exists"),
-    (dict(sources=["a", "a"], weights=[1.0, 1.0]), "more than once"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sources=["a", "zz"]), "unknown adapter 'zz'"),
+        (dict(weights=[1.0]), "one number per source"),
+        (dict(method="average"), "unknown combination method"),
+        (dict(method="ties", density=0.0), "density must be in (0, 1]"),
+        (dict(method="ties", density=1.5), "density must be in (0, 1]"),
+        (dict(method="linear", density=0.5), "does not take ['density']"),
+        (dict(method="slerp", weights=None, sources=["a", "b", "c"]), "exactly two"),
+        (dict(method="slerp", t=1.5, sources=["a", "b"], weights=None), "t must be in [0, 1]"),
+        (dict(method="ties", consensus="mean"), "consensus must be"),
+        (dict(method="dare_ties", rescale="l3"), "rescale must be"),
+        (dict(method="svd", rank=0), "rank must be a positive integer"),
+        (dict(name="a"), "already exists"),
+        (dict(sources=["a", "a"], weights=[1.0, 1.0]), "more than once"),
+    ],
+)
 def test_bad_requests_raise_before_touching_the_model(kwargs, message):
     net = net_with_sources()
     before = {k: v.clone() for k, v in net.state_dict().items()}

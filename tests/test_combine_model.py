@@ -22,14 +22,17 @@ def two_adapters(make=tiny_llama):
     model = make()
     targets = ["c_attn", "c_fc"] if make is tiny_gpt2 else ["q_proj", "v_proj", "up_proj"]
     lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=targets), "a")
-    lorakit.add_adapter(model, LoraConfig(r=2, alpha=3, use_rslora=True, target_modules=targets[:2],
-                                          alpha_pattern={targets[0]: 5}), "b")
+    lorakit.add_adapter(
+        model, LoraConfig(r=2, alpha=3, use_rslora=True, target_modules=targets[:2], alpha_pattern={targets[0]: 5}), "b"
+    )
     randomize_adapters(model, std=0.2)
     return model
 
 
 def dense(model, name):
-    return {path: layer.delta_weight(name).detach().double() for path, layer in lora_layers(model) if name in layer.lora_A}
+    return {
+        path: layer.delta_weight(name).detach().double() for path, layer in lora_layers(model) if name in layer.lora_A
+    }
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
@@ -173,11 +176,13 @@ def test_failed_calls_leave_the_model_untouched(ids):
         lorakit.combine(model, ["a", "b"], [1.0, 1.0], "linear", "x")
     lorakit.unmerge(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for call in (lambda: lorakit.combine(model, ["a", "b"], [1.0], "linear", "x"),
-                 lambda: lorakit.combine(model, ["a", "b"], None, "ties", "b"),
-                 lambda: lorakit.combine(model, ["a", "nope"], None, "linear", "x"),
-                 lambda: lorakit.compress(model, "a", 0),
-                 lambda: lorakit.compress(model, "a", 2, new_name="b")):
+    for call in (
+        lambda: lorakit.combine(model, ["a", "b"], [1.0], "linear", "x"),
+        lambda: lorakit.combine(model, ["a", "b"], None, "ties", "b"),
+        lambda: lorakit.combine(model, ["a", "nope"], None, "linear", "x"),
+        lambda: lorakit.compress(model, "a", 0),
+        lambda: lorakit.compress(model, "a", 2, new_name="b"),
+    ):
         with pytest.raises(lorakit.LorakitError):
             call()
         assert lorakit.adapters(model) == ["a", "b"]

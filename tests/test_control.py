@@ -53,11 +53,11 @@ def test_disable_adapters_gives_base_and_restores(ids):
 def test_adapter_batch_rows_equal_single_adapter_runs(ids):
     model = two_adapter_model()
     names = ["b", None, "a"]
-    singles = [outputs_with(model, name, ids[i:i + 1]) for i, name in enumerate(names)]
+    singles = [outputs_with(model, name, ids[i : i + 1]) for i, name in enumerate(names)]
     with lorakit.adapter_batch(model, names):
         mixed = model(ids).logits
     for i in range(3):
-        torch.testing.assert_close(mixed[i:i + 1], singles[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[i : i + 1], singles[i], rtol=1e-5, atol=1e-5)
     assert all(m.row_adapters is None for m in model.modules() if isinstance(m, LoraLayer))
 
 
@@ -69,11 +69,11 @@ def test_adapter_batch_with_modules_to_save(ids):
     with torch.no_grad():
         model.classifier.modules_to_save["y"].weight.mul_(-1)
     names = ["y", "x", None]
-    singles = [outputs_with(model, n, ids[i:i + 1]) for i, n in enumerate(names)]
+    singles = [outputs_with(model, n, ids[i : i + 1]) for i, n in enumerate(names)]
     with lorakit.adapter_batch(model, names):
         mixed = model(ids).logits
     for i in range(3):
-        torch.testing.assert_close(mixed[i:i + 1], singles[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[i : i + 1], singles[i], rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_batch_refusals(ids):
@@ -106,8 +106,12 @@ def test_merge_matches_and_refuses_double_merge(ids):
 
 def test_unknown_names_are_refused():
     model = two_adapter_model()
-    for call in (lambda: lorakit.set_adapter(model, "zz"), lambda: lorakit.merge(model, ["zz"]),
-                 lambda: lorakit.delete_adapter(model, "zz"), lambda: lorakit.save_adapter(model, "/tmp/x", "zz")):
+    for call in (
+        lambda: lorakit.set_adapter(model, "zz"),
+        lambda: lorakit.merge(model, ["zz"]),
+        lambda: lorakit.delete_adapter(model, "zz"),
+        lambda: lorakit.save_adapter(model, "/tmp/x", "zz"),
+    ):
         with pytest.raises(AdapterNameError, match="unknown adapter 'zz'; this model's adapters: 'a', 'b'"):
             call()
 
@@ -154,4 +158,9 @@ def test_unload_keeps_trained_head():
 def test_summary_mentions_every_adapter():
     model = two_adapter_model()
     text = lorakit.summary(model)
-    assert "adapter 'a': lora r=4" in text and "adapter 'b': lora r=2" in text and "[active]" in text and "[inactive]" in text
+    assert (
+        "adapter 'a': lora r=4" in text
+        and "adapter 'b': lora r=2" in text
+        and "[active]" in text
+        and "[inactive]" in text
+    )

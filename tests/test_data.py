@@ -10,21 +10,37 @@ import sys
 import pytest
 import torch
 
-from lorakit.data import (Collator, Record, demo_records, eval_pairs, exact_match, pack_examples, read_records,
-                          split_records, tokenize_records, write_demo_dataset)
+from lorakit.data import (
+    Collator,
+    Record,
+    demo_records,
+    eval_pairs,
+    exact_match,
+    pack_examples,
+    read_records,
+    split_records,
+    tokenize_records,
+    write_demo_dataset,
+)
 from lorakit.data.demo_task import KEYS
 from lorakit.errors import DataError, LorakitError
 
-CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # Like SmolLM2's: a default system prompt, inserted only when the conversation has none.
-CHATML_DEFAULT_SYSTEM = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-                         "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_DEFAULT_SYSTEM = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 # No end-of-turn token at all: the final answer must get an explicit EOS.
-NO_STOP = ("{% for message in messages %}### {{ message['role'] }}: {{ message['content'] }}\n\n{% endfor %}"
-           "{% if add_generation_prompt %}### assistant: {% endif %}")
+NO_STOP = (
+    "{% for message in messages %}### {{ message['role'] }}: {{ message['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant: {% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 CORPUS = [r.prompt + " " + r.completion for r in demo_records(150, "train", seed=3)] + [
     "The quick brown fox jumps over the lazy dog. What is the capital of France? Paris. Hello there!",
@@ -50,8 +66,12 @@ def _train_tokenizer(sentencepiece_style: bool = False, prepend_scheme: str = "a
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, initial_alphabet=alphabet)
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +107,35 @@ def _supervised_runs(example):
 
 # -- reading -------------------------------------------------------------------------------------
 
+
 def test_reads_each_jsonl_shape(tmp_path):
-    pc = read_records(_write(tmp_path, "pc.jsonl", [{"prompt": "2+2?", "completion": "4", "id": 7}, "",
-                                                    {"prompt": "Hi", "completion": "Hello"}]))
-    assert [(r.kind, r.prompt, r.completion) for r in pc] == [("prompt_completion", "2+2?", "4"),
-                                                            ("prompt_completion", "Hi", "Hello")]
+    pc = read_records(
+        _write(
+            tmp_path,
+            "pc.jsonl",
+            [{"prompt": "2+2?", "completion": "4", "id": 7}, "", {"prompt": "Hi", "completion": "Hello"}],
+        )
+    )
+    assert [(r.kind, r.prompt, r.completion) for r in pc] == [
+        ("prompt_completion", "2+2?", "4"),
+        ("prompt_completion", "Hi", "Hello"),
+    ]
     assert pc[1].source.endswith("pc.jsonl:line 3")  # the blank line still counts
-    chat = read_records(_write(tmp_path, "chat.jsonl", [{"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"}]}]))
+    chat = read_records(
+        _write(
+            tmp_path,
+            "chat.jsonl",
+            [
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"},
+                    ]
+                }
+            ],
+        )
+    )
     assert chat[0].kind == "chat" and [m["role"] for m in chat[0].messages] == ["system", "user", "assistant"]
     text = read_records(_write(tmp_path, "text.jsonl", [{"text": "Some document."}]))
     assert text == [Record.from_text("Some document.")]
@@ -121,21 +161,27 @@ def test_csv_problems_name_the_line(tmp_path):
         read_records(path)
 
 
-@pytest.mark.parametrize("bad, expected", [
-    ('{"prompt": "a", "completion": }', "invalid JSON"),
-    ({"prompt": "a"}, "missing key 'completion'"),
-    ({"prompt": "a", "completion": 3}, "'completion' must be a string, got a number"),
-    ({"prompt": "a", "completion": "   "}, "'completion' is empty"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}, "unknown role 'bot'"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}, "content is empty"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no 'assistant' turn"),
-    ({"text": "just text"}, "mixed shapes"),
-    ({"question": "q"}, "no recognised keys"),
-    ([1, 2], "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ('{"prompt": "a", "completion": }', "invalid JSON"),
+        ({"prompt": "a"}, "missing key 'completion'"),
+        ({"prompt": "a", "completion": 3}, "'completion' must be a string, got a number"),
+        ({"prompt": "a", "completion": "   "}, "'completion' is empty"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}, "unknown role 'bot'"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}, "content is empty"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no 'assistant' turn"),
+        ({"text": "just text"}, "mixed shapes"),
+        ({"question": "q"}, "no recognised keys"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
 def test_bad_data_names_file_and_line(tmp_path, bad, expected):
-    good = ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-            if isinstance(bad, dict) and "messages" in bad else {"prompt": "ok", "completion": "fine"})
+    good = (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+        if isinstance(bad, dict) and "messages" in bad
+        else {"prompt": "ok", "completion": "fine"}
+    )
     path = _write(tmp_path, "bad.jsonl", [good, bad])
     with pytest.raises(DataError) as info:
         read_records(path)
@@ -177,8 +223,10 @@ def test_parquet_without_engine_says_what_to_install(tmp_path, monkeypatch):
 
 
 def test_file_not_in_utf8_is_refused_with_advice(tmp_path):
-    for name, text in (("d.csv", "prompt,completion\ncaf\xe9,ok\n"),
-                       ("d.jsonl", '{"prompt": "caf\xe9", "completion": "x"}\n')):
+    for name, text in (
+        ("d.csv", "prompt,completion\ncaf\xe9,ok\n"),
+        ("d.jsonl", '{"prompt": "caf\xe9", "completion": "x"}\n'),
+    ):
         (tmp_path / name).write_bytes(text.encode("latin-1"))  # as a spreadsheet on Windows saves it
         with pytest.raises(DataError, match=rf"{name}: not UTF-8 text.*save the file as UTF-8"):
             read_records(tmp_path / name)
@@ -192,6 +240,7 @@ def test_json_file_with_one_pretty_printed_object(tmp_path):
 
 # -- tokenizing and loss masks ----------------------------------------------------------------------
 
+
 def test_prompt_completion_masks_all_but_completion_and_end_token(chat_tok):
     record = Record.from_prompt_completion("What is the capital of France?", "Paris.")
     (example,), stats = tokenize_records([record], chat_tok)
@@ -199,15 +248,19 @@ def test_prompt_completion_masks_all_but_completion_and_end_token(chat_tok):
     # The unsupervised prefix is exactly the evaluation prompt, tokenized alone.
     prompt, reference = eval_pairs([record], chat_tok)[0]
     prefix = chat_tok(prompt, add_special_tokens=False)["input_ids"]
-    assert example["input_ids"][:len(prefix)] == prefix and reference == "Paris."
-    assert all(label == -100 for label in example["labels"][:len(prefix)])
+    assert example["input_ids"][: len(prefix)] == prefix and reference == "Paris."
+    assert all(label == -100 for label in example["labels"][: len(prefix)])
     assert stats.n_examples == 1 and stats.supervised_tokens == len(_supervised_runs(example)[0])
 
 
 def test_multi_turn_chat_supervises_only_assistant_turns(chat_tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France?"},
-                {"role": "assistant", "content": "Paris."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
     (example,), _ = tokenize_records([Record.from_messages(messages)], chat_tok)
     assert [chat_tok.decode(run) for run in _supervised_runs(example)] == ["Hello!<|im_end|>", "Paris.<|im_end|>"]
     assert chat_tok.decode(example["input_ids"]) == chat_tok.apply_chat_template(messages, tokenize=False)
@@ -228,11 +281,17 @@ def test_template_not_prefix_consistent_supervises_the_answer_not_the_question()
     # Rendering messages[:i] is not a prefix of the whole chat here (the marker moves to the last
     # turn), so the answer is searched for in the text; it also occurs in the user's turn.
     tok = _train_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{% if loop.last %}# final turn\n{% endif %}<|im_start|>"
-                         "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                {"role": "user", "content": "Say Paris"}, {"role": "assistant", "content": "Paris"}]
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.last %}# final turn\n{% endif %}<|im_start|>"
+        "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Say Paris"},
+        {"role": "assistant", "content": "Paris"},
+    ]
     (example,), _ = tokenize_records([Record.from_messages(messages)], tok)
     assert [tok.decode(r) for r in _supervised_runs(example)] == ["Hello<|im_end|>", "Paris<|im_end|>"]
     context = tok.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label == -100])
@@ -242,8 +301,12 @@ def test_template_not_prefix_consistent_supervises_the_answer_not_the_question()
 def test_template_without_end_token_gets_eos(plain_tok):
     tok = _train_tokenizer()
     tok.chat_template = NO_STOP
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Goodbye"},
+    ]
     (example,), _ = tokenize_records([Record.from_messages(messages)], tok)
     assert [tok.decode(r) for r in _supervised_runs(example)] == ["Hello", "Goodbye<|endoftext|>"]
 
@@ -271,8 +334,11 @@ def test_sentencepiece_style_tokenizer_keeps_masks_right():
 
 
 def test_chat_records_need_a_template(tmp_path, plain_tok):
-    path = _write(tmp_path, "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                          {"role": "assistant", "content": "yo"}]}])
+    path = _write(
+        tmp_path,
+        "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+    )
     with pytest.raises(DataError, match=r"chat\.jsonl:line 1: cannot render.*chat template"):
         tokenize_records(read_records(path), plain_tok)
 
@@ -308,7 +374,9 @@ def test_collator_pads_right(chat_tok):
     examples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
     batch = Collator(chat_tok)(examples)
     pad = chat_tok.pad_token_id
-    assert set(batch) == {"input_ids", "labels", "attention_mask"} and all(t.dtype == torch.long for t in batch.values())
+    assert set(batch) == {"input_ids", "labels", "attention_mask"} and all(
+        t.dtype == torch.long for t in batch.values()
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, pad, pad]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -323,6 +391,7 @@ def test_collator_pads_right(chat_tok):
 
 
 # -- demo task and metrics -------------------------------------------------------------------------
+
 
 def test_demo_dataset_is_deterministic(tmp_path):
     a = write_demo_dataset(tmp_path / "a", n_train=60, n_test=20, seed=0)
@@ -389,11 +458,15 @@ def test_parquet_prompt_completion_and_chat(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 
-    pq.write_table(pa.Table.from_pylist([{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]),
-                   tmp_path / "pc.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": "c2"}]),
+        tmp_path / "pc.parquet",
+    )
     records = read_records(tmp_path / "pc.parquet")
-    assert [(r.kind, r.prompt, r.completion) for r in records] == [("prompt_completion", "p1", "c1"),
-                                                                    ("prompt_completion", "p2", "c2")]
+    assert [(r.kind, r.prompt, r.completion) for r in records] == [
+        ("prompt_completion", "p1", "c1"),
+        ("prompt_completion", "p2", "c2"),
+    ]
     chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
     pq.write_table(pa.Table.from_pylist(chats), tmp_path / "chat.parquet")
     (record,) = read_records(tmp_path / "chat.parquet")

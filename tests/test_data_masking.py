@@ -22,8 +22,12 @@ def sp_tok():
     return _train_tokenizer(sentencepiece_style=True)
 
 
-STYLES = {"byte-level": {}, "byte-level-prefix-space": {"prefix_space": True}, "sp-always": {"sentencepiece_style": True},
-          "sp-first": {"sentencepiece_style": True, "prepend_scheme": "first"}}
+STYLES = {
+    "byte-level": {},
+    "byte-level-prefix-space": {"prefix_space": True},
+    "sp-always": {"sentencepiece_style": True},
+    "sp-first": {"sentencepiece_style": True, "prepend_scheme": "first"},
+}
 
 
 @pytest.fixture(scope="module", params=list(STYLES))
@@ -34,8 +38,11 @@ def style_tok(request):
 
 
 def _tokens(tok, example, supervised: bool):
-    return [t for t, label in zip(tok.convert_ids_to_tokens(example["input_ids"]), example["labels"])
-            if (label != IGNORE) == supervised]
+    return [
+        t
+        for t, label in zip(tok.convert_ids_to_tokens(example["input_ids"]), example["labels"])
+        if (label != IGNORE) == supervised
+    ]
 
 
 def _split(example) -> tuple[list[int], list[int]]:
@@ -66,8 +73,8 @@ def test_training_prompt_is_the_generation_prompt_at_any_boundary(style_tok, pro
     context, answer = _split(example)
     # The model is trained on exactly the tokens generation will give it ...
     assert context == _generation_ids(tok, render_prompt(tok, prompt))
-    assert all(label == IGNORE for label in example["labels"][:len(context)])
-    assert example["labels"][len(context):] == answer and answer[-1] == tok.eos_token_id
+    assert all(label == IGNORE for label in example["labels"][: len(context)])
+    assert example["labels"][len(context) :] == answer and answer[-1] == tok.eos_token_id
     # ... and learns to go on with the completion: its text, no "▁" more (decoding adds no space).
     assert tok.decode(context + answer[:-1]) == tok.decode(context) + completion
 
@@ -75,13 +82,15 @@ def test_training_prompt_is_the_generation_prompt_at_any_boundary(style_tok, pro
 def test_prompt_ending_in_space_leaves_the_answer_without_one(sp_tok):
     # Llama-2 style: "[INST] q [/INST] " + "answer". Generation sees the prompt's space as a
     # last "▁" token, so the answer must be learned as "N", "airobi", not "▁Nairobi".
-    (example,), stats = tokenize_records([Record.from_prompt_completion("Capital of Kenya? Answer: ", "Nairobi")],
-                                         sp_tok)
+    (example,), stats = tokenize_records(
+        [Record.from_prompt_completion("Capital of Kenya? Answer: ", "Nairobi")], sp_tok
+    )
     assert _tokens(sp_tok, example, supervised=False)[-2:] == [":", "▁"]
     assert _tokens(sp_tok, example, supervised=True) == ["N", "airobi", "<|endoftext|>"]
     assert stats.supervised_tokens == 3
-    (example,), _ = tokenize_records([Record.from_prompt_completion("Capital of France? Answer: ", "Paris is.")],
-                                     sp_tok)
+    (example,), _ = tokenize_records(
+        [Record.from_prompt_completion("Capital of France? Answer: ", "Paris is.")], sp_tok
+    )
     assert sp_tok.decode(_supervised_runs(example)[0]) == "Paris is.<|endoftext|>"
     context = [t for t, label in zip(example["input_ids"], example["labels"]) if label == IGNORE]
     assert sp_tok.decode(context) == "Capital of France? Answer: "  # and nothing of the answer
@@ -91,8 +100,9 @@ def test_prompt_ending_in_space_leaves_the_answer_without_one(sp_tok):
 def test_generation_prompt_ending_in_space_chat_template(prepend_scheme):
     tok = _train_tokenizer(sentencepiece_style=True, prepend_scheme=prepend_scheme)
     tok.chat_template = NO_STOP  # the generation prompt ends in "assistant: "
-    record = Record.from_messages([{"role": "user", "content": "Capital of Kenya?"},
-                                   {"role": "assistant", "content": "Nairobi"}])
+    record = Record.from_messages(
+        [{"role": "user", "content": "Capital of Kenya?"}, {"role": "assistant", "content": "Nairobi"}]
+    )
     (example,), _ = tokenize_records([record], tok)
     assert _split(example)[0] == _generation_ids(tok, eval_pairs([record], tok)[0].prompt)
     # EOS follows the answer, before the template's trailing "\n\n" (which stays context).
@@ -104,17 +114,25 @@ def test_generation_prompt_ending_in_space_chat_template(prepend_scheme):
 def test_multi_turn_chat_answers_follow_their_generation_prompts(prepend_scheme):
     tok = _train_tokenizer(sentencepiece_style=True, prepend_scheme=prepend_scheme)
     tok.chat_template = CHATML  # "always" also puts a "▁" after each special token
-    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]
+    messages = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
     (example,), _ = tokenize_records([Record.from_messages(messages)], tok)
     assert [tok.decode(run) for run in _supervised_runs(example)] == ["Hello!<|im_end|>", "Paris.<|im_end|>"]
-    starts = [i for i, label in enumerate(example["labels"])
-              if label != IGNORE and (i == 0 or example["labels"][i - 1] == IGNORE)]
+    starts = [
+        i
+        for i, label in enumerate(example["labels"])
+        if label != IGNORE and (i == 0 or example["labels"][i - 1] == IGNORE)
+    ]
     for start, turn in zip(starts, (1, 3)):
         prompt = tok.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
         assert example["input_ids"][:start] == _generation_ids(tok, prompt)
     assert tok.convert_ids_to_tokens(example["input_ids"]) == tok.convert_ids_to_tokens(
-        _generation_ids(tok, tok.apply_chat_template(messages, tokenize=False)))
+        _generation_ids(tok, tok.apply_chat_template(messages, tokenize=False))
+    )
 
 
 def test_token_straddling_the_boundary_is_split_there(sp_tok):
@@ -122,7 +140,7 @@ def test_token_straddling_the_boundary_is_split_there(sp_tok):
     # boundary. Generation sees "▁P", "a", so the answer is learned from "r" on.
     (example,), _ = tokenize_records([Record.from_prompt_completion("Capital? A: Pa", "ris is.")], sp_tok)
     tokens = sp_tok.convert_ids_to_tokens(example["input_ids"])
-    assert tokens[tokens.index("▁P"):] == ["▁P", "a", "r", "is", "▁is", ".", "<|endoftext|>"]
+    assert tokens[tokens.index("▁P") :] == ["▁P", "a", "r", "is", "▁is", ".", "<|endoftext|>"]
     assert _tokens(sp_tok, example, supervised=True) == ["r", "is", "▁is", ".", "<|endoftext|>"]
 
 
@@ -162,14 +180,14 @@ def test_token_segment_rules():
 
 # -- packing whole examples -------------------------------------------------------------------------
 
+
 def _example(first: int, n: int, n_prompt: int) -> dict[str, list[int]]:
     ids = list(range(first, first + n))
     return {"input_ids": ids, "labels": [IGNORE] * n_prompt + ids[n_prompt:]}
 
 
 def test_pack_examples_is_greedy_over_whole_examples():
-    a, b, c, d, e = (_example(10, 2, 1), _example(20, 3, 1), _example(30, 3, 2), _example(40, 2, 0),
-                     _example(50, 7, 1))
+    a, b, c, d, e = (_example(10, 2, 1), _example(20, 3, 1), _example(30, 3, 2), _example(40, 2, 0), _example(50, 7, 1))
     blocks = pack_examples([a, b, c, d, e], block_size=5)
     assert [blk["input_ids"] for blk in blocks] == [[10, 11, 20, 21, 22], [30, 31, 32, 40, 41], [50, 51, 52, 53, 54]]
     assert blocks[0]["labels"] == [IGNORE, 11, IGNORE, 21, 22]  # each label stays on its token
@@ -178,9 +196,11 @@ def test_pack_examples_is_greedy_over_whole_examples():
     assert pack_examples([_example(1, 3, 3), a], block_size=5) == [a]
 
 
-def test_packing_keeps_examples_whole_and_trains_every_answer_token(chat_tok):
-    records = [Record.from_prompt_completion(f"Question {i}?" + " Hello there." * (i % 4), f"Answer number {i}.")
-               for i in range(12)]
+def test_packing_keeps_examples_whole_and_trains_every_answer_token(chat_tok):  # noqa: F811 (fixture)
+    records = [
+        Record.from_prompt_completion(f"Question {i}?" + " Hello there." * (i % 4), f"Answer number {i}.")
+        for i in range(12)
+    ]
     plain, _ = tokenize_records(records, chat_tok, max_length=100)
     packed, stats = tokenize_records(records, chat_tok, max_length=100, packing=True)
     assert stats.packed and stats.n_examples == len(packed) < len(plain)
@@ -203,6 +223,7 @@ def test_packing_keeps_examples_whole_and_trains_every_answer_token(chat_tok):
 
 
 # -- the pad-token fallback ---------------------------------------------------------------------------
+
 
 def test_pad_token_falls_back_to_eos():
     from lorakit.models.tokenizer import pad_or_eos_id
@@ -234,20 +255,24 @@ def test_gguf_conversion_records_the_missing_pad_token(monkeypatch, tmp_path):
 
 # -- generation prompts are training prompts --------------------------------------------------------
 
+
 def _bos_tokenizer(**style):
     """A tokenizer that adds BOS by default, as Llama's do."""
     from tokenizers.processors import TemplateProcessing
 
     tok = _train_tokenizer(**style)
     tok.add_special_tokens({"bos_token": "<s>"})
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
-                                                              special_tokens=[("<s>", tok.bos_token_id)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
     return tok
 
 
-@pytest.mark.parametrize("user_text, completion", [("What is the capital of France?\nAnswer:", " Paris."),
-                                                   ("What is the capital of France?\nAnswer: ", "Paris.")],
-                         ids=["answer-with-space", "prompt-with-space"])
+@pytest.mark.parametrize(
+    "user_text, completion",
+    [("What is the capital of France?\nAnswer:", " Paris."), ("What is the capital of France?\nAnswer: ", "Paris.")],
+    ids=["answer-with-space", "prompt-with-space"],
+)
 @pytest.mark.parametrize("template", [CHATML, None], ids=["chat-template", "no-template"])
 @pytest.mark.parametrize("style", list(STYLES))
 def test_generation_prompt_is_the_training_prompt(template, style, user_text, completion):
@@ -267,8 +292,11 @@ def test_chat_command_prompt_is_the_conversation_or_the_last_turn(template):
     as a single prompt (it used to call apply_chat_template, which fails without a template)."""
     tok = _bos_tokenizer()
     tok.chat_template = template
-    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-               {"role": "user", "content": "Capital of France?"}]
+    history = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
     got = Renderer(tok).conversation_prompt(history)
     if template is None:
         assert got == render_prompt(tok, "Capital of France?") == "<s>Capital of France?"

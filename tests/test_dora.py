@@ -96,9 +96,14 @@ def test_dropout_path_matches_formula():
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("target,inputs", [("lin", lambda: torch.randn(3, 6, dtype=torch.float64)),
-                                           ("emb", lambda: torch.tensor([[1, 2, 9]])),
-                                           ("conv", lambda: torch.randn(2, 3, 5, 5, dtype=torch.float64))])
+@pytest.mark.parametrize(
+    "target,inputs",
+    [
+        ("lin", lambda: torch.randn(3, 6, dtype=torch.float64)),
+        ("emb", lambda: torch.tensor([[1, 2, 9]])),
+        ("conv", lambda: torch.randn(2, 3, 5, 5, dtype=torch.float64)),
+    ],
+)
 def test_merge_and_unmerge(target, inputs):
     net, layer = dora_net(target)
     x = inputs()
@@ -117,23 +122,26 @@ def test_adapter_batch_with_dora(ids):
     singles = []
     for i, name in enumerate(["d", "p", "d"]):
         lorakit.set_adapter(model, name)
-        singles.append(model(ids[i:i + 1]).logits)
+        singles.append(model(ids[i : i + 1]).logits)
     with lorakit.adapter_batch(model, ["d", "p", "d"]):
         mixed = model(ids).logits
     for i in range(3):
-        torch.testing.assert_close(mixed[i:i + 1], singles[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[i : i + 1], singles[i], rtol=1e-5, atol=1e-5)
 
 
 def test_dora_round_trips_through_peft(tmp_path, ids):
     model = tiny_llama()
-    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True))
+    lorakit.add_adapter(
+        model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True)
+    )
     randomize_adapters(model, 0.2)
     expected = model(ids).logits
     lorakit.save_adapter(model, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
     torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-5, atol=1e-5)
-    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
-                                                                   target_modules=["q_proj", "embed_tokens"])).eval()
+    peft_model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "embed_tokens"])
+    ).eval()
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
@@ -212,8 +220,11 @@ def apply_weight(target, weight, bias, x):
     return nn.functional.conv2d(x, weight, bias, padding=1)
 
 
-INPUTS = {"lin": lambda: torch.randn(3, 6, dtype=torch.float64), "emb": lambda: torch.tensor([[1, 2, 9]]),
-          "conv": lambda: torch.randn(2, 3, 5, 5, dtype=torch.float64)}
+INPUTS = {
+    "lin": lambda: torch.randn(3, 6, dtype=torch.float64),
+    "emb": lambda: torch.tensor([[1, 2, 9]]),
+    "conv": lambda: torch.randn(2, 3, 5, 5, dtype=torch.float64),
+}
 KINDS = [("lora", "dora"), ("dora", "lora"), ("dora", "dora")]
 
 

@@ -70,12 +70,12 @@ def test_base_norms_are_cached_recomputed_on_change_and_dropped_with_the_weight(
 
 def test_dora_merge_rule():
     """GPU (Triton build): training batches merge as before; CPU training batches stay factored."""
-    assert dispatch.dora_merge_directions(8192, 2048, 8192, fused_build=True) == (True, True)   # 1B gate/up
-    assert dispatch.dora_merge_directions(8192, 8192, 2048, fused_build=True) == (True, True)   # 1B down
-    assert dispatch.dora_merge_directions(512, 576, 576, fused_build=False) == (False, False)   # CPU benchmark
+    assert dispatch.dora_merge_directions(8192, 2048, 8192, fused_build=True) == (True, True)  # 1B gate/up
+    assert dispatch.dora_merge_directions(8192, 8192, 2048, fused_build=True) == (True, True)  # 1B down
+    assert dispatch.dora_merge_directions(512, 576, 576, fused_build=False) == (False, False)  # CPU benchmark
     assert dispatch.dora_merge_directions(512, 1536, 576, fused_build=False) == (False, False)
-    assert dispatch.dora_merge_directions(1, 2048, 2048, fused_build=True) == (False, False)     # generation
-    assert dispatch.dora_merge_directions(4096, 576, 576, fused_build=False) == (True, True)    # long CPU batch
+    assert dispatch.dora_merge_directions(1, 2048, 2048, fused_build=True) == (False, False)  # generation
+    assert dispatch.dora_merge_directions(4096, 576, 576, fused_build=False) == (True, True)  # long CPU batch
 
 
 def test_only_parameters_are_kept():

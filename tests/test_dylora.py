@@ -24,7 +24,7 @@ def test_nested_rank_is_the_first_b_ranks(rslora):
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 32)
     A, B = layer.lora_A["default"], layer.lora_B["default"]
-    scale = 16 / (3 ** 0.5 if rslora else 3)
+    scale = 16 / (3**0.5 if rslora else 3)
     with nested_rank(model, 3):
         torch.testing.assert_close(layer(x), layer.base_layer(x) + scale * x @ A[:3].T @ B[:, :3].T)
     torch.testing.assert_close(layer(x), layer.base_layer(x) + layer.scaling["default"] * x @ A.T @ B.T)
@@ -58,8 +58,15 @@ def test_trainer_samples_ranks_and_every_rank_learns(tmp_path):
     for b in before:
         with nested_rank(model, b):
             before[b] = eval_loss(model, data, collate)
-    run_loop(model, None, TrainConfig(data="x", lr=2e-2, max_steps=30, batch_size=8, device="cpu"), data, collate,
-             tmp_path, progress=False)
+    run_loop(
+        model,
+        None,
+        TrainConfig(data="x", lr=2e-2, max_steps=30, batch_size=8, device="cpu"),
+        data,
+        collate,
+        tmp_path,
+        progress=False,
+    )
     assert all(not layer.nested_rank for _, layer in lora_layers(model))  # reset after training
     after = {}
     for b in before:
@@ -83,8 +90,9 @@ def test_truncate_refuses_adapters_without_a_rank_prefix(flags, ids):
 
 def test_sampled_rank_covers_ranks_above_r_from_rank_pattern():
     model = tiny_llama()
-    lorakit.add_adapter(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 6},
-                                          dylora=True))
+    lorakit.add_adapter(
+        model, LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 6}, dylora=True)
+    )
     attn = model.model.layers[0].self_attn
     drawn = set()
     for seed in range(100):
@@ -98,12 +106,21 @@ def test_sampled_rank_covers_ranks_above_r_from_rank_pattern():
 
 def test_trainer_trains_the_ranks_above_r(tmp_path):
     model = tiny_llama()
-    lorakit.add_adapter(model, LoraConfig(r=2, alpha=4, target_modules=["q_proj"], rank_pattern={"layers.0.*q_proj": 6},
-                                          dylora=True, seed=0))
+    lorakit.add_adapter(
+        model,
+        LoraConfig(r=2, alpha=4, target_modules=["q_proj"], rank_pattern={"layers.0.*q_proj": 6}, dylora=True, seed=0),
+    )
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.rank("default") == 6 and not q_proj.lora_B["default"].any()  # B starts at zero
-    run_loop(model, None, TrainConfig(data="x", lr=1e-2, max_steps=6, batch_size=8, device="cpu"), examples(16),
-             collate, tmp_path, progress=False)
+    run_loop(
+        model,
+        None,
+        TrainConfig(data="x", lr=1e-2, max_steps=6, batch_size=8, device="cpu"),
+        examples(16),
+        collate,
+        tmp_path,
+        progress=False,
+    )
     assert q_proj.lora_B["default"][:, 2:].any()  # ranks above r got trained (that all are drawn: the test above)
 
 

@@ -78,10 +78,19 @@ def spy_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("config", [
-    {}, {"use_rslora": True}, {"lora_fa": True}, {"bias": "all"}, {"use_dora": True}, {"adalora": True},
-    {"init": "pissa"},
-], ids=["lora", "rslora", "lora-fa", "bias", "dora", "adalora", "pissa"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},
+        {"use_rslora": True},
+        {"lora_fa": True},
+        {"bias": "all"},
+        {"use_dora": True},
+        {"adalora": True},
+        {"init": "pissa"},
+    ],
+    ids=["lora", "rslora", "lora-fa", "bias", "dora", "adalora", "pissa"],
+)
 def test_fast_matches_reference_float64(strategy, config, monkeypatch):
     net = adapted(**config)
     calls = spy_calls(monkeypatch)
@@ -134,7 +143,7 @@ def test_bf16_within_rounding_of_float64_formula(strategy, use_dora):
         for key, g in exact_grads.items():
             errors[fast].append(((grads[key].double() - g).abs().max() / g.abs().max()).item())
     for fast_err, ref_err in zip(errors[True], errors[False]):
-        assert fast_err < max(3 * ref_err, 2 ** -7), errors
+        assert fast_err < max(3 * ref_err, 2**-7), errors
 
 
 def test_autocast_uses_fast_path_and_matches_reference(monkeypatch):
@@ -165,8 +174,9 @@ def test_llama_loss_and_all_gradients_match(strategy, dropout):
         torch.testing.assert_close(fast_grads[name], ref_grads[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("case", ["two-active", "vera", "row-routing", "merged", "dtype-mismatch", "disabled",
-                                  "trainable-base"])
+@pytest.mark.parametrize(
+    "case", ["two-active", "vera", "row-routing", "merged", "dtype-mismatch", "disabled", "trainable-base"]
+)
 def test_reference_path_where_fused_does_not_apply(case, monkeypatch):
     """The fused path steps aside (and results stay right) whenever it does not cover the case."""
     if case == "vera":
@@ -229,12 +239,13 @@ def test_mixed_directions_match_formula(merge_forward, merge_backward):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("use_dora,act", [(False, "silu"), (True, "silu"), (False, "gelu_pytorch_tanh")],
-                         ids=["lora", "dora", "lora-gelu"])
+@pytest.mark.parametrize(
+    "use_dora,act", [(False, "silu"), (True, "silu"), (False, "gelu_pytorch_tanh")], ids=["lora", "dora", "lora-gelu"]
+)
 def test_gated_mlp_is_fused_and_matches_reference(strategy, use_dora, act, monkeypatch):
     """Llama's MLP runs as one fused function (h recomputed in backward) with the same results."""
-    from lorakit.patching import gated_mlp
     from lorakit.kernels.gated_mlp import GatedMlpFunction
+    from lorakit.patching import gated_mlp
 
     model = adapted_llama(use_dora, act=act)
     mlp = model.model.layers[0].mlp
@@ -254,7 +265,9 @@ def test_gated_mlp_is_fused_and_matches_reference(strategy, use_dora, act, monke
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
-    assert isinstance(torch.load(buffer, weights_only=False).model.layers[0].mlp.forward, gated_mlp.FusedOrOriginalForward)
+    assert isinstance(
+        torch.load(buffer, weights_only=False).model.layers[0].mlp.forward, gated_mlp.FusedOrOriginalForward
+    )
     lorakit.unload(model)
     assert "forward" not in mlp.__dict__
 
@@ -328,9 +341,9 @@ def test_dora_norm_follows_base_weight_changes(strategy):
 
 def test_merge_directions_follow_the_traffic_rule():
     """Forward merges when N > 2 d_in, backward when N > 2 d_out (dispatch.py's docstring)."""
-    assert dispatch.merge_directions(8192, 2048, 8192) == (True, False)   # gate/up of the 1B benchmark
-    assert dispatch.merge_directions(8192, 8192, 2048) == (False, True)   # down
-    assert dispatch.merge_directions(1, 2048, 2048) == (False, False)     # generation never merges
+    assert dispatch.merge_directions(8192, 2048, 8192) == (True, False)  # gate/up of the 1B benchmark
+    assert dispatch.merge_directions(8192, 8192, 2048) == (False, True)  # down
+    assert dispatch.merge_directions(1, 2048, 2048) == (False, False)  # generation never merges
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])

@@ -31,9 +31,11 @@ def expected_logits(path):
         return model(IDS).logits
 
 
-@pytest.mark.parametrize("config", [{"r": 4}, {"r": 2, "alpha": 3}, {"r": 3, "use_rslora": True},
-                                    {"r": 2, "target_modules": ["q_proj", "v_proj"]}],
-                         ids=["same-rank", "smaller-rank", "rslora", "fewer-modules"])
+@pytest.mark.parametrize(
+    "config",
+    [{"r": 4}, {"r": 2, "alpha": 3}, {"r": 3, "use_rslora": True}, {"r": 2, "target_modules": ["q_proj", "v_proj"]}],
+    ids=["same-rank", "smaller-rank", "rslora", "fewer-modules"],
+)
 def test_swapped_in_adapter_gives_its_own_outputs(tmp_path, config):
     slot = tiny_llama().double()
     lorakit.add_adapter(slot, LoraConfig(r=4, alpha=16, target_modules="all-linear"))
@@ -61,11 +63,13 @@ def test_refusals_leave_the_slot_untouched(tmp_path, case):
     targets = ["q_proj", "v_proj"] if case == "extra-modules" else "all-linear"
     lorakit.add_adapter(slot, LoraConfig(r=4, target_modules=targets, use_dora=case == "lora-into-dora"))
     randomize_adapters(slot)
-    source = {"larger-rank": lambda: adapter_dir(tmp_path, "big", 3, r=8),
-              "extra-modules": lambda: adapter_dir(tmp_path, "all", 3, r=2),
-              "lora-into-dora": lambda: adapter_dir(tmp_path, "plain", 3, r=2),
-              "not-a-directory": lambda: tmp_path / "missing",
-              "merged": lambda: adapter_dir(tmp_path, "any", 3, r=2)}[case]()
+    source = {
+        "larger-rank": lambda: adapter_dir(tmp_path, "big", 3, r=8),
+        "extra-modules": lambda: adapter_dir(tmp_path, "all", 3, r=2),
+        "lora-into-dora": lambda: adapter_dir(tmp_path, "plain", 3, r=2),
+        "not-a-directory": lambda: tmp_path / "missing",
+        "merged": lambda: adapter_dir(tmp_path, "any", 3, r=2),
+    }[case]()
     if case == "merged":
         lorakit.merge(slot)
     before = {k: v.clone() for k, v in slot.state_dict().items()}

@@ -132,12 +132,12 @@ def test_adapter_batch(fast, ids):
     for row, name in enumerate(["b", None, "a"]):
         if name is None:
             with torch.no_grad(), lorakit.disable_adapters(model):
-                want = model(ids[row:row + 1]).logits
+                want = model(ids[row : row + 1]).logits
         else:
             lorakit.set_adapter(model, name)
             with torch.no_grad():
-                want = model(ids[row:row + 1]).logits
-        torch.testing.assert_close(got[row:row + 1], want)
+                want = model(ids[row : row + 1]).logits
+        torch.testing.assert_close(got[row : row + 1], want)
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
@@ -192,8 +192,9 @@ def _experts():
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
-@pytest.mark.parametrize("build", [_gpt2, _embedding, _conv2d, _experts],
-                         ids=["conv1d", "embedding", "conv2d", "experts"])
+@pytest.mark.parametrize(
+    "build", [_gpt2, _embedding, _conv2d, _experts], ids=["conv1d", "embedding", "conv2d", "experts"]
+)
 def test_every_layer_kind(build, fast, ids):
     model, run = build()
     visible(model)

@@ -6,11 +6,18 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, TargetError
-from lorakit.layers import LoraEmbedding, LoraLinear, ModulesToSave
+from lorakit.layers import LoraEmbedding, ModulesToSave
 from lorakit.state import lora_layers
 
-from .tiny import (adapted_llama, model_loss_and_grads, randomize_adapters, tiny_bert_classifier, tiny_gpt2,
-                   tiny_llama, train_steps)
+from .tiny import (
+    adapted_llama,
+    model_loss_and_grads,
+    randomize_adapters,
+    tiny_bert_classifier,
+    tiny_gpt2,
+    tiny_llama,
+    train_steps,
+)
 
 
 def adapted_paths(model):
@@ -36,7 +43,9 @@ def test_target_forms():
 
 def test_all_linear_skips_the_output_head_and_honours_filters():
     model = tiny_llama()
-    lorakit.add_adapter(model, LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"], layers_to_transform=[1]))
+    lorakit.add_adapter(
+        model, LoraConfig(target_modules="all-linear", exclude_modules=["o_proj"], layers_to_transform=[1])
+    )
     paths = adapted_paths(model)
     assert "lm_head" not in paths and len(paths) == 6
     assert all(p.startswith("model.layers.1.") and not p.endswith("o_proj") for p in paths)
@@ -53,8 +62,14 @@ def test_gpt2_all_linear_uses_conv1d():
 def test_llama_7b_count_on_meta_device():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     lorakit.add_adapter(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
@@ -198,8 +213,11 @@ def test_two_adapters_on_one_model():
 
 # --- refusals that leave the model untouched ------------------------------------------------
 
+
 def snapshot(model):
-    return [(n, type(m).__name__) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+    return [(n, type(m).__name__) for n, m in model.named_modules()], {
+        k: v.clone() for k, v in model.state_dict().items()
+    }
 
 
 def assert_untouched(model, snap):
@@ -285,8 +303,9 @@ def test_a_training_step_compiles_to_one_graph(ids, use_dora):
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("use_dora, hint", [(False, True), (True, True), (True, False)],
-                         ids=["lora", "dora", "dora-without-hint"])
+@pytest.mark.parametrize(
+    "use_dora, hint", [(False, True), (True, True), (True, False)], ids=["lora", "dora", "dora-without-hint"]
+)
 def test_batches_on_both_sides_of_the_merge_choice_share_one_dynamic_graph(use_dora, hint, monkeypatch):
     """The fused path's merge-or-factor choice reads the traced batch's token count without a
     guard. After the first shape's graph and one dynamic graph (traced at 80 tokens: merged), a

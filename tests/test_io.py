@@ -60,7 +60,9 @@ def test_load_trainable_and_named(tmp_path):
 
 def test_modules_to_save_and_bias_round_trip(tmp_path, ids):
     model = tiny_bert_classifier()
-    lorakit.add_adapter(model, LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"], bias="lora_only"))
+    lorakit.add_adapter(
+        model, LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"], bias="lora_only")
+    )
     randomize_adapters(model)
     with torch.no_grad():
         model.classifier.modules_to_save["default"].weight.mul_(3)
@@ -158,6 +160,7 @@ def test_save_failing_at_any_rename_leaves_the_earlier_adapter(tmp_path, monkeyp
             if len(calls) == fail_at:
                 raise OSError("rename failed")
             return real(src, dst, *args, **kwargs)
+
         return rename
 
     monkeypatch.setattr(os, "rename", counted(real_rename))
@@ -266,10 +269,19 @@ def test_ctrl_c_at_any_step_of_a_save_leaves_the_folder_as_it_was(tmp_path, monk
                 if len(calls) == fail_at:
                     raise KeyboardInterrupt
             return real(*args, **kwargs)
+
         return call
 
-    for owner, attr in [(os, "mkdir"), (os, "open"), (os, "rename"), (os, "replace"), (os, "unlink"),
-                        (os, "rmdir"), (Path, "write_text"), (lorakit.io.save, "save_file")]:
+    for owner, attr in [
+        (os, "mkdir"),
+        (os, "open"),
+        (os, "rename"),
+        (os, "replace"),
+        (os, "unlink"),
+        (os, "rmdir"),
+        (Path, "write_text"),
+        (lorakit.io.save, "save_file"),
+    ]:
         monkeypatch.setattr(owner, attr, interrupting(getattr(owner, attr)))
     for fail_at in range(1, 40):
         calls.clear()
@@ -315,8 +327,9 @@ def test_exact_module_list_is_saved_so_that_no_namesake_matches(tmp_path):
     # A regex with layers_to_transform is saved as the adapted modules' paths; the list
     # ["layers.1"] would also select block.layers.1 on load (in lorakit and in PEFT).
     model = TwoStacks()
-    lorakit.add_adapter(model, LoraConfig(r=2, target_modules="all-linear", layers_to_transform=[1],
-                                          exclude_modules=r"block\..*"))
+    lorakit.add_adapter(
+        model, LoraConfig(r=2, target_modules="all-linear", layers_to_transform=[1], exclude_modules=r"block\..*")
+    )
     randomize_adapters(model, std=0.3)
     x = torch.randn(3, 5)
     with torch.no_grad():
@@ -399,7 +412,10 @@ def test_shape_mismatch_names_module_and_shapes(tmp_path):
     lorakit.save_adapter(trained_llama(), tmp_path)
     bigger = tiny_llama(hidden=64)
     snap = snapshot(bigger)
-    with pytest.raises(AdapterFileError, match=r"module 'model.layers.0.self_attn.q_proj' has shape \(4, 32\) in the file but the model needs \(4, 64\)"):
+    with pytest.raises(
+        AdapterFileError,
+        match=r"module 'model.layers.0.self_attn.q_proj' has shape \(4, 32\) in the file but the model needs \(4, 64\)",
+    ):
         lorakit.load_adapter(bigger, tmp_path)
     assert_unchanged(bigger, snap)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.safe_files.atomic import replace_files_in_folder, write_atomically
 from lorakit.io.layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+from lorakit.safe_files.atomic import replace_files_in_folder, write_atomically
 
 from .test_io import folder_bytes, trained_llama
 from .tiny import tiny_llama
@@ -157,11 +157,14 @@ def kill_at(step, out, files, removes):
                     if count[0] == step:
                         os.kill(os.getpid(), signal.SIGKILL)
                     return real(*args, **kwargs)
+
                 return call
 
             for attr in ("open", "fsync", "rename", "replace", "unlink"):
                 setattr(os, attr, counting(getattr(os, attr)))
-            writes = {name: counting(lambda tmp, data=data: open(tmp, "wb").write(data)) for name, data in files.items()}
+            writes = {
+                name: counting(lambda tmp, data=data: open(tmp, "wb").write(data)) for name, data in files.items()
+            }
             replace_files_in_folder(out, writes, removes=removes)
         finally:
             os._exit(0)
@@ -180,8 +183,9 @@ def test_a_save_killed_at_any_step_is_finished_or_undone_by_the_next_load(two_ad
     after = {**bytes_b, "README.md": b"notes"}
     outcomes = []
     for step in range(1, 100):
-        ended = kill_at(step, out, {WEIGHTS_NAME: bytes_b[WEIGHTS_NAME], CONFIG_NAME: bytes_b[CONFIG_NAME]},
-                        (LEGACY_WEIGHTS_NAME,))
+        ended = kill_at(
+            step, out, {WEIGHTS_NAME: bytes_b[WEIGHTS_NAME], CONFIG_NAME: bytes_b[CONFIG_NAME]}, (LEGACY_WEIGHTS_NAME,)
+        )
         model = tiny_llama()
         lorakit.load_adapter(model, out)
         found = folder_bytes(out)

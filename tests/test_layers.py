@@ -90,8 +90,12 @@ def test_gpt2_conv1d_matches_formula():
 def test_merge_equals_unmerged_and_unmerge_restores(targets):
     net = adapted(targets)
     layer = getattr(net, targets[0])
-    inputs = {"lin": torch.randn(2, 6), "emb": torch.tensor([[1, 2, 3]]), "c1": torch.randn(2, 3, 9),
-              "c2": torch.randn(2, 3, 8, 7)}[targets[0]]
+    inputs = {
+        "lin": torch.randn(2, 6),
+        "emb": torch.tensor([[1, 2, 3]]),
+        "c1": torch.randn(2, 3, 9),
+        "c2": torch.randn(2, 3, 8, 7),
+    }[targets[0]]
     if inputs.is_floating_point():
         inputs = inputs.double()
     weight0 = layer.weight.clone()
@@ -146,8 +150,10 @@ def test_dropout_applies_to_adapter_input_only_in_training():
     torch.testing.assert_close(out, layer.base_layer(x) + 2.0 * (dropped @ A.T @ B.T))
 
 
-@pytest.mark.parametrize("base_dtype,expected", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                 (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "base_dtype,expected",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+)
 def test_adapter_dtype_auto(base_dtype, expected):
     net = nn.Sequential(nn.Linear(8, 8, dtype=base_dtype))
     lorakit.add_adapter(net, lorakit.LoraConfig(r=2, target_modules=["0"]))

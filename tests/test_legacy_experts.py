@@ -20,21 +20,37 @@ def tiny_moe(kind: str):
     if kind == "mixtral":
         config = MixtralConfig(**common, intermediate_size=I, num_local_experts=E, num_experts_per_tok=2)
     else:
-        config = Qwen2MoeConfig(**common, intermediate_size=40, moe_intermediate_size=I, shared_expert_intermediate_size=40,
-                                num_experts=E, num_experts_per_tok=2, decoder_sparse_step=1)
+        config = Qwen2MoeConfig(
+            **common,
+            intermediate_size=40,
+            moe_intermediate_size=I,
+            shared_expert_intermediate_size=40,
+            num_experts=E,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+        )
     config._experts_implementation = "eager"  # float64 below; the grouped GEMM takes no float64
     torch.manual_seed(0)
-    return MixtralForCausalLM(config).double().eval() if kind == "mixtral" else Qwen2MoeForCausalLM(config).double().eval()
+    return (
+        MixtralForCausalLM(config).double().eval() if kind == "mixtral" else Qwen2MoeForCausalLM(config).double().eval()
+    )
 
 
 # Per model: the transformers-4 name of the MoE block, its expert layers (name: (d_in, d_out)) and
 # where each lands in transformers 5: (stack, row offset of its output in the stack) per layer name.
 LAYOUTS = {
-    "mixtral": ("block_sparse_moe", {"w1": (H, I), "w3": (H, I), "w2": (I, H)},
-                {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", I), "w2": ("down_proj", 0)}, "mlp"),
-    "qwen2_moe": ("mlp", {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)},
-                  {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", I), "down_proj": ("down_proj", 0)},
-                  "mlp"),
+    "mixtral": (
+        "block_sparse_moe",
+        {"w1": (H, I), "w3": (H, I), "w2": (I, H)},
+        {"w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", I), "w2": ("down_proj", 0)},
+        "mlp",
+    ),
+    "qwen2_moe": (
+        "mlp",
+        {"gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)},
+        {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", I), "down_proj": ("down_proj", 0)},
+        "mlp",
+    ),
 }
 
 
@@ -58,9 +74,17 @@ def write_v4_adapter(directory, kind, ranks, alpha=4.0, rslora=False, extra_modu
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     targets = list(layers) + [name.rsplit(".", 1)[-1] for name, _ in extra_modules]
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0,
-              "bias": "none", "use_rslora": rslora, "rank_pattern": {k: v for k, v in ranks.items()},
-              "task_type": "CAUSAL_LM"}
+    config = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": alpha,
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": rslora,
+        "rank_pattern": {k: v for k, v in ranks.items()},
+        "task_type": "CAUSAL_LM",
+    }
     (directory / "adapter_config.json").write_text(json.dumps(config))
     return tensors
 
@@ -75,16 +99,19 @@ def merged_by_hand(kind, tensors, ranks, alpha, rslora, extra_modules=(), rename
             experts = getattr(decoder, new_block).experts
             for name, (d_in, d_out) in layers.items():
                 r = ranks.get(name, 2)
-                s = alpha / (r ** 0.5 if rslora else r)
+                s = alpha / (r**0.5 if rslora else r)
                 stack, row = lands[name]
                 for e in range(E):
                     key = f"base_model.model.model.layers.{layer}.{block}.experts.{e}.{name}"
                     update = s * tensors[key + ".lora_B.weight"].double() @ tensors[key + ".lora_A.weight"].double()
-                    getattr(experts, stack)[e, row:row + d_out] += update
+                    getattr(experts, stack)[e, row : row + d_out] += update
             for name, _ in extra_modules:
                 key = f"base_model.model.model.layers.{layer}.{name}"
-                update = (alpha / (2 ** 0.5 if rslora else 2)) * tensors[key + ".lora_B.weight"].double() @ \
-                    tensors[key + ".lora_A.weight"].double()
+                update = (
+                    (alpha / (2**0.5 if rslora else 2))
+                    * tensors[key + ".lora_B.weight"].double()
+                    @ tensors[key + ".lora_A.weight"].double()
+                )
                 decoder.get_submodule(renamed(name)).weight += update
     return model
 
@@ -97,8 +124,12 @@ def logits(model, ids):
 CASES = {
     "mixtral": ("mixtral", {"w2": 3}, False, [("block_sparse_moe.gate", (H, E)), ("self_attn.q_proj", (H, H))]),
     "mixtral-rslora": ("mixtral", {}, True, []),
-    "qwen2-moe-shared-expert": ("qwen2_moe", {"up_proj": 3}, False,
-                                [("mlp.shared_expert.gate_proj", (H, 40)), ("self_attn.v_proj", (H, 2 * 8))]),
+    "qwen2-moe-shared-expert": (
+        "qwen2_moe",
+        {"up_proj": 3},
+        False,
+        [("mlp.shared_expert.gate_proj", (H, 40)), ("self_attn.v_proj", (H, 2 * 8))],
+    ),
 }
 
 
@@ -110,8 +141,12 @@ def test_per_expert_files_land_on_the_stacks(case, tmp_path):
     kind, ranks, rslora, extra = CASES[case]
     tensors = write_v4_adapter(tmp_path / "v4", kind, ranks, rslora=rslora, extra_modules=extra)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
-    expected = logits(merged_by_hand(kind, tensors, ranks, 4.0, rslora, extra,
-                                     renamed=lambda n: n.replace("block_sparse_moe", "mlp")), ids)
+    expected = logits(
+        merged_by_hand(
+            kind, tensors, ranks, 4.0, rslora, extra, renamed=lambda n: n.replace("block_sparse_moe", "mlp")
+        ),
+        ids,
+    )
     model = tiny_moe(kind)
     lorakit.load_adapter(model, tmp_path / "v4")
     assert not torch.allclose(logits(model, ids), logits(tiny_moe(kind), ids))

@@ -22,8 +22,17 @@ import torch
 import lorakit.models.gguf as gguf_mod
 import lorakit.models.loader as loader_mod
 from lorakit.errors import ConfigError, LorakitError, ModelNotFoundError
-from lorakit.models import (ALIASES, DEFAULT_MODEL, WheelModel, cache_root, describe_aliases, load_model,
-                            model_cache_dir, resolve_device, resolve_dtype)
+from lorakit.models import (
+    ALIASES,
+    DEFAULT_MODEL,
+    WheelModel,
+    cache_root,
+    describe_aliases,
+    load_model,
+    model_cache_dir,
+    resolve_device,
+    resolve_dtype,
+)
 from lorakit.models.cache import MARKER, _umask, build_atomically, gguf_cache_key, is_complete, write_marker
 from lorakit.models.hub import looks_like_path
 
@@ -79,11 +88,16 @@ def fake_gpus(monkeypatch, majors):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(majors))
-    monkeypatch.setattr(torch.cuda, "get_device_capability",
-                        lambda device=None: (majors[0 if device is None else device], 0))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: bool(torch.version.hip) or majors[0] >= 8
-                        or (including_emulation and majors[0] >= 7))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_capability", lambda device=None: (majors[0 if device is None else device], 0)
+    )
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: (
+            bool(torch.version.hip) or majors[0] >= 8 or (including_emulation and majors[0] >= 7)
+        ),
+    )
 
 
 @pytest.mark.parametrize("major, expected", GPUS)
@@ -447,8 +461,10 @@ def test_unknown_hub_id_in_offline_mode(monkeypatch):
 
 
 def test_import_does_not_need_transformers():
-    code = ("import sys; sys.modules['transformers'] = None; import lorakit.models as m; "
-            "assert m.resolve_dtype('auto', 'cpu') is not None")
+    code = (
+        "import sys; sys.modules['transformers'] = None; import lorakit.models as m; "
+        "assert m.resolve_dtype('auto', 'cpu') is not None"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
@@ -471,12 +487,13 @@ def test_embedded_model_end_to_end(embedded_model, record_property):
     assert tokenizer.pad_token is not None and tokenizer.eos_token == "<|im_end|>"
     assert tokenizer.model_max_length == 8192
 
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                           tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    answer = tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer  # dequantized weights are sane
 
     start = time.perf_counter()  # the fixture has filled the cache: this load only reads it

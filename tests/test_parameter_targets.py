@@ -19,8 +19,16 @@ EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 def tiny_mixtral(dtype=torch.float32):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
     if dtype == torch.float64:
         config._experts_implementation = "eager"  # the default grouped GEMM takes no float64
     torch.manual_seed(0)
@@ -81,7 +89,7 @@ def expected_weight(layer: LoraParameter, name: str) -> torch.Tensor:
     if W.dim() == 2:
         return W + s * B @ A
     for e in range(experts):
-        update = s * B[:, [k * experts + e for k in range(r)]] @ A[e * r:(e + 1) * r]  # (d_out, d_in)
+        update = s * B[:, [k * experts + e for k in range(r)]] @ A[e * r : (e + 1) * r]  # (d_out, d_in)
         W[e] += update.T if layer.transposed else update
     return W
 
@@ -104,8 +112,11 @@ def logits_with_weights(model, ids, weights):
 
 
 def wrapped_weights(model, name="default"):
-    return {(layer.owner, layer.parameter_name): expected_weight(layer, name)
-            for _, layer in lora_layers(model) if isinstance(layer, LoraParameter)}
+    return {
+        (layer.owner, layer.parameter_name): expected_weight(layer, name)
+        for _, layer in lora_layers(model)
+        if isinstance(layer, LoraParameter)
+    }
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -125,9 +136,16 @@ def test_mixtral_experts_and_attention_together(ids):
     lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERT_PARAMS))
     torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)  # B = 0: no change at init
     randomize_adapters(model, std=0.3)
-    expected = logits_with_weights(model, ids, wrapped_weights(model) | {
-        (layer.base_layer, "weight"): layer.base_weight.double() + layer.delta_weight("default")
-        for _, layer in lora_layers(model) if not isinstance(layer, LoraParameter)})
+    expected = logits_with_weights(
+        model,
+        ids,
+        wrapped_weights(model)
+        | {
+            (layer.base_layer, "weight"): layer.base_weight.double() + layer.delta_weight("default")
+            for _, layer in lora_layers(model)
+            if not isinstance(layer, LoraParameter)
+        },
+    )
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -138,19 +156,28 @@ def test_gradients_reach_only_the_factors_and_match_the_formula():
     randomize_adapters(model)
     model(x).square().sum().backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"experts.lora_A.default", "experts.lora_B.default", "experts.base_layer.lora_A.default",
-                         "experts.base_layer.lora_B.default"}
+    assert trainable == {
+        "experts.lora_A.default",
+        "experts.lora_B.default",
+        "experts.base_layer.lora_A.default",
+        "experts.base_layer.lora_B.default",
+    }
     # Reference: the same function of A and B written out per expert, differentiated by autograd.
     layers = [l for _, l in lora_layers(model)]
-    leaves = [(l.lora_A["default"].detach().clone().requires_grad_(), l.lora_B["default"].detach().clone()
-               .requires_grad_()) for l in layers]
+    leaves = [
+        (l.lora_A["default"].detach().clone().requires_grad_(), l.lora_B["default"].detach().clone().requires_grad_())
+        for l in layers
+    ]
     experts = model.experts.base_layer.base_layer
     originals = {l.parameter_name: getattr(experts, l.parameter_name).detach().clone() for l in layers}
 
     def adapted(layer, A, B):
         E, r = layer.num_experts, A.shape[0] // layer.num_experts
-        rows = [originals[layer.parameter_name][e] + layer.scaling["default"] *
-                B[:, [k * E + e for k in range(r)]] @ A[e * r:(e + 1) * r] for e in range(E)]
+        rows = [
+            originals[layer.parameter_name][e]
+            + layer.scaling["default"] * B[:, [k * E + e for k in range(r)]] @ A[e * r : (e + 1) * r]
+            for e in range(E)
+        ]
         return torch.stack(rows)
 
     weights = {l.parameter_name: adapted(l, A, B) for l, (A, B) in zip(layers, leaves)}
@@ -194,11 +221,16 @@ def test_two_adapters_add_and_switch():
     layer = model.experts
     both = expected_weight(layer, "a") + expected_weight(layer, "b") - layer.base_weight.double()
     lorakit.set_adapter(model, ["a", "b"])
-    torch.testing.assert_close(model(x), logits_with_weights(model, x, {(layer.owner, "up"): both}),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        model(x), logits_with_weights(model, x, {(layer.owner, "up"): both}), rtol=1e-12, atol=1e-12
+    )
     lorakit.set_adapter(model, "b")
-    torch.testing.assert_close(model(x), logits_with_weights(model, x, {(layer.owner, "up"): expected_weight(layer, "b")}),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        model(x),
+        logits_with_weights(model, x, {(layer.owner, "up"): expected_weight(layer, "b")}),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     with pytest.raises(TargetError, match="same parameters"):
         lorakit.add_adapter(model, LoraConfig(r=2, target_parameters=["experts.up", "experts.down"]), "c")
     assert lorakit.adapters(model) == ["a", "b"]
@@ -207,8 +239,15 @@ def test_two_adapters_add_and_switch():
 def test_save_and_load_round_trip(tmp_path):
     model = Block()
     x = torch.randn(6, 8)
-    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["head"], target_parameters=["experts.up", "experts.down"],
-                                          rank_pattern={"experts.down": 3}))
+    lorakit.add_adapter(
+        model,
+        LoraConfig(
+            r=2,
+            target_modules=["head"],
+            target_parameters=["experts.up", "experts.down"],
+            rank_pattern={"experts.down": 3},
+        ),
+    )
     randomize_adapters(model)
     expected = model(x)
     lorakit.save_adapter(model, tmp_path)
@@ -253,12 +292,16 @@ def test_training_moves_the_experts_loss(ids):
 
 
 PEFT_CASES = {
-    "mixtral": (tiny_mixtral, dict(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=EXPERT_PARAMS),
-                lambda: torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))),
-    "three-stacks-transposed": (lambda: Block(transposed=True),
-                                dict(r=2, lora_alpha=6, target_parameters=["up", "gate", "down", "pre.mix"],
-                                     rank_pattern={"experts.down": 3}),
-                                lambda: torch.randn(6, 8, generator=torch.Generator().manual_seed(3))),
+    "mixtral": (
+        tiny_mixtral,
+        dict(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=EXPERT_PARAMS),
+        lambda: torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3)),
+    ),
+    "three-stacks-transposed": (
+        lambda: Block(transposed=True),
+        dict(r=2, lora_alpha=6, target_parameters=["up", "gate", "down", "pre.mix"], rank_pattern={"experts.down": 3}),
+        lambda: torch.randn(6, 8, generator=torch.Generator().manual_seed(3)),
+    ),
 }
 
 
@@ -310,27 +353,70 @@ def test_the_cli_trains_inspects_and_exports_expert_adapters(tmp_path, embedded_
     from .test_cli_e2e import lorakit as run_cli
 
     _, tokenizer = embedded_model
-    config = MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     MixtralForCausalLM(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     data = write_demo_dataset(tmp_path / "data", n_train=16, n_test=2, seed=1)
-    run_cli("train", "--model", str(tmp_path / "model"), "--data", str(data["train"]), "--output-dir",
-            str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--r", "4",
-            "--target-modules", "none", "--target-parameters", "experts.gate_up_proj,experts.down_proj",
-            "--max-new-tokens", "4")
+    run_cli(
+        "train",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(data["train"]),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--r",
+        "4",
+        "--target-modules",
+        "none",
+        "--target-parameters",
+        "experts.gate_up_proj,experts.down_proj",
+        "--max-new-tokens",
+        "4",
+    )
     adapter = tmp_path / "run" / "adapter"
     saved = json.loads((adapter / "adapter_config.json").read_text())
     assert saved["target_parameters"] == EXPERT_PARAMS and saved["target_modules"] is None
     shown = run_cli("inspect", str(adapter)).stdout
     assert "4x96x32" in shown and "4x32x48" in shown  # (experts, d_out, d_in) of gate_up and down
     run_cli("export", "--model", str(tmp_path / "model"), "--adapter", str(adapter), "--out", str(tmp_path / "merged"))
-    assert run_cli("generate", "--model", str(tmp_path / "model"), "--adapter", str(adapter), "--max-new-tokens", "4",
-                   "Hello").returncode == 0
-    evaluated = json.loads(run_cli("eval", "--model", str(tmp_path / "model"), "--adapter", str(adapter), "--data",
-                                   str(data["test"]), "--json", "--no-generate").stdout)
+    assert (
+        run_cli(
+            "generate", "--model", str(tmp_path / "model"), "--adapter", str(adapter), "--max-new-tokens", "4", "Hello"
+        ).returncode
+        == 0
+    )
+    evaluated = json.loads(
+        run_cli(
+            "eval",
+            "--model",
+            str(tmp_path / "model"),
+            "--adapter",
+            str(adapter),
+            "--data",
+            str(data["test"]),
+            "--json",
+            "--no-generate",
+        ).stdout
+    )
     assert evaluated["loss"] > 0
     from lorakit.cli.commands import load_with_adapters  # what eval/generate/chat load: merged, not rebuilt per token
 
@@ -351,7 +437,9 @@ def test_compiles_as_one_graph():
     """functional_call inside the wrapper traces: one full graph, eager's values and gradients."""
     model = Block()
     x = torch.randn(6, 8)
-    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["head"], target_parameters=["experts.up", "experts.down"]))
+    lorakit.add_adapter(
+        model, LoraConfig(r=2, target_modules=["head"], target_parameters=["experts.up", "experts.down"])
+    )
     randomize_adapters(model, std=0.3)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

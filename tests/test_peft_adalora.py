@@ -16,8 +16,17 @@ peft = pytest.importorskip("peft")
 def peft_adalora_folder(tmp_path, use_rslora=False):
     """A PEFT AdaLoRA adapter after a few steps of its budget allocator; (folder, PEFT model)."""
     torch.manual_seed(0)
-    config = peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=12, target_modules=["q_proj", "v_proj", "up_proj"],
-                                total_step=10, tinit=1, tfinal=2, deltaT=1, use_rslora=use_rslora)
+    config = peft.AdaLoraConfig(
+        init_r=6,
+        target_r=3,
+        lora_alpha=12,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        total_step=10,
+        tinit=1,
+        tfinal=2,
+        deltaT=1,
+        use_rslora=use_rslora,
+    )
     model = peft.get_peft_model(tiny_llama(), config)
     model.train()
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))

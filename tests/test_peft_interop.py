@@ -11,12 +11,23 @@ from .tiny import randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llam
 peft = pytest.importorskip("peft")
 
 CASES = {
-    "llama-rslora-patterns": (tiny_llama, dict(r=4, alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
-                                               rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 5})),
+    "llama-rslora-patterns": (
+        tiny_llama,
+        dict(
+            r=4,
+            alpha=8,
+            use_rslora=True,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 5},
+        ),
+    ),
     "llama-embedding": (tiny_llama, dict(r=4, alpha=16, target_modules=["embed_tokens", "o_proj"])),
     "llama-layers": (tiny_llama, dict(r=2, alpha=4, target_modules=["q_proj", "up_proj"], layers_to_transform=[1])),
-    "bert-modules-to-save": (tiny_bert_classifier, dict(r=4, alpha=8, target_modules=["query", "value"],
-                                                        modules_to_save=["classifier"])),
+    "bert-modules-to-save": (
+        tiny_bert_classifier,
+        dict(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    ),
     "gpt2-conv1d": (tiny_gpt2, dict(r=4, alpha=8, target_modules=["c_attn", "c_fc"])),
 }
 
@@ -38,8 +49,9 @@ def perturb_peft_weights(model):
 
 # PEFT itself refuses a regex / "all-linear" with layers_to_transform; lorakit accepts it and
 # writes the explicit module list, so the file still loads in PEFT.
-LORAKIT_ONLY = {"llama-all-linear-layers": (tiny_llama, dict(r=2, alpha=4, target_modules="all-linear",
-                                                             layers_to_transform=[1]))}
+LORAKIT_ONLY = {
+    "llama-all-linear-layers": (tiny_llama, dict(r=2, alpha=4, target_modules="all-linear", layers_to_transform=[1]))
+}
 
 
 @pytest.mark.parametrize("case", list(CASES) + list(LORAKIT_ONLY))
@@ -86,14 +98,16 @@ def test_peft_merge_agrees_with_lorakit_merge(tmp_path, ids):
 # original base; lorakit must do the same (loading the weights onto W0 as they are is wrong).
 @pytest.mark.parametrize("init,dora", [("pissa", False), ("olora", False), ("pissa", True)])
 def test_an_unconverted_peft_pissa_file_loads_onto_the_original_base(init, dora, tmp_path, ids):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                             init_lora_weights=init, use_dora=dora)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=init, use_dora=dora
+    )
     peft_model = peft.get_peft_model(tiny_llama(), config).eval()
     perturb_peft_weights(peft_model)
     expected = logits(peft_model, ids)
     peft_model.save_pretrained(tmp_path / "peft")
-    assert torch.allclose(logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft"), ids), expected,
-                          atol=1e-5)  # PEFT's own reading of the file
+    assert torch.allclose(
+        logits(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft"), ids), expected, atol=1e-5
+    )  # PEFT's own reading of the file
     model = tiny_llama()
     original = logits(model, ids)
     lorakit.load_adapter(model, tmp_path / "peft")
@@ -110,8 +124,9 @@ def test_peft_inits_that_leave_the_base_alone_load_as_their_weights(init, tmp_pa
     """EVA, orthogonal and MiCA only choose the starting A and B: the file says everything.
     (EVA needs activations to initialise, so its file is a plain one with PEFT's init value.)"""
     drawn = init if init in ("orthogonal", "mica") else True
-    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
-                                                                   init_lora_weights=drawn)).eval()
+    peft_model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], init_lora_weights=drawn)
+    ).eval()
     perturb_peft_weights(peft_model)
     expected = logits(peft_model, ids)
     peft_model.save_pretrained(tmp_path)
@@ -135,8 +150,9 @@ def test_peft_files_whose_changed_base_cannot_be_rebuilt_are_refused(init, tmp_p
 
 
 def test_hot_swap_refuses_an_unconverted_pissa_file(tmp_path):
-    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"],
-                                                                   init_lora_weights="pissa"))
+    peft_model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa")
+    )
     peft_model.save_pretrained(tmp_path)
     model = tiny_llama()
     lorakit.add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"]))

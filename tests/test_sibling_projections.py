@@ -38,8 +38,9 @@ def qkv_outputs_and_grads(attention, x, fast: bool, use=("q_proj", "k_proj", "v_
     x = x.detach().clone().requires_grad_(True)
     inputs = x * 1.0  # a non-leaf, as attention's input is
     outputs = {name: getattr(attention, name)(inputs) for name in use}
-    loss = sum((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum()
-               for out in outputs.values())
+    loss = sum(
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum() for out in outputs.values()
+    )
     loss.backward()
     grads = {"x": x.grad}
     for name, p in attention.named_parameters():
@@ -65,9 +66,15 @@ def test_qkv_share_one_call_with_the_layers_values_and_gradients(strategy, use_d
         torch.testing.assert_close(fast_grads[key], ref_grads[key], rtol=1e-10, atol=1e-12, msg=key)
 
 
-@pytest.mark.parametrize("config", [{"rank_pattern": {"k_proj": 2, "up_proj": 3}, "bias": "all"}, {"lora_fa": True},
-                                    {"use_dora": True, "rank_pattern": {"v_proj": 2}}],
-                         ids=["unequal-ranks-and-biases", "lora-fa", "dora"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"rank_pattern": {"k_proj": 2, "up_proj": 3}, "bias": "all"},
+        {"lora_fa": True},
+        {"use_dora": True, "rank_pattern": {"v_proj": 2}},
+    ],
+    ids=["unequal-ranks-and-biases", "lora-fa", "dora"],
+)
 def test_whole_model_matches_and_calls_once_per_layer(strategy, config, fused_calls):
     """Stacked A (one GEMM for the x A_iᵀ, one for the ∂A_i) with unequal ranks, frozen A
     (LoRA-FA: no ∂A, so no stacked ∂A) and DoRA, in attention and in the fused MLP."""

@@ -18,8 +18,10 @@ IGNORE = -100
 
 # Mistral / DeepSeek style: the generation prompt ends in a special token ("[/INST]") and the
 # answer follows it directly, with no newline or space to separate them.
-INST = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
-        "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}")
+INST = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
+)
 
 
 def _llama_tokenizer(legacy: bool):
@@ -29,9 +31,16 @@ def _llama_tokenizer(legacy: bool):
 
     model = json.loads(_train_tokenizer(sentencepiece_style=True).backend_tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return LlamaTokenizerFast(vocab=model["vocab"], merges=merges, legacy=legacy, unk_token="<pad>",
-                              bos_token="<|im_start|>", eos_token="<|endoftext|>", pad_token="<pad>",
-                              additional_special_tokens=["<|im_end|>"])
+    return LlamaTokenizerFast(
+        vocab=model["vocab"],
+        merges=merges,
+        legacy=legacy,
+        unk_token="<pad>",
+        bos_token="<|im_start|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_end|>"],
+    )
 
 
 def _tokenizer(style: str):
@@ -55,8 +64,12 @@ def test_answer_after_a_special_token_is_tokenized_as_in_the_whole_text(style):
     # as "P", "aris" (tokenized after a plain sentinel, with no "▁").
     tok = _tokenizer(style)
     tok.chat_template = INST
-    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris is."}]
+    messages = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris is."},
+    ]
     (example,), _ = tokenize_records([Record.from_messages(messages)], tok)
     full = tok.apply_chat_template(messages, tokenize=False)
     assert example["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
@@ -70,12 +83,14 @@ def test_legacy_llama_answer_after_special_token_keeps_its_space():
     tok = _tokenizer("llama-legacy")
     tok.chat_template = INST
     (example,), _ = tokenize_records([Record.from_prompt_completion("Capital of France?", "Paris is.")], tok)
-    answer = [t for t, label in zip(tok.convert_ids_to_tokens(example["input_ids"]), example["labels"])
-              if label != IGNORE]
+    answer = [
+        t for t, label in zip(tok.convert_ids_to_tokens(example["input_ids"]), example["labels"]) if label != IGNORE
+    ]
     assert answer == ["▁P", "ar", "is", "▁is", ".", "<|im_end|>"]
 
 
 # -- slow (pure-Python) tokenizers: no offset mapping -------------------------------------------------
+
 
 def _slow_tokenizer(fast):
     """A slow tokenizer (`is_fast` False, no offsets) with ``fast``'s vocabulary: each piece between
@@ -109,8 +124,11 @@ def _slow_tokenizer(fast):
         def convert_tokens_to_string(self, tokens):
             return "".join(tokens).replace("\u2581", " ")
 
-    return SlowSentencePiece(eos_token="<|endoftext|>", pad_token="<pad>",
-                             additional_special_tokens=["<|im_start|>", "<|im_end|>", "[INST]", "[/INST]"])
+    return SlowSentencePiece(
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "[INST]", "[/INST]"],
+    )
 
 
 SLOW_CASES = {"no-template": None, "chatml": CHATML, "no-stop": NO_STOP, "inst": INST}
@@ -118,14 +136,28 @@ SLOW_CASES = {"no-template": None, "chatml": CHATML, "no-stop": NO_STOP, "inst":
 
 def _mixed_records(with_chat: bool) -> list[Record]:
     """The masking tests' boundaries, an empty answer, a text record, a two-turn chat, demo data."""
-    records = [Record.from_prompt_completion(p, c) for p, c in [
-        ("Capital of Kenya? Answer: ", "Nairobi"), ("Capital of Kenya? Answer:", " Nairobi"),
-        ("Capital? A: Pa", "ris is."), ('Reply: {"name', '": "Grace"}'), ("Empty?", "")]]
+    records = [
+        Record.from_prompt_completion(p, c)
+        for p, c in [
+            ("Capital of Kenya? Answer: ", "Nairobi"),
+            ("Capital of Kenya? Answer:", " Nairobi"),
+            ("Capital? A: Pa", "ris is."),
+            ('Reply: {"name', '": "Grace"}'),
+            ("Empty?", ""),
+        ]
+    ]
     records.append(Record.from_text("The quick brown fox."))
     if with_chat:
-        records.append(Record.from_messages([
-            {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris."}]))
+        records.append(
+            Record.from_messages(
+                [
+                    {"role": "user", "content": "Hi there"},
+                    {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Capital?"},
+                    {"role": "assistant", "content": "Paris."},
+                ]
+            )
+        )
     return records + demo_records(20, "train", seed=5)
 
 
@@ -146,10 +178,13 @@ def test_slow_tokenizer_answer_merging_with_the_text_after_it():
     # own and the "." follows as context.
     fast = _tokenizer("sp-always")
     slow = _slow_tokenizer(fast)
-    slow.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>{{ m['content'] }}"
-                          "<|im_end|>{% else %}{{ m['content'] }}.{% endif %}{% endfor %}")
-    record = Record.from_messages([{"role": "user", "content": "How many?"},
-                                   {"role": "assistant", "content": "Two seats"}])
+    slow.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>{{ m['content'] }}"
+        "<|im_end|>{% else %}{{ m['content'] }}.{% endif %}{% endfor %}"
+    )
+    record = Record.from_messages(
+        [{"role": "user", "content": "How many?"}, {"role": "assistant", "content": "Two seats"}]
+    )
     (example,), _ = tokenize_records([record], slow)
     tokens = slow.convert_ids_to_tokens(example["input_ids"])
     answer = [t for t, label in zip(tokens, example["labels"]) if label != IGNORE]
@@ -158,6 +193,7 @@ def test_slow_tokenizer_answer_merging_with_the_text_after_it():
 
 
 # -- batching ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("style", ["llama-legacy", "sp-always", "byte-level-prefix-space"])
 def test_batched_tokenization_equals_one_record_at_a_time(style, monkeypatch):

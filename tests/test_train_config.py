@@ -45,8 +45,9 @@ def test_every_lora_option_is_a_key_and_a_flag_with_the_library_default():
 def test_adalora_options_are_the_schedule_fields():
     assert set(ADALORA_KEYS) == {f.name for f in fields(AdaLoraSchedule)}
     assert ADALORA_KEYS["orth_reg_weight"] == "adalora_orth_reg" and ADALORA_KEYS["target_r"] == "adalora_target_r"
-    cfg = train_config("--variant", "adalora", "--adalora-target-r", "4", "--adalora-orth-reg", "0.5",
-                       "--adalora-tinit", "3")
+    cfg = train_config(
+        "--variant", "adalora", "--adalora-target-r", "4", "--adalora-orth-reg", "0.5", "--adalora-tinit", "3"
+    )
     assert cfg.adalora_schedule() == AdaLoraSchedule(target_r=4, tinit=3, orth_reg_weight=0.5)
 
 
@@ -56,16 +57,40 @@ def test_every_flag_is_in_a_help_group():
 
 
 def test_list_and_dict_options_from_the_command_line():
-    cfg = train_config("--exclude-modules", "o_proj,down_proj", "--modules-to-save", "lm_head", "--bias", "lora_only",
-                       "--rank-pattern", '{"q_proj": 4}', "--alpha-pattern", '{"v_proj": 2.5}',
-                       "--layers-to-transform", "0,1", "--layers-pattern", "layers", "--adapter-dtype", "float32",
-                       "--projection-prng-key", "7", "--d-initial", "0.5", "--no-save-projection")
+    cfg = train_config(
+        "--exclude-modules",
+        "o_proj,down_proj",
+        "--modules-to-save",
+        "lm_head",
+        "--bias",
+        "lora_only",
+        "--rank-pattern",
+        '{"q_proj": 4}',
+        "--alpha-pattern",
+        '{"v_proj": 2.5}',
+        "--layers-to-transform",
+        "0,1",
+        "--layers-pattern",
+        "layers",
+        "--adapter-dtype",
+        "float32",
+        "--projection-prng-key",
+        "7",
+        "--d-initial",
+        "0.5",
+        "--no-save-projection",
+    )
     lora = cfg.lora_config()
     assert lora.exclude_modules == ["o_proj", "down_proj"] and lora.modules_to_save == ["lm_head"]
     assert lora.rank_pattern == {"q_proj": 4} and lora.alpha_pattern == {"v_proj": 2.5}
     assert lora.layers_to_transform == [0, 1] and lora.layers_pattern == ["layers"]
-    assert (lora.bias, lora.adapter_dtype, lora.projection_prng_key, lora.d_initial, lora.save_projection) == \
-        ("lora_only", "float32", 7, 0.5, False)
+    assert (lora.bias, lora.adapter_dtype, lora.projection_prng_key, lora.d_initial, lora.save_projection) == (
+        "lora_only",
+        "float32",
+        7,
+        0.5,
+        False,
+    )
     assert train_config("--exclude-modules", "o_proj").lora_config().exclude_modules == "o_proj"  # a regex
     assert train_config("--layers-to-transform", "3").lora_config().layers_to_transform == [3]
 
@@ -73,29 +98,38 @@ def test_list_and_dict_options_from_the_command_line():
 def test_existing_flags_and_files_keep_working(tmp_path):
     cfg = train_config("--r", "16", "--alpha", "32", "--variant", "dora", "--target-modules", "q_proj,v_proj")
     lora = cfg.lora_config()
-    assert (lora.r, lora.alpha, lora.variant, lora.use_dora, lora.target_modules) == (16, 32, "dora", True,
-                                                                                      ["q_proj", "v_proj"])
+    assert (lora.r, lora.alpha, lora.variant, lora.use_dora, lora.target_modules) == (
+        16,
+        32,
+        "dora",
+        True,
+        ["q_proj", "v_proj"],
+    )
     # a train_config.yaml of a run before every LoraConfig option was a key
-    (tmp_path / "old.yaml").write_text("data: a.jsonl\nvariant: adalora\nr: 16\nalpha: 32\n"
-                                       "target_modules: all-linear\nadalora_target_r: 8\nadalora_orth_reg: 0.2\n")
+    (tmp_path / "old.yaml").write_text(
+        "data: a.jsonl\nvariant: adalora\nr: 16\nalpha: 32\n"
+        "target_modules: all-linear\nadalora_target_r: 8\nadalora_orth_reg: 0.2\n"
+    )
     old = TrainConfig.from_sources(tmp_path / "old.yaml")
     assert old.r == 16 and old.adalora_schedule().orth_reg_weight == 0.2
     # and the one a run writes now loads back to the same options
-    full = train_config("--rank-pattern", '{"q_proj": 4}', "--layers-to-transform", "0", "--modules-to-save",
-                        "lm_head")
+    full = train_config("--rank-pattern", '{"q_proj": 4}', "--layers-to-transform", "0", "--modules-to-save", "lm_head")
     (tmp_path / "new.yaml").write_text(yaml.safe_dump(full.to_dict(), sort_keys=False))
     assert TrainConfig.from_sources(tmp_path / "new.yaml") == full
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (("--rank-pattern", "{q_proj: 4}"), "rank_pattern must be a JSON object"),
-    (("--alpha-pattern", "[1, 2]"), "alpha_pattern must be a mapping"),
-    (("--rank-pattern", '{"q_proj": 0}'), r"rank_pattern\['q_proj'\] must be a positive integer"),
-    (("--layers-to-transform", "0,first"), "layers_to_transform must be comma-separated integers"),
-    (("--bias", "some"), "bias must be one of"),
-    (("--adapter-dtype", "int8"), "adapter_dtype must be one of"),
-    (("--exclude-modules", "q_proj("), "exclude_modules 'q_proj\\(' is not a valid regular expression"),
-])
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        (("--rank-pattern", "{q_proj: 4}"), "rank_pattern must be a JSON object"),
+        (("--alpha-pattern", "[1, 2]"), "alpha_pattern must be a mapping"),
+        (("--rank-pattern", '{"q_proj": 0}'), r"rank_pattern\['q_proj'\] must be a positive integer"),
+        (("--layers-to-transform", "0,first"), "layers_to_transform must be comma-separated integers"),
+        (("--bias", "some"), "bias must be one of"),
+        (("--adapter-dtype", "int8"), "adapter_dtype must be one of"),
+        (("--exclude-modules", "q_proj("), "exclude_modules 'q_proj\\(' is not a valid regular expression"),
+    ],
+)
 def test_a_bad_value_is_a_one_line_config_error(argv, fragment):
     with pytest.raises(ConfigError, match=fragment) as caught:
         train_config(*argv)
@@ -109,31 +143,76 @@ def examples(n=8, length=10):
 
 def collate(batch):
     ids = torch.tensor([b["input_ids"] for b in batch])
-    return {"input_ids": ids, "labels": torch.tensor([b["labels"] for b in batch]), "attention_mask": torch.ones_like(ids)}
+    return {
+        "input_ids": ids,
+        "labels": torch.tensor([b["labels"] for b in batch]),
+        "attention_mask": torch.ones_like(ids),
+    }
 
 
 def test_flags_reach_the_adapter_the_trainer_adds(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "prepare_data", lambda cfg, tokenizer: run_module.PreparedData(
-        examples(), [], [], collate, SimpleNamespace(summary=lambda: "", n_truncated=0)))
+    monkeypatch.setattr(
+        run_module,
+        "prepare_data",
+        lambda cfg, tokenizer: run_module.PreparedData(
+            examples(), [], [], collate, SimpleNamespace(summary=lambda: "", n_truncated=0)
+        ),
+    )
     added = []
     real_add_adapter = run_module.add_adapter
-    monkeypatch.setattr(run_module, "add_adapter", lambda model, config: added.append(config)
-                        or real_add_adapter(model, config))
-    argv = ["--data", "x", "--output-dir", str(tmp_path), "--max-steps", "1", "--batch-size", "4", "--device", "cpu",
-            "--exclude-modules", "o_proj,down_proj", "--modules-to-save", "lm_head", "--bias", "lora_only",
-            "--rank-pattern", '{"q_proj": 4}', "--layers-to-transform", "1", "--adapter-dtype", "float32"]
+    monkeypatch.setattr(
+        run_module, "add_adapter", lambda model, config: added.append(config) or real_add_adapter(model, config)
+    )
+    argv = [
+        "--data",
+        "x",
+        "--output-dir",
+        str(tmp_path),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--exclude-modules",
+        "o_proj,down_proj",
+        "--modules-to-save",
+        "lm_head",
+        "--bias",
+        "lora_only",
+        "--rank-pattern",
+        '{"q_proj": 4}',
+        "--layers-to-transform",
+        "1",
+        "--adapter-dtype",
+        "float32",
+    ]
     model = tiny_llama()
     lorakit.train(None, loaded=(model, None), progress=False, **train_overrides(parse_train(*argv)))
     (config,) = added
     assert config.exclude_modules == ["o_proj", "down_proj"] and config.modules_to_save == ["lm_head"]
-    assert (config.bias, config.rank_pattern, config.layers_to_transform, config.adapter_dtype, config.r) == \
-        ("lora_only", {"q_proj": 4}, [1], "float32", 8)
+    assert (config.bias, config.rank_pattern, config.layers_to_transform, config.adapter_dtype, config.r) == (
+        "lora_only",
+        {"q_proj": 4},
+        [1],
+        "float32",
+        8,
+    )
     adapted = {path: layer.rank("default") for path, layer in lorakit.state.lora_layers(model)}
-    assert adapted and all(".layers.1." in path and "o_proj" not in path and "down_proj" not in path for path in adapted)
+    assert adapted and all(
+        ".layers.1." in path and "o_proj" not in path and "down_proj" not in path for path in adapted
+    )
     assert adapted["model.layers.1.self_attn.q_proj"] == 4 and adapted["model.layers.1.self_attn.v_proj"] == 8
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (saved["bias"], saved["modules_to_save"]) == ("lora_only", ["lm_head"])  # the layers: in the names
 
 
 def test_the_run_file_starts_with_data_and_model():
-    assert list(TrainConfig(data="x").to_dict())[:6] == ["data", "model", "valid_data", "valid_ratio", "output_dir", "r"]
+    assert list(TrainConfig(data="x").to_dict())[:6] == [
+        "data",
+        "model",
+        "valid_data",
+        "valid_ratio",
+        "output_dir",
+        "r",
+    ]

@@ -27,8 +27,18 @@ def test_trainer_trains_only_the_adapter(tmp_path):
     model = tiny_llama()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=8, learning_rate=2e-2, lr_scheduler_type="constant",
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        max_steps=8,
+        learning_rate=2e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset())
     result = trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]

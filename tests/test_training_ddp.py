@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Each process trains two steps with evaluation, then evaluates the trained model again alone (no
 # accelerator): the gathered metrics must be exactly those, and each process must have run only
 # its share of the evaluation batches.
-WORKER = r'''
+WORKER = r"""
 import json, sys
 import torch
 from accelerate import Accelerator
@@ -79,16 +79,34 @@ weights = sum(float(p.detach().double().sum()) for p in model.parameters() if p.
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
     json.dump({"ddp": result.last_eval, "alone": alone, "counts": ddp_counts, "weights": weights,
                "main": getattr(result, "main_process", None), "world": accelerator.num_processes}, f)
-'''
+"""
 
 
 def test_ddp_evaluation_is_sharded_and_gathers_the_single_process_metrics(tmp_path):
     (tmp_path / "worker.py").write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "worker.py"), str(tmp_path / "run")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "worker.py"),
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2] and [r["main"] for r in ranks] == [True, False]

@@ -25,7 +25,11 @@ def examples(n=24, length=10):
 
 def collate(batch):
     ids = torch.tensor([b["input_ids"] for b in batch])
-    return {"input_ids": ids, "labels": torch.tensor([b["labels"] for b in batch]), "attention_mask": torch.ones_like(ids)}
+    return {
+        "input_ids": ids,
+        "labels": torch.tensor([b["labels"] for b in batch]),
+        "attention_mask": torch.ones_like(ids),
+    }
 
 
 def adapted_model():
@@ -95,8 +99,15 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch, compiled):
     run_loop(straight, None, TrainConfig(**cfg), examples(), collate, tmp_path / "a", progress=False)
 
     first = adapted_model()
-    run_loop(first, None, TrainConfig(**{**cfg, "max_steps": 6, "save_every": 2}), examples(), collate,
-             tmp_path / "b", progress=False)
+    run_loop(
+        first,
+        None,
+        TrainConfig(**{**cfg, "max_steps": 6, "save_every": 2}),
+        examples(),
+        collate,
+        tmp_path / "b",
+        progress=False,
+    )
     # Simulate a crash after step 4: keep checkpoints up to step 4 and resume in a fresh process state.
     import shutil
 
@@ -154,8 +165,9 @@ def test_fast_and_reference_paths_train_the_same_adapter(tmp_path):
     for fast in (True, False):
         model = adapted_model()
         lorakit.set_fast_path(model, fast)
-        cfg = TrainConfig(data="x", lr=1e-2, max_steps=3, batch_size=8, grad_accum=2, device="cpu", seed=0,
-                          fast_path=fast)
+        cfg = TrainConfig(
+            data="x", lr=1e-2, max_steps=3, batch_size=8, grad_accum=2, device="cpu", seed=0, fast_path=fast
+        )
         run_loop(model, None, cfg, examples(), collate, tmp_path / str(fast), progress=False)
         states.append(trainable_state(model))
     for name, value in states[1].items():
@@ -169,8 +181,17 @@ def test_compiled_training_steps_train_the_eager_adapter(tmp_path, monkeypatch):
     states = []
     for compiled in (True, False):
         model = adapted_model()
-        cfg = TrainConfig(data="x", lr=1e-2, max_steps=3, batch_size=8, grad_accum=2, device="cpu", seed=0,
-                          compile=compiled, save_every=3)
+        cfg = TrainConfig(
+            data="x",
+            lr=1e-2,
+            max_steps=3,
+            batch_size=8,
+            grad_accum=2,
+            device="cpu",
+            seed=0,
+            compile=compiled,
+            save_every=3,
+        )
         run_loop(model, None, cfg, examples(), collate, tmp_path / str(compiled), progress=False)
         states.append(trainable_state(model))
         if compiled:
@@ -234,8 +255,15 @@ def test_keep_checkpoints_keeps_the_newest_and_resume_uses_them(tmp_path):
     cfg = dict(data="x", lr=1e-2, batch_size=4, device="cpu", save_every=1, keep_checkpoints=2)
     run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=5), examples(), collate, tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
-    resumed = run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=6, resume=True), examples(), collate,
-                       tmp_path, progress=False)
+    resumed = run_loop(
+        adapted_model(),
+        None,
+        TrainConfig(**cfg, max_steps=6, resume=True),
+        examples(),
+        collate,
+        tmp_path,
+        progress=False,
+    )
     assert resumed.steps == 6
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005", "step-0000006"]
     with pytest.raises(ConfigError, match="keep_checkpoints"):
@@ -271,8 +299,13 @@ def test_logged_lr_is_the_one_the_step_used(tmp_path):
 
 
 def fake_data(monkeypatch):
-    monkeypatch.setattr(run_module, "prepare_data", lambda cfg, tokenizer: run_module.PreparedData(
-        examples(8), [], [], collate, SimpleNamespace(summary=lambda: "", n_truncated=0)))
+    monkeypatch.setattr(
+        run_module,
+        "prepare_data",
+        lambda cfg, tokenizer: run_module.PreparedData(
+            examples(8), [], [], collate, SimpleNamespace(summary=lambda: "", n_truncated=0)
+        ),
+    )
 
 
 def test_runs_in_one_process_each_get_their_own_mixed_precision(tmp_path, monkeypatch):
@@ -288,8 +321,16 @@ def test_runs_in_one_process_each_get_their_own_mixed_precision(tmp_path, monkey
 
     monkeypatch.setattr(run_module, "run_loop", recording)
     for precision in ("no", "bf16", "no"):
-        result = lorakit.train(loaded=(tiny_llama(), None), data="x", output_dir=str(tmp_path / precision),
-                               max_steps=1, batch_size=4, mixed_precision=precision, device="cpu", progress=False)
+        result = lorakit.train(
+            loaded=(tiny_llama(), None),
+            data="x",
+            output_dir=str(tmp_path / precision),
+            max_steps=1,
+            batch_size=4,
+            mixed_precision=precision,
+            device="cpu",
+            progress=False,
+        )
         assert result.steps == 1
     assert seen == ["no", "bf16", "no"]
 
@@ -332,8 +373,9 @@ def test_the_launchers_mixed_precision_applies_unless_the_run_sets_its_own(tmp_p
     fake_data(monkeypatch)
     seen = []
     done = SimpleNamespace(steps=0, interrupted=False, records=[], last_eval=None, main_process=False)
-    monkeypatch.setattr(run_module, "run_loop", lambda *args, **kwargs: seen.append(kwargs["accelerator"].mixed_precision)
-                        or done)
+    monkeypatch.setattr(
+        run_module, "run_loop", lambda *args, **kwargs: seen.append(kwargs["accelerator"].mixed_precision) or done
+    )
 
     def run(launched, out, **own):
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
@@ -467,8 +509,16 @@ def test_step_start_generators_are_read_only_where_a_checkpoint_can_be_written(t
     run_loop(adapted_model(), None, cfg, examples(), collate, tmp_path / "main", progress=False)
     assert reads["n"] == 2  # steps 2 and 3
     reads["n"] = 0
-    result = run_loop(adapted_model(), None, cfg, examples(), collate, tmp_path / "other", accelerator=NotMainProcess(),
-                      progress=False)
+    result = run_loop(
+        adapted_model(),
+        None,
+        cfg,
+        examples(),
+        collate,
+        tmp_path / "other",
+        accelerator=NotMainProcess(),
+        progress=False,
+    )
     assert reads["n"] == 0 and result.steps == 3 and not result.main_process
 
 

@@ -57,8 +57,10 @@ def test_cpu_tensors_never_take_the_kernel():
     assert not triton_merge.available(torch.zeros(2, 2), dora=False)
 
 
-@pytest.mark.parametrize("mode, for_dora, for_small_lora, for_large_lora",
-                         [("auto", True, False, True), ("1", True, True, True), ("0", False, False, False)])
+@pytest.mark.parametrize(
+    "mode, for_dora, for_small_lora, for_large_lora",
+    [("auto", True, False, True), ("1", True, True, True), ("0", False, False, False)],
+)
 def test_which_builds_take_the_kernel(monkeypatch, mode, for_dora, for_small_lora, for_large_lora):
     """The default ("auto") sends DoRA's builds and LoRA's large ones to the kernel; "1" every
     build, "0" none."""
@@ -76,8 +78,9 @@ def test_which_builds_take_the_kernel(monkeypatch, mode, for_dora, for_small_lor
     assert triton_merge.available(gpu_weight(small), dora=True) is for_dora
     assert triton_merge.available(gpu_weight(small), dora=False) is for_small_lora
     assert triton_merge.available(gpu_weight(large), dora=False) is for_large_lora
-    assert not triton_merge.available(SimpleNamespace(is_cuda=True, dtype=torch.float64, numel=lambda: large),
-                                      dora=True)
+    assert not triton_merge.available(
+        SimpleNamespace(is_cuda=True, dtype=torch.float64, numel=lambda: large), dora=True
+    )
 
 
 def test_the_default_mode_is_auto():

@@ -5,9 +5,8 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.state import lora_layers
 
-from .tiny import randomize_adapters, tiny_llama, train_steps
+from .tiny import tiny_llama, train_steps
 
 COMBOS = [
     dict(use_dora=True, init="pissa", use_rslora=True),

@@ -94,8 +94,9 @@ def gated():
 
 def gated_model(seed=0):
     model = tiny_llama()
-    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], variant="gated",
-                                          seed=seed))
+    lorakit.add_adapter(
+        model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], variant="gated", seed=seed)
+    )
     return model
 
 
@@ -107,8 +108,16 @@ def test_a_variant_defined_outside_lorakit_adds_trains_merges_saves_and_loads(ga
     assert trainable == sum(layer.lora_A["default"].numel() + layer.lora_B["default"].numel() + 1 for layer in layers)
     assert "adapter 'default': gated" in lorakit.summary(model)
 
-    cfg = TrainConfig(data="x", lr=5e-2, max_steps=5, batch_size=4, device="cpu", variant="gated", r=4,
-                      target_modules=["q_proj", "down_proj"])
+    cfg = TrainConfig(
+        data="x",
+        lr=5e-2,
+        max_steps=5,
+        batch_size=4,
+        device="cpu",
+        variant="gated",
+        r=4,
+        target_modules=["q_proj", "down_proj"],
+    )
     result = run_loop(model, None, cfg, examples(16), collate, tmp_path / "run", progress=False)
     assert result.notes == ["gates clamped 5 times"]  # what `lorakit train` prints at the end
     assert json.loads((tmp_path / "run" / "gate_steps_default.json").read_text()) == 5
@@ -120,8 +129,9 @@ def test_a_variant_defined_outside_lorakit_adds_trains_merges_saves_and_loads(ga
         expected = model(ids).logits
         layer = layers[0]
         x = torch.randn(3, layer.in_dim, dtype=torch.float64)
-        A, B, g = (t.detach().double() for t in (layer.lora_A["default"], layer.lora_B["default"],
-                                                 layer.lora_gate["default"]))
+        A, B, g = (
+            t.detach().double() for t in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_gate["default"])
+        )
         W0 = layer.base_layer.weight.double()
         formula = x @ W0.T + g * 2.0 * (x @ A.T @ B.T)  # s = alpha / r = 2
         torch.testing.assert_close(layer.double()(x), formula)

@@ -71,8 +71,9 @@ def test_peft_interop_both_ways(tmp_path, ids, save_projection):
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").eval()
     torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
-    peft_model = peft.get_peft_model(tiny_llama(), peft.VeraConfig(r=4, target_modules=["q_proj", "up_proj"],
-                                                                   save_projection=save_projection)).eval()
+    peft_model = peft.get_peft_model(
+        tiny_llama(), peft.VeraConfig(r=4, target_modules=["q_proj", "up_proj"], save_projection=save_projection)
+    ).eval()
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "vera_lambda" in n:

@@ -8,8 +8,16 @@ import torch
 def tiny_llama(vocab: int = 128, hidden: int = 32, layers: int = 2, tie: bool = False, act: str = "silu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie, hidden_act=act)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        hidden_act=act,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval()
 
@@ -17,8 +25,9 @@ def tiny_llama(vocab: int = 128, hidden: int = 32, layers: int = 2, tie: bool = 
 def tiny_gpt2(vocab: int = 128, hidden: int = 32, layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     torch.manual_seed(0)
     return GPT2LMHeadModel(config).eval()
 
@@ -26,8 +35,15 @@ def tiny_gpt2(vocab: int = 128, hidden: int = 32, layers: int = 2):
 def tiny_bert_classifier(vocab: int = 128, hidden: int = 32, layers: int = 2, labels: int = 3):
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=labels)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+        num_labels=labels,
+    )
     torch.manual_seed(0)
     return BertForSequenceClassification(config).eval()
 

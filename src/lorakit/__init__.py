@@ -15,8 +15,16 @@ adapter's tensors, so a compiled model does not recompile).
 from .arithmetic import combine, compress
 from .config import LoraConfig
 from .control import adapter_batch, adapters, disable_adapters, merge, set_adapter, set_fast_path, unmerge
-from .errors import (AdapterFileError, AdapterNameError, AdapterStateError, ConfigError, DataError, LorakitError,
-                     ModelNotFoundError, TargetError)
+from .errors import (
+    AdapterFileError,
+    AdapterNameError,
+    AdapterStateError,
+    ConfigError,
+    DataError,
+    LorakitError,
+    ModelNotFoundError,
+    TargetError,
+)
 from .hotswap import hotswap_adapter
 from .inject import add_adapter, delete_adapter, unload
 from .io import load_adapter, save_adapter
@@ -39,11 +47,36 @@ def __getattr__(name: str):
         return loraplus_optimizer
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
+
 __all__ = [
-    "LoraConfig", "add_adapter", "load_adapter", "save_adapter", "set_adapter", "adapters", "delete_adapter",
-    "disable_adapters", "adapter_batch", "merge", "unmerge", "unload", "trainable_parameters", "summary",
-    "LorakitError", "ConfigError", "TargetError", "AdapterNameError", "AdapterStateError", "AdapterFileError",
-    "ModelNotFoundError", "DataError", "train", "TrainConfig", "truncate", "loraplus_optimizer", "set_fast_path",
+    "LoraConfig",
+    "add_adapter",
+    "load_adapter",
+    "save_adapter",
+    "set_adapter",
+    "adapters",
+    "delete_adapter",
+    "disable_adapters",
+    "adapter_batch",
+    "merge",
+    "unmerge",
+    "unload",
+    "trainable_parameters",
+    "summary",
+    "LorakitError",
+    "ConfigError",
+    "TargetError",
+    "AdapterNameError",
+    "AdapterStateError",
+    "AdapterFileError",
+    "ModelNotFoundError",
+    "DataError",
+    "train",
+    "TrainConfig",
+    "truncate",
+    "loraplus_optimizer",
+    "set_fast_path",
     "hotswap_adapter",
-    "combine", "compress",
+    "combine",
+    "compress",
 ]

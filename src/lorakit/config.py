@@ -216,18 +216,23 @@ class LoraConfig:
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None:
             if not all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform):
-                raise ConfigError(f"layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}")
+                raise ConfigError(
+                    f"layers_to_transform must be non-negative layer indices, got {self.layers_to_transform!r}"
+                )
             self.layers_to_transform = list(self.layers_to_transform)
         if isinstance(self.layers_pattern, str):
             self.layers_pattern = [self.layers_pattern]
         variant = self._resolve_variant()
         if variant.own_init and self.init != "default":
-            raise ConfigError(f"variant {variant.label} draws its own initial factors; it cannot be combined "
-                              f"with init={self.init!r}")
+            raise ConfigError(
+                f"variant {variant.label} draws its own initial factors; it cannot be combined with init={self.init!r}"
+            )
         if self.target_parameters and not variant.parameter_targets:
-            raise ConfigError(f"target_parameters cannot be combined with variant {variant.label}: a parameter is "
-                              "adapted as a whole, without a variant's extra terms (as in PEFT); put those "
-                              "modules in a separate adapter")
+            raise ConfigError(
+                f"target_parameters cannot be combined with variant {variant.label}: a parameter is "
+                "adapted as a whole, without a variant's extra terms (as in PEFT); put those "
+                "modules in a separate adapter"
+            )
         variant.check_config(self)
 
     def _resolve_variant(self) -> Any:
@@ -235,8 +240,10 @@ class LoraConfig:
         flagged = [v.name for v in VARIANTS.values() if v.legacy_flag and getattr(self, v.legacy_flag)]
         if len(flagged) > 1 or (flagged and self.variant not in ("lora", flagged[0])):
             chosen = ", ".join(VARIANTS[n].label for n in sorted(set(flagged) | ({self.variant} - {"lora"})))
-            raise ConfigError(f"an adapter has one variant, got {chosen}; choose one (variant=...), or put the "
-                              "others in adapters of their own")
+            raise ConfigError(
+                f"an adapter has one variant, got {chosen}; choose one (variant=...), or put the "
+                "others in adapters of their own"
+            )
         if flagged:
             self.variant = flagged[0]
         if self.variant not in VARIANTS:
@@ -253,20 +260,33 @@ class LoraConfig:
 
     def _check_target_parameters(self) -> None:
         names = self.target_parameters
-        if isinstance(names, str) or not isinstance(names, (list, tuple, set)) or not all(
-                isinstance(n, str) and n for n in names):
-            raise ConfigError(f"target_parameters must be a list of parameter names or suffixes such as "
-                              f"'experts.gate_up_proj', got {names!r}")
+        if (
+            isinstance(names, str)
+            or not isinstance(names, (list, tuple, set))
+            or not all(isinstance(n, str) and n for n in names)
+        ):
+            raise ConfigError(
+                f"target_parameters must be a list of parameter names or suffixes such as "
+                f"'experts.gate_up_proj', got {names!r}"
+            )
         self.target_parameters = sorted(names) if isinstance(names, set) else list(names)
         if not self.target_parameters:
             self.target_parameters = None
             return
-        clash = [k for k, v in {"dropout > 0": self.dropout > 0,
-                                f"init={self.init!r}": self.init not in ("default", "gaussian")}.items() if v]
+        clash = [
+            k
+            for k, v in {
+                "dropout > 0": self.dropout > 0,
+                f"init={self.init!r}": self.init not in ("default", "gaussian"),
+            }.items()
+            if v
+        ]
         if clash:
-            raise ConfigError(f"target_parameters cannot be combined with {clash}: a parameter is adapted as a whole, "
-                              "without an input to drop out or a variant's extra terms (as in PEFT); put those "
-                              "modules in a separate adapter")
+            raise ConfigError(
+                f"target_parameters cannot be combined with {clash}: a parameter is adapted as a whole, "
+                "without an input to drop out or a variant's extra terms (as in PEFT); put those "
+                "modules in a separate adapter"
+            )
 
     # --- per-module values -------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -374,9 +394,11 @@ def _init_from_peft(value: Any) -> str:
     if valid_init(value):
         return value
     if value in _PEFT_INITS_FROM_DATA:
-        raise ConfigError(f"init_lora_weights={value!r}: the adapter was trained against a base weight that init "
-                          f"changed using data lorakit does not have, so its update cannot be placed on the original "
-                          f"base; {UNCONVERTED_ADVICE}")
+        raise ConfigError(
+            f"init_lora_weights={value!r}: the adapter was trained against a base weight that init "
+            f"changed using data lorakit does not have, so its update cannot be placed on the original "
+            f"base; {UNCONVERTED_ADVICE}"
+        )
     raise ConfigError(f"init_lora_weights={value!r} is not supported; use {INIT_CHOICES}")
 
 

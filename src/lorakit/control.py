@@ -10,8 +10,15 @@ from torch import nn
 
 from .errors import AdapterStateError
 from .layers.routing import RowRouting
-from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters,
-                    require_adapters, saved_modules)
+from .state import (
+    active_adapters,
+    adapter_configs,
+    adapter_modules,
+    lora_layers,
+    merged_adapters,
+    require_adapters,
+    saved_modules,
+)
 
 
 def adapters(model: nn.Module) -> list[str]:
@@ -43,7 +50,9 @@ def set_adapter(model: nn.Module, name_or_names: str | Sequence[str]) -> None:
 def _check_not_merged(what: str, model: nn.Module) -> None:
     merged = merged_adapters(model)
     if merged:
-        raise AdapterStateError(f"{what} needs unmerged adapters, but {merged} are merged; call lorakit.unmerge(model) first")
+        raise AdapterStateError(
+            f"{what} needs unmerged adapters, but {merged} are merged; call lorakit.unmerge(model) first"
+        )
 
 
 @contextmanager

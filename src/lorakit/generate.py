@@ -12,8 +12,16 @@ from .data.stop_tokens import stop_token_ids
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
-                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+def generate_batch(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> list[str]:
     """Completions of already-rendered ``prompts`` (chat template applied), in order.
 
     Prompts are left-padded so every row's answer starts at the same position; generation stops
@@ -27,14 +35,18 @@ def generate_batch(model: nn.Module, tokenizer, prompts: list[str], max_new_toke
     outputs: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+            chunk = prompts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=stop_token_ids(tokenizer))
+            kwargs = dict(
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop_token_ids(tokenizer),
+            )
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
             out = model.generate(**enc, **kwargs)
-            new = out[:, enc["input_ids"].shape[1]:]
+            new = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
@@ -49,8 +61,15 @@ def render_prompt(tokenizer, user_text: str) -> str:
     return Renderer(tokenizer).prompt(user_text)
 
 
-def stream_generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 256, do_sample: bool = False,
-                    temperature: float = 1.0, top_p: float = 1.0) -> Iterator[str]:
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> Iterator[str]:
     """Yield the answer's text piece by piece as tokens are generated (for terminals)."""
     from threading import Thread
 
@@ -59,8 +78,14 @@ def stream_generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: in
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer))
+    kwargs = dict(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
+    )
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     model.eval()

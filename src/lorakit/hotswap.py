@@ -76,13 +76,16 @@ def _from_files(directory: Path) -> dict[str, Incoming]:
         raise AdapterFileError(f"{directory} is neither an adapter directory nor the name of a loaded adapter")
     config, weights = read_adapter(directory)  # one save's files, under the folder's lock
     if not config.variant_object.hot_swappable:
-        raise AdapterFileError(f"{directory} holds a {config.variant_object.title} adapter; hot-swap takes LoRA and "
-                               "DoRA adapters")
+        raise AdapterFileError(
+            f"{directory} holds a {config.variant_object.title} adapter; hot-swap takes LoRA and DoRA adapters"
+        )
     if changes_base(config.init):
-        raise AdapterFileError(f"{directory} was saved by PEFT with init_lora_weights={config.init!r} before "
-                               "conversion: its weights belong to a changed base weight. Load it with load_adapter "
-                               "(which rebuilds that base), save it with save_adapter (which converts it) and "
-                               "hot-swap the saved directory")
+        raise AdapterFileError(
+            f"{directory} was saved by PEFT with init_lora_weights={config.init!r} before "
+            "conversion: its weights belong to a changed base weight. Load it with load_adapter "
+            "(which rebuilds that base), save it with save_adapter (which converts it) and "
+            "hot-swap the saved directory"
+        )
     parts, _ = group_factors(weights)
     result = {}
     for path, found in parts.items():
@@ -97,11 +100,13 @@ def _require_swappable(layer: nn.Module, name: str, advice: str) -> None:
     """Hot-swap moves plain LoRA and DoRA factors; AdaLoRA's E, VeRA's projection and a PiSSA/OLoRA
     init (which changed the base weight) do not carry over."""
     if not layer.variants[name].hot_swappable:
-        raise AdapterStateError(f"adapter {name!r} is a {layer.variants[name].title} adapter; hot-swap takes LoRA "
-                                "and DoRA")
+        raise AdapterStateError(
+            f"adapter {name!r} is a {layer.variants[name].title} adapter; hot-swap takes LoRA and DoRA"
+        )
     if name in layer.init_factors:
-        raise AdapterStateError(f"adapter {name!r} was initialised with PiSSA/OLoRA (it changed the base weight); "
-                                f"{advice}")
+        raise AdapterStateError(
+            f"adapter {name!r} was initialised with PiSSA/OLoRA (it changed the base weight); {advice}"
+        )
 
 
 def _check(name: str, slots: dict[str, nn.Module], incoming: dict[str, Incoming]) -> None:
@@ -117,26 +122,37 @@ def _check(name: str, slots: dict[str, nn.Module], incoming: dict[str, Incoming]
         variant = layer.variants[name]
         if new is None:
             if variant.file_slots:  # its own tensors (DoRA's m) have no empty value
-                raise AdapterStateError(f"the new adapter has nothing for {variant.title} module {path!r}; it cannot "
-                                        "be left empty")
+                raise AdapterStateError(
+                    f"the new adapter has nothing for {variant.title} module {path!r}; it cannot be left empty"
+                )
             continue
         slot_A, slot_B = layer.lora_A[name], layer.lora_B[name]
         if isinstance(layer, LoraParameter) and new.A.shape != slot_A.shape:
-            raise AdapterStateError(f"module {path!r} is a parameter target, whose factors interleave the experts: "
-                                    f"hot-swap needs the slot's rank there ({layer.rank(name)})")
+            raise AdapterStateError(
+                f"module {path!r} is a parameter target, whose factors interleave the experts: "
+                f"hot-swap needs the slot's rank there ({layer.rank(name)})"
+            )
         r_new, r_slot = new.A.shape[0], slot_A.shape[0]
         if r_new > r_slot:
             raise AdapterStateError(
                 f"module {path!r}: the new adapter has rank {r_new}, the slot {name!r} only {r_slot}; create the "
                 "slot with the largest rank you will swap in (smaller ranks are zero-padded)"
             )
-        if new.A.shape[1:] != slot_A.shape[1:] or new.B.shape[0] != slot_B.shape[0] or new.B.shape[2:] != slot_B.shape[2:]:
-            raise AdapterStateError(f"module {path!r}: the new adapter's shapes {tuple(new.A.shape)}, "
-                                    f"{tuple(new.B.shape)} do not fit the layer; is it for a different model?")
+        if (
+            new.A.shape[1:] != slot_A.shape[1:]
+            or new.B.shape[0] != slot_B.shape[0]
+            or new.B.shape[2:] != slot_B.shape[2:]
+        ):
+            raise AdapterStateError(
+                f"module {path!r}: the new adapter's shapes {tuple(new.A.shape)}, "
+                f"{tuple(new.B.shape)} do not fit the layer; is it for a different model?"
+            )
         if set(new.extras) != set(variant.file_slots):
             kind = variant.title if variant.file_slots else "plain LoRA"
-            raise AdapterStateError(f"module {path!r}: slot {name!r} is {kind} and the new adapter is not; "
-                                    "hot-swap DoRA into DoRA and LoRA into LoRA")
+            raise AdapterStateError(
+                f"module {path!r}: slot {name!r} is {kind} and the new adapter is not; "
+                "hot-swap DoRA into DoRA and LoRA into LoRA"
+            )
         if layer.scaling[name] == 0:
             raise AdapterStateError(f"slot {name!r} has scaling 0 (alpha = 0) and cannot carry another adapter")
 

@@ -43,8 +43,9 @@ def module_generator(seed: int | None, module_name: str) -> torch.Generator | No
     return gen
 
 
-def initial_factors(layer: LoraLayer, r: int, scaling: float, init: str, dtype: torch.dtype,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def initial_factors(
+    layer: LoraLayer, r: int, scaling: float, init: str, dtype: torch.dtype, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) for a new rank-r adapter on ``layer``, in ``dtype`` on the base weight's device."""
     shape_a, shape_b = layer.adapter_shapes(r)
     device = layer.base_weight.device
@@ -66,8 +67,9 @@ def initial_factors(layer: LoraLayer, r: int, scaling: float, init: str, dtype: 
     return A.to(device=device, dtype=dtype).contiguous(), B.to(device=device, dtype=dtype).contiguous()
 
 
-def _decomposition_factors(layer: LoraLayer, r: int, scaling: float, init: str,
-                           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _decomposition_factors(
+    layer: LoraLayer, r: int, scaling: float, init: str, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(layer, LoraLinear):
         raise TargetError(f"init={init!r} is defined for linear layers only, not {type(layer.base_layer).__name__}")
     weight = layer.base_weight.detach().float()
@@ -83,8 +85,9 @@ def _decomposition_factors(layer: LoraLayer, r: int, scaling: float, init: str,
     return (root[:, None] * Vh).cpu(), (U * root[None, :]).cpu()
 
 
-def top_singular_triplets(weight: torch.Tensor, r: int, iterations: int | None,
-                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular_triplets(
+    weight: torch.Tensor, r: int, iterations: int | None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U_r (d_out, r), S_r (r,), V_rᵀ (r, d_in)) of ``weight`` (d_out, d_in): from the exact SVD
     when ``iterations`` is None, else from a randomized SVD with that many power iterations (see
     the module docstring), its probe drawn from ``generator`` on the CPU."""
@@ -92,8 +95,8 @@ def top_singular_triplets(weight: torch.Tensor, r: int, iterations: int | None,
         U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
         return U[:, :r], S[:r], Vh[:r]
     probe = torch.randn(weight.shape[1], min(r + OVERSAMPLING, min(weight.shape)), generator=generator)
-    basis = torch.linalg.qr(weight @ probe.to(weight)).Q                # (d_out, k): spans W's top range
+    basis = torch.linalg.qr(weight @ probe.to(weight)).Q  # (d_out, k): spans W's top range
     for _ in range(iterations):  # W Wᵀ sharpens the spectrum; QR after each product keeps it stable
         basis = torch.linalg.qr(weight @ torch.linalg.qr(weight.T @ basis).Q).Q
-    U_small, S, Vh = torch.linalg.svd(basis.T @ weight, full_matrices=False)   # (k, d_in): small
+    U_small, S, Vh = torch.linalg.svd(basis.T @ weight, full_matrices=False)  # (k, d_in): small
     return (basis @ U_small)[:, :r], S[:r], Vh[:r]

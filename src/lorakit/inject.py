@@ -20,10 +20,17 @@ from .initialization import initial_factors, module_generator
 from .layers import LoraLayer, ModulesToSave, lora_class_for
 from .layers.parameter import LoraParameter
 from .patching import install_patches, remove_patches
-from .state import (active_adapters, adapter_configs, adapter_modules, lora_layers, merged_adapters, replace_module,
-                    require_adapters, saved_modules)
-from .targets import (find_parameter_targets, find_targets, matches, named_base_modules, nested_path,
-                      stacked_parameters)
+from .state import (
+    active_adapters,
+    adapter_configs,
+    adapter_modules,
+    lora_layers,
+    merged_adapters,
+    replace_module,
+    require_adapters,
+    saved_modules,
+)
+from .targets import find_parameter_targets, find_targets, matches, named_base_modules, nested_path, stacked_parameters
 
 log = logging.getLogger("lorakit.inject")
 
@@ -83,8 +90,10 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
     module_targets = find_targets(model, config) if config.target_modules is not None else []
     for path, module in module_targets:
         if isinstance(module, LoraParameter):
-            raise TargetError(f"module {path!r} has adapters on its parameters (target_parameters); adapt it the same "
-                              "way (target_parameters) or target the layers inside it")
+            raise TargetError(
+                f"module {path!r} has adapters on its parameters (target_parameters); adapt it the same "
+                "way (target_parameters) or target the layers inside it"
+            )
         is_new = not isinstance(module, LoraLayer)
         layer = lora_class_for(module)(module) if is_new else module
         refusal = variant.refusal(layer)
@@ -97,24 +106,27 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
             )
         r = config.rank_for(path)
         scaling = config.scaling_for(path)
-        A, B = _factors(layer, config, r, scaling, draw_factors and variant.draws_factors,
-                        module_generator(config.seed, path))
+        A, B = _factors(
+            layer, config, r, scaling, draw_factors and variant.draws_factors, module_generator(config.seed, path)
+        )
         moved = (A, B) if draw_factors and changes_base(config.init) else None
         result.layers.append(LayerPlan(path, layer, is_new, scaling, config.dropout, A, B, moved_from_base=moved))
     if config.target_parameters:
         taken = {path for path, _ in module_targets}
         for path, module, params in find_parameter_targets(model, config):
             if path in taken:
-                raise TargetError(f"module {path!r} is matched by target_modules and by target_parameters; "
-                                  "adapt it one way")
+                raise TargetError(
+                    f"module {path!r} is matched by target_modules and by target_parameters; adapt it one way"
+                )
             result.layers.extend(_plan_parameters(path, module, params, config, draw_factors))
     variant.plan_adapter(result, config)  # variants that size shared state from every layer (VeRA)
     result.saved_paths = _modules_to_save_paths(model, config)
     return result
 
 
-def _plan_parameters(path: str, module: nn.Module, params: list[str], config: LoraConfig,
-                     draw_factors: bool) -> list[LayerPlan]:
+def _plan_parameters(
+    path: str, module: nn.Module, params: list[str], config: LoraConfig, draw_factors: bool
+) -> list[LayerPlan]:
     """The nest of ``LoraParameter`` wrappers for ``params`` of the module at ``path``: built new
     (first parameter innermost, at ``path.base_layer...``, where PEFT's files have it) or the
     existing one, which must adapt the same parameters (PEFT's rule)."""
@@ -124,8 +136,10 @@ def _plan_parameters(path: str, module: nn.Module, params: list[str], config: Lo
             nest.insert(0, layer)
             layer = layer.base_layer
         if [w.parameter_name for w in nest] != params:
-            raise TargetError(f"module {path!r} has adapters on parameters {[w.parameter_name for w in nest]}; every "
-                              f"adapter must target the same parameters of a module (this one: {params})")
+            raise TargetError(
+                f"module {path!r} has adapters on parameters {[w.parameter_name for w in nest]}; every "
+                f"adapter must target the same parameters of a module (this one: {params})"
+            )
         is_new = False
     else:
         nest, layer = [], module
@@ -136,15 +150,32 @@ def _plan_parameters(path: str, module: nn.Module, params: list[str], config: Lo
     plans = []
     for layer in nest:
         key = f"{path}.{layer.parameter_name}"  # rank_pattern / alpha_pattern keys name the parameter
-        A, B = _factors(layer, config, config.rank_for(key), config.scaling_for(key), draw_factors,
-                        module_generator(config.seed, key))
-        plans.append(LayerPlan(nested_path(path, params, layer.parameter_name), layer, is_new,
-                               config.scaling_for(key), 0.0, A, B, nested=layer is not nest[-1]))
+        A, B = _factors(
+            layer,
+            config,
+            config.rank_for(key),
+            config.scaling_for(key),
+            draw_factors,
+            module_generator(config.seed, key),
+        )
+        plans.append(
+            LayerPlan(
+                nested_path(path, params, layer.parameter_name),
+                layer,
+                is_new,
+                config.scaling_for(key),
+                0.0,
+                A,
+                B,
+                nested=layer is not nest[-1],
+            )
+        )
     return plans
 
 
-def _factors(layer: LoraLayer, config: LoraConfig, r: int, scaling: float, draw: bool,
-             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(
+    layer: LoraLayer, config: LoraConfig, r: int, scaling: float, draw: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The initial (A, B) of a planned layer: drawn by ``config.init``, or zeros for a load to fill."""
     dtype = adapter_dtype(config, layer.base_weight)
     device = layer.base_weight.device
@@ -179,8 +210,9 @@ def commit(model: nn.Module, planned: InjectionPlan, trainable: bool = True, act
     for p in planned.layers:
         if p.is_new:  # new modules start in training mode: follow the module they wrap
             p.layer.train(p.layer.base_layer.training)
-        p.layer.add_adapter(name, p.A, p.B, p.scaling, p.dropout, trainable=trainable, rslora=config.use_rslora,
-                            variant=variant)
+        p.layer.add_adapter(
+            name, p.A, p.B, p.scaling, p.dropout, trainable=trainable, rslora=config.use_rslora, variant=variant
+        )
         if p.moved_from_base is not None:
             # W0 keeps the residual W0 - s B0 A0; (A0, B0) are kept to express the update against
             # the original W0 when saving or removing the adapter.
@@ -259,15 +291,19 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
 
 
 def _warn_about_frozen_experts(model: nn.Module, config: LoraConfig) -> None:
-    """"all-linear" on a mixture-of-experts model whose experts are stacked parameters (transformers
+    """ "all-linear" on a mixture-of-experts model whose experts are stacked parameters (transformers
     5) adapts attention only: say so, since the same flag used to cover every expert's layers."""
     if config.target_modules != ALL_LINEAR:
         return
     stacks = stacked_parameters(model)
     if stacks:
-        log.warning("all-linear adapts linear layers only; this model's stacked expert weights (%s) stay frozen. "
-                    "Add target_parameters=%s (CLI: --target-parameters %s) to train the experts too",
-                    ", ".join(stacks), stacks, ",".join(stacks))
+        log.warning(
+            "all-linear adapts linear layers only; this model's stacked expert weights (%s) stay frozen. "
+            "Add target_parameters=%s (CLI: --target-parameters %s) to train the experts too",
+            ", ".join(stacks),
+            stacks,
+            ",".join(stacks),
+        )
 
 
 def _model_name(model: nn.Module) -> str | None:

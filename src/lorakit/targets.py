@@ -84,8 +84,16 @@ def low_rank_config(ranks: dict[str, int], template: LoraConfig, **changes: Any)
     ``exact_pattern``), which PEFT's loader reads the same way."""
     common = Counter(ranks.values()).most_common(1)[0][0]
     pattern = exact_pattern({path: r for path, r in ranks.items() if r != common}, ranks)
-    values = dict(r=common, alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern), use_rslora=False,
-                  variant="lora", init="default", dropout=0.0)
+    values = dict(
+        r=common,
+        alpha=common,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        use_rslora=False,
+        variant="lora",
+        init="default",
+        dropout=0.0,
+    )
     return template.replace(**{**values, **changes})
 
 
@@ -159,15 +167,19 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
         owner = module.owner if isinstance(module, LoraParameter) else module
         if not name or isinstance(owner, (LoraLayer, ModulesToSave)):  # the model itself cannot be wrapped
             continue
-        params = [p for p, _ in owner.named_parameters(recurse=False)
-                  if any(f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t) for t in wanted)]
+        params = [
+            p
+            for p, _ in owner.named_parameters(recurse=False)
+            if any(f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t) for t in wanted)
+        ]
         if params:
             chosen.append((name, module, params))
     if not chosen:
         found = stacked_parameters(model)
         hint = f" (stacked parameters in this model: {', '.join(found)})" if found else ""
-        raise TargetError(f"no parameter matched target_parameters={wanted!r}; give '<module>.<parameter>' names "
-                          f"or suffixes{hint}")
+        raise TargetError(
+            f"no parameter matched target_parameters={wanted!r}; give '<module>.<parameter>' names or suffixes{hint}"
+        )
     return chosen
 
 
@@ -181,19 +193,35 @@ def stacked_parameters(model: nn.Module) -> list[str]:
     """``"<module>.<parameter>"`` names (the module's last name part) of the 3-D parameters of
     modules LoRA does not wrap as layers: mixture-of-experts stacks, which only
     ``target_parameters`` reaches (a Conv1d's 3-D kernel is a layer's, and not listed)."""
-    return sorted({f"{name.rsplit('.', 1)[-1]}.{param}" for name, module in named_base_modules(model)
-                   if name and not isinstance(module, (LoraLayer, ModulesToSave)) and lora_class_for(module) is None
-                   for param, value in module.named_parameters(recurse=False) if value.dim() == 3})
+    return sorted(
+        {
+            f"{name.rsplit('.', 1)[-1]}.{param}"
+            for name, module in named_base_modules(model)
+            if name and not isinstance(module, (LoraLayer, ModulesToSave)) and lora_class_for(module) is None
+            for param, value in module.named_parameters(recurse=False)
+            if value.dim() == 3
+        }
+    )
 
 
 def _adaptable_leaf_names(model: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, module in named_base_modules(model)
-                   if name and (isinstance(module, LoraLayer) or lora_class_for(module) is not None)})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in named_base_modules(model)
+            if name and (isinstance(module, LoraLayer) or lora_class_for(module) is not None)
+        }
+    )
 
 
 def _suggest_inside(model: nn.Module, name: str) -> str:
-    inner = sorted({n.rsplit(".", 1)[-1] for n, m in named_base_modules(model)
-                    if n.startswith(name + ".") and lora_class_for(m) is not None})
+    inner = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in named_base_modules(model)
+            if n.startswith(name + ".") and lora_class_for(m) is not None
+        }
+    )
     return f", e.g. {inner}" if inner else ""
 
 

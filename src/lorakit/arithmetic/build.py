@@ -40,7 +40,7 @@ from . import methods
 from .factor import LowRank, best_rank_k, concatenated, singular_values, svd_of_factors, truncated
 from .options import MergeOptions, parse_options
 from .report import CombineReport, LayerReport
-from .updates import adapter_factors, dense_update, dense_only, low_rank_update, to_weight_layout
+from .updates import adapter_factors, dense_only, dense_update, low_rank_update, to_weight_layout
 
 log = logging.getLogger("lorakit.combine")
 
@@ -57,8 +57,17 @@ class LayerResult:
         return self.dense if self.dense is not None else self.stored.dense()
 
 
-def combine(model: nn.Module, sources: Sequence[str], weights: Sequence[float] | None = None, method: str = "linear",
-            name: str = "combined", *, into_base: bool = False, activate: bool = True, **options: Any) -> CombineReport:
+def combine(
+    model: nn.Module,
+    sources: Sequence[str],
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    name: str = "combined",
+    *,
+    into_base: bool = False,
+    activate: bool = True,
+    **options: Any,
+) -> CombineReport:
     """Combine the adapters ``sources`` (names in ``model``) into a new adapter ``name``.
 
     Args:
@@ -92,8 +101,13 @@ def combine(model: nn.Module, sources: Sequence[str], weights: Sequence[float] |
     results: list[LayerResult] = []
     # The dense methods take a full SVD per module (up to seconds on big layers): show progress
     # (disable=None: only when stderr is a terminal).
-    bar = tqdm(chosen, desc=f"combine ({opts.spec.name})", unit="module", leave=False,
-               disable=True if opts.spec.low_rank else None)
+    bar = tqdm(
+        chosen,
+        desc=f"combine ({opts.spec.name})",
+        unit="module",
+        leave=False,
+        disable=True if opts.spec.low_rank else None,
+    )
     new_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(W0) -> (W0, W0 + ΔW)
     for path, layer in bar:
         result = combine_layer(path, layer, sources, opts, keep=not into_base)
@@ -106,13 +120,25 @@ def combine(model: nn.Module, sources: Sequence[str], weights: Sequence[float] |
         results.append(result)
     if into_base:
         assign_all(list(new_weights.values()))
-    report = CombineReport(None if into_base else name, opts.spec.name, sources, list(opts.weights),
-                           exact=all(r.report.rel_error == 0 for r in results), into_base=into_base,
-                           layers=[r.report for r in results])
+    report = CombineReport(
+        None if into_base else name,
+        opts.spec.name,
+        sources,
+        list(opts.weights),
+        exact=all(r.report.rel_error == 0 for r in results),
+        into_base=into_base,
+        layers=[r.report for r in results],
+    )
     if not into_base:
         install(model, name, results, adapter_configs(model)[sources[0]], activate)
-    log.info("combined %s with %s into %s: %d modules, max relative error %.3e", sources, opts.spec.name,
-             "the base weights" if into_base else repr(name), len(results), report.max_error)
+    log.info(
+        "combined %s with %s into %s: %d modules, max relative error %.3e",
+        sources,
+        opts.spec.name,
+        "the base weights" if into_base else repr(name),
+        len(results),
+        report.max_error,
+    )
     return report
 
 
@@ -154,29 +180,42 @@ def check_sources(model: nn.Module, sources: list[str], combining: bool = True) 
     require_adapters(model, sources)
     merged = merged_adapters(model)
     if merged:
-        raise AdapterStateError(f"adapter(s) {merged} are merged into the base weights, which combining reads; "
-                                "call lorakit.unmerge(model) first")
+        raise AdapterStateError(
+            f"adapter(s) {merged} are merged into the base weights, which combining reads; "
+            "call lorakit.unmerge(model) first"
+        )
     configs = adapter_configs(model)
     for source in sources:
         if combining and configs[source].modules_to_save:
-            raise ConfigError(f"adapter {source!r} also trains full copies of {configs[source].modules_to_save} "
-                              "(modules_to_save), which are not low-rank updates and cannot be combined; "
-                              "combine adapters without modules_to_save, or export this one alone")
+            raise ConfigError(
+                f"adapter {source!r} also trains full copies of {configs[source].modules_to_save} "
+                "(modules_to_save), which are not low-rank updates and cannot be combined; "
+                "combine adapters without modules_to_save, or export this one alone"
+            )
         if any(source in layer.lora_A and isinstance(layer, LoraParameter) for _, layer in lora_layers(model)):
-            raise ConfigError(f"adapter {source!r} adapts parameters (target_parameters), one update per expert, "
-                              "which combining and compressing do not handle yet; export it alone (lorakit export) "
-                              "or combine adapters without target_parameters")
+            raise ConfigError(
+                f"adapter {source!r} adapts parameters (target_parameters), one update per expert, "
+                "which combining and compressing do not handle yet; export it alone (lorakit export) "
+                "or combine adapters without target_parameters"
+            )
         if any(source in layer.init_factors for _, layer in lora_layers(model)):
-            raise ConfigError(f"adapter {source!r} was initialised with {configs[source].init}, which moved part of "
-                              "the base weight into it; save it and load it back (the file holds its update against "
-                              "the original base), then combine the loaded copy")
+            raise ConfigError(
+                f"adapter {source!r} was initialised with {configs[source].init}, which moved part of "
+                "the base weight into it; save it and load it back (the file holds its update against "
+                "the original base), then combine the loaded copy"
+            )
         if combining and configs[source].bias != "none":
-            log.warning("adapter %r trains biases (bias=%r); they live in the base model and are not combined",
-                        source, configs[source].bias)
+            log.warning(
+                "adapter %r trains biases (bias=%r); they live in the base model and are not combined",
+                source,
+                configs[source].bias,
+            )
 
 
 @torch.no_grad()
-def combine_layer(path: str, layer: LoraLayer, sources: list[str], opts: MergeOptions, keep: bool = True) -> LayerResult:
+def combine_layer(
+    path: str, layer: LoraLayer, sources: list[str], opts: MergeOptions, keep: bool = True
+) -> LayerResult:
     """The combined update of one module, stored as factors (``keep``) or as the exact result.
 
     Sources without an adapter on this module count as a zero update (they still take part in
@@ -187,15 +226,20 @@ def combine_layer(path: str, layer: LoraLayer, sources: list[str], opts: MergeOp
     if spec.low_rank and not any(dense_only(layer, sources[i]) for i in present):
         total = sum(opts.weights)
         divisor = total if opts.normalize and abs(total) >= 1e-8 else 1.0
-        exact = concatenated([low_rank_update(layer, sources[i]) for i in present],
-                             [opts.weights[i] * opts.lambda_ / divisor for i in present])
+        exact = concatenated(
+            [low_rank_update(layer, sources[i]) for i in present],
+            [opts.weights[i] * opts.lambda_ / divisor for i in present],
+        )
         if spec.name != "svd":
             norm = float(singular_values(exact).norm())
-            return LayerResult(path, layer, LayerReport(path, source_ranks, exact.rank if keep else 0, norm, 0.0), exact)
+            return LayerResult(
+                path, layer, LayerReport(path, source_ranks, exact.rank if keep else 0, norm, 0.0), exact
+            )
         U, S, Vh = svd_of_factors(exact)
         stored, error = truncated(U, S, Vh, opts.rank or max(source_ranks.values()))
-        return LayerResult(path, layer, LayerReport(path, source_ranks, stored.rank if keep else 0, float(S.norm()),
-                                                    error), stored)
+        return LayerResult(
+            path, layer, LayerReport(path, source_ranks, stored.rank if keep else 0, float(S.norm()), error), stored
+        )
     mixed = dense_result(path, layer, sources, opts)
     norm = float(mixed.norm())
     if not keep:
@@ -216,11 +260,18 @@ def dense_result(path: str, layer: LoraLayer, sources: list[str], opts: MergeOpt
         deltas = [methods.trim_magnitude(d, p, opts.rescale) for d, p in zip(deltas, opts.density)]
     elif opts.spec.sparsify == "random":
         # One stream per (seed, module, source): the masks do not depend on module order.
-        deltas = [methods.drop_random(d, p, opts.rescale, module_generator(opts.seed, f"{path}#{i}"))
-                  for i, (d, p) in enumerate(zip(deltas, opts.density))]
+        deltas = [
+            methods.drop_random(d, p, opts.rescale, module_generator(opts.seed, f"{path}#{i}"))
+            for i, (d, p) in enumerate(zip(deltas, opts.density))
+        ]
     weights = torch.tensor(opts.weights, dtype=first.dtype, device=first.device)
-    return methods.generalized(torch.stack(deltas), weights, consensus=opts.consensus if opts.spec.elect_sign else None,
-                               normalize=opts.normalize, lambda_=opts.lambda_)
+    return methods.generalized(
+        torch.stack(deltas),
+        weights,
+        consensus=opts.consensus if opts.spec.elect_sign else None,
+        normalize=opts.normalize,
+        lambda_=opts.lambda_,
+    )
 
 
 def install(model: nn.Module, name: str, results: list[LayerResult], template: LoraConfig, activate: bool) -> None:
@@ -228,10 +279,17 @@ def install(model: nn.Module, name: str, results: list[LayerResult], template: L
     first = results[0]
     dtype = str(first.layer.lora_B[next(iter(first.report.source_ranks))].dtype).replace("torch.", "")
     config = low_rank_config(
-        {r.path: r.stored.rank for r in results}, template,
+        {r.path: r.stored.rank for r in results},
+        template,
         target_modules=exact_targets(model, [r.path for r in results]),
-        exclude_modules=None, layers_to_transform=None, layers_pattern=None, modules_to_save=None, bias="none",
-        seed=None, adapter_dtype=dtype if dtype in ADAPTER_DTYPES else "auto")
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+        modules_to_save=None,
+        bias="none",
+        seed=None,
+        adapter_dtype=dtype if dtype in ADAPTER_DTYPES else "auto",
+    )
     planned = plan(model, config, name, draw_factors=False)
     stored = {r.path: r.stored for r in results}
     for p in planned.layers:

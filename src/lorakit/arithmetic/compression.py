@@ -41,9 +41,11 @@ def compress(model: nn.Module, name: str, rank: int, *, new_name: str | None = N
     if new_name is not None:
         return combine(model, [name], [1.0], "svd", new_name, rank=rank)
     if any(dense_only(layer, name) for _, layer in lora_layers(model)):
-        raise ConfigError(f"adapter {name!r} is a DoRA adapter, whose magnitudes were trained against the full "
-                          "update, so it cannot be truncated in place; pass new_name=... to get a plain LoRA adapter "
-                          "approximating its effective update, or merge it into the base (lorakit export)")
+        raise ConfigError(
+            f"adapter {name!r} is a DoRA adapter, whose magnitudes were trained against the full "
+            "update, so it cannot be truncated in place; pass new_name=... to get a plain LoRA adapter "
+            "approximating its effective update, or merge it into the base (lorakit export)"
+        )
     results = []
     for path, layer in lora_layers(model):
         if name in layer.lora_A:
@@ -57,8 +59,15 @@ def compress(model: nn.Module, name: str, rank: int, *, new_name: str | None = N
     for result in results:  # nothing below can fail on user input
         replace_factors(result, name)
     adapter_configs(model)[name] = config
-    report = CombineReport(name, "compress", [name], [1.0], exact=all(r.report.rel_error == 0 for r in results),
-                           into_base=False, layers=[r.report for r in results])
+    report = CombineReport(
+        name,
+        "compress",
+        [name],
+        [1.0],
+        exact=all(r.report.rel_error == 0 for r in results),
+        into_base=False,
+        layers=[r.report for r in results],
+    )
     log.info("compressed %r to rank <= %d: whole-adapter relative error %.3e", name, rank, report.total_error)
     return report
 

@@ -75,13 +75,19 @@ class AdapterInfo:
 
     def table(self) -> str:
         ranks = ", ".join(f"r={r} x{n}" for r, n in self.ranks.items())
-        lines = [f"adapter     {self.path}", f"type        {self.peft_type} ({self.variant})",
-                 f"base model  {self.base_model or 'unknown'}", f"targets     {self.target_modules}"
-                 + (f" + parameters {self.target_parameters}" if self.target_parameters else ""),
-                 f"modules     {len(self.modules)} ({ranks})",
-                 f"parameters  {self.params:,}", f"file size   {_size(self.file_bytes)}", "",
-                 "| module | rank | scaling | shape | ‖ΔW‖_F | σ_1 | eff. rank | r90 |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = [
+            f"adapter     {self.path}",
+            f"type        {self.peft_type} ({self.variant})",
+            f"base model  {self.base_model or 'unknown'}",
+            f"targets     {self.target_modules}"
+            + (f" + parameters {self.target_parameters}" if self.target_parameters else ""),
+            f"modules     {len(self.modules)} ({ranks})",
+            f"parameters  {self.params:,}",
+            f"file size   {_size(self.file_bytes)}",
+            "",
+            "| module | rank | scaling | shape | ‖ΔW‖_F | σ_1 | eff. rank | r90 |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for m in self.modules:
             d_in = "?" if m.shape[1] is None else m.shape[1]
             shape = ("" if m.experts == 1 else f"{m.experts}x") + f"{m.shape[0]}x{d_in}"
@@ -89,8 +95,10 @@ class AdapterInfo:
                 lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {shape} | n/a | n/a | n/a | n/a |")
                 continue
             top = m.singular_values[0] if m.singular_values else 0.0
-            lines.append(f"| {m.path} | {m.rank} | {m.scaling:g} | {shape} | {m.norm:.4g} | "
-                         f"{top:.4g} | {m.effective_rank:.2f} | {m.r90} |")
+            lines.append(
+                f"| {m.path} | {m.rank} | {m.scaling:g} | {shape} | {m.norm:.4g} | "
+                f"{top:.4g} | {m.effective_rank:.2f} | {m.r90} |"
+            )
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -113,12 +121,24 @@ def inspect_adapter(path: str | os.PathLike, model: nn.Module | None = None) -> 
     config, weights = read_adapter(directory)  # one save's files, under the folder's lock
     factors, _ = group_factors(weights)
     kind = config.variant_object
-    variant = "+".join(([config.variant] if config.variant != "lora" else [])
-                       + (["rslora"] if config.use_rslora and kind.file_holds_factors else [])) or "lora"
+    variant = (
+        "+".join(
+            ([config.variant] if config.variant != "lora" else [])
+            + (["rslora"] if config.use_rslora and kind.file_holds_factors else [])
+        )
+        or "lora"
+    )
     file = directory / WEIGHTS_NAME if (directory / WEIGHTS_NAME).is_file() else directory / LEGACY_WEIGHTS_NAME
-    info = AdapterInfo(str(directory), kind.peft_type, config.base_model_name_or_path,
-                       config.target_modules, variant, sum(t.numel() for t in weights.values()), file.stat().st_size,
-                       target_parameters=config.target_parameters)
+    info = AdapterInfo(
+        str(directory),
+        kind.peft_type,
+        config.base_model_name_or_path,
+        config.target_modules,
+        variant,
+        sum(t.numel() for t in weights.values()),
+        file.stat().st_size,
+        target_parameters=config.target_parameters,
+    )
     for module_path, found in factors.items():
         if "lora_A" not in found or "lora_B" not in found:
             raise AdapterFileError(f"{directory}: module {module_path!r} lacks its lora_A or lora_B weights")
@@ -135,11 +155,14 @@ def inspect_adapter(path: str | os.PathLike, model: nn.Module | None = None) -> 
     if kind.inspection_note:
         info.notes.append(kind.inspection_note)
     if any(m.experts > 1 for m in info.modules):
-        info.notes.append("expert stacks: ‖ΔW‖_F over all experts; σ_1 and r90 the largest of any expert, eff. rank "
-                          "their mean; the plotted spectrum is the expert with the largest update")
+        info.notes.append(
+            "expert stacks: ‖ΔW‖_F over all experts; σ_1 and r90 the largest of any expert, eff. rank "
+            "their mean; the plotted spectrum is the expert with the largest update"
+        )
     if any(m.norm is None and kind.file_holds_factors for m in info.modules):
-        info.notes.append("n/a for a parameter target: the config's ranks and the file's shapes do not settle its "
-                          "number of experts")
+        info.notes.append(
+            "n/a for a parameter target: the config's ranks and the file's shapes do not settle its number of experts"
+        )
     return info
 
 
@@ -175,10 +198,13 @@ def expert_ranks(factors: dict[str, dict[str, torch.Tensor]], config) -> dict[st
         options = []
         for chosen in itertools.permutations(levels[0][1], len(levels)):
             ranks = [config.rank_for(key) for key in chosen]
-            if all(rows % r == 0 for (_, _, rows), r in zip(levels, ranks)) and \
-                    len({rows // r for (_, _, rows), r in zip(levels, ranks)}) == 1:
-                options.append({path: (r, config.scaling_for(key))
-                                for (path, _, _), key, r in zip(levels, chosen, ranks)})
+            if (
+                all(rows % r == 0 for (_, _, rows), r in zip(levels, ranks))
+                and len({rows // r for (_, _, rows), r in zip(levels, ranks)}) == 1
+            ):
+                options.append(
+                    {path: (r, config.scaling_for(key)) for (path, _, _), key, r in zip(levels, chosen, ranks)}
+                )
         if options and all(option == options[0] for option in options):
             settled.update(options[0])
     return settled
@@ -195,9 +221,17 @@ def expert_stack_info(path: str, A: torch.Tensor, B: torch.Tensor, choice: tuple
     B_e = B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)
     spectra = [singular_values(LowRank(B_e[e] * scaling, A_e[e])) for e in range(experts)]
     largest = max(spectra, key=lambda S: float(S.norm()))
-    return ModuleInfo(path, rank, scaling, (B.shape[0], A.shape[1]), float(torch.cat(spectra).norm()),
-                      [float(s) for s in largest], sum(entropy_rank(S) for S in spectra) / experts,
-                      max(energy_rank(S, 0.9) for S in spectra), experts)
+    return ModuleInfo(
+        path,
+        rank,
+        scaling,
+        (B.shape[0], A.shape[1]),
+        float(torch.cat(spectra).norm()),
+        [float(s) for s in largest],
+        sum(entropy_rank(S) for S in spectra) / experts,
+        max(energy_rank(S, 0.9) for S in spectra),
+        experts,
+    )
 
 
 def loaded_updates(model: nn.Module, directory: Path) -> dict[str, LowRank]:
@@ -216,12 +250,21 @@ def loaded_updates(model: nn.Module, directory: Path) -> dict[str, LowRank]:
 
 def update_info(path: str, rank: int, scaling: float, update: LowRank) -> ModuleInfo:
     S = singular_values(update)
-    return ModuleInfo(path, rank, scaling, (update.B.shape[0], update.A.shape[1]), float(S.norm()),
-                      [float(s) for s in S], entropy_rank(S), energy_rank(S, 0.9))
+    return ModuleInfo(
+        path,
+        rank,
+        scaling,
+        (update.B.shape[0], update.A.shape[1]),
+        float(S.norm()),
+        [float(s) for s in S],
+        entropy_rank(S),
+        energy_rank(S, 0.9),
+    )
 
 
-def module_info(path: str, found: dict[str, torch.Tensor], config,
-                settled: dict[str, tuple[int, float]] | None = None) -> ModuleInfo:
+def module_info(
+    path: str, found: dict[str, torch.Tensor], config, settled: dict[str, tuple[int, float]] | None = None
+) -> ModuleInfo:
     """One module's figures; ``settled``: the parameter targets' (r, s) (``expert_ranks``)."""
     A, B = found["lora_A"].double(), found["lora_B"].double()
     if not config.variant_object.file_holds_factors:  # VeRA: d (r,), b (d_out,)
@@ -230,7 +273,7 @@ def module_info(path: str, found: dict[str, torch.Tensor], config,
         return expert_stack_info(path, A, B, (settled or {}).get(path))
     rank = A.shape[0]
     alpha = config.alpha_for(path)
-    scaling = alpha / rank ** 0.5 if config.use_rslora else alpha / rank
+    scaling = alpha / rank**0.5 if config.use_rslora else alpha / rank
     return update_info(path, rank, scaling, LowRank(B.flatten(1) * scaling, A.flatten(1)))
 
 
@@ -246,8 +289,13 @@ def plot_spectra(info: AdapterInfo, path: Path) -> Path:
     colors = {kind: plt.get_cmap("tab10")(i % 10) for i, kind in enumerate(kinds)}
     for m in analysed:
         top = m.singular_values[0] or 1.0
-        left.semilogy(range(1, len(m.singular_values) + 1), [max(s / top, 1e-12) for s in m.singular_values],
-                      color=colors[m.path.rsplit(".", 1)[-1]], alpha=0.5, lw=1)
+        left.semilogy(
+            range(1, len(m.singular_values) + 1),
+            [max(s / top, 1e-12) for s in m.singular_values],
+            color=colors[m.path.rsplit(".", 1)[-1]],
+            alpha=0.5,
+            lw=1,
+        )
     for kind in kinds:
         left.plot([], [], color=colors[kind], label=kind)
     left.set_xlabel("index j")
@@ -256,7 +304,9 @@ def plot_spectra(info: AdapterInfo, path: Path) -> Path:
     left.grid(alpha=0.3)
     if kinds:
         left.legend(fontsize=7)
-    right.bar(range(len(analysed)), [m.norm for m in analysed], color=[colors[m.path.rsplit(".", 1)[-1]] for m in analysed])
+    right.bar(
+        range(len(analysed)), [m.norm for m in analysed], color=[colors[m.path.rsplit(".", 1)[-1]] for m in analysed]
+    )
     right.set_xlabel("module (model order)")
     right.set_ylabel("‖ΔW‖_F")
     right.set_title("update norm per module")

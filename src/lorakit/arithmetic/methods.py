@@ -28,8 +28,14 @@ RESCALES = ("l1", "l2", "linf", "density")
 CONSENSUS = ("sum", "count")
 
 
-def generalized(deltas: torch.Tensor, weights: torch.Tensor, *, consensus: str | None = None,
-                normalize: bool = False, lambda_: float = 1.0) -> torch.Tensor:
+def generalized(
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    consensus: str | None = None,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> torch.Tensor:
     """Weighted sum of (already sparsified) deltas with optional sign election; see module docstring."""
     w = weights.to(deltas.dtype).reshape(-1, *([1] * (deltas.dim() - 1)))
     weighted = deltas * w
@@ -80,8 +86,9 @@ def trim_magnitude(delta: torch.Tensor, density: float, rescale: str | None = No
     return rescaled(delta, delta * mask.view_as(delta), rescale, density)
 
 
-def drop_random(delta: torch.Tensor, density: float, rescale: str | None = "l1",
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_random(
+    delta: torch.Tensor, density: float, rescale: str | None = "l1", generator: torch.Generator | None = None
+) -> torch.Tensor:
     """DARE: keep each entry independently with probability ``density`` (Bernoulli mask), rescale."""
     if density >= 1:
         return delta
@@ -90,8 +97,9 @@ def drop_random(delta: torch.Tensor, density: float, rescale: str | None = "l1",
     return rescaled(delta, delta * keep.to(delta.device, delta.dtype), rescale, density)
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> torch.Tensor:
+def slerp(
+    t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """Spherical interpolation of two tensors (each flattened to one vector), t in [0, 1].
 
         θ = arccos(<v0/|v0|, v1/|v1|>),   slerp = sin((1-t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1

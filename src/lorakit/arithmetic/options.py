@@ -27,16 +27,21 @@ class MethodSpec:
     low_rank: bool = False  # the result is the exact weighted sum of low-rank updates
 
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    MethodSpec("linear", "task arithmetic λ Σ w_i ΔW_i, exact (ranks concatenate)", low_rank=True),
-    MethodSpec("cat", "same update as linear (PEFT's name for the concatenation)", low_rank=True),
-    MethodSpec("svd", "linear, re-factorised by SVD to `rank`", low_rank=True),
-    MethodSpec("ties", "trim to density by magnitude, elect sign, disjoint mean", "magnitude", True, normalize=True),
-    MethodSpec("dare_linear", "random drop to density with rescale, weighted sum", "random", rescale=True),
-    MethodSpec("dare_ties", "random drop with rescale, elect sign, disjoint sum", "random", True, rescale=True),
-    MethodSpec("magnitude_prune", "trim to density by magnitude, weighted sum", "magnitude"),
-    MethodSpec("slerp", "spherical interpolation of two updates at t, per tensor"),
-)}
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("linear", "task arithmetic λ Σ w_i ΔW_i, exact (ranks concatenate)", low_rank=True),
+        MethodSpec("cat", "same update as linear (PEFT's name for the concatenation)", low_rank=True),
+        MethodSpec("svd", "linear, re-factorised by SVD to `rank`", low_rank=True),
+        MethodSpec(
+            "ties", "trim to density by magnitude, elect sign, disjoint mean", "magnitude", True, normalize=True
+        ),
+        MethodSpec("dare_linear", "random drop to density with rescale, weighted sum", "random", rescale=True),
+        MethodSpec("dare_ties", "random drop with rescale, elect sign, disjoint sum", "random", True, rescale=True),
+        MethodSpec("magnitude_prune", "trim to density by magnitude, weighted sum", "magnitude"),
+        MethodSpec("slerp", "spherical interpolation of two updates at t, per tensor"),
+    )
+}
 # Accepted spellings of the methods and of the majority-sign rule (PEFT's and mergekit's names).
 ALIASES = {"task_arithmetic": "linear", "dare": "dare_linear"}
 CONSENSUS_ALIASES = {"total": "sum", "frequency": "count"}
@@ -83,8 +88,9 @@ def parse_options(method: str, n_sources: int, weights: Any, options: dict[str, 
         options["lambda_"] = options.pop("lambda")
     unknown = sorted(set(options) - allowed_options(spec))
     if unknown:
-        raise ConfigError(f"method {spec.name!r} does not take {unknown}; its options are "
-                          f"{sorted(allowed_options(spec))}")
+        raise ConfigError(
+            f"method {spec.name!r} does not take {unknown}; its options are {sorted(allowed_options(spec))}"
+        )
     if spec.name == "slerp":
         if n_sources != 2:
             raise ConfigError(f"slerp interpolates exactly two adapters, got {n_sources}")
@@ -118,8 +124,18 @@ def parse_options(method: str, n_sources: int, weights: Any, options: dict[str, 
     normalize = options.get("normalize", spec.normalize)
     if not isinstance(normalize, bool):
         raise ConfigError(f"normalize must be true or false, got {normalize!r}")
-    return MergeOptions(spec, weights, density, normalize, rescale or None, _number("lambda", options.get("lambda_", 1.0)),
-                        consensus, seed, t, rank)
+    return MergeOptions(
+        spec,
+        weights,
+        density,
+        normalize,
+        rescale or None,
+        _number("lambda", options.get("lambda_", 1.0)),
+        consensus,
+        seed,
+        t,
+        rank,
+    )
 
 
 def _number(what: str, value: Any) -> float:

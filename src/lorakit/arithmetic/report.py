@@ -44,8 +44,8 @@ class CombineReport:
     @property
     def total_error(self) -> float:
         """sqrt(Σ dropped²) / sqrt(Σ norm²) over all layers: the whole adapter's relative error."""
-        total = sum(layer.norm ** 2 for layer in self.layers)
-        return math.sqrt(sum(layer.dropped ** 2 for layer in self.layers) / total) if total > 0 else 0.0
+        total = sum(layer.norm**2 for layer in self.layers)
+        return math.sqrt(sum(layer.dropped**2 for layer in self.layers) / total) if total > 0 else 0.0
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -58,9 +58,13 @@ class CombineReport:
     def table(self) -> str:
         """A markdown table, one row per layer, and a summary line."""
         where = "merged into the base weights" if self.into_base else f"adapter {self.name!r}"
-        lines = [f"{self.method} of {', '.join(self.sources)} (weights {', '.join(f'{w:g}' for w in self.weights)})"
-                 f" -> {where}", "",
-                 "| module | source ranks | rank | ‖ΔW‖_F | rel. error |", "|---|---|---|---|---|"]
+        lines = [
+            f"{self.method} of {', '.join(self.sources)} (weights {', '.join(f'{w:g}' for w in self.weights)})"
+            f" -> {where}",
+            "",
+            "| module | source ranks | rank | ‖ΔW‖_F | rel. error |",
+            "|---|---|---|---|---|",
+        ]
         for layer in self.layers:
             ranks = " + ".join(str(r) for r in layer.source_ranks.values())
             lines.append(f"| {layer.path} | {ranks} | {layer.rank or '-'} | {layer.norm:.4g} | {layer.rel_error:.3e} |")

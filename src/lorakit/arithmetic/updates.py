@@ -64,5 +64,7 @@ def adapter_factors(layer: LoraLayer, update: LowRank, dtype: torch.dtype) -> tu
     """(A, B) shaped as ``layer``'s adapters of rank ``update.rank`` (scaling 1), in ``dtype``."""
     shape_a, shape_b = layer.adapter_shapes(update.rank)
     device = layer.base_weight.device
-    return (update.A.reshape(shape_a).to(device, dtype).contiguous(),
-            update.B.reshape(shape_b).to(device, dtype).contiguous())
+    return (
+        update.A.reshape(shape_a).to(device, dtype).contiguous(),
+        update.B.reshape(shape_b).to(device, dtype).contiguous(),
+    )

@@ -12,8 +12,16 @@ from ..safe_files.directory_export import require_new_directory, save_directory
 
 # Method options as flags: flag dest -> option name of lorakit.combine. Unset flags are not passed,
 # so a flag the chosen method does not take is reported instead of silently ignored.
-METHOD_FLAGS = {"density": "density", "rank": "rank", "lambda_": "lambda_", "normalize": "normalize",
-                "rescale": "rescale", "consensus": "consensus", "seed": "seed", "t": "t"}
+METHOD_FLAGS = {
+    "density": "density",
+    "rank": "rank",
+    "lambda_": "lambda_",
+    "normalize": "normalize",
+    "rescale": "rescale",
+    "consensus": "consensus",
+    "seed": "seed",
+    "t": "t",
+}
 
 
 def add_arith_parsers(sub) -> None:
@@ -46,25 +54,38 @@ def add_arith_parsers(sub) -> None:
 def _add_sources(cmd: argparse.ArgumentParser, method_default: str = "linear") -> None:
     cmd.add_argument("--model", default="smollm2-135m", help="base model (alias, directory, .gguf or hub id)")
     cmd.add_argument("--adapter", action="append", required=True, help="adapter directory (repeat for each source)")
-    cmd.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1 each; may be negative)")
+    cmd.add_argument(
+        "--weights", type=float, nargs="+", help="one weight per adapter (default 1 each; may be negative)"
+    )
     cmd.add_argument("--method", default=method_default, choices=list(METHODS), help="combination method")
-    cmd.add_argument("--density", type=float, nargs="+",
-                     help="ties/dare/magnitude_prune: fraction kept (one, or one per adapter)")
+    cmd.add_argument(
+        "--density", type=float, nargs="+", help="ties/dare/magnitude_prune: fraction kept (one, or one per adapter)"
+    )
     cmd.add_argument("--rank", type=int, help="rank to re-factorise non-exact results to (svd and dense methods)")
     cmd.add_argument("--lambda", dest="lambda_", type=float, help="scale of the combined update (default 1)")
-    cmd.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                     help="divide by the sum of the contributing weights")
+    cmd.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="divide by the sum of the contributing weights",
+    )
     cmd.add_argument("--rescale", help="after dropping: true (=l1), l1, l2, linf, density or false")
     cmd.add_argument("--consensus", help="ties/dare_ties majority sign: sum (total) or count (frequency)")
     cmd.add_argument("--seed", type=int, help="dare: seed of the random drop (default 0)")
     cmd.add_argument("--t", type=float, help="slerp: position between the two adapters in [0, 1]")
     cmd.add_argument("--device", default="cpu")
-    cmd.add_argument("--dtype", default="auto", help="dtype the base is loaded in (export: computed in float32, "
-                     "saved in this dtype; auto = float32 on CPU, bfloat16 on GPU)")
+    cmd.add_argument(
+        "--dtype",
+        default="auto",
+        help="dtype the base is loaded in (export: computed in float32, "
+        "saved in this dtype; auto = float32 on CPU, bfloat16 on GPU)",
+    )
 
 
 def _method_options(args: argparse.Namespace) -> dict:
-    options = {name: getattr(args, dest) for dest, name in METHOD_FLAGS.items() if getattr(args, dest, None) is not None}
+    options = {
+        name: getattr(args, dest) for dest, name in METHOD_FLAGS.items() if getattr(args, dest, None) is not None
+    }
     if isinstance(options.get("density"), list) and len(options["density"]) == 1:
         options["density"] = options["density"][0]
     if "rescale" in options:

@@ -10,8 +10,7 @@ from pathlib import Path
 from .options import train_overrides
 
 
-def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | None, dtype: str,
-                       activate: bool = True):
+def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | None, dtype: str, activate: bool = True):
     """(model, tokenizer, adapter names): the base model in eval mode with every given adapter
     loaded, each named after its directory (``adapter{i}`` where that name is taken), all active
     (their updates add up) or, with ``activate=False``, none. Active adapters with parameter
@@ -70,8 +69,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.ranks:
         return _eval_per_rank(args, model, names, examples, Collator(tokenizer))
     pairs = None if args.no_generate else eval_pairs(records, tokenizer)
-    result = evaluate(model, tokenizer, examples, Collator(tokenizer), batch_size=args.batch_size, pairs=pairs,
-                      max_examples=args.max_examples, max_new_tokens=args.max_new_tokens)
+    result = evaluate(
+        model,
+        tokenizer,
+        examples,
+        Collator(tokenizer),
+        batch_size=args.batch_size,
+        pairs=pairs,
+        max_examples=args.max_examples,
+        max_new_tokens=args.max_new_tokens,
+    )
     predictions = result.pop("predictions", None)
     if args.json:
         print(json.dumps({**result, "predictions": predictions} if predictions else result, indent=2))
@@ -98,8 +105,9 @@ def _eval_per_rank(args: argparse.Namespace, model, names: list[str], examples, 
     rows = []
     for rank in ranks:
         with nested_rank(model, rank, names[0]):
-            loss = eval_loss(model, examples[:args.max_examples] if args.max_examples else examples, collate,
-                             args.batch_size)
+            loss = eval_loss(
+                model, examples[: args.max_examples] if args.max_examples else examples, collate, args.batch_size
+            )
         rows.append({"rank": rank, "loss": loss, "perplexity": perplexity(loss)})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -111,7 +119,9 @@ def _eval_per_rank(args: argparse.Namespace, model, names: list[str], examples, 
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+    return dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -167,5 +177,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(output_dir=args.output_dir, steps=args.steps, n_test=args.n_test, model_name=args.model,
-                    out=sys.stdout)
+    return run_demo(
+        output_dir=args.output_dir, steps=args.steps, n_test=args.n_test, model_name=args.model, out=sys.stdout
+    )

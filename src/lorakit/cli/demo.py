@@ -16,12 +16,27 @@ from typing import TextIO
 DEMO_STEPS = 24
 DEMO_TRAIN = 480
 DEMO_TEST = 32
-DEMO_TRAINING = dict(r=16, alpha=32, target_modules="all-linear", lr=2e-3, batch_size=8, warmup_steps=3,
-                     schedule="cosine", max_length=256, max_new_tokens=64, seed=0)
+DEMO_TRAINING = dict(
+    r=16,
+    alpha=32,
+    target_modules="all-linear",
+    lr=2e-3,
+    batch_size=8,
+    warmup_steps=3,
+    schedule="cosine",
+    max_length=256,
+    max_new_tokens=64,
+    seed=0,
+)
 
 
-def run_demo(output_dir: str = "runs/demo", steps: int | None = None, n_test: int | None = None,
-             model_name: str = "smollm2-135m", out: TextIO | None = None) -> int:
+def run_demo(
+    output_dir: str = "runs/demo",
+    steps: int | None = None,
+    n_test: int | None = None,
+    model_name: str = "smollm2-135m",
+    out: TextIO | None = None,
+) -> int:
     import sys
 
     from ..data import Collator, eval_pairs, read_records, tokenize_records, write_demo_dataset
@@ -39,7 +54,10 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, n_test: in
     say("lorakit demo: teach a 135M-parameter model to extract booking details as JSON\n")
     paths = write_demo_dataset(root / "data", n_train=DEMO_TRAIN, n_test=n_test, seed=0)
     train_file, test_file = Path(paths["train"]), Path(paths["test"])
-    say(f"1/4 dataset: {DEMO_TRAIN} training and {n_test} held-out test requests (no shared values) in {train_file.parent}")
+    say(
+        f"1/4 dataset: {DEMO_TRAIN} training and {n_test} held-out test requests (no shared values) "
+        f"in {train_file.parent}"
+    )
 
     say(f"2/4 loading {model_name} (the first run converts and caches it)")
     model, tokenizer = load_model(model_name)
@@ -49,12 +67,25 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, n_test: in
     collate = Collator(tokenizer)
 
     say("3/4 measuring the base model on the test split")
-    before = evaluate(model, tokenizer, test_examples, collate, batch_size=8, pairs=pairs,
-                      max_new_tokens=DEMO_TRAINING["max_new_tokens"])
+    before = evaluate(
+        model,
+        tokenizer,
+        test_examples,
+        collate,
+        batch_size=8,
+        pairs=pairs,
+        max_new_tokens=DEMO_TRAINING["max_new_tokens"],
+    )
 
     say(f"4/4 fine-tuning LoRA (r={DEMO_TRAINING['r']}, all linear layers) for {steps} steps")
-    result = train(loaded=(model, tokenizer), data=str(train_file), valid_data=str(test_file),
-                   output_dir=str(root), max_steps=steps, **DEMO_TRAINING)
+    result = train(
+        loaded=(model, tokenizer),
+        data=str(train_file),
+        valid_data=str(test_file),
+        output_dir=str(root),
+        max_steps=steps,
+        **DEMO_TRAINING,
+    )
     after = result.final_eval
 
     say("\n| split: test | exact match | loss |")
@@ -70,7 +101,10 @@ def run_demo(output_dir: str = "runs/demo", steps: int | None = None, n_test: in
     say(f"adapter:    {result.adapter_dir}")
     say(f"metrics:    {root / 'metrics.jsonl'}")
     say(f"loss curve: {root / 'loss.png'}")
-    say(f"took {time.perf_counter() - started:.0f} s. Next: lorakit eval --adapter {result.adapter_dir} --data {test_file}")
+    say(
+        f"took {time.perf_counter() - started:.0f} s. Next: lorakit eval --adapter {result.adapter_dir} "
+        f"--data {test_file}"
+    )
     say(f"      or: lorakit chat --adapter {result.adapter_dir}")
     return 0
 

@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-test", type=int, default=None, help="number of held-out test requests")
     demo.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded smollm2-135m)")
 
-    train = sub.add_parser("train", help="fine-tune a LoRA adapter on your data",
-                           usage="%(prog)s [--config FILE] [OPTIONS]")
+    train = sub.add_parser(
+        "train", help="fine-tune a LoRA adapter on your data", usage="%(prog)s [--config FILE] [OPTIONS]"
+    )
     train.add_argument("--config", help="YAML or JSON file with training options (flags override it)")
     add_train_options(train)
 
@@ -39,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-examples", type=int, default=None)
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--no-generate", action="store_true", help="loss and perplexity only (no exact match)")
-    evaluate.add_argument("--ranks", help="comma-separated ranks: evaluate the adapter truncated to each "
-                          "(DyLoRA adapters work at every rank), printing a table of loss per rank")
+    evaluate.add_argument(
+        "--ranks",
+        help="comma-separated ranks: evaluate the adapter truncated to each "
+        "(DyLoRA adapters work at every rank), printing a table of loss per rank",
+    )
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
 
     for name, helptext in (("generate", "answer one prompt (streams tokens)"), ("chat", "interactive chat")):
@@ -67,7 +71,9 @@ def _add_model_options(cmd: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     _quiet_transformers(args.verbose)
     from . import arith_commands, commands
 

@@ -31,7 +31,7 @@ HELP = {
     "layers_to_transform": "comma-separated layer indices: adapt only modules in these layers",
     "layers_pattern": "name of the layer list for --layers-to-transform (e.g. layers, h)",
     "adapter_dtype": "dtype of the adapter weights: auto (the base's; fp32 on fp16 bases) | float32 | bfloat16 "
-                     "| float16",
+    "| float16",
     "projection_prng_key": "VeRA: seed of the shared random projection pair",
     "save_projection": "VeRA: write the shared projection pair into the adapter file",
     "d_initial": "VeRA: initial value of the scaling vector d",
@@ -47,7 +47,7 @@ HELP = {
     "output_dir": "where the adapter, metrics.jsonl, loss.png and checkpoints go",
     "target_modules": "comma-separated module names, a regex, all-linear, or none (parameters only)",
     "target_parameters": "comma-separated parameters adapted directly, one update per expert for mixture-of-experts "
-                         "stacks, e.g. experts.gate_up_proj,experts.down_proj (no dropout or variant with these)",
+    "stacks, e.g. experts.gate_up_proj,experts.down_proj (no dropout or variant with these)",
     "loraplus_ratio": "LoRA+: learning rate of B = lr x this ratio (paper default 16)",
     "eval_every": "evaluate every N steps (0: only at the end)",
     "save_every": "checkpoint every N steps (0: only on Ctrl-C)",
@@ -57,7 +57,7 @@ HELP = {
     "dtype": "model weights dtype: auto | float32 | bfloat16 | float16",
     "init": "default | gaussian | pissa | pissa_niter_<N> (PiSSA by a randomized SVD: fast on large models) | olora",
     "compile": "torch.compile the training step (inductor). The first batch compiles, and the first of another "
-               "shape once more (on a CPU minutes each for a 30-layer model, and a C++ compiler is needed)",
+    "shape once more (on a CPU minutes each for a 30-layer model, and a C++ compiler is needed)",
 }
 SKIP = {"extra"}
 # How --help groups the flags; a field in no group is listed under "other options".
@@ -65,11 +65,29 @@ GROUPS = {
     "data and model": ("data", "valid_data", "valid_ratio", "model", "output_dir"),
     "LoRA adapter (LoraConfig)": LORA_OPTIONS,
     "AdaLoRA schedule (--variant adalora)": tuple(ADALORA_KEYS.values()),
-    "optimisation": ("lr", "epochs", "max_steps", "batch_size", "grad_accum", "warmup_steps", "schedule",
-                     "weight_decay", "max_grad_norm", "loraplus_ratio", "seed"),
+    "optimisation": (
+        "lr",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "warmup_steps",
+        "schedule",
+        "weight_decay",
+        "max_grad_norm",
+        "loraplus_ratio",
+        "seed",
+    ),
     "data preparation": ("max_length", "packing"),
-    "evaluation and checkpoints": ("eval_every", "eval_max_examples", "max_new_tokens", "save_every",
-                                   "keep_checkpoints", "log_every", "resume"),
+    "evaluation and checkpoints": (
+        "eval_every",
+        "eval_max_examples",
+        "max_new_tokens",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+        "resume",
+    ),
     "hardware and speed": ("device", "dtype", "mixed_precision", "gradient_checkpointing", "fast_path", "compile"),
 }
 # Second spellings. ``--rank``: torchrun's parser rejects ``--r`` anywhere on its command line as an
@@ -113,8 +131,9 @@ def _add_flag(group: argparse._ArgumentGroup, f: Field) -> None:
         group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)
     else:
         metavar = "JSON" if "dict[" in str(f.type) else None
-        group.add_argument(*flags, dest=f.name, type=_type_of(default, str(f.type)), default=None, metavar=metavar,
-                           help=helptext)
+        group.add_argument(
+            *flags, dest=f.name, type=_type_of(default, str(f.type)), default=None, metavar=metavar, help=helptext
+        )
 
 
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -24,8 +24,9 @@ class Collator:
     loss, so the id's value does not matter.
     """
 
-    def __init__(self, tokenizer: Any = None, pad_token_id: int | None = None,
-                 pad_to_multiple_of: int | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any = None, pad_token_id: int | None = None, pad_to_multiple_of: int | None = None
+    ) -> None:
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = pad_or_eos_id(tokenizer)  # reads only: the caller's tokenizer is left as is
         if pad_token_id is None:

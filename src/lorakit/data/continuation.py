@@ -55,7 +55,7 @@ def encode_chunks(tokenizer: Any, rendered: list[list[Segment]]):
     # Batches of examples rather than all at once: as fast, and the offsets (~100 bytes a token
     # as Python tuples) are held for one batch only.
     for first in range(0, len(rendered), _BATCH):
-        chunked = [_chunks(segments) for segments in rendered[first:first + _BATCH]]
+        chunked = [_chunks(segments) for segments in rendered[first : first + _BATCH]]
         encoded = iter(encode(tokenizer, _jobs(chunked, sentinels)))
         for chunks in chunked:
             yield _join(tokenizer, chunks, [next(encoded) for _ in chunks])
@@ -84,8 +84,9 @@ def _jobs(chunked: list[list[list[Segment]]], sentinels: Callable[[str], tuple[s
     return jobs
 
 
-def _join(tokenizer: Any, chunks: list[list[Segment]], encoded: list[tuple[list[int], int]]
-          ) -> tuple[list[int], list[int]]:
+def _join(
+    tokenizer: Any, chunks: list[list[Segment]], encoded: list[tuple[list[int], int]]
+) -> tuple[list[int], list[int]]:
     """One example's ``(ids, labels)`` from its chunks' ``(ids, number of answer tokens)``: each
     chunk's answer tokens, supervised and followed by EOS when the answer asks for one (even an
     empty answer), then its context."""
@@ -127,8 +128,9 @@ def _encode_by_offsets(tokenizer: Any, jobs: list[_Job]) -> list[tuple[list[int]
     """``(ids, number of answer tokens)`` per chunk, for fast tokenizers: every chunk after its
     first sentinel in one batched call, the sentinel's tokens cut off by offsets; a chunk that
     sentinel merged with tries the others (`_continuation`)."""
-    encoded = tokenizer([sentinels[0] + text for _, text, sentinels in jobs],
-                        add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(
+        [sentinels[0] + text for _, text, sentinels in jobs], add_special_tokens=False, return_offsets_mapping=True
+    )
     out = []
     for (chunk, text, sentinels), ids, offsets in zip(jobs, encoded["input_ids"], encoded["offset_mapping"]):
         cut = _after_sentinel(ids, offsets, len(sentinels[0]))
@@ -137,8 +139,9 @@ def _encode_by_offsets(tokenizer: Any, jobs: list[_Job]) -> list[tuple[list[int]
     return out
 
 
-def _continuation(tokenizer: Any, text: str, sentinels: tuple[str, ...] = _SENTINELS
-                  ) -> tuple[list[int], list[tuple[int, int]]]:
+def _continuation(
+    tokenizer: Any, text: str, sentinels: tuple[str, ...] = _SENTINELS
+) -> tuple[list[int], list[tuple[int, int]]]:
     """``(ids, offsets)`` of ``text`` as tokenized after other text: with no dummy "▁" of its own.
 
     ``sentinel + text`` is tokenized and the sentinel's tokens dropped (`_after_sentinel`), with
@@ -156,8 +159,9 @@ def _continuation(tokenizer: Any, text: str, sentinels: tuple[str, ...] = _SENTI
     return enc["input_ids"], enc["offset_mapping"]
 
 
-def _after_sentinel(ids: list[int], offsets: list[tuple[int, int]], n: int
-                    ) -> tuple[list[int], list[tuple[int, int]]] | None:
+def _after_sentinel(
+    ids: list[int], offsets: list[tuple[int, int]], n: int
+) -> tuple[list[int], list[tuple[int, int]]] | None:
     """The tokens of ``sentinel + text`` (``n = len(sentinel)``) that are the text's, with offsets
     into the text: those starting in it (the dummy "▁" starts in the sentinel). None when a token
     spans both, that is when the sentinel merged with the text."""
@@ -201,8 +205,8 @@ def _encode_by_ids(tokenizer: Any, jobs: list[_Job]) -> list[tuple[list[int], in
         ids = _ids_after(tokenizer, text, sentinels)
         answer = chunk[0].text if chunk[0].supervised else ""
         answer_ids = _ids_after(tokenizer, answer, sentinels) if answer else []
-        if ids[:len(answer_ids)] != answer_ids:
-            ids = answer_ids + _ids_after(tokenizer, text[len(answer):], _SENTINELS)
+        if ids[: len(answer_ids)] != answer_ids:
+            ids = answer_ids + _ids_after(tokenizer, text[len(answer) :], _SENTINELS)
         out.append((ids, len(answer_ids)))
     return out
 
@@ -214,8 +218,8 @@ def _ids_after(tokenizer: Any, text: str, sentinels: tuple[str, ...]) -> list[in
     for sentinel in sentinels:
         before = tokenizer(sentinel, add_special_tokens=False)["input_ids"] if sentinel else []
         ids = tokenizer(sentinel + text, add_special_tokens=False)["input_ids"]
-        if ids[:len(before)] == before:
-            return ids[len(before):]
+        if ids[: len(before)] == before:
+            return ids[len(before) :]
     log.warning("could not tokenize %r as a continuation; its first token may carry a dummy space", text[:40])
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -70,8 +70,9 @@ def make_request(rng: random.Random, split: str = "train") -> tuple[str, dict]:
             parts.insert(0, opener)
         if name:
             parts.append(rng.choice(phrasings(pools.SIGNATURES)).format(name=name))
-    message = " ".join(_capitalize(p) if i == 0 or parts[i - 1].endswith((".", "?", "!", ")")) else p
-                       for i, p in enumerate(parts))
+    message = " ".join(
+        _capitalize(p) if i == 0 or parts[i - 1].endswith((".", "?", "!", ")")) else p for i, p in enumerate(parts)
+    )
     fields = {"name": name, "from": src, "to": dst, "date": date, "seats": n, "loyalty": code}
     return message, fields
 
@@ -114,8 +115,10 @@ def write_demo_dataset(out_dir: str | Path, n_train: int = 480, n_test: int = 40
     bad argument or an interruption never leaves a truncated or mismatched pair behind.
     """
     out = Path(out_dir)
-    texts = {split: "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in demo_records(n, split, seed))
-             for split, n in (("train", n_train), ("test", n_test))}
+    texts = {
+        split: "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in demo_records(n, split, seed))
+        for split, n in (("train", n_train), ("test", n_test))
+    }
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, text in texts.items():
@@ -127,8 +130,12 @@ def write_demo_dataset(out_dir: str | Path, n_train: int = 480, n_test: int = 40
 
 def _nouns(n: int) -> dict[str, str]:
     one = n == 1
-    return {"seats": "seat" if one else "seats", "tickets": "ticket" if one else "tickets",
-            "people": "person" if one else "people", "passengers": "passenger" if one else "passengers"}
+    return {
+        "seats": "seat" if one else "seats",
+        "tickets": "ticket" if one else "tickets",
+        "people": "person" if one else "people",
+        "passengers": "passenger" if one else "passengers",
+    }
 
 
 def _capitalize(text: str) -> str:

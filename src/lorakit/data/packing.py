@@ -75,7 +75,13 @@ def pack_examples(examples: list[dict[str, list[int]]], block_size: int) -> list
     notes = [f"{truncated} examples truncated to the block size"] if truncated else []
     notes += [f"{skipped} examples without supervised tokens dropped"] if skipped else []
     fill = n_tokens / (len(blocks) * block_size) if blocks else 0.0
-    log.info("packed %d examples (%d tokens) into %d blocks of at most %d tokens (%.0f%% full)%s",
-             len(examples) - skipped, n_tokens, len(blocks), block_size, 100 * fill,
-             "; " + ", ".join(notes) if notes else "")
+    log.info(
+        "packed %d examples (%d tokens) into %d blocks of at most %d tokens (%.0f%% full)%s",
+        len(examples) - skipped,
+        n_tokens,
+        len(blocks),
+        block_size,
+        100 * fill,
+        "; " + ", ".join(notes) if notes else "",
+    )
     return blocks

@@ -39,8 +39,9 @@ def read_records(path: str | Path) -> list[Record]:
         raise DataError(f"{path} is a directory; pass a data file ({', '.join(SUFFIXES)})")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported data format {suffix or '(no suffix)'!r}; "
-                        f"use one of {', '.join(SUFFIXES)}")
+        raise DataError(
+            f"{path}: unsupported data format {suffix or '(no suffix)'!r}; use one of {', '.join(SUFFIXES)}"
+        )
     problems = Problems(str(path))
     if suffix == ".jsonl":
         rows = _jsonl_rows(path, problems)
@@ -53,8 +54,10 @@ def read_records(path: str | Path) -> list[Record]:
     try:
         records = _parse_rows(rows, str(path), problems)
     except UnicodeDecodeError as e:  # e.g. a CSV saved as Latin-1 / Windows-1252 by a spreadsheet
-        raise DataError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
-                        f"save the file as UTF-8 and run again") from None
+        raise DataError(
+            f"{path}: not UTF-8 text (byte {e.object[e.start : e.start + 1]!r} at offset {e.start}); "
+            f"save the file as UTF-8 and run again"
+        ) from None
     problems.raise_if_any()
     if not records:
         raise DataError(f"{path}: no records (the file is empty); expected {_SHAPES}")
@@ -77,8 +80,9 @@ def _parse_rows(rows: Iterator[tuple[str, Any]], source: str, problems: Problems
             elif kind != first[0]:
                 # Mixed shapes almost always mean two datasets were concatenated by mistake, and
                 # they would be masked differently, so refuse rather than guess.
-                problems.add(where, f"mixed shapes: this row is {kind!r} but {first[1]} is {first[0]!r}; "
-                                    f"use one shape per file")
+                problems.add(
+                    where, f"mixed shapes: this row is {kind!r} but {first[1]} is {first[0]!r}; use one shape per file"
+                )
                 continue
         record = parse_row(row, f"{source}:{where}", problems, where)
         if record is not None:
@@ -118,8 +122,11 @@ def _csv_rows(path: Path, problems: Problems, delimiter: str) -> Iterator[tuple[
         reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames or []
         if header and detect_kind({name: None for name in header}) is None:
-            problems.add("line 1", f"header has columns {', '.join(map(repr, header))}; expected "
-                                   f"'prompt' + 'completion', 'messages', or 'text'")
+            problems.add(
+                "line 1",
+                f"header has columns {', '.join(map(repr, header))}; expected "
+                f"'prompt' + 'completion', 'messages', or 'text'",
+            )
             return
         for row in reader:
             where = f"line {reader.line_num}"  # the row's last physical line (quoted cells may span lines)

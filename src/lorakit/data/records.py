@@ -119,8 +119,7 @@ def parse_row(row: Any, source: str, problems: Problems, where: str) -> Record |
     kind = detect_kind(row)
     if kind is None:
         keys = ", ".join(repr(k) for k in list(row)[:6]) or "none"
-        problems.add(where, f"no recognised keys (has {keys}); expected 'prompt' + 'completion', "
-                            f"'messages', or 'text'")
+        problems.add(where, f"no recognised keys (has {keys}); expected 'prompt' + 'completion', 'messages', or 'text'")
         return None
     if kind == "prompt_completion":
         prompt = _text_field(row, "prompt", problems, where)
@@ -189,5 +188,12 @@ def _messages(value: Any, problems: Problems, where: str) -> list[dict[str, str]
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)

@@ -85,11 +85,15 @@ class Renderer:
                 return self._chat_segments(_as_messages(record))
             # Without a template the two strings are simply concatenated: the user's data must
             # carry its own separator (e.g. a prompt ending in "\nAnswer: ").
-            return [Segment(self.bos_text + (record.prompt or ""), False),
-                    Segment(record.completion or "", True, append_eos=self.has_eos)]
+            return [
+                Segment(self.bos_text + (record.prompt or ""), False),
+                Segment(record.completion or "", True, append_eos=self.has_eos),
+            ]
         if not self.chat:
-            raise RenderError("chat records need a tokenizer with a chat template, and this one has none; "
-                              "use prompt/completion records or set tokenizer.chat_template")
+            raise RenderError(
+                "chat records need a tokenizer with a chat template, and this one has none; "
+                "use prompt/completion records or set tokenizer.chat_template"
+            )
         return self._chat_segments(record.messages or [])
 
     def _chat_segments(self, messages: list[dict[str, str]]) -> list[Segment]:
@@ -102,8 +106,9 @@ class Renderer:
             segments.append(Segment(full[cursor:start], False))
             # Only the final turn gets an explicit EOS when the template has no end marker:
             # the model has to stop after the last answer, and generation stops at EOS.
-            segments.append(Segment(full[start:end], True,
-                                    append_eos=not stopped and i == assistant_turns[-1] and self.has_eos))
+            segments.append(
+                Segment(full[start:end], True, append_eos=not stopped and i == assistant_turns[-1] and self.has_eos)
+            )
             cursor = end
         segments.append(Segment(full[cursor:], False))
         return [s for s in segments if s.text or s.append_eos]
@@ -120,8 +125,10 @@ class Renderer:
             start = len(prefix)
         found = full.find(content, _after_turns(full, messages[:i], cursor) if start is None else start)
         if found < 0:
-            raise RenderError(f"the chat template changed the text of assistant turn messages[{i}], "
-                              f"so its tokens cannot be located for the loss mask")
+            raise RenderError(
+                f"the chat template changed the text of assistant turn messages[{i}], "
+                f"so its tokens cannot be located for the loss mask"
+            )
         if start is None:
             start = found
         end = found + len(content)
@@ -177,7 +184,7 @@ def _after_turns(full: str, earlier: list[dict[str, str]], cursor: int) -> int:
     """
     last_assistant = max((j for j, m in enumerate(earlier) if m["role"] == "assistant"), default=-1)
     position = cursor
-    for message in earlier[last_assistant + 1:]:
+    for message in earlier[last_assistant + 1 :]:
         at = full.find(message["content"].strip(), position)
         if at >= 0:
             position = at + len(message["content"].strip())
@@ -185,8 +192,7 @@ def _after_turns(full: str, earlier: list[dict[str, str]], cursor: int) -> int:
 
 
 def _as_messages(record: Record) -> list[dict[str, str]]:
-    return [{"role": "user", "content": record.prompt or ""},
-            {"role": "assistant", "content": record.completion or ""}]
+    return [{"role": "user", "content": record.prompt or ""}, {"role": "assistant", "content": record.completion or ""}]
 
 
 def eval_pairs(records: list[Record], tokenizer: Any) -> list[EvalPair]:
@@ -202,6 +208,5 @@ def eval_pairs(records: list[Record], tokenizer: Any) -> list[EvalPair]:
     pairs = [renderer.eval_pair(r) for r in records]
     skipped = sum(p is None for p in pairs)
     if skipped:
-        log.info("eval pairs: %d of %d records have no final answer to compare and were skipped",
-                 skipped, len(records))
+        log.info("eval pairs: %d of %d records have no final answer to compare and were skipped", skipped, len(records))
     return [p for p in pairs if p is not None]

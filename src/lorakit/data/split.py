@@ -28,21 +28,30 @@ def split_records(records: list[T], valid_ratio: float, seed: int = 0) -> tuple[
     if valid_ratio == 0:
         return list(records), []
     if len(records) < 2:
-        raise DataError(f"cannot split {len(records)} record(s) into train and validation; "
-                        f"add data or give a separate validation file")
+        raise DataError(
+            f"cannot split {len(records)} record(s) into train and validation; "
+            f"add data or give a separate validation file"
+        )
     n_valid = min(max(1, round(len(records) * valid_ratio)), len(records) - 1)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)  # a private generator: the global state is left alone
     held_out = set(order[:n_valid])
     train = [r for i, r in enumerate(records) if i not in held_out]
     valid = [r for i, r in enumerate(records) if i in held_out]
-    log.info("split %d records: %d train, %d validation (ratio %.3g, seed %d)",
-             len(records), len(train), len(valid), valid_ratio, seed)
+    log.info(
+        "split %d records: %d train, %d validation (ratio %.3g, seed %d)",
+        len(records),
+        len(train),
+        len(valid),
+        valid_ratio,
+        seed,
+    )
     return train, valid
 
 
-def load_splits(train_path: str | Path, valid_path: str | Path | None = None, valid_ratio: float = 0.0,
-                seed: int = 0) -> tuple[list[Record], list[Record]]:
+def load_splits(
+    train_path: str | Path, valid_path: str | Path | None = None, valid_ratio: float = 0.0, seed: int = 0
+) -> tuple[list[Record], list[Record]]:
     """Read the training file and its validation records: from ``valid_path`` when given
     (``valid_ratio`` is then ignored), else a seeded ``valid_ratio`` split, else none."""
     records = read_records(train_path)

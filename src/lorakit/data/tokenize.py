@@ -54,9 +54,11 @@ class DatasetStats:
         return {**asdict(self), "mean_tokens": round(self.mean_tokens, 2)}
 
     def summary(self) -> str:
-        text = (f"{self.n_records} records -> {self.n_examples} {'blocks' if self.packed else 'examples'}, "
-                f"{self.total_tokens} tokens (mean {self.mean_tokens:.1f}, max {self.max_tokens}), "
-                f"{self.supervised_tokens} supervised")
+        text = (
+            f"{self.n_records} records -> {self.n_examples} {'blocks' if self.packed else 'examples'}, "
+            f"{self.total_tokens} tokens (mean {self.mean_tokens:.1f}, max {self.max_tokens}), "
+            f"{self.supervised_tokens} supervised"
+        )
         if self.n_truncated:
             text += f"; {self.n_truncated} truncated to max_length={self.max_length}"
         if self.n_dropped_all_truncated:
@@ -64,8 +66,9 @@ class DatasetStats:
         return text
 
 
-def tokenize_records(records: list[Record], tokenizer: Any, max_length: int | None = None,
-                     packing: bool = False) -> tuple[list[dict[str, list[int]]], DatasetStats]:
+def tokenize_records(
+    records: list[Record], tokenizer: Any, max_length: int | None = None, packing: bool = False
+) -> tuple[list[dict[str, list[int]]], DatasetStats]:
     """Tokenize ``records`` with loss masks; returns ``(examples, stats)``.
 
     ``max_length`` truncates each example from the right; examples whose supervised tokens were
@@ -110,17 +113,24 @@ def tokenize_records(records: list[Record], tokenizer: Any, max_length: int | No
         examples.append({"input_ids": ids, "labels": labels})
 
     if not examples:
-        why = (f"all {stats.n_dropped_all_truncated} had their answer cut off by max_length={max_length}; "
-               f"raise max_length or shorten the prompts" if stats.n_dropped_all_truncated
-               else "none has a token to learn from")
+        why = (
+            f"all {stats.n_dropped_all_truncated} had their answer cut off by max_length={max_length}; "
+            f"raise max_length or shorten the prompts"
+            if stats.n_dropped_all_truncated
+            else "none has a token to learn from"
+        )
         raise DataError(f"no usable training examples: {why}")
     if packing:
         examples = pack_examples(examples, max_length)
     stats.n_examples = len(examples)
     log.info("tokenized: %s", stats.summary())
     if stats.n_dropped_all_truncated:
-        log.warning("%d of %d examples dropped: max_length=%s cut off their whole answer",
-                    stats.n_dropped_all_truncated, len(records), max_length)
+        log.warning(
+            "%d of %d examples dropped: max_length=%s cut off their whole answer",
+            stats.n_dropped_all_truncated,
+            len(records),
+            max_length,
+        )
     return examples, stats
 
 

@@ -51,7 +51,7 @@ def model_key_owners() -> dict[str, str]:
 
 def strip_prefix(key: str) -> str:
     """``key`` without PEFT's ``base_model.model.`` prefix."""
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+    return key[len(PREFIX) :] if key.startswith(PREFIX) else key
 
 
 def split_factor_key(key: str) -> tuple[str, str] | None:
@@ -62,7 +62,9 @@ def split_factor_key(key: str) -> tuple[str, str] | None:
     return None
 
 
-def group_factors(weights: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+def group_factors(
+    weights: dict[str, torch.Tensor],
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """A file's tensors as ({module path: {"lora_A"/"lora_B"/"magnitude": tensor}}, {other key: tensor}),
     keys without PEFT's ``base_model.model.`` prefix."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
@@ -80,9 +82,13 @@ def group_factors(weights: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str,
 def task_type_of(model: object) -> str | None:
     """PEFT's task_type for a transformers model class (None when it is not one PEFT names)."""
     name = type(model).__name__
-    for ending, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-                         ("ForSeq2SeqLM", "SEQ_2_SEQ_LM")):
+    for ending, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ):
         if name.endswith(ending):
             return task
     return None

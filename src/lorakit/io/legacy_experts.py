@@ -40,8 +40,9 @@ log = logging.getLogger("lorakit.io")
 STACK, CONCATENATE = [("MergeModulelist", 0)], [("Concatenate", 1)]
 
 
-def convert_legacy_experts(model: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor],
-                           source: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def convert_legacy_experts(
+    model: nn.Module, config: LoraConfig, weights: dict[str, torch.Tensor], source: str
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """``(config, weights)`` as they apply to ``model``: unchanged unless the file has factors for
     modules the model lacks and the model's transformers conversion mapping places them. Raises
     AdapterFileError when it places them on something they do not fit."""
@@ -84,11 +85,16 @@ def convert_legacy_experts(model: nn.Module, config: LoraConfig, weights: dict[s
         out[PREFIX + path + ".lora_A.weight"], out[PREFIX + path + ".lora_B.weight"] = A, B
     ranks = {path: A.shape[0] for path, (A, _) in plain.items()}
     ranks.update({key: A.shape[0] // _experts(modules, key) for key, (A, _) in targets.items()})
-    converted = low_rank_config(ranks, config, target_modules=sorted(plain) or None,
-                                target_parameters=sorted(targets) or None, exclude_modules=None,
-                                layers_to_transform=None, layers_pattern=None)
-    log.info("%s: layers of transformers 4 read onto this model (%d stacked or bare parameters)", source,
-             len(targets))
+    converted = low_rank_config(
+        ranks,
+        config,
+        target_modules=sorted(plain) or None,
+        target_parameters=sorted(targets) or None,
+        exclude_modules=None,
+        layers_to_transform=None,
+        layers_pattern=None,
+    )
+    log.info("%s: layers of transformers 4 read onto this model (%d stacked or bare parameters)", source, len(targets))
     return converted, out
 
 
@@ -135,8 +141,9 @@ def _stack_of(path: str, converters) -> tuple[str, int, int, int] | None:
     return None
 
 
-def _stacked_factors(modules: dict[str, nn.Module], key: str,
-                     parts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]], count: int):
+def _stacked_factors(
+    modules: dict[str, nn.Module], key: str, parts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]], count: int
+):
     """(A (E·R, d_in), B (d_out, R·E)) of stack ``key`` from its experts' (A_k, s_k B_k), k the
     source layer (w1, w3...) in the converter's order, R = Σ r_k; an expert without source k gets a
     zero update from it."""
@@ -144,18 +151,23 @@ def _stacked_factors(modules: dict[str, nn.Module], key: str,
     module = modules.get(module_path)
     weight = getattr(module, param, None) if module is not None else None
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or getattr(module, "is_transposed", False):
-        raise AdapterFileError(f"the file's expert layers map onto {key}, which is no (experts, d_out, d_in) "
-                               "stack in this model")
+        raise AdapterFileError(
+            f"the file's expert layers map onto {key}, which is no (experts, d_out, d_in) stack in this model"
+        )
     experts, d_out, d_in = weight.shape
     first = {k: next(iter(parts[k].values())) for k in parts}
     if len(first) != count:
         raise AdapterFileError(f"{key}: the file has only some of the {count} layers stacked into it")
     ranks = [first[k][0].shape[0] for k in range(count)]
     outs = [first[k][1].shape[0] for k in range(count)]
-    if sum(outs) != d_out or any(first[k][0].shape[1] != d_in for k in range(count)) or \
-            max(e for k in parts for e in parts[k]) >= experts:
-        raise AdapterFileError(f"{key}: the file's expert layers do not add up to the stack's shape "
-                               f"{tuple(weight.shape)}")
+    if (
+        sum(outs) != d_out
+        or any(first[k][0].shape[1] != d_in for k in range(count))
+        or max(e for k in parts for e in parts[k]) >= experts
+    ):
+        raise AdapterFileError(
+            f"{key}: the file's expert layers do not add up to the stack's shape {tuple(weight.shape)}"
+        )
     rank = sum(ranks)
     dtype = first[0][0].dtype
     A = torch.zeros(experts, rank, d_in, dtype=dtype)
@@ -163,8 +175,8 @@ def _stacked_factors(modules: dict[str, nn.Module], key: str,
     row = col = 0
     for k in range(count):
         for e, (A_k, B_k) in parts[k].items():
-            A[e, col:col + ranks[k]] = A_k
-            B[e, row:row + outs[k], col:col + ranks[k]] = B_k
+            A[e, col : col + ranks[k]] = A_k
+            B[e, row : row + outs[k], col : col + ranks[k]] = B_k
         row, col = row + outs[k], col + ranks[k]
     # PEFT's layout (layers/parameter.py): expert e's rows of A at [e R, (e+1) R), B as (d_out, R, E).
     return A.reshape(experts * rank, d_in), B.permute(1, 2, 0).reshape(d_out, rank * experts)

@@ -16,11 +16,11 @@ from torch import nn
 from ..config import UNCONVERTED_ADVICE, LoraConfig, changes_base, pissa_iterations
 from ..errors import AdapterFileError, LorakitError
 from ..inject import InjectionPlan, commit, plan
-from ..state import adapter_configs
 from ..safe_files.journal import reading_folder
+from ..state import adapter_configs
+from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, group_factors, model_key_owners
 from .legacy_experts import convert_legacy_experts
 from .peft_adalora import as_lora, is_peft_adalora
-from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, group_factors, model_key_owners
 
 log = logging.getLogger("lorakit.io")
 
@@ -56,12 +56,17 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
             return load_file(str(safetensors_file))
         weights = torch.load(legacy_file, map_location="cpu", weights_only=True)
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise AdapterFileError(f"cannot read adapter weights in {directory}: {exc} (the file is corrupt or truncated)") from None
+        raise AdapterFileError(
+            f"cannot read adapter weights in {directory}: {exc} (the file is corrupt or truncated)"
+        ) from None
     # A .bin file is a pickle and may hold anything; the rest of lorakit needs a name -> tensor dict.
-    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                for k, v in weights.items()):
-        raise AdapterFileError(f"{legacy_file} does not hold a dict of named tensors (found {type(weights).__name__}); "
-                               "it is not an adapter weights file")
+    if not isinstance(weights, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise AdapterFileError(
+            f"{legacy_file} does not hold a dict of named tensors (found {type(weights).__name__}); "
+            "it is not an adapter weights file"
+        )
     return weights
 
 
@@ -91,7 +96,9 @@ def _fit_factors(model: nn.Module, planned: InjectionPlan, weights: dict[str, to
         found = factors.get(p.path, {})
         for factor, target in (("lora_A", p.A), ("lora_B", p.B)):
             if factor not in found:
-                raise AdapterFileError(f"the file has no {factor} weights for module {p.path!r}; the adapter is incomplete")
+                raise AdapterFileError(
+                    f"the file has no {factor} weights for module {p.path!r}; the adapter is incomplete"
+                )
             value = found[factor]
             if tuple(value.shape) != tuple(target.shape):
                 raise AdapterFileError(
@@ -114,8 +121,10 @@ def _fit_model_tensors(planned: InjectionPlan, weights: dict[str, torch.Tensor])
     variant = planned.config.variant_object
     foreign = sorted(key for key in found if owners[key] != variant.name)
     if foreign:
-        raise AdapterFileError(f"the file holds {[owners[k] for k in foreign][0]} tensors {foreign} but its config "
-                               f"is a {variant.name!r} config")
+        raise AdapterFileError(
+            f"the file holds {[owners[k] for k in foreign][0]} tensors {foreign} but its config "
+            f"is a {variant.name!r} config"
+        )
     variant.read_model_tensors(planned, found)
 
 
@@ -124,7 +133,9 @@ def _normalized(key: str) -> str:
     return key.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
-def _fit_other_tensors(model: nn.Module, planned: InjectionPlan, rest: dict[str, torch.Tensor]) -> list[tuple[object, torch.Tensor]]:
+def _fit_other_tensors(
+    model: nn.Module, planned: InjectionPlan, rest: dict[str, torch.Tensor]
+) -> list[tuple[object, torch.Tensor]]:
     """Match the file's modules_to_save copies and trained biases to the model, checking shapes.
 
     Returns (target, value) pairs: a target is the model's own tensor (a trained bias) or a
@@ -140,7 +151,7 @@ def _fit_other_tensors(model: nn.Module, planned: InjectionPlan, rest: dict[str,
     for key, value in rest.items():
         saved_path = next((p for p in planned.saved_paths if key.startswith(p + ".")), None)
         if saved_path is not None:
-            inner = _normalized(key[len(saved_path):])[1:]
+            inner = _normalized(key[len(saved_path) :])[1:]
             target: object = (saved_path, inner)
             existing = model_tensors.get(f"{saved_path}.{inner}")
         elif key.endswith(".base_layer.weight") and key[: -len(".base_layer.weight")] in planned_paths:
@@ -160,8 +171,14 @@ def _fit_other_tensors(model: nn.Module, planned: InjectionPlan, rest: dict[str,
     return fitted
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, trainable: bool = False,
-                 *, activate: bool = True) -> str:
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    trainable: bool = False,
+    *,
+    activate: bool = True,
+) -> str:
     """Load the adapter in directory ``path`` (lorakit's or PEFT's files) as adapter ``name``.
 
     ``name`` defaults to ``"default"`` when free, else the directory's name. The adapter is
@@ -176,8 +193,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     rebuild_base = changes_base(config.init)
     if rebuild_base:
         _check_rebuildable(config, directory)
-        log.info("adapter in %s was saved by PEFT with init=%r before conversion: its weights belong to the base "
-                 "minus that init's part, which is recomputed from the model's weights", directory, config.init)
+        log.info(
+            "adapter in %s was saved by PEFT with init=%r before conversion: its weights belong to the base "
+            "minus that init's part, which is recomputed from the model's weights",
+            directory,
+            config.init,
+        )
     if name is None:
         name = "default" if "default" not in adapter_configs(model) else directory.resolve().name.replace(".", "_")
     planned = plan(model, config, name, draw_factors=rebuild_base)

@@ -27,8 +27,19 @@ from ..targets import exact_pattern
 from .layout import strip_prefix
 
 # The AdaLoRA-only fields of PEFT's config: the schedule and mask of training, not the adapter.
-_ADALORA_FIELDS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
-                   "total_step", "rank_pattern", "r")
+_ADALORA_FIELDS = (
+    "init_r",
+    "target_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
+    "rank_pattern",
+    "r",
+)
 _FACTOR = re.compile(r"(?P<path>.+)\.(?P<factor>lora_[ABE])(?:\.weight)?")
 
 
@@ -36,13 +47,17 @@ def is_peft_adalora(data: dict[str, Any]) -> bool:
     return str(data.get("peft_type", "")).upper() == "ADALORA"
 
 
-def as_lora(data: dict[str, Any], weights: dict[str, torch.Tensor], source: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def as_lora(
+    data: dict[str, Any], weights: dict[str, torch.Tensor], source: str
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """(LoRA config, LoRA tensors keyed as lorakit/PEFT save them) for a PEFT AdaLoRA config dict
     and its weights file's tensors; ``source`` names the directory in errors."""
     init_r, alpha = data.get("init_r"), data.get("lora_alpha")
     if not isinstance(init_r, int) or init_r < 1 or not isinstance(alpha, (int, float)):
-        raise AdapterFileError(f"{source}: an AdaLoRA config needs init_r (>= 1) and lora_alpha, found "
-                               f"init_r={init_r!r}, lora_alpha={alpha!r}")
+        raise AdapterFileError(
+            f"{source}: an AdaLoRA config needs init_r (>= 1) and lora_alpha, found "
+            f"init_r={init_r!r}, lora_alpha={alpha!r}"
+        )
     scaling = alpha / (init_r + 1e-5)  # PEFT divides by its ranknum buffer (init_r) plus 1e-5
     factors: dict[str, dict[str, torch.Tensor]] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -60,8 +75,10 @@ def as_lora(data: dict[str, Any], weights: dict[str, torch.Tensor], source: str)
         A, B, E = found["lora_A"], found["lora_B"], found["lora_E"]
         rank = A.shape[0]
         if A.ndim != 2 or B.ndim != 2 or B.shape[1] != rank or E.reshape(-1).shape[0] != rank:
-            raise AdapterFileError(f"{source}: module {prefixed!r} has AdaLoRA factors of shapes A {tuple(A.shape)}, "
-                                   f"E {tuple(E.shape)}, B {tuple(B.shape)}, which do not fit together")
+            raise AdapterFileError(
+                f"{source}: module {prefixed!r} has AdaLoRA factors of shapes A {tuple(A.shape)}, "
+                f"E {tuple(E.shape)}, B {tuple(B.shape)}, which do not fit together"
+            )
         if rank == 0:
             continue  # pruned to nothing: no adapter on this module
         wide = torch.promote_types(A.dtype, torch.float32)
@@ -70,13 +87,22 @@ def as_lora(data: dict[str, Any], weights: dict[str, torch.Tensor], source: str)
         tensors[f"{prefixed}.lora_B.weight"] = B
         ranks[strip_prefix(prefixed)] = rank
     if not ranks:
-        raise AdapterFileError(f"{source}: every module of this AdaLoRA adapter was pruned to rank 0; it changes nothing")
+        raise AdapterFileError(
+            f"{source}: every module of this AdaLoRA adapter was pruned to rank 0; it changes nothing"
+        )
     paths = sorted(ranks)
     lora = {k: v for k, v in data.items() if k not in _ADALORA_FIELDS}
     # (AdaLoRA's scaling ignores use_rslora: with the scaling folded in, s must be 1 for every rank.)
-    lora.update(peft_type="LORA", r=init_r, lora_alpha=init_r, use_rslora=False, use_dora=False,
-                target_modules="|".join(re.escape(path) for path in paths),  # exactly the unpruned modules
-                rank_pattern=exact_pattern(ranks, paths), alpha_pattern=exact_pattern(ranks, paths))
+    lora.update(
+        peft_type="LORA",
+        r=init_r,
+        lora_alpha=init_r,
+        use_rslora=False,
+        use_dora=False,
+        target_modules="|".join(re.escape(path) for path in paths),  # exactly the unpruned modules
+        rank_pattern=exact_pattern(ranks, paths),
+        alpha_pattern=exact_pattern(ranks, paths),
+    )
     try:
         return LoraConfig.from_dict(lora), tensors
     except (LorakitError, TypeError) as exc:  # a field lorakit cannot take

@@ -13,11 +13,11 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import AdapterFileError
-from ..state import adapter_configs, lora_layers, require_adapters, saved_modules
-from ..layers import LoraLayer
 from ..inject import trained_bias_ids
-from ..targets import exact_pattern, exact_targets
+from ..layers import LoraLayer
 from ..safe_files.atomic import replace_files_in_folder
+from ..state import adapter_configs, lora_layers, require_adapters, saved_modules
+from ..targets import exact_targets
 from .layout import CONFIG_NAME, LEGACY_WEIGHTS_NAME, PREFIX, WEIGHTS_NAME, task_type_of
 
 
@@ -63,18 +63,26 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> tuple[dict[st
                 tensors[PREFIX + path + "." + key] = value
     tensors.update(_trained_biases(model, config))
     tensors.update(variant.model_tensors(layers, name, config))
-    fan_in_fan_out = any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model) if name in layer.lora_A)
+    fan_in_fan_out = any(
+        getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model) if name in layer.lora_A
+    )
     config = config.replace(fan_in_fan_out=fan_in_fan_out, task_type=config.task_type or task_type_of(model))
     if isinstance(config.target_modules, str) and config.layers_to_transform is not None:
         # PEFT refuses a regex/"all-linear" together with layers_to_transform: write the exact
         # modules instead, which selects the same modules in every loader.
-        config = config.replace(target_modules=exact_targets(model, paths), layers_to_transform=None,
-                                layers_pattern=None, exclude_modules=None)
+        config = config.replace(
+            target_modules=exact_targets(model, paths),
+            layers_to_transform=None,
+            layers_pattern=None,
+            exclude_modules=None,
+        )
     config = variant.saved_config(config, saved_ranks, paths)
     if converted:
         growth = math.sqrt(2) if config.use_rslora else 2
         config = config.replace(
-            init="default", r=2 * config.r, alpha=config.alpha * growth,
+            init="default",
+            r=2 * config.r,
+            alpha=config.alpha * growth,
             rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
             alpha_pattern={k: v * growth for k, v in config.alpha_pattern.items()},
         )
@@ -111,15 +119,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     tensors, config = adapter_state_dict(model, name)
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise AdapterFileError(f"{out} is a file, but an adapter is a directory ({CONFIG_NAME} and {WEIGHTS_NAME}); "
-                               "give the path of a directory (it is created if missing)")
+        raise AdapterFileError(
+            f"{out} is a file, but an adapter is a directory ({CONFIG_NAME} and {WEIGHTS_NAME}); "
+            "give the path of a directory (it is created if missing)"
+        )
     payload = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
 
     # The config last: a reader that finds it finds these weights beside it. An earlier save's
     # legacy .bin goes too: the loader would not read it, but a reader of the folder could take it
     # for this adapter's weights.
-    replace_files_in_folder(out, {
-        WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        CONFIG_NAME: lambda tmp: Path(tmp).write_text(payload),
-    }, removes=(LEGACY_WEIGHTS_NAME,))
+    replace_files_in_folder(
+        out,
+        {
+            WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+            CONFIG_NAME: lambda tmp: Path(tmp).write_text(payload),
+        },
+        removes=(LEGACY_WEIGHTS_NAME,),
+    )
     return out

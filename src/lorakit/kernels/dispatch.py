@@ -46,8 +46,10 @@ except ImportError:
 try:
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 except ImportError:  # a torch too old for it: the comparison guards, and compiled steps recompile per choice
+
     def statically_known_true(condition) -> bool:
         return bool(condition)
+
 
 from . import triton_merge, tuning
 from .dora_linear import DoraLinearFunction
@@ -107,8 +109,10 @@ def dora_merge_directions(tokens: int, d_in: int, d_out: int, fused_build: bool)
     # Passes over a (d_out, d_in) matrix per build: forward (with the norm), backward.
     forward_build, backward_build = (2, 2) if fused_build else (7, 6)
     weight_elements = tuning.MERGE_RATIO * d_in * d_out
-    return (4 * tokens * d_out > (forward_build - 1) * weight_elements,
-            2 * tokens * (d_in + d_out) > backward_build * weight_elements)
+    return (
+        4 * tokens * d_out > (forward_build - 1) * weight_elements,
+        2 * tokens * (d_in + d_out) > backward_build * weight_elements,
+    )
 
 
 def fused_linear(x: torch.Tensor, operands: FusedOperands) -> torch.Tensor:
@@ -148,8 +152,9 @@ def projection_operands(x: torch.Tensor, operands: list[FusedOperands]):
 def _apply(x, weight, bias, A, B, scaling, magnitude, dropout):
     tokens = planned_tokens(x)
     if magnitude is not None:
-        return DoraLinearFunction.apply(x, weight, bias, A, B, magnitude, scaling,
-                                        *plan_directions(tokens, weight, magnitude))
+        return DoraLinearFunction.apply(
+            x, weight, bias, A, B, magnitude, scaling, *plan_directions(tokens, weight, magnitude)
+        )
     if dropout is not None:
         # The dropout module draws the mask (same random stream as the reference path).
         return LoraLinearFunction.apply(x, dropout(x), weight, bias, A, B, scaling, False, False)

@@ -31,8 +31,9 @@ from .lora_linear import merged_weight
 _ROW_NORMS: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
 
 
-def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dora_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(c ⊙ (W0 + s B A), c) with c = m / ||W0 + s B A|| per row, the norm computed in fp32 (or
     wider); c comes back in the precision it was applied in (the weight's dtype with torch, fp32
     with the Triton kernel)."""
@@ -44,16 +45,17 @@ def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
     return combined.mul_(rescale[:, None]), rescale
 
 
-def factored_rescale(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                     magnitude: torch.Tensor) -> torch.Tensor:
+def factored_rescale(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor
+) -> torch.Tensor:
     """c = m / ||W0 + s B A|| per row (d_out,) in fp32 (or wider), without building W0 + s B A."""
     acc = accumulation_dtype(weight.dtype)
-    projected = as_dtype(weight @ A.t(), acc)                           # W0 Aᵀ: (d_out, r)
+    projected = as_dtype(weight @ A.t(), acc)  # W0 Aᵀ: (d_out, r)
     A_acc, B_acc = as_dtype(A, acc), as_dtype(B, acc)
-    cross = (B_acc * projected).sum(1)                                 # B_i · (W0 Aᵀ)_i
-    low_rank = ((B_acc @ (A_acc @ A_acc.t())) * B_acc).sum(1)          # B_i (A Aᵀ) B_iᵀ = ||(BA)_i||²
+    cross = (B_acc * projected).sum(1)  # B_i · (W0 Aᵀ)_i
+    low_rank = ((B_acc @ (A_acc @ A_acc.t())) * B_acc).sum(1)  # B_i (A Aᵀ) B_iᵀ = ||(BA)_i||²
     squared = base_row_norms_squared(weight) + (2 * scaling) * cross + (scaling * scaling) * low_rank
-    return as_dtype(magnitude, acc) / squared.clamp_min(0).sqrt()             # rounding can dip below 0 at 0
+    return as_dtype(magnitude, acc) / squared.clamp_min(0).sqrt()  # rounding can dip below 0 at 0
 
 
 def base_row_norms_squared(weight: torch.Tensor) -> torch.Tensor:
@@ -81,8 +83,10 @@ def base_row_norms_squared(weight: torch.Tensor) -> torch.Tensor:
 
 def _forget(weight_id: int):
     """The callback that drops a weight's entry when the weight is freed."""
+
     def forget(reference: weakref.ref) -> None:
         entry = _ROW_NORMS.get(weight_id)
         if entry is not None and entry[0] is reference:
             del _ROW_NORMS[weight_id]
+
     return forget

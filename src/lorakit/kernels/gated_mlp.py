@@ -66,8 +66,8 @@ class GateProduct:
             return triton_swiglu.silu_mul_backward(dh, self.g, self.u)
         activated = self.activated if not self.triton else F.silu(self.g)
         du = dh * activated
-        through_act = dh.mul_(self.u)                                  # ∂h ⊙ u
-        if self.silu:                                                  # ∂g over ∂h ⊙ u (the same elements)
+        through_act = dh.mul_(self.u)  # ∂h ⊙ u
+        if self.silu:  # ∂g over ∂h ⊙ u (the same elements)
             return torch.ops.aten.silu_backward.grad_input(through_act, self.g, grad_input=through_act), du
         return torch.autograd.grad(self.graph, self.leaf, through_act)[0], du
 
@@ -90,47 +90,167 @@ class GatedMlpFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gate_w, gate_b, gate_A, gate_B, up_w, up_b, up_A, up_B, down_w, down_b, down_A, down_B,
-                act, plans, gate_m, up_m, down_m):
+    def forward(
+        ctx,
+        x,
+        gate_w,
+        gate_b,
+        gate_A,
+        gate_B,
+        up_w,
+        up_b,
+        up_A,
+        up_B,
+        down_w,
+        down_b,
+        down_A,
+        down_B,
+        act,
+        plans,
+        gate_m,
+        up_m,
+        down_m,
+    ):
         gate_p, up_p, down_p = plans
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        gate_xa, up_xa = stacked_inputs(x2, (gate_A, up_A))            # both x Aᵀ from one GEMM
+        gate_xa, up_xa = stacked_inputs(x2, (gate_A, up_A))  # both x Aᵀ from one GEMM
         g, gate_xa, gate_c, gate_merged = project(x2, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p, gate_xa)
         u, up_xa, up_c, up_merged = project(x2, up_w, up_b, up_A, up_B, up_m, up_p, up_xa)
         h = GateProduct(act, g, u, for_backward=False).h
         y, down_xa, down_c, down_merged = project(h, down_w, down_b, down_A, down_B, down_m, down_p)
         # y only for DoRA's ∂m (the output itself: no copy).
-        ctx.save_for_backward(x2, g, u, y if down_m is not None else None, gate_xa, up_xa, down_xa,
-                              gate_c, up_c, down_c, gate_merged, up_merged, down_merged,
-                              gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B,
-                              up_m, down_w, down_b, down_A, down_B, down_m)
+        ctx.save_for_backward(
+            x2,
+            g,
+            u,
+            y if down_m is not None else None,
+            gate_xa,
+            up_xa,
+            down_xa,
+            gate_c,
+            up_c,
+            down_c,
+            gate_merged,
+            up_merged,
+            down_merged,
+            gate_w,
+            gate_b,
+            gate_A,
+            gate_B,
+            gate_m,
+            up_w,
+            up_b,
+            up_A,
+            up_B,
+            up_m,
+            down_w,
+            down_b,
+            down_A,
+            down_B,
+            down_m,
+        )
         ctx.act, ctx.plans, ctx.lead = act, plans, lead
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x2, g, u, y, gate_xa, up_xa, down_xa, gate_c, up_c, down_c, gate_merged, up_merged, down_merged,
-         gate_w, gate_b, gate_A, gate_B, gate_m, up_w, up_b, up_A, up_B, up_m,
-         down_w, down_b, down_A, down_B, down_m) = ctx.saved_tensors
+        (
+            x2,
+            g,
+            u,
+            y,
+            gate_xa,
+            up_xa,
+            down_xa,
+            gate_c,
+            up_c,
+            down_c,
+            gate_merged,
+            up_merged,
+            down_merged,
+            gate_w,
+            gate_b,
+            gate_A,
+            gate_B,
+            gate_m,
+            up_w,
+            up_b,
+            up_A,
+            up_B,
+            up_m,
+            down_w,
+            down_b,
+            down_A,
+            down_B,
+            down_m,
+        ) = ctx.saved_tensors
         gate_p, up_p, down_p = ctx.plans
         needs = ctx.needs_input_grad
         need_x = needs[0]
         dy = grad_y.reshape(-1, grad_y.shape[-1])
-        gate = GateProduct(ctx.act, g, u)                              # h recomputed, not kept from forward
+        gate = GateProduct(ctx.act, g, u)  # h recomputed, not kept from forward
         dh, d_down_A, d_down_B, d_down_m = project_backward(
-            dy, gate.h, down_xa, y, down_c, down_merged, down_w, down_b, down_A, down_B, down_m, down_p, True,
-            needs[11], needs[12], needs[17])
+            dy,
+            gate.h,
+            down_xa,
+            y,
+            down_c,
+            down_merged,
+            down_w,
+            down_b,
+            down_A,
+            down_B,
+            down_m,
+            down_p,
+            True,
+            needs[11],
+            needs[12],
+            needs[17],
+        )
         dg, du = gate.backward(dh)
         # Both ∂A from one GEMM when both A are trained (LoRA-FA's are not).
         ranks = [gate_A.shape[0], up_A.shape[0]]
         buffer, (gate_columns, up_columns) = stacked_gb_columns(x2, ranks, needs[3] and needs[7])
         dx, d_gate_A, d_gate_B, d_gate_m = project_backward(
-            dg, x2, gate_xa, g, gate_c, gate_merged, gate_w, gate_b, gate_A, gate_B, gate_m, gate_p, need_x,
-            needs[3], needs[4], needs[15], gb_columns=gate_columns)
+            dg,
+            x2,
+            gate_xa,
+            g,
+            gate_c,
+            gate_merged,
+            gate_w,
+            gate_b,
+            gate_A,
+            gate_B,
+            gate_m,
+            gate_p,
+            need_x,
+            needs[3],
+            needs[4],
+            needs[15],
+            gb_columns=gate_columns,
+        )
         dx, d_up_A, d_up_B, d_up_m = project_backward(
-            du, x2, up_xa, u, up_c, up_merged, up_w, up_b, up_A, up_B, up_m, up_p, need_x,
-            needs[7], needs[8], needs[16], grad_x=dx, gb_columns=up_columns)
+            du,
+            x2,
+            up_xa,
+            u,
+            up_c,
+            up_merged,
+            up_w,
+            up_b,
+            up_A,
+            up_B,
+            up_m,
+            up_p,
+            need_x,
+            needs[7],
+            needs[8],
+            needs[16],
+            grad_x=dx,
+            gb_columns=up_columns,
+        )
         if buffer is not None:
             d_gate_A, d_up_A = stacked_input_grads(x2, buffer, ranks)
         d_gate_b = dg.sum(0) if needs[2] else None
@@ -138,5 +258,23 @@ class GatedMlpFunction(torch.autograd.Function):
         d_down_b = dy.sum(0) if needs[10] else None
         if dx is not None:
             dx = dx.view(*ctx.lead, dx.shape[-1])
-        return (dx, None, d_gate_b, d_gate_A, d_gate_B, None, d_up_b, d_up_A, d_up_B, None, d_down_b, d_down_A,
-                d_down_B, None, None, d_gate_m, d_up_m, d_down_m)
+        return (
+            dx,
+            None,
+            d_gate_b,
+            d_gate_A,
+            d_gate_B,
+            None,
+            d_up_b,
+            d_up_A,
+            d_up_B,
+            None,
+            d_down_b,
+            d_down_A,
+            d_down_B,
+            None,
+            None,
+            d_gate_m,
+            d_up_m,
+            d_down_m,
+        )

@@ -39,8 +39,9 @@ def kept_for_backward(merged: torch.Tensor | None, merge_backward: bool) -> torc
     return merged if merge_backward and tuning.KEEP_MERGED else None
 
 
-def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                  row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def merged_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """``W0 + s B A`` (d_out, d_in) in the weight's dtype, times ``row_scale`` (d_out,) per row when
     given (DoRA). One pass over W0 with the Triton kernel where ``triton_merge.available`` says
     so (on a GPU: DoRA's row-scaled build by default), else torch's addmm."""
@@ -50,26 +51,47 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalin
     return merged if row_scale is None else merged.mul_(as_dtype(row_scale, merged.dtype)[:, None])
 
 
-def lora_forward(x2: torch.Tensor, xl2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 A: torch.Tensor, B: torch.Tensor, scaling: float, merge: bool,
-                 xa: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def lora_forward(
+    x2: torch.Tensor,
+    xl2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    merge: bool,
+    xa: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x W0ᵀ + b + s (x_d Aᵀ) Bᵀ, x_d Aᵀ, the merged weight W0 + s B A used or None when
     factored) for 2-D x (N, d_in) and x_d; ``merge`` needs x_d is x. ``xa``: x_d Aᵀ when the
     caller computed it (with other projections' A stacked)."""
     if xa is None:
-        xa = F.linear(xl2, A)                                         # x_d Aᵀ (N, r), one op on the host
+        xa = F.linear(xl2, A)  # x_d Aᵀ (N, r), one op on the host
     if merge and xl2 is x2:
         merged = merged_weight(weight, A, B, scaling)
         return F.linear(x2, merged, bias), xa, merged
     out = F.linear(x2, weight, bias)
-    out.addmm_(xa, B.t(), alpha=scaling)                              # + s (x_d Aᵀ) Bᵀ, in place
+    out.addmm_(xa, B.t(), alpha=scaling)  # + s (x_d Aᵀ) Bᵀ, in place
     return out, xa, None
 
 
-def lora_backward(g: torch.Tensor, xl2: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
-                  B: torch.Tensor, scaling: float, merge: bool, need_x: bool, need_A: bool, need_B: bool,
-                  separate_lora_input: bool = False, grad_x: torch.Tensor | None = None,
-                  merged: torch.Tensor | None = None, gb_columns: torch.Tensor | None = None):
+def lora_backward(
+    g: torch.Tensor,
+    xl2: torch.Tensor,
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    merge: bool,
+    need_x: bool,
+    need_A: bool,
+    need_B: bool,
+    separate_lora_input: bool = False,
+    grad_x: torch.Tensor | None = None,
+    merged: torch.Tensor | None = None,
+    gb_columns: torch.Tensor | None = None,
+):
     """Gradients of ``lora_forward`` for output gradient g (N, d_out).
 
     Returns (∂x, ∂x_d, ∂A, ∂B), each None when not needed. With ``separate_lora_input`` (dropout)
@@ -82,7 +104,7 @@ def lora_backward(g: torch.Tensor, xl2: torch.Tensor, xa: torch.Tensor, weight: 
     """
     s = scaling
     need_gB = need_A or (need_x and (separate_lora_input or not merge))
-    gB = scaled_gb(g, B, s, gb_columns) if need_gB else None                   # s g B: (N, r)
+    gB = scaled_gb(g, B, s, gb_columns) if need_gB else None  # s g B: (N, r)
     if gb_columns is not None:
         need_A = False
     grad_xd = grad_A = grad_B = None
@@ -98,7 +120,7 @@ def lora_backward(g: torch.Tensor, xl2: torch.Tensor, xa: torch.Tensor, weight: 
             if separate_lora_input:
                 grad_xd = gB @ A
             else:
-                grad_x.addmm_(gB, A)                                  # + s (g B) A, in place
+                grad_x.addmm_(gB, A)  # + s (g B) A, in place
     if need_A:
         grad_A = gB.t() @ xl2
     if need_B:
@@ -138,11 +160,23 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xl2, xa, weight, A, B, merged = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])                  # (N, d_out)
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, d_out)
         need_x, need_xd, _, need_bias, need_A, need_B = ctx.needs_input_grad[:6]
         grad_x, grad_xd, grad_A, grad_B = lora_backward(
-            g, xl2, xa, weight, A, B, ctx.scaling, ctx.merge_backward, need_x or need_xd, need_A, need_B,
-            separate_lora_input=ctx.separate_lora_input, merged=merged)
+            g,
+            xl2,
+            xa,
+            weight,
+            A,
+            B,
+            ctx.scaling,
+            ctx.merge_backward,
+            need_x or need_xd,
+            need_A,
+            need_B,
+            separate_lora_input=ctx.separate_lora_input,
+            merged=merged,
+        )
         grad_bias = g.sum(0) if need_bias else None
         lead = ctx.lead
         grad_x = grad_x.view(*lead, -1) if (grad_x is not None and need_x) else None

@@ -36,19 +36,68 @@ def project(x2: torch.Tensor, weight, bias, A, B, magnitude, plan: Projection, x
     return out, xa, rescale, kept_for_backward(merged, plan.merge_backward)
 
 
-def project_backward(grad, x2, xa, out, rescale, merged, weight, bias, A, B, magnitude, plan: Projection,
-                     need_x, need_A, need_B, need_m, grad_x=None, gb_columns=None):
+def project_backward(
+    grad,
+    x2,
+    xa,
+    out,
+    rescale,
+    merged,
+    weight,
+    bias,
+    A,
+    B,
+    magnitude,
+    plan: Projection,
+    need_x,
+    need_A,
+    need_B,
+    need_m,
+    grad_x=None,
+    gb_columns=None,
+):
     """(∂x, ∂A, ∂B, ∂m) of ``project`` for the output gradient (N, d_out); ∂x accumulated into
     ``grad_x`` when given; ∂m None for LoRA. ``out``: the forward's output (DoRA's ∂m reads it).
     ``gb_columns``: see ``lora_backward`` (∂A is then None, left to ``stacked_input_grads``)."""
     if magnitude is None:
-        grad_x, _, grad_A, grad_B = lora_backward(grad, x2, xa, weight, A, B, plan.scaling, plan.merge_backward,
-                                                  need_x, need_A, need_B, grad_x=grad_x, merged=merged,
-                                                  gb_columns=gb_columns)
+        grad_x, _, grad_A, grad_B = lora_backward(
+            grad,
+            x2,
+            xa,
+            weight,
+            A,
+            B,
+            plan.scaling,
+            plan.merge_backward,
+            need_x,
+            need_A,
+            need_B,
+            grad_x=grad_x,
+            merged=merged,
+            gb_columns=gb_columns,
+        )
         return grad_x, grad_A, grad_B, None
-    return dora_backward(grad, x2, xa, weight, bias, A, B, magnitude, rescale, out, plan.scaling,
-                         plan.merge_backward, need_x, need_A, need_B, need_m, grad_x=grad_x, merged=merged,
-                         gb_columns=gb_columns)
+    return dora_backward(
+        grad,
+        x2,
+        xa,
+        weight,
+        bias,
+        A,
+        B,
+        magnitude,
+        rescale,
+        out,
+        plan.scaling,
+        plan.merge_backward,
+        need_x,
+        need_A,
+        need_B,
+        need_m,
+        grad_x=grad_x,
+        merged=merged,
+        gb_columns=gb_columns,
+    )
 
 
 # Projections of one input share two skinny GEMMs: x [A_1; ...; A_k]ᵀ in the forward and
@@ -65,13 +114,14 @@ def stacked_inputs(x2: torch.Tensor, As) -> list[torch.Tensor]:
     xa = torch.nn.functional.linear(x2, torch.cat(As))
     views, start = [], 0
     for A in As:
-        views.append(xa[:, start:start + A.shape[0]])
+        views.append(xa[:, start : start + A.shape[0]])
         start += A.shape[0]
     return views
 
 
-def stacked_gb_columns(x2: torch.Tensor, ranks: list[int],
-                       wanted: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+def stacked_gb_columns(
+    x2: torch.Tensor, ranks: list[int], wanted: bool = True
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
     """An (N, Σ r_i) buffer and its column blocks (N, r_i), one per projection, for ``gb_columns``;
     None and Nones when not stacking (``tuning.STACK_PROJECTIONS`` off, or not ``wanted`` by the caller: some
     projection gets no ∂A)."""

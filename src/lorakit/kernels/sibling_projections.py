@@ -33,14 +33,14 @@ class SiblingProjectionsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *args):
         count = (len(args) - 1) // 5
-        linear, plans, magnitudes = args[:4 * count], args[4 * count], args[4 * count + 1:]
+        linear, plans, magnitudes = args[: 4 * count], args[4 * count], args[4 * count + 1 :]
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zeros built)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         saved, outs = [x2], []
         xas = stacked_inputs(x2, linear[2::4])  # every x A_iᵀ from one GEMM
         for index, (plan, magnitude) in enumerate(zip(plans, magnitudes)):
-            weight, bias, A, B = linear[4 * index:4 * index + 4]
+            weight, bias, A, B = linear[4 * index : 4 * index + 4]
             out, xa, rescale, merged = project(x2, weight, bias, A, B, magnitude, plan, xas[index])
             # The output only for DoRA's ∂m (the tensor returned: no copy).
             saved += [xa, out if magnitude is not None else None, rescale, merged, weight, bias, A, B, magnitude]
@@ -63,18 +63,34 @@ class SiblingProjectionsFunction(torch.autograd.Function):
         for index, (plan, grad) in enumerate(zip(ctx.plans, grads)):
             if grad is None:
                 continue
-            xa, out, rescale, merged, weight, bias, A, B, magnitude = saved[9 * index:9 * index + 9]
+            xa, out, rescale, merged, weight, bias, A, B, magnitude = saved[9 * index : 9 * index + 9]
             g = grad.reshape(-1, grad.shape[-1])
             first = 1 + 4 * index
             grad_x, grad_A, grad_B, grad_m = project_backward(
-                g, x2, xa, out, rescale, merged, weight, bias, A, B, magnitude, plan, needs[0],
-                needs[first + 2], needs[first + 3], needs[2 + 4 * count + index], grad_x=grad_x,
-                gb_columns=columns[index])
+                g,
+                x2,
+                xa,
+                out,
+                rescale,
+                merged,
+                weight,
+                bias,
+                A,
+                B,
+                magnitude,
+                plan,
+                needs[0],
+                needs[first + 2],
+                needs[first + 3],
+                needs[2 + 4 * count + index],
+                grad_x=grad_x,
+                gb_columns=columns[index],
+            )
             result[first + 1] = g.sum(0) if needs[first + 1] else None
             result[first + 2], result[first + 3] = grad_A, grad_B
             result[2 + 4 * count + index] = grad_m
         if buffer is not None:
-            result[3:1 + 4 * count:4] = stacked_input_grads(x2, buffer, ranks)
+            result[3 : 1 + 4 * count : 4] = stacked_input_grads(x2, buffer, ranks)
         if grad_x is not None and needs[0]:
             result[0] = grad_x.view(*ctx.lead, grad_x.shape[-1])
         return tuple(result)

@@ -55,8 +55,20 @@ def _launch_shape(rows: int, cols: int, device: torch.device) -> tuple[int, int]
 if triton is not None:
 
     @triton.jit
-    def _colsum_kernel(G, OUT, BIAS, PARTIAL, rows, cols, rows_per_slice, stride_g, stride_out,
-                       HAS_BIAS: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr):
+    def _colsum_kernel(
+        G,
+        OUT,
+        BIAS,
+        PARTIAL,
+        rows,
+        cols,
+        rows_per_slice,
+        stride_g,
+        stride_out,
+        HAS_BIAS: tl.constexpr,
+        BC: tl.constexpr,
+        BR: tl.constexpr,
+    ):
         col = tl.program_id(0) * BC + tl.arange(0, BC)
         cmask = col < cols
         start = tl.program_id(1).to(tl.int64) * rows_per_slice  # int64: N * d_out may pass 2^31
@@ -84,6 +96,18 @@ def column_dot(g: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = N
     rows_per_slice, slices = _launch_shape(rows, cols, g.device)
     partial = torch.empty(slices, cols, device=g.device, dtype=torch.float32)
     grid = (triton.cdiv(cols, BLOCK_COLS), slices)
-    _colsum_kernel[grid](g, out, bias if bias is not None else g, partial, rows, cols, rows_per_slice,
-                         g.stride(0), out.stride(0), HAS_BIAS=bias is not None, BC=BLOCK_COLS, BR=BLOCK_ROWS)
+    _colsum_kernel[grid](
+        g,
+        out,
+        bias if bias is not None else g,
+        partial,
+        rows,
+        cols,
+        rows_per_slice,
+        g.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BC=BLOCK_COLS,
+        BR=BLOCK_ROWS,
+    )
     return partial[0] if slices == 1 else partial.sum(0)

@@ -15,8 +15,8 @@ large weights only (``tuning.LARGE_LORA_BUILD`` elements and more: an MLP's proj
 replace a copy and a GEMM with K = r that cuBLAS runs at about half the memory bandwidth. A
 Triton launch costs more Python time than an aten call, and a LoRA step's forward is host-bound
 on slower hosts, so the small builds (attention's, little GPU time to gain) stay with torch (the
-measurements: docs/benchmarks.md). ``LORAKIT_TRITON_MERGE=1`` (``tuning.TRITON_MERGE``) uses the kernels for every build,
-``=0`` for none. Everything else (CPU tensors, no Triton, other dtypes) takes the torch
+measurements: docs/benchmarks.md). ``LORAKIT_TRITON_MERGE=1`` (``tuning.TRITON_MERGE``) uses the
+kernels for every build, ``=0`` for none. Everything else (CPU tensors, no Triton, other dtypes) takes the torch
 expression, which computes the same values. The CPU tests run the kernels in Triton's
 interpreter (``TRITON_INTERPRET=1``).
 """
@@ -27,7 +27,6 @@ import torch
 
 from . import tuning
 from .casting import as_dtype
-
 from .triton_support import on_gpu_in_kernel_dtype, tl, triton
 
 
@@ -46,8 +45,22 @@ def _padded_rank(r: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _tile_kernel(W, B, A, OUT, SCALE, s, d_out, d_in, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr):
+    def _tile_kernel(
+        W,
+        B,
+        A,
+        OUT,
+        SCALE,
+        s,
+        d_out,
+        d_in,
+        R: tl.constexpr,
+        RP: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # int64: d_out * d_in may pass 2^31
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         # (.to(fp32) after s *: under torch.compile s arrives as a float64 scalar; sums stay fp32.)
@@ -63,8 +76,22 @@ if triton is not None:
         tl.store(OUT + rows[:, None] * d_in + cols[None, :], v.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm_kernel(W, B, A, OUT, SCALE, MAG, s, d_out, d_in, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, PRECISION: tl.constexpr):
+    def _norm_kernel(
+        W,
+        B,
+        A,
+        OUT,
+        SCALE,
+        MAG,
+        s,
+        d_out,
+        d_in,
+        R: tl.constexpr,
+        RP: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         ks = tl.arange(0, RP)
         rmask, kmask = rows < d_out, ks < R
@@ -95,8 +122,9 @@ def _operands(weight, A, B):
     return weight, A, B, precision
 
 
-def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                  row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def merged_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """``W0 + s B A``, times ``row_scale`` (d_out,) per row when given; W0's dtype."""
     weight, A, B, precision = _operands(weight, A, B)
     d_out, d_in = weight.shape
@@ -104,20 +132,48 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalin
     BM, BN = 64, 128
     scale = as_dtype(row_scale, torch.float32).contiguous() if row_scale is not None else weight  # unused when None
     grid = (triton.cdiv(d_out, BM), triton.cdiv(d_in, BN))
-    _tile_kernel[grid](weight, B, A, out, scale, float(scaling), d_out, d_in, R=A.shape[0], RP=_padded_rank(A.shape[0]),
-                       BM=BM, BN=BN, HAS_SCALE=row_scale is not None, PRECISION=precision)
+    _tile_kernel[grid](
+        weight,
+        B,
+        A,
+        out,
+        scale,
+        float(scaling),
+        d_out,
+        d_in,
+        R=A.shape[0],
+        RP=_padded_rank(A.shape[0]),
+        BM=BM,
+        BN=BN,
+        HAS_SCALE=row_scale is not None,
+        PRECISION=precision,
+    )
     return out
 
 
-def dora_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dora_weight(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, magnitude: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(c ⊙ (W0 + s B A), c) with c = m / ||W0 + s B A|| per row, c in float32."""
     weight, A, B, precision = _operands(weight, A, B)
     d_out, d_in = weight.shape
     out = torch.empty_like(weight)
     scale = torch.empty(d_out, device=weight.device, dtype=torch.float32)
     BM, BN = 16, 256
-    _norm_kernel[(triton.cdiv(d_out, BM),)](weight, B, A, out, scale, magnitude.contiguous(), float(scaling), d_out,
-                                            d_in, R=A.shape[0], RP=_padded_rank(A.shape[0]), BM=BM, BN=BN,
-                                            PRECISION=precision)
+    _norm_kernel[(triton.cdiv(d_out, BM),)](
+        weight,
+        B,
+        A,
+        out,
+        scale,
+        magnitude.contiguous(),
+        float(scaling),
+        d_out,
+        d_in,
+        R=A.shape[0],
+        RP=_padded_rank(A.shape[0]),
+        BM=BM,
+        BN=BN,
+        PRECISION=precision,
+    )
     return out, scale

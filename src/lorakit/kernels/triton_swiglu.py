@@ -28,8 +28,13 @@ BLOCK = 2048
 def available(g: torch.Tensor, u: torch.Tensor) -> bool:
     """True when the kernels run for these tensors: Triton importable, CUDA, one kernel dtype and
     shape, contiguous."""
-    return (on_gpu_in_kernel_dtype(g) and g.dtype == u.dtype and g.shape == u.shape and g.is_contiguous()
-            and u.is_contiguous())
+    return (
+        on_gpu_in_kernel_dtype(g)
+        and g.dtype == u.dtype
+        and g.shape == u.shape
+        and g.is_contiguous()
+        and u.is_contiguous()
+    )
 
 
 if triton is not None:

@@ -156,8 +156,17 @@ class LoraLayer(WeightMerging, nn.Module):
         return self.variants[name].increment(self, x, name, base_out)
 
     # --- adapters ----------------------------------------------------------------------------
-    def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
-                    trainable: bool = True, rslora: bool = False, variant: Variant = LORA) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scaling: float,
+        dropout: float,
+        trainable: bool = True,
+        rslora: bool = False,
+        variant: Variant = LORA,
+    ) -> None:
         """Attach adapter ``name`` with ready-made factors (see ``lorakit.initialization``); its
         variant's own state is attached by the variant (``Variant.attach``)."""
         self.variants[name] = variant

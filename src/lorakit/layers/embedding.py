@@ -31,8 +31,9 @@ class LoraEmbedding(LoraLayer):
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_dim), (self.out_dim, r)
 
-    def add_adapter(self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float,
-                    **options) -> None:
+    def add_adapter(
+        self, name: str, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: float, **options
+    ) -> None:
         # No dropout module at all (not an unused one): the DoRA path takes a dropout module as
         # the sign that the adapter saw a different input than the base, and the base output
         # would then be recomputed from token ids.
@@ -47,14 +48,16 @@ class LoraEmbedding(LoraLayer):
     def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         weight = self.unmerged_weight().to(base.weight.dtype)
-        return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
-                           base.sparse)
+        return F.embedding(
+            x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
 
     def apply_lora(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B, s = self.live_factors(name)
         base = self.base_layer
-        after_A = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
-                              base.scale_grad_by_freq, base.sparse)
+        after_A = F.embedding(
+            x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
         return (after_A @ B.T) * s
 
     def delta_weight(self, name: str) -> torch.Tensor:

@@ -49,8 +49,10 @@ class LoraParameter(LoraLayer):
         self.parameter_name = parameter_name
         shape = tuple(self.base_weight.shape)
         if not self.base_weight.is_floating_point():
-            raise TargetError(f"parameter {parameter_name!r} is {self.base_weight.dtype}; LoRA adapts floating-point "
-                              "weights (a quantized stack needs its dequantized form)")
+            raise TargetError(
+                f"parameter {parameter_name!r} is {self.base_weight.dtype}; LoRA adapts floating-point "
+                "weights (a quantized stack needs its dequantized form)"
+            )
         if len(shape) == 2:
             self.num_experts, self._out, self._in, self.transposed = 1, shape[0], shape[1], False
         elif len(shape) == 3:
@@ -58,8 +60,10 @@ class LoraParameter(LoraLayer):
             self.num_experts = shape[0]
             self._out, self._in = (shape[2], shape[1]) if self.transposed else (shape[1], shape[2])
         else:
-            raise TargetError(f"parameter {parameter_name!r} has shape {shape}; LoRA adapts 2-D (d_out, d_in) "
-                              "and 3-D (experts, d_out, d_in) parameters")
+            raise TargetError(
+                f"parameter {parameter_name!r} has shape {shape}; LoRA adapts 2-D (d_out, d_in) "
+                "and 3-D (experts, d_out, d_in) parameters"
+            )
 
     @property
     def owner(self) -> nn.Module:
@@ -91,8 +95,8 @@ class LoraParameter(LoraLayer):
         """(lhs, rhs) with lhs @ rhs = B_e A_e per expert laid out like the parameter:
         (E, d_out, r) @ (E, r, d_in), or their transposes for a transposed parameter."""
         experts = self.num_experts
-        A_e = A.reshape(experts, -1, A.shape[-1])                                   # (E, r, d_in)
-        B_e = B.reshape(B.shape[0], -1, experts).permute(2, 0, 1)                   # (E, d_out, r)
+        A_e = A.reshape(experts, -1, A.shape[-1])  # (E, r, d_in)
+        B_e = B.reshape(B.shape[0], -1, experts).permute(2, 0, 1)  # (E, d_out, r)
         if self.transposed:
             return A_e.transpose(1, 2), B_e.transpose(1, 2)
         return B_e, A_e
@@ -116,9 +120,11 @@ class LoraParameter(LoraLayer):
         if self.disabled:
             return []
         if self.row_adapters is not None:
-            raise AdapterStateError(f"parameter {self.parameter_name!r} is adapted as a whole (target_parameters), "
-                                    "so one batch cannot mix its adapters; run each adapter's rows as a batch of "
-                                    "their own")
+            raise AdapterStateError(
+                f"parameter {self.parameter_name!r} is adapted as a whole (target_parameters), "
+                "so one batch cannot mix its adapters; run each adapter's rows as a batch of "
+                "their own"
+            )
         return [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
 
     def weight_with(self, names: list[str]) -> torch.Tensor:

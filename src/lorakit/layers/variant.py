@@ -28,12 +28,13 @@ class Variant:
     Class attributes describe the variant to config checks, injection and the file code:
     ``name`` (``LoraConfig.variant``), ``legacy_flag`` (the older boolean field of ``LoraConfig``
     that also selects it, e.g. PEFT's ``use_dora``), ``layer_kinds`` (LoRA layer class names it
-    adapts; None: all), ``parameter_targets`` (works on ``target_parameters``), ``own_init`` (draws its own factors: ``init`` must stay
-    "default"), ``peft_type`` (PEFT's name for its files), ``low_rank`` (its update is exactly ``s B A``, which adapter
-    arithmetic may treat as factors), ``hot_swappable``, ``kept_by_compression`` (a compressed
-    adapter stays this variant; else it becomes plain LoRA), ``nested_ranks`` (its first b ranks
-    are an adapter of rank b: ``lorakit.truncate``, DyLoRA) and ``slots`` (the containers it adds to a
-    layer, whose tensors are its trained state).
+    adapts; None: all), ``parameter_targets`` (works on ``target_parameters``), ``own_init``
+    (draws its own factors: ``init`` must stay "default"), ``peft_type`` (PEFT's name for its
+    files), ``low_rank`` (its update is exactly ``s B A``, which adapter arithmetic may treat as
+    factors), ``hot_swappable``, ``kept_by_compression`` (a compressed adapter stays this variant;
+    else it becomes plain LoRA), ``nested_ranks`` (its first b ranks are an adapter of rank b:
+    ``lorakit.truncate``, DyLoRA) and ``slots`` (the containers it adds to a layer, whose tensors
+    are its trained state).
     """
 
     name = "lora"
@@ -104,8 +105,9 @@ class Variant:
         for slot in self.slots:
             holder = layer.__dict__["_modules"].get(slot)
             if holder is not None and name in holder:
-                tensors += list(holder[name].parameters()) if isinstance(holder[name], torch.nn.Module) \
-                    else [holder[name]]
+                tensors += (
+                    list(holder[name].parameters()) if isinstance(holder[name], torch.nn.Module) else [holder[name]]
+                )
         return tensors
 
     def rank(self, layer: Any, name: str) -> int:
@@ -122,7 +124,7 @@ class Variant:
         if b is None or b >= A.shape[0]:
             return A, B, s
         ratio = A.shape[0] / b
-        return A[:b], B[:, :b], s * (ratio ** 0.5 if layer.rslora[name] else ratio)
+        return A[:b], B[:, :b], s * (ratio**0.5 if layer.rslora[name] else ratio)
 
     def lora_output(self, layer: Any, x: torch.Tensor, name: str) -> torch.Tensor:
         """``s B A x`` for an input already dropped out and cast to the adapter's dtype."""
@@ -221,8 +223,10 @@ class Variant:
         if foreign:
             from ..errors import AdapterFileError
 
-            raise AdapterFileError(f"the file has {foreign} tensors for {layer_plan.path!r}, which a {self.name!r} "
-                                   "adapter does not have; its config names another variant than its weights")
+            raise AdapterFileError(
+                f"the file has {foreign} tensors for {layer_plan.path!r}, which a {self.name!r} "
+                "adapter does not have; its config names another variant than its weights"
+            )
 
     # --- training ----------------------------------------------------------------------------
     def trainer(self, model: Any, name: str, run: Any, total_steps: int) -> Any:

@@ -85,8 +85,9 @@ class WeightMerging:
             scaling = [n for n, r in records.items() if self.variants[n].merged_scale(self, n, r) is not None]
             raise AdapterStateError(
                 f"{action} would leave the merged adapters {scaling} scaling W0 by "
-                f"{factor.abs().min().item():.3g} (1 + the sum of c - 1, c each one's per-unit scale) in {int(small.sum())} output "
-                f"unit(s), where W0 could not be recovered (unmerge and unmerged adapters need it); {fix}"
+                f"{factor.abs().min().item():.3g} (1 + the sum of c - 1, c each one's per-unit scale) in "
+                f"{int(small.sum())} output unit(s), where W0 could not be recovered (unmerge and unmerged "
+                f"adapters need it); {fix}"
             )
 
     @torch.no_grad()

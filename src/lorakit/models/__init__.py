@@ -8,5 +8,15 @@ from .cache import cache_root, model_cache_dir
 from .device import resolve_device, resolve_dtype
 from .loader import TASKS, load_model
 
-__all__ = ["ALIASES", "DEFAULT_MODEL", "TASKS", "WheelModel", "cache_root", "describe_aliases", "load_model",
-           "model_cache_dir", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "ALIASES",
+    "DEFAULT_MODEL",
+    "TASKS",
+    "WheelModel",
+    "cache_root",
+    "describe_aliases",
+    "load_model",
+    "model_cache_dir",
+    "resolve_device",
+    "resolve_dtype",
+]

@@ -7,9 +7,13 @@ import torch
 from ..errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -40,8 +44,9 @@ def require_device(device: str) -> None:
         if count == 0:
             raise ConfigError(f"device {device!r}: no CUDA GPU is available here; use device='cpu' (or 'auto')")
         if parsed.index is not None and parsed.index >= count:
-            raise ConfigError(f"device {device!r} does not exist: this machine has {count} CUDA GPU(s), "
-                              f"cuda:0 to cuda:{count - 1}")
+            raise ConfigError(
+                f"device {device!r} does not exist: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {device!r}: MPS is not available here; use device='cpu' (or 'auto')")
 

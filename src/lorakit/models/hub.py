@@ -47,5 +47,4 @@ def looks_like_path(name: str) -> bool:
     A hub id is ``name`` or ``owner/name``: a single slash is ambiguous and is tried as a hub id
     when no such directory exists.
     """
-    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-            or Path(name).drive != "")
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).drive != ""

@@ -22,8 +22,14 @@ log = logging.getLogger("lorakit.models.loader")
 
 TASKS = ("causal-lm", "sequence-classification")
 # Any one of these means the directory has a tokenizer transformers can load.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 def resolve_source(name_or_path: str) -> tuple[str, bool]:
@@ -53,8 +59,9 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
             )
         return str(path), False
     if looks_like_path(name_or_path):
-        raise ModelNotFoundError(f"model directory {name_or_path!r} does not exist; check the path.\n"
-                                 f"Built-in models:\n{describe_aliases()}")
+        raise ModelNotFoundError(
+            f"model directory {name_or_path!r} does not exist; check the path.\nBuilt-in models:\n{describe_aliases()}"
+        )
     return name_or_path, True
 
 
@@ -133,8 +140,9 @@ def load_model(
         if hub_offline():
             raise _not_found(name_or_path, "not in the Hugging Face cache, and offline mode is on") from None
         if not hub_reachable():
-            raise _not_found(name_or_path, "not in the Hugging Face cache, and there is no network to "
-                                           "download it") from None
+            raise _not_found(
+                name_or_path, "not in the Hugging Face cache, and there is no network to download it"
+            ) from None
         log.info("downloading %s from the Hugging Face hub", name_or_path)
         try:
             model, tokenizer = _from_pretrained(source, auto, False, kwargs)
@@ -150,8 +158,13 @@ def load_model(
         # Reentrant checkpointing drops gradients when a segment's inputs do not require grad,
         # which is the case when the embedding is frozen (LoRA); the non-reentrant one does not.
         _enable_checkpointing(model)
-    log.info("loaded %s (%s, %.1fM parameters) on %s as %s in %.1f s", name_or_path, type(model).__name__,
-             sum(p.numel() for p in model.parameters()) / 1e6, next(model.parameters()).device,  # cuda:N, not cuda
-             str(torch_dtype).replace("torch.", ""),
-             time.perf_counter() - start)
+    log.info(
+        "loaded %s (%s, %.1fM parameters) on %s as %s in %.1f s",
+        name_or_path,
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        next(model.parameters()).device,  # cuda:N, not cuda
+        str(torch_dtype).replace("torch.", ""),
+        time.perf_counter() - start,
+    )
     return model, tokenizer

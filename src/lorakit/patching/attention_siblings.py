@@ -32,7 +32,9 @@ SIBLINGS = ("q_proj", "k_proj", "v_proj")
 def calls_siblings_on_one_input(cls: type) -> bool:
     """True when ``cls.forward`` calls each of ``SIBLINGS`` once, on ``hidden_states``."""
     code = forward_code(cls)
-    return code is not None and all(code.count(f"self.{name}(") == 1 and f"self.{name}(hidden_states)" in code for name in SIBLINGS)
+    return code is not None and all(
+        code.count(f"self.{name}(") == 1 and f"self.{name}(hidden_states)" in code for name in SIBLINGS
+    )
 
 
 def install_sibling_groups(model: nn.Module) -> None:

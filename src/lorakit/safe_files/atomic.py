@@ -14,8 +14,16 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from .folder_lock import FolderLock
-from .journal import (backup_path, fsync_folder, new_token, recover_folder, roll_back, roll_forward,
-                      temp_path, write_journal)
+from .journal import (
+    backup_path,
+    fsync_folder,
+    new_token,
+    recover_folder,
+    roll_back,
+    roll_forward,
+    temp_path,
+    write_journal,
+)
 
 # The logger of adapter saves and loads, which these messages are mostly about.
 log = logging.getLogger("lorakit.io")
@@ -87,8 +95,9 @@ def fsync_file(path: Path | str) -> None:
         os.close(fd)
 
 
-def replace_files_in_folder(folder: Path, files: Mapping[str, Callable[[str], object]],
-                            removes: Collection[str] = ()) -> Path:
+def replace_files_in_folder(
+    folder: Path, files: Mapping[str, Callable[[str], object]], removes: Collection[str] = ()
+) -> Path:
     """Write ``files`` (name -> ``write(tmp)``) into ``folder``, created if missing, replacing
     earlier files of those names; files named in ``removes`` go too, any other file stays.
 
@@ -142,8 +151,11 @@ def _swap(folder: Path, files: Mapping[str, Callable[[str], object]], removes: l
         try:
             shielded(lambda: roll_back(folder, token, names, removes))
         except OSError as exc:  # renames within one folder should not fail; the journal says what is where
-            log.error("could not restore %s after a failed write (%s); the next save into it or load from it "
-                      "will", folder, exc)
+            log.error(
+                "could not restore %s after a failed write (%s); the next save into it or load from it will",
+                folder,
+                exc,
+            )
         raise
 
     def finish() -> None:
@@ -154,8 +166,7 @@ def _swap(folder: Path, files: Mapping[str, Callable[[str], object]], removes: l
             log.warning("could not delete the earlier files in %s (%s); the next save or load will", folder, exc)
 
     if shielded(finish):
-        log.warning("Ctrl-C ignored: it came once the new files were in place in %s, and the save is complete",
-                    folder)
+        log.warning("Ctrl-C ignored: it came once the new files were in place in %s, and the save is complete", folder)
 
 
 def shielded(step: Callable[[], object], attempts: int = 3) -> bool:

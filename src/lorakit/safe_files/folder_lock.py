@@ -60,8 +60,11 @@ class FolderLock:
         module's docstring). ``make_folder``: recreate the folder if it vanishes meanwhile (a
         failed save of another process may remove a folder it created)."""
         if fcntl is None:
-            _warn_once("no fcntl", "folders cannot be locked on this platform (no fcntl): saves into one folder "
-                       "are not kept apart, and leftovers of an interrupted save are not recovered")
+            _warn_once(
+                "no fcntl",
+                "folders cannot be locked on this platform (no fcntl): saves into one folder "
+                "are not kept apart, and leftovers of an interrupted save are not recovered",
+            )
             return False
         while True:
             fd = self._open(make_folder)
@@ -76,8 +79,11 @@ class FolderLock:
                 os.close(fd)
                 if exc.errno not in _UNSUPPORTED:
                     raise
-                _warn_once(f"flock {exc.errno}", f"cannot lock {self.path.parent} ({exc}): saves into such folders "
-                           "are not kept apart, and leftovers of an interrupted save are not recovered")
+                _warn_once(
+                    f"flock {exc.errno}",
+                    f"cannot lock {self.path.parent} ({exc}): saves into such folders "
+                    "are not kept apart, and leftovers of an interrupted save are not recovered",
+                )
                 return False
             except BaseException:
                 os.close(fd)

@@ -131,8 +131,9 @@ def fsync_folder(folder: Path) -> None:
 def has_leftovers(folder: Path, names: Collection[str]) -> bool:
     """Whether ``folder`` holds a journal, or a temporary file or backup of one of ``names``."""
     entries = _entries(folder)
-    return any(_JOURNAL.fullmatch(entry) or ((m := _LEFTOVER.fullmatch(entry)) and m["name"] in names)
-               for entry in entries) or bool(_stale_writer_temps(folder, entries))
+    return any(
+        _JOURNAL.fullmatch(entry) or ((m := _LEFTOVER.fullmatch(entry)) and m["name"] in names) for entry in entries
+    ) or bool(_stale_writer_temps(folder, entries))
 
 
 def _stale_writer_temps(folder: Path, entries: list[str]) -> list[Path]:
@@ -195,8 +196,10 @@ def reading_folder(folder: Path, names: Collection[str]) -> Iterator[None]:
                 except OSError as exc:  # a folder this user may only read: read what is there
                     log.warning("%s: cannot recover from an interrupted save (%s)", folder, exc)
             else:
-                log.warning("%s holds files of an interrupted (or running) save; without a lock they are left "
-                            "as they are", folder)
+                log.warning(
+                    "%s holds files of an interrupted (or running) save; without a lock they are left as they are",
+                    folder,
+                )
         yield
     finally:
         lock.release()

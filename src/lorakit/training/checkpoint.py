@@ -51,8 +51,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, position: Position,
-                    adapter_name: str = "default", extra: dict | None = None, rng: dict | None = None) -> Path:
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    position: Position,
+    adapter_name: str = "default",
+    extra: dict | None = None,
+    rng: dict | None = None,
+) -> Path:
     """Write a checkpoint atomically (a temp dir renamed into place); ``extra`` holds other
     training state that must resume too (e.g. AdaLoRA's importance averages). ``rng`` is the
     generators' state at ``position`` when that is not the current one (a step cut off halfway
@@ -61,14 +69,17 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(model, tmp / "adapter", adapter_name)
-    torch.save({
-        "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng or rng_state(),
-        "position": vars(position),
-        "extra": extra or {},
-    }, tmp / STATE_FILE)
+    torch.save(
+        {
+            "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng or rng_state(),
+            "position": vars(position),
+            "extra": extra or {},
+        },
+        tmp / STATE_FILE,
+    )
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
@@ -76,8 +87,11 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
 
 def finished_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """The finished checkpoints in ``checkpoints_dir``, oldest step first."""
-    found = [(int(m.group(1)), p) for p in Path(checkpoints_dir).glob("step-*")
-             if (m := CHECKPOINT_NAME.fullmatch(p.name)) and (p / STATE_FILE).is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(checkpoints_dir).glob("step-*")
+        if (m := CHECKPOINT_NAME.fullmatch(p.name)) and (p / STATE_FILE).is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -99,8 +113,9 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
 
 
 @torch.no_grad()
-def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler) -> tuple[Position, dict]:
+def load_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
+) -> tuple[Position, dict]:
     """Restore trainable tensors, optimizer, scheduler and RNG state; return the data position
     and the ``extra`` state saved with it."""
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
@@ -108,8 +123,10 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     try:  # before the tensors: torch checks the groups before it changes anything
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as exc:
-        raise ConfigError(f"checkpoint {directory} does not fit this optimizer ({exc}); resume with the run's own "
-                          "options (e.g. the same --loraplus-ratio), or train without --resume") from None
+        raise ConfigError(
+            f"checkpoint {directory} does not fit this optimizer ({exc}); resume with the run's own "
+            "options (e.g. the same --loraplus-ratio), or train without --resume"
+        ) from None
     params = dict(model.named_parameters())
     for name, value in state["trainable"].items():
         params[name].copy_(value)
@@ -125,8 +142,16 @@ def _check_fits(directory: Path, model: nn.Module, saved: dict[str, torch.Tensor
     missing = sorted(set(trainable) - set(saved))
     reshaped = sorted(n for n in set(saved) & set(trainable) if saved[n].shape != trainable[n].shape)
     if unknown or missing or reshaped:
-        detail = "; ".join(f"{what} {names[:3]}" for what, names in
-                           (("not in this model", unknown), ("not in the checkpoint", missing),
-                            ("other shape", reshaped)) if names)
-        raise ConfigError(f"checkpoint {directory} was trained with another model or LoRA options ({detail}); "
-                          "resume with the run's own options (its train_config.yaml), or train without --resume")
+        detail = "; ".join(
+            f"{what} {names[:3]}"
+            for what, names in (
+                ("not in this model", unknown),
+                ("not in the checkpoint", missing),
+                ("other shape", reshaped),
+            )
+            if names
+        )
+        raise ConfigError(
+            f"checkpoint {directory} was trained with another model or LoRA options ({detail}); "
+            "resume with the run's own options (its train_config.yaml), or train without --resume"
+        )

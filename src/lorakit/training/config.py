@@ -17,14 +17,24 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # LoraConfig fields that are no training option: the older variant booleans (``variant`` says the
 # same), what the loaded model decides (fan_in_fan_out, base_model_name_or_path, task_type), and
 # ``seed``, which the run has for itself and passes on.
-NOT_OPTIONS = ("use_dora", "lora_fa", "dylora", "use_vera", "adalora", "fan_in_fan_out",
-               "base_model_name_or_path", "task_type", "seed")
+NOT_OPTIONS = (
+    "use_dora",
+    "lora_fa",
+    "dylora",
+    "use_vera",
+    "adalora",
+    "fan_in_fan_out",
+    "base_model_name_or_path",
+    "task_type",
+    "seed",
+)
 # A run needs targets, where the library has no default: train every linear layer unless told.
 # "none" (parameters only) is a string for the command line; lora_config() passes it as None.
 TRAINING_DEFAULTS = {"target_modules": "all-linear"}
 # The schedule's names as keys (``adalora_<name>``); orth_reg_weight kept its older, shorter key.
-ADALORA_KEYS = {f.name: "adalora_" + {"orth_reg_weight": "orth_reg"}.get(f.name, f.name)
-                for f in fields(AdaLoraSchedule)}
+ADALORA_KEYS = {
+    f.name: "adalora_" + {"orth_reg_weight": "orth_reg"}.get(f.name, f.name) for f in fields(AdaLoraSchedule)
+}
 
 
 def _option(source: Field, default: Any = MISSING) -> tuple[str, Any, Field]:
@@ -40,11 +50,14 @@ def _option(source: Field, default: Any = MISSING) -> tuple[str, Any, Field]:
 # is a YAML key and a flag without anyone copying it. Keyword-only: TrainConfig's own fields keep
 # their positions.
 LORA_OPTIONS = tuple(f.name for f in fields(LoraConfig) if f.name not in NOT_OPTIONS)
-_LoraOptions = make_dataclass("_LoraOptions", [
-    _option(f, TRAINING_DEFAULTS.get(f.name, MISSING)) for f in fields(LoraConfig) if f.name in LORA_OPTIONS],
-    kw_only=True)
-_AdaLoraOptions = make_dataclass("_AdaLoraOptions", [
-    (ADALORA_KEYS[f.name], *_option(f)[1:]) for f in fields(AdaLoraSchedule)], kw_only=True)
+_LoraOptions = make_dataclass(
+    "_LoraOptions",
+    [_option(f, TRAINING_DEFAULTS.get(f.name, MISSING)) for f in fields(LoraConfig) if f.name in LORA_OPTIONS],
+    kw_only=True,
+)
+_AdaLoraOptions = make_dataclass(
+    "_AdaLoraOptions", [(ADALORA_KEYS[f.name], *_option(f)[1:]) for f in fields(AdaLoraSchedule)], kw_only=True
+)
 
 
 @dataclass
@@ -101,8 +114,14 @@ class TrainConfig(_AdaLoraOptions, _LoraOptions):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "epochs": self.epochs,
-                    "max_length": self.max_length, "max_new_tokens": self.max_new_tokens, "log_every": self.log_every}
+        positive = {
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "epochs": self.epochs,
+            "max_length": self.max_length,
+            "max_new_tokens": self.max_new_tokens,
+            "log_every": self.log_every,
+        }
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -137,7 +156,9 @@ class TrainConfig(_AdaLoraOptions, _LoraOptions):
         if self.target_modules == "none":  # parameters only (target_parameters)
             self.target_modules = None
         self.lora_config()  # validates r, alpha, dropout, targets now rather than after loading a model
-        if self.variant == "adalora" and not (isinstance(self.adalora_target_r, int) and 0 < self.adalora_target_r <= self.r):
+        if self.variant == "adalora" and not (
+            isinstance(self.adalora_target_r, int) and 0 < self.adalora_target_r <= self.r
+        ):
             raise ConfigError(f"adalora_target_r must be between 1 and r={self.r}, got {self.adalora_target_r!r}")
 
     def adalora_schedule(self) -> AdaLoraSchedule:
@@ -184,11 +205,14 @@ def _from_string(name: str, annotation: str, value: Any) -> Any:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{name} must be a JSON object such as '{{\"q_proj\": 4}}', got {value!r} "
-                                  f"({exc.msg} at character {exc.pos})") from None
+                raise ConfigError(
+                    f"{name} must be a JSON object such as '{{\"q_proj\": 4}}', got {value!r} "
+                    f"({exc.msg} at character {exc.pos})"
+                ) from None
         if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"{name} must be a mapping of module names to values (a JSON object on the "
-                              f"command line), got {value!r}")
+            raise ConfigError(
+                f"{name} must be a mapping of module names to values (a JSON object on the command line), got {value!r}"
+            )
         return value
     if not isinstance(value, str) or not any(kind.startswith("list[") for kind in kinds):
         return value

@@ -38,8 +38,14 @@ def _gathered(parts: list[tuple], accelerator) -> list[tuple]:
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, examples: list[dict], collate: Callable, batch_size: int = 8,
-              device: torch.device | str | None = None, accelerator=None) -> float:
+def eval_loss(
+    model: nn.Module,
+    examples: list[dict],
+    collate: Callable,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    accelerator=None,
+) -> float:
     """Mean cross-entropy over every supervised token of ``examples`` (not a mean of batch means);
     NaN when no token is supervised (an empty or fully masked set has no loss, not a loss of 0)."""
     was_training = model.training
@@ -47,7 +53,7 @@ def eval_loss(model: nn.Module, examples: list[dict], collate: Callable, batch_s
     device = device or next(model.parameters()).device
     parts = []  # (batch index, summed loss, supervised tokens)
     for i in _my_batches(math.ceil(len(examples) / batch_size), accelerator):
-        batch = {k: v.to(device) for k, v in collate(examples[i * batch_size:(i + 1) * batch_size]).items()}
+        batch = {k: v.to(device) for k, v in collate(examples[i * batch_size : (i + 1) * batch_size]).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())  # causal LMs predict token t+1 from t
         if n:
             parts.append((i, float(model(**batch).loss) * n, n))
@@ -57,35 +63,48 @@ def eval_loss(model: nn.Module, examples: list[dict], collate: Callable, batch_s
     return total / count if count else float("nan")
 
 
-def evaluate(model: nn.Module, tokenizer, examples: list[dict], collate: Callable, batch_size: int = 8,
-             pairs: list[tuple[str, str]] | None = None, max_examples: int | None = None, max_new_tokens: int = 64,
-             device: torch.device | str | None = None, accelerator=None) -> dict:
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    examples: list[dict],
+    collate: Callable,
+    batch_size: int = 8,
+    pairs: list[tuple[str, str]] | None = None,
+    max_examples: int | None = None,
+    max_new_tokens: int = 64,
+    device: torch.device | str | None = None,
+    accelerator=None,
+) -> dict:
     """``{"loss", "perplexity"}`` plus, when (prompt, reference) ``pairs`` are given,
     ``"exact_match"`` (fraction) and ``"predictions"`` (list of dicts). With an ``accelerator`` of
     several processes, every process must call this; each evaluates its share and all get the result."""
-    loss = eval_loss(model, examples[:max_examples] if max_examples else examples, collate, batch_size, device,
-                     accelerator)
+    loss = eval_loss(
+        model, examples[:max_examples] if max_examples else examples, collate, batch_size, device, accelerator
+    )
     result: dict = {"loss": loss, "perplexity": perplexity(loss)}
     if pairs:
         from ..data.metrics import exact_match
 
         pairs = pairs[:max_examples] if max_examples else pairs
-        answers = _generate_answers(model, tokenizer, [p for p, _ in pairs], max_new_tokens, max(batch_size, 16),
-                                    accelerator)
+        answers = _generate_answers(
+            model, tokenizer, [p for p, _ in pairs], max_new_tokens, max(batch_size, 16), accelerator
+        )
         hits = [exact_match(answer, reference) for answer, (_, reference) in zip(answers, pairs)]
         result["exact_match"] = sum(hits) / len(hits)
-        result["predictions"] = [{"prompt": p, "reference": r, "prediction": a, "correct": h}
-                                 for (p, r), a, h in zip(pairs, answers, hits)]
+        result["predictions"] = [
+            {"prompt": p, "reference": r, "prediction": a, "correct": h} for (p, r), a, h in zip(pairs, answers, hits)
+        ]
     return result
 
 
-def _generate_answers(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                      accelerator) -> list[str]:
+def _generate_answers(
+    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, accelerator
+) -> list[str]:
     """Greedy answers to ``prompts``, in order; under DDP each process generates whole batches
     (the same batches, hence the same padding, as one process would)."""
     mine = list(_my_batches(math.ceil(len(prompts) / batch_size), accelerator))
-    my_prompts = [p for i in mine for p in prompts[i * batch_size:(i + 1) * batch_size]]
+    my_prompts = [p for i in mine for p in prompts[i * batch_size : (i + 1) * batch_size]]
     answers = generate_batch(model, tokenizer, my_prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     # Only the last batch of all can be short, and it comes last here too: split back by batch.
-    parts = [(i, answers[k * batch_size:(k + 1) * batch_size]) for k, i in enumerate(mine)]
+    parts = [(i, answers[k * batch_size : (k + 1) * batch_size]) for k, i in enumerate(mine)]
     return [answer for _, batch in _gathered(parts, accelerator) for answer in batch]

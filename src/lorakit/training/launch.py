@@ -74,7 +74,9 @@ def with_launch_precision(cfg: TrainConfig) -> TrainConfig:
     if cfg.mixed_precision != "no" or launched == "no":
         return cfg
     if launched not in MIXED_PRECISION:
-        raise ConfigError(f"ACCELERATE_MIXED_PRECISION={launched!r} (from accelerate launch or its config) is not "
-                          f"one of {MIXED_PRECISION}; pass --mixed-precision to choose")
+        raise ConfigError(
+            f"ACCELERATE_MIXED_PRECISION={launched!r} (from accelerate launch or its config) is not "
+            f"one of {MIXED_PRECISION}; pass --mixed-precision to choose"
+        )
     log.info("mixed precision %s, as launched (ACCELERATE_MIXED_PRECISION)", launched)
     return dataclasses.replace(cfg, mixed_precision=launched)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import shutil
 import signal
 import threading
@@ -49,7 +48,7 @@ def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> li
     """The batches (lists of example indices) of one epoch, shuffled from (seed, epoch)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n_examples, generator=gen).tolist()
-    return [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n_examples, batch_size)]
 
 
 def steps_per_epoch(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
@@ -79,9 +78,18 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list[dict], collate: Callable,
-             out_dir: Path, eval_examples: list[dict] | None = None, eval_pairs: list[tuple[str, str]] | None = None,
-             accelerator=None, progress: bool = True) -> LoopResult:
+def run_loop(
+    model: nn.Module,
+    tokenizer,
+    cfg: TrainConfig,
+    train_examples: list[dict],
+    collate: Callable,
+    out_dir: Path,
+    eval_examples: list[dict] | None = None,
+    eval_pairs: list[tuple[str, str]] | None = None,
+    accelerator=None,
+    progress: bool = True,
+) -> LoopResult:
     """Train the model's trainable parameters on ``train_examples``; see the module docstring."""
     from tqdm.auto import tqdm
 
@@ -93,8 +101,13 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
     scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.schedule)
     # Variants whose training is more than backward and a step (AdaLoRA, DyLoRA): variants/hooks.py.
-    hooks = [h for h in (config.variant_object.trainer(model, name, cfg, n_steps)
-                         for name, config in adapter_configs(model).items()) if h is not None]
+    hooks = [
+        h
+        for h in (
+            config.variant_object.trainer(model, name, cfg, n_steps) for name, config in adapter_configs(model).items()
+        )
+        if h is not None
+    ]
     position = Position()
     torch.manual_seed(cfg.seed)  # a resumed run then restores its checkpoint's generators instead
     if cfg.resume:
@@ -112,11 +125,22 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
         # checkpoints must go too, or a later --resume would continue the earlier run.
         log.warning("removing the checkpoints of an earlier run in %s (not --resume)", ckpt_dir)
         shutil.rmtree(ckpt_dir)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", position.step if cfg.resume else None) if accelerator.is_main_process else None
+    metrics = (
+        MetricsLog(out_dir / "metrics.jsonl", position.step if cfg.resume else None)
+        if accelerator.is_main_process
+        else None
+    )
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     placed = next(wrapped.parameters()).device  # where accelerate put the model, index included
-    log.info("process %d of %d on %s: %d steps of %d x %d examples", rank, world, placed, n_steps, cfg.grad_accum,
-             cfg.batch_size)
+    log.info(
+        "process %d of %d on %s: %d steps of %d x %d examples",
+        rank,
+        world,
+        placed,
+        n_steps,
+        cfg.grad_accum,
+        cfg.batch_size,
+    )
     # Compiled: a wrapper that calls the same module, so saving, evaluation (eager: another mode
     # and other shapes, compiled for nothing) and the caller's model are untouched.
     step_forward = torch.compile(wrapped) if cfg.compile else wrapped
@@ -131,13 +155,26 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
         for hook in hooks:
             if hook.checkpoint_key is not None:
                 extra.setdefault(hook.checkpoint_key, {})[hook.name] = hook.state_dict()
-        path = save_checkpoint(ckpt_dir / f"step-{position.step:07d}", accelerator.unwrap_model(wrapped), optimizer,
-                               scheduler, position, extra=extra, rng=rng)
+        path = save_checkpoint(
+            ckpt_dir / f"step-{position.step:07d}",
+            accelerator.unwrap_model(wrapped),
+            optimizer,
+            scheduler,
+            position,
+            extra=extra,
+            rng=rng,
+        )
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
         return path
 
-    bar = tqdm(total=n_steps, initial=position.step, disable=not (progress and accelerator.is_main_process),
-               desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=n_steps,
+        initial=position.step,
+        disable=not (progress and accelerator.is_main_process),
+        desc="training",
+        unit="step",
+        dynamic_ncols=True,
+    )
     last_eval, interrupted = None, False
     tokens, started = 0, time.perf_counter()
     # Generators' state at the start of the step under way (None between steps): a Ctrl-C during
@@ -194,12 +231,14 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
             rate = tokens / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
             if metrics and (position.step % cfg.log_every == 0 or position.step == n_steps):
-                metrics.add({"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr,
-                             "tokens_per_s": rate})
+                metrics.add(
+                    {"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr, "tokens_per_s": rate}
+                )
             guard.release()  # after the step's metrics line, which a resumed run does not write again
             if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < n_steps and eval_examples:
-                last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs,
-                                              metrics, position.step)
+                last_eval = _evaluate_and_log(
+                    accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step
+                )
             if cfg.save_every and position.step % cfg.save_every == 0 and accelerator.is_main_process:
                 checkpoint()
     except KeyboardInterrupt:
@@ -216,16 +255,23 @@ def run_loop(model: nn.Module, tokenizer, cfg: TrainConfig, train_examples: list
         bar.close()
     if not interrupted and eval_examples:
         try:
-            last_eval = _evaluate_and_log(accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs,
-                                          metrics, position.step)
+            last_eval = _evaluate_and_log(
+                accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step
+            )
         except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
             log.warning("final evaluation interrupted; the trained adapter is still saved")
     notes = [note for note in (hook.finish(out_dir, write=accelerator.is_main_process) for hook in hooks) if note]
     records = metrics.records if metrics else []
     if metrics and records:
         plot_loss_curve(records, out_dir / "loss.png")
-    return LoopResult(steps=position.step, interrupted=interrupted, records=records, last_eval=last_eval,
-                      main_process=accelerator.is_main_process, notes=notes)
+    return LoopResult(
+        steps=position.step,
+        interrupted=interrupted,
+        records=records,
+        last_eval=last_eval,
+        main_process=accelerator.is_main_process,
+        notes=notes,
+    )
 
 
 class _InterruptGuard:
@@ -245,8 +291,10 @@ class _InterruptGuard:
         self.installed = False
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
             signal.signal(signal.SIGINT, self._on_sigint)
             self.installed = True
 
@@ -273,13 +321,18 @@ def _warn_about_unreached(model: nn.Module) -> None:
     module than its own (target_parameters adapts a parameter where its module's forward reads it)."""
     unreached = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     if unreached:
-        log.warning("%d trainable tensors got no gradient in the first step and will not train (their module "
-                    "is not on the forward path, or a target parameter is read outside its module): %s%s",
-                    len(unreached), ", ".join(unreached[:5]), " ..." if len(unreached) > 5 else "")
+        log.warning(
+            "%d trainable tensors got no gradient in the first step and will not train (their module "
+            "is not on the forward path, or a target parameter is read outside its module): %s%s",
+            len(unreached),
+            ", ".join(unreached[:5]),
+            " ..." if len(unreached) > 5 else "",
+        )
 
 
-def _batch_stream(n_examples: int, cfg: TrainConfig, world: int, rank: int,
-                  position: Position) -> Iterator[tuple[int, int, list[int]]]:
+def _batch_stream(
+    n_examples: int, cfg: TrainConfig, world: int, rank: int, position: Position
+) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, batches consumed in the epoch, indices) for this process, from ``position`` on.
 
     Epochs are truncated to a multiple of ``grad_accum * world`` batches so every process does the
@@ -290,7 +343,7 @@ def _batch_stream(n_examples: int, cfg: TrainConfig, world: int, rank: int,
         batches = epoch_batches(n_examples, cfg.batch_size, cfg.seed, epoch)
         usable = (len(batches) // (cfg.grad_accum * world)) * cfg.grad_accum * world or len(batches)
         while consumed < usable:
-            group = batches[consumed:consumed + world]
+            group = batches[consumed : consumed + world]
             consumed += world
             yield epoch, consumed, group[rank % len(group)]
         epoch, consumed = epoch + 1, 0
@@ -298,9 +351,18 @@ def _batch_stream(n_examples: int, cfg: TrainConfig, world: int, rank: int,
 
 def _evaluate_and_log(accelerator, model, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, step) -> dict:
     # Every process evaluates its share of the batches; all get the gathered result.
-    result = evaluate(accelerator.unwrap_model(model), tokenizer, eval_examples, collate, batch_size=cfg.batch_size,
-                      pairs=eval_pairs, max_examples=cfg.eval_max_examples, max_new_tokens=cfg.max_new_tokens,
-                      device=accelerator.device, accelerator=accelerator)
+    result = evaluate(
+        accelerator.unwrap_model(model),
+        tokenizer,
+        eval_examples,
+        collate,
+        batch_size=cfg.batch_size,
+        pairs=eval_pairs,
+        max_examples=cfg.eval_max_examples,
+        max_new_tokens=cfg.max_new_tokens,
+        device=accelerator.device,
+        accelerator=accelerator,
+    )
     if metrics:
         metrics.add({"step": step, **{f"eval_{k}": v for k, v in result.items() if k != "predictions"}})
     return result

@@ -28,8 +28,9 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, loraplus_
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, loraplus_ratio: float | None = None,
-                   **adamw_kwargs) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, loraplus_ratio: float | None = None, **adamw_kwargs
+) -> torch.optim.Optimizer:
     """The trainer's AdamW: LoRA+ groups when ``loraplus_ratio`` is set, one group otherwise."""
     groups = parameter_groups(model, lr, weight_decay, loraplus_ratio)
     if not groups:
@@ -43,8 +44,9 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, lorap
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **adamw_kwargs)
 
 
-def loraplus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0,
-                       **adamw_kwargs) -> torch.optim.Optimizer:
+def loraplus_optimizer(
+    model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0, **adamw_kwargs
+) -> torch.optim.Optimizer:
     """AdamW with LoRA+'s learning rates: B matrices at ``lr * ratio``, everything else at ``lr``.
 
     For your own training loop; ``lorakit train --loraplus-ratio 16`` does the same.
@@ -66,8 +68,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                   schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps, schedule)
     )

@@ -67,8 +67,13 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     return PreparedData(train, valid, pairs, Collator(tokenizer), stats)
 
 
-def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tuple | None = None, progress: bool = True,
-          **overrides: Any) -> TrainResult:
+def train(
+    config: TrainConfig | dict | str | Path | None = None,
+    *,
+    loaded: tuple | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> TrainResult:
     """Fine-tune a LoRA adapter as ``config`` says (a TrainConfig, a dict, or a YAML/JSON path;
     keyword ``overrides`` such as ``model="smollm2-135m"`` or ``lr=1e-4`` win).
 
@@ -92,13 +97,21 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         # Under a launch one process downloads or converts into the model cache; the others wait for
         # it and then read the cache, instead of all doing the same conversion at once.
         with accelerator.main_process_first():
-            model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=process_device(device, accelerator),
-                                          gradient_checkpointing=cfg.gradient_checkpointing)
+            model, tokenizer = load_model(
+                cfg.model,
+                dtype=cfg.dtype,
+                device=process_device(device, accelerator),
+                gradient_checkpointing=cfg.gradient_checkpointing,
+            )
     data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
     if data.stats.n_truncated:
-        log.warning("%d of %d training examples were longer than max_length=%d and were truncated",
-                    data.stats.n_truncated, data.stats.n_records, cfg.max_length)
+        log.warning(
+            "%d of %d training examples were longer than max_length=%d and were truncated",
+            data.stats.n_truncated,
+            data.stats.n_records,
+            cfg.max_length,
+        )
     # The adapter before any file: a target that matches nothing must not leave an output directory.
     before = _adapter_state(model)
     add_adapter(model, cfg.lora_config())
@@ -109,8 +122,18 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         out_dir.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:  # under DDP every process gets here; one writes
             _write_config(cfg, out_dir / "train_config.yaml")
-        loop = run_loop(model, tokenizer, cfg, data.train, data.collate, out_dir, eval_examples=data.valid,
-                        eval_pairs=data.valid_pairs, accelerator=accelerator, progress=progress)
+        loop = run_loop(
+            model,
+            tokenizer,
+            cfg,
+            data.train,
+            data.collate,
+            out_dir,
+            eval_examples=data.valid,
+            eval_pairs=data.valid_pairs,
+            accelerator=accelerator,
+            progress=progress,
+        )
     except Exception:
         if loaded is not None:  # the caller's model goes back as it came, without the half-trained adapter
             _restore_adapter_state(model, before)
@@ -121,10 +144,23 @@ def train(config: TrainConfig | dict | str | Path | None = None, *, loaded: tupl
         final = {k: v for k, v in (loop.last_eval or {}).items() if k != "predictions"}
         predictions = (loop.last_eval or {}).get("predictions")
         if predictions:
-            write_text_atomically(out_dir / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-        write_text_atomically(out_dir / "result.json", json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n")
-    return TrainResult(out_dir, adapter_dir, loop.steps, loop.interrupted, data.stats, loop.last_eval, loop.records,
-                       loop.main_process, loop.notes)
+            write_text_atomically(
+                out_dir / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions)
+            )
+        write_text_atomically(
+            out_dir / "result.json", json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n"
+        )
+    return TrainResult(
+        out_dir,
+        adapter_dir,
+        loop.steps,
+        loop.interrupted,
+        data.stats,
+        loop.last_eval,
+        loop.records,
+        loop.main_process,
+        loop.notes,
+    )
 
 
 def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
@@ -132,8 +168,10 @@ def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
     will be loaded) before the Accelerator is made and anything is written (accelerate would
     refuse it only once the run's folder and config exist)."""
     if mixed_precision == "fp16" and device_type == "cpu":
-        raise ConfigError("mixed_precision=fp16 needs a GPU, and the model is on the CPU; "
-                          "use mixed_precision=bf16 (supported on CPUs) or no")
+        raise ConfigError(
+            "mixed_precision=fp16 needs a GPU, and the model is on the CPU; "
+            "use mixed_precision=bf16 (supported on CPUs) or no"
+        )
 
 
 def _device_type(model) -> str:

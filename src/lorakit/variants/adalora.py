@@ -61,13 +61,14 @@ class AdaLora(Variant):
 
     def attach(self, layer: Any, name: str, planned_layer: Any, trainable: bool) -> None:
         A = layer.lora_A[name]
-        layer.slot(SLOT)[name] = nn.Parameter(torch.zeros(A.shape[0], dtype=A.dtype, device=A.device),
-                                              requires_grad=trainable)
+        layer.slot(SLOT)[name] = nn.Parameter(
+            torch.zeros(A.shape[0], dtype=A.dtype, device=A.device), requires_grad=trainable
+        )
 
     def live_factors(self, layer: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         A, B, s = super().live_factors(layer, name)
         E = layer.__dict__["_modules"][SLOT][name]
-        return A * E[:A.shape[0], None], B, s  # P diag(E) Q: gradients reach E, P and Q
+        return A * E[: A.shape[0], None], B, s  # P diag(E) Q: gradients reach E, P and Q
 
     def fused_factors(self, layer: Any, name: str):
         return (*self.live_factors(layer, name), None)
@@ -79,7 +80,7 @@ class AdaLora(Variant):
         # Scaling is folded into A', so each module gets alpha = its rank (sqrt with rsLoRA): s' = 1.
         return config.replace(
             rank_pattern=exact_pattern(ranks, paths),
-            alpha_pattern=exact_pattern({p: (k ** 0.5 if config.use_rslora else k) for p, k in ranks.items()}, paths),
+            alpha_pattern=exact_pattern({p: (k**0.5 if config.use_rslora else k) for p, k in ranks.items()}, paths),
         )
 
     def trainer(self, model: nn.Module, name: str, run, total_steps: int) -> TrainingHooks:
@@ -112,8 +113,11 @@ def budget(step: int, total_steps: int, initial: int, target: int, schedule: Ada
 
 def adalora_layers(model: nn.Module, name: str) -> list[tuple[str, Any]]:
     """(path, layer) of every layer where ``name`` is an AdaLoRA adapter."""
-    return [(path, layer) for path, layer in lora_layers(model)
-            if name in layer.lora_A and isinstance(layer.variants[name], AdaLora)]
+    return [
+        (path, layer)
+        for path, layer in lora_layers(model)
+        if name in layer.lora_A and isinstance(layer.variants[name], AdaLora)
+    ]
 
 
 def orthogonal_penalty(model: nn.Module, name: str) -> torch.Tensor:
@@ -159,8 +163,11 @@ class RankAllocator:
         score = {k: self.ipt[(path, k)] * self.unc[(path, k)] for k in ("Q", "P", "E") if (path, k) in self.ipt}
         r = layer.rank(self.name)
         zero = torch.zeros(r, device=layer.lora_E[self.name].device)
-        return (score.get("E", zero) + (score["Q"].mean(dim=1) if "Q" in score else zero)
-                + (score["P"].mean(dim=0) if "P" in score else zero))
+        return (
+            score.get("E", zero)
+            + (score["Q"].mean(dim=1) if "Q" in score else zero)
+            + (score["P"].mean(dim=0) if "P" in score else zero)
+        )
 
     @torch.no_grad()
     def mask(self, step: int) -> int:
@@ -233,13 +240,20 @@ class AdaLoraTraining(TrainingHooks):
 
     def finish(self, out_dir: Path, write: bool) -> str:
         ranks = current_ranks(self.model, self.name)
-        log.info("AdaLoRA %r: %d ranks left over %d modules (budget %d)", self.name, sum(ranks.values()), len(ranks),
-                 self.allocator.target)
+        log.info(
+            "AdaLoRA %r: %d ranks left over %d modules (budget %d)",
+            self.name,
+            sum(ranks.values()),
+            len(ranks),
+            self.allocator.target,
+        )
         path = out_dir / f"adalora_ranks_{self.name}.json"
         if write:
             write_text_atomically(path, json.dumps(ranks, indent=2) + "\n")
-        return (f"AdaLoRA: {sum(ranks.values())} ranks left over {len(ranks)} modules "
-                f"(min {min(ranks.values())}, max {max(ranks.values())}); per module: {path}")
+        return (
+            f"AdaLoRA: {sum(ranks.values())} ranks left over {len(ranks)} modules "
+            f"(min {min(ranks.values())}, max {max(ranks.values())}); per module: {path}"
+        )
 
 
 register_variant(AdaLora())

@@ -83,8 +83,9 @@ class Dora(Variant):
         """c = m / norm, laid out to broadcast against the base weight."""
         return layer.unit_view(self.magnitude(layer, name).to(norm.dtype) / norm)
 
-    def change(self, layer: Any, name: str, weight: torch.Tensor, delta: torch.Tensor,
-               norm: torch.Tensor) -> torch.Tensor:
+    def change(
+        self, layer: Any, name: str, weight: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor
+    ) -> torch.Tensor:
         """``(c - 1) W0 + c dW`` with c = m / norm per unit: DoRA's change to W0 (= weight)."""
         scale = self.scale(layer, name, norm)
         return (scale - 1) * weight + scale * delta
@@ -106,8 +107,11 @@ class Dora(Variant):
 
     def unmerge_change(self, layer: Any, name: str, record: Any) -> torch.Tensor:
         remaining = {n: r for n, r in layer.merge_records.items() if n != name}
-        layer.require_recoverable(remaining, f"unmerging DoRA adapter {name!r}",
-                                  "unmerge in the reverse order of merging, as lorakit.unmerge(model) does")
+        layer.require_recoverable(
+            remaining,
+            f"unmerging DoRA adapter {name!r}",
+            "unmerge in the reverse order of merging, as lorakit.unmerge(model) does",
+        )
         # The change merge added, with the norm of then (W0 has not changed since).
         delta = layer.delta_weight(name)
         weight = layer.unmerged_weight().to(delta.dtype)
@@ -123,10 +127,17 @@ class Dora(Variant):
     @staticmethod
     def require_merge_recoverable(layer: Any, name: str, records: dict[str, Any]) -> None:
         dora = [n for n, r in records.items() if layer.variants[n].merged_scale(layer, n, r) is not None]
-        fix = (f"merge fewer of the DoRA adapters {dora} at once (lorakit.unmerge(model) takes merged ones out)"
-               if len(dora) > 1 else "keep it unmerged")
-        layer.require_recoverable(records, f"merging DoRA adapter {name!r}", f"{fix}, or write their effect into "
-                                  f"the base weights for good with lorakit.combine(model, {dora}, into_base=True)")
+        fix = (
+            f"merge fewer of the DoRA adapters {dora} at once (lorakit.unmerge(model) takes merged ones out)"
+            if len(dora) > 1
+            else "keep it unmerged"
+        )
+        layer.require_recoverable(
+            records,
+            f"merging DoRA adapter {name!r}",
+            f"{fix}, or write their effect into "
+            f"the base weights for good with lorakit.combine(model, {dora}, into_base=True)",
+        )
 
     # --- files -------------------------------------------------------------------------------
     def extra_tensors(self, layer: Any, name: str) -> dict[str, torch.Tensor]:
@@ -138,8 +149,10 @@ class Dora(Variant):
             raise AdapterFileError(f"the file has no lora_magnitude_vector for DoRA module {layer_plan.path!r}")
         expected = layer_plan.layer.magnitude_shape()
         if tuple(found["magnitude"].shape) != tuple(expected):
-            raise AdapterFileError(f"lora_magnitude_vector of module {layer_plan.path!r} has shape "
-                                   f"{tuple(found['magnitude'].shape)} in the file but the model needs {expected}")
+            raise AdapterFileError(
+                f"lora_magnitude_vector of module {layer_plan.path!r} has shape "
+                f"{tuple(found['magnitude'].shape)} in the file but the model needs {expected}"
+            )
         layer_plan.extras["magnitude"] = found["magnitude"].to(dtype=layer_plan.A.dtype, device=layer_plan.A.device)
 
 

@@ -38,8 +38,10 @@ class DyLora(Variant):
 class DyLoraTraining(TrainingHooks):
     """One rank per step for all layers, drawn from (seed, step) so that a resumed run agrees."""
 
-    compile_note = ("DyLoRA draws a rank per step, and torch.compile compiles a graph per rank (up to r of "
-                    "them, eager past torch._dynamo.config.recompile_limit): expect slow first steps")
+    compile_note = (
+        "DyLoRA draws a rank per step, and torch.compile compiles a graph per rank (up to r of "
+        "them, eager past torch._dynamo.config.recompile_limit): expect slow first steps"
+    )
 
     def __init__(self, model: nn.Module, name: str, seed: int) -> None:
         super().__init__(name)
@@ -78,8 +80,10 @@ def _require_nestable(name: str, layers: list) -> None:
     """Parameter targets interleave their experts' ranks (layers/parameter.py): no prefix of A's
     rows is a lower-rank adapter there."""
     if any(isinstance(layer, LoraParameter) for layer in layers):
-        raise ConfigError(f"adapter {name!r} adapts parameters (target_parameters), whose per-expert factors have "
-                          "no nested ranks to cut")
+        raise ConfigError(
+            f"adapter {name!r} adapts parameters (target_parameters), whose per-expert factors have "
+            "no nested ranks to cut"
+        )
 
 
 def sample_nested_rank(model: nn.Module, rng: random.Random, name: str = "default") -> int:
@@ -116,9 +120,11 @@ def truncate(model: nn.Module, rank: int, name: str = "default") -> None:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     config = adapter_configs(model)[name]
     if not config.variant_object.nested_ranks:
-        raise ConfigError(f"adapter {name!r} is a {config.variant} adapter, whose ranks cannot be cut to a prefix; use "
-                          f"lorakit.compress(model, {name!r}, {rank}) for the best rank-limited plain LoRA adapter "
-                          "instead")
+        raise ConfigError(
+            f"adapter {name!r} is a {config.variant} adapter, whose ranks cannot be cut to a prefix; use "
+            f"lorakit.compress(model, {name!r}, {rank}) for the best rank-limited plain LoRA adapter "
+            "instead"
+        )
     layers = [layer for _, layer in lora_layers(model) if name in layer.lora_A]
     _require_nestable(name, layers)
     if any(name in layer.merged_adapters for layer in layers):
@@ -137,7 +143,8 @@ def truncate(model: nn.Module, rank: int, name: str = "default") -> None:
         layer.scaling[name] = scaling
     # alpha stays: a rank-b adapter's scaling is alpha/b (alpha/sqrt(b)), what the layers now use.
     adapter_configs(model)[name] = config.replace(
-        r=min(rank, config.r), rank_pattern={k: min(v, rank) for k, v in config.rank_pattern.items()},
+        r=min(rank, config.r),
+        rank_pattern={k: min(v, rank) for k, v in config.rank_pattern.items()},
     )
 
 

@@ -76,11 +76,14 @@ class Vera(Variant):
 
     # --- configuration -----------------------------------------------------------------------
     def check_config(self, config: Any) -> None:
-        clash = [k for k, v in {"rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern}.items()
-                 if v]
+        clash = [
+            k for k, v in {"rank_pattern": config.rank_pattern, "alpha_pattern": config.alpha_pattern}.items() if v
+        ]
         if clash:
-            raise ConfigError(f"variant 'vera' cannot be combined with {clash}: VeRA shares one random pair of one "
-                              "rank across all layers and trains only its scaling vectors")
+            raise ConfigError(
+                f"variant 'vera' cannot be combined with {clash}: VeRA shares one random pair of one "
+                "rank across all layers and trains only its scaling vectors"
+            )
         if isinstance(config.projection_prng_key, bool) or not isinstance(config.projection_prng_key, int):
             raise ConfigError(f"projection_prng_key must be an integer, got {config.projection_prng_key!r}")
         if isinstance(config.d_initial, bool) or not isinstance(config.d_initial, (int, float)):
@@ -89,12 +92,22 @@ class Vera(Variant):
     def peft_config(self, config: Any, data: dict[str, Any]) -> dict[str, Any]:
         """PEFT's VeraConfig keys."""
         return {
-            "peft_type": "VERA", "task_type": config.task_type,
-            "base_model_name_or_path": config.base_model_name_or_path, "revision": None, "inference_mode": True,
-            "r": config.r, "target_modules": config.target_modules, "projection_prng_key": config.projection_prng_key,
-            "save_projection": config.save_projection, "vera_dropout": config.dropout, "d_initial": config.d_initial,
-            "fan_in_fan_out": config.fan_in_fan_out, "bias": config.bias, "modules_to_save": config.modules_to_save,
-            "init_weights": True, "layers_to_transform": config.layers_to_transform,
+            "peft_type": "VERA",
+            "task_type": config.task_type,
+            "base_model_name_or_path": config.base_model_name_or_path,
+            "revision": None,
+            "inference_mode": True,
+            "r": config.r,
+            "target_modules": config.target_modules,
+            "projection_prng_key": config.projection_prng_key,
+            "save_projection": config.save_projection,
+            "vera_dropout": config.dropout,
+            "d_initial": config.d_initial,
+            "fan_in_fan_out": config.fan_in_fan_out,
+            "bias": config.bias,
+            "modules_to_save": config.modules_to_save,
+            "init_weights": True,
+            "layers_to_transform": config.layers_to_transform,
             "layers_pattern": config.layers_pattern,
         }
 
@@ -111,8 +124,12 @@ class Vera(Variant):
         if wrong:
             raise TargetError(f"VeRA adapts linear layers only; exclude {wrong[:5]} (exclude_modules)")
         first = planned.layers[0].layer.base_weight
-        projection = VeraProjection(config.r, max(p.layer.in_dim for p in planned.layers),
-                                    max(p.layer.out_dim for p in planned.layers), config.projection_prng_key)
+        projection = VeraProjection(
+            config.r,
+            max(p.layer.in_dim for p in planned.layers),
+            max(p.layer.out_dim for p in planned.layers),
+            config.projection_prng_key,
+        )
         projection.to(first.device)
         for p in planned.layers:
             dtype = p.A.dtype
@@ -161,8 +178,10 @@ class Vera(Variant):
         for key, value in found.items():
             mine = getattr(projection, PROJECTION_KEYS[key])
             if tuple(value.shape) != tuple(mine.shape):
-                raise AdapterFileError(f"{PROJECTION_KEYS[key]} has shape {tuple(value.shape)} in the file but this "
-                                       f"model's targets need {tuple(mine.shape)}")
+                raise AdapterFileError(
+                    f"{PROJECTION_KEYS[key]} has shape {tuple(value.shape)} in the file but this "
+                    f"model's targets need {tuple(mine.shape)}"
+                )
             mine.copy_(value.to(mine.dtype))
 
 
