@@ -6,7 +6,6 @@ from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 
 import lorakit
@@ -17,6 +16,7 @@ from lorakit.training import run as run_module
 from lorakit.training.config import ADALORA_KEYS, NOT_OPTIONS, TrainConfig
 from lorakit.variants.adalora import AdaLoraSchedule
 
+from .test_training_loop import collate, examples
 from .tiny import tiny_llama
 
 LORA_FIELDS = [f for f in fields(LoraConfig) if f.name not in NOT_OPTIONS]
@@ -136,26 +136,12 @@ def test_a_bad_value_is_a_one_line_config_error(argv, fragment):
     assert "\n" not in str(caught.value)
 
 
-def examples(n=8, length=10):
-    rows = ((torch.arange(n) * 5)[:, None] + torch.arange(length)[None, :]) % 128
-    return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in rows]
-
-
-def collate(batch):
-    ids = torch.tensor([b["input_ids"] for b in batch])
-    return {
-        "input_ids": ids,
-        "labels": torch.tensor([b["labels"] for b in batch]),
-        "attention_mask": torch.ones_like(ids),
-    }
-
-
 def test_flags_reach_the_adapter_the_trainer_adds(tmp_path, monkeypatch):
     monkeypatch.setattr(
         run_module,
         "prepare_data",
         lambda cfg, tokenizer: run_module.PreparedData(
-            examples(), [], [], collate, SimpleNamespace(summary=lambda: "", n_truncated=0)
+            examples(8), [], [], collate, SimpleNamespace(summary=lambda: "", n_truncated=0)
         ),
     )
     added = []
