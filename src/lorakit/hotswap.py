@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import changes_base
 from .errors import AdapterFileError, AdapterStateError
+from .init_names import changes_base
 from .io.layout import group_factors
 from .io.load import read_adapter
 from .kernels.casting import accumulation_dtype

@@ -24,8 +24,8 @@ import zlib
 import torch
 from torch import nn
 
-from .config import changes_base, pissa_iterations
 from .errors import TargetError
+from .init_names import changes_base, pissa_iterations
 from .layers.base import LoraLayer
 from .layers.embedding import LoraEmbedding
 from .layers.linear import LoraLinear

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig, changes_base
+from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, AdapterStateError, TargetError
+from .init_names import changes_base
 from .initialization import initial_factors, module_generator
 from .layers import LoraLayer, ModulesToSave, lora_class_for
 from .layers.parameter import LoraParameter

@@ -25,8 +25,9 @@ import re
 import torch
 from torch import nn
 
-from ..config import LoraConfig, changes_base
+from ..config import LoraConfig
 from ..errors import AdapterFileError
+from ..init_names import changes_base
 from ..kernels.casting import accumulation_dtype
 from ..layers import lora_class_for
 from ..layers.parameter import LoraParameter

@@ -13,8 +13,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..config import UNCONVERTED_ADVICE, LoraConfig, changes_base, pissa_iterations
+from ..config import LoraConfig
 from ..errors import AdapterFileError, LorakitError
+from ..init_names import UNCONVERTED_ADVICE, changes_base, pissa_iterations
 from ..inject import InjectionPlan, commit, plan
 from ..safe_files.journal import reading_folder
 from ..state import adapter_configs

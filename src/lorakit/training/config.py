@@ -7,8 +7,9 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, make_d
 from pathlib import Path
 from typing import Any
 
-from ..config import INIT_CHOICES, LoraConfig, valid_init, variant_names
+from ..config import LoraConfig, variant_names
 from ..errors import ConfigError
+from ..init_names import INIT_CHOICES, valid_init
 from ..variants.adalora import AdaLoraSchedule
 
 SCHEDULES = ("cosine", "linear", "constant")
