@@ -12,7 +12,7 @@ from lorakit import ConfigError, LoraConfig
 from lorakit.training import run as run_module
 from lorakit.training.checkpoint import STATE_FILE, latest_checkpoint
 from lorakit.training.config import TrainConfig
-from lorakit.training.loop import epoch_batches, run_loop
+from lorakit.training.loop import LoopResult, epoch_batches, run_loop
 from lorakit.training.optim import lr_multiplier, parameter_groups
 
 from .tiny import tiny_llama
@@ -358,7 +358,7 @@ def test_a_launched_process_loads_onto_its_own_gpu_after_the_main_process(tmp_pa
         events.append(f"load onto {device}")
         return tiny_llama(), None
 
-    done = SimpleNamespace(steps=0, interrupted=False, records=[], last_eval=None, main_process=False)
+    done = LoopResult(steps=0, interrupted=False, main_process=False)
     monkeypatch.setattr(run_module, "make_accelerator", lambda cfg: SecondGpuProcess())
     monkeypatch.setattr(run_module, "require_device", lambda device: None)  # no GPU on this machine
     monkeypatch.setattr(lorakit.models, "load_model", load_model)
@@ -372,7 +372,7 @@ def test_the_launchers_mixed_precision_applies_unless_the_run_sets_its_own(tmp_p
     Accelerator given its own precision ignores; a run that sets none gets the launcher's."""
     fake_data(monkeypatch)
     seen = []
-    done = SimpleNamespace(steps=0, interrupted=False, records=[], last_eval=None, main_process=False)
+    done = LoopResult(steps=0, interrupted=False, main_process=False)
     monkeypatch.setattr(
         run_module, "run_loop", lambda *args, **kwargs: seen.append(kwargs["accelerator"].mixed_precision) or done
     )
@@ -525,7 +525,7 @@ def test_step_start_generators_are_read_only_where_a_checkpoint_can_be_written(t
 def test_only_the_main_process_writes_the_adapter(tmp_path, monkeypatch):
     """Under DDP every process runs train(); the others must not save into the same folder at once."""
     fake_data(monkeypatch)
-    done = SimpleNamespace(steps=2, interrupted=False, records=[], last_eval={"loss": 1.0}, main_process=False)
+    done = LoopResult(steps=2, interrupted=False, last_eval={"loss": 1.0}, main_process=False)
     monkeypatch.setattr(run_module, "run_loop", lambda *args, **kwargs: done)
     result = lorakit.train(loaded=(tiny_llama(), None), data="x", output_dir=str(tmp_path))
     assert result.steps == 2
