@@ -13,7 +13,7 @@ from lorakit import ConfigError, LoraConfig
 from lorakit.cli.main import build_parser
 from lorakit.cli.options import GROUPS, train_overrides
 from lorakit.training import run as run_module
-from lorakit.training.config import ADALORA_KEYS, NOT_OPTIONS, TrainConfig
+from lorakit.training.config import NOT_OPTIONS, VARIANT_OPTIONS, TrainConfig
 from lorakit.variants.adalora import AdaLoraSchedule
 
 from .test_training_loop import collate, examples
@@ -43,12 +43,13 @@ def test_every_lora_option_is_a_key_and_a_flag_with_the_library_default():
 
 
 def test_adalora_options_are_the_schedule_fields():
-    assert set(ADALORA_KEYS) == {f.name for f in fields(AdaLoraSchedule)}
-    assert ADALORA_KEYS["orth_reg_weight"] == "adalora_orth_reg" and ADALORA_KEYS["target_r"] == "adalora_target_r"
+    keys = VARIANT_OPTIONS["adalora"]
+    assert set(keys) == {f.name for f in fields(AdaLoraSchedule)}
+    assert keys["orth_reg_weight"] == "adalora_orth_reg" and keys["target_r"] == "adalora_target_r"
     cfg = train_config(
         "--variant", "adalora", "--adalora-target-r", "4", "--adalora-orth-reg", "0.5", "--adalora-tinit", "3"
     )
-    assert cfg.adalora_schedule() == AdaLoraSchedule(target_r=4, tinit=3, orth_reg_weight=0.5)
+    assert cfg.variant_options("adalora") == AdaLoraSchedule(target_r=4, tinit=3, orth_reg_weight=0.5)
 
 
 def test_every_flag_is_in_a_help_group():
@@ -111,7 +112,7 @@ def test_existing_flags_and_files_keep_working(tmp_path):
         "target_modules: all-linear\nadalora_target_r: 8\nadalora_orth_reg: 0.2\n"
     )
     old = TrainConfig.from_sources(tmp_path / "old.yaml")
-    assert old.r == 16 and old.adalora_schedule().orth_reg_weight == 0.2
+    assert old.r == 16 and old.variant_options("adalora").orth_reg_weight == 0.2
     # and the one a run writes now loads back to the same options
     full = train_config("--rank-pattern", '{"q_proj": 4}', "--layers-to-transform", "0", "--modules-to-save", "lm_head")
     (tmp_path / "new.yaml").write_text(yaml.safe_dump(full.to_dict(), sort_keys=False))

@@ -12,8 +12,8 @@ import argparse
 from dataclasses import MISSING, Field, fields
 from typing import Any
 
-from ..config import variant_names
-from ..training.config import ADALORA_KEYS, LORA_OPTIONS, TrainConfig
+from ..config import VARIANTS, variant_names
+from ..training.config import LORA_OPTIONS, VARIANT_OPTIONS, TrainConfig
 
 HELP = {
     "data": "training data: JSONL (prompt/completion, chat messages, or text), CSV or Parquet",
@@ -35,13 +35,6 @@ HELP = {
     "projection_prng_key": "VeRA: seed of the shared random projection pair",
     "save_projection": "VeRA: write the shared projection pair into the adapter file",
     "d_initial": "VeRA: initial value of the scaling vector d",
-    "adalora_target_r": "AdaLoRA: average rank per module left at the end (r is the initial rank)",
-    "adalora_tinit": "AdaLoRA: steps at the full budget before pruning starts",
-    "adalora_tfinal": "AdaLoRA: steps at the final budget at the end of training",
-    "adalora_delta_t": "AdaLoRA: steps between two rank reallocations",
-    "adalora_beta1": "AdaLoRA: smoothing of the importance estimate",
-    "adalora_beta2": "AdaLoRA: smoothing of the importance's uncertainty",
-    "adalora_orth_reg": "AdaLoRA: weight of the orthogonality regulariser on A and B",
     "valid_data": "validation file (else --valid-ratio of the training data)",
     "valid_ratio": "fraction of the training data held out for validation",
     "output_dir": "where the adapter, metrics.jsonl, loss.png and checkpoints go",
@@ -60,11 +53,20 @@ HELP = {
     "shape once more (on a CPU minutes each for a 30-layer model, and a C++ compiler is needed)",
 }
 SKIP = {"extra"}
+# Each variant's own options describe themselves (Variant.option_help).
+VARIANT_HELP = {
+    key: VARIANTS[name].option_help.get(field, "")
+    for name, keys in VARIANT_OPTIONS.items()
+    for field, key in keys.items()
+}
 # How --help groups the flags; a field in no group is listed under "other options".
 GROUPS = {
     "data and model": ("data", "valid_data", "valid_ratio", "model", "output_dir"),
     "LoRA adapter (LoraConfig)": LORA_OPTIONS,
-    "AdaLoRA schedule (--variant adalora)": tuple(ADALORA_KEYS.values()),
+    **{
+        f"{VARIANTS[name].title} options (--variant {name})": tuple(keys.values())
+        for name, keys in VARIANT_OPTIONS.items()
+    },
     "optimisation": (
         "lr",
         "epochs",
@@ -125,7 +127,7 @@ def _add_flag(group: argparse._ArgumentGroup, f: Field) -> None:
     """The flag of TrainConfig field ``f``, with its help text and default."""
     flags = ("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ()))
     default = f.default if f.default is not MISSING else None
-    helptext = HELP.get(f.name, "").replace("{variants}", " | ".join(variant_names()))
+    helptext = HELP.get(f.name, VARIANT_HELP.get(f.name, "")).replace("{variants}", " | ".join(variant_names()))
     helptext += f" (default: {default})" if default not in (None, "") else ""
     if isinstance(default, bool):
         group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=helptext)

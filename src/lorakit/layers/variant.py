@@ -229,6 +229,25 @@ class Variant:
             )
 
     # --- training ----------------------------------------------------------------------------
+    # A dataclass of this variant's training options (AdaLoRA's budget schedule), validated in its
+    # __post_init__, or None. Each field is a training option (YAML key and CLI flag) named
+    # ``option_prefix + field`` unless ``option_keys`` names it otherwise; ``option_help`` gives
+    # --help's text per field.
+    training_options: type | None = None
+    option_prefix = ""
+    option_keys: dict[str, str] = {}
+    option_help: dict[str, str] = {}
+
+    def training_option_keys(self) -> dict[str, str]:
+        """Field of ``training_options`` -> its training option's name."""
+        if self.training_options is None:
+            return {}
+        return {f: self.option_keys.get(f, self.option_prefix + f) for f in self.training_options.__dataclass_fields__}
+
+    def check_training_options(self, options: Any, config: Any) -> None:
+        """Raise ConfigError if ``options`` do not suit the adapter ``config`` describes (called
+        when this variant is the run's)."""
+
     def trainer(self, model: Any, name: str, run: Any, total_steps: int) -> Any:
         """An object with the training loop's hooks for adapter ``name`` (see
         ``variants/hooks.py``), or None when plain training suffices."""

@@ -7,10 +7,10 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, make_d
 from pathlib import Path
 from typing import Any
 
-from ..config import LoraConfig, variant_names
+from .. import variants  # noqa: F401  (registers every variant, whose training options are fields here)
+from ..config import VARIANTS, LoraConfig, variant_names
 from ..errors import ConfigError
 from ..init_names import INIT_CHOICES, valid_init
-from ..variants.adalora import AdaLoraSchedule
 
 SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -19,11 +19,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 # same), what the loaded model decides (fan_in_fan_out, base_model_name_or_path, task_type), and
 # ``seed``, which the run has for itself and passes on.
 NOT_OPTIONS = (
-    "use_dora",
-    "lora_fa",
-    "dylora",
-    "use_vera",
-    "adalora",
+    *(v.legacy_flag for v in VARIANTS.values() if v.legacy_flag),
     "fan_in_fan_out",
     "base_model_name_or_path",
     "task_type",
@@ -32,10 +28,9 @@ NOT_OPTIONS = (
 # A run needs targets, where the library has no default: train every linear layer unless told.
 # "none" (parameters only) is a string for the command line; lora_config() passes it as None.
 TRAINING_DEFAULTS = {"target_modules": "all-linear"}
-# The schedule's names as keys (``adalora_<name>``); orth_reg_weight kept its older, shorter key.
-ADALORA_KEYS = {
-    f.name: "adalora_" + {"orth_reg_weight": "orth_reg"}.get(f.name, f.name) for f in fields(AdaLoraSchedule)
-}
+# Each variant's training options (Variant.training_options: AdaLoRA's schedule) by variant name:
+# {field of its options dataclass: training option name}.
+VARIANT_OPTIONS = {v.name: v.training_option_keys() for v in VARIANTS.values() if v.training_options is not None}
 
 
 def _option(source: Field, default: Any = MISSING) -> tuple[str, Any, Field]:
@@ -56,13 +51,19 @@ _LoraOptions = make_dataclass(
     [_option(f, TRAINING_DEFAULTS.get(f.name, MISSING)) for f in fields(LoraConfig) if f.name in LORA_OPTIONS],
     kw_only=True,
 )
-_AdaLoraOptions = make_dataclass(
-    "_AdaLoraOptions", [(ADALORA_KEYS[f.name], *_option(f)[1:]) for f in fields(AdaLoraSchedule)], kw_only=True
+_VariantOptions = make_dataclass(
+    "_VariantOptions",
+    [
+        (VARIANT_OPTIONS[name][f.name], *_option(f)[1:])
+        for name in VARIANT_OPTIONS
+        for f in fields(VARIANTS[name].training_options)
+    ],
+    kw_only=True,
 )
 
 
 @dataclass
-class TrainConfig(_AdaLoraOptions, _LoraOptions):
+class TrainConfig(_VariantOptions, _LoraOptions):
     """Everything a run needs. Defaults suit the embedded model on a CPU.
 
     Steps are optimizer steps (each ``batch_size * grad_accum`` examples). ``max_steps`` wins
@@ -128,9 +129,7 @@ class TrainConfig(_AdaLoraOptions, _LoraOptions):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
             raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
-        if not (isinstance(self.adalora_delta_t, int) and self.adalora_delta_t > 0):
-            raise ConfigError(f"adalora_delta_t must be a positive integer, got {self.adalora_delta_t!r}")
-        for name in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "adalora_tinit", "adalora_tfinal"):
+        for name in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
@@ -156,15 +155,16 @@ class TrainConfig(_AdaLoraOptions, _LoraOptions):
             setattr(self, name, _from_string(name, _LORA_TYPES[name], getattr(self, name)))
         if self.target_modules == "none":  # parameters only (target_parameters)
             self.target_modules = None
-        self.lora_config()  # validates r, alpha, dropout, targets now rather than after loading a model
-        if self.variant == "adalora" and not (
-            isinstance(self.adalora_target_r, int) and 0 < self.adalora_target_r <= self.r
-        ):
-            raise ConfigError(f"adalora_target_r must be between 1 and r={self.r}, got {self.adalora_target_r!r}")
+        lora = self.lora_config()  # validates r, alpha, dropout, targets now rather than after loading a model
+        for name in VARIANT_OPTIONS:
+            options = self.variant_options(name)  # each options dataclass validates itself
+            if name == self.variant:
+                VARIANTS[name].check_training_options(options, lora)
 
-    def adalora_schedule(self) -> AdaLoraSchedule:
-        """AdaLoRA's budget schedule from the ``adalora_*`` options."""
-        return AdaLoraSchedule(**{name: getattr(self, key) for name, key in ADALORA_KEYS.items()})
+    def variant_options(self, name: str) -> Any:
+        """Variant ``name``'s training options (its ``training_options`` dataclass) from this run's
+        fields, e.g. AdaLoRA's budget schedule from the ``adalora_*`` options."""
+        return VARIANTS[name].training_options(**{f: getattr(self, key) for f, key in VARIANT_OPTIONS[name].items()})
 
     def lora_config(self) -> LoraConfig:
         """The adapter this run trains: every LoRA option, and the run's seed."""

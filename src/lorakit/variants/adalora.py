@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import register_variant
+from ..errors import ConfigError
 from ..layers.variant import Variant
 from ..safe_files.atomic import write_text_atomically
 from ..state import lora_layers
@@ -36,6 +37,27 @@ from .hooks import TrainingHooks
 
 log = logging.getLogger("lorakit.variants.adalora")
 SLOT = "lora_E"
+
+
+@dataclass
+class AdaLoraSchedule:
+    """The budget schedule and importance smoothing (names as in the paper and PEFT)."""
+
+    target_r: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.delta_t, bool) or not isinstance(self.delta_t, int) or self.delta_t <= 0:
+            raise ConfigError(f"adalora_delta_t must be a positive integer, got {self.delta_t!r}")
+        for name in ("tinit", "tfinal"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"adalora_{name} must be an integer >= 0, got {value!r}")
 
 
 class AdaLora(Variant):
@@ -83,21 +105,25 @@ class AdaLora(Variant):
             alpha_pattern=exact_pattern({p: (k**0.5 if config.use_rslora else k) for p, k in ranks.items()}, paths),
         )
 
+    training_options = AdaLoraSchedule
+    option_prefix = "adalora_"
+    option_keys = {"orth_reg_weight": "adalora_orth_reg"}  # the key older training configs have
+    option_help = {
+        "target_r": "AdaLoRA: average rank per module left at the end (r is the initial rank)",
+        "tinit": "AdaLoRA: steps at the full budget before pruning starts",
+        "tfinal": "AdaLoRA: steps at the final budget at the end of training",
+        "delta_t": "AdaLoRA: steps between two rank reallocations",
+        "beta1": "AdaLoRA: smoothing of the importance estimate",
+        "beta2": "AdaLoRA: smoothing of the importance's uncertainty",
+        "orth_reg_weight": "AdaLoRA: weight of the orthogonality regulariser on A and B",
+    }
+
+    def check_training_options(self, options: AdaLoraSchedule, config: Any) -> None:
+        if not (isinstance(options.target_r, int) and 0 < options.target_r <= config.r):
+            raise ConfigError(f"adalora_target_r must be between 1 and r={config.r}, got {options.target_r!r}")
+
     def trainer(self, model: nn.Module, name: str, run, total_steps: int) -> TrainingHooks:
-        return AdaLoraTraining(model, name, run.adalora_schedule(), total_steps)
-
-
-@dataclass
-class AdaLoraSchedule:
-    """The budget schedule and importance smoothing (names as in the paper and PEFT)."""
-
-    target_r: int = 8
-    tinit: int = 0
-    tfinal: int = 0
-    delta_t: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.1
+        return AdaLoraTraining(model, name, run.variant_options(self.name), total_steps)
 
 
 def budget(step: int, total_steps: int, initial: int, target: int, schedule: AdaLoraSchedule) -> int:
