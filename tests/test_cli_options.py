@@ -34,6 +34,30 @@ def test_comma_separated_targets_and_loraplus():
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.loraplus_ratio == 16.0
 
 
+def test_train_refuses_a_misspelt_target_beside_a_valid_one(tmp_path, monkeypatch, capsys):
+    """`--target-modules qproj,v_proj` used to train v_proj alone and exit 0: now a one-line error
+    with a hint, exit 2, before anything is written. Through the parser and the trainer's
+    add_adapter (the model and the data are stubbed)."""
+    from types import SimpleNamespace
+
+    import lorakit.models
+    from lorakit.cli.main import main
+    from lorakit.training import run as run_module
+
+    from .tiny import tiny_llama
+
+    model = tiny_llama()
+    monkeypatch.setattr(lorakit.models, "load_model", lambda *args, **kwargs: (model, None))
+    stats = SimpleNamespace(summary=lambda: "", n_truncated=0)
+    monkeypatch.setattr(run_module, "prepare_data", lambda cfg, tokenizer: SimpleNamespace(stats=stats))
+    out = tmp_path / "run"
+    argv = ["train", "--data", "d.jsonl", "--target-modules", "qproj,v_proj", "--output-dir", str(out)]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no module matched 'qproj' (did you mean 'q_proj'")
+    assert not out.exists() and lorakit.adapters(model) == []
+
+
 @pytest.mark.parametrize(
     "values,fragment",
     [

@@ -238,6 +238,54 @@ def test_no_match_suggests_close_names():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_every_listed_name_must_match_a_module():
+    """A typo beside a valid name is refused (PEFT only refuses a list where nothing matches), in
+    one line with a hint, and the model is left as it was; modules_to_save likewise."""
+    model = tiny_llama()
+    snap = snapshot(model)
+    for config, fragment in (
+        (LoraConfig(target_modules=["qproj", "v_proj"]), "'qproj' (did you mean 'q_proj'"),
+        (
+            LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head", "embed_tokns"]),
+            "did you mean 'embed_tokens'",
+        ),
+    ):
+        with pytest.raises(TargetError) as err:
+            lorakit.add_adapter(model, config)
+        message = str(err.value)
+        assert "no module matched" in message and fragment in message and "\n" not in message
+        assert_untouched(model, snap)
+        assert lorakit.adapters(model) == []
+
+
+def test_listed_names_that_filters_remove_are_not_typos(caplog):
+    """An entry whose modules layers_to_transform or exclude_modules then drop names something;
+    an exclude entry that names nothing excludes nothing: a warning with a hint, not an error."""
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]))
+    assert adapted_paths(model) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    model = tiny_llama()
+    with caplog.at_level("WARNING", logger="lorakit.targets"):
+        lorakit.add_adapter(model, LoraConfig(target_modules=["q_proj", "v_proj"], exclude_modules=["v_proj", "oproj"]))
+    assert adapted_paths(model) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert "'oproj' matches no module" in caplog.text and "did you mean 'o_proj'" in caplog.text
+
+
+def test_a_load_does_not_require_every_listed_target(tmp_path):
+    """PEFT files list target kinds generously (for several model families); the weights decide."""
+    import json
+
+    model = tiny_llama()
+    lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    lorakit.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "c_attn"]}))
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path)
+    assert adapted_paths(fresh) == adapted_paths(model)
+
+
 def test_unsupported_layer_named_explicitly():
     model = tiny_llama()
     snap = snapshot(model)

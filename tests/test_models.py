@@ -333,6 +333,34 @@ def test_gguf_file_is_converted_once_per_version(cache, monkeypatch, tmp_path):
     assert len(calls) == 2 and len(list((cache / "models").glob("gguf-my-*"))) == 2
 
 
+def test_the_recorded_base_is_the_models_identity_not_the_cache_folder():
+    """What adapters record as base_model_name_or_path: an alias's hub id, else what the user gave."""
+    assert loader_mod.model_identity("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for given in ("HuggingFaceTB/SmolLM2-360M", "./runs/merged", "~/models/my.gguf"):
+        assert loader_mod.model_identity(given) == given
+
+
+def test_a_loaded_model_goes_by_its_identity(cache, monkeypatch, tmp_path):
+    """The alias (converted into the cache) and a .gguf file are read from cache folders, which
+    transformers would name the model after; adapters on the loaded model record its identity."""
+    import lorakit
+
+    monkeypatch.setattr(gguf_mod, "fetch_wheel_gguf", lambda spec, work: work / spec.gguf_name)
+    monkeypatch.setattr(gguf_mod, "convert_gguf", fake_conversion([]))
+    model, _ = load_model("smollm2-135m", device="cpu")
+    assert model.config.name_or_path == model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.gguf").write_bytes(b"GGUF v1")
+    save_tiny_model(tmp_path / "base")
+    for given in ("my.gguf", "./base"):
+        model, _ = load_model(given, device="cpu")
+        assert model.config.name_or_path == model.name_or_path == given
+
+
 # --- fetching the wheel (pip replaced by a fake) ----------------------------------------------
 
 

@@ -268,6 +268,8 @@ def test_refusals_leave_the_model_alone():
     before = [type(m) for m in model.modules()]
     with pytest.raises(TargetError, match=r"no parameter matched .*experts\.up"):
         lorakit.add_adapter(model, LoraConfig(r=2, target_parameters=["experts.upp"]))
+    with pytest.raises(TargetError, match=r"no parameter matched 'experts\.upp' \(did you mean 'experts\.up'"):
+        lorakit.add_adapter(model, LoraConfig(r=2, target_parameters=["experts.gate", "experts.upp"]))
     with pytest.raises(TargetError, match="adapt it one way"):
         lorakit.add_adapter(model, LoraConfig(r=2, target_modules=["head"], target_parameters=["head.weight"]))
     assert [type(m) for m in model.modules()] == before and lorakit.adapters(model) == []

@@ -31,7 +31,15 @@ from .state import (
     require_adapters,
     saved_modules,
 )
-from .targets import find_parameter_targets, find_targets, matches, named_base_modules, nested_path, stacked_parameters
+from .targets import (
+    check_listed_names,
+    find_parameter_targets,
+    find_targets,
+    matches,
+    named_base_modules,
+    nested_path,
+    stacked_parameters,
+)
 
 log = logging.getLogger("lorakit.inject")
 
@@ -279,12 +287,16 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default", *, 
 
     The adapter's parameters are trainable, the base model's frozen (biases and
     ``modules_to_save`` as the config says). With ``activate`` (the default) the new adapter
-    becomes the only active one. Returns the same model object.
+    becomes the only active one. Every name listed in ``target_modules``, ``modules_to_save`` and
+    ``target_parameters`` must match something in the model (``targets.check_listed_names``).
+    Returns the same model object.
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
     if config.base_model_name_or_path is None:
         config = config.replace(base_model_name_or_path=_model_name(model))
+    check_new_name(model, name)
+    check_listed_names(model, config)
     commit(model, plan(model, config, name), trainable=True, activate=activate)
     _warn_about_frozen_experts(model, config)
     log.info("added adapter %r to %d modules", name, sum(1 for _, l in lora_layers(model) if name in l.lora_A))

@@ -7,11 +7,17 @@
   model's output head (``get_output_embeddings()``, or a module named ``lm_head``).
 ``exclude_modules`` removes matches in the same forms; ``layers_to_transform`` keeps only modules
 inside the given layer indices of the model's layer list (``model.layers.3...``, ``h.3...``).
+
+A new adapter's lists are checked name by name (``check_listed_names``): PEFT raises only when a
+whole list matches nothing, so a typo beside a valid name (``["qproj", "v_proj"]``) trained less than
+asked. Loads are not checked this way: PEFT files list target kinds generously, and their weights
+decide what is adapted.
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -25,6 +31,8 @@ from .layers import LoraLayer, ModulesToSave, is_conv1d, lora_class_for
 from .layers.parameter import LoraParameter
 
 _DEFAULT_LAYER_LISTS = ("layers", "h", "block", "blocks", "layer")
+
+log = logging.getLogger("lorakit.targets")
 
 
 def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -151,6 +159,71 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     if not chosen:
         raise TargetError(_no_match_message(model, config))
     return chosen
+
+
+def check_listed_names(model: nn.Module, config: LoraConfig) -> None:
+    """Refuse a new adapter whose ``target_modules``, ``modules_to_save`` or ``target_parameters``
+    list has an entry naming nothing in ``model``; warn about such ``exclude_modules`` entries.
+
+    An entry counts when it names a module (a parameter) at all, before ``exclude_modules`` and
+    ``layers_to_transform`` filter: an entry whose modules those remove is not a typo. An exclude
+    entry that names nothing excludes nothing, which is harmless and common (generic exclude lists
+    copied between models, as PEFT users do), so it gets a warning, as in PEFT, not an error.
+    """
+    modules = [name for name, _ in named_base_modules(model) if name]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
+    adaptable = _adaptable_leaf_names(model)
+    for field_name, names, candidates, kind in (
+        ("target_modules", config.target_modules, adaptable, "adaptable module names"),
+        ("modules_to_save", config.modules_to_save, leaves, "module names"),
+    ):
+        if isinstance(names, list):
+            missing = [e for e in names if not any(matches([e], n) for n in modules)]
+            if missing:
+                raise TargetError(_unmatched_message(field_name, names, missing, candidates, kind, "module"))
+    if config.target_parameters:
+        params = _parameter_names(model)
+        missing = [t for t in config.target_parameters if not any(p == t or p.endswith("." + t) for p in params)]
+        if missing:
+            short = sorted({".".join(p.split(".")[-2:]) for p in params})
+            stacks = stacked_parameters(model)
+            raise TargetError(
+                _unmatched_message("target_parameters", config.target_parameters, missing, short, None, "parameter")
+                + (f"; stacked parameters in this model: {', '.join(stacks)}" if stacks else "")
+            )
+    excludes = config.exclude_modules
+    for entry in [excludes] if isinstance(excludes, str) else excludes or []:
+        if not any(matches(excludes if isinstance(excludes, str) else [entry], n) for n in modules):
+            hint = _did_you_mean(entry, leaves) if isinstance(excludes, list) else ""
+            log.warning("exclude_modules entry %r matches no module of this model, so excludes nothing%s", entry, hint)
+
+
+def _parameter_names(model: nn.Module) -> list[str]:
+    """Full names of the model's own parameters, as before any adapter wrapped their modules
+    (tied weights under each of their names)."""
+    names = []
+    for key, _ in model.named_parameters(remove_duplicate=False):
+        if ".lora_" not in key and ".modules_to_save." not in key:
+            names.append(re.sub(r"\.(?:base_layer|original_module)(?=\.)", "", key))
+    return names
+
+
+def _did_you_mean(entry: str, candidates: list[str], parts: int = 1) -> str:
+    """`` (did you mean 'q_proj'?)`` for the candidates close to the entry's last ``parts`` name parts."""
+    close = difflib.get_close_matches(".".join(entry.split(".")[-parts:]), candidates, n=3)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _unmatched_message(
+    field_name: str, names: list[str], missing: list[str], candidates: list[str], kind: str | None, what: str
+) -> str:
+    parts = 2 if what == "parameter" else 1  # parameters are suggested as "<module>.<parameter>"
+    entries = ", ".join(f"{e!r}{_did_you_mean(e, candidates, parts)}" for e in missing)
+    listing = f"; {kind} in this model: {', '.join(candidates) or 'none'}" if kind else ""
+    return (
+        f"no {what} matched {entries} in {field_name}={names!r}; every listed name must match a {what} "
+        f"(fix or remove it){listing}"
+    )
 
 
 def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module, list[str]]]:

@@ -40,6 +40,9 @@ class WheelModel:
     """Fallback chat template, used only if the GGUF file has none."""
     model_max_length: int | None = None
     """Context length to give the tokenizer (GGUF tokenizers come back with no limit at all)."""
+    hub_id: str | None = None
+    """The Hugging Face hub id of the model the file was made from: the loaded model's name, which
+    adapters record as their base (``base_model_name_or_path``) for PEFT, vLLM and other machines."""
 
 
 ALIASES: dict[str, WheelModel] = {
@@ -52,6 +55,7 @@ ALIASES: dict[str, WheelModel] = {
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         chat_template=SMOLLM2_CHAT_TEMPLATE,
         model_max_length=8192,
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"

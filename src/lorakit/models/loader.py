@@ -65,6 +65,17 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, True
 
 
+def model_identity(name_or_path: str) -> str:
+    """The name a model loaded from ``name_or_path`` goes by (its ``config.name_or_path``, which
+    adapters record as ``base_model_name_or_path``): a built-in alias's hub id, else what the user
+    gave (hub id, directory or .gguf file), never the converted-model cache folder it was read from,
+    which exists on this machine only."""
+    spec = ALIASES.get(name_or_path)
+    if spec is not None:
+        return spec.hub_id or spec.alias
+    return name_or_path
+
+
 def _from_pretrained(source: str, auto: Any, local_only: bool, model_kwargs: dict[str, Any]):
     from transformers import AutoTokenizer
 
@@ -149,6 +160,8 @@ def load_model(
         except OSError as exc2:
             raise _not_found(name_or_path, f"not in the Hugging Face cache, and the hub says: {exc2}") from None
 
+    # transformers names the model after the folder it read (for an alias or a .gguf file, the cache).
+    model.config.name_or_path = model.name_or_path = model_identity(name_or_path)
     pad_or_eos_id(tokenizer, assign=True)  # from here on the tokenizer has a pad token (EOS if none)
     if getattr(model.config, "pad_token_id", None) is None:
         # Sequence classification finds each row's last real token through pad_token_id.
