@@ -113,6 +113,8 @@ class TrainConfig(_VariantOptions, _LoraOptions):
     # torch.compile the training steps' forward and backward (evaluation stays eager)
     compile: bool = False
     resume: bool = False
+    # replace the run already in output_dir (its adapter, metrics, plot and checkpoints)
+    overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -141,6 +143,10 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if not 0 <= self.valid_ratio < 1:
             raise ConfigError(f"valid_ratio must be in [0, 1), got {self.valid_ratio!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume continues the run in output_dir and overwrite replaces it: choose one (--resume or --overwrite)"
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in MIXED_PRECISION:
