@@ -422,3 +422,21 @@ def test_export_refuses_a_source_adapters_folder(setup, capsys):
     assert main(["export", "--model", str(base), "--adapter", str(source), "--out", str(source)]) == 2
     assert "is a source adapter's folder" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_every_exported_file_gets_a_new_files_permissions(setup, tmp_path, umask, expected):
+    """Issue 18: model.safetensors came out 0600 (safetensors writes privately) beside 0644 files."""
+    root, base = setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    old_umask = os.umask(umask)
+    try:
+        for out in (tmp_path / "new", empty):  # a new folder, and an empty one filled in place
+            assert main(["export", "--model", str(base), "--adapter", str(root / "a"), "--out", str(out)]) == 0
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+            assert "model.safetensors" in modes and "config.json" in modes
+            assert modes == dict.fromkeys(modes, expected), modes
+            assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    finally:
+        os.umask(old_umask)

@@ -148,3 +148,10 @@ def test_the_demo_replaces_its_own_earlier_output_but_no_other_folder(tmp_path, 
     with pytest.raises(Refused, match="holds files that are not an earlier demo's \\(thesis.tex\\)"):
         demo.run_demo(output_dir=str(mine), steps=1, n_test=2, out=io.StringIO())
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+def test_a_json_option_error_gives_the_column_an_editor_shows():
+    with pytest.raises(ConfigError, match=r"\(Expecting value at column 12\)"):  # the "}" (character 11 from 0)
+        TrainConfig.from_sources(None, data="d.jsonl", rank_pattern='{"q_proj": }')
+    with pytest.raises(ConfigError, match=r"\(Expecting value at line 2 column 11\)"):
+        TrainConfig.from_sources(None, data="d.jsonl", rank_pattern='{"v_proj": 2,\n"q_proj": }')

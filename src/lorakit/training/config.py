@@ -203,6 +203,11 @@ class TrainConfig(_VariantOptions, _LoraOptions):
 _LORA_TYPES = {f.name: str(f.type) for f in fields(LoraConfig)}
 
 
+def _position(exc: json.JSONDecodeError) -> str:
+    """Where a JSON error is, counted as editors count: column 1 is the first character."""
+    return f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno} column {exc.colno}"
+
+
 def _from_string(name: str, annotation: str, value: Any) -> Any:
     """The value of list or dict option ``name`` given as a string: comma-separated items, or a
     JSON object. A string stays one where the option also takes one (a regex in target_modules)."""
@@ -214,7 +219,7 @@ def _from_string(name: str, annotation: str, value: Any) -> Any:
             except json.JSONDecodeError as exc:
                 raise ConfigError(
                     f"{name} must be a JSON object such as '{{\"q_proj\": 4}}', got {value!r} "
-                    f"({exc.msg} at character {exc.pos})"
+                    f"({exc.msg} at {_position(exc)})"
                 ) from None
         if value is not None and not isinstance(value, dict):
             raise ConfigError(
