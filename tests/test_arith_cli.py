@@ -378,3 +378,65 @@ def test_an_export_reaches_the_disk_before_it_is_published(tmp_path, monkeypatch
     save_directory(out, write)
     assert published and all(published)
     assert (out / "shards" / "model-00001.safetensors").read_text() == "weights"
+
+
+@pytest.mark.parametrize("command", ["merge", "compress"])
+def test_merge_and_compress_refuse_a_folder_with_files(setup, tmp_path, capsys, command):
+    """Issue 18: merge and compress wrote into any --out, a source adapter's folder included."""
+    root, base = setup
+    source = root / "a"
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+
+    def run(out):
+        extra = ["--adapter", str(root / "b")] if command == "merge" else ["--rank", "2"]
+        return main([command, "--model", str(base), "--adapter", str(source), *extra, "--out", str(out)])
+
+    assert run(source) == 2  # the source adapter's own folder
+    err = capsys.readouterr().err
+    assert err == f"error: --out {source} is a source adapter's folder: choose a new folder for the result\n"
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert run(taken) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {taken} exists and is not an empty folder") and err.count("\n") == 1
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").read_text() == "mine"
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    assert run(a_file) == 2 and "not an empty folder" in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(empty) == 0 and (empty / "adapter_config.json").is_file()
+    assert run(tmp_path / "new" / "folder") == 0 and (tmp_path / "new" / "folder" / "adapter_config.json").is_file()
+
+
+def test_export_refuses_a_source_adapters_folder(setup, capsys):
+    root, base = setup
+    source = root / "a"
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    assert main(["export", "--model", str(base), "--adapter", str(source), "--out", str(source)]) == 2
+    assert "is a source adapter's folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_every_exported_file_gets_a_new_files_permissions(setup, tmp_path, umask, expected):
+    """Issue 18: model.safetensors came out 0600 (safetensors writes privately) beside 0644 files."""
+    root, base = setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    old_umask = os.umask(umask)
+    try:
+        for out in (tmp_path / "new", empty):  # a new folder, and an empty one filled in place
+            assert main(["export", "--model", str(base), "--adapter", str(root / "a"), "--out", str(out)]) == 0
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+            assert "model.safetensors" in modes and "config.json" in modes
+            assert modes == dict.fromkeys(modes, expected), modes
+            assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    finally:
+        os.umask(old_umask)

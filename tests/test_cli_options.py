@@ -104,3 +104,78 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
 def test_bad_numbers_are_reported_by_name(values):
     with pytest.raises(ConfigError, match=f"{next(iter(values))} must be a number >= 0"):
         TrainConfig(data="d.jsonl", **values)
+
+
+def test_overwrite_is_a_flag_and_a_config_key(tmp_path):
+    (tmp_path / "run.yaml").write_text("data: a.jsonl\noverwrite: true\n")
+    assert TrainConfig.from_sources(tmp_path / "run.yaml").overwrite is True
+    args = parse_train("--config", str(tmp_path / "run.yaml"), "--no-overwrite")
+    assert TrainConfig.from_sources(args.config, **train_overrides(args)).overwrite is False
+    with pytest.raises(ConfigError, match="choose one"):
+        TrainConfig.from_sources(None, data="a.jsonl", resume=True, overwrite=True)
+
+
+def test_train_into_an_earlier_run_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """Issue 18: `train --output-dir` at an existing run silently replaced it."""
+    from lorakit.cli.main import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr("lorakit.models.load_model", no_loading)
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert main(["train", "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: output_dir {run} is not empty (an earlier run?): continue that run with --resume, "
+        "replace it with --overwrite, or choose another --output-dir\n"
+    )
+    assert main(["train", "--data", "d.jsonl", "--output-dir", str(run), "--resume"]) == 2
+    assert "finished and left no checkpoint" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+def _tiny_model_and_tokenizer(*args, **kwargs):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny import tiny_llama
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "<eos>": 1, "{": 2, "}": 3}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
+    return tiny_llama(), tokenizer
+
+
+def test_the_demo_replaces_its_own_earlier_output_but_no_other_folder(tmp_path, monkeypatch):
+    """`make demo` twice trains into the same folder: the second replaces the first; a folder with
+    anything else in it is refused before anything is written."""
+    import io
+
+    from lorakit.cli import demo
+    from lorakit.errors import ConfigError as Refused
+
+    monkeypatch.setattr("lorakit.models.load_model", _tiny_model_and_tokenizer)
+    monkeypatch.setattr(demo, "DEMO_TRAIN", 16)
+    root = tmp_path / "demo"
+    for _ in range(2):
+        assert demo.run_demo(output_dir=str(root), steps=1, n_test=2, out=io.StringIO()) == 0
+        assert (root / "adapter" / "adapter_model.safetensors").is_file() and (root / "loss.png").is_file()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    with pytest.raises(Refused, match="holds files that are not an earlier demo's \\(thesis.tex\\)"):
+        demo.run_demo(output_dir=str(mine), steps=1, n_test=2, out=io.StringIO())
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+def test_a_json_option_error_gives_the_column_an_editor_shows():
+    with pytest.raises(ConfigError, match=r"\(Expecting value at column 12\)"):  # the "}" (character 11 from 0)
+        TrainConfig.from_sources(None, data="d.jsonl", rank_pattern='{"q_proj": }')
+    with pytest.raises(ConfigError, match=r"\(Expecting value at line 2 column 11\)"):
+        TrainConfig.from_sources(None, data="d.jsonl", rank_pattern='{"v_proj": 2,\n"q_proj": }')

@@ -190,6 +190,41 @@ def test_bad_data_names_file_and_line(tmp_path, bad, expected):
     assert isinstance(info.value, LorakitError) and isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    "name, content, where",
+    [
+        # a line cut short: the error is at its end, not at "column 1" (of the next line)
+        (
+            "cut.jsonl",
+            '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b"\n',
+            "line 2: .* at column 34",
+        ),
+        (
+            "cut.json",
+            '{"prompt": "a", "completion": "b"}\r\n{"prompt": "a", "completion": \r\n',
+            "line 2: .* at column 31",
+        ),
+        ("gap.jsonl", '{"prompt": "a", "completion": }\n', "line 1: invalid JSON \\(Expecting value at column 31\\)"),
+        # one pretty-printed object: where the document is wrong, not each of its lines
+        (
+            "pretty.json",
+            '{\n  "prompt": "a",\n  "completion": \n}\n',
+            "(?s)1 problem.*line 4: invalid JSON .* at column 1\\)",
+        ),
+        (
+            "list.json",
+            '[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a" "completion": "b"}\n]\n',
+            "line 3: .* at column 18",
+        ),
+    ],
+)
+def test_json_errors_give_the_line_and_column_an_editor_shows(tmp_path, name, content, where):
+    path = tmp_path / name
+    path.write_bytes(content.encode())
+    with pytest.raises(DataError, match=where):
+        read_records(path)
+
+
 def test_many_problems_are_reported_together(tmp_path):
     path = _write(tmp_path, "bad.jsonl", [{"prompt": "p", "completion": 1}] * 8)
     with pytest.raises(DataError, match=r"8 problems.*first 5") as info:

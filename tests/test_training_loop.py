@@ -243,12 +243,81 @@ def test_latest_checkpoint_skips_a_cut_off_save(tmp_path):
     assert latest_checkpoint(tmp_path / "none") is None
 
 
-def test_a_fresh_run_drops_an_earlier_runs_checkpoints(tmp_path):
+def test_an_overwriting_run_drops_an_earlier_runs_checkpoints(tmp_path):
     """Otherwise a later --resume in the same directory would continue the earlier run."""
     cfg = dict(data="x", lr=1e-2, batch_size=4, device="cpu", save_every=2)
     run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=4), examples(), collate, tmp_path, progress=False)
-    run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=2), examples(), collate, tmp_path, progress=False)
+    run_loop(
+        adapted_model(),
+        None,
+        TrainConfig(**cfg, max_steps=2, overwrite=True),
+        examples(),
+        collate,
+        tmp_path,
+        progress=False,
+    )
     assert latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step-0000002"
+
+
+def test_a_fresh_run_keeps_an_earlier_runs_checkpoints_and_says_what_to_do(tmp_path):
+    """Issue 18: neither resume nor overwrite: the earlier run's checkpoints are not deleted."""
+    cfg = dict(data="x", lr=1e-2, batch_size=4, device="cpu", save_every=2)
+    run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=4), examples(), collate, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="earlier run's checkpoints: continue it with --resume, replace it with"):
+        run_loop(adapted_model(), None, TrainConfig(**cfg, max_steps=2), examples(), collate, tmp_path, progress=False)
+    assert latest_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "step-0000004"
+
+
+def _folder(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_train_refuses_an_earlier_runs_folder_unless_told_to_resume_or_overwrite(tmp_path, monkeypatch):
+    """Issue 18: train() into an existing run silently replaced its adapter, metrics and plot."""
+    fake_data(monkeypatch)
+    out = tmp_path / "run"
+
+    def run(**own):
+        options = dict(data="x", output_dir=str(out), device="cpu", max_steps=2, batch_size=4, lr=1e-2)
+        return lorakit.train(loaded=(tiny_llama(), None), **{**options, **own})
+
+    run()  # an absent folder is fine
+    first = _folder(out)
+    assert {"adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png", "result.json"} <= set(first)
+    with pytest.raises(ConfigError, match=f"output_dir {out} is not empty .*--resume.*--overwrite"):
+        run(lr=5e-2)
+    # --resume in a finished run without checkpoints would start afresh and replace its adapter
+    with pytest.raises(ConfigError, match="finished and left no checkpoint to continue from: replace it with"):
+        run(resume=True)
+    with pytest.raises(ConfigError, match="choose one"):
+        run(resume=True, overwrite=True)
+    assert _folder(out) == first
+
+    (out / "eval_predictions.jsonl").write_text("an earlier run's predictions\n")
+    (out / "notes.txt").write_text("mine\n")
+    run(overwrite=True, lr=5e-2)
+    replaced = _folder(out)
+    assert replaced["adapter/adapter_model.safetensors"] != first["adapter/adapter_model.safetensors"]
+    assert "eval_predictions.jsonl" not in replaced  # the new run has no validation data: none of the old's left
+    assert replaced["notes.txt"] == b"mine\n"  # overwrite replaces the run, not the user's other files
+    assert "overwrite: true" in replaced["train_config.yaml"].decode()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(output_dir=str(empty)).steps == 2  # an empty folder is fine
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        run(output_dir=str(tmp_path / "a-file"))
+
+
+def test_resume_continues_an_earlier_run_in_its_folder(tmp_path, monkeypatch):
+    fake_data(monkeypatch)
+    options = dict(data="x", output_dir=str(tmp_path), device="cpu", batch_size=4, lr=1e-2, save_every=1)
+    lorakit.train(loaded=(tiny_llama(), None), max_steps=2, **options)
+    resumed = lorakit.train(loaded=(tiny_llama(), None), max_steps=3, resume=True, **options)
+    assert resumed.steps == 3
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]
 
 
 def test_keep_checkpoints_keeps_the_newest_and_resume_uses_them(tmp_path):
@@ -320,11 +389,11 @@ def test_runs_in_one_process_each_get_their_own_mixed_precision(tmp_path, monkey
         return real_run_loop(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "run_loop", recording)
-    for precision in ("no", "bf16", "no"):
+    for i, precision in enumerate(("no", "bf16", "no")):
         result = lorakit.train(
             loaded=(tiny_llama(), None),
             data="x",
-            output_dir=str(tmp_path / precision),
+            output_dir=str(tmp_path / f"{i}-{precision}"),
             max_steps=1,
             batch_size=4,
             mixed_precision=precision,
@@ -353,6 +422,9 @@ def test_a_launched_process_loads_onto_its_own_gpu_after_the_main_process(tmp_pa
             events.append("main process first")
             yield
             events.append("others")
+
+        def wait_for_everyone(self):
+            pass
 
     def load_model(name, dtype, device, gradient_checkpointing):
         events.append(f"load onto {device}")

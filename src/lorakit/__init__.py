@@ -1,7 +1,8 @@
 """lorakit: LoRA fine-tuning for any PyTorch model.
 
 Inject low-rank adapters into a model in place, train them, save them in PEFT's file layout,
-merge, combine and serve them. The public API (DESIGN.md §3):
+merge, combine and export them. The public API (README.md, "API"; the code's layout in
+docs/architecture.md):
 
     LoraConfig, add_adapter, load_adapter, save_adapter, set_adapter, adapters, delete_adapter,
     disable_adapters, adapter_batch, merge, unmerge, unload, trainable_parameters, summary
@@ -21,6 +22,7 @@ from .errors import (
     AdapterStateError,
     ConfigError,
     DataError,
+    GenerationError,
     LorakitError,
     ModelNotFoundError,
     TargetError,
@@ -71,6 +73,7 @@ __all__ = [
     "AdapterFileError",
     "ModelNotFoundError",
     "DataError",
+    "GenerationError",
     "train",
     "TrainConfig",
     "truncate",

@@ -39,3 +39,7 @@ class ModelNotFoundError(LorakitError, FileNotFoundError):
 
 class DataError(LorakitError, ValueError):
     """Training or evaluation data is malformed (the message names file and line)."""
+
+
+class GenerationError(LorakitError, RuntimeError):
+    """Text generation failed while it ran (in the streaming thread, say)."""

@@ -9,6 +9,30 @@ from torch import nn
 
 from .data.render import Renderer
 from .data.stop_tokens import stop_token_ids
+from .errors import ConfigError, GenerationError
+
+
+def check_generation_settings(
+    max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, flags: bool = False
+) -> None:
+    """Raise :class:`ConfigError` for settings transformers would reject (or that mean nothing),
+    before any model is loaded or thread started. ``flags=True`` names them as the CLI's flags."""
+
+    def name(field: str) -> str:
+        return "--" + field.replace("_", "-") if flags else field
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"{name('max_new_tokens')} must be a whole number of at least 1, got {max_new_tokens!r}")
+    if not temperature >= 0:  # NaN included
+        raise ConfigError(f"{name('temperature')} must not be negative, got {temperature!r}")
+    if do_sample and temperature == 0:
+        sample = "--sample" if flags else "do_sample=True"
+        raise ConfigError(
+            f"{name('temperature')} 0 cannot be sampled with: give a positive temperature, or leave out {sample} "
+            "for greedy decoding"
+        )
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
 
 
 @torch.no_grad()
@@ -27,6 +51,7 @@ def generate_batch(
     Prompts are left-padded so every row's answer starts at the same position; generation stops
     at EOS (or the chat end-of-turn token) per row.
     """
+    check_generation_settings(max_new_tokens, do_sample, temperature, top_p)
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -70,11 +95,16 @@ def stream_generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
 ) -> Iterator[str]:
-    """Yield the answer's text piece by piece as tokens are generated (for terminals)."""
+    """Yield the answer's text piece by piece as tokens are generated (for terminals).
+
+    Generation runs in a background thread; whatever fails there (a setting transformers rejects,
+    running out of memory) ends the stream and is raised here, as :class:`GenerationError` (a
+    rejected setting as :class:`ConfigError`), instead of leaving the caller waiting for tokens."""
     from threading import Thread
 
     from transformers import TextIteratorStreamer
 
+    check_generation_settings(max_new_tokens, do_sample, temperature, top_p)
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -88,8 +118,23 @@ def stream_generate(
     )
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.generate(**kwargs)
+        except BaseException as exc:  # every failure goes to the caller's thread
+            failure.append(exc)
+            streamer.on_finalized_text("", stream_end=True)  # wakes the reader: the stream is over
+
     model.eval()
-    thread = Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    thread = Thread(target=run, daemon=True)
     thread.start()
     yield from streamer
     thread.join()
+    if failure:
+        exc = failure[0]
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, ValueError):  # transformers' word for a setting it does not accept
+            raise ConfigError(f"generation setting rejected: {detail}") from exc
+        raise GenerationError(f"generation failed: {type(exc).__name__}: {detail}") from exc

@@ -100,9 +100,22 @@ def _load_sources(args: argparse.Namespace, dtype: str | None = None):
     return load_with_adapters(args.model, args.adapter, args.device, dtype or args.dtype, activate=False)
 
 
+def _require_new_out(args: argparse.Namespace) -> None:
+    """Refuse an --out that holds files (a source adapter's folder above all), before the loading:
+    a command never writes over a folder the user has."""
+    from ..errors import ConfigError
+
+    out = Path(args.out)
+    sources = args.adapter if isinstance(args.adapter, list) else [args.adapter]
+    if any(out.resolve() == Path(source).resolve() for source in sources):
+        raise ConfigError(f"--out {out} is a source adapter's folder: choose a new folder for the result")
+    require_new_directory(out)
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .. import combine, save_adapter
 
+    _require_new_out(args)
     model, _, names = _load_sources(args)
     report = combine(model, names, args.weights, args.method, "combined", **_method_options(args))
     return _print_report(report, save_adapter(model, args.out, "combined"), args.json)
@@ -121,7 +134,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .. import combine, set_adapter, unload
     from ..models import resolve_device, resolve_dtype
 
-    require_new_directory(Path(args.out))  # before the minutes of loading and merging
+    _require_new_out(args)  # before the minutes of loading and merging
     target = resolve_dtype(args.dtype, resolve_device(args.device))
     # Base and adapters in float32, merged, then cast once: a bf16 export gets one rounding of
     # W0 + ΔW, not a rounding of W0, of the adapter's factors and of the sum.
@@ -146,6 +159,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .. import compress, load_adapter, save_adapter
     from ..models import load_model
 
+    _require_new_out(args)
     model, _ = load_model(args.model, device=args.device)
     name = load_adapter(model, args.adapter, name="adapter")
     report = compress(model, name, args.rank)

@@ -119,9 +119,14 @@ def _eval_per_rank(args: argparse.Namespace, model, names: list[str], examples, 
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
+    """The generation settings of ``generate``/``chat``, checked (before any model is loaded)."""
+    from ..generate import check_generation_settings
+
+    kwargs = dict(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p
     )
+    check_generation_settings(**kwargs, flags=True)
+    return kwargs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -129,10 +134,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from ..generate import render_prompt, stream_generate
 
+    settings = _generation_kwargs(args)
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
     prompt = args.prompt if args.raw else render_prompt(tokenizer, args.prompt)
-    for piece in stream_generate(model, tokenizer, prompt, **_generation_kwargs(args)):
+    for piece in stream_generate(model, tokenizer, prompt, **settings):
         print(piece, end="", flush=True)
     print()
     return 0
@@ -143,6 +149,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     from ..generate import stream_generate
 
+    settings = _generation_kwargs(args)
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
     from ..data.render import Renderer
@@ -167,7 +174,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         prompt = renderer.conversation_prompt(history)
         print("model> ", end="", flush=True)
         answer = []
-        for piece in stream_generate(model, tokenizer, prompt, **_generation_kwargs(args)):
+        for piece in stream_generate(model, tokenizer, prompt, **settings):
             answer.append(piece)
             print(piece, end="", flush=True)
         print()

@@ -51,6 +51,7 @@ def run_demo(
     n_test = n_test or DEMO_TEST
     started = time.perf_counter()
 
+    _check_demo_folder(root)  # a folder of the user's is never written into
     say("lorakit demo: teach a 135M-parameter model to extract booking details as JSON\n")
     paths = write_demo_dataset(root / "data", n_train=DEMO_TRAIN, n_test=n_test, seed=0)
     train_file, test_file = Path(paths["train"]), Path(paths["test"])
@@ -84,6 +85,7 @@ def run_demo(
         valid_data=str(test_file),
         output_dir=str(root),
         max_steps=steps,
+        overwrite=True,  # the folder is the demo's own (checked above): a new demo replaces the last one
         **DEMO_TRAINING,
     )
     after = result.final_eval
@@ -107,6 +109,25 @@ def run_demo(
     )
     say(f"      or: lorakit chat --adapter {result.adapter_dir}")
     return 0
+
+
+def _check_demo_folder(root: Path) -> None:
+    """The demo writes into a new or empty folder, or over an earlier demo's (which it replaces);
+    a folder with anything else in it is refused before anything is written."""
+    from ..errors import ConfigError
+    from ..training.run import EARLIER_OUTPUTS
+
+    # What a demo writes in its folder: its dataset, then a training run's outputs.
+    demo_outputs = {"data", "train_config.yaml", "metrics.jsonl", "checkpoints", *EARLIER_OUTPUTS}
+
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--output-dir {root} is a file, not a folder: choose another --output-dir")
+    others = sorted(p.name for p in root.iterdir() if p.name not in demo_outputs) if root.is_dir() else []
+    if others:
+        raise ConfigError(
+            f"--output-dir {root} holds files that are not an earlier demo's ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}): choose a new or empty folder"
+        )
 
 
 def _one_line(text: str, width: int = 150) -> str:

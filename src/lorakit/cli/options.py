@@ -46,6 +46,7 @@ HELP = {
     "save_every": "checkpoint every N steps (0: only on Ctrl-C)",
     "keep_checkpoints": "keep only the newest N checkpoints (0: keep all)",
     "resume": "continue from the latest checkpoint in output_dir",
+    "overwrite": "replace the run already in output_dir (its adapter, metrics, plot and checkpoints)",
     "mixed_precision": "no | bf16 | fp16 (GPU)",
     "dtype": "model weights dtype: auto | float32 | bfloat16 | float16",
     "init": "default | gaussian | pissa | pissa_niter_<N> (PiSSA by a randomized SVD: fast on large models) | olora",
@@ -61,7 +62,7 @@ VARIANT_HELP = {
 }
 # How --help groups the flags; a field in no group is listed under "other options".
 GROUPS = {
-    "data and model": ("data", "valid_data", "valid_ratio", "model", "output_dir"),
+    "data and model": ("data", "valid_data", "valid_ratio", "model", "output_dir", "overwrite"),
     "LoRA adapter (LoraConfig)": LORA_OPTIONS,
     **{
         f"{VARIANTS[name].title} options (--variant {name})": tuple(keys.values())

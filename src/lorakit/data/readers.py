@@ -96,7 +96,9 @@ def _jsonl_rows(path: Path, problems: Problems) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield f"line {number}", json.loads(line)
+                # Without its line break: a line cut short would be reported at "column 1" of the
+                # next line, not where it ends.
+                yield f"line {number}", json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 problems.add(f"line {number}", f"invalid JSON ({e.msg} at column {e.colno})")
 
@@ -107,14 +109,24 @@ def _json_rows(path: Path, problems: Problems) -> Iterator[tuple[str, Any]]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):
-            problems.add(f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
-        else:
+        if _first_line_is_json(text):
             yield from _jsonl_rows(path, problems)  # many ".json" files are really JSONL
+        else:  # one document (a list, a pretty-printed object): the error is where the document says
+            problems.add(f"line {e.lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
         return
     items = value if isinstance(value, list) else [value]
     for i, item in enumerate(items, start=1):
         yield f"item {i}", item
+
+
+def _first_line_is_json(text: str) -> bool:
+    """Whether the first non-blank line of ``text`` is a JSON value of its own (JSONL content)."""
+    line = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _csv_rows(path: Path, problems: Problems, delimiter: str) -> Iterator[tuple[str, Any]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def save_directory(out: Path, write) -> Path:
     os.mkdir(tmp)  # FileExistsError on a clash of random names: someone else's folder, left alone
     try:
         write(tmp)
+        share_like_new_files(tmp)
         fsync_tree(tmp)  # the files on disk before the rename that publishes them
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -60,6 +62,7 @@ def fill_empty_directory(out: Path, write) -> Path:
     moved: list[Path] = []
     try:
         write(tmp)
+        share_like_new_files(tmp)
         fsync_tree(tmp)
         for entry in sorted(tmp.iterdir()):
             moved.append(out / entry.name)  # before the rename: an interrupt in between must undo it too
@@ -70,6 +73,24 @@ def fill_empty_directory(out: Path, write) -> Path:
     except BaseException:
         shielded(lambda: _empty_again(moved, tmp))
         raise
+
+
+def share_like_new_files(root: Path) -> None:
+    """Give every file under ``root`` the permission bits of a new file (0666 less the umask: 0644
+    with the usual 022). safetensors writes each file privately (0600) and renames it into place,
+    so an exported model.safetensors would be the one file of the export others cannot read."""
+    probe = root / f".mode.{secrets.token_hex(6)}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what the umask leaves of 0666, as for any new file
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
 
 
 def _empty_again(moved: list[Path], tmp: Path) -> None:

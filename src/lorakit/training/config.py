@@ -113,6 +113,8 @@ class TrainConfig(_VariantOptions, _LoraOptions):
     # torch.compile the training steps' forward and backward (evaluation stays eager)
     compile: bool = False
     resume: bool = False
+    # replace the run already in output_dir (its adapter, metrics, plot and checkpoints)
+    overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -141,6 +143,10 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if not 0 <= self.valid_ratio < 1:
             raise ConfigError(f"valid_ratio must be in [0, 1), got {self.valid_ratio!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "resume continues the run in output_dir and overwrite replaces it: choose one (--resume or --overwrite)"
+            )
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -197,6 +203,11 @@ class TrainConfig(_VariantOptions, _LoraOptions):
 _LORA_TYPES = {f.name: str(f.type) for f in fields(LoraConfig)}
 
 
+def _position(exc: json.JSONDecodeError) -> str:
+    """Where a JSON error is, counted as editors count: column 1 is the first character."""
+    return f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno} column {exc.colno}"
+
+
 def _from_string(name: str, annotation: str, value: Any) -> Any:
     """The value of list or dict option ``name`` given as a string: comma-separated items, or a
     JSON object. A string stays one where the option also takes one (a regex in target_modules)."""
@@ -208,7 +219,7 @@ def _from_string(name: str, annotation: str, value: Any) -> Any:
             except json.JSONDecodeError as exc:
                 raise ConfigError(
                     f"{name} must be a JSON object such as '{{\"q_proj\": 4}}', got {value!r} "
-                    f"({exc.msg} at character {exc.pos})"
+                    f"({exc.msg} at {_position(exc)})"
                 ) from None
         if value is not None and not isinstance(value, dict):
             raise ConfigError(

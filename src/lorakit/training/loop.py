@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..safe_files.atomic import write_text_atomically
 from ..state import adapter_configs
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
@@ -120,11 +121,17 @@ def run_loop(
                 if hook.checkpoint_key is not None:
                     hook.load_state_dict(extra[hook.checkpoint_key][hook.name])
             log.info("resumed from %s at step %d", found, position.step)
-    elif accelerator.is_main_process and ckpt_dir.is_dir():
-        # A fresh run replaces an earlier run's metrics and adapter in this directory; its
-        # checkpoints must go too, or a later --resume would continue the earlier run.
-        log.warning("removing the checkpoints of an earlier run in %s (not --resume)", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
+    elif cfg.overwrite:
+        if accelerator.is_main_process and ckpt_dir.is_dir():
+            # The run replaces an earlier one in this directory; its checkpoints must go too, or a
+            # later --resume would continue the earlier run.
+            log.info("overwrite: removing the checkpoints of the earlier run in %s", ckpt_dir)
+            shutil.rmtree(ckpt_dir)
+    elif ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        raise ConfigError(
+            f"{ckpt_dir} holds an earlier run's checkpoints: continue it with --resume, "
+            "replace it with --overwrite, or choose another --output-dir"
+        )
     metrics = (
         MetricsLog(out_dir / "metrics.jsonl", position.step if cfg.resume else None)
         if accelerator.is_main_process

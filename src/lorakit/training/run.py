@@ -2,13 +2,15 @@
 
 Outputs in ``output_dir``: ``adapter/`` (PEFT layout), ``train_config.yaml`` (the run's full
 config), ``metrics.jsonl``, ``loss.png``, ``checkpoints/step-N/``, ``result.json`` and, when the
-validation data has references, ``eval_predictions.jsonl``.
+validation data has references, ``eval_predictions.jsonl``. An ``output_dir`` with files in it
+(an earlier run) is refused unless ``resume`` (continue it) or ``overwrite`` (replace it) is set.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,7 @@ def train(
     cfg = with_launch_precision(cfg)  # what the run's config file then records
     if not cfg.data:
         raise ConfigError("no training data: set data (--data FILE.jsonl)")
+    check_output_dir(cfg)  # before the minutes of loading: an earlier run is never replaced unasked
     device = parse_device(resolve_device(cfg.device))
     require_device(str(device))  # a clear error before accelerate meets a missing GPU
     model_device = _device_type(loaded[0]) if loaded is not None else device.type
@@ -119,8 +122,11 @@ def train(
         set_fast_path(model, cfg.fast_path)
         log.info("%s", summary(model))
         out_dir = Path(cfg.output_dir)
+        accelerator.wait_for_everyone()  # under DDP: every process checked output_dir before one writes
         out_dir.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:  # under DDP every process gets here; one writes
+            if cfg.overwrite:
+                _remove_earlier_outputs(out_dir)
             _write_config(cfg, out_dir / "train_config.yaml")
         loop = run_loop(
             model,
@@ -161,6 +167,46 @@ def train(
         loop.main_process,
         loop.notes,
     )
+
+
+# What a run writes in output_dir beside train_config.yaml and metrics.jsonl (always rewritten) and
+# checkpoints/ (the loop's): an overwriting run removes them first, so that none of the earlier
+# run's is left beside the new run's files (an interrupted run writes no adapter, a run without
+# validation data no predictions).
+EARLIER_OUTPUTS = ("adapter", "result.json", "eval_predictions.jsonl", "loss.png")
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse an ``output_dir`` with files in it (an earlier run, most likely) unless ``resume``
+    (continue that run) or ``overwrite`` (replace it) says what to do; an absent or empty folder
+    is fine. ``resume`` in a finished run that left no checkpoint would start afresh and replace
+    the run's adapter: refused too."""
+    from .checkpoint import latest_checkpoint
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder: choose another --output-dir")
+    if not out.is_dir() or not any(out.iterdir()) or cfg.overwrite:
+        return
+    if not cfg.resume:
+        raise ConfigError(
+            f"output_dir {out} is not empty (an earlier run?): continue that run with --resume, "
+            "replace it with --overwrite, or choose another --output-dir"
+        )
+    if latest_checkpoint(out / "checkpoints") is None and (out / "adapter").exists():
+        raise ConfigError(
+            f"--resume: the run in {out} is finished and left no checkpoint to continue from: "
+            "replace it with --overwrite, or choose another --output-dir"
+        )
+
+
+def _remove_earlier_outputs(out_dir: Path) -> None:
+    from ..safe_files.atomic import discard
+
+    for name in EARLIER_OUTPUTS:
+        if os.path.lexists(out_dir / name):
+            log.info("overwrite: removing %s of the earlier run", out_dir / name)
+            discard(out_dir / name)
 
 
 def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
