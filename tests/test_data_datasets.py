@@ -273,3 +273,35 @@ def test_missing_name_or_folder(tmp_path, monkeypatch):
         read_records(tmp_path / "folder")
     with pytest.raises(DataError, match="data file not found"):
         read_records(tmp_path / "missing.jsonl")
+
+
+# -- the command line -------------------------------------------------------------------------------------
+
+
+def test_lorakit_train_on_a_saved_dataset_dict(tmp_path, monkeypatch, capsys, chat_tok):
+    """``lorakit train --data FOLDER --data-split ... --data-columns ...`` end to end (a tiny model)."""
+    import yaml
+
+    import lorakit.models
+    from lorakit.cli.main import main
+
+    from .tiny import tiny_llama
+
+    monkeypatch.setattr(lorakit.models, "load_model", lambda *a, **k: (tiny_llama(vocab=len(chat_tok)), chat_tok))
+    saved = _saved(tmp_path / "qa", {"train": QA, "test": QA[:1]})
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(saved), "--valid-data", str(saved), "--output-dir", str(out), "--device", "cpu"]
+    argv += ["--max-steps", "1", "--batch-size", "2", "--max-new-tokens", "2"]
+    capsys.readouterr()  # save_to_disk's progress bars
+    assert main([*argv, "--data-split", "validation"]) == 2  # refused before anything is written
+    assert capsys.readouterr().err == (
+        f"error: {saved}: no split 'validation'; its splits are 'train', 'test' (choose one with --data-split)\n"
+    )
+    assert not out.exists()
+    assert main([*argv, "--data-columns", "prompt=question,completion=answer"]) == 0
+    assert json.loads((out / "result.json").read_text())["steps"] == 1
+    recorded = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert recorded["data_columns"] == "prompt=question,completion=answer" and recorded["valid_split"] is None
+    assert (
+        len((out / "eval_predictions.jsonl").read_text().splitlines()) == 1
+    )  # the test split, as there is no validation
