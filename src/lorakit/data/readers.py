@@ -228,7 +228,8 @@ def _csv_rows(path: Path, problems: Problems, delimiter: str, columns: dict[str,
         reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames or []
         if header and detect_kind(_renamed(dict.fromkeys(header), columns)) is None:
-            problems.add("line 1", f"header has columns {', '.join(map(repr, header))}; expected {EXPECTED}")
+            names = ", ".join(map(repr, header))
+            problems.add("line 1", f"header has columns {names}; expected {EXPECTED} (or use --data-columns)")
             return
         for row in reader:
             where = f"line {reader.line_num}"  # the row's last physical line (quoted cells may span lines)
