@@ -16,7 +16,11 @@ from ..config import VARIANTS, variant_names
 from ..training.config import LORA_OPTIONS, VARIANT_OPTIONS, TrainConfig
 
 HELP = {
-    "data": "training data: JSONL (prompt/completion, chat messages, or text), CSV or Parquet",
+    "data": "training data: JSONL (prompt/completion, chat messages, text, alpaca or ShareGPT), CSV, Parquet, "
+    "a datasets folder (save_to_disk) or a dataset name in the local Hugging Face cache (never downloaded)",
+    "data_split": "split of a DatasetDict in --data (default: train)",
+    "valid_split": "split of a DatasetDict in --valid-data (default: validation, else test)",
+    "data_columns": "record fields from the data's columns, e.g. prompt=question,completion=answer",
     "model": "base model: built-in alias, local directory, .gguf file or hub id (offline: must be cached)",
     "r": "rank of the update",
     "alpha": "scaling numerator: s = alpha / r (alpha / sqrt(r) with --use-rslora)",
@@ -35,7 +39,7 @@ HELP = {
     "projection_prng_key": "VeRA: seed of the shared random projection pair",
     "save_projection": "VeRA: write the shared projection pair into the adapter file",
     "d_initial": "VeRA: initial value of the scaling vector d",
-    "valid_data": "validation file (else --valid-ratio of the training data)",
+    "valid_data": "validation data, in any form --data takes (else --valid-ratio of the training data)",
     "valid_ratio": "fraction of the training data held out for validation",
     "output_dir": "where the adapter, metrics.jsonl, loss.png and checkpoints go",
     "target_modules": "comma-separated module names, a regex, all-linear, or none (parameters only)",
@@ -62,7 +66,17 @@ VARIANT_HELP = {
 }
 # How --help groups the flags; a field in no group is listed under "other options".
 GROUPS = {
-    "data and model": ("data", "valid_data", "valid_ratio", "model", "output_dir", "overwrite"),
+    "data and model": (
+        "data",
+        "valid_data",
+        "valid_ratio",
+        "data_split",
+        "valid_split",
+        "data_columns",
+        "model",
+        "output_dir",
+        "overwrite",
+    ),
     "LoRA adapter (LoraConfig)": LORA_OPTIONS,
     **{
         f"{VARIANTS[name].title} options (--variant {name})": tuple(keys.values())

@@ -1,4 +1,5 @@
-"""`read_records`: load a JSONL / JSON / CSV / Parquet file into validated `Record`s.
+"""`read_records`: load a JSONL / JSON / CSV / Parquet file, or a Hugging Face dataset (a
+``save_to_disk`` folder or a name in the local cache), into validated `Record`s.
 
 Every row is checked before anything is returned; all problems of the file are reported
 together (the first few spelled out with file and line, the rest counted) as one
@@ -16,56 +17,149 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .records import Problems, Record, detect_kind, parse_row
+from .hf_datasets import dataset_rows, is_saved_dataset, looks_like_dataset_name
+from .records import EXPECTED, FIELDS, Problems, Record, detect_kind, parse_row
 
 log = logging.getLogger("lorakit.data.readers")
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
-def read_records(path: str | Path) -> list[Record]:
+def read_records(
+    path: str | Path,
+    *,
+    split: str | None = None,
+    columns: dict[str, str] | None = None,
+    default_split: str | tuple[str, ...] = "train",
+    split_flag: str = "--data-split",
+) -> list[Record]:
     """All records of ``path``, validated; raises DataError naming file and line of each problem.
 
     The format follows the suffix: ``.jsonl`` (one object per line; blank lines are skipped),
     ``.json`` (a list of objects, one object, or JSONL content), ``.csv`` / ``.tsv`` (columns ``prompt`` and
-    ``completion``, or ``text``, or ``messages`` holding a JSON list), ``.parquet`` (needs
-    ``pyarrow`` or ``pandas``). Text must be UTF-8. One file must use one shape throughout; an empty
-    file is refused.
+    ``completion``, or ``text``, or ``messages`` / ``conversations`` holding a JSON list), ``.parquet``
+    (needs ``pyarrow`` or ``pandas``). Text must be UTF-8. A folder written by ``save_to_disk`` or a
+    dataset name in the local Hugging Face cache is read with ``datasets`` (never downloading);
+    ``split`` picks a DatasetDict's split (default: the first of ``default_split`` it has;
+    ``split_flag`` is the option errors name). One source must use one shape
+    throughout (alpaca and ShareGPT rows included, see `records`); an empty one is refused.
+
+    ``columns`` maps record fields to the source's columns (``{"prompt": "question"}``: the
+    column ``question`` is read as ``prompt``), replacing a column already named like the field.
     """
+    columns = check_columns(columns)
+    spec = str(path)
     path = Path(path)
+    a_name = not path.exists() and path.suffix.lower() not in SUFFIXES and looks_like_dataset_name(spec)
+    if a_name or is_saved_dataset(path):
+        label, names, rows = dataset_rows(spec, split, default_split, split_flag)
+        missing = [column for column in columns.values() if column not in names]
+        if missing:
+            raise DataError(
+                f"{label}: no column {', '.join(map(repr, missing))} (--data-columns); its columns are "
+                f"{', '.join(map(repr, names))}"
+            )
+        if detect_kind(_renamed(dict.fromkeys(names), columns)) is None:
+            raise DataError(
+                f"{label}: columns {', '.join(map(repr, names))}; expected {EXPECTED} "
+                "(map yours with --data-columns, e.g. prompt=question,completion=answer)"
+            )
+        problems = Problems(label)
+        records = _parse_rows(((where, _renamed(row, columns)) for where, row in rows), label, problems)
+        return _checked(records, label, problems)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if path.is_dir():
-        raise DataError(f"{path} is a directory; pass a data file ({', '.join(SUFFIXES)})")
+        raise DataError(
+            f"{path} is a directory but not a saved dataset (save_to_disk); pass a data file ({', '.join(SUFFIXES)})"
+        )
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(
             f"{path}: unsupported data format {suffix or '(no suffix)'!r}; use one of {', '.join(SUFFIXES)}"
         )
+    if split is not None:
+        raise DataError(f"{path} is a file without splits, so split {split!r} does not apply; drop {split_flag}")
     problems = Problems(str(path))
     if suffix == ".jsonl":
         rows = _jsonl_rows(path, problems)
     elif suffix == ".json":
         rows = _json_rows(path, problems)
     elif suffix in (".csv", ".tsv"):
-        rows = _csv_rows(path, problems, delimiter="\t" if suffix == ".tsv" else ",")
+        rows = _csv_rows(path, problems, "\t" if suffix == ".tsv" else ",", columns)
     else:
         rows = _parquet_rows(path)
     try:
-        records = _parse_rows(rows, str(path), problems)
+        records = _parse_rows(_mapped(rows, columns, problems), str(path), problems)
     except UnicodeDecodeError as e:  # e.g. a CSV saved as Latin-1 / Windows-1252 by a spreadsheet
         raise DataError(
             f"{path}: not UTF-8 text (byte {e.object[e.start : e.start + 1]!r} at offset {e.start}); "
             f"save the file as UTF-8 and run again"
         ) from None
+    return _checked(records, str(path), problems)
+
+
+def _checked(records: list[Record], source: str, problems: Problems) -> list[Record]:
     problems.raise_if_any()
     if not records:
-        raise DataError(f"{path}: no records (the file is empty); expected {_SHAPES}")
-    log.info("read %d %s records from %s", len(records), records[0].kind, path)
+        raise DataError(f"{source}: no records (the file is empty); expected {_SHAPES}")
+    log.info("read %d %s records from %s", len(records), records[0].kind, source)
     return records
 
 
-_SHAPES = "objects with 'prompt' + 'completion', 'messages', or 'text'"
+_SHAPES = f"objects with {EXPECTED}"
+
+
+def parse_columns(text: str | dict[str, str] | None) -> dict[str, str]:
+    """``"prompt=question,completion=answer"`` (or that mapping) as ``{field: column}``, checked."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        return check_columns(text)
+    mapping: dict[str, str] = {}
+    for item in str(text).split(","):
+        field, sep, column = (part.strip() for part in item.partition("="))
+        if not sep or not field or not column:
+            raise DataError(
+                f"data columns: {item.strip()!r} is not FIELD=COLUMN (e.g. prompt=question,completion=answer)"
+            )
+        if field in mapping:
+            raise DataError(f"data columns: field {field!r} is mapped twice")
+        mapping[field] = column
+    return check_columns(mapping)
+
+
+def check_columns(columns: dict[str, str] | None) -> dict[str, str]:
+    """``columns`` (field -> the source's column) with every field one that a record shape reads."""
+    columns = dict(columns or {})
+    for field, column in columns.items():
+        if field not in FIELDS:
+            raise DataError(f"data columns: unknown field {field!r}; the fields are {', '.join(FIELDS)}")
+        if not isinstance(column, str) or not column:
+            raise DataError(f"data columns: the column for {field!r} must be a name, got {column!r}")
+    return columns
+
+
+def _renamed(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """``row`` with each mapped column under its field's name (replacing a column of that name)."""
+    if not columns:
+        return row
+    sources = set(columns.values())
+    out = {k: v for k, v in row.items() if k not in sources and k not in columns}
+    out.update({field: row[column] for field, column in columns.items() if column in row})
+    return out
+
+
+def _mapped(rows: Iterator[tuple[str, Any]], columns: dict[str, str], problems: Problems) -> Iterator[tuple[str, Any]]:
+    """File rows with ``columns`` applied; a row without a mapped column is a problem of its own."""
+    for where, row in rows:
+        if columns and isinstance(row, dict):
+            missing = [column for column in columns.values() if column not in row]
+            if missing:
+                problems.add(where, f"no column {', '.join(map(repr, missing))} (--data-columns)")
+                continue
+            row = _renamed(row, columns)
+        yield where, row
 
 
 def _parse_rows(rows: Iterator[tuple[str, Any]], source: str, problems: Problems) -> list[Record]:
@@ -129,16 +223,13 @@ def _first_line_is_json(text: str) -> bool:
     return True
 
 
-def _csv_rows(path: Path, problems: Problems, delimiter: str) -> Iterator[tuple[str, Any]]:
+def _csv_rows(path: Path, problems: Problems, delimiter: str, columns: dict[str, str]) -> Iterator[tuple[str, Any]]:
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames or []
-        if header and detect_kind({name: None for name in header}) is None:
-            problems.add(
-                "line 1",
-                f"header has columns {', '.join(map(repr, header))}; expected "
-                f"'prompt' + 'completion', 'messages', or 'text'",
-            )
+        if header and detect_kind(_renamed(dict.fromkeys(header), columns)) is None:
+            names = ", ".join(map(repr, header))
+            problems.add("line 1", f"header has columns {names}; expected {EXPECTED} (or use --data-columns)")
             return
         for row in reader:
             where = f"line {reader.line_num}"  # the row's last physical line (quoted cells may span lines)
@@ -147,13 +238,15 @@ def _csv_rows(path: Path, problems: Problems, delimiter: str) -> Iterator[tuple[
                 missing = [k for k, v in row.items() if v is None]
                 problems.add(where, f"row is missing value(s) for {', '.join(map(repr, missing))}")
                 continue
-            if "messages" in row:
-                try:
-                    row["messages"] = json.loads(row["messages"])
-                except json.JSONDecodeError as e:
-                    problems.add(where, f"'messages' cell is not valid JSON ({e.msg})")
-                    continue
-            yield where, row
+            for key in (columns.get("messages", "messages"), columns.get("conversations", "conversations")):
+                if key in row:
+                    try:
+                        row[key] = json.loads(row[key])
+                    except json.JSONDecodeError as e:
+                        problems.add(where, f"{key!r} cell is not valid JSON ({e.msg})")
+                        break
+            else:
+                yield where, row
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:

@@ -1,10 +1,18 @@
 """`Record`: one training example as the user wrote it, before any tokenizer is involved.
 
-Three shapes are understood, matching what fine-tuning datasets usually look like:
+Three record shapes are understood, matching what fine-tuning datasets usually look like:
 
 * ``prompt_completion``: ``{"prompt": ..., "completion": ...}`` (loss on the completion only);
 * ``chat``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (loss on assistant turns only);
 * ``text``: ``{"text": ...}`` (loss on every token).
+
+Two common instruction formats are read as ``chat`` records, rendered as the same conversation
+written with ``messages`` would be:
+
+* alpaca: ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional, joined to the
+  instruction after a blank line as alpaca's prompt does; an optional ``system`` column too);
+* ShareGPT: ``{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}``
+  (``human``/``gpt``/``system``, also ``user``/``assistant``, become user/assistant/system).
 
 This module turns one parsed row (a dict) into a `Record` or into a list of problems. Problems
 are collected by `Problems` so that a file with several mistakes is reported in one go, before
@@ -23,6 +31,15 @@ log = logging.getLogger("lorakit.data.records")
 
 KINDS = ("prompt_completion", "chat", "text")
 ROLES = ("system", "user", "assistant", "tool")
+# Every key a shape reads: what --data-columns may map a dataset's columns to.
+FIELDS = ("prompt", "completion", "messages", "text", "instruction", "input", "output", "system", "conversations")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 # How many problems a DataError message spells out; the rest are only counted.
 MAX_REPORTED = 5
 
@@ -104,11 +121,18 @@ def detect_kind(row: dict[str, Any]) -> str | None:
     """
     if "messages" in row:
         return "chat"
+    if "conversations" in row:
+        return "sharegpt"
     if "prompt" in row or "completion" in row:
         return "prompt_completion"
+    if "instruction" in row or "output" in row:  # before text: alpaca datasets often carry a "text" column too
+        return "alpaca"
     if "text" in row:
         return "text"
     return None
+
+
+EXPECTED = "'prompt' + 'completion', 'messages', 'text', alpaca 'instruction' + 'output', or ShareGPT 'conversations'"
 
 
 def parse_row(row: Any, source: str, problems: Problems, where: str) -> Record | None:
@@ -119,7 +143,7 @@ def parse_row(row: Any, source: str, problems: Problems, where: str) -> Record |
     kind = detect_kind(row)
     if kind is None:
         keys = ", ".join(repr(k) for k in list(row)[:6]) or "none"
-        problems.add(where, f"no recognised keys (has {keys}); expected 'prompt' + 'completion', 'messages', or 'text'")
+        problems.add(where, f"no recognised keys (has {keys}); expected {EXPECTED}")
         return None
     if kind == "prompt_completion":
         prompt = _text_field(row, "prompt", problems, where)
@@ -130,8 +154,34 @@ def parse_row(row: Any, source: str, problems: Problems, where: str) -> Record |
     if kind == "text":
         text = _text_field(row, "text", problems, where)
         return None if text is None else Record.from_text(text, source)
-    messages = _messages(row["messages"], problems, where)
+    if kind == "alpaca":
+        messages = _alpaca_messages(row, problems, where)
+    elif kind == "sharegpt":
+        messages = _messages(row["conversations"], problems, where, "conversations", "from", "value", SHAREGPT_ROLES)
+        if messages is not None and isinstance(row.get("system"), str) and row["system"].strip():
+            messages = [{"role": "system", "content": row["system"]}, *messages]
+    else:
+        messages = _messages(row["messages"], problems, where)
     return None if messages is None else Record("chat", messages=messages, source=source)
+
+
+def _alpaca_messages(row: dict[str, Any], problems: Problems, where: str) -> list[dict[str, str]] | None:
+    """An alpaca row as [system,] user, assistant: the user's message is the instruction, then the
+    input (when there is one) after a blank line, as alpaca's prompt separates them."""
+    instruction = _text_field(row, "instruction", problems, where)
+    output = _text_field(row, "output", problems, where)
+    extra = {}
+    for key in ("input", "system"):  # optional; empty (or null, in a dataset's column) means none
+        value = row.get(key)
+        if value is not None and not isinstance(value, str):
+            problems.add(where, f"{key!r} must be a string, got {_type_name(value)}")
+            return None
+        extra[key] = value if value and value.strip() else None
+    if instruction is None or output is None:
+        return None
+    user = instruction if extra["input"] is None else f"{instruction}\n\n{extra['input']}"
+    system = [{"role": "system", "content": extra["system"]}] if extra["system"] else []
+    return [*system, {"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
 def _text_field(row: dict[str, Any], key: str, problems: Problems, where: str) -> str | None:
@@ -148,29 +198,43 @@ def _text_field(row: dict[str, Any], key: str, problems: Problems, where: str) -
     return value
 
 
-def _messages(value: Any, problems: Problems, where: str) -> list[dict[str, str]] | None:
+def _messages(
+    value: Any,
+    problems: Problems,
+    where: str,
+    name: str = "messages",
+    role_key: str = "role",
+    content_key: str = "content",
+    roles: dict[str, str] | None = None,
+) -> list[dict[str, str]] | None:
+    """The turns of a conversation; ``roles`` maps the format's role names to lorakit's (ShareGPT's
+    ``from``: ``human`` is ``user``), None takes lorakit's own (`ROLES`)."""
+    roles = roles or {r: r for r in ROLES}
     if not isinstance(value, list):
-        problems.add(where, f"'messages' must be a list of {{role, content}} objects, got {_type_name(value)}")
+        shape = f"{{{role_key}, {content_key}}}"
+        problems.add(where, f"{name!r} must be a list of {shape} objects, got {_type_name(value)}")
         return None
     if not value:
-        problems.add(where, "'messages' is empty")
+        problems.add(where, f"{name!r} is empty")
         return None
     out: list[dict[str, str]] = []
     before = len(problems)
     for i, message in enumerate(value):
-        at = f"messages[{i}]"
+        at = f"{name}[{i}]"
         if not isinstance(message, dict):
-            problems.add(where, f"{at} must be an object with 'role' and 'content', got {_type_name(message)}")
+            keys = f"{role_key!r} and {content_key!r}"
+            problems.add(where, f"{at} must be an object with {keys}, got {_type_name(message)}")
             continue
-        for key in ("role", "content"):
+        for key in (role_key, content_key):
             if key not in message:
                 problems.add(where, f"{at} is missing key {key!r}")
-        if "role" not in message or "content" not in message:
+        if role_key not in message or content_key not in message:
             continue
-        role, content = message["role"], message["content"]
-        if not isinstance(role, str) or role not in ROLES:
-            problems.add(where, f"{at} has unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        role, content = message[role_key], message[content_key]
+        if not isinstance(role, str) or role not in roles:
+            problems.add(where, f"{at} has unknown {role_key} {role!r}; expected one of {', '.join(roles)}")
             continue
+        role = roles[role]
         if not isinstance(content, str):
             problems.add(where, f"{at} ({role}) content must be a string, got {_type_name(content)}")
             continue

@@ -80,6 +80,12 @@ class TrainConfig(_VariantOptions, _LoraOptions):
     valid_data: str | None = None
     valid_ratio: float = 0.0
     output_dir: str = "runs/lorakit"
+    # Hugging Face datasets (a save_to_disk folder or a cached name as data / valid_data): the split of
+    # a DatasetDict (None: train; for valid_data: validation, else test), and record field=column
+    # pairs, e.g. "prompt=question,completion=answer" (any source)
+    data_split: str | None = None
+    valid_split: str | None = None
+    data_columns: str | None = None
     # LoRA: LoraConfig's fields and AdaLoRA's schedule, from the bases generated above
     # optimisation
     lr: float = 2e-4
@@ -147,6 +153,7 @@ class TrainConfig(_VariantOptions, _LoraOptions):
             raise ConfigError(
                 "resume continues the run in output_dir and overwrite replaces it: choose one (--resume or --overwrite)"
             )
+        self.data_columns = _columns_option(self.data_columns)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -166,6 +173,12 @@ class TrainConfig(_VariantOptions, _LoraOptions):
             options = self.variant_options(name)  # each options dataclass validates itself
             if name == self.variant:
                 VARIANTS[name].check_training_options(options, lora)
+
+    def data_column_map(self) -> dict[str, str]:
+        """``data_columns`` as ``{record field: the data's column}``."""
+        from ..data.readers import parse_columns
+
+        return parse_columns(self.data_columns)
 
     def variant_options(self, name: str) -> Any:
         """Variant ``name``'s training options (its ``training_options`` dataclass) from this run's
@@ -267,3 +280,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of option names to values")
     return data
+
+
+def _columns_option(value: Any) -> str | None:
+    """``data_columns`` (a ``field=column,...`` string, or a mapping from a YAML file) checked and
+    written as the string the command line takes, which is what train_config.yaml records."""
+    from ..data.readers import parse_columns
+    from ..errors import DataError
+
+    if value is None or value == "":
+        return None
+    if not isinstance(value, (str, dict)):
+        raise ConfigError(f"data_columns must be 'field=column,...' or a mapping, got {value!r}")
+    try:
+        columns = parse_columns(value)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    return ",".join(f"{field}={column}" for field, column in columns.items()) or None

@@ -52,13 +52,25 @@ class PreparedData:
     stats: Any
 
 
+# The split of a DatasetDict given as valid_data without valid_split: the first of these it has.
+VALID_SPLITS = ("validation", "test")
+
+
 def prepare_data(cfg: TrainConfig, tokenizer) -> PreparedData:
     """Read, validate and tokenize the data; raises DataError before any training starts."""
     from ..data import Collator, eval_pairs, read_records, split_records, tokenize_records
 
-    records = read_records(cfg.data)
+    columns = cfg.data_column_map()
+    records = read_records(cfg.data, split=cfg.data_split, columns=columns)
     if cfg.valid_data:
-        train_records, valid_records = records, read_records(cfg.valid_data)
+        valid_records = read_records(
+            cfg.valid_data,
+            split=cfg.valid_split,
+            columns=columns,
+            default_split=VALID_SPLITS,
+            split_flag="--valid-split",
+        )
+        train_records = records
     elif cfg.valid_ratio:
         train_records, valid_records = split_records(records, cfg.valid_ratio, seed=cfg.seed)
     else:
