@@ -1,4 +1,4 @@
-"""The adapter-arithmetic commands: merge, export, compress, inspect (see docs/arithmetic.md)."""
+"""The adapter-arithmetic commands: combine (alias merge), export, compress, inspect (see docs/arithmetic.md)."""
 
 from __future__ import annotations
 
@@ -25,11 +25,17 @@ METHOD_FLAGS = {
 
 
 def add_arith_parsers(sub) -> None:
-    """The merge, export, compress and inspect subcommands."""
-    merge = sub.add_parser("merge", help="combine adapters into one adapter (linear, svd, ties, dare, slerp, ...)")
-    _add_sources(merge)
-    merge.add_argument("--out", required=True, help="directory for the combined adapter")
-    merge.add_argument("--json", action="store_true", help="print the report as JSON")
+    """The combine (alias: merge), export, compress and inspect subcommands."""
+    # Named after the Python call (lorakit.combine); "merge", its old name, still works with a
+    # notice: Python's lorakit.merge is what the CLI calls export.
+    combine = sub.add_parser(
+        "combine",
+        aliases=["merge"],
+        help="combine adapters into one adapter (linear, svd, ties, dare, slerp, ...); alias: merge",
+    )
+    _add_sources(combine)
+    combine.add_argument("--out", required=True, help="directory for the combined adapter")
+    combine.add_argument("--json", action="store_true", help="print the report as JSON")
 
     export = sub.add_parser("export", help="merge adapter(s) into the base and save a plain transformers model")
     _add_sources(export, method_default="linear")
@@ -112,7 +118,7 @@ def _require_new_out(args: argparse.Namespace) -> None:
     require_new_directory(out)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def cmd_combine(args: argparse.Namespace) -> int:
     from .. import combine, save_adapter
 
     _require_new_out(args)
