@@ -87,6 +87,7 @@ def test_gguf_holds_the_merged_weights_and_llama_cpp_metadata(setup, tmp_path, c
         "llama.rope.dimension_count": 8,
         "llama.vocab_size": config.vocab_size,
         "general.file_type": 1 if dtype == "f16" else 0,
+        "general.quantization_version": 2,
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "gpt2",
     }
@@ -171,3 +172,38 @@ def test_gguf_export_refuses_what_it_cannot_write(setup, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "y")]) == 2
     assert "GGUF export supports the Llama architecture" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("variant", ["vera", "adalora", "dylora", "dora"])
+def test_gguf_adapter_holds_every_low_rank_variants_factors_and_refuses_dora(tmp_path, variant):
+    import gguf
+
+    from lorakit.errors import ConfigError
+    from lorakit.models.gguf_export import write_adapter_gguf
+
+    model = tiny_llama()
+    base = {key: weight.clone() for key, weight in model.state_dict().items()}
+    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules=["k_proj", "down_proj"], variant=variant), "a")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    if variant == "dora":
+        with pytest.raises(ConfigError, match="not a low-rank B·A"):
+            write_adapter_gguf(model, "a", tmp_path / "a.gguf")
+        assert not (tmp_path / "a.gguf").exists()
+        return
+    write_adapter_gguf(model, "a", tmp_path / "a.gguf")
+    _, tensors = read(tmp_path / "a.gguf")
+    lorakit.unload(model, merge=True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    checked = 0
+    for key, weight in model.state_dict().items():
+        name = names.get_name(key, try_suffixes=(".weight",))
+        if name + ".lora_a" in tensors:
+            a, b = (np.asarray(tensors[name + suffix].data) for suffix in (".lora_a", ".lora_b"))
+            want = as_stored(key, weight, model.config).numpy()
+            np.testing.assert_allclose(as_stored(key, base[key], model.config).numpy() + b @ a, want, atol=1e-5)
+            checked += 1
+    assert checked == 4

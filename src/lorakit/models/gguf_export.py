@@ -110,6 +110,7 @@ def write_model_gguf(model, tokenizer, path: Path, dtype: str = "f16", name: str
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer, config.vocab_size)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
@@ -191,11 +192,13 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 def write_adapter_gguf(model, adapter: str, path: Path, name: str = "lorakit adapter") -> Path:
     """Write the LoRA adapter ``adapter`` of ``model`` as llama.cpp's LoRA-adapter GGUF: for each
     adapted linear layer, ``<gguf name>.lora_a`` (r × in) and ``.lora_b`` (out × r, rows of q/k
-    permuted as the base's are), in f32. Each layer's scaling is folded into its B and
+    permuted as the base's are), in f32: the factors adapter arithmetic works on
+    (``arithmetic.updates.low_rank_update``). Each layer's scaling is folded into its B and
     ``adapter.lora.alpha`` is 0, which llama.cpp reads as scale 1 (rank and alpha patterns, rsLoRA,
     any weights are exact)."""
     import gguf
 
+    from ..arithmetic.updates import dense_only, low_rank_update
     from ..layers.linear import LoraLinear
     from ..state import lora_layers, saved_modules
 
@@ -216,22 +219,22 @@ def write_adapter_gguf(model, adapter: str, path: Path, name: str = "lorakit ada
     for path_, layer in lora_layers(model):
         if adapter not in layer.lora_A:
             continue
-        if not isinstance(layer, LoraLinear) or not layer.variants[adapter].low_rank:
+        if not isinstance(layer, LoraLinear) or dense_only(layer, adapter) or getattr(layer, "fan_in_fan_out", False):
             raise ConfigError(
-                f"GGUF adapter export: {path_}'s update is not a low-rank s·B·A on a linear layer (DoRA, "
+                f"GGUF adapter export: {path_}'s update is not a low-rank B·A on a linear layer (DoRA, "
                 "embeddings, ...); export the merged model (--format gguf) instead"
             )
-        a, b, scale = layer.live_factors(adapter)
+        update = low_rank_update(layer, adapter)  # B with the scale folded in (VeRA's vectors too)
         gguf_name = names.get_name(f"{path_}.weight", try_suffixes=(".weight",))
         if gguf_name is None:
             raise ConfigError(f"GGUF adapter export: llama.cpp has no tensor for {path_}")
-        b = b.detach().float().cpu() * scale
+        a, b = update.A.float().cpu(), update.B.float().cpu()
         if path_.endswith("self_attn.q_proj"):
             b = permute_for_llama_cpp(b, n_head)
         elif path_.endswith("self_attn.k_proj"):
             b = permute_for_llama_cpp(b, n_kv)
         base = gguf_name.removesuffix(".weight")
-        writer.add_tensor(f"{base}.weight.lora_a", np.ascontiguousarray(a.detach().float().cpu().numpy()))
+        writer.add_tensor(f"{base}.weight.lora_a", np.ascontiguousarray(a.numpy()))
         writer.add_tensor(f"{base}.weight.lora_b", np.ascontiguousarray(b.numpy()))
         written += 1
     if not written:
