@@ -162,6 +162,8 @@ def test_gguf_adapter_is_llama_cpps_lora_format(setup, tmp_path, capsys):
 def test_gguf_export_refuses_what_it_cannot_write(setup, tmp_path, capsys):
     assert export(setup, tmp_path / "x", "--gguf-dtype", "f16") == 2
     assert capsys.readouterr().err == "error: --gguf-dtype is for --format gguf\n"
+    assert export(setup, tmp_path / "x", "--format", "gguf", "--dtype", "bfloat16") == 2
+    assert "--dtype is for --format safetensors" in capsys.readouterr().err
     gpt2 = tiny_gpt2()
     gpt2.save_pretrained(tmp_path / "gpt2")
     _, tokenizer = setup
@@ -207,3 +209,25 @@ def test_gguf_adapter_holds_every_low_rank_variants_factors_and_refuses_dora(tmp
             np.testing.assert_allclose(as_stored(key, base[key], model.config).numpy() + b @ a, want, atol=1e-5)
             checked += 1
     assert checked == 4
+
+
+def test_an_interrupted_gguf_export_leaves_nothing_and_a_folder_with_files_is_refused(
+    setup, tmp_path, capsys, monkeypatch
+):
+    import lorakit.models.gguf_export as gguf_export
+
+    real = gguf_export.write_model_gguf
+
+    def interrupted(model, tokenizer, path, *args, **kwargs):
+        real(model, tokenizer, path, *args, **kwargs)
+        raise KeyboardInterrupt  # the file written, not yet published
+
+    monkeypatch.setattr(gguf_export, "write_model_gguf", interrupted)
+    assert export(setup, tmp_path / "out", "--format", "gguf") == 130
+    assert list(tmp_path.iterdir()) == []  # no folder, no hidden temporary one
+    monkeypatch.undo()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.gguf").write_text("an earlier export")
+    assert export(setup, tmp_path / "out", "--format", "gguf") == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "out" / "model.gguf").read_text() == "an earlier export"

@@ -155,6 +155,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     fmt = getattr(args, "format", "safetensors")
     if getattr(args, "gguf_dtype", None) and fmt != "gguf":
         raise ConfigError("--gguf-dtype is for --format gguf")
+    if fmt != "safetensors" and args.dtype != "auto":
+        raise ConfigError(f"--dtype is for --format safetensors; --format {fmt} is written with --gguf-dtype or f32")
     _require_new_out(args)  # before the minutes of loading and merging
     target = resolve_dtype(args.dtype, resolve_device(args.device))
     # Base and adapters in float32, merged, then cast once: a bf16 export gets one rounding of
