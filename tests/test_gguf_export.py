@@ -89,7 +89,7 @@ def test_gguf_holds_the_merged_weights_and_llama_cpp_metadata(setup, tmp_path, c
         "general.file_type": 1 if dtype == "f16" else 0,
         "general.quantization_version": 2,
         "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
     }
     assert {key: fields[key] for key in expected} == expected
     assert fields["llama.rope.freq_base"] == pytest.approx(config.rope_parameters["rope_theta"])
@@ -231,3 +231,20 @@ def test_an_interrupted_gguf_export_leaves_nothing_and_a_folder_with_files_is_re
     assert export(setup, tmp_path / "out", "--format", "gguf") == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "out" / "model.gguf").read_text() == "an earlier export"
+
+
+def test_pre_tokenizers_get_llama_cpps_names():
+    from lorakit.errors import ConfigError
+    from lorakit.models.gguf_export import _pre_tokenizer_name
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert _pre_tokenizer_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert (
+        _pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [digits, byte_level]}}) == "smollm"
+    )
+    with pytest.raises(ConfigError, match="Metaspace"):
+        _pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
+    llama3 = [{"type": "Split", "pattern": {"Regex": "..."}}, {**byte_level, "use_regex": False}]
+    with pytest.raises(ConfigError):
+        _pre_tokenizer_name({"pre_tokenizer": {"type": "Sequence", "pretokenizers": llama3}})

@@ -43,7 +43,7 @@ def _check_llama(config) -> dict:
     """The rope settings of a plain Llama; anything else is refused before any file is written."""
     if getattr(config, "model_type", None) != "llama":
         raise ConfigError(
-            f"GGUF export supports the Llama architecture (SmolLM2, Llama 2/3, TinyLlama, ...); this model is "
+            f"GGUF export supports the Llama architecture (as SmolLM2); this model is "
             f"{getattr(config, 'model_type', None)!r}: export it as safetensors and convert it with llama.cpp's "
             "convert_hf_to_gguf.py"
         )
@@ -137,19 +137,19 @@ def write_model_gguf(model, tokenizer, path: Path, dtype: str = "f16", name: str
 
 
 def _pre_tokenizer_name(backend: dict) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer: "gpt2" for GPT-2's byte-level split,
+    """llama.cpp's name for the tokenizer's pre-tokenizer: "gpt-2" for GPT-2's byte-level split,
     "smollm" for that split after single digits (SmolLM2's own tokenizer)."""
     pre = backend.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
     if not byte_level or any(byte_level[0].get(k, v) != v for k, v in _GPT2_SPLIT.items()):
         raise ConfigError(
-            "GGUF export supports byte-level BPE tokenizers (GPT-2 style, as SmolLM2's and Llama 3's); "
+            "GGUF export supports byte-level BPE tokenizers (GPT-2 style, as SmolLM2's); "
             f"this one pre-tokenizes with {pre.get('type')!r}"
         )
     others = [s for s in steps if s.get("type") != "ByteLevel"]
     if not others:
-        return "gpt2"
+        return "gpt-2"
     if others == [{"type": "Digits", "individual_digits": True}] and steps[0]["type"] == "Digits":
         return "smollm"
     raise ConfigError(f"GGUF export: pre-tokenizer {[s.get('type') for s in steps]} has no llama.cpp name")
