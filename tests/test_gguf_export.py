@@ -102,6 +102,7 @@ def test_gguf_holds_the_merged_weights_and_llama_cpp_metadata(setup, tmp_path, c
     assert fields["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
     assert fields["tokenizer.ggml.token_type"][tokenizer.eos_token_id] == gguf.TokenType.CONTROL
     assert len(fields["tokenizer.ggml.merges"]) > 100
+    assert (fields["tokenizer.ggml.add_bos_token"], fields["tokenizer.ggml.add_eos_token"]) == (False, False)
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)

@@ -186,7 +186,13 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory(prefix="lorakit-gguf-tokenizer-") as folder:
         tokenizer.save_pretrained(folder)
-        gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+        special = gguf.SpecialVocab(Path(folder), load_merges=True, n_vocab=vocab_size)
+    # Whether a BOS/EOS is added, as the tokenizer does it (its config may not say): llama.cpp's
+    # default for BPE vocabularies need not match.
+    probe = tokenizer("a")["input_ids"]
+    for kind, token_id, position in (("bos", tokenizer.bos_token_id, 0), ("eos", tokenizer.eos_token_id, -1)):
+        special.add_special_token.setdefault(kind, token_id is not None and bool(probe) and probe[position] == token_id)
+    special.add_to_gguf(writer, quiet=True)
 
 
 def write_adapter_gguf(model, adapter: str, path: Path, name: str = "lorakit adapter") -> Path:
