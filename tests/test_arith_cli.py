@@ -1,8 +1,9 @@
-"""The real CLI for adapter arithmetic (`lorakit merge | export | compress | inspect`) on a tiny
+"""The real CLI for adapter arithmetic (`lorakit combine | export | compress | inspect`) on a tiny
 Llama saved as a transformers directory."""
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -49,7 +50,7 @@ def test_merge_linear_writes_an_exact_adapter(setup, tmp_path, capsys, ids):
     root, base = setup
     rc = main(
         [
-            "merge",
+            "combine",
             "--model",
             str(base),
             "--adapter",
@@ -77,7 +78,7 @@ def test_merge_ties_reports_the_error_as_json(setup, tmp_path, capsys):
     root, base = setup
     rc = main(
         [
-            "merge",
+            "combine",
             "--model",
             str(base),
             "--adapter",
@@ -105,11 +106,51 @@ def test_merge_ties_reports_the_error_as_json(setup, tmp_path, capsys):
 def test_merge_rejects_an_option_the_method_does_not_take(setup, tmp_path, capsys):
     root, base = setup
     rc = main(
-        ["merge", "--model", str(base), "--adapter", str(root / "a"), "--density", "0.5", "--out", str(tmp_path / "x")]
+        [
+            "combine",
+            "--model",
+            str(base),
+            "--adapter",
+            str(root / "a"),
+            "--density",
+            "0.5",
+            "--out",
+            str(tmp_path / "x"),
+        ]
     )
     assert rc == 2
     assert "does not take ['density']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_is_the_old_name_of_combine_and_says_so(setup, tmp_path, capsys):
+    """Issue 18: the CLI's merge is Python's combine; the old name still works, with a notice."""
+    root, base = setup
+    sources = ["--model", str(base), "--adapter", str(root / "a"), "--adapter", str(root / "b"), "--json"]
+    assert main(["merge", *sources, "--out", str(tmp_path / "old")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "note: `lorakit merge` is now `lorakit combine` (the old name still works)\n"
+    assert main(["combine", *sources, "--out", str(tmp_path / "new")]) == 0
+    assert capsys.readouterr().err == ""
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "old" / name).read_bytes() == (tmp_path / "new" / name).read_bytes()
+
+
+def test_sources_are_named_after_their_runs(setup, tmp_path, capsys):
+    """Issue 18: runs/a/adapter and runs/b/adapter were reported as "adapter, adapter1"."""
+    from lorakit.cli.commands import source_names
+
+    root, base = setup
+    runs = tmp_path / "runs"
+    for run, source in (("first", "a"), ("second", "b")):
+        shutil.copytree(root / source, runs / run / "adapter")
+    adapters = [str(runs / "first" / "adapter"), str(runs / "second" / "adapter")]
+    sources = [a for path in adapters for a in ("--adapter", path)]
+    assert main(["combine", "--model", str(base), *sources, "--out", str(tmp_path / "mix"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sources"] == ["first", "second"]
+    # Unique names whatever the folders: a run's adapter beside a folder of its run's name, twice.
+    same = [str(runs / "first" / "adapter"), str(runs / "first"), str(runs / "first"), str(root / "v1.2")]
+    assert [name for _, name in source_names(same)] == ["first", "first_2", "first_3", "v1_2"]
 
 
 def test_export_saves_a_plain_transformers_model(setup, tmp_path, capsys, ids):
@@ -380,7 +421,7 @@ def test_an_export_reaches_the_disk_before_it_is_published(tmp_path, monkeypatch
     assert (out / "shards" / "model-00001.safetensors").read_text() == "weights"
 
 
-@pytest.mark.parametrize("command", ["merge", "compress"])
+@pytest.mark.parametrize("command", ["combine", "compress"])
 def test_merge_and_compress_refuse_a_folder_with_files(setup, tmp_path, capsys, command):
     """Issue 18: merge and compress wrote into any --out, a source adapter's folder included."""
     root, base = setup
@@ -388,7 +429,7 @@ def test_merge_and_compress_refuse_a_folder_with_files(setup, tmp_path, capsys, 
     before = {p.name: p.read_bytes() for p in source.iterdir()}
 
     def run(out):
-        extra = ["--adapter", str(root / "b")] if command == "merge" else ["--rank", "2"]
+        extra = ["--adapter", str(root / "b")] if command == "combine" else ["--rank", "2"]
         return main([command, "--model", str(base), "--adapter", str(source), *extra, "--out", str(out)])
 
     assert run(source) == 2  # the source adapter's own folder

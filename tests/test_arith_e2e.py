@@ -72,3 +72,30 @@ def test_merge_inspect_export(two_adapters, tmp_path):
         want = model(ids).logits
         got = plain(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_export_of_the_embedded_model_loads_back_and_answers_alike(two_adapters, tmp_path):
+    """`export --format gguf` on the real SmolLM2 (Llama, tied head, byte-level BPE with chat
+    template): transformers' GGUF loader gives back the merged model's logits and greedy answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.models import load_model
+
+    a = two_adapters / "a"
+    out = tmp_path / "gguf"
+    run_cli("export", "--adapter", str(a), "--format", "gguf", "--gguf-dtype", "f32", "--out", str(out))
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
+    model, original = load_model("smollm2-135m", dtype="float32")
+    lorakit.load_adapter(model, a, name="a")
+    lorakit.unload(model, merge=True)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = original.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    again = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert torch.equal(ids["input_ids"], again["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(ids["input_ids"]).logits, model(ids["input_ids"]).logits, rtol=1e-4, atol=1e-4
+        )
+    want = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(loaded.generate(**ids, max_new_tokens=8, do_sample=False), want)

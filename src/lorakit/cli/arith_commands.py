@@ -1,4 +1,4 @@
-"""The adapter-arithmetic commands: merge, export, compress, inspect (see docs/arithmetic.md)."""
+"""The adapter-arithmetic commands: combine (alias merge), export, compress, inspect (see docs/arithmetic.md)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 from ..arithmetic.options import METHODS
+from ..errors import ConfigError
 from ..safe_files.directory_export import require_new_directory, save_directory
 
 # Method options as flags: flag dest -> option name of lorakit.combine. Unset flags are not passed,
 # so a flag the chosen method does not take is reported instead of silently ignored.
+EXPORT_FORMATS = ["safetensors", "gguf", "gguf-adapter"]
+
 METHOD_FLAGS = {
     "density": "density",
     "rank": "rank",
@@ -25,15 +28,31 @@ METHOD_FLAGS = {
 
 
 def add_arith_parsers(sub) -> None:
-    """The merge, export, compress and inspect subcommands."""
-    merge = sub.add_parser("merge", help="combine adapters into one adapter (linear, svd, ties, dare, slerp, ...)")
-    _add_sources(merge)
-    merge.add_argument("--out", required=True, help="directory for the combined adapter")
-    merge.add_argument("--json", action="store_true", help="print the report as JSON")
+    """The combine (alias: merge), export, compress and inspect subcommands."""
+    # Named after the Python call (lorakit.combine); "merge", its old name, still works with a
+    # notice: Python's lorakit.merge is what the CLI calls export.
+    combine = sub.add_parser(
+        "combine",
+        aliases=["merge"],
+        help="combine adapters into one adapter (linear, svd, ties, dare, slerp, ...); alias: merge",
+    )
+    _add_sources(combine)
+    combine.add_argument("--out", required=True, help="directory for the combined adapter")
+    combine.add_argument("--json", action="store_true", help="print the report as JSON")
 
     export = sub.add_parser("export", help="merge adapter(s) into the base and save a plain transformers model")
     _add_sources(export, method_default="linear")
     export.add_argument("--out", required=True, help="directory for the merged model and its tokenizer")
+    export.add_argument(
+        "--format",
+        default="safetensors",
+        choices=EXPORT_FORMATS,
+        help="safetensors: a transformers model folder; gguf: model.gguf for llama.cpp and Ollama (Llama "
+        "architecture); gguf-adapter: the (combined) LoRA adapter alone as llama.cpp's adapter.gguf",
+    )
+    export.add_argument(
+        "--gguf-dtype", choices=["f16", "f32"], help="gguf: dtype of the weights (default f16; norms are f32)"
+    )
 
     compress = sub.add_parser("compress", help="shrink an adapter's rank by SVD of its update")
     compress.add_argument("--model", default="smollm2-135m", help="base model (alias, directory, .gguf or hub id)")
@@ -103,7 +122,6 @@ def _load_sources(args: argparse.Namespace, dtype: str | None = None):
 def _require_new_out(args: argparse.Namespace) -> None:
     """Refuse an --out that holds files (a source adapter's folder above all), before the loading:
     a command never writes over a folder the user has."""
-    from ..errors import ConfigError
 
     out = Path(args.out)
     sources = args.adapter if isinstance(args.adapter, list) else [args.adapter]
@@ -112,7 +130,7 @@ def _require_new_out(args: argparse.Namespace) -> None:
     require_new_directory(out)
 
 
-def cmd_merge(args: argparse.Namespace) -> int:
+def cmd_combine(args: argparse.Namespace) -> int:
     from .. import combine, save_adapter
 
     _require_new_out(args)
@@ -134,13 +152,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .. import combine, set_adapter, unload
     from ..models import resolve_device, resolve_dtype
 
+    fmt = getattr(args, "format", "safetensors")
+    if getattr(args, "gguf_dtype", None) and fmt != "gguf":
+        raise ConfigError("--gguf-dtype is for --format gguf")
+    if fmt != "safetensors" and args.dtype != "auto":
+        raise ConfigError(f"--dtype is for --format safetensors; --format {fmt} is written with --gguf-dtype or f32")
     _require_new_out(args)  # before the minutes of loading and merging
     target = resolve_dtype(args.dtype, resolve_device(args.device))
     # Base and adapters in float32, merged, then cast once: a bf16 export gets one rounding of
     # W0 + ΔW, not a rounding of W0, of the adapter's factors and of the sum.
     model, tokenizer, names = _load_sources(args, dtype="float32")
     options = _method_options(args)
-    if len(names) == 1 and args.method == "linear" and args.weights in (None, [1.0]) and not options:
+    as_is = len(names) == 1 and args.method == "linear" and args.weights in (None, [1.0]) and not options
+    if fmt == "gguf-adapter":
+        return _export_gguf_adapter(args, model, names, as_is, options)
+    if as_is:
         # One adapter as it is: the layers' own merge (also keeps modules_to_save, merges DoRA).
         set_adapter(model, names)
         unload(model, merge=True)
@@ -149,9 +175,39 @@ def cmd_export(args: argparse.Namespace) -> int:
         report = combine(model, names, args.weights, args.method, into_base=True, **options)
         unload(model, merge=False)  # the result is in the base weights already: drop the LoRA layers
         print(report.table())
+    if fmt == "gguf":
+        from ..models.gguf_export import write_model_gguf
+
+        dtype = args.gguf_dtype or "f16"
+        name = Path(args.out).resolve().name
+        out = save_directory(
+            Path(args.out), lambda tmp: write_model_gguf(model, tokenizer, tmp / GGUF_MODEL, dtype, name=name)
+        )
+        print(f"\nmodel: {out / GGUF_MODEL}  ({dtype}; llama.cpp: llama-cli -m FILE; Ollama: FROM ./{GGUF_MODEL})")
+        return 0
     model.to(target)
     out = save_directory(Path(args.out), lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     print(f"\nmodel: {out}  (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+GGUF_MODEL = "model.gguf"
+GGUF_ADAPTER = "adapter.gguf"
+
+
+def _export_gguf_adapter(args: argparse.Namespace, model, names: list[str], as_is: bool, options: dict) -> int:
+    """The adapter (or the adapters combined into one) as llama.cpp's LoRA-adapter GGUF."""
+    from .. import combine
+    from ..models.gguf_export import write_adapter_gguf
+
+    name = names[0]
+    if not as_is:
+        report = combine(model, names, args.weights, args.method, "combined", **options)
+        print(report.table())
+        name = "combined"
+    label = Path(args.out).resolve().name
+    out = save_directory(Path(args.out), lambda tmp: write_adapter_gguf(model, name, tmp / GGUF_ADAPTER, name=label))
+    print(f"\nadapter: {out / GGUF_ADAPTER}  (llama.cpp: llama-cli -m BASE.gguf --lora FILE; Ollama: ADAPTER)")
     return 0
 
 

@@ -12,7 +12,7 @@ from .options import train_overrides
 
 def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | None, dtype: str, activate: bool = True):
     """(model, tokenizer, adapter names): the base model in eval mode with every given adapter
-    loaded, each named after its directory (``adapter{i}`` where that name is taken), all active
+    loaded, each named after its run (``source_names``), all active
     (their updates add up) or, with ``activate=False``, none. Active adapters with parameter
     targets (expert stacks) come merged into the weights."""
     from .. import load_adapter, merge, set_adapter
@@ -21,10 +21,7 @@ def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | N
     from ..state import lora_layers
 
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
-    names: list[str] = []
-    for i, path in enumerate(adapter_dirs):
-        wanted = Path(path).resolve().name.replace(".", "_") or f"adapter{i}"
-        names.append(load_adapter(model, path, name=wanted if wanted not in names else f"adapter{i}", activate=False))
+    names = [load_adapter(model, path, name=name, activate=False) for path, name in source_names(adapter_dirs)]
     if names and activate:
         set_adapter(model, names)
         if any(isinstance(layer, LoraParameter) for _, layer in lora_layers(model)):
@@ -33,6 +30,26 @@ def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | N
             merge(model, names)
     model.eval()
     return model, tokenizer, names
+
+
+def source_names(adapter_dirs: list[str]) -> list[tuple[str, str]]:
+    """(path, name) per adapter directory: named after its folder, or after its run's folder where
+    the folder is a run's ``adapter`` (runs/a/adapter is "a", not "adapter"), made unique with
+    ``_2``, ``_3``, ... (runs/a/adapter and runs/a_2 notwithstanding)."""
+    taken: set[str] = set()
+    named = []
+    for i, path in enumerate(adapter_dirs):
+        folder = Path(path).resolve()
+        if folder.name == "adapter" and folder.parent.name:
+            folder = folder.parent
+        wanted = folder.name.replace(".", "_") or f"adapter{i}"
+        name, n = wanted, 1
+        while name in taken:
+            n += 1
+            name = f"{wanted}_{n}"
+        taken.add(name)
+        named.append((path, name))
+    return named
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`lorakit` command line: demo, train, eval, generate, chat; merge, export, compress, inspect.
+"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect.
 
 Every command prints what it did and where its outputs are; errors the user can fix are printed
 as one line (``error: ...``) with exit status 2, without a traceback.
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     _quiet_transformers(args.verbose)
+    if args.command == "merge":  # the old name of combine (argparse keeps the alias it was called by)
+        print("note: `lorakit merge` is now `lorakit combine` (the old name still works)", file=sys.stderr)
+        args.command = "combine"
     from . import arith_commands, commands
 
     handler = getattr(commands, f"cmd_{args.command}", None) or getattr(arith_commands, f"cmd_{args.command}")
