@@ -46,6 +46,8 @@ HELP = {
     "save_every": "checkpoint every N steps (0: only on Ctrl-C)",
     "keep_checkpoints": "keep only the newest N checkpoints (0: keep all)",
     "resume": "continue from the latest checkpoint in output_dir",
+    "report_to": "experiment trackers, comma-separated: tensorboard | wandb | mlflow | none (files under "
+    "output_dir/tracking; pip install 'lorakit[track]')",
     "overwrite": "replace the run already in output_dir (its adapter, metrics, plot and checkpoints)",
     "mixed_precision": "no | bf16 | fp16 (GPU)",
     "dtype": "model weights dtype: auto | float32 | bfloat16 | float16",
@@ -89,6 +91,7 @@ GROUPS = {
         "save_every",
         "keep_checkpoints",
         "log_every",
+        "report_to",
         "resume",
     ),
     "hardware and speed": ("device", "dtype", "mixed_precision", "gradient_checkpointing", "fast_path", "compile"),

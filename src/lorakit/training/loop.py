@@ -28,7 +28,7 @@ from ..state import adapter_configs
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
-from .launch import make_accelerator
+from .launch import make_accelerator, tracking_dir
 from .optim import make_optimizer, make_scheduler
 from .plot import plot_loss_curve
 
@@ -64,8 +64,9 @@ def total_steps(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line (train logs and evals), kept in memory too."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, report: Callable[[dict], None] | None = None) -> None:
         self.path = path
+        self.report = report  # each new record also goes to the experiment trackers
         self.records: list[dict] = []
         if resume_step is not None and path.is_file():
             # Lines written after the checkpoint by the interrupted run are dropped: they will be
@@ -77,6 +78,21 @@ class MetricsLog:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.report is not None:
+            self.report(record)
+
+
+def _tracked_values(record: dict) -> dict:
+    """What a metrics line gives the trackers: its numbers but the step (their own axis)."""
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _hyperparameters(cfg: TrainConfig) -> dict:
+    """The run's config as trackers take hyperparameters: numbers, strings and booleans as they
+    are, anything else (None, lists, mappings) as its JSON text."""
+    return {
+        k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str) for k, v in cfg.to_dict().items()
+    }
 
 
 def run_loop(
@@ -132,8 +148,24 @@ def run_loop(
             f"{ckpt_dir} holds an earlier run's checkpoints: continue it with --resume, "
             "replace it with --overwrite, or choose another --output-dir"
         )
+    tracking = bool(getattr(accelerator, "log_with", None))
+    if tracking:  # accelerate's trackers (report_to); they write on the main process only
+        where, name = tracking_dir(out_dir), out_dir.resolve().name
+        where.mkdir(exist_ok=True)
+        accelerator.init_trackers(
+            "lorakit",
+            config=_hyperparameters(cfg),
+            init_kwargs={
+                "wandb": {"name": name, "dir": str(where)},
+                "mlflow": {"run_name": name, "logging_dir": str(where)},
+            },
+        )
     metrics = (
-        MetricsLog(out_dir / "metrics.jsonl", position.step if cfg.resume else None)
+        MetricsLog(
+            out_dir / "metrics.jsonl",
+            position.step if cfg.resume else None,
+            report=(lambda r: accelerator.log(_tracked_values(r), step=r["step"])) if tracking else None,
+        )
         if accelerator.is_main_process
         else None
     )
@@ -260,17 +292,21 @@ def run_loop(
     finally:
         guard.uninstall()
         bar.close()
-    if not interrupted and eval_examples:
-        try:
-            last_eval = _evaluate_and_log(
-                accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step
-            )
-        except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
-            log.warning("final evaluation interrupted; the trained adapter is still saved")
-    notes = [note for note in (hook.finish(out_dir, write=accelerator.is_main_process) for hook in hooks) if note]
-    records = metrics.records if metrics else []
-    if metrics and records:
-        plot_loss_curve(records, out_dir / "loss.png")
+    try:
+        if not interrupted and eval_examples:
+            try:
+                last_eval = _evaluate_and_log(
+                    accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step
+                )
+            except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
+                log.warning("final evaluation interrupted; the trained adapter is still saved")
+        notes = [note for note in (hook.finish(out_dir, write=accelerator.is_main_process) for hook in hooks) if note]
+        records = metrics.records if metrics else []
+        if metrics and records:
+            plot_loss_curve(records, out_dir / "loss.png")
+    finally:
+        if tracking:
+            accelerator.end_training()  # flushes and closes the trackers' files
     return LoopResult(
         steps=position.step,
         interrupted=interrupted,

@@ -24,7 +24,7 @@ from ..report import summary
 from ..safe_files.atomic import write_text_atomically
 from ..state import active_adapters
 from .config import TrainConfig
-from .launch import make_accelerator, process_device, with_launch_precision
+from .launch import TRACKING_DIR, make_accelerator, process_device, with_launch_precision
 from .loop import run_loop
 
 log = logging.getLogger("lorakit.training")
@@ -173,7 +173,7 @@ def train(
 # checkpoints/ (the loop's): an overwriting run removes them first, so that none of the earlier
 # run's is left beside the new run's files (an interrupted run writes no adapter, a run without
 # validation data no predictions).
-EARLIER_OUTPUTS = ("adapter", "result.json", "eval_predictions.jsonl", "loss.png")
+EARLIER_OUTPUTS = ("adapter", "result.json", "eval_predictions.jsonl", "loss.png", TRACKING_DIR)
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
