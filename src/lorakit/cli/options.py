@@ -46,6 +46,10 @@ HELP = {
     "save_every": "checkpoint every N steps (0: only on Ctrl-C)",
     "keep_checkpoints": "keep only the newest N checkpoints (0: keep all)",
     "resume": "continue from the latest checkpoint in output_dir",
+    "early_stopping_patience": "stop when the eval loss has not improved for N evaluations (needs --eval-every "
+    "and validation data; 0: never)",
+    "save_best": "write the adapter of the evaluation with the best eval loss to output_dir/adapter (needs "
+    "--eval-every and validation data); result.json records its step",
     "report_to": "experiment trackers, comma-separated: tensorboard | wandb | mlflow | none (files under "
     "output_dir/tracking; pip install 'lorakit[track]')",
     "overwrite": "replace the run already in output_dir (its adapter, metrics, plot and checkpoints)",
@@ -91,6 +95,8 @@ GROUPS = {
         "save_every",
         "keep_checkpoints",
         "log_every",
+        "early_stopping_patience",
+        "save_best",
         "report_to",
         "resume",
     ),

@@ -105,6 +105,10 @@ class TrainConfig(_VariantOptions, _LoraOptions):
     save_every: int = 0
     keep_checkpoints: int = 0
     log_every: int = 1
+    # stop when the eval loss has not improved for this many evaluations (0: never)
+    early_stopping_patience: int = 0
+    # the adapter written to output_dir/adapter is the one with the best eval loss
+    save_best: bool = False
     # experiment trackers, comma-separated: tensorboard, wandb, mlflow or none
     report_to: str = "none"
     # hardware
@@ -135,7 +139,7 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
             raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
-        for name in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps"):
+        for name in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "early_stopping_patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
@@ -150,6 +154,12 @@ class TrainConfig(_VariantOptions, _LoraOptions):
         if self.resume and self.overwrite:
             raise ConfigError(
                 "resume continues the run in output_dir and overwrite replaces it: choose one (--resume or --overwrite)"
+            )
+        if (self.early_stopping_patience or self.save_best) and not self.eval_every:
+            what = "early_stopping_patience" if self.early_stopping_patience else "save_best"
+            raise ConfigError(
+                f"{what} compares evaluations during training: set eval_every (--eval-every N) "
+                "and validation data (--valid-data or --valid-ratio)"
             )
         self.report_to = _trackers_option(self.report_to)
         if self.schedule not in SCHEDULES:
