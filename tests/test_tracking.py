@@ -102,3 +102,32 @@ def test_the_new_options_are_flags_with_help():
     assert cfg.trackers() == ["tensorboard", "wandb"]
     helptext = " ".join(parser.format_help().split())
     assert "experiment trackers" in helptext
+
+
+def test_a_failed_run_closes_its_trackers_with_the_steps_it_logged(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    calls = []
+
+    def failing_collate(batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory, say")
+        return collate(batch)
+
+    cfg = TrainConfig(
+        data="x", max_steps=4, batch_size=8, device="cpu", output_dir=str(tmp_path), report_to="tensorboard"
+    )
+    accelerator = launch.make_accelerator(cfg)
+    ended = []
+    real_end = accelerator.end_training
+    accelerator.end_training = lambda: ended.append(1) or real_end()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_loop(
+            adapted_model(), None, cfg, examples(), failing_collate, tmp_path, accelerator=accelerator, progress=False
+        )
+    assert ended == [1]  # W&B marks the run finished, TensorBoard's writer is closed
+    events = EventAccumulator(str(tmp_path / "tracking" / "lorakit"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]

@@ -365,6 +365,10 @@ def run_loop(
         if accelerator.is_main_process and position.step > 0:
             path = checkpoint(rng=step_start_rng)
             log.warning("interrupted at step %d; checkpoint saved to %s (continue with --resume)", position.step, path)
+    except BaseException:
+        if tracking:  # a failed run's trackers keep the steps it logged (flushed, closed)
+            accelerator.end_training()
+        raise
     finally:
         guard.uninstall()
         bar.close()
