@@ -74,11 +74,13 @@ def test_a_nan_eval_loss_is_no_improvement(tmp_path, monkeypatch):
     assert result.steps == 4 and result.best_step is None
 
 
-def test_early_stopping_resumes_bit_for_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("save_best", [False, True], ids=["last", "best"])
+def test_early_stopping_resumes_bit_for_bit(tmp_path, monkeypatch, save_best):
     """The early-stopping state rides in the checkpoint: a run resumed at step 6 (one evaluation
-    without improvement behind it) still stops at step 8, with the uninterrupted run's weights.
-    Without that state it would count afresh and train on to step 12."""
-    cfg = dict(**BASE, early_stopping_patience=2, save_best=True)
+    without improvement behind it) still stops at step 8, with the uninterrupted run's weights
+    (step 8's; with save_best step 4's). Without that state it would count afresh and train on to
+    step 12."""
+    cfg = dict(**BASE, early_stopping_patience=2, save_best=save_best)
     scripted_evals(monkeypatch, LOSSES)
     straight = adapted_model()
     run_loop(
