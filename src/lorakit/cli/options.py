@@ -50,6 +50,12 @@ HELP = {
     "save_every": "checkpoint every N steps (0: only on Ctrl-C)",
     "keep_checkpoints": "keep only the newest N checkpoints (0: keep all)",
     "resume": "continue from the latest checkpoint in output_dir",
+    "early_stopping_patience": "stop when the eval loss has not improved for N evaluations (needs --eval-every "
+    "and validation data; 0: never)",
+    "save_best": "write the adapter of the evaluation with the best eval loss to output_dir/adapter (needs "
+    "--eval-every and validation data); result.json records its step",
+    "report_to": "experiment trackers, comma-separated: tensorboard | wandb | mlflow | none (files under "
+    "output_dir/tracking; pip install 'lorakit[track]')",
     "overwrite": "replace the run already in output_dir (its adapter, metrics, plot and checkpoints)",
     "mixed_precision": "no | bf16 | fp16 (GPU)",
     "dtype": "model weights dtype: auto | float32 | bfloat16 | float16",
@@ -103,6 +109,9 @@ GROUPS = {
         "save_every",
         "keep_checkpoints",
         "log_every",
+        "early_stopping_patience",
+        "save_best",
+        "report_to",
         "resume",
     ),
     "hardware and speed": ("device", "dtype", "mixed_precision", "gradient_checkpointing", "fast_path", "compile"),

@@ -14,6 +14,8 @@ from ..init_names import INIT_CHOICES, valid_init
 
 SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# Experiment trackers (accelerate's) a run can report to, and the package each needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 # LoraConfig fields that are no training option: the older variant booleans (``variant`` says the
 # same), what the loaded model decides (fan_in_fan_out, base_model_name_or_path, task_type), and
@@ -109,6 +111,12 @@ class TrainConfig(_VariantOptions, _LoraOptions):
     save_every: int = 0
     keep_checkpoints: int = 0
     log_every: int = 1
+    # stop when the eval loss has not improved for this many evaluations (0: never)
+    early_stopping_patience: int = 0
+    # the adapter written to output_dir/adapter is the one with the best eval loss
+    save_best: bool = False
+    # experiment trackers, comma-separated: tensorboard, wandb, mlflow or none
+    report_to: str = "none"
     # hardware
     device: str | None = None
     dtype: str = "auto"
@@ -137,7 +145,7 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps <= 0):
             raise ConfigError(f"max_steps must be a positive integer, got {self.max_steps!r}")
-        for name in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps"):
+        for name in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "early_stopping_patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
@@ -154,6 +162,13 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                 "resume continues the run in output_dir and overwrite replaces it: choose one (--resume or --overwrite)"
             )
         self.data_columns = _columns_option(self.data_columns)
+        if (self.early_stopping_patience or self.save_best) and not self.eval_every:
+            what = "early_stopping_patience" if self.early_stopping_patience else "save_best"
+            raise ConfigError(
+                f"{what} compares evaluations during training: set eval_every (--eval-every N) "
+                "and validation data (--valid-data or --valid-ratio)"
+            )
+        self.report_to = _trackers_option(self.report_to)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -184,6 +199,10 @@ class TrainConfig(_VariantOptions, _LoraOptions):
         """Variant ``name``'s training options (its ``training_options`` dataclass) from this run's
         fields, e.g. AdaLoRA's budget schedule from the ``adalora_*`` options."""
         return VARIANTS[name].training_options(**{f: getattr(self, key) for f, key in VARIANT_OPTIONS[name].items()})
+
+    def trackers(self) -> list[str]:
+        """The experiment trackers ``report_to`` names (none: an empty list)."""
+        return [name for name in self.report_to.split(",") if name != "none"]
 
     def lora_config(self) -> LoraConfig:
         """The adapter this run trains: every LoRA option, and the run's seed."""
@@ -250,6 +269,18 @@ def _from_string(name: str, annotation: str, value: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{name} must be comma-separated integers such as 0,1,2, got {value!r}") from None
     return items
+
+
+def _trackers_option(value: Any) -> str:
+    """``report_to`` as one comma-separated string of known trackers (a YAML list is taken too)."""
+    names = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    names = [str(name).strip().lower() for name in names if str(name).strip()] or ["none"]
+    unknown = [name for name in names if name not in (*TRACKERS, "none")]
+    if unknown:
+        raise ConfigError(f"report_to must be {' | '.join((*TRACKERS, 'none'))} (comma-separated), got {value!r}")
+    if "none" in names and len(names) > 1:
+        raise ConfigError(f"report_to: none reports nowhere and cannot be combined with trackers, got {value!r}")
+    return ",".join(dict.fromkeys(names))
 
 
 def _read_float_strings(values: dict[str, Any]) -> None:

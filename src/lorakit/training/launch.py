@@ -7,16 +7,19 @@ makes one Accelerator per run, before loading the model, so that it knows its ow
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
+from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
 from ..models.device import parse_device, resolve_device
-from .config import MIXED_PRECISION, TrainConfig
+from .config import MIXED_PRECISION, TRACKERS, TrainConfig
 
 log = logging.getLogger("lorakit.training")
+TRACKING_DIR = "tracking"  # in output_dir
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -37,7 +40,33 @@ def make_accelerator(cfg: TrainConfig):
         _forget_other_accelerate_settings(cpu, cfg.mixed_precision)
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
-    return Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    trackers = check_trackers(cfg)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=cfg.mixed_precision,
+        log_with=trackers or None,
+        project_dir=str(tracking_dir(cfg.output_dir)) if trackers else None,
+    )
+
+
+def tracking_dir(output_dir) -> Path:
+    """Where the trackers' local files go: TensorBoard's events (``lorakit/`` in it), W&B's offline
+    runs (``wandb/``), MLflow's artifacts."""
+    return Path(output_dir) / TRACKING_DIR
+
+
+def check_trackers(cfg: TrainConfig) -> list[str]:
+    """The run's experiment trackers (``report_to``), each one's package checked to be installed:
+    a missing one is a one-line error that says what to install, before anything is loaded."""
+    trackers = cfg.trackers()
+    for name in trackers:
+        package = TRACKERS[name]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"report_to={name} needs the {package} package: pip install {package} "
+                f"(or pip install 'lorakit[track]'), or leave {name} out of --report-to"
+            )
+    return trackers
 
 
 def _forget_other_accelerate_settings(cpu: bool, mixed_precision: str) -> None:

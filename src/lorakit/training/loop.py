@@ -28,7 +28,7 @@ from ..state import adapter_configs
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate
-from .launch import make_accelerator
+from .launch import make_accelerator, tracking_dir
 from .optim import make_optimizer, make_scheduler
 from .plot import plot_loss_curve
 
@@ -43,6 +43,9 @@ class LoopResult:
     last_eval: dict | None = None
     main_process: bool = True  # False on the other processes of a DDP run: they write no files
     notes: list[str] = field(default_factory=list)  # the variants' end-of-training lines (TrainingHooks.finish)
+    best_step: int | None = None  # the step of the best eval loss (save_best: the adapter's weights)
+    best_eval_loss: float | None = None
+    stopped_early: bool = False  # early_stopping_patience evaluations without improvement ended the run
 
 
 def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -64,8 +67,9 @@ def total_steps(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line (train logs and evals), kept in memory too."""
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    def __init__(self, path: Path, resume_step: int | None, report: Callable[[dict], None] | None = None) -> None:
         self.path = path
+        self.report = report  # each new record also goes to the experiment trackers
         self.records: list[dict] = []
         if resume_step is not None and path.is_file():
             # Lines written after the checkpoint by the interrupted run are dropped: they will be
@@ -77,6 +81,64 @@ class MetricsLog:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.report is not None:
+            self.report(record)
+
+
+@dataclass
+class BestEval:
+    """The best eval loss so far and the evaluations since it: early stopping's and save_best's
+    state, which rides in each checkpoint's ``extra`` so that a resumed run stops where the
+    uninterrupted one would. A NaN loss never counts as an improvement."""
+
+    loss: float | None = None
+    step: int | None = None
+    evals_since: int = 0
+
+    def update(self, loss: float, step: int) -> bool:
+        """Count an evaluation at ``step``; True when it is the best so far."""
+        if not math.isnan(loss) and (self.loss is None or loss < self.loss):
+            self.loss, self.step, self.evals_since = loss, step, 0
+            return True
+        self.evals_since += 1
+        return False
+
+
+BEST_FILE = "best.pt"  # in checkpoints/: save_best's trainable tensors of the best evaluation
+
+
+def _save_best(ckpt_dir: Path, model: nn.Module, best: BestEval) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt_dir / (BEST_FILE + ".tmp")
+    trainable = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"step": best.step, "eval_loss": best.loss, "trainable": trainable}, tmp)
+    tmp.replace(ckpt_dir / BEST_FILE)
+
+
+@torch.no_grad()
+def _load_best(ckpt_dir: Path, model: nn.Module, best: BestEval) -> None:
+    saved = torch.load(ckpt_dir / BEST_FILE, map_location="cpu", weights_only=False)
+    if saved["step"] != best.step:
+        raise ConfigError(
+            f"{ckpt_dir / BEST_FILE} holds step {saved['step']}, not the best step {best.step}: "
+            "the run's folder was changed; train again with --overwrite"
+        )
+    params = dict(model.named_parameters())
+    for name, value in saved["trainable"].items():
+        params[name].copy_(value)
+
+
+def _tracked_values(record: dict) -> dict:
+    """What a metrics line gives the trackers: its numbers but the step (their own axis)."""
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _hyperparameters(cfg: TrainConfig) -> dict:
+    """The run's config as trackers take hyperparameters: numbers, strings and booleans as they
+    are, anything else (None, lists, mappings) as its JSON text."""
+    return {
+        k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v, default=str) for k, v in cfg.to_dict().items()
+    }
 
 
 def run_loop(
@@ -95,6 +157,11 @@ def run_loop(
     from tqdm.auto import tqdm
 
     accelerator = accelerator or make_accelerator(cfg)
+    if (cfg.early_stopping_patience or cfg.save_best) and not eval_examples:
+        raise ConfigError(
+            "early_stopping_patience and save_best compare evaluations: give validation data "
+            "(--valid-data or --valid-ratio)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out_dir / "checkpoints"
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -110,6 +177,7 @@ def run_loop(
         if h is not None
     ]
     position = Position()
+    best = BestEval()
     torch.manual_seed(cfg.seed)  # a resumed run then restores its checkpoint's generators instead
     if cfg.resume:
         found = latest_checkpoint(ckpt_dir)
@@ -120,6 +188,8 @@ def run_loop(
             for hook in hooks:
                 if hook.checkpoint_key is not None:
                     hook.load_state_dict(extra[hook.checkpoint_key][hook.name])
+            if "best_eval" in extra:
+                best = BestEval(**extra["best_eval"])
             log.info("resumed from %s at step %d", found, position.step)
     elif cfg.overwrite:
         if accelerator.is_main_process and ckpt_dir.is_dir():
@@ -132,8 +202,24 @@ def run_loop(
             f"{ckpt_dir} holds an earlier run's checkpoints: continue it with --resume, "
             "replace it with --overwrite, or choose another --output-dir"
         )
+    tracking = bool(getattr(accelerator, "log_with", None))
+    if tracking:  # accelerate's trackers (report_to); they write on the main process only
+        where, name = tracking_dir(out_dir), out_dir.resolve().name
+        where.mkdir(exist_ok=True)
+        accelerator.init_trackers(
+            "lorakit",
+            config=_hyperparameters(cfg),
+            init_kwargs={
+                "wandb": {"name": name, "dir": str(where)},
+                "mlflow": {"run_name": name, "logging_dir": str(where)},
+            },
+        )
     metrics = (
-        MetricsLog(out_dir / "metrics.jsonl", position.step if cfg.resume else None)
+        MetricsLog(
+            out_dir / "metrics.jsonl",
+            position.step if cfg.resume else None,
+            report=(lambda r: accelerator.log(_tracked_values(r), step=r["step"])) if tracking else None,
+        )
         if accelerator.is_main_process
         else None
     )
@@ -159,6 +245,8 @@ def run_loop(
 
     def checkpoint(rng: dict | None = None) -> Path:
         extra = {"adalora": {}}  # the key older checkpoints always had
+        if cfg.early_stopping_patience or cfg.save_best:
+            extra["best_eval"] = vars(best).copy()
         for hook in hooks:
             if hook.checkpoint_key is not None:
                 extra.setdefault(hook.checkpoint_key, {})[hook.name] = hook.state_dict()
@@ -182,7 +270,16 @@ def run_loop(
         unit="step",
         dynamic_ncols=True,
     )
-    last_eval, interrupted = None, False
+    last_eval, interrupted, stopped_early = None, False, False
+
+    def judge(result: dict) -> bool:
+        """Count an evaluation for early stopping and save_best; True when the run should stop."""
+        if not (cfg.early_stopping_patience or cfg.save_best):
+            return False
+        if best.update(float(result["loss"]), position.step) and cfg.save_best and accelerator.is_main_process:
+            _save_best(ckpt_dir, accelerator.unwrap_model(wrapped), best)
+        return bool(cfg.early_stopping_patience) and best.evals_since >= cfg.early_stopping_patience
+
     tokens, started = 0, time.perf_counter()
     # Generators' state at the start of the step under way (None between steps): a Ctrl-C during
     # the step saves ``position`` (still the step's start) with it, so the resumed run redoes the
@@ -246,8 +343,19 @@ def run_loop(
                 last_eval = _evaluate_and_log(
                     accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step
                 )
+                stopped_early = judge(last_eval)
             if cfg.save_every and position.step % cfg.save_every == 0 and accelerator.is_main_process:
                 checkpoint()
+            if stopped_early:
+                log.info(
+                    "early stopping at step %d: the eval loss has not improved for %d evaluations "
+                    "(best %.4f at step %d)",
+                    position.step,
+                    best.evals_since,
+                    best.loss if best.loss is not None else math.nan,
+                    best.step if best.step is not None else 0,
+                )
+                break
     except KeyboardInterrupt:
         guard.uninstall()  # a second Ctrl-C now stops the checkpoint's save at once, as without the guard
         interrupted = True
@@ -257,20 +365,34 @@ def run_loop(
         if accelerator.is_main_process and position.step > 0:
             path = checkpoint(rng=step_start_rng)
             log.warning("interrupted at step %d; checkpoint saved to %s (continue with --resume)", position.step, path)
+    except BaseException:
+        if tracking:  # a failed run's trackers keep the steps it logged (flushed, closed)
+            accelerator.end_training()
+        raise
     finally:
         guard.uninstall()
         bar.close()
-    if not interrupted and eval_examples:
-        try:
-            last_eval = _evaluate_and_log(
-                accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step
-            )
-        except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
-            log.warning("final evaluation interrupted; the trained adapter is still saved")
-    notes = [note for note in (hook.finish(out_dir, write=accelerator.is_main_process) for hook in hooks) if note]
-    records = metrics.records if metrics else []
-    if metrics and records:
-        plot_loss_curve(records, out_dir / "loss.png")
+    try:
+        if not interrupted and eval_examples and not stopped_early:  # an early stop has just evaluated
+            try:
+                last_eval = _evaluate_and_log(
+                    accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step
+                )
+                judge(last_eval)
+            except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
+                log.warning("final evaluation interrupted; the trained adapter is still saved")
+        if cfg.save_best and not interrupted and best.step is not None and best.step != position.step:
+            # The model leaves with the best evaluation's weights: the adapter train() writes.
+            accelerator.wait_for_everyone()
+            _load_best(ckpt_dir, accelerator.unwrap_model(wrapped), best)
+            log.info("save_best: the adapter is step %d's (eval loss %.4f)", best.step, best.loss)
+        notes = [note for note in (hook.finish(out_dir, write=accelerator.is_main_process) for hook in hooks) if note]
+        records = metrics.records if metrics else []
+        if metrics and records:
+            plot_loss_curve(records, out_dir / "loss.png")
+    finally:
+        if tracking:
+            accelerator.end_training()  # flushes and closes the trackers' files
     return LoopResult(
         steps=position.step,
         interrupted=interrupted,
@@ -278,6 +400,9 @@ def run_loop(
         last_eval=last_eval,
         main_process=accelerator.is_main_process,
         notes=notes,
+        best_step=best.step,
+        best_eval_loss=best.loss,
+        stopped_early=stopped_early,
     )
 
 

@@ -24,7 +24,7 @@ from ..report import summary
 from ..safe_files.atomic import write_text_atomically
 from ..state import active_adapters
 from .config import TrainConfig
-from .launch import make_accelerator, process_device, with_launch_precision
+from .launch import TRACKING_DIR, make_accelerator, process_device, with_launch_precision
 from .loop import run_loop
 
 log = logging.getLogger("lorakit.training")
@@ -41,6 +41,8 @@ class TrainResult:
     records: list[dict]
     main_process: bool = True  # False on a DDP run's other processes, which write no files
     notes: list[str] = field(default_factory=list)  # what variants report at the end (AdaLoRA's ranks)
+    best_step: int | None = None  # with save_best: the step whose adapter adapter_dir holds
+    stopped_early: bool = False
 
 
 @dataclass
@@ -99,6 +101,9 @@ def train(
     if not cfg.data:
         raise ConfigError("no training data: set data (--data FILE.jsonl)")
     check_output_dir(cfg)  # before the minutes of loading: an earlier run is never replaced unasked
+    if (cfg.early_stopping_patience or cfg.save_best) and not (cfg.valid_data or cfg.valid_ratio):
+        what = "early_stopping_patience" if cfg.early_stopping_patience else "save_best"
+        raise ConfigError(f"{what} compares evaluations: give validation data (--valid-data or --valid-ratio)")
     device = parse_device(resolve_device(cfg.device))
     require_device(str(device))  # a clear error before accelerate meets a missing GPU
     model_device = _device_type(loaded[0]) if loaded is not None else device.type
@@ -165,9 +170,14 @@ def train(
             write_text_atomically(
                 out_dir / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions)
             )
-        write_text_atomically(
-            out_dir / "result.json", json.dumps({"steps": loop.steps, "final_eval": final}, indent=2) + "\n"
-        )
+        result = {"steps": loop.steps, "final_eval": final}
+        if cfg.early_stopping_patience:
+            result["stopped_early"] = loop.stopped_early
+        if cfg.save_best or cfg.early_stopping_patience:
+            result["best_step"], result["best_eval_loss"] = loop.best_step, loop.best_eval_loss
+        if cfg.save_best:
+            result["adapter_step"] = loop.best_step if loop.best_step is not None else loop.steps
+        write_text_atomically(out_dir / "result.json", json.dumps(result, indent=2) + "\n")
     return TrainResult(
         out_dir,
         adapter_dir,
@@ -178,6 +188,8 @@ def train(
         loop.records,
         loop.main_process,
         loop.notes,
+        loop.best_step if cfg.save_best else None,
+        loop.stopped_early,
     )
 
 
@@ -185,7 +197,7 @@ def train(
 # checkpoints/ (the loop's): an overwriting run removes them first, so that none of the earlier
 # run's is left beside the new run's files (an interrupted run writes no adapter, a run without
 # validation data no predictions).
-EARLIER_OUTPUTS = ("adapter", "result.json", "eval_predictions.jsonl", "loss.png")
+EARLIER_OUTPUTS = ("adapter", "result.json", "eval_predictions.jsonl", "loss.png", TRACKING_DIR)
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
