@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,11 +45,13 @@ def generate_batch(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Completions of already-rendered ``prompts`` (chat template applied), in order.
 
     Prompts are left-padded so every row's answer starts at the same position; generation stops
-    at EOS (or the chat end-of-turn token) per row.
+    at EOS (or the chat end-of-turn token) per row. ``on_batch(n)`` is called after each batch
+    with the number of prompts it answered (for progress bars).
     """
     check_generation_settings(max_new_tokens, do_sample, temperature, top_p)
     was_training = model.training
@@ -73,6 +75,8 @@ def generate_batch(
             out = model.generate(**enc, **kwargs)
             new = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            if on_batch is not None:
+                on_batch(len(chunk))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

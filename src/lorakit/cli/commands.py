@@ -78,6 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pairs=pairs,
         max_examples=args.max_examples,
         max_new_tokens=args.max_new_tokens,
+        progress=True,  # tens of seconds on a CPU: a bar per phase (loss, answers) on stderr
     )
     predictions = result.pop("predictions", None)
     if args.json:
@@ -106,7 +107,11 @@ def _eval_per_rank(args: argparse.Namespace, model, names: list[str], examples, 
     for rank in ranks:
         with nested_rank(model, rank, names[0]):
             loss = eval_loss(
-                model, examples[: args.max_examples] if args.max_examples else examples, collate, args.batch_size
+                model,
+                examples[: args.max_examples] if args.max_examples else examples,
+                collate,
+                args.batch_size,
+                progress=True,
             )
         rows.append({"rank": rank, "loss": loss, "perplexity": perplexity(loss)})
     if args.json:
