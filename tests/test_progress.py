@@ -1,10 +1,14 @@
 """Issue 18: long phases show progress. Evaluation reports each batch (a callback, and a tqdm bar
-when asked)."""
+when asked), and `train` hands over the data summary before the training loop starts."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
+import lorakit
+from lorakit.training import run as run_module
 from lorakit.training.evaluate import eval_loss, evaluate
 
 from .test_generate_errors import _tokenizer
@@ -64,3 +68,54 @@ def test_a_progress_bar_shows_rate_and_eta(capsys):
     assert "eval loss" in err and "/2 [" in err and "batch/s" in err  # count, elapsed<ETA, rate
     eval_loss(tiny_llama(), _examples(8), _collate, batch_size=4)  # no bar unless asked
     assert capsys.readouterr().err == ""
+
+
+def test_train_hands_over_the_data_summary_before_the_loop_starts(tmp_path, monkeypatch):
+    events = []
+    stats = SimpleNamespace(summary=lambda: "8 examples", n_truncated=0, n_records=8)
+    monkeypatch.setattr(
+        run_module,
+        "prepare_data",
+        lambda cfg, tokenizer: run_module.PreparedData(_examples(8), [], [], _collate, stats),
+    )
+    real_loop = run_module.run_loop
+
+    def loop(*args, **kwargs):
+        events.append("loop")
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_loop", loop)
+    lorakit.train(
+        loaded=(tiny_llama(), None),
+        data="x",
+        output_dir=str(tmp_path / "run"),
+        device="cpu",
+        max_steps=1,
+        batch_size=4,
+        progress=False,
+        on_data=lambda s: events.append(s.summary()),
+    )
+    assert events == ["8 examples", "loop"]
+
+
+def test_cli_train_prints_the_data_summary_first(tmp_path, monkeypatch, capsys):
+    from lorakit.cli.main import main
+
+    def fake_train(config, on_data=None, **overrides):
+        on_data(SimpleNamespace(summary=lambda: "8 examples"))
+        print("TRAINING")
+        out = tmp_path / "run"
+        return SimpleNamespace(
+            main_process=True,
+            interrupted=False,
+            steps=1,
+            final_eval=None,
+            notes=[],
+            adapter_dir=out / "adapter",
+            output_dir=out,
+        )
+
+    monkeypatch.setattr("lorakit.training.train", fake_train)
+    assert main(["train", "--data", "d.jsonl"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("data: 8 examples\nTRAINING\n") and out.count("data: ") == 1

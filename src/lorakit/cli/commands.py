@@ -38,11 +38,13 @@ def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | N
 def cmd_train(args: argparse.Namespace) -> int:
     from ..training import train
 
-    result = train(args.config, **train_overrides(args))
+    # The data summary as soon as the data is read: before the training bar, not after the run.
+    result = train(
+        args.config, on_data=lambda stats: print(f"data: {stats.summary()}", flush=True), **train_overrides(args)
+    )
     if not result.main_process:  # a DDP run's other processes: the main one reports, once
         return 130 if result.interrupted else 0
-    print(f"\ndata: {result.stats.summary()}")
-    print(f"trained {result.steps} steps")
+    print(f"\ntrained {result.steps} steps")
     if result.interrupted:
         if result.steps:
             print(f"interrupted: checkpoint in {result.output_dir / 'checkpoints'}; continue with --resume")
