@@ -130,7 +130,11 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     from ..generate import check_generation_settings
 
     kwargs = dict(
-        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
     )
     check_generation_settings(**kwargs, flags=True)
     return kwargs
