@@ -164,12 +164,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
     from ..data.render import Renderer
+    from ..errors import ConfigError
 
     renderer = Renderer(tokenizer)
-    history: list[dict] = []
+    if args.system is not None and not renderer.chat:
+        raise ConfigError(
+            "--system needs a tokenizer with a chat template (the system message is a turn of it), "
+            "and this model's has none"
+        )
+    start = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history: list[dict] = list(start)
+    editing = _line_editing()
     print("lorakit chat — empty line or Ctrl-D to quit, /reset to clear the conversation")
     if not renderer.chat:
         print("(the tokenizer has no chat template: each message is answered on its own, without the earlier turns)")
+    if not editing:
+        print("(no line editing: Python's readline module is not available here)")
     while True:
         try:
             text = input("you> ").strip()
@@ -178,8 +188,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if not text:
             return 0
-        if text == "/reset":
-            history.clear()
+        if text == "/reset":  # the system message stays
+            history[:] = start
             continue
         history.append({"role": "user", "content": text})
         prompt = renderer.conversation_prompt(history)
@@ -190,6 +200,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print()
         history.append({"role": "assistant", "content": "".join(answer).strip()})
+
+
+def _line_editing() -> bool:
+    """Line editing and history (arrow keys, Ctrl-R) for ``input()``: importing ``readline`` turns
+    them on. False where the module is missing (Windows, some minimal Python builds)."""
+    try:
+        import readline  # noqa: F401 - imported for its effect on input()
+    except ImportError:
+        return False
+    return True
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
