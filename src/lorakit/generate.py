@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -13,7 +13,12 @@ from .errors import ConfigError, GenerationError
 
 
 def check_generation_settings(
-    max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, flags: bool = False
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    repetition_penalty: float = 1.0,
+    flags: bool = False,
 ) -> None:
     """Raise :class:`ConfigError` for settings transformers would reject (or that mean nothing),
     before any model is loaded or thread started. ``flags=True`` names them as the CLI's flags."""
@@ -33,6 +38,21 @@ def check_generation_settings(
         )
     if not 0 < top_p <= 1:
         raise ConfigError(f"{name('top_p')} must be in (0, 1], got {top_p!r}")
+    if isinstance(repetition_penalty, bool) or not repetition_penalty > 0:  # NaN included
+        raise ConfigError(
+            f"{name('repetition_penalty')} must be positive (1: no penalty, above 1: repeat less), "
+            f"got {repetition_penalty!r}"
+        )
+
+
+def _sampling_kwargs(do_sample: bool, temperature: float, top_p: float, repetition_penalty: float) -> dict:
+    """What ``model.generate`` gets beyond the defaults (so that default settings decode as before)."""
+    kwargs: dict = {}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    if repetition_penalty != 1.0:  # applies to greedy decoding too
+        kwargs.update(repetition_penalty=float(repetition_penalty))
+    return kwargs
 
 
 @torch.no_grad()
@@ -45,13 +65,16 @@ def generate_batch(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Completions of already-rendered ``prompts`` (chat template applied), in order.
 
     Prompts are left-padded so every row's answer starts at the same position; generation stops
-    at EOS (or the chat end-of-turn token) per row.
+    at EOS (or the chat end-of-turn token) per row. ``on_batch(n)`` is called after each batch
+    with the number of prompts it answered (for progress bars).
     """
-    check_generation_settings(max_new_tokens, do_sample, temperature, top_p)
+    check_generation_settings(max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -67,12 +90,13 @@ def generate_batch(
                 do_sample=do_sample,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop_token_ids(tokenizer),
+                **_sampling_kwargs(do_sample, temperature, top_p, repetition_penalty),
             )
-            if do_sample:
-                kwargs.update(temperature=temperature, top_p=top_p)
             out = model.generate(**enc, **kwargs)
             new = out[:, enc["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            if on_batch is not None:
+                on_batch(len(chunk))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -94,6 +118,7 @@ def stream_generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
 ) -> Iterator[str]:
     """Yield the answer's text piece by piece as tokens are generated (for terminals).
 
@@ -104,7 +129,7 @@ def stream_generate(
 
     from transformers import TextIteratorStreamer
 
-    check_generation_settings(max_new_tokens, do_sample, temperature, top_p)
+    check_generation_settings(max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -115,9 +140,8 @@ def stream_generate(
         streamer=streamer,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop_token_ids(tokenizer),
+        **_sampling_kwargs(do_sample, temperature, top_p, repetition_penalty),
     )
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
     failure: list[BaseException] = []
 
     def run() -> None:

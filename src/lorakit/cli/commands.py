@@ -55,11 +55,13 @@ def source_names(adapter_dirs: list[str]) -> list[tuple[str, str]]:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..training import train
 
-    result = train(args.config, **train_overrides(args))
+    # The data summary as soon as the data is read: before the training bar, not after the run.
+    result = train(
+        args.config, on_data=lambda stats: print(f"data: {stats.summary()}", flush=True), **train_overrides(args)
+    )
     if not result.main_process:  # a DDP run's other processes: the main one reports, once
         return 130 if result.interrupted else 0
-    print(f"\ndata: {result.stats.summary()}")
-    print(f"trained {result.steps} steps")
+    print(f"\ntrained {result.steps} steps")
     if result.interrupted:
         if result.steps:
             print(f"interrupted: checkpoint in {result.output_dir / 'checkpoints'}; continue with --resume")
@@ -95,6 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pairs=pairs,
         max_examples=args.max_examples,
         max_new_tokens=args.max_new_tokens,
+        progress=True,  # tens of seconds on a CPU: a bar per phase (loss, answers) on stderr
     )
     predictions = result.pop("predictions", None)
     if args.json:
@@ -123,7 +126,11 @@ def _eval_per_rank(args: argparse.Namespace, model, names: list[str], examples, 
     for rank in ranks:
         with nested_rank(model, rank, names[0]):
             loss = eval_loss(
-                model, examples[: args.max_examples] if args.max_examples else examples, collate, args.batch_size
+                model,
+                examples[: args.max_examples] if args.max_examples else examples,
+                collate,
+                args.batch_size,
+                progress=True,
             )
         rows.append({"rank": rank, "loss": loss, "perplexity": perplexity(loss)})
     if args.json:
@@ -140,7 +147,11 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     from ..generate import check_generation_settings
 
     kwargs = dict(
-        max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
     )
     check_generation_settings(**kwargs, flags=True)
     return kwargs
@@ -170,12 +181,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer, _ = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
     from ..data.render import Renderer
+    from ..errors import ConfigError
 
     renderer = Renderer(tokenizer)
-    history: list[dict] = []
+    if args.system is not None and not renderer.chat:
+        raise ConfigError(
+            "--system needs a tokenizer with a chat template (the system message is a turn of it), "
+            "and this model's has none"
+        )
+    start = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history: list[dict] = list(start)
+    editing = _line_editing()
     print("lorakit chat — empty line or Ctrl-D to quit, /reset to clear the conversation")
     if not renderer.chat:
         print("(the tokenizer has no chat template: each message is answered on its own, without the earlier turns)")
+    if not editing:
+        print("(no line editing: Python's readline module is not available here)")
     while True:
         try:
             text = input("you> ").strip()
@@ -184,8 +205,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if not text:
             return 0
-        if text == "/reset":
-            history.clear()
+        if text == "/reset":  # the system message stays
+            history[:] = start
             continue
         history.append({"role": "user", "content": text})
         prompt = renderer.conversation_prompt(history)
@@ -196,6 +217,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print()
         history.append({"role": "assistant", "content": "".join(answer).strip()})
+
+
+def _line_editing() -> bool:
+    """Line editing and history (arrow keys, Ctrl-R) for ``input()``: importing ``readline`` turns
+    them on. False where the module is missing (Windows, some minimal Python builds)."""
+    try:
+        import readline  # noqa: F401 - imported for its effect on input()
+    except ImportError:
+        return False
+    return True
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -76,6 +76,7 @@ def run_demo(
         batch_size=8,
         pairs=pairs,
         max_new_tokens=DEMO_TRAINING["max_new_tokens"],
+        progress=True,  # tens of seconds on a CPU: a bar per phase (on stderr), as training shows
     )
 
     say(f"4/4 fine-tuning LoRA (r={DEMO_TRAINING['r']}, all linear layers) for {steps} steps")

@@ -57,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
         cmd.add_argument("--temperature", type=float, default=0.7)
         cmd.add_argument("--top-p", type=float, default=0.9)
+        cmd.add_argument(
+            "--repetition-penalty",
+            type=float,
+            default=1.0,
+            help="penalise tokens already in the text: 1 none (default), above 1 repeat less (e.g. 1.1 to 1.3); "
+            "applies to greedy decoding too",
+        )
+        if name == "chat":
+            cmd.add_argument(
+                "--system",
+                default=None,
+                metavar="TEXT",
+                help="system message at the start of the conversation (through the chat template; kept by /reset)",
+            )
         cmd.add_argument("--seed", type=int, default=0)
     add_arith_parsers(sub)
     return parser

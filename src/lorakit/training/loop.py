@@ -341,7 +341,16 @@ def run_loop(
             guard.release()  # after the step's metrics line, which a resumed run does not write again
             if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < n_steps and eval_examples:
                 last_eval = _evaluate_and_log(
-                    accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step
+                    accelerator,
+                    wrapped,
+                    tokenizer,
+                    cfg,
+                    collate,
+                    eval_examples,
+                    eval_pairs,
+                    metrics,
+                    position.step,
+                    progress=progress,
                 )
                 stopped_early = judge(last_eval)
             if cfg.save_every and position.step % cfg.save_every == 0 and accelerator.is_main_process:
@@ -376,7 +385,16 @@ def run_loop(
         if not interrupted and eval_examples and not stopped_early:  # an early stop has just evaluated
             try:
                 last_eval = _evaluate_and_log(
-                    accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step
+                    accelerator,
+                    wrapped,
+                    tokenizer,
+                    cfg,
+                    collate,
+                    eval_examples,
+                    eval_pairs,
+                    metrics,
+                    position.step,
+                    progress=progress,
                 )
                 judge(last_eval)
             except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
@@ -481,8 +499,11 @@ def _batch_stream(
         epoch, consumed = epoch + 1, 0
 
 
-def _evaluate_and_log(accelerator, model, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, step) -> dict:
-    # Every process evaluates its share of the batches; all get the gathered result.
+def _evaluate_and_log(
+    accelerator, model, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, step, progress: bool = True
+) -> dict:
+    # Every process evaluates its share of the batches; all get the gathered result. The main
+    # process shows its bars (the final evaluation takes tens of seconds), as it does the training bar.
     result = evaluate(
         accelerator.unwrap_model(model),
         tokenizer,
@@ -494,6 +515,7 @@ def _evaluate_and_log(accelerator, model, tokenizer, cfg, collate, eval_examples
         max_new_tokens=cfg.max_new_tokens,
         device=accelerator.device,
         accelerator=accelerator,
+        progress=progress and accelerator.is_main_process,
     )
     if metrics:
         metrics.add({"step": step, **{f"eval_{k}": v for k, v in result.items() if k != "predictions"}})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,13 +89,15 @@ def train(
     *,
     loaded: tuple | None = None,
     progress: bool = True,
+    on_data: Callable[[Any], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune a LoRA adapter as ``config`` says (a TrainConfig, a dict, or a YAML/JSON path;
     keyword ``overrides`` such as ``model="smollm2-135m"`` or ``lr=1e-4`` win).
 
     Pass ``loaded=(model, tokenizer)`` to train an already loaded model instead of loading
-    ``config.model``.
+    ``config.model``. ``on_data(stats)`` is called with the training data's statistics
+    (``stats.summary()`` is one line) as soon as the data is read, before training starts.
     """
     cfg = TrainConfig.from_sources(config.to_dict() if isinstance(config, TrainConfig) else config, **overrides)
     cfg = with_launch_precision(cfg)  # what the run's config file then records
@@ -125,6 +128,8 @@ def train(
             )
     data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
+    if on_data is not None and accelerator.is_main_process:  # under DDP: told once
+        on_data(data.stats)
     if data.stats.n_truncated:
         log.warning(
             "%d of %d training examples were longer than max_length=%d and were truncated",
