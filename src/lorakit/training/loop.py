@@ -243,6 +243,12 @@ def run_loop(
     unchecked = True  # the first step looks for trainable parameters backward never reached
     batches = _batch_stream(len(train_examples), cfg, world, rank, position)
 
+    def evaluate_now() -> dict:
+        """Evaluate at the current step, logged to metrics.jsonl and the trackers."""
+        return _evaluate_and_log(
+            accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step, progress
+        )
+
     def checkpoint(rng: dict | None = None) -> Path:
         extra = {"adalora": {}}  # the key older checkpoints always had
         if cfg.early_stopping_patience or cfg.save_best:
@@ -340,18 +346,7 @@ def run_loop(
                 )
             guard.release()  # after the step's metrics line, which a resumed run does not write again
             if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < n_steps and eval_examples:
-                last_eval = _evaluate_and_log(
-                    accelerator,
-                    wrapped,
-                    tokenizer,
-                    cfg,
-                    collate,
-                    eval_examples,
-                    eval_pairs,
-                    metrics,
-                    position.step,
-                    progress=progress,
-                )
+                last_eval = evaluate_now()
                 stopped_early = judge(last_eval)
             if cfg.save_every and position.step % cfg.save_every == 0 and accelerator.is_main_process:
                 checkpoint()
@@ -384,18 +379,7 @@ def run_loop(
     try:
         if not interrupted and eval_examples and not stopped_early:  # an early stop has just evaluated
             try:
-                last_eval = _evaluate_and_log(
-                    accelerator,
-                    wrapped,
-                    tokenizer,
-                    cfg,
-                    collate,
-                    eval_examples,
-                    eval_pairs,
-                    metrics,
-                    position.step,
-                    progress=progress,
-                )
+                last_eval = evaluate_now()
                 judge(last_eval)
             except KeyboardInterrupt:  # training is done: Ctrl-C skips the evaluation, not the adapter
                 log.warning("final evaluation interrupted; the trained adapter is still saved")
