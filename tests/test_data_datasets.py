@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -305,3 +306,37 @@ def test_lorakit_train_on_a_saved_dataset_dict(tmp_path, monkeypatch, capsys, ch
     assert (
         len((out / "eval_predictions.jsonl").read_text().splitlines()) == 1
     )  # the test split, as there is no validation
+
+
+def test_lorakit_eval_on_a_saved_dataset_dict(tmp_path, monkeypatch, capsys, chat_tok):
+    """``lorakit eval --data FOLDER --data-split ... --data-columns ...``: the split and the
+    columns are read as train reads them, and a wrong split is refused before the model loads."""
+    import lorakit.models
+    from lorakit.cli.main import main
+
+    from .tiny import tiny_llama
+
+    loads = []
+
+    def load(*args, **kwargs):
+        loads.append(args)
+        return tiny_llama(vocab=len(chat_tok)), chat_tok
+
+    monkeypatch.setattr(lorakit.models, "load_model", load)
+    import lorakit.data
+
+    tokenized, tokenize = [], lorakit.data.tokenize_records
+    monkeypatch.setattr(
+        lorakit.data,
+        "tokenize_records",
+        lambda records, *a, **k: tokenized.append(records) or tokenize(records, *a, **k),
+    )
+    saved = _saved(tmp_path / "qa", {"train": QA, "test": QA[:2]})
+    argv = ["eval", "--data", str(saved), "--device", "cpu", "--no-generate", "--json"]
+    capsys.readouterr()  # save_to_disk's progress bars
+    assert main([*argv, "--data-split", "validation"]) == 2
+    assert "no split 'validation'" in capsys.readouterr().err and not loads
+    assert main([*argv, "--data-split", "test", "--data-columns", "prompt=question,completion=answer"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert loads and math.isfinite(result["loss"])
+    assert [(r.prompt, r.completion) for r in tokenized[0]] == [(q["question"], q["answer"]) for q in QA[:2]]

@@ -80,10 +80,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..data import Collator, eval_pairs, read_records, tokenize_records
+    from ..data.readers import parse_columns
     from ..training.evaluate import evaluate
 
+    # The data first: a wrong file, split or column is reported before the model loads.
+    records = read_records(args.data, split=args.data_split, columns=parse_columns(args.data_columns))
     model, tokenizer, names = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
-    records = read_records(args.data)
     examples, _ = tokenize_records(records, tokenizer, max_length=args.max_length)
     if args.ranks:
         return _eval_per_rank(args, model, names, examples, Collator(tokenizer))

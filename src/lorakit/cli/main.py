@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(train)
 
     evaluate = sub.add_parser("eval", help="loss, perplexity and exact match of a model/adapter on a data file")
-    evaluate.add_argument("--data", required=True, help="JSONL/CSV/Parquet file to evaluate on")
+    evaluate.add_argument(
+        "--data", required=True, help="JSONL/CSV/Parquet file, `datasets` folder or cached dataset name to evaluate on"
+    )
+    evaluate.add_argument("--data-split", default=None, help="split of a DatasetDict (default: train)")
+    evaluate.add_argument(
+        "--data-columns", default=None, help="column mapping, e.g. prompt=question,completion=answer (as for train)"
+    )
     _add_model_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--max-length", type=int, default=512)
