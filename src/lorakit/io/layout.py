@@ -54,9 +54,10 @@ def strip_prefix(key: str) -> str:
     return key[len(PREFIX) :] if key.startswith(PREFIX) else key
 
 
-def split_factor_key(key: str) -> tuple[str, str] | None:
-    """``<path>.lora_A.weight`` -> (path, "lora_A"); None for other keys."""
-    for suffix, factor in factor_suffixes().items():
+def split_factor_key(key: str, suffixes: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """``<path>.lora_A.weight`` -> (path, "lora_A"); None for other keys. ``suffixes``:
+    ``factor_suffixes()``, gathered once by a caller that splits many keys."""
+    for suffix, factor in (suffixes or factor_suffixes()).items():
         if key.endswith(suffix):
             return key[: -len(suffix)], factor
     return None
@@ -69,8 +70,9 @@ def group_factors(
     keys without PEFT's ``base_model.model.`` prefix."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
+    suffixes = factor_suffixes()  # once per file, not once per tensor
     for key, value in weights.items():
-        split = split_factor_key(strip_prefix(key))
+        split = split_factor_key(strip_prefix(key), suffixes)
         if split is None:
             rest[strip_prefix(key)] = value
         else:

@@ -32,7 +32,7 @@ from ..kernels.casting import accumulation_dtype
 from ..layers import lora_class_for
 from ..layers.parameter import LoraParameter
 from ..targets import low_rank_config, named_base_modules, nested_path
-from .layout import PREFIX, group_factors, split_factor_key, strip_prefix
+from .layout import PREFIX, factor_suffixes, group_factors, split_factor_key, strip_prefix
 
 log = logging.getLogger("lorakit.io")
 
@@ -81,7 +81,8 @@ def convert_legacy_experts(
             targets[f"{path}.weight"] = plain.pop(path)  # a renamed layer that is now a bare 2-D weight
     if not targets and not moved:  # nothing transformers moves: the load says which modules are missing
         return config, weights
-    out = {k: v for k, v in weights.items() if split_factor_key(strip_prefix(k)) is None}
+    suffixes = factor_suffixes()
+    out = {k: v for k, v in weights.items() if split_factor_key(strip_prefix(k), suffixes) is None}
     for path, (A, B) in {**plain, **_nest_paths(modules, targets)}.items():
         out[PREFIX + path + ".lora_A.weight"], out[PREFIX + path + ".lora_B.weight"] = A, B
     ranks = {path: A.shape[0] for path, (A, _) in plain.items()}

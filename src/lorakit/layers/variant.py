@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..errors import AdapterFileError
+
 
 class Variant:
     """Plain LoRA, and the protocol every variant answers (override what differs).
@@ -92,22 +94,22 @@ class Variant:
         """Add this variant's state to ``layer`` right after A and B were attached; nothing
         here may fail on user input (``inject.commit``)."""
 
+    def holders(self, layer: Any, name: str) -> list[Any]:
+        """This variant's containers (``slots``) on ``layer`` that hold adapter ``name``."""
+        modules = layer.__dict__["_modules"]
+        return [modules[slot] for slot in self.slots if slot in modules and name in modules[slot]]
+
     def detach(self, layer: Any, name: str) -> None:
         """Remove this variant's state of adapter ``name`` from ``layer``."""
-        for slot in self.slots:
-            holder = layer.__dict__["_modules"].get(slot)
-            if holder is not None and name in holder:
-                del holder[name]
+        for holder in self.holders(layer, name):
+            del holder[name]
 
     def trained_tensors(self, layer: Any, name: str) -> list[torch.Tensor]:
         """The tensors of adapter ``name`` on ``layer``: the adapter's parameters, frozen or not."""
         tensors = [layer.lora_A[name], layer.lora_B[name]]
-        for slot in self.slots:
-            holder = layer.__dict__["_modules"].get(slot)
-            if holder is not None and name in holder:
-                tensors += (
-                    list(holder[name].parameters()) if isinstance(holder[name], torch.nn.Module) else [holder[name]]
-                )
+        for holder in self.holders(layer, name):
+            own = holder[name]
+            tensors += list(own.parameters()) if isinstance(own, torch.nn.Module) else [own]
         return tensors
 
     def rank(self, layer: Any, name: str) -> int:
@@ -221,8 +223,6 @@ class Variant:
         or foreign one."""
         foreign = sorted(set(found) - {"lora_A", "lora_B"} - set(self.file_slots))
         if foreign:
-            from ..errors import AdapterFileError
-
             raise AdapterFileError(
                 f"the file has {foreign} tensors for {layer_plan.path!r}, which a {self.name!r} "
                 "adapter does not have; its config names another variant than its weights"
