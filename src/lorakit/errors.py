@@ -43,3 +43,11 @@ class DataError(LorakitError, ValueError):
 
 class GenerationError(LorakitError, RuntimeError):
     """Text generation failed while it ran (in the streaming thread, say)."""
+
+
+class ServerBusyError(LorakitError, RuntimeError):
+    """The serving engine's queue is full; the client should retry later (HTTP 429)."""
+
+
+class AdapterLoadError(LorakitError, RuntimeError):
+    """A served adapter could not be brought into memory in time, or its files failed to load (HTTP 503)."""
