@@ -21,7 +21,7 @@ class SamplingParams:
     """How one request samples. temperature 0 is greedy; ``seed`` makes a sampled request
     repeatable whatever else is in the batch (each row has its own generator)."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: as many as the model's context (and the server's cap) allow
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None

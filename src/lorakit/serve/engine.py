@@ -1,0 +1,383 @@
+"""`Engine`: one thread that owns the model and decodes every running request together.
+
+Each step: take new submissions, drop cancelled rows, admit waiting requests (``scheduler.py``),
+prefill them as one left-padded batch with their adapters routed per row, sample their first
+tokens, join them to the running batch (``batch_state.py``), then decode one token for every
+running row and let finished rows leave. Requests for different adapters share every forward:
+the adapter pool (``adapter_pool.py``) routes each row to its adapter's device slot.
+
+Other threads only call ``submit`` (and ``stats``); answers come back through each request's
+``RequestHandle``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data.render import Renderer
+from ..data.stop_tokens import stop_token_ids
+from ..errors import AdapterNameError, ConfigError, ServerBusyError
+from .batch_state import BatchState, check_cache_kind
+from .detokenize import TextStream
+from .requests import Delta, EngineObserver, GenerationRequest, NullObserver, RequestHandle, SamplingParams
+from .sampling import check_sampling, next_tokens, row_generator
+from .scheduler import Admitted, EngineLimits, Scheduler
+
+__all__ = ["Engine", "EngineLimits"]
+
+
+@dataclass
+class _Row:
+    """A running request: its place in the batch is its index in ``Engine._rows``."""
+
+    handle: RequestHandle
+    route: object
+    params: SamplingParams
+    generator: torch.Generator | None
+    text: TextStream
+    stop_ids: set[int]
+    prompt_tokens: int
+    arrived: float
+    completion_tokens: int = 0
+    last_token: int = 0
+
+
+class Engine:
+    """Continuous batching over one model and its adapter pool; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        pool,
+        *,
+        model_id: str,
+        limits: EngineLimits | None = None,
+        observer: EngineObserver | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.model_id = model_id
+        self.limits = limits or EngineLimits()
+        self.observer = observer or NullObserver()
+        self.device = next(model.parameters()).device
+        self.renderer = Renderer(tokenizer)
+        self.eos_ids = set(stop_token_ids(tokenizer))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_context = getattr(model.config, "max_position_embeddings", None) or 10**9
+        # transformers renamed the forward's cache argument (past_key_values -> cache).
+        self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.scheduler = Scheduler(self.limits, pool, _kv_bytes_per_token(model))
+        self._incoming: queue.Queue[RequestHandle] = queue.Queue()
+        self._pending = 0  # submitted and not yet started (incoming + waiting), for the 429 check
+        self._pending_lock = threading.Lock()
+        self._rows: list[_Row] = []
+        self._batch: BatchState | None = None
+        self._reserved = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seeds = torch.Generator().manual_seed(seed)
+        self.failure: BaseException | None = None
+
+    # --- prompts ---------------------------------------------------------------------------
+    def completion_ids(self, prompt: str | list[int]) -> list[int]:
+        """The token ids of a completions prompt: ids pass through; text is tokenized with the
+        tokenizer's special tokens (BOS where it adds one), as vLLM tokenizes it."""
+        if isinstance(prompt, list):
+            vocab = len(self.tokenizer)
+            if not prompt or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+                raise ConfigError(f"a token-id prompt must be a non-empty list of ids in [0, {vocab})")
+            return list(prompt)
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation rendered for the assistant's next turn exactly as training renders it
+        (the chat template, BOS text included), tokenized without adding special tokens."""
+        if not messages or messages[-1].get("role") not in ("user", "system", "tool"):
+            raise ConfigError("messages must be a non-empty list ending with a user message")
+        text = self.renderer.conversation_prompt(messages)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # --- submitting ------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue ``request``; raises ConfigError (bad values, over the caps), AdapterNameError (an
+        adapter the pool does not know) or ServerBusyError (the queue is full)."""
+        if self.failure is not None or (self._thread is not None and not self._thread.is_alive()):
+            raise ServerBusyError(f"the engine stopped: {self.failure or 'shut down'}")
+        prompt = len(request.prompt_ids)
+        if prompt == 0:
+            raise ConfigError("the prompt is empty")
+        if request.sampling.max_tokens is None:  # as many as the context and the server's cap allow
+            request.sampling.max_tokens = max(1, min(self.limits.max_tokens, self.max_context - prompt))
+        check_sampling(request.sampling, self.limits.max_tokens)
+        if prompt > self.limits.max_prompt_tokens:
+            raise ConfigError(
+                f"the prompt has {prompt} tokens, over this server's limit of {self.limits.max_prompt_tokens}"
+            )
+        if prompt + request.sampling.max_tokens > self.max_context:
+            raise ConfigError(
+                f"prompt ({prompt} tokens) + max_tokens ({request.sampling.max_tokens}) is over the model's "
+                f"context of {self.max_context} tokens; ask for fewer tokens"
+            )
+        if request.adapter is not None and request.adapter not in self.pool.names():
+            raise AdapterNameError(f"the model {request.adapter!r} does not exist")
+        with self._pending_lock:
+            if self._pending >= self.limits.max_queue:
+                raise ServerBusyError(f"{self._pending} requests are waiting already; retry later")
+            self._pending += 1
+        handle = RequestHandle(request, loop)
+        self._incoming.put(handle)
+        return handle
+
+    def stats(self) -> dict:
+        return {"running": len(self._rows), "waiting": self._pending, "alive": self.is_alive()}
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- the thread ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Check the model can be batched (one token's prefill) and start the engine thread."""
+        self._warm_up()
+        self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _warm_up(self) -> None:
+        from transformers import DynamicCache
+
+        route = self.pool.acquire(None)
+        try:
+            cache = DynamicCache(config=self.model.config)
+            ids = torch.tensor([[self.pad_id]], device=self.device)
+            self._forward(ids, torch.ones_like(ids), torch.zeros_like(ids), cache, [route])
+            check_cache_kind(cache)
+        finally:
+            self.pool.release(route)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self._step()
+                if not busy:
+                    self._wait_for_work()
+        except BaseException as exc:  # the engine must not die silently: every row learns why
+            self.failure = exc
+            self._fail_everything(f"the engine failed: {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._fail_everything("the server is shutting down")
+
+    def _wait_for_work(self) -> None:
+        """Sleep until a request arrives (or briefly, while waiting requests wait for adapters)."""
+        timeout = 0.005 if self.scheduler.queue else 0.1
+        try:
+            handle = self._incoming.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self.scheduler.add(handle)
+
+    def _step(self) -> bool:
+        """One iteration; False when there was nothing to do."""
+        started = time.perf_counter()
+        while True:
+            try:
+                self.scheduler.add(self._incoming.get_nowait())
+            except queue.Empty:
+                break
+        for handle, delta in self.scheduler.drop_finished():
+            self._unqueue()
+            self._send_last(handle, delta, None, time.monotonic())
+        self._leave_all([i for i, row in enumerate(self._rows) if row.handle.cancelled.is_set()], "abort")
+        admitted, failed = self.scheduler.admit(len(self._rows), self._reserved)
+        for handle, delta in failed:
+            self._unqueue()
+            self._send_last(handle, delta, handle.request.adapter, time.monotonic())
+        prefill = decode = 0
+        if admitted:
+            prefill = self._prefill(admitted)
+        if self._rows:
+            decode = len(self._rows)
+            self._decode()
+        if not (admitted or decode):
+            return bool(failed)
+        self.observer.step(len(self._rows), len(self.scheduler.queue), prefill, decode, time.perf_counter() - started)
+        return True
+
+    # --- forwards --------------------------------------------------------------------------
+    def _forward(self, ids, mask, positions, cache, routes) -> torch.Tensor:
+        """Last-position logits (rows, vocab) of one forward with row i routed to routes[i]."""
+        self.pool.set_rows(routes)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_argument: cache},
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1, :]
+
+    def _prefill(self, admitted: list[Admitted]) -> int:
+        from transformers import DynamicCache
+
+        prompts = [a.handle.request.prompt_ids for a in admitted]
+        length = max(map(len, prompts))
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, length - len(prompt) :] = torch.tensor(prompt)
+            mask[i, length - len(prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        rows = [self._new_row(a) for a in admitted]
+        for a in admitted:
+            self._unqueue()
+            self._reserved += self.scheduler.reserved_bytes(a.handle)
+        try:
+            logits = self._forward(ids, mask, positions, cache, [r.route for r in rows])
+        except Exception as exc:  # out of memory, say: these rows fail, the engine goes on
+            for row in rows:
+                self._finish(row, "error", "", f"the prefill failed: {type(exc).__name__}: {exc}")
+            return 0
+        joined = BatchState(cache, mask)
+        if self._batch is None:
+            self._batch = joined
+        else:
+            self._batch.join(joined)
+        start = len(self._rows)
+        self._rows.extend(rows)
+        self._emit(logits, range(start, len(self._rows)))
+        return int(mask.numel())
+
+    def _decode(self) -> None:
+        batch = self._batch
+        ids = torch.tensor([[row.last_token] for row in self._rows], device=self.device)
+        mask, positions = batch.step_inputs()
+        try:
+            logits = self._forward(ids, mask, positions, batch.cache, [r.route for r in self._rows])
+        except Exception as exc:
+            self._leave_all(
+                list(range(len(self._rows))), "error", f"the decode step failed: {type(exc).__name__}: {exc}"
+            )
+            return
+        self._emit(logits, range(len(self._rows)))
+
+    # --- rows ------------------------------------------------------------------------------
+    def _new_row(self, admitted: Admitted) -> _Row:
+        request = admitted.handle.request
+        params = request.sampling
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
+        return _Row(
+            handle=admitted.handle,
+            route=admitted.route,
+            params=params,
+            generator=row_generator(params, self.device, self._seeds),
+            text=TextStream(self.tokenizer, params.stop),
+            stop_ids=stop_ids,
+            prompt_tokens=len(request.prompt_ids),
+            arrived=admitted.arrived,
+        )
+
+    def _emit(self, logits: torch.Tensor, indices: range) -> None:
+        """Sample the rows ``indices`` from their logits (one row each, same order), send their
+        text, and let the rows that finished leave."""
+        rows = [self._rows[i] for i in indices]
+        tokens = next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        finished: dict[int, tuple[str, str]] = {}  # row index -> (finish reason, its last text)
+        for i, row, token in zip(indices, rows, tokens):
+            row.completion_tokens += 1
+            row.last_token = token
+            if token in row.stop_ids:  # EOS or end of turn: the token ends the text, not part of it
+                finished[i] = ("stop", "")
+                continue
+            piece = row.text.add(token)
+            if row.text.stopped:
+                finished[i] = ("stop", piece)
+            elif row.completion_tokens >= row.params.max_tokens or row.prompt_tokens + row.completion_tokens >= (
+                self.max_context
+            ):
+                finished[i] = ("length", piece)
+            else:
+                row.handle.push(Delta(piece, [token], row.prompt_tokens, row.completion_tokens))
+        self._leave(finished)
+
+    def _leave(self, finished: dict[int, tuple[str, str]], error: str | None = None) -> None:
+        """Rows ``finished`` (index -> (finish reason, text not sent yet)) get their last delta and
+        leave the batch."""
+        if not finished:
+            return
+        for i, (reason, piece) in finished.items():
+            self._finish(self._rows[i], reason, piece, error)
+        keep = [i for i in range(len(self._rows)) if i not in finished]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._batch = None
+        else:
+            self._batch.keep(torch.tensor(keep, device=self.device))
+
+    def _leave_all(self, indices: list[int], reason: str, error: str | None = None) -> None:
+        self._leave({i: (reason, "") for i in indices}, error)
+
+    def _finish(self, row: _Row, reason: str, piece: str, error: str | None = None) -> None:
+        """Send a row's last delta and give back its slot and KV reservation."""
+        text = piece + (row.text.finish() if reason in ("stop", "length") else "")
+        token = [row.last_token] if reason in ("stop", "length") else []
+        delta = Delta(text, token, row.prompt_tokens, row.completion_tokens, reason, error, 500 if error else None)
+        self._reserved -= self.scheduler.reserved_bytes(row.handle)
+        self.pool.release(row.route)
+        self._send_last(row.handle, delta, row.handle.request.adapter, row.arrived)
+
+    def _send_last(self, handle: RequestHandle, delta: Delta, adapter: str | None, arrived: float) -> None:
+        handle.push(delta)
+        self.observer.request_finished(
+            adapter, delta.finish_reason, delta.prompt_tokens, delta.completion_tokens, time.monotonic() - arrived
+        )
+
+    def _unqueue(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    def _fail_everything(self, message: str) -> None:
+        self._leave_all(list(range(len(self._rows))), "error", message)
+        while True:
+            try:
+                self.scheduler.add(self._incoming.get_nowait())
+            except queue.Empty:
+                break
+        for item in list(self.scheduler.queue):
+            request = item.handle.request
+            self._send_last(
+                item.handle,
+                Delta("", [], len(request.prompt_ids), 0, "error", message, 503),
+                request.adapter,
+                item.arrived,
+            )
+        self.scheduler.queue.clear()
+
+
+def _kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of keys and values one token keeps in the cache (every layer), from the config."""
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", 1)
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize

@@ -1,0 +1,124 @@
+"""Which waiting requests join the running batch at the next step (iteration-level batching).
+
+Requests wait in arrival order. At each step the scheduler walks them oldest first and admits
+those that fit: rows under ``max_num_seqs``, the prefill under ``max_prefill_tokens`` (padded
+tokens: rows are prefilled together, left-padded to the longest prompt), the KV bytes reserved by
+running rows (prompt + max_tokens each) under ``kv_cache_gb``, and the request's adapter in a
+device slot. A request whose adapter is not resident yet stays waiting without holding up the
+requests behind it; the oldest of them asks the pool to drain a slot for it (``urgent``), so a
+cold adapter gets one as soon as that slot's rows finish instead of starving behind busy ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..errors import AdapterLoadError, LorakitError
+from .requests import Delta, RequestHandle
+
+
+@dataclass
+class EngineLimits:
+    """What one engine accepts and holds at once (the server's command-line limits)."""
+
+    max_num_seqs: int = 32  # rows decoded together
+    max_queue: int = 256  # requests waiting to start; beyond it the server answers 429
+    max_prompt_tokens: int = 4096  # a longer prompt is refused (400)
+    max_tokens: int = 4096  # the largest max_tokens a request may ask (400 above it)
+    max_prefill_tokens: int = 8192  # padded prompt tokens prefilled in one step
+    kv_cache_gb: float | None = None  # KV bytes running rows may reserve (None: no limit)
+    adapter_load_timeout: float = 30.0  # seconds a request waits for its adapter before a 503
+    urgent_after: float = 0.5  # seconds the oldest waiting request waits before a slot is drained for it
+
+
+@dataclass
+class Waiting:
+    """A submitted request that has not started yet."""
+
+    handle: RequestHandle
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Admitted:
+    handle: RequestHandle
+    route: object
+    arrived: float
+
+
+class Scheduler:
+    """The waiting queue and the admission decision (engine thread only, apart from ``waiting``)."""
+
+    def __init__(self, limits: EngineLimits, pool, kv_bytes_per_token: int) -> None:
+        self.limits = limits
+        self.pool = pool
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.queue: deque[Waiting] = deque()
+
+    def add(self, handle: RequestHandle) -> None:
+        self.queue.append(Waiting(handle))
+
+    def reserved_bytes(self, handle: RequestHandle) -> int:
+        request = handle.request
+        return (len(request.prompt_ids) + request.sampling.max_tokens) * self.kv_bytes_per_token
+
+    def drop_finished(self) -> list[tuple[RequestHandle, Delta]]:
+        """Take out waiting requests that were cancelled or waited too long for their adapter;
+        returns each with the last delta it gets."""
+        now = time.monotonic()
+        kept: deque[Waiting] = deque()
+        dropped = []
+        for item in self.queue:
+            request = item.handle.request
+            prompt = len(request.prompt_ids)
+            if item.handle.cancelled.is_set():
+                dropped.append((item.handle, Delta("", [], prompt, 0, finish_reason="abort")))
+            elif now - item.arrived > self.limits.adapter_load_timeout:
+                message = (
+                    f"adapter {request.adapter!r} could not be loaded within "
+                    f"{self.limits.adapter_load_timeout:g} s; retry later"
+                )
+                dropped.append((item.handle, Delta("", [], prompt, 0, "error", message, 503)))
+            else:
+                kept.append(item)
+        self.queue = kept
+        return dropped
+
+    def admit(self, running: int, reserved: int) -> tuple[list[Admitted], list[tuple[RequestHandle, Delta]]]:
+        """The requests to prefill now (with their pinned adapter routes), and those that failed
+        (their adapter's files could not be read)."""
+        limits = self.limits
+        budget = None if limits.kv_cache_gb is None else int(limits.kv_cache_gb * 2**30)
+        admitted: list[Admitted] = []
+        failed = []
+        longest = 0
+        urgent_asked = False
+        now = time.monotonic()
+        for item in list(self.queue):
+            if running + len(admitted) >= limits.max_num_seqs:
+                break
+            request = item.handle.request
+            need = self.reserved_bytes(item.handle)
+            if budget is not None and reserved + need > budget and (running or admitted):
+                break  # oldest first: later requests do not jump a request that waits for memory
+            prompt = len(request.prompt_ids)
+            if admitted and max(longest, prompt) * (len(admitted) + 1) > limits.max_prefill_tokens:
+                break
+            urgent = not urgent_asked and now - item.arrived >= limits.urgent_after
+            try:
+                route = self.pool.acquire(request.adapter, urgent=urgent)
+            except LorakitError as exc:
+                self.queue.remove(item)
+                detail = str(exc) if isinstance(exc, AdapterLoadError) else f"adapter could not be loaded: {exc}"
+                failed.append((item.handle, Delta("", [], prompt, 0, "error", detail, 503)))
+                continue
+            urgent_asked = urgent_asked or (route is None and request.adapter is not None)
+            if route is None:
+                continue  # its adapter is on its way; the requests behind it may go ahead
+            self.queue.remove(item)
+            admitted.append(Admitted(item.handle, route, item.arrived))
+            reserved += need
+            longest = max(longest, prompt)
+        return admitted, failed

@@ -1,0 +1,148 @@
+"""The engine's parts on their own: sampling, the text stream with stop strings, the batch cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.serve.batch_state import BatchState
+from lorakit.serve.detokenize import TextStream
+from lorakit.serve.requests import SamplingParams
+from lorakit.serve.sampling import _nucleus, check_sampling, next_tokens, row_generator
+
+
+class CharTokenizer:
+    """Token i is the i-th character of ``alphabet``: decoding is joining (enough for stop strings)."""
+
+    def __init__(self, alphabet: str) -> None:
+        self.alphabet = alphabet
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.alphabet[i] for i in ids)
+
+    def ids(self, text: str) -> list[int]:
+        return [self.alphabet.index(c) for c in text]
+
+
+def _stream_all(text: str, stop: list[str]) -> tuple[list[str], TextStream]:
+    tok = CharTokenizer("abcdefghijklmnopqrstuvwxyz .!")
+    stream = TextStream(tok, stop)
+    pieces = []
+    for i in tok.ids(text):
+        pieces.append(stream.add(i))
+        if stream.stopped:
+            break
+    pieces.append(stream.finish())
+    return pieces, stream
+
+
+def test_text_stream_cuts_at_the_stop_string_and_holds_back_its_prefix():
+    pieces, stream = _stream_all("hello world. bye", ["world."])
+    assert "".join(pieces) == "hello "
+    assert stream.stopped
+    # "w", "wo"... were held back while they could still become the stop string.
+    assert all("w" not in p for p in pieces)
+
+
+def test_text_stream_releases_a_prefix_that_did_not_become_a_stop_string():
+    pieces, stream = _stream_all("say wow now", ["world"])
+    assert "".join(pieces) == "say wow now"
+    assert not stream.stopped
+
+
+def test_text_stream_earliest_of_several_stop_strings():
+    pieces, _ = _stream_all("abc def ghi", ["ghi", "def"])
+    assert "".join(pieces) == "abc "
+
+
+def test_text_stream_holds_back_an_incomplete_character():
+    class Bytes:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(Bytes(), [])
+    euro = "€".encode()
+    assert [stream.add(b) for b in euro] == ["", "", "€"]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("max_tokens", 0), ("max_tokens", 10_000), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5), ("seed", 1.5)],
+)
+def test_sampling_values_that_mean_nothing_are_refused(field, value):
+    with pytest.raises(ConfigError, match=field):
+        check_sampling(SamplingParams(**{field: value}), max_tokens_cap=4096)
+
+
+def test_greedy_takes_the_first_maximum():
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    assert next_tokens(logits, [SamplingParams(temperature=0)] * 2, [None, None]) == [1, 0]
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    kept = _nucleus(probs.log(), 0.79).isfinite().tolist()
+    assert kept == [True, True, False, False]  # 0.5 + 0.3 reaches 0.79
+    kept = _nucleus(probs.log(), 0.81).isfinite().tolist()
+    assert kept == [True, True, True, False]
+    assert _nucleus(probs.log(), 0.1).isfinite().tolist() == [True, False, False, False]
+
+
+def test_a_seeded_row_draws_the_same_tokens_whatever_shares_its_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+    fallback = torch.Generator().manual_seed(0)
+
+    alone = []
+    gen = row_generator(params, "cpu", fallback)
+    for _ in range(5):
+        alone.append(next_tokens(logits[1:2], [params], [gen])[0])
+    gen_batch = [
+        row_generator(SamplingParams(temperature=1.0), "cpu", fallback),
+        row_generator(params, "cpu", fallback),
+    ]
+    batched = []
+    for _ in range(5):
+        batched.append(next_tokens(logits[:2], [SamplingParams(temperature=1.0), params], gen_batch)[1])
+    assert alone == batched
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    params = SamplingParams(temperature=1.0, seed=0)
+    gen = row_generator(params, "cpu", torch.Generator())
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        counts[next_tokens(logits, [params], [gen])[0]] += 1
+    expected = torch.softmax(logits[0], -1) * 3000
+    assert torch.allclose(counts, expected, atol=90)  # about 4 standard deviations
+
+
+def _cache(rows: int, length: int, seed: int):
+    from transformers import DynamicCache
+
+    torch.manual_seed(seed)
+    cache = DynamicCache()
+    for layer in range(2):
+        cache.update(torch.randn(rows, 2, length, 4), torch.randn(rows, 2, length, 4), layer)
+    return cache
+
+
+def test_batch_join_pads_left_and_keep_trims_columns_only_padding_uses():
+    a = BatchState(_cache(2, 3, 0), torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    b = BatchState(_cache(1, 5, 1), torch.tensor([[0, 1, 1, 1, 1]]))
+    keys_b = b.cache.layers[0].keys.clone()
+    keys_a = a.cache.layers[1].keys.clone()
+    a.join(b)
+    assert a.mask.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1, 1, 1]]
+    assert a.positions.tolist() == [3, 2, 4]
+    assert torch.equal(a.cache.layers[0].keys[2], keys_b[0])
+    assert torch.equal(a.cache.layers[1].keys[0, :, 2:], keys_a[0])
+    assert not a.cache.layers[1].keys[0, :, :2].any()
+    a.keep(torch.tensor([1, 0]))  # the longest row leaves: two columns are padding everywhere
+    assert a.mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert torch.equal(a.cache.layers[1].keys[1], keys_a[0])
+    mask, positions = a.step_inputs()
+    assert mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]] and positions.tolist() == [[2], [3]]
