@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import sys
 import time
 
 import pytest
@@ -469,3 +470,31 @@ def test_metrics_parse_and_count(client, http):
     assert samples[("lorakit_generation_tokens_total", (("adapter", "alpha"),))] >= 4
     ok = ("lorakit_http_responses_total", (("route", "/v1/completions"), ("status", "200")))
     assert samples[ok] >= 1
+
+
+# ---- the load bench ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_load_bench_loses_nothing(url, stream, monkeypatch):
+    """bench/serve_load.py's measurement against the server (here over the double): every request
+    answered, spread over the base and every adapter, the token counts added up."""
+    import asyncio
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "serve_load", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    report = asyncio.run(
+        bench.run_load(f"{url}/v1", api_key=KEY, requests=20, concurrency=4, max_tokens=6, stream=stream, max_words=40)
+    )
+    assert report["statuses"] == {"200": 20}, report["errors"]
+    assert (report["sent"], report["answered"], report["lost"], report["server_errors"]) == (20, 20, 0, 0)
+    assert report["generated_tokens"] == 20 * 6  # ignore_eos: each answer is max_tokens long
+    assert report["per_model"] == {name: 4 for name in [BASE, *ADAPTERS]}
+    assert not bench.failed(report) and report["latency_p99_s"] >= report["latency_p50_s"] > 0
+    if stream:
+        assert report["first_token_p50_s"] is not None
