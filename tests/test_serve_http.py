@@ -498,3 +498,39 @@ def test_load_bench_loses_nothing(url, stream, monkeypatch):
     assert not bench.failed(report) and report["latency_p99_s"] >= report["latency_p50_s"] > 0
     if stream:
         assert report["first_token_p50_s"] is not None
+
+
+def test_explicit_nulls_mean_the_defaults(http, engine):
+    """Some clients send every field, unset ones as null: OpenAI reads them as the defaults."""
+    nulls = {key: None for key in ["temperature", "top_p", "n", "stream", "stop", "seed", "presence_penalty"]}
+    response = http.post("/v1/completions", json={"model": BASE, "prompt": "Hello there!", "max_tokens": None, **nulls})
+    assert response.status_code == 200, response.text
+    sampling = engine.submitted[-1].sampling
+    assert (sampling.temperature, sampling.top_p, sampling.stop) == (1.0, 1.0, [])
+    assert sampling.max_tokens == engine.limits.max_tokens  # no cap asked: the server's
+    assert http.post("/v1/completions", json={"model": BASE, "prompt": "x", "stop": ["a"] * 17}).status_code == 400
+
+
+def test_unload_during_traffic_lets_running_requests_finish(tokenizer, tmp_path):
+    root = tmp_path / "adapters"
+    _adapter_dir(root, "busy")
+    slow = EchoEngine(tokenizer, model_id=BASE, step_seconds=0.02)
+    slow.pool = type(slow.pool)(base_dir=root)
+    slow.start()
+    try:
+        app = build_app(slow, allow_runtime_adapters=True, adapter_dir=root)
+        with running_server(app) as url, httpx.Client(base_url=url, timeout=10) as http:
+            assert (
+                http.post("/v1/load_lora_adapter", json={"lora_name": "busy", "lora_path": "busy"}).status_code == 200
+            )
+            body = {"model": "busy", "prompt": "Hello there!", "max_tokens": 20, "ignore_eos": True, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data: {"))
+                assert http.post("/v1/unload_lora_adapter", json={"lora_name": "busy"}).status_code == 200
+                assert http.post("/v1/completions", json={"model": "busy", "prompt": "x"}).status_code == 404
+                rest = [line for line in lines if line]
+            assert rest[-1] == "data: [DONE]"
+            assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+    finally:
+        slow.stop()

@@ -150,11 +150,9 @@ def build_app(
     def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else engine.limits.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
             seed=body.seed,
             stop=body.stop_list(),
-            ignore_eos=body.ignore_eos,
+            **body.sampling_values(),
         )
 
     async def answer(request: Request, body, fmt: CompletionFormat, adapter: str | None, prompt_ids: list[int], params):
@@ -167,7 +165,7 @@ def build_app(
         first = await first_delta(watched, metrics.first_token, arrived)
         if first is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-        if body.stream:
+        if body.stream:  # None (an explicit null) does not stream
             events = event_stream(watched, first, fmt, body.include_usage())
             headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # proxies must not hold chunks
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)

@@ -50,6 +50,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     ).model_dump()
 
 
+MAX_STOP_STRINGS = 16  # OpenAI takes 4; vLLM any number
+
+
 class _Lenient(BaseModel):
     """Unknown fields are dropped, as OpenAI and vLLM do."""
 
@@ -61,32 +64,33 @@ class StreamOptions(_Lenient):
 
 
 class _SamplingFields(_Lenient):
-    """What both endpoints share: which model (base or adapter), how to sample, whether to stream."""
+    """What both endpoints share: which model (base or adapter), how to sample, whether to stream.
+    An explicit null means the default, as in OpenAI's API (some clients send every field)."""
 
     model: str | None = None  # None: the base model (vLLM picks its first model too)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # None: 1
+    top_p: float | None = Field(None, gt=0, le=1)  # None: 1
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: int | None = 1
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False  # vLLM's extension, used by load tests for fixed-length answers
+    ignore_eos: bool | None = False  # vLLM's extension, used by load tests for fixed-length answers
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
             raise ValueError("n must be 1: this server returns one choice per request (send n requests instead)")
         return n
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0:
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value:
             raise ValueError("presence and frequency penalties are not supported; leave them at 0")
         return value
 
@@ -103,10 +107,20 @@ class _SamplingFields(_Lenient):
         strings = [value] if isinstance(value, str) else value or []
         if any(not s for s in strings):
             raise ValueError("stop strings must not be empty")
+        if len(strings) > MAX_STOP_STRINGS:  # each one is checked at every generated token
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         return value
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling_values(self) -> dict:
+        """temperature, top_p, ignore_eos with nulls read as their defaults."""
+        return {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "ignore_eos": bool(self.ignore_eos),
+        }
 
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)

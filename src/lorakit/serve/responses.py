@@ -78,6 +78,13 @@ class WatchedHandle:
         self.handle = handle
         self.finished = False
         self._gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+        # The watcher cancels on its own, so that a request is dropped even where nobody is
+        # awaiting its next delta (a stream response the server never got to start, say).
+        self._gone.add_done_callback(self._on_disconnect)
+
+    def _on_disconnect(self, watcher: asyncio.Future) -> None:
+        if not watcher.cancelled() and not self.finished:
+            self.handle.cancel()
 
     async def next(self) -> Delta | None:
         if self.finished:
@@ -161,7 +168,11 @@ def usage_of(delta: Delta) -> Usage:
 
 async def first_delta(watched: WatchedHandle, on_first: Callable[[float], None], arrived: float) -> Delta | None:
     """The first delta (None: the client left first); an error delta becomes its ``ApiError``."""
-    delta = await watched.next()
+    try:
+        delta = await watched.next()
+    except BaseException:  # the server shutting down: the engine must drop the row too
+        watched.close()
+        raise
     if delta is None:
         return None
     on_first(time.monotonic() - arrived)
