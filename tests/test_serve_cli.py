@@ -126,7 +126,9 @@ def test_wiring_of_model_pool_engine_and_app(tmp_path, monkeypatch, capsys):
         lorakit.models, "load_model", lambda *a, **k: (types.SimpleNamespace(eval=lambda: None), tokenizer)
     )
 
-    def serve_briefly(app, sock):  # in place of uvicorn.run: the app on a test server, queried, then stopped
+    def serve_briefly(
+        app, sock, verbose=False
+    ):  # in place of uvicorn.run: the app on a test server, queried, then stopped
         sock.close()
         headers = {"Authorization": "Bearer k"}
         with running_server(app) as url:

@@ -145,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         url = f"http://{_url_host(args.host)}:{sock.getsockname()[1]}/v1"
         print(f"serving {model_id} with {len(adapters)} adapter(s) at {url}" + (" (API key required)" * bool(api_key)))
-        _run_uvicorn(app, sock)
+        _run_uvicorn(app, sock, verbose=getattr(args, "verbose", False))
     finally:
         engine.stop()
     return 0
@@ -211,11 +211,13 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _run_uvicorn(app, sock: socket.socket) -> None:
-    """Until Ctrl-C or SIGTERM (uvicorn finishes the requests in flight, for a few seconds at most)."""
+def _run_uvicorn(app, sock: socket.socket, verbose: bool = False) -> None:
+    """Until Ctrl-C or SIGTERM (uvicorn finishes the requests in flight, for a few seconds at most).
+    ``lorakit -v serve`` logs every request (uvicorn's access log)."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, lifespan="off")
+    log_level = "info" if verbose else "warning"
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
     uvicorn.Server(config).run(sockets=[sock])
 
 
