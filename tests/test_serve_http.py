@@ -251,6 +251,12 @@ def test_api_key_is_needed_everywhere_but_health(url):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_health_follows_the_engine(engine, url, monkeypatch):
+    assert httpx.get(f"{url}/health").status_code == 200
+    monkeypatch.setattr(engine, "stats", lambda: {"running": 0, "waiting": 0, "alive": False})
+    assert httpx.get(f"{url}/health").status_code == 503
+
+
 def test_key_from_the_environment(engine, monkeypatch):
     monkeypatch.setenv("LORAKIT_API_KEY", "from-env")
     with running_server(build_app(engine)) as url:

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server over an ``Engine``: vLLM's routes, so clients move both ways.
 
-    GET  /health                  200 while the server runs (the one route without a key)
+    GET  /health                  200 while the engine runs (the one route without a key)
     GET  /metrics                 Prometheus text
     GET  /v1/models               the base model, then every adapter (``parent`` = the base id)
     POST /v1/completions          ``prompt`` as the engine's ``completion_ids`` tokenizes it
@@ -120,7 +120,8 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        # 503 once the engine thread has died (``stats()["alive"]`` False): a supervisor restarts us.
+        return Response(status_code=200 if engine.stats().get("alive", True) else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
