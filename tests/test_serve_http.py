@@ -292,6 +292,7 @@ def test_body_over_the_bound_is_413(http):
         ({"model": BASE, "prompt": ["a", "b"]}, "prompt"),
         ({"model": BASE, "prompt": "hi", "stop": [""]}, "stop"),
         ({"model": BASE, "prompt": "hi", "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"model": BASE, "prompt": "hi", "seed": 2**64}, "seed"),
         ({"model": BASE, "prompt": ""}, "prompt"),
         ({"model": BASE, "prompt": "hi", "max_tokens": 10_000}, None),  # over the engine's cap
         ({"model": BASE, "prompt": [10**6]}, None),  # a token id outside the vocabulary

@@ -70,7 +70,7 @@ class _SamplingFields(_Lenient):
     model: str | None = None  # None: the base model (vLLM picks its first model too)
     temperature: float | None = Field(None, ge=0, le=2)  # None: 1
     top_p: float | None = Field(None, gt=0, le=1)  # None: 1
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
