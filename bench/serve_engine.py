@@ -1,0 +1,265 @@
+"""Engine throughput: tokens/s of the built-in engine with requests over 0 (base only), 1, 8, 64
+distinct adapters in flight, and many adapters over fewer device slots — one process, no HTTP.
+
+    python bench/serve_engine.py                           # CPU: a small Llama shape, fp32
+    python bench/serve_engine.py --preset llama-1b         # GPU: 1.2B Llama shape, bf16, r16 all-linear
+    python bench/serve_engine.py --cases base,1,8 --requests 32 --concurrency 16
+
+Every case builds the same randomly initialised model (no download) and r16 all-linear adapters
+with random factors (saved once to a temporary folder; "N" adapters register N names over at most
+8 distinct folders, so host reads are real per name). Each case submits ``--requests`` requests of
+``--prompt`` random tokens and ``--out`` greedy tokens (EOS ignored, so every request makes exactly
+``--out`` tokens), keeping ``--concurrency`` in flight, and reports generated tokens/s, the ratio
+to the base-only case of the same run, p50/p99 request latency, slot hits/misses/evictions and the
+time the batch's cache joins and trims (BatchState.join/keep) took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    "cpu-small": dict(
+        model=dict(
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=4096,
+            max_position_embeddings=4096,
+        ),
+        dtype="float32",
+        requests=32,
+        concurrency=16,
+        prompt=32,
+        out=32,
+        slots=8,
+        cases="base,1,8,64",
+    ),
+    "llama-1b": dict(
+        model=dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+            max_position_embeddings=4096,
+        ),
+        dtype="bfloat16",
+        requests=256,
+        concurrency=64,
+        prompt=128,
+        out=128,
+        slots=64,
+        cases="base,1,8,64,512",
+    ),
+}
+
+
+class Counter:
+    """The observer: slot events, and nothing else."""
+
+    def __init__(self) -> None:
+        self.slots = {"hit": 0, "miss": 0, "eviction": 0}
+
+    def slot_event(self, kind: str) -> None:
+        self.slots[kind] = self.slots.get(kind, 0) + 1
+
+    def request_finished(self, *a, **k) -> None:
+        pass
+
+    def step(self, *a, **k) -> None:
+        pass
+
+    def adapter_loaded(self, *a, **k) -> None:
+        pass
+
+
+class Tokenizer:
+    """Just what the engine asks of a tokenizer, for a model with a random vocabulary."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+    bos_token_id = None
+    bos_token = None
+    chat_template = None
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return self.vocab
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return " ".join(map(str, ids))
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(i) for i in ids]
+
+    unk_token_id = None
+
+
+def build_model(preset: dict, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**preset["model"])
+    dtype = getattr(torch, preset["dtype"])
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def save_adapters(preset: dict, folder: Path, count: int) -> list[Path]:
+    """``count`` distinct r16 all-linear adapters with random factors, saved under ``folder``."""
+    import lorakit
+    from lorakit.state import lora_layers
+
+    model = build_model(dict(preset, dtype="float32"), "cpu")
+    dirs = []
+    for i in range(count):
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"), "a")
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_B["a"].copy_(torch.randn(layer.lora_B["a"].shape, generator=gen) * 0.01)
+        dirs.append(folder / f"adapter{i}")
+        lorakit.save_adapter(model, dirs[-1], "a")
+        lorakit.delete_adapter(model, "a")
+    return dirs
+
+
+def run_case(engine, names: list[str | None], args, vocab: int) -> dict:
+    from lorakit.serve.requests import GenerationRequest, SamplingParams
+
+    gen = torch.Generator().manual_seed(0)
+    latencies: list[float] = []
+    produced = 0
+    lock = threading.Lock()
+    slots = threading.Semaphore(args.concurrency)
+
+    def one(i: int) -> None:
+        nonlocal produced
+        prompt = torch.randint(1, vocab, (args.prompt,), generator=gen).tolist()
+        params = SamplingParams(max_tokens=args.out, temperature=0, ignore_eos=True)
+        started = time.perf_counter()
+        handle = engine.submit(GenerationRequest(f"r{i}", prompt, names[i % len(names)], params))
+        while True:
+            delta = handle.next_delta(timeout=600)
+            if delta.finish_reason is not None:
+                break
+        with lock:
+            latencies.append(time.perf_counter() - started)
+            produced += delta.completion_tokens
+        slots.release()
+
+    threads = []
+    started = time.perf_counter()
+    for i in range(args.requests):
+        slots.acquire()
+        thread = threading.Thread(target=one, args=(i,))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "tokens_per_s": produced / seconds,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+        "tokens": produced,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="cpu-small")
+    parser.add_argument("--cases", help="comma list of: base, or a number of distinct adapters in flight")
+    parser.add_argument("--requests", type=int)
+    parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--prompt", type=int, help="prompt tokens per request")
+    parser.add_argument("--out", type=int, help="generated tokens per request")
+    parser.add_argument("--slots", type=int, help="device slots (--max-loras)")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    for key in ("requests", "concurrency", "prompt", "out", "slots", "cases"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+
+    from lorakit.serve import batch_state
+    from lorakit.serve.adapter_pool import AdapterPool
+    from lorakit.serve.engine import Engine, EngineLimits
+
+    copy_seconds = [0.0]
+    for method in ("join", "keep"):
+        original = getattr(batch_state.BatchState, method)
+
+        def timed(self, *a, _original=original, **k):
+            started = time.perf_counter()
+            try:
+                return _original(self, *a, **k)
+            finally:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                copy_seconds[0] += time.perf_counter() - started
+
+        setattr(batch_state.BatchState, method, timed)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"# {platform.node()} {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'}")
+    print(f"# torch {torch.__version__}, preset {args.preset}, {args.requests} requests")
+    print(f"# concurrency {args.concurrency}, {args.prompt} prompt / {args.out} generated tokens, {args.slots} slots")
+    cases = args.cases.split(",")
+    counts = [int(c) for c in cases if c != "base"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = save_adapters(preset, Path(tmp), min(8, max(counts, default=1)))
+        print("| case | tokens/s | vs base | p50 s | p99 s | slot hits/misses/evictions | join+trim s |")
+        print("|---|---|---|---|---|---|---|")
+        base_rate = None
+        for case in cases:
+            model = build_model(preset, device)
+            counter = Counter()
+            pool = AdapterPool(model, max_loras=args.slots, max_cpu_loras=max(64, args.slots), observer=counter)
+            n = 0 if case == "base" else int(case)
+            names: list[str | None] = [None] if n == 0 else [f"a{i}" for i in range(n)]
+            for i in range(n):
+                pool.register(f"a{i}", dirs[i % len(dirs)])
+            limits = EngineLimits(
+                max_num_seqs=args.concurrency, max_queue=args.requests + 1, max_prefill_tokens=16 * args.prompt
+            )
+            engine = Engine(model, Tokenizer(preset["model"]["vocab_size"]), pool, model_id="bench", limits=limits)
+            engine.start()
+            copy_seconds[0] = 0.0
+            result = run_case(engine, names, args, preset["model"]["vocab_size"])
+            engine.stop()
+            base_rate = base_rate or (result["tokens_per_s"] if case == "base" else None)
+            ratio = f"{result['tokens_per_s'] / base_rate:.2f}" if base_rate else "-"
+            s = counter.slots
+            print(
+                f"| {case} | {result['tokens_per_s']:.1f} | {ratio} | {result['p50']:.2f} | {result['p99']:.2f} | "
+                f"{s['hit']}/{s['miss']}/{s['eviction']} | {copy_seconds[0]:.2f} |"
+            )
+            sys.stdout.flush()
+            del engine, pool, model
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The engine over the real embedded model: requests for different adapters (and the base) that
+arrive at random moments and are decoded together give, token for token, what single-request
+generation gives with that adapter alone (fp32) — lorakit's and PEFT's."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.data.stop_tokens import stop_token_ids
+from lorakit.serve.requests import GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.e2e
+
+QUESTIONS = [
+    "What is 2+2?",
+    "Name three colors.",
+    "hi",
+    "Write a haiku about autumn leaves falling from the old oak tree.",
+    "Explain gravity to a child in simple words, please, with an example from the playground.",
+    "Translate 'good morning' into French.",
+]
+
+# name -> LoraConfig options: plain, rsLoRA, per-module rank/alpha patterns, DoRA.
+ADAPTERS = {
+    "plain": dict(r=8, alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "rs": dict(r=4, alpha=8, use_rslora=True, target_modules="all-linear"),
+    "patterns": dict(
+        r=8,
+        alpha=8,
+        target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
+        rank_pattern={"o_proj": 2},
+        alpha_pattern={"up_proj": 32},
+    ),
+    "dora": dict(r=4, alpha=8, variant="dora", target_modules=["k_proj", "gate_proj"]),
+}
+
+
+def _fresh_model():
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+    return model.float().eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    model, _ = _fresh_model()
+    root = tmp_path_factory.mktemp("adapters")
+    gen = torch.Generator().manual_seed(7)
+    dirs = {}
+    for name, options in ADAPTERS.items():
+        lorakit.add_adapter(model, lorakit.LoraConfig(**options), name)
+        with torch.no_grad():
+            for _, layer in lorakit.state.lora_layers(model):
+                if name in layer.lora_B:
+                    B = layer.lora_B[name]
+                    B.copy_(torch.randn(B.shape, generator=gen) * 0.02)
+        dirs[name] = root / name
+        lorakit.save_adapter(model, dirs[name], name)
+    return dirs
+
+
+def _requests(engine, names, count, seed):
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        adapter = [*names, None][i % (len(names) + 1)] if i < len(names) + 1 else rng.choice([*names, None])
+        question = rng.choice(QUESTIONS)
+        ids = engine.chat_ids([{"role": "user", "content": question}]) if i % 3 else engine.completion_ids(question)
+        params = SamplingParams(max_tokens=rng.randint(4, 20), temperature=0)
+        out.append(GenerationRequest(f"r{i}", ids, adapter, params))
+    return out
+
+
+def _collect(handle, timeout=300):
+    tokens, text = [], ""
+    while True:
+        delta = handle.next_delta(timeout=timeout)
+        tokens += delta.token_ids
+        text += delta.text
+        if delta.finish_reason is not None:
+            return tokens, text, delta
+
+
+def _reference(model, tokenizer, request) -> list[int]:
+    ids = torch.tensor([request.prompt_ids])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=request.sampling.max_tokens,
+        do_sample=False,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def served(adapter_dirs):
+    """The engine over a fresh fp32 model, with the requests' answers gathered from seeded random
+    arrivals (18 requests over every adapter and the base, at most 6 rows at once)."""
+    from lorakit.serve.adapter_pool import AdapterPool
+    from lorakit.serve.engine import Engine, EngineLimits
+
+    model, tokenizer = _fresh_model()
+    pool = AdapterPool(model, max_loras=3, max_lora_rank=8)
+    for name, directory in adapter_dirs.items():
+        pool.register(name, directory)
+    engine = Engine(model, tokenizer, pool, model_id="smollm2", limits=EngineLimits(max_num_seqs=6))
+    engine.start()
+    requests = _requests(engine, list(adapter_dirs), 18, seed=0)
+    rng = random.Random(1)
+    handles = []
+    for request in requests:
+        handles.append(engine.submit(request))
+        time.sleep(rng.random() * 0.2)
+    answers = [_collect(h) for h in handles]
+    engine.stop()
+    return requests, answers, tokenizer
+
+
+def test_mixed_batches_match_each_adapter_alone(served, adapter_dirs):
+    requests, answers, tokenizer = served
+    model, _ = _fresh_model()
+    for name, directory in adapter_dirs.items():
+        lorakit.load_adapter(model, directory, name)
+    for request, (tokens, text, last) in zip(requests, answers):
+        assert last.finish_reason in ("stop", "length"), last
+        assert last.completion_tokens == len(tokens)
+        if request.adapter is None:
+            with lorakit.disable_adapters(model):
+                expected = _reference(model, tokenizer, request)
+        else:
+            lorakit.set_adapter(model, request.adapter)
+            expected = _reference(model, tokenizer, request)
+        assert tokens == expected, (request.adapter, request.request_id)
+        stop = stop_token_ids(tokenizer)
+        shown = [t for t in tokens if t not in stop]
+        assert text == tokenizer.decode(shown, skip_special_tokens=True)
+
+
+def test_mixed_batches_match_peft(served, adapter_dirs):
+    from peft import PeftModel
+
+    requests, answers, tokenizer = served
+    base, _ = _fresh_model()
+    names = list(adapter_dirs)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dirs[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(str(adapter_dirs[name]), adapter_name=name)
+    peft_model.eval()
+    for request, (tokens, _, _) in zip(requests, answers):
+        if request.adapter is None:
+            with peft_model.disable_adapter():
+                expected = _reference(peft_model, tokenizer, request)
+        else:
+            peft_model.set_adapter(request.adapter)
+            expected = _reference(peft_model, tokenizer, request)
+        assert tokens == expected, (request.adapter, request.request_id)
