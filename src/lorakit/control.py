@@ -75,6 +75,11 @@ def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iter
     """Within the block, batch row i runs with adapter ``names_per_row[i]`` (None: base model).
 
     Each row's output equals what the model gives for that row with its adapter alone active.
+    Where autograd has nothing to record (``torch.no_grad``, inference mode, or frozen adapters
+    and inputs) and dropout is inactive, each linear layer takes its LoRA and DoRA adapters into
+    one stack (built once, kept until their tensors change) and adds them all with the
+    multi-adapter kernels (``kernels/multi_lora.py``); anything else runs a loop over the
+    adapters present.
     """
     rows = list(names_per_row)
     if not rows:
@@ -83,13 +88,14 @@ def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iter
     _check_not_merged("adapter_batch", model)
     modules = list(adapter_modules(model))
     routing = RowRouting(rows)
+    before = [module.row_adapters for module in modules]  # a serving pool's routing comes back after
     for module in modules:
         module.row_adapters = routing
     try:
         yield model
     finally:
-        for module in modules:
-            module.row_adapters = None
+        for module, was in zip(modules, before):
+            module.row_adapters = was
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, final: bool = False) -> None:

@@ -24,9 +24,7 @@ class RowRouting:
 
     ``num_slots``: S of the layers' slot stacks (needed when ``slots`` are given)."""
 
-    def __init__(
-        self, names: list[str | None], slots: list[int] | None = None, num_slots: int | None = None
-    ) -> None:
+    def __init__(self, names: list[str | None], slots: list[int] | None = None, num_slots: int | None = None) -> None:
         self.set_rows(names, slots, num_slots)
 
     def set_rows(self, names: list[str | None], slots: list[int] | None = None, num_slots: int | None = None) -> None:
@@ -42,7 +40,7 @@ class RowRouting:
         self.names = list(names)
         self.slots = list(slots) if slots is not None and any(slots) else None
         self.num_slots = num_slots
-        self._rows = {name: [i for i, row in enumerate(self.names) if row == name] for name in dict.fromkeys(self.names)}
+        self._rows = {n: [i for i, row in enumerate(self.names) if row == n] for n in dict.fromkeys(self.names)}
         # Distinct names of the rows, numbered from 1 in first-seen order: the slot numbering of
         # the stacks a layer builds of its named adapters (``LoraLinear``).
         self.stack_names = tuple(n for n in self._rows if n is not None)

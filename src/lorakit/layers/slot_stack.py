@@ -1,6 +1,6 @@
 """`SlotStack`: one linear layer's adapters in numbered slots, for mixed-adapter batches.
 
-    A: (S, r_max, d_in)   B: (S, d_out, r_max)   gm1: (S, d_out) float32, or None
+    A: (S, r_max, d_in)   B: (S, d_out, r_max)   gm1: (S, d_out) float32 (float64 stacks: float64), or None
 
 Slot k holds one adapter's factors with its rank zero-padded to r_max and its per-module scaling
 (and DoRA's per-unit scale g) folded into B, in the layer's dtype, on the layer's device; slot 0
@@ -108,8 +108,9 @@ class SlotStack:
         self.B[slot, :, :r] = B_w.to(self.dtype)
         if g is not None:
             if self.gm1 is None:
-                self.gm1 = torch.zeros(self.num_slots, self.d_out, dtype=torch.float32, device=self.device)
-            self.gm1[slot] = (g - 1).float()
+                wide = accumulation_dtype(self.dtype)
+                self.gm1 = torch.zeros(self.num_slots, self.d_out, dtype=wide, device=self.device)
+            self.gm1[slot] = g - 1
         elif self.gm1 is not None:
             self.gm1[slot].zero_()
         self.ranks[slot] = r
