@@ -190,14 +190,25 @@ def _grouped(out, x, plan, A_stack, B_stack, gm1, bias) -> torch.Tensor:
     return out
 
 
+_WIDE_OUTPUT_FAILED: set[tuple[str, torch.dtype]] = set()
+
+
 def _shrink(xs: torch.Tensor, A_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(M, r) float32 = each token's x A[slot]ᵀ, accumulated in fp32."""
+    """(M, r) = each token's x A[slot]ᵀ: float32 (accumulated in fp32), except where a GPU's
+    grouped GEMM cannot write fp32 for half inputs (then rounded to their dtype, as a plain GEMM
+    of that dtype would be)."""
     if xs.dtype == torch.float32:
         return F.grouped_mm(xs, A_t, offs=offsets)
-    if xs.device.type == "cuda":
-        return F.grouped_mm(xs, A_t, offs=offsets, out_dtype=torch.float32)
-    # The CPU's grouped_mm gives half-precision outputs only for half inputs: widen the inputs.
-    return F.grouped_mm(xs.float(), A_t.float(), offs=offsets)
+    if xs.device.type != "cuda":
+        # The CPU's grouped_mm gives half-precision outputs only for half inputs: widen the inputs.
+        return F.grouped_mm(xs.float(), A_t.float(), offs=offsets)
+    key = (xs.device.type, xs.dtype)
+    if key not in _WIDE_OUTPUT_FAILED:
+        try:
+            return F.grouped_mm(xs, A_t, offs=offsets, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):
+            _WIDE_OUTPUT_FAILED.add(key)
+    return F.grouped_mm(xs, A_t, offs=offsets)
 
 
 # --- one GEMM pair per slot --------------------------------------------------------------------
