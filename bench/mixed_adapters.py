@@ -218,7 +218,8 @@ def cold_adapter(preset: dict, device: str, dirs: list[Path], repeats: int) -> f
 def versions() -> str:
     import transformers
 
-    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    parts.append(f"transformers {transformers.__version__}")
     try:
         import peft
 

@@ -59,10 +59,11 @@ def check_kernels() -> None:
 
 def check_pool() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.tiny import randomize_adapters, tiny_llama
+
     import lorakit
     from lorakit import LoraConfig
     from lorakit.serve.adapter_pool import AdapterPool
-    from tests.tiny import randomize_adapters, tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:
         dirs = []
