@@ -3,6 +3,7 @@ vs the base model, measured in one process (issue #19's table).
 
     python bench/mixed_adapters.py --preset cpu-small      # CPU: SmolLM2-135M shape, fp32, small batches
     python bench/mixed_adapters.py --preset llama-1b       # GPU: 1.2B Llama shape, bf16, r16 all-linear
+    python bench/mixed_adapters.py --preset llama-1b --cold-only   # only the cold-adapter timing
 
 Cases, each a forward under ``torch.inference_mode`` of a decode batch (rows x 1 token) and of a
 prefill batch (rows x tokens), row i using adapter i mod 8:
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--cold-repeats", type=int, default=10)
+    parser.add_argument("--cold-only", action="store_true", help="only the cold-adapter timing")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -249,22 +251,26 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {CASES}")
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = save_adapters(preset, device, Path(tmp), ADAPTERS)
-        built = build_cases(preset, device, dirs, cases)
-        vocab = preset["model"]["vocab_size"]
-        gen = torch.Generator().manual_seed(0)
-        results = {}
-        for shape in ("decode", "prefill"):
-            rows, tokens = preset[shape]
-            ids = torch.randint(0, vocab, (rows, tokens), generator=gen).to(device)
-            results[shape] = measure(built, ids, device, args.warmup, args.steps)
-        del built
+        dirs = save_adapters(preset, device, Path(tmp), 2 if args.cold_only else ADAPTERS)
+        if not args.cold_only:
+            built = build_cases(preset, device, dirs, cases)
+            vocab = preset["model"]["vocab_size"]
+            gen = torch.Generator().manual_seed(0)
+            for shape in ("decode", "prefill"):
+                rows, tokens = preset[shape]
+                ids = torch.randint(0, vocab, (rows, tokens), generator=gen).to(device)
+                results[shape] = measure(built, ids, device, args.warmup, args.steps)
+            del built
         cold = cold_adapter(preset, device, dirs, args.cold_repeats)
     print(
         f"# {args.preset}, {preset['dtype']}, r{preset['rank']} all-linear, {ADAPTERS} adapters, {device_name}; "
         f"{versions()}"
     )
+    if args.cold_only:
+        print(f"cold adapter, host memory -> slot: {cold * 1e3:.1f} ms (median of {args.cold_repeats})")
+        return 0
     (dr, dt), (pr, pt) = preset["decode"], preset["prefill"]
     print(f"| case | decode {dr}x{dt} | vs base | prefill {pr}x{pt} | vs base |")
     print("|---|---|---|---|---|")
