@@ -85,8 +85,12 @@ def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iter
     if not rows:
         raise ValueError("names_per_row is empty; give one adapter name (or None) per batch row")
     require_adapters(model, [n for n in dict.fromkeys(rows) if n is not None])
-    _check_not_merged("adapter_batch", model)
-    modules = list(adapter_modules(model))
+    modules = list(adapter_modules(model))  # one walk of the model: a decode loop enters per step
+    merged = list(dict.fromkeys(n for m in modules for n in getattr(m, "merged_adapters", ())))
+    if merged:
+        raise AdapterStateError(
+            f"adapter_batch needs unmerged adapters, but {merged} are merged; call lorakit.unmerge(model) first"
+        )
     routing = RowRouting(rows)
     before = [module.row_adapters for module in modules]  # a serving pool's routing comes back after
     for module in modules:

@@ -29,7 +29,7 @@ BLOCK_N = 128  # output units per expand program
 def available(*tensors: torch.Tensor) -> bool:
     """True when the kernels should run: Triton importable, CUDA tensors of kernel dtypes,
     outside torch.compile (which traces the grouped GEMMs instead)."""
-    return not torch.compiler.is_compiling() and all(on_gpu_in_kernel_dtype(t) for t in tensors)
+    return all(on_gpu_in_kernel_dtype(t) for t in tensors) and not torch.compiler.is_compiling()
 
 
 if triton is not None:

@@ -161,12 +161,24 @@ class LoraLinear(LoraLayer):
     def _fingerprint(self, name: str) -> tuple | None:
         """What a stack built from adapter ``name`` depends on; None when it cannot be told
         (inference tensors keep no version counter)."""
-        tensors = [*self.variants[name].trained_tensors(self, name), self.base_weight]
+        # Runs per layer per routed forward: the module's dicts directly (as fused_operands does).
+        state = self.__dict__
+        modules = state["_modules"]
+        variant = state["variants"][name]
+        tensors = [
+            modules["lora_A"]._parameters[name],
+            modules["lora_B"]._parameters[name],
+            modules["base_layer"]._parameters["weight"],
+        ]
+        for slot in variant.slots:  # the variant's own tensors (DoRA's m, AdaLoRA's E)
+            holder = modules.get(slot)
+            if holder is not None and name in holder._parameters:
+                tensors.append(holder._parameters[name])
         try:
             versions = tuple((id(t), t._version) for t in tensors)
         except RuntimeError:
             return None
-        return versions, self.scaling[name], self.nested_rank.get(name), id(self.variants[name])
+        return versions, state["scaling"][name], state["nested_rank"].get(name), id(variant)
 
     @property
     def in_dim(self) -> int:

@@ -95,11 +95,15 @@ class SlotStack:
         if r > self.max_rank:
             raise AdapterStateError(f"rank {r} exceeds the slots' maximum rank {self.max_rank}")
         wide = accumulation_dtype(torch.promote_types(A.dtype, self.dtype))
-        A_w = A.to(self.device, wide)
-        B_w = B.to(self.device, wide) * scaling
+        # From page-locked host memory the copies run asynchronously (torch keeps the host block
+        # until they finish); a pool writing a cold adapter makes hundreds of them.
+        A_w = A.to(self.device, wide, non_blocking=True)
+        B_w = B.to(self.device, wide, non_blocking=True)
+        if scaling != 1.0:
+            B_w = B_w * scaling
         g = None
         if magnitude is not None:
-            g = magnitude.to(self.device, wide).reshape(-1) / self._unit_norm(A_w, B_w)
+            g = magnitude.to(self.device, wide, non_blocking=True).reshape(-1) / self._unit_norm(A_w, B_w)
             B_w = B_w * g[:, None]
         self._grow(r)
         self.A[slot].zero_()
