@@ -75,21 +75,31 @@ def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iter
     """Within the block, batch row i runs with adapter ``names_per_row[i]`` (None: base model).
 
     Each row's output equals what the model gives for that row with its adapter alone active.
+    Where autograd has nothing to record (``torch.no_grad``, inference mode, or frozen adapters
+    and inputs) and dropout is inactive, each linear layer takes its LoRA and DoRA adapters into
+    one stack (built once, kept until their tensors change) and adds them all with the
+    multi-adapter kernels (``kernels/multi_lora.py``); anything else runs a loop over the
+    adapters present.
     """
     rows = list(names_per_row)
     if not rows:
         raise ValueError("names_per_row is empty; give one adapter name (or None) per batch row")
     require_adapters(model, [n for n in dict.fromkeys(rows) if n is not None])
-    _check_not_merged("adapter_batch", model)
-    modules = list(adapter_modules(model))
+    modules = list(adapter_modules(model))  # one walk of the model: a decode loop enters per step
+    merged = list(dict.fromkeys(n for m in modules for n in getattr(m, "merged_adapters", ())))
+    if merged:
+        raise AdapterStateError(
+            f"adapter_batch needs unmerged adapters, but {merged} are merged; call lorakit.unmerge(model) first"
+        )
     routing = RowRouting(rows)
+    before = [module.row_adapters for module in modules]  # a serving pool's routing comes back after
     for module in modules:
         module.row_adapters = routing
     try:
         yield model
     finally:
-        for module in modules:
-            module.row_adapters = None
+        for module, was in zip(modules, before):
+            module.row_adapters = was
 
 
 def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, final: bool = False) -> None:

@@ -342,7 +342,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in layer.lora_A:
             _restore_residual(layer, name)
             layer.remove_adapter(name)
-            if not layer.adapter_names:
+            if not layer.adapter_names and layer.__dict__.get("slot_stack") is None:  # a serving pool's stays
                 replace_module(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         if name in wrapper.modules_to_save:

@@ -43,3 +43,14 @@ GPU time it saves over torch's copy and K = r GEMM."""
 TRITON_COLSUM = True
 """DoRA's magnitude gradient Σ g ⊙ out by the Triton column-sum kernel on a GPU
 (``triton_colsum.py``; one pass over g and out). False: the torch expression."""
+
+BGMV_TOKENS = 256
+"""Token count up to which a multi-adapter call on a GPU takes the Triton BGMV kernels
+(``triton_bgmv.py``: one program per token, the slot's factors read per token) instead of SGMV
+(``multi_lora.py``: tokens sorted by slot, grouped GEMMs that read each slot's factors once).
+Decode batches are launch- and latency-bound, where BGMV's two launches win; long prefills
+re-read the factors per token, where grouped GEMMs win."""
+
+GROUPED_MM = True
+"""SGMV through ``torch.nn.functional.grouped_mm`` where it runs (fp32/bf16/fp16, 16-byte strides).
+False: one GEMM pair per slot present (``multi_lora._per_slot``), for comparison."""

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import AdapterStateError
 from ..kernels.casting import accumulation_dtype
 from .routing import RowRouting
+from .slot_stack import SlotStack
 from .variant import LORA, Variant
 from .weight_merging import WeightMerging
 
@@ -43,7 +44,9 @@ class LoraLayer(WeightMerging, nn.Module):
         active_adapters: names whose update is added in ``forward``.
         merged_adapters: names whose update currently sits inside the base weight.
         disabled: when True, ``forward`` is the base layer alone.
-        row_adapters: during ``adapter_batch``, the adapter of each batch row (a ``RowRouting``).
+        row_adapters: during ``adapter_batch`` or serving, the adapter or slot of each batch row
+            (a ``RowRouting``).
+        slot_stack: a serving pool's adapters in slots (``SlotStack``), or None.
         variants: adapter name -> its `Variant`, which answers everything variant-specific.
         merge_records: adapter name -> what its variant recorded when it was merged (DoRA: the
             norm it used), for unmerging; absent for variants that need none.
@@ -74,6 +77,8 @@ class LoraLayer(WeightMerging, nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self.row_adapters: RowRouting | None = None
+        # Under routing, the rows' slots of a serving pool (``layers/slot_stack.py``; LoraLinear).
+        self.slot_stack: SlotStack | None = None
         self.init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # --- what subclasses provide -------------------------------------------------------------
@@ -220,14 +225,26 @@ class LoraLayer(WeightMerging, nn.Module):
         return result
 
     def _add_per_row(self, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
-        """Row i of the batch gets adapter ``row_adapters.names[i]`` (None: the base alone)."""
-        result = base_out
-        for name, index in self.row_adapters.groups(x.shape[0], x.device).items():
-            if name is None or name not in self.lora_A:
+        """Row i of the batch gets adapter ``row_adapters.names[i]`` (None: the base alone) and
+        slot ``row_adapters.slots[i]`` of this layer's stack. Rows have disjoint adapters, so each
+        row's increment reads the base output of its own rows only, whatever was added before."""
+        routing = self.row_adapters
+        groups = routing.groups(x.shape[0], x.device)
+        named = [name for name in groups if name is not None and name in self.lora_A]
+        result, served = self.add_stacked(x, base_out, named)
+        for name in named:
+            if name in served:
                 continue
+            index = groups[name]
             delta = self.adapter_increment(x.index_select(0, index), name, base_out.index_select(0, index))
             result = result.index_add(0, index, delta)
         return result
+
+    def add_stacked(self, x: torch.Tensor, base_out: torch.Tensor, named: list[str]) -> tuple[torch.Tensor, set[str]]:
+        """Under routing: add what the multi-adapter kernels serve (the rows' slots; named adapters
+        taken into a stack) to ``base_out``; returns (the result, names served). Layers without
+        stacks serve nothing (``LoraLinear`` does)."""
+        return base_out, set()
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A, B, s) with ``s B A`` the update, in the accumulation dtype: float32, or float64 if wider."""

@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import AdapterStateError
 from ..kernels import FusedOperands, fused_linear
+from ..kernels.multi_lora import add_multi_lora
 from .base import LoraLayer
+from .slot_stack import SlotStack
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -89,6 +92,93 @@ class LoraLinear(LoraLayer):
             # would), their gradients summed back into fp32 by autograd.
             A, B = A.to(x.dtype), B.to(x.dtype)
         return FusedOperands(weight, bias, A, B, scaling, magnitude, dropout)
+
+    # --- routed batches: many adapters through the multi-adapter kernels ------------------------
+    def add_stacked(self, x: torch.Tensor, base_out: torch.Tensor, named: list[str]) -> tuple[torch.Tensor, set[str]]:
+        """The rows' slots of ``slot_stack``, and the named adapters a stack can serve (see
+        ``stackable``), added by ``kernels/multi_lora.py``; returns (result, names served)."""
+        routing = self.row_adapters
+        stack = self.__dict__.get("slot_stack")
+        rows, d_in = x.shape[0], x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        tokens = x2.shape[0]
+        slot_plan = routing.slot_plan(rows, tokens, x.device) if stack is not None else None
+        served = self.stackable(named, x, base_out)
+        if slot_plan is None and not served:
+            return base_out, set()
+        out2 = base_out.reshape(tokens, -1)
+        bias = self.output_bias()
+        if slot_plan is not None:
+            if self.merged_adapters and stack.gm1 is not None:
+                raise AdapterStateError("serving DoRA adapters from slots needs the model's adapters unmerged")
+            xs = x2 if x2.dtype == stack.dtype else x2.to(stack.dtype)
+            out2 = add_multi_lora(out2, xs, slot_plan, stack.A, stack.B, stack.gm1, bias)
+        if served:
+            named_stack = self.named_stack(routing.stack_names, served, x2.dtype)
+            plan = routing.name_plan(rows, tokens, x.device)
+            out2 = add_multi_lora(out2, x2, plan, named_stack.A, named_stack.B, named_stack.gm1, bias)
+        return out2.reshape(base_out.shape), served
+
+    def stackable(self, named: list[str], x: torch.Tensor, base_out: torch.Tensor) -> set[str]:
+        """The adapters among ``named`` that a stack serves: LoRA-family adapters whose forward
+        the fused kernels compute (the variant's ``fused_factors``; DoRA included), dropout
+        inactive, nothing autograd must see (no grad, or every tensor involved frozen), the
+        fast path on, and x in the base weight's dtype."""
+        state = self.__dict__
+        if not named or not state.get("fast_path") or x.dtype != self.base_weight.dtype:
+            return set()
+        grad = torch.is_grad_enabled() and (x.requires_grad or base_out.requires_grad)
+        served = set()
+        for name in named:
+            dropout = state["_modules"]["lora_dropout"]._modules[name]
+            if type(dropout) is nn.Dropout and dropout.training and dropout.p > 0:
+                continue
+            variant = state["variants"][name]
+            if variant.fused_factors(self, name) is None:
+                continue
+            if torch.is_grad_enabled() and (grad or any(t.requires_grad for t in variant.trained_tensors(self, name))):
+                continue
+            served.add(name)
+        return served
+
+    def named_stack(self, names: tuple[str, ...], served: set[str], dtype: torch.dtype) -> SlotStack:
+        """A `SlotStack` with adapter ``names[k - 1]`` in slot k for those in ``served`` (zero
+        otherwise), cached until the adapters' tensors change (identity and version), or the
+        names, or the dtype."""
+        key = (names, tuple(sorted(served)), dtype, tuple(self._fingerprint(n) for n in names if n in served))
+        cached = self.__dict__.get("_named_stack")
+        if cached is not None and cached[0] == key and None not in key[3]:
+            return cached[1]
+        factors = {name: self.variants[name].fused_factors(self, name) for name in served}
+        stack = SlotStack(self, len(names) + 1, max(A.shape[0] for A, _, _, _ in factors.values()), dtype)
+        for k, name in enumerate(names, start=1):
+            if name in factors:
+                A, B, s, magnitude = factors[name]
+                stack.write(k, A.detach(), B.detach(), s, None if magnitude is None else magnitude.detach())
+        self.__dict__["_named_stack"] = (key, stack)
+        return stack
+
+    def _fingerprint(self, name: str) -> tuple | None:
+        """What a stack built from adapter ``name`` depends on; None when it cannot be told
+        (inference tensors keep no version counter)."""
+        # Runs per layer per routed forward: the module's dicts directly (as fused_operands does).
+        state = self.__dict__
+        modules = state["_modules"]
+        variant = state["variants"][name]
+        tensors = [
+            modules["lora_A"]._parameters[name],
+            modules["lora_B"]._parameters[name],
+            modules["base_layer"]._parameters["weight"],
+        ]
+        for slot in variant.slots:  # the variant's own tensors (DoRA's m, AdaLoRA's E)
+            holder = modules.get(slot)
+            if holder is not None and name in holder._parameters:
+                tensors.append(holder._parameters[name])
+        try:
+            versions = tuple((id(t), t._version) for t in tensors)
+        except RuntimeError:
+            return None
+        return versions, state["scaling"][name], state["nested_rank"].get(name), id(variant)
 
     @property
     def in_dim(self) -> int:

@@ -1,0 +1,291 @@
+"""Mixed-adapter forward benchmark: one batch whose rows use different adapters, lorakit vs PEFT
+vs the base model, measured in one process (issue #19's table).
+
+    python bench/mixed_adapters.py --preset cpu-small      # CPU: SmolLM2-135M shape, fp32, small batches
+    python bench/mixed_adapters.py --preset llama-1b       # GPU: 1.2B Llama shape, bf16, r16 all-linear
+    python bench/mixed_adapters.py --preset llama-1b --cold-only   # only the cold-adapter timing
+
+Cases, each a forward under ``torch.inference_mode`` of a decode batch (rows x 1 token) and of a
+prefill batch (rows x tokens), row i using adapter i mod 8:
+- base: the same randomly initialised model with no lorakit modules at all (the floor);
+- lorakit one adapter: one adapter active (the fused single-adapter path);
+- lorakit adapter_batch: 8 named adapters mixed with ``lorakit.adapter_batch``;
+- lorakit pool: 8 adapters in an ``AdapterPool``'s device slots (what ``lorakit serve`` runs);
+- PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument.
+Cases are interleaved step by step, so a machine whose speed drifts slows each alike; the table
+gives medians and the ratio to the base. Then the cold-adapter time: an adapter already in host
+memory written into a device slot (the pool's ``acquire`` of an adapter whose slot was evicted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    # SmolLM2-135M (the embedded model's shape): 30 layers, hidden 576, 9/3 heads.
+    "cpu-small": dict(
+        model=dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        ),
+        dtype="float32",
+        decode=(64, 1),
+        prefill=(4, 128),
+        rank=16,
+        device="cpu",
+    ),
+    # The 1.2B Llama shape of the issue: hidden 2048, 16 layers, 32/8 heads, vocab 128256.
+    "llama-1b": dict(
+        model=dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            tie_word_embeddings=True,
+        ),
+        dtype="bfloat16",
+        decode=(64, 1),
+        prefill=(32, 512),
+        rank=16,
+        device="cuda",
+    ),
+}
+ADAPTERS = 8
+CASES = ["base", "lorakit-one", "lorakit-adapter_batch", "lorakit-pool", "peft-one", "peft-mixed"]
+
+
+def build_base(preset: dict, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**preset["model"], attn_implementation="sdpa")
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(getattr(torch, preset["dtype"])).eval()
+
+
+def lorakit_config(rank: int):
+    from lorakit import LoraConfig
+
+    return LoraConfig(r=rank, alpha=2 * rank, target_modules="all-linear", init="gaussian")
+
+
+def save_adapters(preset: dict, device: str, root: Path, count: int) -> list[Path]:
+    """``count`` random r-``rank`` all-linear adapters (B non-zero) saved under ``root``."""
+    import lorakit
+    from lorakit.state import lora_layers
+
+    model = build_base(preset, device)
+    lorakit.add_adapter(model, lorakit_config(preset["rank"]))
+    paths = []
+    for k in range(count):
+        gen = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                for p in (layer.lora_A["default"], layer.lora_B["default"]):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        paths.append(root / f"adapter{k}")
+        lorakit.save_adapter(model, paths[-1])
+    return paths
+
+
+def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
+    """case -> (forward(ids) for a decode/prefill batch) closures."""
+    import lorakit
+    from lorakit.serve.adapter_pool import AdapterPool
+
+    names = [f"a{k}" for k in range(ADAPTERS)]
+    built = {}
+    if "base" in cases:
+        base = build_base(preset, device)
+        built["base"] = lambda ids: base(ids, use_cache=False)
+    if {"lorakit-one", "lorakit-adapter_batch"} & set(cases):
+        model = build_base(preset, device)
+        for name, path in zip(names, dirs):
+            lorakit.load_adapter(model, path, name=name)
+
+        def one(ids, model=model):
+            lorakit.set_adapter(model, names[0])
+            return model(ids, use_cache=False)
+
+        def mixed(ids, model=model):
+            with lorakit.adapter_batch(model, [names[i % ADAPTERS] for i in range(ids.shape[0])]):
+                return model(ids, use_cache=False)
+
+        built["lorakit-one"], built["lorakit-adapter_batch"] = one, mixed
+    if "lorakit-pool" in cases:
+        model = build_base(preset, device)
+        pool = AdapterPool(model, max_loras=ADAPTERS, max_lora_rank=preset["rank"])
+        for name, path in zip(names, dirs):
+            pool.register(name, path)
+        routes = [acquire(pool, name) for name in names]
+
+        def pooled(ids, model=model, pool=pool, routes=routes):
+            pool.set_rows([routes[i % ADAPTERS] for i in range(ids.shape[0])])
+            return model(ids, use_cache=False)
+
+        built["lorakit-pool"] = pooled
+    if {"peft-one", "peft-mixed"} & set(cases):
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(build_base(preset, device), str(dirs[0]), adapter_name=names[0])
+        for name, path in zip(names[1:], dirs[1:]):
+            peft_model.load_adapter(str(path), adapter_name=name)
+        peft_model.eval()
+
+        def peft_one(ids, model=peft_model):
+            model.set_adapter(names[0])
+            return model(input_ids=ids, use_cache=False)
+
+        def peft_mixed(ids, model=peft_model):
+            return model(input_ids=ids, use_cache=False, adapter_names=[names[i % ADAPTERS] for i in range(len(ids))])
+
+        built["peft-one"], built["peft-mixed"] = peft_one, peft_mixed
+    return {case: built[case] for case in cases}
+
+
+def acquire(pool, name: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while (route := pool.acquire(name)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"adapter {name} did not load in {timeout} s")
+        time.sleep(0.005)
+    return route
+
+
+def timed(fn, ids, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        fn(ids)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(built: dict, ids: torch.Tensor, device: str, warmup: int, steps: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {case: [] for case in built}
+    for i in range(warmup + steps):
+        for case, fn in built.items():
+            elapsed = timed(fn, ids, device)
+            if i >= warmup:
+                times[case].append(elapsed)
+    return {case: statistics.median(t) for case, t in times.items()}
+
+
+def cold_adapter(preset: dict, device: str, dirs: list[Path], repeats: int) -> float:
+    """Median seconds for ``acquire`` to write an adapter already in host memory into a slot
+    (one slot, two adapters taking turns: every acquire evicts the other)."""
+    from lorakit.serve.adapter_pool import AdapterPool
+
+    model = build_base(preset, device)
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=preset["rank"])
+    pool.register("x", dirs[0])
+    pool.register("y", dirs[1])
+    for name in ("x", "y"):  # both read into host memory; modules wrapped
+        pool.release(acquire(pool, name))
+    times = []
+    for k in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        route = pool.acquire("xy"[k % 2])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        assert route is not None
+        pool.release(route)
+    pool.close()
+    return statistics.median(times)
+
+
+def versions() -> str:
+    import transformers
+
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    parts.append(f"transformers {transformers.__version__}")
+    try:
+        import peft
+
+        parts.append(f"peft {peft.__version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default="cpu-small")
+    parser.add_argument("--device", default=None, help="default: the preset's")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {CASES}")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--cold-repeats", type=int, default=10)
+    parser.add_argument("--cold-only", action="store_true", help="only the cold-adapter timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    device = args.device or preset["device"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {CASES}")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = save_adapters(preset, device, Path(tmp), 2 if args.cold_only else ADAPTERS)
+        if not args.cold_only:
+            built = build_cases(preset, device, dirs, cases)
+            vocab = preset["model"]["vocab_size"]
+            gen = torch.Generator().manual_seed(0)
+            for shape in ("decode", "prefill"):
+                rows, tokens = preset[shape]
+                ids = torch.randint(0, vocab, (rows, tokens), generator=gen).to(device)
+                results[shape] = measure(built, ids, device, args.warmup, args.steps)
+            del built
+        cold = cold_adapter(preset, device, dirs, args.cold_repeats)
+    print(
+        f"# {args.preset}, {preset['dtype']}, r{preset['rank']} all-linear, {ADAPTERS} adapters, {device_name}; "
+        f"{versions()}"
+    )
+    if args.cold_only:
+        print(f"cold adapter, host memory -> slot: {cold * 1e3:.1f} ms (median of {args.cold_repeats})")
+        return 0
+    (dr, dt), (pr, pt) = preset["decode"], preset["prefill"]
+    print(f"| case | decode {dr}x{dt} | vs base | prefill {pr}x{pt} | vs base |")
+    print("|---|---|---|---|---|")
+    for case in cases:
+        cells = []
+        for shape in ("decode", "prefill"):
+            t, base = results[shape][case], results[shape].get("base")
+            cells += [f"{t * 1e3:.1f} ms", f"{t / base:.2f}x" if base else "-"]
+        print(f"| {case} | " + " | ".join(cells) + " |")
+    print(f"\ncold adapter, host memory -> slot: {cold * 1e3:.1f} ms (median of {args.cold_repeats})")
+    if args.json:
+        payload = {"preset": args.preset, "device": device_name, "versions": versions(), "results": results}
+        Path(args.json).write_text(json.dumps({**payload, "cold_adapter_s": cold}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Many LoRA adapters in one batch: each token takes the adapter in its slot of a stack.
+
+    out[n] += B[s_n] (A[s_n] x[n])  (+ gm1[s_n] ⊙ (out[n] - b))          s_n = slot of token n
+
+    x: (N, d_in)   out: (N, d_out)   A_stack: (S, r_max, d_in)   B_stack: (S, d_out, r_max)
+
+Each slot holds one adapter with its rank zero-padded to r_max and its scaling folded into B; slot
+0 is all zeros (no adapter), so its tokens are skipped. The optional DoRA term: an adapter whose
+forward is g ⊙ (W0 x + s B A x) + b per output unit (g = m / ||W0 + s B A||) adds
+(g - 1) ⊙ W0 x + g ⊙ s B A x; with g folded into B, only the (S, d_out) table ``gm1 = g - 1``
+(zero for plain LoRA slots) and W0 x = out - b are left to compute here.
+
+How a call runs (``add_multi_lora``), all giving the same values:
+- decode on a GPU (few tokens): BGMV, one Triton program per token and output block, indexed by
+  the token's slot (Punica's bgmv, vLLM's lora_shrink/expand; ``triton_bgmv.py``);
+- otherwise SGMV: the routed tokens sorted by slot (``SlotPlan``, computed once per forward and
+  shared by every layer), one ``torch.nn.functional.grouped_mm`` for the shrink and one for the
+  expand, which reads each slot's factors once whatever its token count (CPU and GPU);
+- a loop over the slots present, one GEMM pair per slot, where grouped_mm cannot run (float64,
+  strides that are not 16-byte multiples, a device without it) or autograd must see the call.
+
+The rank-r intermediate is float32 (accumulated in fp32 and kept so, as vLLM's shrink output is);
+the expand reads it in the factors' dtype. The product is added into ``out`` in place unless
+autograd records the call (then a new tensor comes back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import triton_bgmv, tuning
+
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Where the tokens of one forward go: computed once from the per-token slots, reused by every
+    layer whose stack has ``num_slots`` slots (the slot numbering is shared).
+
+    Attributes:
+        tokens: N, the number of tokens.
+        num_slots: S, slots of the stacks this plan indexes (slot 0 included).
+        token_slots: (N,) int64 on the device: each token's slot (BGMV reads it).
+        index: (M,) int64 on the device: the M tokens with a slot other than 0, sorted by slot
+            (stable: a row's tokens stay in order).
+        span: (start, stop) when ``index`` is ``arange(start, stop)`` (rows already grouped by
+            slot): the tokens are then a slice and need no gather or scatter. Else None.
+        sorted_slots: (M,) int64 on the device: the slot of each token of ``index``.
+        offsets: (S - 1,) int32 on the device: cumulative token counts of slots 1 .. S-1 over
+            ``index`` (grouped_mm's ``offs``).
+        present: the slots (> 0) that have tokens, ascending; ``counts``: their token counts.
+    """
+
+    tokens: int
+    num_slots: int
+    token_slots: torch.Tensor
+    index: torch.Tensor
+    span: tuple[int, int] | None
+    sorted_slots: torch.Tensor
+    offsets: torch.Tensor
+    present: tuple[int, ...]
+    counts: tuple[int, ...]
+
+    @staticmethod
+    def build(token_slots: torch.Tensor, num_slots: int, device: torch.device | str) -> SlotPlan:
+        """The plan for ``token_slots`` (N,) integers in [0, num_slots), given on the CPU (the
+        routing knows them there); the index tensors are moved to ``device`` once."""
+        slots = token_slots.to("cpu", torch.int64)
+        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= num_slots):
+            raise ValueError(f"token slots must lie in [0, {num_slots}); got {slots.min()}..{slots.max()}")
+        counts = torch.bincount(slots, minlength=num_slots)
+        order = torch.argsort(slots, stable=True)
+        skipped = int(counts[0])
+        index = order[skipped:]
+        m = index.numel()
+        span = None
+        if m and int(index[-1]) - int(index[0]) == m - 1 and bool((index[1:] > index[:-1]).all()):
+            span = (int(index[0]), int(index[-1]) + 1)
+        present = tuple(int(s) for s in torch.nonzero(counts[1:]).flatten() + 1)
+        device = torch.device(device)
+        return SlotPlan(
+            tokens=slots.numel(),
+            num_slots=num_slots,
+            token_slots=slots.to(device),
+            index=index.to(device),
+            span=span,
+            sorted_slots=slots[index].to(device),
+            offsets=torch.cumsum(counts[1:], 0).to(device=device, dtype=torch.int32),
+            present=present,
+            counts=tuple(int(counts[s]) for s in present),
+        )
+
+    @staticmethod
+    def for_rows(row_slots: list[int], tokens_per_row: int, num_slots: int, device: torch.device | str) -> SlotPlan:
+        """The plan when every token of batch row i takes slot ``row_slots[i]`` (x laid out as
+        (rows, tokens_per_row, d) flattened)."""
+        slots = torch.tensor(row_slots, dtype=torch.int64).repeat_interleave(tokens_per_row)
+        return SlotPlan.build(slots, num_slots, device)
+
+
+def add_multi_lora(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    plan: SlotPlan,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    gm1: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out`` (N, d_out) plus each token's adapter (see the module docstring); x (N, d_in).
+
+    ``gm1`` (S, d_out): DoRA's g - 1 per slot (None: no DoRA slot), with ``bias`` (d_out,) the
+    base bias that ``out`` holds (None: none). Returns ``out`` itself, changed in place, unless
+    autograd records the call (grad enabled and a tensor requiring grad): then a new tensor."""
+    if not plan.present:
+        return out
+    if plan.tokens != x.shape[0] or out.shape[0] != x.shape[0]:
+        raise ValueError(f"the plan covers {plan.tokens} tokens but x has {x.shape[0]} and out {out.shape[0]}")
+    if A_stack.shape[0] != plan.num_slots:
+        raise ValueError(f"the plan indexes {plan.num_slots} slots but the stack has {A_stack.shape[0]}")
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (out, x, A_stack, B_stack, gm1, bias)
+    )
+    if tracked:
+        return _per_slot(out, x, plan, A_stack, B_stack, gm1, bias, in_place=False)
+    if triton_bgmv.available(x, A_stack, B_stack, out) and plan.tokens <= tuning.BGMV_TOKENS:
+        triton_bgmv.bgmv(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
+        return out
+    if _grouped_runs(x, A_stack, B_stack, out):
+        return _grouped(out, x, plan, A_stack, B_stack, gm1, bias)
+    return _per_slot(out, x, plan, A_stack, B_stack, gm1, bias, in_place=True)
+
+
+# --- SGMV through grouped_mm ----------------------------------------------------------------------
+_GROUPED_FAILED: set[tuple[str, torch.dtype]] = set()
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    # grouped_mm wants every stride but the unit one to be a multiple of 16 bytes.
+    return all(s == 1 or (s * t.element_size()) % 16 == 0 for s in t.stride())
+
+
+def _grouped_runs(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, out: torch.Tensor) -> bool:
+    return (
+        tuning.GROUPED_MM
+        and hasattr(F, "grouped_mm")
+        and x.dtype in GROUPED_DTYPES
+        and A_stack.dtype == B_stack.dtype
+        and (x.device.type, x.dtype) not in _GROUPED_FAILED
+        and x.shape[1] * x.element_size() % 16 == 0
+        and A_stack.shape[1] * A_stack.element_size() % 16 == 0
+        and out.shape[1] * out.element_size() % 16 == 0
+        and _aligned(A_stack)
+        and _aligned(B_stack)
+    )
+
+
+def _grouped(out, x, plan, A_stack, B_stack, gm1, bias) -> torch.Tensor:
+    xs = x[plan.span[0] : plan.span[1]] if plan.span else x.index_select(0, plan.index)
+    if xs.stride(-1) != 1 or not _aligned(xs):
+        xs = xs.contiguous()
+    A_t = A_stack[1:].transpose(1, 2)  # (S-1, d_in, r): column-major views, no copy
+    B_t = B_stack[1:].transpose(1, 2)  # (S-1, r, d_out)
+    try:
+        h = _shrink(xs, A_t, plan.offsets)
+        if h.dtype != B_t.dtype:
+            if xs.device.type == "cuda":
+                h = h.to(B_t.dtype)  # as vLLM's expand reads its fp32 shrink output
+            else:
+                B_t = B_t.float()
+        y = F.grouped_mm(h, B_t, offs=plan.offsets)
+    except (RuntimeError, NotImplementedError):
+        # A device or build without these grouped GEMMs: remember it and loop over the slots.
+        _GROUPED_FAILED.add((x.device.type, x.dtype))
+        return _per_slot(out, x, plan, A_stack, B_stack, gm1, bias, in_place=True)
+    target = out[plan.span[0] : plan.span[1]] if plan.span else None
+    if gm1 is not None:
+        base = target if target is not None else out.index_select(0, plan.index)
+        base = base if bias is None else base - bias
+        y = y.to(torch.promote_types(y.dtype, torch.float32))
+        y.addcmul_(gm1.index_select(0, plan.sorted_slots), base)
+    if target is not None:
+        target.add_(y.to(out.dtype))
+    else:
+        out.index_add_(0, plan.index, y.to(out.dtype))
+    return out
+
+
+_WIDE_OUTPUT_FAILED: set[tuple[str, torch.dtype]] = set()
+
+
+def _shrink(xs: torch.Tensor, A_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(M, r) = each token's x A[slot]ᵀ: float32 (accumulated in fp32), except where a GPU's
+    grouped GEMM cannot write fp32 for half inputs (then rounded to their dtype, as a plain GEMM
+    of that dtype would be)."""
+    if xs.dtype == torch.float32:
+        return F.grouped_mm(xs, A_t, offs=offsets)
+    if xs.device.type != "cuda":
+        # The CPU's grouped_mm gives half-precision outputs only for half inputs: widen the inputs.
+        return F.grouped_mm(xs.float(), A_t.float(), offs=offsets)
+    key = (xs.device.type, xs.dtype)
+    if key not in _WIDE_OUTPUT_FAILED:
+        try:
+            return F.grouped_mm(xs, A_t, offs=offsets, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):
+            _WIDE_OUTPUT_FAILED.add(key)
+    return F.grouped_mm(xs, A_t, offs=offsets)
+
+
+# --- one GEMM pair per slot --------------------------------------------------------------------
+def _per_slot(out, x, plan, A_stack, B_stack, gm1, bias, in_place: bool) -> torch.Tensor:
+    wide = torch.promote_types(x.dtype, torch.float32)
+    start = 0
+    base = out if gm1 is None else (out if bias is None else out - bias)
+    deltas = []
+    for slot, count in zip(plan.present, plan.counts):
+        index = plan.index[start : start + count]
+        start += count
+        xs = x.index_select(0, index).to(wide)
+        h = F.linear(xs, A_stack[slot].to(wide))  # (count, r) in fp32 (or wider)
+        y = F.linear(h, B_stack[slot].to(wide))
+        if gm1 is not None:
+            y = y + gm1[slot].to(wide) * base.index_select(0, index).to(wide)
+        deltas.append((index, y.to(out.dtype)))
+    for index, y in deltas:  # after every read of ``base``, which may be ``out`` itself
+        out = out.index_add_(0, index, y) if in_place else out.index_add(0, index, y)
+    return out

@@ -1,0 +1,197 @@
+"""Triton BGMV kernels: each token's adapter, indexed by the token's slot, for decode batches.
+
+    h[n]   = A[s_n] x[n]                                  shrink: (N, r_max) float32
+    out[n] += B[s_n] h[n]  (+ gm1[s_n] ⊙ (out[n] - b))    expand: in place, out's dtype
+
+    x: (N, d_in)   out: (N, d_out)   A_stack: (S, r_max, d_in)   B_stack: (S, d_out, r_max)
+
+Punica's bgmv and vLLM's lora_shrink / lora_expand in two launches whatever the number of adapters:
+one program per token (and split of d_in, or block of output units), which reads its slot's rows
+of A or B. Tokens of slot 0 (no adapter) return at once. A decode step has a few tokens per
+adapter, so reading the factors per token costs little next to launching a GEMM per adapter; long
+prefills take grouped GEMMs instead (``multi_lora.py``). Accumulation is fp32; the shrink of a
+long d_in is split over programs whose partial sums are added atomically into h.
+
+The CPU tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``); without Triton
+nothing here runs (``available`` is False) and ``multi_lora`` takes its torch paths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_support import on_gpu_in_kernel_dtype, tl, triton
+
+BLOCK_K = 256  # d_in per shrink iteration
+BLOCK_N = 128  # output units per expand program
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """True when the kernels should run: Triton importable, CUDA tensors of kernel dtypes,
+    outside torch.compile (which traces the grouped GEMMs instead)."""
+    return all(on_gpu_in_kernel_dtype(t) for t in tensors) and not torch.compiler.is_compiling()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _shrink_kernel(
+        X,
+        A,
+        SLOTS,
+        H,
+        d_in,
+        r,
+        stride_x,
+        stride_as,
+        stride_ar,
+        stride_h,
+        k_per_split,
+        SPLIT: tl.constexpr,
+        BR: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        n = tl.program_id(0)
+        slot = tl.load(SLOTS + n)
+        if slot == 0:
+            return
+        ranks = tl.arange(0, BR)
+        rmask = ranks < r
+        start = tl.program_id(1) * k_per_split
+        end = tl.minimum(start + k_per_split, d_in)
+        acc = tl.zeros((BR,), dtype=tl.float32)
+        x_row = X + n.to(tl.int64) * stride_x
+        a_rows = A + slot * stride_as + ranks[:, None] * stride_ar
+        for k0 in range(start, end, BK):
+            cols = k0 + tl.arange(0, BK)
+            kmask = cols < end
+            xk = tl.load(x_row + cols, mask=kmask, other=0.0).to(tl.float32)
+            a = tl.load(a_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(a * xk[None, :], axis=1)
+        if SPLIT == 1:
+            tl.store(H + n * stride_h + ranks, acc, mask=rmask)
+        else:
+            tl.atomic_add(H + n * stride_h + ranks, acc, mask=rmask)
+
+    @triton.jit
+    def _expand_kernel(
+        H,
+        B,
+        SLOTS,
+        OUT,
+        GM1,
+        BIAS,
+        d_out,
+        r,
+        stride_h,
+        stride_bs,
+        stride_bn,
+        stride_out,
+        stride_g,
+        HAS_DORA: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BR: tl.constexpr,
+        BN: tl.constexpr,
+    ):
+        n = tl.program_id(0)
+        slot = tl.load(SLOTS + n)
+        if slot == 0:
+            return
+        units = tl.program_id(1) * BN + tl.arange(0, BN)
+        umask = units < d_out
+        ranks = tl.arange(0, BR)
+        rmask = ranks < r
+        h = tl.load(H + n * stride_h + ranks, mask=rmask, other=0.0)
+        b = tl.load(
+            B + slot * stride_bs + units[:, None] * stride_bn + ranks[None, :],
+            mask=umask[:, None] & rmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc = tl.sum(b * h[None, :], axis=1)
+        out_row = OUT + n.to(tl.int64) * stride_out
+        o = tl.load(out_row + units, mask=umask, other=0.0).to(tl.float32)
+        if HAS_DORA:
+            g = tl.load(GM1 + slot * stride_g + units, mask=umask, other=0.0).to(tl.float32)
+            base = o
+            if HAS_BIAS:
+                base = o - tl.load(BIAS + units, mask=umask, other=0.0).to(tl.float32)
+            acc += g * base
+        tl.store(out_row + units, (o + acc).to(OUT.dtype.element_ty), mask=umask)
+
+
+def _splits(tokens: int, d_in: int, device: torch.device) -> int:
+    """How many programs share one token's shrink: enough to fill the GPU about twice, each with
+    at least a few BLOCK_K tiles of d_in."""
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    by_fill = triton.cdiv(2 * sm_count, max(tokens, 1))
+    by_work = max(1, d_in // (4 * BLOCK_K))
+    return max(1, min(by_fill, by_work))
+
+
+def bgmv(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    token_slots: torch.Tensor,
+    A_stack: torch.Tensor,
+    B_stack: torch.Tensor,
+    gm1: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    split: int | None = None,
+) -> torch.Tensor:
+    """Add each token's adapter into ``out`` (N, d_out) in place; x (N, d_in), token_slots (N,)
+    int64 in [0, S). ``gm1`` (S, d_out) and ``bias`` (d_out,): DoRA's term (``multi_lora``).
+    ``split``: programs per token's shrink (None: chosen from the GPU's size). Returns ``out``."""
+    tokens, d_in = x.shape
+    r = A_stack.shape[1]
+    if tokens == 0 or r == 0:
+        return out
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if A_stack.stride(2) != 1:
+        A_stack = A_stack.contiguous()
+    if B_stack.stride(2) != 1:
+        B_stack = B_stack.contiguous()
+    if out.stride(1) != 1:
+        raise ValueError("bgmv adds into out in place: its last dimension must be contiguous")
+    block_r = max(16, triton.next_power_of_2(r))
+    split = split or _splits(tokens, d_in, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
+    split = triton.cdiv(d_in, k_per_split)
+    h = (torch.zeros if split > 1 else torch.empty)(tokens, r, device=x.device, dtype=torch.float32)
+    _shrink_kernel[(tokens, split)](
+        x,
+        A_stack,
+        token_slots,
+        h,
+        d_in,
+        r,
+        x.stride(0),
+        A_stack.stride(0),
+        A_stack.stride(1),
+        h.stride(0),
+        k_per_split,
+        SPLIT=split,
+        BR=block_r,
+        BK=BLOCK_K,
+    )
+    d_out = out.shape[1]
+    _expand_kernel[(tokens, triton.cdiv(d_out, BLOCK_N))](
+        h,
+        B_stack,
+        token_slots,
+        out,
+        gm1 if gm1 is not None else h,
+        bias if bias is not None else h,
+        d_out,
+        r,
+        h.stride(0),
+        B_stack.stride(0),
+        B_stack.stride(1),
+        out.stride(0),
+        gm1.stride(0) if gm1 is not None else 0,
+        HAS_DORA=gm1 is not None,
+        HAS_BIAS=bias is not None,
+        BR=block_r,
+        BN=BLOCK_N,
+    )
+    return out

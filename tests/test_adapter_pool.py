@@ -1,0 +1,254 @@
+"""`AdapterPool`: slots, host tier, draining, unregistering, bad files, and mixed batches whose
+rows equal each row run with its adapter alone."""
+
+import json
+import time
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.errors import AdapterFileError, AdapterLoadError, AdapterNameError, ConfigError
+from lorakit.layers import LoraLinear
+from lorakit.serve.adapter_pool import BASE_ROUTE, AdapterPool
+
+from .tiny import randomize_adapters, tiny_llama
+
+CONFIGS = {
+    "plain": LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+    "rslora": LoraConfig(r=8, alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "patterns": LoraConfig(
+        r=4,
+        target_modules=["q_proj", "o_proj", "gate_proj"],
+        rank_pattern={"o_proj": 2, "layers.1.self_attn.q_proj": 6},
+        alpha_pattern={"gate_proj": 3},
+    ),
+    "dora": LoraConfig(r=4, use_dora=True, target_modules=["k_proj", "up_proj"]),
+    "vera": LoraConfig(r=8, use_vera=True, target_modules=["q_proj", "v_proj"]),
+}
+
+
+def save(directory, kind, seed):
+    model = tiny_llama()
+    lorakit.add_adapter(model, CONFIGS[kind])
+    torch.manual_seed(seed)
+    randomize_adapters(model, std=0.3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLinear) and "lora_magnitude_vector" in module._modules:
+                m = module.lora_magnitude_vector["default"]
+                m.mul_(torch.linspace(0.6, 1.4, m.numel()))
+    path = directory / kind
+    lorakit.save_adapter(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {kind: save(root, kind, seed) for seed, kind in enumerate(CONFIGS)}
+
+
+class Recorder:
+    def __init__(self):
+        self.events, self.loads = [], []
+
+    def slot_event(self, kind):
+        self.events.append(kind)
+
+    def adapter_loaded(self, name, tier, seconds):
+        self.loads.append((name, tier))
+
+    def request_finished(self, *args):
+        pass
+
+    def step(self, *args):
+        pass
+
+
+def acquire(pool, name, urgent=False, timeout=30.0):
+    """Ask until the pool gives a route (the host read runs in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        route = pool.acquire(name, urgent=urgent)
+        if route is not None or time.monotonic() > deadline:
+            return route
+        time.sleep(0.01)
+
+
+def alone(directory, ids):
+    """Logits of ``ids`` with the adapter in ``directory`` alone (None: the base model)."""
+    model = tiny_llama()
+    if directory is not None:
+        lorakit.load_adapter(model, directory)
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_mixed_batch_rows_equal_single_adapter_runs(adapter_dirs, mode):
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=4)
+    for kind, path in adapter_dirs.items():
+        pool.register(kind, path)
+    rows = ["plain", None, "rslora", "patterns", "dora", "vera", "plain", "dora"]
+    ids = torch.randint(0, 128, (len(rows), 6))
+    routes = [acquire(pool, name) for name in rows]
+    assert all(r is not None for r in routes)
+    assert routes[5].slot == 0 and routes[5].model_name is not None  # VeRA: a named adapter
+    assert routes[0].slot == routes[6].slot != 0 and routes[1] is BASE_ROUTE
+    pool.set_rows(routes)
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context():
+        got = model(ids).logits
+    for i, name in enumerate(rows):
+        want = alone(adapter_dirs[name] if name else None, ids[i : i + 1])
+        torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-5, msg=f"row {i} ({name})")
+    # Decode: one token per row, the same routes, another order of rows.
+    order = [4, 0, 2, 5, 1]
+    pool.set_rows([routes[i] for i in order])
+    step = torch.randint(0, 128, (len(order), 1))
+    with context():
+        got = model(step).logits
+    for k, i in enumerate(order):
+        want = alone(adapter_dirs[rows[i]] if rows[i] else None, step[k : k + 1])
+        torch.testing.assert_close(got[k : k + 1], want, rtol=1e-5, atol=1e-5)
+    for route in routes:
+        pool.release(route)
+    pool.close()
+
+
+def test_slots_lru_eviction_and_draining(adapter_dirs):
+    model = tiny_llama()
+    recorder = Recorder()
+    pool = AdapterPool(model, max_loras=2, observer=recorder)
+    for kind in ("plain", "rslora", "patterns"):
+        pool.register(kind, adapter_dirs[kind])
+    a = acquire(pool, "plain")
+    b = acquire(pool, "rslora")
+    assert {a.slot, b.slot} == {1, 2} and recorder.events == ["miss", "miss"]
+    assert ("plain", "host") in recorder.loads and ("plain", "device") in recorder.loads
+    assert acquire(pool, "patterns", timeout=0.5) is None  # both slots pinned
+    pool.release(a)
+    c = acquire(pool, "patterns")
+    assert c.slot == a.slot and recorder.events[-2:] == ["eviction", "miss"]
+    b2 = pool.acquire("rslora")
+    assert b2.slot == b.slot and recorder.events[-1] == "hit"
+    # Every slot pinned: an urgent request marks the least recently used slot as draining...
+    assert pool.acquire("plain", urgent=True) is None
+    assert pool.acquire("patterns") is None  # ...which new rows of its adapter no longer get
+    pool.release(c)
+    route = pool.acquire("plain", urgent=True)  # its rows done: the waiting adapter takes it
+    assert route is not None and route.slot == c.slot
+    assert pool.acquire("patterns") is None  # now it waits in turn
+    for r in (b, b2, route):
+        pool.release(r)
+    assert pool.acquire("patterns") is not None
+    pool.close()
+
+
+def test_unregister_while_pinned(adapter_dirs):
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=2)
+    pool.register("d", adapter_dirs["dora"])
+    pool.register("v", adapter_dirs["vera"])
+    d, v = acquire(pool, "d"), acquire(pool, "v")
+    pool.unregister("d")
+    pool.unregister("v")
+    assert pool.names() == []
+    with pytest.raises(AdapterNameError):
+        pool.acquire("d")
+    ids = torch.randint(0, 128, (2, 5))
+    pool.set_rows([d, v])  # rows in flight keep their adapters
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got[:1], alone(adapter_dirs["dora"], ids[:1]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1:], alone(adapter_dirs["vera"], ids[1:]), rtol=1e-5, atol=1e-5)
+    pool.release(d)
+    pool.release(v)
+    pool.set_rows([BASE_ROUTE])
+    assert lorakit.adapters(model) == []  # the named adapter left with its last row
+    assert all(not m.slot_stack.A.any() for m in model.modules() if isinstance(m, LoraLinear))
+    pool.register("d", adapter_dirs["plain"])  # the name is free again, for another adapter
+    route = acquire(pool, "d")
+    pool.set_rows([route])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:1]).logits, alone(adapter_dirs["plain"], ids[:1]), rtol=1e-5, atol=1e-5)
+    pool.close()
+
+
+def test_register_checks(adapter_dirs, tmp_path):
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=2, max_lora_rank=4)
+    with pytest.raises(AdapterNameError, match="not allowed"):
+        pool.register("bad name", adapter_dirs["plain"])
+    with pytest.raises(AdapterNameError, match="not allowed"):
+        pool.register("x" * 129, adapter_dirs["plain"])
+    pool.register("org/model:v1.2_a-b", adapter_dirs["plain"])
+    with pytest.raises(AdapterNameError, match="already registered"):
+        pool.register("org/model:v1.2_a-b", adapter_dirs["plain"])
+    with pytest.raises(ConfigError, match="rank 8, over the server's maximum 4"):
+        pool.register("big", adapter_dirs["rslora"])
+    with pytest.raises(AdapterFileError, match="does not exist"):
+        pool.register("none", tmp_path / "missing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        pool.register("broken", broken)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    config = json.loads((adapter_dirs["plain"] / "adapter_config.json").read_text())
+    (foreign / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["qq_proj"]}))
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        pool.register("foreign", foreign)
+    with pytest.raises(AdapterNameError):
+        pool.unregister("never")
+    assert pool.names() == ["org/model:v1.2_a-b"]
+    pool.close()
+
+
+def test_bad_weights_fail_the_request_not_the_pool(adapter_dirs, tmp_path):
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=2)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((adapter_dirs["plain"] / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    pool.register("bad", bad)
+    pool.register("good", adapter_dirs["plain"])
+    assert pool.acquire("bad") is None  # read in the background
+    with pytest.raises(AdapterLoadError, match="'bad' could not be loaded"):
+        acquire(pool, "bad")
+    with pytest.raises(AdapterLoadError):
+        pool.acquire("bad")
+    assert acquire(pool, "good") is not None
+    pool.close()
+
+
+def test_paths_must_stay_inside_base_dir(adapter_dirs, tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "inside").symlink_to(adapter_dirs["plain"], target_is_directory=True)  # resolves outside
+    local = root / "local"
+    local.mkdir()
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        (local / file).write_bytes((adapter_dirs["plain"] / file).read_bytes())
+    pool = AdapterPool(tiny_llama(), base_dir=root)
+    for escape in ("../x", str(adapter_dirs["plain"]), "inside", "local/../../x"):
+        with pytest.raises(AdapterFileError, match="outside"):
+            pool.register("e", escape)
+    pool.register("ok", "local")
+    assert pool.directory("ok") == local.resolve()
+    pool.close()
+
+
+def test_host_tier_is_bounded(adapter_dirs):
+    pool = AdapterPool(tiny_llama(), max_loras=1, max_cpu_loras=2)
+    for kind in ("plain", "rslora", "patterns"):
+        pool.register(kind, adapter_dirs[kind])
+        route = acquire(pool, kind)
+        pool.release(route)
+    assert pool.stats()["host"] == 2 and pool.stats()["slots_used"] == 1
+    pool.close()
