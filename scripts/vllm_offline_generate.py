@@ -5,7 +5,7 @@ vllm only, never lorakit): tests/test_vllm_equality.py and bench/vllm_cpu_throug
 
 JOB.json: {"model": dir, "adapters": {name: dir}, "max_lora_rank": int, "max_loras": int,
 "dtype": "float32", "max_model_len": int, "max_tokens": int, "prompts": [[token ids], ...],
-"batches": [[[prompt index, adapter name or null], ...], ...], "warmup": bool}
+"batches": [[[prompt index, adapter name or null], ...], ...], "warmup": bool, "ignore_eos": bool}
 
 Each batch goes to one ``LLM.generate`` call (its rows are scheduled together). RESULT.json:
 {"batches": [[[token ids], ...], ...], "seconds": [wall seconds per batch], "versions": {...}}.
@@ -40,7 +40,9 @@ def main(job_file: str, result_file: str) -> int:
         seed=0,
     )
     requests = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    # ignore_eos: a fixed number of tokens per request (the bench); else a request stops at EOS as
+    # transformers' generate does (the equality test).
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=bool(job.get("ignore_eos")))
     prompts = job["prompts"]
 
     def run(batch):

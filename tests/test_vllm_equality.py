@@ -81,10 +81,10 @@ def served(embedded_model, tmp_path_factory):
                 x = torch.tensor([ids])
                 if name is None:
                     with lorakit.disable_adapters(model):
-                        out = model.generate(x, max_new_tokens=MAX_TOKENS, do_sample=False, min_new_tokens=MAX_TOKENS)
+                        out = model.generate(x, max_new_tokens=MAX_TOKENS, do_sample=False)
                 else:
                     lorakit.set_adapter(model, name)
-                    out = model.generate(x, max_new_tokens=MAX_TOKENS, do_sample=False, min_new_tokens=MAX_TOKENS)
+                    out = model.generate(x, max_new_tokens=MAX_TOKENS, do_sample=False)
                 rows.append(out[0, len(ids) :].tolist())
             expected[name] = rows
     for name in adapters:
