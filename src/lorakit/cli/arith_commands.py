@@ -13,7 +13,8 @@ from ..safe_files.directory_export import require_new_directory, save_directory
 
 # Method options as flags: flag dest -> option name of lorakit.combine. Unset flags are not passed,
 # so a flag the chosen method does not take is reported instead of silently ignored.
-EXPORT_FORMATS = ["safetensors", "gguf", "gguf-adapter"]
+EXPORT_FORMATS = ["safetensors", "gguf", "gguf-adapter", "vllm", "sglang"]
+ENGINE_FORMATS = ("vllm", "sglang")
 
 METHOD_FLAGS = {
     "density": "density",
@@ -40,7 +41,11 @@ def add_arith_parsers(sub) -> None:
     combine.add_argument("--out", required=True, help="directory for the combined adapter")
     combine.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    export = sub.add_parser("export", help="merge adapter(s) into the base and save a plain transformers model")
+    export = sub.add_parser(
+        "export",
+        help="merge adapter(s) into the base and save a plain transformers model (or GGUF); --format vllm|sglang: "
+        "the (combined) adapter as a directory those engines serve exactly",
+    )
     _add_sources(export, method_default="linear")
     export.add_argument("--out", required=True, help="directory for the merged model and its tokenizer")
     export.add_argument(
@@ -48,7 +53,16 @@ def add_arith_parsers(sub) -> None:
         default="safetensors",
         choices=EXPORT_FORMATS,
         help="safetensors: a transformers model folder; gguf: model.gguf for llama.cpp and Ollama (Llama "
-        "architecture); gguf-adapter: the (combined) LoRA adapter alone as llama.cpp's adapter.gguf",
+        "architecture); gguf-adapter: the (combined) LoRA adapter alone as llama.cpp's adapter.gguf; vllm, sglang: "
+        "the (combined) adapter as plain LoRA those engines load and compute as lorakit does (refused otherwise)",
+    )
+    export.add_argument(
+        "--max-lora-rank", type=int, help="vllm/sglang: the server's --max-lora-rank; a higher rank is refused"
+    )
+    export.add_argument(
+        "--refactor-dora",
+        action="store_true",
+        help="vllm/sglang: write a DoRA adapter as the best plain LoRA at its rank (error reported), not refuse it",
     )
     export.add_argument(
         "--gguf-dtype", choices=["f16", "f32"], help="gguf: dtype of the weights (default f16; norms are f32)"
@@ -155,6 +169,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     fmt = getattr(args, "format", "safetensors")
     if getattr(args, "gguf_dtype", None) and fmt != "gguf":
         raise ConfigError("--gguf-dtype is for --format gguf")
+    if fmt not in ENGINE_FORMATS and (getattr(args, "max_lora_rank", None) or getattr(args, "refactor_dora", False)):
+        raise ConfigError("--max-lora-rank and --refactor-dora are for --format vllm or sglang")
     if fmt != "safetensors" and args.dtype != "auto":
         raise ConfigError(f"--dtype is for --format safetensors; --format {fmt} is written with --gguf-dtype or f32")
     _require_new_out(args)  # before the minutes of loading and merging
@@ -164,6 +180,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, tokenizer, names = _load_sources(args, dtype="float32")
     options = _method_options(args)
     as_is = len(names) == 1 and args.method == "linear" and args.weights in (None, [1.0]) and not options
+    if fmt in ENGINE_FORMATS:
+        return _export_engine_adapter(args, model, names, as_is, options)
     if fmt == "gguf-adapter":
         return _export_gguf_adapter(args, model, names, as_is, options)
     if as_is:
@@ -208,6 +226,30 @@ def _export_gguf_adapter(args: argparse.Namespace, model, names: list[str], as_i
     label = Path(args.out).resolve().name
     out = save_directory(Path(args.out), lambda tmp: write_adapter_gguf(model, name, tmp / GGUF_ADAPTER, name=label))
     print(f"\nadapter: {out / GGUF_ADAPTER}  (llama.cpp: llama-cli -m BASE.gguf --lora FILE; Ollama: ADAPTER)")
+    return 0
+
+
+def _export_engine_adapter(args: argparse.Namespace, model, names: list[str], as_is: bool, options: dict) -> int:
+    """The adapter (or the adapters combined into one) as a directory vLLM or SGLang serves."""
+    from .. import combine
+    from ..serve.vllm_export import export_adapter
+
+    name = names[0]
+    if not as_is:
+        report = combine(model, names, args.weights, args.method, "combined", **options)
+        print(report.table())
+        name = "combined"
+    export = export_adapter(
+        model,
+        name,
+        Path(args.out),
+        engine=args.format,
+        max_lora_rank=args.max_lora_rank,
+        refactor_dora=args.refactor_dora,
+    )
+    print(export.table())
+    flag = "--lora-modules" if args.format == "vllm" else "--lora-paths"
+    print(f"\nadapter: {args.out}  ({args.format}: {flag} NAME={Path(args.out).resolve()})")
     return 0
 
 
