@@ -153,12 +153,19 @@ def main_vllm(args) -> int:
     command. Reads from ``args`` (an argparse namespace; missing fields take the defaults):
 
     model (alias, folder or hub id; an alias resolves to its converted folder), adapter (list of
-    NAME=DIR or DIR), host ("127.0.0.1"), port (8000), max_lora_rank (None: fitted), max_loras
+    NAME=DIR or DIR), served_model_name (None: the model as given), host ("127.0.0.1"), port (8000), max_lora_rank (None: fitted), max_loras
     (None: all, at most 8), api_key (None: $LORAKIT_API_KEY), dry_run (False), vllm_args (list of
     extra vLLM flags)."""
     from ..models.loader import resolve_source
 
-    model, _ = resolve_source(getattr(args, "model", None) or "smollm2-135m")
+    given = getattr(args, "model", None) or "smollm2-135m"
+    model, _ = resolve_source(given)
+    # The base model's id in the API is what the user named (as with the built-in engine), not
+    # the converted-model folder an alias resolves to.
+    served_name = getattr(args, "served_model_name", None) or given
+    extra = list(getattr(args, "vllm_args", None) or [])
+    if "--served-model-name" not in extra:
+        extra = ["--served-model-name", served_name, *extra]
     api_key = getattr(args, "api_key", None) or os.environ.get("LORAKIT_API_KEY")
     command = vllm_command(
         model,
@@ -168,7 +175,7 @@ def main_vllm(args) -> int:
         max_lora_rank=getattr(args, "max_lora_rank", None),
         max_loras=getattr(args, "max_loras", None),
         api_key=api_key,
-        extra=list(getattr(args, "vllm_args", None) or []),
+        extra=extra,
         executable=vllm_executable(),
     )
     if on_cpu():
