@@ -174,9 +174,7 @@ def test_lorakit_serve_end_to_end(tmp_path, embedded_model):
     model, _ = embedded_model
     root = tmp_path / "adapters"
     for i, name in enumerate(["a", "b"]):
-        lorakit.add_adapter(
-            model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), name=name
-        )
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), name=name)
         with torch.no_grad():
             for key, param in model.named_parameters():
                 if f"lora_B.{name}" in key:

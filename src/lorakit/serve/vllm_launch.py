@@ -153,7 +153,8 @@ def main_vllm(args) -> int:
     command. Reads from ``args`` (an argparse namespace; missing fields take the defaults):
 
     model (alias, folder or hub id; an alias resolves to its converted folder), adapter (list of
-    NAME=DIR or DIR), served_model_name (None: the model as given), host ("127.0.0.1"), port (8000), max_lora_rank (None: fitted), max_loras
+    NAME=DIR or DIR), served_model_name (None: the model as given),
+    host ("127.0.0.1"), port (8000), max_lora_rank (None: fitted), max_loras
     (None: all, at most 8), api_key (None: $LORAKIT_API_KEY), dry_run (False), vllm_args (list of
     extra vLLM flags)."""
     from ..models.loader import resolve_source
