@@ -82,14 +82,21 @@ class SlotPlan:
             span = (int(index[0]), int(index[-1]) + 1)
         present = tuple(int(s) for s in torch.nonzero(counts[1:]).flatten() + 1)
         device = torch.device(device)
+        # One host-to-device copy for the four index tensors (a plan is built every step).
+        n = slots.numel()
+        packed = torch.cat([slots, index, slots[index], torch.cumsum(counts[1:], 0)])
+        if device.type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        else:
+            packed = packed.to(device)
         return SlotPlan(
-            tokens=slots.numel(),
+            tokens=n,
             num_slots=num_slots,
-            token_slots=slots.to(device),
-            index=index.to(device),
+            token_slots=packed[:n],
+            index=packed[n : n + m],
             span=span,
-            sorted_slots=slots[index].to(device),
-            offsets=torch.cumsum(counts[1:], 0).to(device=device, dtype=torch.int32),
+            sorted_slots=packed[n + m : n + 2 * m],
+            offsets=packed[n + 2 * m :].to(torch.int32),
             present=present,
             counts=tuple(int(counts[s]) for s in present),
         )
