@@ -288,3 +288,35 @@ def test_a_one_percent_update_is_mostly_rounded_away_by_requantizing():
         layer.lora_B["default"].mul_(0.01 * layer.unmerged_weight().norm() / layer.delta_weight("default").norm())
     share = lorakit.merge(model, requantize=True)["default"]["model.layers.0.self_attn.q_proj"]
     assert 0 < share < 0.05
+
+
+# --- load_model(quantize=...) -----------------------------------------------------------------------
+def test_load_model_quantizes_a_directory_through_transformers(tmp_path):
+    from lorakit.models import load_model
+    from tests.test_models import save_tiny_model
+
+    save_tiny_model(tmp_path / "m")
+    model, _ = load_model(str(tmp_path / "m"), quantize="nf4", double_quant=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is bnb.nn.Linear4bit and q.weight.quant_type == "nf4" and not q.weight.compress_statistics
+    assert q.compute_dtype == torch.float32 and type(model.lm_head) is nn.Linear
+    # The same codes as lorakit.quantize on the same weights.
+    dense, _ = load_model(str(tmp_path / "m"))
+    lorakit.quantize(dense, "nf4", double_quant=False)
+    assert torch.equal(dense.model.layers[0].self_attn.q_proj.weight.data, q.weight.data)
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        load_model(str(tmp_path / "m"), quantize="q4")
+
+
+@pytest.mark.e2e
+def test_the_embedded_model_loads_quantized_and_takes_an_adapter():
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m", quantize="nf4")
+    assert type(model.model.layers[0].mlp.down_proj) is bnb.nn.Linear4bit
+    lorakit.add_adapter(model, LoraConfig(r=8, target_modules="all-linear"))
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.lora_A["default"].shape == (8, 1536) and layer.lora_A["default"].grad is not None
