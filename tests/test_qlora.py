@@ -382,3 +382,16 @@ def test_dequantize_keeps_an_adapted_models_outputs():
     torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
     lorakit.merge(model)  # a dense weight now: exact
     torch.testing.assert_close(model(ids).logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_batch_on_a_quantized_model_matches_each_row_alone():
+    model = quantized_llama()
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear"), "a")
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear", seed=3), "b")
+    randomize_adapters(model, 0.05)
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad(), lorakit.adapter_batch(model, ["a", "b"]):
+        mixed = model(ids).logits
+    for row, name in enumerate(["a", "b"]):
+        lorakit.set_adapter(model, name)
+        torch.testing.assert_close(mixed[row], model(ids[row : row + 1]).logits[0], rtol=1e-5, atol=1e-5)
