@@ -29,19 +29,12 @@ import time
 from pathlib import Path
 
 import torch
+from shapes import LLAMA_1B, SMOLLM2_135M
 
 PRESETS = {
     # SmolLM2-135M (the embedded model's shape): 30 layers, hidden 576, 9/3 heads.
     "cpu-small": dict(
-        model=dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            vocab_size=49152,
-            tie_word_embeddings=True,
-        ),
+        model=SMOLLM2_135M,
         dtype="float32",
         decode=(64, 1),
         prefill=(4, 128),
@@ -50,15 +43,7 @@ PRESETS = {
     ),
     # The 1.2B Llama shape of the issue: hidden 2048, 16 layers, 32/8 heads, vocab 128256.
     "llama-1b": dict(
-        model=dict(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            tie_word_embeddings=True,
-        ),
+        model=LLAMA_1B,
         dtype="bfloat16",
         decode=(64, 1),
         prefill=(32, 512),

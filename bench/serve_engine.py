@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from shapes import LLAMA_1B
 
 PRESETS = {
     "cpu-small": dict(
@@ -47,16 +48,7 @@ PRESETS = {
         cases="base,1,8,64",
     ),
     "llama-1b": dict(
-        model=dict(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            tie_word_embeddings=True,
-            max_position_embeddings=4096,
-        ),
+        model=dict(LLAMA_1B, max_position_embeddings=4096),
         dtype="bfloat16",
         requests=256,
         concurrency=64,

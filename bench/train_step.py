@@ -24,34 +24,19 @@ import time
 from dataclasses import dataclass
 
 import torch
+from shapes import LLAMA_1B, SMOLLM2_135M
 
 PRESETS = {
     # SmolLM2-135M: 30 layers, hidden 576, 9/3 heads, vocab 49152.
     "smollm2-135m": dict(
-        model=dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            vocab_size=49152,
-            tie_word_embeddings=True,
-        ),
+        model=SMOLLM2_135M,
         batch=8,
         seq=64,
         dtype="float32",
     ),
     # The 1.2B Llama shape of the fast-training issue: hidden 2048, 16 layers, 32/8 heads, vocab 128256.
     "llama-1b": dict(
-        model=dict(
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-            tie_word_embeddings=True,
-        ),
+        model=LLAMA_1B,
         batch=4,
         seq=2048,
         dtype="bfloat16",

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..serve.vllm_launch import parse_adapters
 
 SERVE_EXTRA = "pip install 'lorakit[serve]'"
 
@@ -152,21 +153,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
-    """``["name=DIR", "DIR", ...]`` -> {name: folder}: a bare folder is named after itself (as
-    ``--engine vllm`` names it). Each folder must hold an adapter_config.json."""
-    adapters: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, directory = spec.partition("=")
-        if not sep:
-            name, directory = Path(spec).resolve().name, spec
-        if not name or not directory:
-            raise ConfigError(f"--adapter {spec!r}: give NAME=DIR or DIR")
-        if name in adapters:
-            raise ConfigError(f"adapter name {name!r} is given twice; names must be unique")
-        folder = Path(directory).expanduser()
+    """``["name=DIR", "DIR", ...]`` -> {name: folder}, named as ``--engine vllm`` names them
+    (``serve.vllm_launch.parse_adapters``); each folder must hold an adapter_config.json."""
+    adapters = {name: Path(directory).expanduser() for name, directory in parse_adapters(specs).items()}
+    for name, folder in adapters.items():
         if not (folder / "adapter_config.json").is_file():
-            raise ConfigError(f"--adapter {spec}: {folder} has no adapter_config.json")
-        adapters[name] = folder
+            raise ConfigError(f"--adapter {name}: {folder} has no adapter_config.json")
     return adapters
 
 
