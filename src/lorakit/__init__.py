@@ -10,7 +10,8 @@ docs/architecture.md):
 plus the training entry points (train, TrainConfig, loraplus_optimizer), DyLoRA's truncate,
 adapter arithmetic (combine, compress; see docs/arithmetic.md), set_fast_path (fused layers on by
 default; False forces the reference forward) and hotswap_adapter (new weights into an existing
-adapter's tensors, so a compiled model does not recompile).
+adapter's tensors, so a compiled model does not recompile), quantize / dequantize (a model's
+linear layers to bitsandbytes 4-bit or 8-bit and back: QLoRA).
 """
 
 from .arithmetic import combine, compress
@@ -31,6 +32,7 @@ from .hotswap import hotswap_adapter
 from .inject import add_adapter, delete_adapter, unload
 from .io import load_adapter, save_adapter
 from .memory import MemoryReport, memory_report
+from .quantization import dequantize, quantize
 from .report import summary, trainable_parameters
 from .variants.dylora import truncate
 
@@ -85,4 +87,6 @@ __all__ = [
     "compress",
     "memory_report",
     "MemoryReport",
+    "quantize",
+    "dequantize",
 ]

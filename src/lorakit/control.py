@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -19,6 +20,8 @@ from .state import (
     require_adapters,
     saved_modules,
 )
+
+log = logging.getLogger("lorakit.control")
 
 
 def adapters(model: nn.Module) -> list[str]:
@@ -102,7 +105,9 @@ def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iter
             module.row_adapters = was
 
 
-def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, final: bool = False) -> None:
+def merge(
+    model: nn.Module, names: str | Sequence[str] | None = None, *, final: bool = False, requantize: bool = False
+) -> dict[str, dict[str, float]] | None:
     """Write the change of the given adapters (default: the active ones) into the base weights:
     ``s B A`` for LoRA, ``m / ||W0 + s B A|| (W0 + s B A) - W0`` for DoRA, each against the
     original W0 (see ``LoraLayer.merge``).
@@ -111,6 +116,14 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, final: 
     AdapterStateError before any weight is written when a DoRA merge would leave a layer's original
     weight unrecoverable (``LoraLayer.check_merge``), unless ``final``: the adapters are removed
     next (``unload``), so the original weight is not needed again.
+
+    Quantized (bitsandbytes) layers: a merge would write W0 + the update back in 4 or 8 bits,
+    which rounds most of a typical update away, so it is refused (the message gives the share that
+    would survive) unless ``requantize``: then each such layer computes with the requantized sum
+    (its original weight kept, for ``unmerge``), and the call returns, per adapter, each quantized
+    module's share of the update that survived (⟨kept, change⟩ / ‖change‖², 1 = all of it; see
+    ``LoraQuantizedLinear.surviving_share``). ``unload(model, merge=True)`` merges exactly instead,
+    into dense layers. Without quantized layers the call returns None.
     """
     if names is None:
         names = active_adapters(model)
@@ -123,13 +136,29 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, *, final: 
     layers = list(lora_layers(model))
     for path, layer in layers if not final else ():
         try:
-            layer.check_merge(names)
+            if not (requantize and layer.quantized):
+                layer.check_merge(names)
         except AdapterStateError as error:
             raise AdapterStateError(f"module {path!r}: {error}") from None
-    for _, layer in layers:
+    report: dict[str, dict[str, float]] = {}
+    for path, layer in layers:
         for name in names:
-            if name in layer.lora_A:
+            if name not in layer.lora_A:
+                continue
+            if requantize and layer.quantized and not final:
+                report.setdefault(name, {})[path] = layer.merge_requantized(name)
+            else:
                 layer.merge(name, final=final)
+    for name, shares in report.items():
+        values = sorted(shares.values())
+        log.info(
+            "adapter %r merged into %d quantized modules: median share of the update kept %.1f%% (min %.1f%%)",
+            name,
+            len(values),
+            100 * values[len(values) // 2],
+            100 * values[0],
+        )
+    return report or None
 
 
 def unmerge(model: nn.Module) -> None:

@@ -20,7 +20,9 @@ from .init_names import changes_base
 from .initialization import initial_factors, module_generator
 from .layers import LoraLayer, ModulesToSave, lora_class_for
 from .layers.parameter import LoraParameter
+from .layers.quantized import densify_all
 from .patching import install_patches, remove_patches
+from .quantization import is_quantized_parameter
 from .state import (
     active_adapters,
     adapter_configs,
@@ -72,11 +74,11 @@ class InjectionPlan:
     saved_paths: list[str] = field(default_factory=list)
 
 
-def adapter_dtype(config: LoraConfig, base_weight: torch.Tensor) -> torch.dtype:
-    """The dtype of A and B: see ``LoraConfig.adapter_dtype``."""
+def adapter_dtype(config: LoraConfig, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of A and B on a layer computing in ``dtype`` (a quantized layer: its compute
+    dtype): see ``LoraConfig.adapter_dtype``."""
     if config.adapter_dtype != "auto":
         return getattr(torch, config.adapter_dtype)
-    dtype = base_weight.dtype
     if not dtype.is_floating_point or dtype == torch.float16:
         return torch.float32
     return dtype
@@ -108,6 +110,12 @@ def plan(model: nn.Module, config: LoraConfig, name: str, draw_factors: bool = T
         refusal = variant.refusal(layer)
         if refusal:
             raise TargetError(f"{refusal}; exclude {path!r} (exclude_modules)")
+        if changes_base(config.init) and layer.quantized:
+            raise TargetError(
+                f"init={config.init!r} moves W0's principal part into the adapter and leaves a residual W0, which "
+                f"cannot be written into the quantized weight of {path!r}; use the default init on a quantized "
+                "model, or compute the PiSSA/OLoRA residual on the full-precision model and quantize that"
+            )
         if changes_base(config.init) and layer.init_factors:
             raise TargetError(
                 f"module {path!r} already carries an adapter with a base-changing init "
@@ -139,6 +147,12 @@ def _plan_parameters(
     """The nest of ``LoraParameter`` wrappers for ``params`` of the module at ``path``: built new
     (first parameter innermost, at ``path.base_layer...``, where PEFT's files have it) or the
     existing one, which must adapt the same parameters (PEFT's rule)."""
+    quantized = [p for p in params if is_quantized_parameter(getattr(module, p, None))]
+    if quantized:
+        raise TargetError(
+            f"parameters {quantized} of module {path!r} are quantized (bitsandbytes), and target_parameters adapts "
+            "a parameter by rebuilding it dense in every forward; target the module itself (target_modules)"
+        )
     if isinstance(module, LoraParameter):
         nest, layer = [], module
         while isinstance(layer, LoraParameter):
@@ -186,7 +200,7 @@ def _factors(
     layer: LoraLayer, config: LoraConfig, r: int, scaling: float, draw: bool, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The initial (A, B) of a planned layer: drawn by ``config.init``, or zeros for a load to fill."""
-    dtype = adapter_dtype(config, layer.base_weight)
+    dtype = adapter_dtype(config, layer.compute_dtype)
     device = layer.base_weight.device
     own = config.variant_object.own_factors(layer, r, generator) if draw and device.type != "meta" else None
     if own is not None:
@@ -359,9 +373,17 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     With ``merge`` the active adapters are merged first (and ``modules_to_save`` keep the active
     adapter's trained copy), so the plain model computes what the adapted one did; without it the
     original base model comes back (PiSSA/OLoRA residuals restored).
+
+    Quantized (bitsandbytes) layers carrying adapters become, with ``merge``, dense ``nn.Linear``s
+    in their compute dtype holding the dequantized W0 with the adapters merged exactly (see
+    ``LoraQuantizedLinear.densify``); linear layers without adapters stay as they are
+    (``lorakit.dequantize`` makes every one dense). Without ``merge`` the quantized layers come
+    back, their original packed weights bit for bit.
     """
     if merge:
         from .control import merge as merge_adapters
+
+        densify_all(lora_layers(model))  # exact merges, into dense weights
 
         pending = [n for n in active_adapters(model) if n in adapter_configs(model)]
         merged = merged_adapters(model)

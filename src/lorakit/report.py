@@ -5,16 +5,19 @@ from __future__ import annotations
 from torch import nn
 
 from .memory import memory_report
+from .quantization import parameter_count
 from .state import active_adapters, adapter_configs, lora_layers, merged_adapters, saved_modules
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(parameters that require grad, all parameters), shared parameters counted once."""
+    """(parameters that require grad, all parameters), shared parameters counted once; a packed
+    4-bit parameter counts the weights it holds (two per byte), as PEFT counts it."""
     trainable = total = 0
     for param in model.parameters():
-        total += param.numel()
+        count = parameter_count(param)
+        total += count
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += count
     return trainable, total
 
 

@@ -119,6 +119,15 @@ class LoraLayer(WeightMerging, nn.Module):
     def base_weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    # Whether the base weight is stored quantized (``layers/quantized.py``): variants and inits
+    # that must write or decompose a dense W0 refuse such layers.
+    quantized = False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the dense weight the base layer computes with (adapters default to it)."""
+        return self.base_weight.dtype
+
     def __getattr__(self, name: str) -> Any:
         # Code around a replaced layer keeps reading `layer.weight`, `layer.in_features`,
         # `embed.padding_idx`...: fall back to the base layer for anything not found here.

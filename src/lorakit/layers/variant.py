@@ -80,8 +80,13 @@ class Variant:
         return None
 
     # --- injection ---------------------------------------------------------------------------
+    # Whether it works on a quantized base (``layers/quantized.py``); if not, why (for messages).
+    quantized_base: str | None = None
+
     def refusal(self, layer: Any) -> str | None:
         """Why this variant cannot go on ``layer`` (None: it can)."""
+        if self.quantized_base is not None and getattr(layer, "quantized", False):
+            return f"{self.title} cannot adapt a quantized (bitsandbytes) layer: {self.quantized_base}"
         if self.layer_kinds is not None and type(layer).__name__ not in self.layer_kinds:
             kinds = ", ".join(kind.removeprefix("Lora").lower() for kind in self.layer_kinds)
             return f"{self.title} adapts {kinds} layers only"

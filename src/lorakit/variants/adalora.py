@@ -66,7 +66,7 @@ class AdaLora(Variant):
     name = "adalora"
     title = "AdaLoRA"
     legacy_flag = "adalora"
-    layer_kinds = ("LoraLinear",)
+    layer_kinds = ("LoraLinear", "LoraQuantizedLinear")
     parameter_targets = False
     own_init = True
     hot_swappable = False

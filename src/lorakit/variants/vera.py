@@ -64,6 +64,9 @@ class Vera(Variant):
     legacy_flag = "use_vera"
     peft_type = "VERA"
     layer_kinds = ("LoraLinear",)
+    quantized_base = (
+        "lorakit's VeRA shares one projection across dense linear layers only; use LoRA or DoRA on a quantized model"
+    )
     parameter_targets = False
     own_init = True
     draws_factors = False

@@ -1,0 +1,192 @@
+"""`LoraQuantizedLinear`: LoRA on a bitsandbytes 4-bit (NF4/FP4) or 8-bit linear layer (QLoRA).
+
+    h = Q(W0) x + b + s * B (A dropout(x))      A: (r, d_in)   B: (d_out, r)
+
+The base layer computes with its quantized weight Q(W0) (bitsandbytes' kernels); the adapter is
+the same (A, B) as on a dense layer, sized from the layer's real ``in_features`` /
+``out_features`` (the stored 4-bit tensor is packed, (d_out * d_in / 2, 1) uint8), in the layer's
+compute dtype. Wherever a dense W0 is needed (DoRA's norm, the base output without the merged
+adapters, merging, export) it is ``dequantized_weight``: bitsandbytes' own dequantization, so
+exactly the W0 the base layer multiplies by (4-bit: its compute is ``x @ dequantize_4bit(W).T``).
+
+Merging cannot write ``W0 + s B A`` back into 4 bits without losing most of the update (a typical
+update is ~1% of W0, below the spacing of the 16 NF4 levels), so:
+- ``merge`` refuses (``control.merge`` reports the share that would survive);
+- ``merge_requantized`` does it on request: the original packed weight is kept (a 4-bit copy), the
+  layer computes with ``quantize(W0 + changes)``, and the share of the update that survived is
+  returned; ``unmerge`` puts the original back bit for bit;
+- ``densify`` (``unload(merge=True)``, export) turns the layer into a plain ``LoraLinear`` over a
+  dense ``nn.Linear`` holding the dequantized W0 in the compute dtype, where merging is exact.
+
+The fast path (``kernels/``) declines the layer (its base is not an ``nn.Linear``), so forward is
+the reference formula of ``LoraLayer.forward``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AdapterStateError
+from ..kernels.casting import accumulation_dtype
+from ..quantization import compute_dtype_of, dequantized_weight, quant_type, quantized_like, replace_weight
+from .linear import LoraLinear
+
+
+class LoraQuantizedLinear(LoraLinear):
+    """LoRA around a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; see the module docstring."""
+
+    quantized = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        # The packed weight as it was before the first requantized merge (None: none merged). Kept
+        # in __dict__, not registered: it is no parameter of the model (state dict, optimizer).
+        self.__dict__["original_weight"] = None
+
+    # --- sizes and dtypes -------------------------------------------------------------------------
+    @property
+    def in_dim(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_dim(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base layer computes in: what the adapter is kept in by default."""
+        return compute_dtype_of(self.base_layer)
+
+    @property
+    def quant_type(self) -> str:
+        return quant_type(self.base_layer)
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_dim,)
+
+    # --- the dense W0 -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def unmerged_weight(self) -> torch.Tensor:
+        """W0 (d_out, d_in), dequantized: of the kept original while adapters are merged."""
+        return dequantized_weight(self.base_layer, self.original_weight)
+
+    def base_output_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.unmerged_weight().to(x.dtype))
+
+    def add_to_weight(self, delta: torch.Tensor) -> None:
+        raise AdapterStateError(
+            f"the base weight of this layer is {self.quant_type}-quantized and cannot take a change in place; "
+            "lorakit.unload(model, merge=True) gives a dense model where it can"
+        )
+
+    # --- merging ----------------------------------------------------------------------------------
+    def check_merge(self, names: list[str]) -> None:
+        pending = [n for n in names if n in self.variants]
+        if pending:
+            share = self.surviving_share(pending[0])
+            raise AdapterStateError(
+                f"the base weight is {self.quant_type}-quantized: merging writes W0 + the update back in "
+                f"{self.quant_type}, which here keeps {share:.1%} of adapter {pending[0]!r}'s update (the rest is "
+                "rounded away). lorakit.unload(model, merge=True) dequantizes and merges exactly; "
+                "lorakit.merge(model, requantize=True) merges in the quantized weight anyway and reports the loss"
+            )
+
+    def merge(self, name: str, final: bool = False) -> None:
+        if not final:
+            self.check_merge([name])
+        self.densify()
+        LoraLinear.merge(self, name, final=final)  # the class is LoraLinear now (see densify)
+
+    @torch.no_grad()
+    def surviving_share(self, name: str) -> float:
+        """The share of adapter ``name``'s change that a requantized merge keeps on this layer:
+        ⟨kept, change⟩ / ⟨change, change⟩, kept being what the quantized weight changes by
+        (1: all of it; 0: nothing). Nothing is written."""
+        change, _ = self.variants[name].merge_change(self, name, check=False)
+        current = dequantized_weight(self.base_layer).to(change.dtype)
+        target = self._merged_dense(self.merged_adapters) + change
+        kept = dequantized_weight(self.base_layer, quantized_like(self.base_layer, target)).to(change.dtype) - current
+        return _share(kept, change)
+
+    @torch.no_grad()
+    def merge_requantized(self, name: str) -> float:
+        """Merge adapter ``name`` into the quantized weight: quantize(W0 + the merged changes);
+        returns the share of its change that survived (see ``surviving_share``)."""
+        if name in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is already merged; unmerge it before merging again")
+        change, record = self.variants[name].merge_change(self, name, check=False)
+        before = dequantized_weight(self.base_layer).to(change.dtype)
+        target = self._merged_dense(self.merged_adapters) + change
+        new = quantized_like(self.base_layer, target)
+        kept = dequantized_weight(self.base_layer, new).to(change.dtype) - before
+        if self.original_weight is None:
+            self.__dict__["original_weight"] = self.base_layer.weight
+        replace_weight(self.base_layer, new)
+        if record is not None:
+            self.merge_records[name] = record
+        self.merged_adapters.append(name)
+        return _share(kept, change)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is not merged")
+        rest = [n for n in self.merged_adapters if n != name]
+        if rest:
+            replace_weight(self.base_layer, quantized_like(self.base_layer, self._merged_dense(rest)))
+        else:  # the original packed weight, bit for bit
+            replace_weight(self.base_layer, self.original_weight)
+            self.__dict__["original_weight"] = None
+        self.merge_records.pop(name, None)
+        self.merged_adapters.remove(name)
+
+    def _merged_dense(self, names: list[str]) -> torch.Tensor:
+        """W0 plus the changes of merged adapters ``names``, dense, in float32 (or wider)."""
+        weight = self.unmerged_weight()
+        dense = weight.to(accumulation_dtype(weight.dtype))
+        for n in names:
+            dense = dense + self.variants[n].unmerge_change(self, n, self.merge_records.get(n)).to(dense.dtype)
+        return dense
+
+    @torch.no_grad()
+    def densify(self, dtype: torch.dtype | None = None) -> None:
+        """Replace the quantized base by a dense ``nn.Linear`` holding the dequantized W0 (plus the
+        changes of adapters merged so far, exactly), in ``dtype`` (default: the compute dtype), and
+        become a plain ``LoraLinear`` over it: merging is then exact. Used by ``unload`` and export."""
+        dtype = dtype or self.compute_dtype
+        base = self.base_layer
+        weight = self._merged_dense(list(self.merged_adapters))
+        dense = nn.Linear(self.in_dim, self.out_dim, bias=base.bias is not None, device=weight.device, dtype=dtype)
+        dense.weight.data.copy_(weight)
+        dense.weight.requires_grad_(False)
+        if base.bias is not None:
+            dense.bias.data.copy_(base.bias.data)
+            dense.bias.requires_grad_(base.bias.requires_grad)
+        dense.train(base.training)
+        self.base_layer = dense
+        # From here on this layer is exactly a LoraLinear over a dense weight (nothing quantized is
+        # left to special-case), so it takes that class rather than carrying a flag checked everywhere.
+        self.__dict__.pop("original_weight", None)
+        self.__class__ = LoraLinear
+
+    def extra_repr(self) -> str:
+        return f"{self.quant_type}, {super().extra_repr()}"
+
+
+def _share(kept: torch.Tensor, change: torch.Tensor) -> float:
+    norm = float((change * change).sum())
+    return float((kept * change).sum()) / norm if norm > 0 else 1.0
+
+
+def densify_all(layers: Any, dtype: torch.dtype | None = None) -> int:
+    """``densify`` every quantized layer among ``layers`` ((path, layer) pairs); how many."""
+    count = 0
+    for _, layer in layers:
+        if isinstance(layer, LoraQuantizedLinear):
+            layer.densify(dtype)
+            count += 1
+    return count
