@@ -286,14 +286,18 @@ needs_quantize = pytest.mark.skipif(not hasattr(lorakit, "quantize"), reason="lo
 
 
 def quantized_state(model):
-    """Every quantized tensor (packed, absmax, nested state, code) by module and role, cloned."""
+    """Every quantized tensor (packed, absmax, nested state, code) by module path, cloned."""
     out = {}
     for name, module in model.named_modules():
-        if isinstance(module, (bnb.nn.Linear4bit,)):
+        if isinstance(module, bnb.nn.Linear4bit):
             s = module.weight.quant_state
-            out[name] = [module.weight.data.clone(), s.absmax.clone(), s.code.clone()]
+            tensors = out[name.removesuffix(".base_layer")] = [
+                module.weight.data.clone(),
+                s.absmax.clone(),
+                s.code.clone(),
+            ]
             if s.nested:
-                out[name] += [s.state2.absmax.clone(), s.state2.code.clone(), s.offset.clone()]
+                tensors += [s.state2.absmax.clone(), s.state2.code.clone(), s.offset.clone()]
     return out
 
 
@@ -332,3 +336,116 @@ def test_memory_report_flag_writes_memory_json(tmp_path):
     assert written["adapters"] == written["gradients"] == result.memory.adapters > 0
     assert written["optimizer_state"] > 0 and written["peak"] > 0
     assert written["tensor_bytes"] == result.memory.tensor_bytes
+
+
+# --- transformers.Trainer ----------------------------------------------------------------------
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, n=16, length=12):
+        self.rows = ((torch.arange(n) * 7)[:, None] + torch.arange(length)[None, :]) % 128
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+def trainer_args(tmp_path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        max_steps=8,
+        learning_rate=2e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+
+
+@needs_quantize
+def test_trainer_trains_a_model_quantized_by_lorakit(tmp_path):
+    """lorakit.quantize leaves no transformers quantizer on the model, so Trainer takes it as it is."""
+    from transformers import Trainer
+
+    model = lorakit.quantize(tiny_llama(hidden=64), "nf4", compute_dtype=torch.float32)
+    frozen = quantized_state(model)
+    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    trainer = Trainer(model=model, args=trainer_args(tmp_path), train_dataset=CountingDataset())
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.1
+    after = quantized_state(model)
+    assert all(all(torch.equal(a, b) for a, b in zip(v, after[k], strict=True)) for k, v in frozen.items())
+
+
+def test_a_model_transformers_quantized_trains_with_lorakit_train_not_trainer(tmp_path):
+    """transformers.Trainer refuses a model loaded with BitsAndBytesConfig unless it is PEFT's
+    PeftModel (its check looks for PEFT's wrapper, not for trainable adapters); lorakit's loop
+    trains it, which is what docs/qlora.md tells Trainer users to use."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer
+
+    tiny_llama(hidden=64).save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    lorakit.add_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    with pytest.raises(ValueError, match="purely quantized models"):
+        Trainer(model=model, args=trainer_args(tmp_path / "trainer"), train_dataset=CountingDataset())
+    frozen = quantized_state(model)
+    cfg = TrainConfig(data="x", lr=2e-2, max_steps=8, batch_size=8, device="cpu", schedule="constant")
+    result = run_loop(model, None, cfg, examples(), collate, tmp_path / "run", progress=False)
+    assert result.records[-1]["loss"] < result.records[0]["loss"] - 0.1
+    after = quantized_state(model)
+    assert all(all(torch.equal(a, b) for a, b in zip(v, after[k], strict=True)) for k, v in frozen.items())
+
+
+# --- the CLI, end to end -----------------------------------------------------------------------
+
+
+def loader_quantizes():
+    import inspect
+
+    from lorakit.models import load_model
+
+    return "quantize" in inspect.signature(load_model).parameters
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not loader_quantizes(), reason="load_model(quantize=...) not merged yet")
+def test_cli_trains_the_embedded_model_in_nf4_and_resumes_with_8_bit_state(tmp_path, embedded_model):
+    import os
+    import subprocess
+
+    from lorakit.data import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "data", n_train=16, n_test=4, seed=1)
+    out = tmp_path / "run"
+
+    def lorakit_cli(*extra):
+        done = subprocess.run(
+            [sys.executable, "-m", "lorakit", "train", "--data", str(data["train"]), "--output-dir", str(out),
+             "--quantize", "nf4", "--optimizer", "paged_adamw8bit", "--memory-report", "--batch-size", "4",
+             "--max-length", "64", "--lr", "2e-3", "--r", "8", "--save-every", "1", *extra],
+            capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    first = lorakit_cli("--max-steps", "1")
+    assert "quantized base" in first.stdout and "measured peak" in first.stdout
+    assert "paging needs a CUDA GPU" in first.stderr
+    memory = json.loads((out / "memory.json").read_text())
+    assert memory["quantized"] > 0 and memory["quantized_parts"]["nested"] > 0
+    lorakit_cli("--max-steps", "2", "--resume")
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8

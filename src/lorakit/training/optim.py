@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..quantization import INSTALL_HINT
 
 log = logging.getLogger("lorakit.training")
 
@@ -31,7 +32,6 @@ OPTIMIZERS = {
     "paged_adamw8bit": "PagedAdamW8bit",
 }
 UNPAGED = {"PagedAdamW": "AdamW", "PagedAdamW8bit": "AdamW8bit"}
-INSTALL_QLORA = 'pip install "lorakit[qlora]"'
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float, loraplus_ratio: float | None) -> list[dict]:
@@ -104,7 +104,7 @@ def require_bitsandbytes(what: str):
     try:
         import bitsandbytes
     except ImportError:
-        raise ConfigError(f"{what} needs bitsandbytes, which is not installed: {INSTALL_QLORA}") from None
+        raise ConfigError(f"{what} needs bitsandbytes, which is not installed: {INSTALL_HINT}") from None
     return bitsandbytes
 
 
