@@ -288,3 +288,97 @@ def test_a_one_percent_update_is_mostly_rounded_away_by_requantizing():
         layer.lora_B["default"].mul_(0.01 * layer.unmerged_weight().norm() / layer.delta_weight("default").norm())
     share = lorakit.merge(model, requantize=True)["default"]["model.layers.0.self_attn.q_proj"]
     assert 0 < share < 0.05
+
+
+# --- load_model(quantize=...) -----------------------------------------------------------------------
+def test_load_model_quantizes_a_directory_through_transformers(tmp_path):
+    from lorakit.models import load_model
+    from tests.test_models import save_tiny_model
+
+    save_tiny_model(tmp_path / "m")
+    model, _ = load_model(str(tmp_path / "m"), quantize="nf4", double_quant=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is bnb.nn.Linear4bit and q.weight.quant_type == "nf4" and not q.weight.compress_statistics
+    assert q.compute_dtype == torch.float32 and type(model.lm_head) is nn.Linear
+    # The same codes as lorakit.quantize on the same weights.
+    dense, _ = load_model(str(tmp_path / "m"))
+    lorakit.quantize(dense, "nf4", double_quant=False)
+    assert torch.equal(dense.model.layers[0].self_attn.q_proj.weight.data, q.weight.data)
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        load_model(str(tmp_path / "m"), quantize="q4")
+
+
+@pytest.mark.e2e
+def test_the_embedded_model_loads_quantized_and_takes_an_adapter():
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m", quantize="nf4")
+    assert type(model.model.layers[0].mlp.down_proj) is bnb.nn.Linear4bit
+    lorakit.add_adapter(model, LoraConfig(r=8, target_modules="all-linear"))
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.lora_A["default"].shape == (8, 1536) and layer.lora_A["default"].grad is not None
+
+
+# --- lorakit export of a QLoRA adapter ------------------------------------------------------------
+def qlora_adapter(tmp_path, variant: str = "lora"):
+    """A tiny model folder, an adapter trained (randomized) on its NF4 quantization, and that
+    quantized model with the adapter."""
+    from lorakit.models import load_model
+    from tests.test_models import save_tiny_model
+
+    save_tiny_model(tmp_path / "m")
+    model, _ = load_model(str(tmp_path / "m"), quantize="nf4")
+    lorakit.add_adapter(model, LoraConfig(r=4, target_modules="all-linear", variant=variant))
+    randomize_adapters(model, 0.05)
+    lorakit.save_adapter(model, tmp_path / "run" / "adapter")
+    return model
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_export_of_a_quantized_run_computes_what_the_trained_model_did(tmp_path, variant):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli.main import main
+
+    trained = qlora_adapter(tmp_path, variant)
+    # The run's options beside its adapter say how the base was quantized.
+    (tmp_path / "run" / "train_config.yaml").write_text("quantize: nf4\ndouble_quant: true\n")
+    argv = ["export", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "run" / "adapter")]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(0, 100, (2, 8))
+    torch.testing.assert_close(exported(ids).logits, trained(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_export_onto_the_original_weights_says_what_the_adapter_never_saw(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli.main import main
+
+    qlora_adapter(tmp_path)
+    argv = ["export", "--model", str(tmp_path / "m"), "--adapter", str(tmp_path / "run" / "adapter")]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--quantize", "nf4", "--base", "original"]) == 0
+    assert "never saw" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    lorakit.load_adapter(dense, tmp_path / "run" / "adapter")
+    lorakit.unload(dense, merge=True)
+    for a, b in zip(exported.parameters(), dense.parameters()):
+        torch.testing.assert_close(a, b)
+    assert main([*argv, "--out", str(tmp_path / "out2"), "--base", "original"]) == 2
+    assert "--base is for adapters trained on a quantized base" in capsys.readouterr().err
+
+
+def test_dequantize_keeps_an_adapted_models_outputs():
+    model = adapted()
+    ids = torch.randint(0, 128, (2, 8))
+    logits = model(ids).logits
+    lorakit.dequantize(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer) is LoraLinear and type(layer.base_layer) is nn.Linear
+    torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
+    lorakit.merge(model)  # a dense weight now: exact
+    torch.testing.assert_close(model(ids).logits, logits, rtol=1e-4, atol=1e-4)

@@ -276,15 +276,20 @@ def _quantized_linear(bnb: Any, module: nn.Linear, method: str, double_quant: bo
 
 @torch.no_grad()
 def dequantize(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
-    """Replace every bitsandbytes quantized linear layer of ``model`` by a dense ``nn.Linear``
-    holding its dequantized weight (``dequantized_weight``), in ``dtype`` (default: each layer's
-    compute dtype), in place; returns the model. LoRA layers over quantized bases are left to
-    ``lorakit.unload`` (which merges into the dense weight) and must be unloaded first."""
-    if any(hasattr(module, "lora_A") for module in model.modules()):
-        raise ConfigError("this model carries LoRA layers; call lorakit.unload(model, merge=True) first")
+    """Make every bitsandbytes quantized linear layer of ``model`` dense, in place; returns the
+    model. A plain one becomes an ``nn.Linear`` holding its dequantized weight
+    (``dequantized_weight``); a LoRA layer over one keeps its adapters over that dense weight
+    (``LoraQuantizedLinear.densify``: outputs unchanged, merging exact from then on). ``dtype``:
+    default each layer's compute dtype ("bf16", "fp32", a torch dtype otherwise)."""
     count = 0
-    for path, module in list(model.named_modules()):
-        if quantized_bits(module) is None:
+    modules = dict(model.named_modules())
+    for path, module in list(modules.items()):
+        parent = modules.get(path.rpartition(".")[0]) if "." in path else model
+        if getattr(module, "quantized", False) and hasattr(module, "densify"):  # a LoRA layer's own
+            module.densify(None if dtype is None else resolve_compute_dtype(dtype, module.base_weight.device))
+            count += 1
+            continue
+        if quantized_bits(module) is None or hasattr(parent, "lora_A"):
             continue
         target = compute_dtype_of(module) if dtype is None else resolve_compute_dtype(dtype, module.weight.device)
         dense = nn.Linear(
@@ -301,5 +306,24 @@ def dequantize(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.M
         count += 1
     for key in ("_lorakit_quantization", "is_loaded_in_4bit", "is_loaded_in_8bit"):
         model.__dict__.pop(key, None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # loaded with BitsAndBytesConfig: transformers' markers go too (.to, saving)
+        quantizer.remove_quantization_config(model)
     log.info("dequantized %d linear layers", count)
     return model
+
+
+@torch.no_grad()
+def quantization_error(weight: torch.Tensor, method: str, double_quant: bool = True) -> float:
+    """‖W − dequantize(quantize(W))‖ / ‖W‖ for a dense weight (d_out, d_in) and ``method``: what a
+    model quantized that way loses on this weight."""
+    bnb = require_bitsandbytes()
+    dense = weight.detach().float()
+    if method == "int8":
+        codes, scales = bnb.functional.int8_vectorwise_quant(dense.half() if dense.is_cuda else dense)[:2]
+        back = bnb.functional.int8_vectorwise_dequant(codes, scales).float()
+    else:
+        codes, state = bnb.functional.quantize_4bit(dense, quant_type=method, compress_statistics=double_quant)
+        back = bnb.functional.dequantize_4bit(codes, state).float()
+    norm = float(dense.norm())
+    return float((dense - back).norm()) / norm if norm > 0 else 0.0

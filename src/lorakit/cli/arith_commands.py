@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from ..arithmetic.options import METHODS
 from ..errors import ConfigError
 from ..safe_files.directory_export import require_new_directory, save_directory
@@ -66,6 +68,25 @@ def add_arith_parsers(sub) -> None:
     )
     export.add_argument(
         "--gguf-dtype", choices=["f16", "f32"], help="gguf: dtype of the weights (default f16; norms are f32)"
+    )
+    export.add_argument(
+        "--quantize",
+        choices=["nf4", "fp4", "int8"],
+        help="the quantization the adapter was trained on (QLoRA; default: the run's train_config.yaml next to "
+        "the adapter, else none): the base is quantized so, dequantized into --dtype, and the adapter merged there",
+    )
+    export.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --quantize: 4-bit scales quantized again (default: the run's choice, else on)",
+    )
+    export.add_argument(
+        "--base",
+        choices=["quantized", "original"],
+        default="quantized",
+        help="with --quantize: merge into the dequantized weights the adapter was trained on (quantized, the "
+        "default: the export computes what the trained model did) or into the original full-precision weights",
     )
 
     compress = sub.add_parser("compress", help="shrink an adapter's rank by SVD of its update")
@@ -177,7 +198,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     target = resolve_dtype(args.dtype, resolve_device(args.device))
     # Base and adapters in float32, merged, then cast once: a bf16 export gets one rounding of
     # W0 + ΔW, not a rounding of W0, of the adapter's factors and of the sum.
-    model, tokenizer, names = _load_sources(args, dtype="float32")
+    quantization = _run_quantization(args)
+    if quantization and args.base == "quantized":
+        from .. import dequantize
+        from .commands import load_with_adapters
+
+        model, tokenizer, names = load_with_adapters(
+            args.model, args.adapter, args.device, "float32", activate=False, compute_dtype="fp32", **quantization
+        )
+        dequantize(model, torch.float32)  # W0 as the adapter saw it, dense: the merge below is exact
+        print(f"base quantized to {quantization['quantize']} as in training, dequantized, then merged")
+    else:
+        model, tokenizer, names = _load_sources(args, dtype="float32")
+        if quantization:
+            print(_original_base_note(model, names, quantization))
     options = _method_options(args)
     as_is = len(names) == 1 and args.method == "linear" and args.weights in (None, [1.0]) and not options
     if fmt in ENGINE_FORMATS:
@@ -207,6 +241,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = save_directory(Path(args.out), lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     print(f"\nmodel: {out}  (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def _run_quantization(args: argparse.Namespace) -> dict | None:
+    """{"quantize": method, "double_quant": bool} the adapter was trained with: --quantize, else
+    the ``quantize`` option of the run's train_config.yaml beside the adapter; None without."""
+    method, double_quant = getattr(args, "quantize", None), getattr(args, "double_quant", None)
+    if method is None:
+        for adapter in args.adapter:
+            config = Path(adapter).resolve().parent / "train_config.yaml"
+            if config.is_file():
+                import yaml
+
+                options = yaml.safe_load(config.read_text()) or {}
+                if options.get("quantize"):
+                    method = options["quantize"]
+                    double_quant = options.get("double_quant", True) if double_quant is None else double_quant
+                    break
+    if method is None:
+        if getattr(args, "base", "quantized") != "quantized":
+            raise ConfigError("--base is for adapters trained on a quantized base (--quantize)")
+        return None
+    return {"quantize": method, "double_quant": True if double_quant is None else double_quant}
+
+
+def _original_base_note(model, names: list[str], quantization: dict) -> str:
+    """What merging into the original weights means for an adapter trained on quantized ones."""
+    from ..quantization import quantization_error
+    from ..state import lora_layers
+
+    errors = sorted(
+        quantization_error(layer.base_weight, quantization["quantize"], quantization["double_quant"])
+        for _, layer in lora_layers(model)
+        if any(n in layer.lora_A for n in names)
+    )
+    median = errors[len(errors) // 2] if errors else 0.0
+    return (
+        f"note: merged into the original full-precision weights; the adapter was trained on "
+        f"{quantization['quantize']}-quantized ones, which differ from these by a median ||W - Q(W)||/||W|| of "
+        f"{median:.1%} over the adapted modules: an error the adapter never saw (--base quantized exports the "
+        "weights it was trained on)"
+    )
 
 
 GGUF_MODEL = "model.gguf"

@@ -10,17 +10,20 @@ from pathlib import Path
 from .options import train_overrides
 
 
-def load_with_adapters(model_name: str, adapter_dirs: list[str], device: str | None, dtype: str, activate: bool = True):
+def load_with_adapters(
+    model_name: str, adapter_dirs: list[str], device: str | None, dtype: str, activate: bool = True, **load_options
+):
     """(model, tokenizer, adapter names): the base model in eval mode with every given adapter
     loaded, each named after its run (``source_names``), all active
     (their updates add up) or, with ``activate=False``, none. Active adapters with parameter
-    targets (expert stacks) come merged into the weights."""
+    targets (expert stacks) come merged into the weights. ``load_options`` go to ``load_model``
+    (``quantize=...``)."""
     from .. import load_adapter, merge, set_adapter
     from ..layers.parameter import LoraParameter
     from ..models import load_model
     from ..state import lora_layers
 
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device, **load_options)
     names = [load_adapter(model, path, name=name, activate=False) for path, name in source_names(adapter_dirs)]
     if names and activate:
         set_adapter(model, names)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, ModelNotFoundError
+from ..quantization import METHODS, require_bitsandbytes, resolve_compute_dtype
+from ..quantization import quantize as quantize_model
 from .aliases import ALIASES, DEFAULT_MODEL, describe_aliases
 from .device import dtype_kwarg, require_device, resolve_device, resolve_dtype
 from .hub import hub_offline, hub_reachable, looks_like_path
@@ -107,6 +109,9 @@ def load_model(
     device: str | None = None,
     task: str = "causal-lm",
     gradient_checkpointing: bool = False,
+    quantize: str | None = None,
+    double_quant: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
     **model_kwargs: Any,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)`` ready for LoRA training or generation.
@@ -127,20 +132,40 @@ def load_model(
     for these models), which is what training wants. Batched generation needs left padding: set
     ``tokenizer.padding_side = "left"`` around ``generate`` calls.
 
+    ``quantize``: "nf4", "fp4" or "int8" loads the linear layers (but the output head) quantized
+    by bitsandbytes, for QLoRA: hub ids and directories through transformers'
+    ``BitsAndBytesConfig`` (weights quantized shard by shard as they load), built-in aliases and
+    .gguf files (converted to full precision first) through ``lorakit.quantize``.
+    ``double_quant`` quantizes the 4-bit scales again; ``compute_dtype`` (None/"auto": float32 on
+    CPU, bfloat16 on GPU; "bf16", "fp16", "fp32") is what the 4-bit layers compute in. ``dtype``
+    stays the dtype of everything not quantized (embeddings, norms, head).
+
     Raises :class:`lorakit.ModelNotFoundError` when the model cannot be found, and
-    :class:`lorakit.ConfigError` for a bad ``task``, ``dtype`` or ``device`` (before loading anything).
+    :class:`lorakit.ConfigError` for a bad ``task``, ``dtype``, ``device`` or ``quantize``, or
+    bitsandbytes missing (before loading anything).
     """
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     device = resolve_device(device)
     require_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if quantize is not None:
+        if quantize not in METHODS:
+            raise ConfigError(f"quantize must be one of {', '.join(METHODS)} or None, got {quantize!r}")
+        require_bitsandbytes()
+        compute = resolve_compute_dtype(compute_dtype, torch.device(device))
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     start = time.perf_counter()
     source, is_hub = resolve_source(name_or_path)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     kwargs = {**dtype_kwarg(torch_dtype), **model_kwargs}
+    # Aliases and .gguf files were converted to a full-precision folder: quantized after loading.
+    converted = name_or_path in ALIASES or Path(name_or_path).suffix.lower() == ".gguf"
+    quantize_on_load = quantize is not None and not converted
+    if quantize_on_load:
+        kwargs["quantization_config"] = _bnb_config(quantize, double_quant, compute)
+        kwargs.setdefault("device_map", {"": device})  # bitsandbytes quantizes on the device it loads to
     try:
         model, tokenizer = _from_pretrained(source, auto, True, kwargs)
     except OSError as exc:
@@ -166,7 +191,10 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None:
         # Sequence classification finds each row's last real token through pad_token_id.
         model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
+    if not quantize_on_load:
+        model.to(device)  # a model loaded quantized is on its device already (and refuses .to)
+    if quantize is not None and not quantize_on_load:
+        quantize_model(model, quantize, double_quant=double_quant, compute_dtype=compute)
     if gradient_checkpointing:
         # Reentrant checkpointing drops gradients when a segment's inputs do not require grad,
         # which is the case when the embedding is frozen (LoRA); the non-reentrant one does not.
@@ -177,7 +205,21 @@ def load_model(
         type(model).__name__,
         sum(p.numel() for p in model.parameters()) / 1e6,
         next(model.parameters()).device,  # cuda:N, not cuda
-        str(torch_dtype).replace("torch.", ""),
+        str(torch_dtype).replace("torch.", "") + (f", linear layers {quantize}" if quantize else ""),
         time.perf_counter() - start,
     )
     return model, tokenizer
+
+
+def _bnb_config(method: str, double_quant: bool, compute_dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``method`` (the output head is kept, as by default)."""
+    from transformers import BitsAndBytesConfig
+
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
