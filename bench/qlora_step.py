@@ -220,6 +220,10 @@ def run_case(case: str, preset: dict, device: str, warmup: int, steps: int, chec
         times.append(time.perf_counter() - start)
         if i == 0:  # gradients and optimizer state both exist now: the step's tensors
             memory = lorakit.memory_report(model, optimizer).as_dict()
+            if case.startswith("peft-"):  # PEFT's LoRA layers are not lorakit's: its adapters sit in "base"
+                lora = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+                memory["base"] -= lora
+                memory["adapters"] += lora
         zero()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     del step, zero, model, optimizer
