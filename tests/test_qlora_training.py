@@ -433,7 +433,7 @@ def test_cli_trains_the_embedded_model_in_nf4_and_resumes_with_8_bit_state(tmp_p
         done = subprocess.run(
             [sys.executable, "-m", "lorakit", "train", "--data", str(data["train"]), "--output-dir", str(out),
              "--quantize", "nf4", "--optimizer", "paged_adamw8bit", "--memory-report", "--batch-size", "4",
-             "--max-length", "64", "--lr", "2e-3", "--r", "8", "--save-every", "1", *extra],
+             "--lr", "2e-3", "--r", "8", "--save-every", "1", *extra],
             capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
