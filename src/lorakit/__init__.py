@@ -31,6 +31,7 @@ from .errors import (
 from .hotswap import hotswap_adapter
 from .inject import add_adapter, delete_adapter, unload
 from .io import load_adapter, save_adapter
+from .memory import MemoryReport, memory_report
 from .quantization import dequantize, quantize
 from .report import summary, trainable_parameters
 from .variants.dylora import truncate
@@ -84,6 +85,8 @@ __all__ = [
     "hotswap_adapter",
     "combine",
     "compress",
+    "memory_report",
+    "MemoryReport",
     "quantize",
     "dequantize",
 ]

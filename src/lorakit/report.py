@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .memory import memory_report
 from .quantization import parameter_count
 from .state import active_adapters, adapter_configs, lora_layers, merged_adapters, saved_modules
 
@@ -33,7 +34,8 @@ def adapter_parameter_count(model: nn.Module, name: str) -> int:
 
 
 def summary(model: nn.Module) -> str:
-    """One line of parameter counts, then a line per adapter (rank, modules, params, state)."""
+    """One line of parameter counts, a line per adapter (rank, modules, params, state), and a line of
+    the tensors' bytes (`memory_report`: quantized base, rest of the base, adapters)."""
     trainable, total = trainable_parameters(model)
     share = 100 * trainable / total if total else 0.0
     lines = [f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}"]
@@ -49,4 +51,5 @@ def summary(model: nn.Module) -> str:
             f"{f' + modules_to_save {saved}' if saved else ''}, "
             f"{adapter_parameter_count(model, name):,} params [{state}]"
         )
+    lines.append(memory_report(model).line())
     return "\n".join(lines)

@@ -75,9 +75,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("eval: " + ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items() if isinstance(v, float)))
     for note in result.notes:  # what the adapter's variant reports (AdaLoRA: the ranks left)
         print(note)
+    if result.memory is not None:
+        print(f"memory after the first step:\n{result.memory}")
     print(f"adapter:  {result.adapter_dir}")
     print(f"metrics:  {result.output_dir / 'metrics.jsonl'}")
     print(f"plot:     {result.output_dir / 'loss.png'}")
+    if result.memory is not None:
+        print(f"memory:   {result.output_dir / 'memory.json'}")
     return 0
 
 

@@ -60,6 +60,15 @@ HELP = {
     "mixed_precision": "no | bf16 | fp16 (GPU)",
     "dtype": "model weights dtype: auto | float32 | bfloat16 | float16",
     "init": "default | gaussian | pissa | pissa_niter_<N> (PiSSA by a randomized SVD: fast on large models) | olora",
+    "optimizer": "adamw (torch) | adamw8bit | paged_adamw | paged_adamw8bit (bitsandbytes: 8-bit states, paged "
+    "to the host under GPU memory pressure; the paged ones run unpaged off a CUDA GPU; pip install 'lorakit[qlora]')",
+    "quantize": "QLoRA: load the base quantized by bitsandbytes: nf4 | fp4 | int8 | none "
+    "(pip install 'lorakit[qlora]')",
+    "double_quant": "with --quantize nf4/fp4: quantize the block scales too (saves ~0.4 bits per weight)",
+    "compute_dtype": "with --quantize: the dtype the quantized layers compute in: auto (fp32 on the CPU, bf16 on a "
+    "GPU) | bf16 | fp16 | fp32",
+    "memory_report": "log the memory by category (quantized base, rest of the base, adapters, gradients, optimizer "
+    "state) and the measured peak; written to output_dir/memory.json",
     "compile": "torch.compile the training step (inductor). The first batch compiles, and the first of another "
     "shape once more (on a CPU minutes each for a 30-layer model, and a C++ compiler is needed)",
 }
@@ -99,6 +108,7 @@ GROUPS = {
         "weight_decay",
         "max_grad_norm",
         "loraplus_ratio",
+        "optimizer",
         "seed",
     ),
     "data preparation": ("max_length", "packing"),
@@ -115,6 +125,7 @@ GROUPS = {
         "resume",
     ),
     "hardware and speed": ("device", "dtype", "mixed_precision", "gradient_checkpointing", "fast_path", "compile"),
+    "QLoRA and memory": ("quantize", "double_quant", "compute_dtype", "memory_report"),
 }
 # Second spellings. ``--rank``: torchrun's parser rejects ``--r`` anywhere on its command line as an
 # ambiguous prefix of its own flags (--rdzv-*, --role, ...), even after the script's name.

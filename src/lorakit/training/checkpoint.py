@@ -21,8 +21,15 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io import save_adapter
+from .optim import optimizer_kind
 
 STATE_FILE = "training_state.pt"
+# The --optimizer choices whose state a checkpoint's optimizer_kind is.
+KIND_OPTIONS = {
+    "torch.AdamW": "adamw",
+    "bitsandbytes.AdamW8bit": "adamw8bit (or paged_adamw8bit)",
+    "bitsandbytes.AdamW": "paged_adamw",
+}
 # Only finished checkpoints match: ``step-N.tmp`` is one whose save was cut off.
 CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
@@ -73,6 +80,7 @@ def save_checkpoint(
         {
             "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": optimizer.state_dict(),
+            "optimizer_kind": optimizer_kind(optimizer),
             "scheduler": scheduler.state_dict(),
             "rng": rng or rng_state(),
             "position": vars(position),
@@ -120,6 +128,15 @@ def load_checkpoint(
     and the ``extra`` state saved with it."""
     state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
     _check_fits(directory, model, state["trainable"])
+    # Checkpoints from before --optimizer hold torch's AdamW. Another optimizer's state would load
+    # without complaint and fail (or silently restart the moments) at the first step.
+    saved_kind, kind = state.get("optimizer_kind", "torch.AdamW"), optimizer_kind(optimizer)
+    if saved_kind != kind:
+        option = KIND_OPTIONS.get(saved_kind, "as in the run's train_config.yaml")
+        raise ConfigError(
+            f"checkpoint {directory} holds {saved_kind}'s state and this run's optimizer is {kind}; resume with "
+            f"--optimizer {option}, or train without --resume"
+        )
     try:  # before the tensors: torch checks the groups before it changes anything
         optimizer.load_state_dict(state["optimizer"])
     except ValueError as exc:

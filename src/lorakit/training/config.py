@@ -13,6 +13,10 @@ from ..errors import ConfigError
 from ..init_names import INIT_CHOICES, valid_init
 
 SCHEDULES = ("cosine", "linear", "constant")
+# QLoRA: the base's quantization (bitsandbytes) and the dtype its layers compute in ("auto": fp32 on
+# the CPU, bf16 on a GPU).
+QUANTIZE = ("nf4", "fp4", "int8")
+COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # Experiment trackers (accelerate's) a run can report to, and the package each needs.
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -100,6 +104,8 @@ class TrainConfig(_VariantOptions, _LoraOptions):
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     loraplus_ratio: float | None = None
+    # adamw (torch) | adamw8bit | paged_adamw | paged_adamw8bit (bitsandbytes)
+    optimizer: str = "adamw"
     seed: int = 0
     # data
     max_length: int = 512
@@ -122,6 +128,12 @@ class TrainConfig(_VariantOptions, _LoraOptions):
     dtype: str = "auto"
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    # QLoRA: load the base quantized (nf4 | fp4 | int8 through bitsandbytes; None: as dtype says)
+    quantize: str | None = None
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+    # write the memory by category (memory_report) and the measured peak to memory.json and the log
+    memory_report: bool = False
     # the fused LoRA/DoRA layers (lorakit/kernels); False runs the plain reference formula
     fast_path: bool = True
     # torch.compile the training steps' forward and backward (evaluation stays eager)
@@ -173,6 +185,7 @@ class TrainConfig(_VariantOptions, _LoraOptions):
             raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        self._check_quantization()
         if self.loraplus_ratio is not None and not self.loraplus_ratio > 0:
             raise ConfigError(f"loraplus_ratio must be positive (LoRA+ suggests 16), got {self.loraplus_ratio!r}")
         if self.variant not in variant_names():
@@ -188,6 +201,33 @@ class TrainConfig(_VariantOptions, _LoraOptions):
             options = self.variant_options(name)  # each options dataclass validates itself
             if name == self.variant:
                 VARIANTS[name].check_training_options(options, lora)
+
+    def _check_quantization(self) -> None:
+        from .optim import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {' | '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if isinstance(self.quantize, str) and self.quantize.lower() in ("none", ""):
+            self.quantize = None  # the command line's way to say "not quantized" over a config file
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize must be {' | '.join(QUANTIZE)} or none, got {self.quantize!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"compute_dtype must be {' | '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.compute_dtype != "auto" and self.quantize is None:
+            raise ConfigError(
+                f"compute_dtype={self.compute_dtype} is the dtype a quantized base computes in: add "
+                "--quantize nf4 (or fp4, int8), or set the model's dtype with --dtype"
+            )
+
+    def quantize_kwargs(self) -> dict[str, Any]:
+        """What ``load_model`` is given for this run's quantization (nothing when not quantized)."""
+        if self.quantize is None:
+            return {}
+        return {
+            "quantize": self.quantize,
+            "double_quant": self.double_quant,
+            "compute_dtype": None if self.compute_dtype == "auto" else self.compute_dtype,
+        }
 
     def data_column_map(self) -> dict[str, str]:
         """``data_columns`` as ``{record field: the data's column}``."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..memory import MemoryReport, measured_peak, memory_report
 from ..safe_files.atomic import write_text_atomically
 from ..state import adapter_configs
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
@@ -46,6 +47,7 @@ class LoopResult:
     best_step: int | None = None  # the step of the best eval loss (save_best: the adapter's weights)
     best_eval_loss: float | None = None
     stopped_early: bool = False  # early_stopping_patience evaluations without improvement ended the run
+    memory: MemoryReport | None = None  # with memory_report: the tensors after the first step, the run's peak
 
 
 def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -166,7 +168,9 @@ def run_loop(
     ckpt_dir = out_dir / "checkpoints"
     world, rank = accelerator.num_processes, accelerator.process_index
     n_steps = total_steps(len(train_examples), cfg, world)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio)
+    optimizer = make_optimizer(
+        model, cfg.lr, cfg.weight_decay, cfg.loraplus_ratio, cfg.optimizer, device=accelerator.device
+    )
     scheduler = make_scheduler(optimizer, n_steps, cfg.warmup_steps, cfg.schedule)
     # Variants whose training is more than backward and a step (AdaLoRA, DyLoRA): variants/hooks.py.
     hooks = [
@@ -286,6 +290,9 @@ def run_loop(
             _save_best(ckpt_dir, accelerator.unwrap_model(wrapped), best)
         return bool(cfg.early_stopping_patience) and best.evals_since >= cfg.early_stopping_patience
 
+    memory = None
+    if cfg.memory_report and accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)  # the training's peak, not the loading's
     tokens, started = 0, time.perf_counter()
     # Generators' state at the start of the step under way (None between steps): a Ctrl-C during
     # the step saves ``position`` (still the step's start) with it, so the resumed run redoes the
@@ -331,6 +338,9 @@ def run_loop(
             guard.holding = True
             optimizer.step()
             scheduler.step()
+            if cfg.memory_report and memory is None:
+                # Taken while gradients and the optimizer's state both exist: the step's tensors.
+                memory = memory_report(accelerator.unwrap_model(wrapped), optimizer)
             optimizer.zero_grad(set_to_none=True)
             for hook in hooks:
                 hook.after_step(position.step)
@@ -389,6 +399,8 @@ def run_loop(
             _load_best(ckpt_dir, accelerator.unwrap_model(wrapped), best)
             log.info("save_best: the adapter is step %d's (eval loss %.4f)", best.step, best.loss)
         notes = [note for note in (hook.finish(out_dir, write=accelerator.is_main_process) for hook in hooks) if note]
+        if memory is not None:
+            memory = _final_memory(memory, accelerator, out_dir)
         records = metrics.records if metrics else []
         if metrics and records:
             plot_loss_curve(records, out_dir / "loss.png")
@@ -405,7 +417,22 @@ def run_loop(
         best_step=best.step,
         best_eval_loss=best.loss,
         stopped_early=stopped_early,
+        memory=memory,
     )
+
+
+def _final_memory(first_step: MemoryReport, accelerator, out_dir: Path) -> MemoryReport:
+    """The first step's tensors with the run's measured peak, logged and written to memory.json."""
+    import dataclasses
+
+    peak, label = measured_peak(accelerator.device)
+    if accelerator.device.type == "cuda":
+        label += " during training"
+    report = dataclasses.replace(first_step, peak=peak, peak_label=label)
+    log.info("memory after the first step (tensors) and the run's peak:\n%s", report)
+    if accelerator.is_main_process:
+        write_text_atomically(out_dir / "memory.json", json.dumps(report.as_dict(), indent=2) + "\n")
+    return report
 
 
 class _InterruptGuard:

@@ -44,6 +44,7 @@ class TrainResult:
     notes: list[str] = field(default_factory=list)  # what variants report at the end (AdaLoRA's ranks)
     best_step: int | None = None  # with save_best: the step whose adapter adapter_dir holds
     stopped_early: bool = False
+    memory: Any = None  # with memory_report: a MemoryReport (tensors after the first step, measured peak)
 
 
 @dataclass
@@ -103,6 +104,11 @@ def train(
     cfg = with_launch_precision(cfg)  # what the run's config file then records
     if not cfg.data:
         raise ConfigError("no training data: set data (--data FILE.jsonl)")
+    if loaded is not None and cfg.quantize:
+        raise ConfigError(
+            f"quantize={cfg.quantize} applies to the model train() loads, and this one was passed in loaded: "
+            f"quantize it first (lorakit.quantize(model, {cfg.quantize!r})) and leave quantize unset"
+        )
     check_output_dir(cfg)  # before the minutes of loading: an earlier run is never replaced unasked
     if (cfg.early_stopping_patience or cfg.save_best) and not (cfg.valid_data or cfg.valid_ratio):
         what = "early_stopping_patience" if cfg.early_stopping_patience else "save_best"
@@ -125,6 +131,7 @@ def train(
                 dtype=cfg.dtype,
                 device=process_device(device, accelerator),
                 gradient_checkpointing=cfg.gradient_checkpointing,
+                **cfg.quantize_kwargs(),
             )
     data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
@@ -195,6 +202,7 @@ def train(
         loop.notes,
         loop.best_step if cfg.save_best else None,
         loop.stopped_early,
+        loop.memory,
     )
 
 
@@ -202,7 +210,7 @@ def train(
 # checkpoints/ (the loop's): an overwriting run removes them first, so that none of the earlier
 # run's is left beside the new run's files (an interrupted run writes no adapter, a run without
 # validation data no predictions).
-EARLIER_OUTPUTS = ("adapter", "result.json", "eval_predictions.jsonl", "loss.png", TRACKING_DIR)
+EARLIER_OUTPUTS = ("adapter", "result.json", "eval_predictions.jsonl", "loss.png", "memory.json", TRACKING_DIR)
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
