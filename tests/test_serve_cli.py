@@ -126,10 +126,10 @@ def test_wiring_of_model_pool_engine_and_app(tmp_path, monkeypatch, capsys):
         lorakit.models, "load_model", lambda *a, **k: (types.SimpleNamespace(eval=lambda: None), tokenizer)
     )
 
-    def serve_briefly(
-        app, sock, verbose=False
-    ):  # in place of uvicorn.run: the app on a test server, queried, then stopped
+    def serve_briefly(engine, app, sock, verbose=False):
+        # in place of the engine's run and uvicorn: the app on a test server, queried, then stopped
         sock.close()
+        engine.start()
         headers = {"Authorization": "Bearer k"}
         with running_server(app) as url:
             made["cards"] = httpx.get(f"{url}/v1/models", headers=headers).json()["data"]
@@ -137,8 +137,9 @@ def test_wiring_of_model_pool_engine_and_app(tmp_path, monkeypatch, capsys):
             made["load"] = httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=headers).status_code
             body = {"model": "one", "prompt": "Hello there!"}
             made["answer"] = httpx.post(f"{url}/v1/completions", json=body, headers=headers).json()
+        engine.stop()
 
-    monkeypatch.setattr(serve_command, "_run_uvicorn", serve_briefly)
+    monkeypatch.setattr(serve_command, "_run", serve_briefly)
     root = tmp_path / "adapters"
     a = _adapter(root / "a")
     _adapter(root / "fresh")

@@ -142,13 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapter_dir=adapter_dir,
         metrics=metrics,
     )
-    engine.start()
-    try:
-        url = f"http://{_url_host(args.host)}:{sock.getsockname()[1]}/v1"
-        print(f"serving {model_id} with {len(adapters)} adapter(s) at {url}" + (" (API key required)" * bool(api_key)))
-        _run_uvicorn(app, sock, verbose=getattr(args, "verbose", False))
-    finally:
-        engine.stop()
+    url = f"http://{_url_host(args.host)}:{sock.getsockname()[1]}/v1"
+    print(f"serving {model_id} with {len(adapters)} adapter(s) at {url}" + (" (API key required)" * bool(api_key)))
+    _run(engine, app, sock, verbose=getattr(args, "verbose", False))
     return 0
 
 
@@ -203,14 +199,38 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _run_uvicorn(app, sock: socket.socket, verbose: bool = False) -> None:
-    """Until Ctrl-C or SIGTERM (uvicorn finishes the requests in flight, for a few seconds at most).
-    ``lorakit -v serve`` logs every request (uvicorn's access log)."""
+def _run(engine, app, sock: socket.socket, verbose: bool = False) -> None:
+    """The engine in this (the main) thread, uvicorn in another, until Ctrl-C or SIGTERM; then
+    uvicorn finishes the requests in flight (a few seconds at most). The engine keeps the main
+    thread because torch's CPU kernels run its many small operations much faster there (see
+    ``Engine.run``). ``lorakit -v serve`` logs every request (uvicorn's access log)."""
+    import signal
+    import threading
+
     import uvicorn
 
     log_level = "info" if verbose else "warning"
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off")
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            engine.stop(timeout=0)  # the HTTP server ended (or failed): the engine ends too
+
+    http = threading.Thread(target=serve_http, name="lorakit-http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: engine.stop(timeout=0))
+    http.start()
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.stop(timeout=0)
+        server.should_exit = True
+        http.join(timeout=10)
 
 
 def _serve_with_vllm(args: argparse.Namespace) -> int:

@@ -85,6 +85,7 @@ class Engine:
         self._batch: BatchState | None = None
         self._reserved = 0
         self._stop = threading.Event()
+        self._running = threading.Event()
         self._thread: threading.Thread | None = None
         self._seeds = torch.Generator().manual_seed(seed)
         self.failure: BaseException | None = None
@@ -112,7 +113,7 @@ class Engine:
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue ``request``; raises ConfigError (bad values, over the caps), AdapterNameError (an
         adapter the pool does not know) or ServerBusyError (the queue is full)."""
-        if self.failure is not None or (self._thread is not None and not self._thread.is_alive()):
+        if self.failure is not None or (self._thread is not None and not self._running.is_set()):
             raise ServerBusyError(f"the engine stopped: {self.failure or 'shut down'}")
         prompt = len(request.prompt_ids)
         if prompt == 0:
@@ -143,18 +144,29 @@ class Engine:
         return {"running": len(self._rows), "waiting": self._pending, "alive": self.is_alive()}
 
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._running.is_set()
 
     # --- the thread ------------------------------------------------------------------------
     def start(self) -> None:
         """Check the model can be batched (one token's prefill) and start the engine thread."""
         self._warm_up()
+        self._running.set()
         self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
         self._thread.start()
 
+    def run(self) -> None:
+        """Run the engine in the calling thread until ``stop`` (from another thread or a signal
+        handler). ``lorakit serve`` runs it in the main thread, the HTTP server in another: on the
+        CPU, torch's OpenMP workers answer the small operations of a LoRA forward far later when
+        they are started from a secondary thread (docs/benchmarks.md, serving)."""
+        self._warm_up()
+        self._running.set()
+        self._thread = threading.current_thread()
+        self._run()
+
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def _warm_up(self) -> None:
@@ -180,6 +192,7 @@ class Engine:
             self._fail_everything(f"the engine failed: {type(exc).__name__}: {exc}")
             raise
         finally:
+            self._running.clear()
             self._fail_everything("the server is shutting down")
 
     def _wait_for_work(self) -> None:
