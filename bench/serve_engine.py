@@ -9,7 +9,8 @@ Every case builds the same randomly initialised model (no download) and r16 all-
 with random factors (saved once to a temporary folder; "N" adapters register N names over at most
 8 distinct folders, so host reads are real per name). Each case submits ``--requests`` requests of
 ``--prompt`` random tokens and ``--out`` greedy tokens (EOS ignored, so every request makes exactly
-``--out`` tokens), keeping ``--concurrency`` in flight, and reports generated tokens/s, the ratio
+``--out`` tokens), keeping ``--concurrency`` in flight (the engine in the main thread, as
+``lorakit serve`` runs it), and reports generated tokens/s, the ratio
 to the base-only case of the same run, p50/p99 request latency, slot hits/misses/evictions and the
 time the batch's cache joins and trims (BatchState.join/keep) took.
 """
@@ -179,6 +180,26 @@ def run_case(engine, names: list[str | None], args, vocab: int) -> dict:
     }
 
 
+def run_in_main_thread(engine, names, args, vocab: int) -> dict:
+    """``run_case`` from a client thread while the engine runs in this (the main) thread, as
+    ``lorakit serve`` runs it."""
+    outcome: dict = {}
+
+    def client() -> None:
+        while not engine.is_alive():
+            time.sleep(0.01)
+        try:
+            outcome.update(run_case(engine, names, args, vocab))
+        finally:
+            engine.stop(timeout=0)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    engine.run()
+    thread.join()
+    return outcome
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="cpu-small")
@@ -236,10 +257,8 @@ def main() -> None:
                 max_num_seqs=args.concurrency, max_queue=args.requests + 1, max_prefill_tokens=16 * args.prompt
             )
             engine = Engine(model, Tokenizer(preset["model"]["vocab_size"]), pool, model_id="bench", limits=limits)
-            engine.start()
             copy_seconds[0] = 0.0
-            result = run_case(engine, names, args, preset["model"]["vocab_size"])
-            engine.stop()
+            result = run_in_main_thread(engine, names, args, preset["model"]["vocab_size"])
             base_rate = base_rate or (result["tokens_per_s"] if case == "base" else None)
             ratio = f"{result['tokens_per_s'] / base_rate:.2f}" if base_rate else "-"
             s = counter.slots
