@@ -113,6 +113,7 @@ def test_cli_train_prints_the_data_summary_first(tmp_path, monkeypatch, capsys):
             notes=[],
             adapter_dir=out / "adapter",
             output_dir=out,
+            memory=None,
         )
 
     monkeypatch.setattr("lorakit.training.train", fake_train)
