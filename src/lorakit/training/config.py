@@ -83,6 +83,10 @@ class TrainConfig(_VariantOptions, _LoraOptions):
 
     data: str | None = None
     model: str = "smollm2-135m"
+    # what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification)
+    task: str = "causal-lm"
+    # classify: the labels in index order (comma-separated); unset: taken from the training data
+    labels: list[str] | None = None
     valid_data: str | None = None
     valid_ratio: float = 0.0
     output_dir: str = "runs/lorakit"
@@ -174,6 +178,7 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                 "resume continues the run in output_dir and overwrite replaces it: choose one (--resume or --overwrite)"
             )
         self.data_columns = _columns_option(self.data_columns)
+        self._check_task()
         if (self.early_stopping_patience or self.save_best) and not self.eval_every:
             what = "early_stopping_patience" if self.early_stopping_patience else "save_best"
             raise ConfigError(
@@ -201,6 +206,20 @@ class TrainConfig(_VariantOptions, _LoraOptions):
             options = self.variant_options(name)  # each options dataclass validates itself
             if name == self.variant:
                 VARIANTS[name].check_training_options(options, lora)
+
+    def _check_task(self) -> None:
+        from ..tasks import task_names
+
+        if self.task not in task_names():
+            raise ConfigError(f"task must be one of {' | '.join(task_names())}, got {self.task!r}")
+        if isinstance(self.labels, str):  # the command line's comma-separated list
+            self.labels = [item.strip() for item in self.labels.split(",") if item.strip()]
+        if self.labels is not None:
+            if not isinstance(self.labels, (list, tuple)) or not self.labels:
+                raise ConfigError(f"labels must be a non-empty list of label names, got {self.labels!r}")
+            self.labels = [str(label) for label in self.labels]
+            if self.task != "classify":
+                raise ConfigError(f"labels name a classifier's classes; they do not apply to task={self.task}")
 
     def _check_quantization(self) -> None:
         from .optim import OPTIMIZERS

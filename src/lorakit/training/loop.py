@@ -28,7 +28,6 @@ from ..safe_files.atomic import write_text_atomically
 from ..state import adapter_configs
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
-from .evaluate import evaluate
 from .launch import make_accelerator, tracking_dir
 from .optim import make_optimizer, make_scheduler
 from .plot import plot_loss_curve
@@ -154,9 +153,17 @@ def run_loop(
     eval_pairs: list[tuple[str, str]] | None = None,
     accelerator=None,
     progress: bool = True,
+    task=None,
 ) -> LoopResult:
-    """Train the model's trainable parameters on ``train_examples``; see the module docstring."""
+    """Train the model's trainable parameters on ``train_examples``; see the module docstring.
+
+    ``task`` (a `lorakit.tasks.Task`) computes each batch's loss, counts its tokens and evaluates;
+    None is causal-LM training, where the model's own ``.loss`` is the loss."""
     from tqdm.auto import tqdm
+
+    from ..tasks import CausalLM
+
+    task = task or CausalLM(cfg)
 
     accelerator = accelerator or make_accelerator(cfg)
     if (cfg.early_stopping_patience or cfg.save_best) and not eval_examples:
@@ -250,7 +257,17 @@ def run_loop(
     def evaluate_now() -> dict:
         """Evaluate at the current step, logged to metrics.jsonl and the trackers."""
         return _evaluate_and_log(
-            accelerator, wrapped, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, position.step, progress
+            accelerator,
+            wrapped,
+            tokenizer,
+            cfg,
+            collate,
+            eval_examples,
+            eval_pairs,
+            metrics,
+            position.step,
+            progress,
+            task,
         )
 
     def checkpoint(rng: dict | None = None) -> Path:
@@ -315,11 +332,11 @@ def run_loop(
             for micro in range(cfg.grad_accum):
                 epoch, batch_in_epoch, indices = next(batches)
                 host_batch = collate([train_examples[i] for i in indices])
-                tokens += int(host_batch["attention_mask"].sum())  # counted on the host, for the same reason
+                tokens += task.tokens(host_batch)  # counted on the host, for the same reason
                 batch = {k: v.to(accelerator.device) for k, v in host_batch.items()}
                 sync = nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(wrapped)
                 with sync, accelerator.autocast():
-                    loss = step_forward(**batch).loss / cfg.grad_accum
+                    loss = task.loss(step_forward, batch) / cfg.grad_accum
                     step_loss += loss.detach().float()
                     for hook in hooks:  # e.g. AdaLoRA's orthogonality term
                         term = hook.loss_term()
@@ -511,22 +528,32 @@ def _batch_stream(
 
 
 def _evaluate_and_log(
-    accelerator, model, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, step, progress: bool = True
+    accelerator,
+    model,
+    tokenizer,
+    cfg,
+    collate,
+    eval_examples,
+    eval_pairs,
+    metrics,
+    step,
+    progress: bool = True,
+    task=None,
 ) -> dict:
     # Every process evaluates its share of the batches; all get the gathered result. The main
     # process shows its bars (the final evaluation takes tens of seconds), as it does the training bar.
-    result = evaluate(
+    from ..tasks import CausalLM
+
+    result = (task or CausalLM(cfg)).evaluate(
         accelerator.unwrap_model(model),
         tokenizer,
         eval_examples,
         collate,
-        batch_size=cfg.batch_size,
-        pairs=eval_pairs,
-        max_examples=cfg.eval_max_examples,
-        max_new_tokens=cfg.max_new_tokens,
-        device=accelerator.device,
-        accelerator=accelerator,
-        progress=progress and accelerator.is_main_process,
+        eval_pairs,
+        cfg,
+        accelerator.device,
+        accelerator,
+        progress and accelerator.is_main_process,
     )
     if metrics:
         metrics.add({"step": step, **{f"eval_{k}": v for k, v in result.items() if k != "predictions"}})

@@ -93,7 +93,8 @@ def train(
     on_data: Callable[[Any], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter as ``config`` says (a TrainConfig, a dict, or a YAML/JSON path;
+    """Fine-tune a LoRA adapter as ``config`` says (``task="causal-lm"``, the default, or ``"classify"``;
+    see `lorakit.tasks`) (a TrainConfig, a dict, or a YAML/JSON path;
     keyword ``overrides`` such as ``model="smollm2-135m"`` or ``lr=1e-4`` win).
 
     Pass ``loaded=(model, tokenizer)`` to train an already loaded model instead of loading
@@ -117,6 +118,9 @@ def train(
     require_device(str(device))  # a clear error before accelerate meets a missing GPU
     model_device = _device_type(loaded[0]) if loaded is not None else device.type
     check_mixed_precision(cfg.mixed_precision, model_device)
+    from ..tasks import make_task
+
+    task = make_task(cfg)  # a classifier reads its data here: the label count shapes the model
     accelerator = make_accelerator(cfg)  # writes nothing; under a launch it knows this process's GPU
     if loaded is not None:
         model, tokenizer = loaded
@@ -132,8 +136,10 @@ def train(
                 device=process_device(device, accelerator),
                 gradient_checkpointing=cfg.gradient_checkpointing,
                 **cfg.quantize_kwargs(),
+                **task.load_kwargs(),
             )
-    data = prepare_data(cfg, tokenizer)
+    task.prepare_model(model, tokenizer)
+    data = task.prepare_data(tokenizer)
     log.info("training data: %s", data.stats.summary())
     if on_data is not None and accelerator.is_main_process:  # under DDP: told once
         on_data(data.stats)
@@ -146,7 +152,7 @@ def train(
         )
     # The adapter before any file: a target that matches nothing must not leave an output directory.
     before = _adapter_state(model)
-    add_adapter(model, cfg.lora_config())
+    add_adapter(model, task.lora_config(model, cfg.lora_config()))
     try:
         set_fast_path(model, cfg.fast_path)
         log.info("%s", summary(model))
@@ -168,6 +174,7 @@ def train(
             eval_pairs=data.valid_pairs,
             accelerator=accelerator,
             progress=progress,
+            task=task,
         )
     except Exception:
         if loaded is not None:  # the caller's model goes back as it came, without the half-trained adapter
@@ -176,6 +183,7 @@ def train(
     adapter_dir = out_dir / "adapter"
     if not loop.interrupted and loop.main_process:  # under DDP one process writes, not all at once
         save_adapter(model, adapter_dir)
+        task.save(out_dir)
         final = {k: v for k, v in (loop.last_eval or {}).items() if k != "predictions"}
         predictions = (loop.last_eval or {}).get("predictions")
         if predictions:
@@ -210,7 +218,15 @@ def train(
 # checkpoints/ (the loop's): an overwriting run removes them first, so that none of the earlier
 # run's is left beside the new run's files (an interrupted run writes no adapter, a run without
 # validation data no predictions).
-EARLIER_OUTPUTS = ("adapter", "result.json", "eval_predictions.jsonl", "loss.png", "memory.json", TRACKING_DIR)
+EARLIER_OUTPUTS = (
+    "adapter",
+    "result.json",
+    "eval_predictions.jsonl",
+    "loss.png",
+    "memory.json",
+    "labels.json",  # a classifier's label order (lorakit.tasks.classify)
+    TRACKING_DIR,
+)
 
 
 def check_output_dir(cfg: TrainConfig) -> None:

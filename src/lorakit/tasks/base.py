@@ -1,0 +1,55 @@
+"""`Task`: the seam between the training loop and what is being learned.
+
+A task reads and tokenizes its data, says how the model is loaded and which modules train besides
+the adapter, computes a batch's loss, counts its tokens and evaluates. The defaults are those of
+causal-LM fine-tuning, where the model computes its own loss; a task overrides what differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Task:
+    """One kind of training run; see the module docstring. Instances hold one run's state."""
+
+    name = ""
+    #: the ``task`` argument of `lorakit.models.load_model`
+    model_task = "causal-lm"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for `load_model` (read before the model loads, e.g. label counts)."""
+        return {}
+
+    def prepare_model(self, model: nn.Module, tokenizer) -> None:
+        """Make a loaded model (the caller's or train()'s) ready for this task; raise if it cannot be."""
+
+    def lora_config(self, model: nn.Module, config):
+        """The adapter's LoraConfig for ``model`` (e.g. a classification head in modules_to_save)."""
+        return config
+
+    def prepare_data(self, tokenizer):
+        """A `lorakit.training.run.PreparedData` with the run's tokenized examples and collate."""
+        raise NotImplementedError
+
+    def loss(self, forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean loss of one micro-batch through ``forward`` (the possibly wrapped model)."""
+        return forward(**batch).loss
+
+    def tokens(self, host_batch: dict[str, torch.Tensor]) -> int:
+        """Tokens of a host batch, for the tokens-per-second rate."""
+        return int(host_batch["attention_mask"].sum())
+
+    def evaluate(self, model: nn.Module, tokenizer, examples, collate, pairs, cfg, device, accelerator, progress):
+        """Metrics on ``examples``; must hold ``"loss"`` (early stopping and save_best compare it)."""
+        raise NotImplementedError
+
+    def save(self, out_dir: Path) -> None:
+        """Write what the run needs beside the adapter (e.g. the label order)."""
