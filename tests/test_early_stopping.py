@@ -22,7 +22,9 @@ def scripted_evals(monkeypatch, losses: dict[int, float]):
     """Evaluations whose loss is ``losses[step]`` (5.0 where not given): the seam in place of a
     real validation set whose loss stops improving. Logged as the real ones are."""
 
-    def fake(accelerator, model, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, step, progress=True):
+    def fake(
+        accelerator, model, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, step, progress=True, task=None
+    ):
         result = {"loss": losses.get(step, 5.0)}
         if metrics:
             metrics.add({"step": step, "eval_loss": result["loss"]})

@@ -7,11 +7,24 @@ causal-LM fine-tuning, where the model computes its own loss; a task overrides w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@dataclass
+class PreparedData:
+    """A run's tokenized examples (train, validation), the validation prompts and answers for
+    exact match, the collate function and the data's statistics."""
+
+    train: list[dict]
+    valid: list[dict]
+    valid_pairs: list[tuple[str, str]]
+    collate: Any
+    stats: Any
 
 
 class Task:
@@ -35,9 +48,10 @@ class Task:
         """The adapter's LoraConfig for ``model`` (e.g. a classification head in modules_to_save)."""
         return config
 
-    def prepare_data(self, tokenizer):
-        """A `lorakit.training.run.PreparedData` with the run's tokenized examples and collate."""
-        raise NotImplementedError
+    def prepare_data(self, tokenizer) -> PreparedData | None:
+        """The run's `PreparedData`; None: the records read and tokenized as causal-LM training
+        reads them (``lorakit.training.run.prepare_data``)."""
+        return None
 
     def loss(self, forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The mean loss of one micro-batch through ``forward`` (the possibly wrapped model)."""
@@ -48,8 +62,9 @@ class Task:
         return int(host_batch["attention_mask"].sum())
 
     def evaluate(self, model: nn.Module, tokenizer, examples, collate, pairs, cfg, device, accelerator, progress):
-        """Metrics on ``examples``; must hold ``"loss"`` (early stopping and save_best compare it)."""
-        raise NotImplementedError
+        """Metrics on ``examples``; must hold ``"loss"`` (early stopping and save_best compare it).
+        None: causal-LM evaluation (loss, perplexity, exact match; ``lorakit.training.evaluate``)."""
+        return None
 
     def save(self, out_dir: Path) -> None:
         """Write what the run needs beside the adapter (e.g. the label order)."""

@@ -24,9 +24,10 @@ from torch import nn
 from ..errors import ConfigError, DataError
 from ..models.tokenizer import pad_or_eos_id
 from ..safe_files.atomic import write_text_atomically
-from .base import Task
+from .base import PreparedData, Task
 from .classify_data import check_labels, label_order, read_labeled
 from .metrics import accuracy, macro_f1
+from .sharding import gathered, my_batches
 
 LABELS_FILE = "labels.json"
 
@@ -99,7 +100,6 @@ class Classify(Task):
 
     def prepare_data(self, tokenizer):
         from ..data.tokenize import DatasetStats
-        from ..training.run import PreparedData
 
         train = self._tokenize(self.train_items, tokenizer)
         valid = self._tokenize(self.valid_items, tokenizer)
@@ -132,21 +132,19 @@ class Classify(Task):
 
     @torch.no_grad()
     def evaluate(self, model, tokenizer, examples, collate, pairs, cfg, device, accelerator, progress):
-        from ..training.evaluate import _gathered, _my_batches
-
         was_training = model.training
         model.eval()
         size = cfg.batch_size
         parts = []  # (batch index, summed loss, predictions, gold)
         try:
-            for i in _my_batches(math.ceil(len(examples) / size), accelerator):
+            for i in my_batches(math.ceil(len(examples) / size), accelerator):
                 batch = {k: v.to(device) for k, v in collate(examples[i * size : (i + 1) * size]).items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
                 loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
                 parts.append((i, float(loss), logits.argmax(-1).tolist(), batch["labels"].tolist()))
         finally:
             model.train(was_training)
-        parts = _gathered(parts, accelerator)
+        parts = gathered(parts, accelerator)
         predicted = [p for part in parts for p in part[2]]
         gold = [g for part in parts for g in part[3]]
         return {

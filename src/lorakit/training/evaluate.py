@@ -20,27 +20,12 @@ import torch
 from torch import nn
 
 from ..generate import generate_batch
+from ..tasks.sharding import gathered, my_batches
 
 
 def perplexity(loss: float) -> float:
     """exp(loss), capped so that a diverged run reports a large number rather than inf."""
     return math.exp(min(loss, 50.0))
-
-
-def _my_batches(n_batches: int, accelerator) -> range:
-    """The batch indices this process evaluates: all of them, or every world-th under DDP."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return range(n_batches)
-    return range(accelerator.process_index, n_batches, accelerator.num_processes)
-
-
-def _gathered(parts: list[tuple], accelerator) -> list[tuple]:
-    """Every process's ``(batch index, ...)`` tuples, in batch order."""
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        parts = gather_object(parts)
-    return sorted(parts, key=lambda part: part[0])
 
 
 ProgressCallback = Callable[[str, int, int], None]  # (phase, done, total)
@@ -86,7 +71,7 @@ def eval_loss(
     model.eval()
     device = device or next(model.parameters()).device
     parts = []  # (batch index, summed loss, supervised tokens)
-    mine = _my_batches(math.ceil(len(examples) / batch_size), accelerator)
+    mine = my_batches(math.ceil(len(examples) / batch_size), accelerator)
     report = _Progress("loss", len(mine), progress, on_progress)
     try:
         for i in mine:
@@ -98,7 +83,7 @@ def eval_loss(
     finally:
         report.close()
         model.train(was_training)
-    parts = _gathered(parts, accelerator)
+    parts = gathered(parts, accelerator)
     total, count = sum(part[1] for part in parts), sum(part[2] for part in parts)
     return total / count if count else float("nan")
 
@@ -167,7 +152,7 @@ def _generate_answers(
 ) -> list[str]:
     """Greedy answers to ``prompts``, in order; under DDP each process generates whole batches
     (the same batches, hence the same padding, as one process would)."""
-    mine = list(_my_batches(math.ceil(len(prompts) / batch_size), accelerator))
+    mine = list(my_batches(math.ceil(len(prompts) / batch_size), accelerator))
     my_prompts = [p for i in mine for p in prompts[i * batch_size : (i + 1) * batch_size]]
     report = _Progress("answers", len(my_prompts), progress, on_progress)
     try:
@@ -178,4 +163,4 @@ def _generate_answers(
         report.close()
     # Only the last batch of all can be short, and it comes last here too: split back by batch.
     parts = [(i, answers[k * batch_size : (k + 1) * batch_size]) for k, i in enumerate(mine)]
-    return [answer for _, batch in _gathered(parts, accelerator) for answer in batch]
+    return [answer for _, batch in gathered(parts, accelerator) for answer in batch]

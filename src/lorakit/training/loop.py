@@ -28,6 +28,7 @@ from ..safe_files.atomic import write_text_atomically
 from ..state import adapter_configs
 from .checkpoint import Position, latest_checkpoint, load_checkpoint, prune_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
+from .evaluate import evaluate
 from .launch import make_accelerator, tracking_dir
 from .optim import make_optimizer, make_scheduler
 from .plot import plot_loss_curve
@@ -544,17 +545,24 @@ def _evaluate_and_log(
     # process shows its bars (the final evaluation takes tens of seconds), as it does the training bar.
     from ..tasks import CausalLM
 
+    unwrapped, show = accelerator.unwrap_model(model), progress and accelerator.is_main_process
     result = (task or CausalLM(cfg)).evaluate(
-        accelerator.unwrap_model(model),
-        tokenizer,
-        eval_examples,
-        collate,
-        eval_pairs,
-        cfg,
-        accelerator.device,
-        accelerator,
-        progress and accelerator.is_main_process,
+        unwrapped, tokenizer, eval_examples, collate, eval_pairs, cfg, accelerator.device, accelerator, show
     )
+    if result is None:  # the task evaluates as causal-LM training does
+        result = evaluate(
+            unwrapped,
+            tokenizer,
+            eval_examples,
+            collate,
+            batch_size=cfg.batch_size,
+            pairs=eval_pairs,
+            max_examples=cfg.eval_max_examples,
+            max_new_tokens=cfg.max_new_tokens,
+            device=accelerator.device,
+            accelerator=accelerator,
+            progress=show,
+        )
     if metrics:
         metrics.add({"step": step, **{f"eval_{k}": v for k, v in result.items() if k != "predictions"}})
     return result

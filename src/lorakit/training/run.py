@@ -24,6 +24,7 @@ from ..models.device import parse_device, require_device, resolve_device
 from ..report import summary
 from ..safe_files.atomic import write_text_atomically
 from ..state import active_adapters
+from ..tasks.base import PreparedData
 from .config import TrainConfig
 from .launch import TRACKING_DIR, make_accelerator, process_device, with_launch_precision
 from .loop import run_loop
@@ -45,15 +46,6 @@ class TrainResult:
     best_step: int | None = None  # with save_best: the step whose adapter adapter_dir holds
     stopped_early: bool = False
     memory: Any = None  # with memory_report: a MemoryReport (tensors after the first step, measured peak)
-
-
-@dataclass
-class PreparedData:
-    train: list[dict]
-    valid: list[dict]
-    valid_pairs: list[tuple[str, str]]
-    collate: Any
-    stats: Any
 
 
 # The split of a DatasetDict given as valid_data without valid_split: the first of these it has.
@@ -140,6 +132,8 @@ def train(
             )
     task.prepare_model(model, tokenizer)
     data = task.prepare_data(tokenizer)
+    if data is None:  # the task reads its data as causal-LM training does
+        data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
     if on_data is not None and accelerator.is_main_process:  # under DDP: told once
         on_data(data.stats)
