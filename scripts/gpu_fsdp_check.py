@@ -32,7 +32,9 @@ def build_model_folder(root: Path) -> Path:
     words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(254)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(words),
