@@ -223,24 +223,26 @@ def tagged(n, seed):
     return rows
 
 
-def save_tiny(tmp_path, kind, labels):
-    """A tiny Llama or BERT token classifier with the WordPiece tokenizer, saved as a directory."""
-    from transformers import BertConfig, BertForTokenClassification, LlamaConfig, LlamaForTokenClassification
+def save_tiny(tmp_path, kind, labels, head="token"):
+    """A tiny Llama or BERT token (or, ``head="sequence"``, sequence) classifier with the WordPiece
+    tokenizer, saved as a directory."""
+    import transformers
+    from transformers import BertConfig, LlamaConfig
 
     if kind == "llama":
         config = LlamaConfig(
             vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, num_labels=labels, pad_token_id=0,
         )  # fmt: skip
-        make = LlamaForTokenClassification
+        make = getattr(transformers, f"LlamaFor{head.title()}Classification")
     else:
         config = BertConfig(
             vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=64, num_labels=labels,
         )  # fmt: skip
-        make = BertForTokenClassification
+        make = getattr(transformers, f"BertFor{head.title()}Classification")
     torch.manual_seed(0)
-    directory = tmp_path / kind
+    directory = tmp_path / f"{kind}-{head}"
     make(config).save_pretrained(directory)
     bert_tokenizer(directory, TAG_VOCAB).save_pretrained(directory)
     return directory

@@ -68,12 +68,17 @@ def saved_labels(adapter_dirs: Sequence[str | Path]) -> list[str] | None:
 
 def config_labels(config) -> list[str] | None:
     """The labels of a model config that describes a trained classifier (its ``architectures``
-    end in ``ForSequenceClassification`` / ``ForTokenClassification``), by index; else None."""
+    end in ``ForSequenceClassification`` / ``ForTokenClassification`` and its ``id2label`` names
+    the labels), by index; else None."""
     architectures = getattr(config, "architectures", None) or []
     if not any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
         return None
     id2label = {int(i): str(label) for i, label in (getattr(config, "id2label", None) or {}).items()}
-    return [id2label[i] for i in range(len(id2label))] if set(id2label) == set(range(len(id2label))) else None
+    labels = [id2label.get(i) for i in range(len(id2label))]
+    # transformers' placeholders (LABEL_0, LABEL_1, ...) name no order anyone trained with.
+    if None in labels or labels == [f"LABEL_{i}" for i in range(len(labels))]:
+        return None
+    return labels
 
 
 class Classify(Task):
@@ -97,8 +102,8 @@ class Classify(Task):
 
             self.train_items, self.valid_items = split_records(self.train_items, cfg.valid_ratio, seed=cfg.seed)
         self.labels = label_order(self.train_items, cfg.labels)
-        check_labels(self.train_items, self.labels, "training data")
-        check_labels(self.valid_items, self.labels, "validation data")
+        check_labels(self.train_items, self.labels, "labels of the data")
+        check_labels(self.valid_items, self.labels, "labels of the validation data")
         cfg.labels = list(self.labels)  # train_config.yaml records the order; a resumed run keeps it
 
     def load_kwargs(self) -> dict:
