@@ -118,6 +118,11 @@ def test_bad_lines_are_reported_together_with_file_and_line(tmp_path):
     assert "line 3: 'tags' is missing" in message
     assert "line 4: tokens[1] is ' '" in message and "line 4: tags[1] is True" in message
     assert "line 5: expected an object with tokens and tags, got list" in message
+    # Words that tokenize to nothing are found when tokenizing, and reported together too.
+    blank = [{"tokens": ["the", "\u200b"], "tags": ["O", "O"]}, {"tokens": ["big"], "tags": ["O"]}]
+    task = make_task(TrainConfig(data=write_jsonl(tmp_path / "z.jsonl", [*blank, blank[0]]), task="token-classify"))
+    with pytest.raises(DataError, match=r"(?s)2 problems.*z\.jsonl:line 1: word 1.*z\.jsonl:line 3: word 1"):
+        task.prepare_data(bert_tokenizer(tmp_path))
 
 
 def test_tag_order_and_unseen_validation_tags(tmp_path):
@@ -152,6 +157,8 @@ def test_wordpiece_alignment_by_hand(tmp_path, slow):
     assert aligned["n_words"] == 5 and not aligned["truncated"]
     cut = WordAligner(tokenizer, max_length=5)(WORDS, [0, 1, 2, 3, 4])  # room for 3 pieces: the un ##believ
     assert cut["labels"] == [-100, 0, 1, -100, -100] and cut["n_words"] == 2 and cut["truncated"]
+    with pytest.raises(DataError, match=r"word 1 \('\\u200b'\) tokenizes to nothing"):
+        WordAligner(tokenizer, max_length=32)(["the", "\u200b"], [0, 1])  # a zero-width space
 
 
 @pytest.mark.parametrize("slow", [False, True], ids=["word_ids", "word-by-word"])

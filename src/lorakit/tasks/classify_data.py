@@ -6,7 +6,8 @@ training data's labels in first-seen order. The order is saved with the run (tra
 ``labels`` and ``labels.json``), so that a resumed run and a later reader map indices the same way.
 Every line is checked before training, as `lorakit.data.read_records` does for causal-LM data: all
 problems are reported together with file and line, and a validation label the training labels
-lack is one of them.
+lack is one of them. Token classification (`tag_data`) reads its lines through the same helpers
+(`read_items`, `label_problem`, `label_order`, `check_labels`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..data.records import Problems
 from ..errors import DataError
 from .base import PreparedData
 from .classify import Classify, ClassifyCollator
@@ -52,12 +53,13 @@ class TokenClassify(Classify):
 
     def _tokenize(self, items, align: WordAligner) -> list[dict]:
         index = {label: i for i, label in enumerate(self.labels)}
-        out = []
+        out, problems = [], Problems("")
         for item in items:
             try:
                 out.append(align(item.tokens, [index[tag] for tag in item.tags]))
-            except DataError as exc:
-                raise DataError(f"{item.where}: {exc}") from None
+            except DataError as exc:  # a word with no sub-token: every such line reported at once
+                problems.add(item.where, str(exc))
+        problems.raise_if_any("token-classification data")
         return out
 
     def loss(self, forward, batch):
