@@ -11,6 +11,7 @@ import logging
 import sys
 
 from ..errors import LorakitError
+from ..tasks import task_names
 from .arith_commands import add_arith_parsers
 from .options import add_train_options
 from .serve_command import add_serve_parser
@@ -33,13 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML or JSON file with training options (flags override it)")
     add_train_options(train)
 
-    evaluate = sub.add_parser("eval", help="loss, perplexity and exact match of a model/adapter on a data file")
+    evaluate = sub.add_parser(
+        "eval", help="loss, perplexity and exact match of a model/adapter on a data file (or --task's metrics)"
+    )
     evaluate.add_argument(
         "--data", required=True, help="JSONL/CSV/Parquet file, `datasets` folder or cached dataset name to evaluate on"
     )
     evaluate.add_argument("--data-split", default=None, help="split of a DatasetDict (default: train)")
     evaluate.add_argument(
         "--data-columns", default=None, help="column mapping, e.g. prompt=question,completion=answer (as for train)"
+    )
+    evaluate.add_argument(
+        "--task",
+        default="causal-lm",
+        choices=task_names(),
+        help="what the adapter was trained for, as train's --task (default: causal-lm). classify: accuracy and "
+        "macro-F1 of {text, label} lines; token-classify: token accuracy and entity F1 of {tokens, tags} lines "
+        "(the label order from the run's labels.json beside the adapter, else the model's id2label)",
     )
     _add_model_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=8)

@@ -22,9 +22,9 @@ HELP = {
     "valid_split": "split of a DatasetDict in --valid-data (default: validation, else test)",
     "data_columns": "record fields from the data's columns, e.g. prompt=question,completion=answer",
     "task": "what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification of "
-    "{text, label} or {text, text_pair, label} lines)",
-    "labels": "classify: the labels in index order, comma-separated (default: from the training data, integer "
-    "labels as their own index; saved with the run)",
+    "{text, label} or {text, text_pair, label} lines) | token-classify (a tag per word of {tokens, tags} lines)",
+    "labels": "classify / token-classify: the labels (tags) in index order, comma-separated (default: from the "
+    "training data, integer labels as their own index; saved with the run)",
     "model": "base model: built-in alias, local directory, .gguf file or hub id (offline: must be cached)",
     "r": "rank of the update",
     "alpha": "scaling numerator: s = alpha / r (alpha / sqrt(r) with --use-rslora)",

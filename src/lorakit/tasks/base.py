@@ -33,6 +33,10 @@ class Task:
     name = ""
     #: the ``task`` argument of `lorakit.models.load_model`
     model_task = "causal-lm"
+    #: whether ``TrainConfig.labels`` (``--labels``) applies: the task predicts named classes
+    uses_labels = False
+    #: PEFT's ``task_type`` of the adapters this task trains (adapter_config.json)
+    peft_task_type = "CAUSAL_LM"
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg

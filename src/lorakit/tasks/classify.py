@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -44,23 +45,65 @@ def classification_heads(model: nn.Module) -> list[str]:
     ]
 
 
+def saved_labels(adapter_dirs: Sequence[str | Path]) -> list[str] | None:
+    """The label order saved with the runs of ``adapter_dirs`` (``labels.json`` in an adapter's
+    folder or in the run folder above it); None when none has one. Adapters that disagree are
+    refused: they were trained for different heads."""
+    found: dict[str, list[str]] = {}
+    for adapter in map(Path, adapter_dirs):
+        for file in (adapter / LABELS_FILE, adapter.parent / LABELS_FILE):
+            if file.is_file():
+                try:
+                    labels = json.loads(file.read_text(encoding="utf-8"))
+                except ValueError as exc:
+                    raise ConfigError(f"{file} is not valid JSON ({exc}): write the labels as a JSON list") from None
+                if not isinstance(labels, list) or not labels:
+                    raise ConfigError(f"{file} must hold a non-empty JSON list of labels, got {labels!r:.80}")
+                found[str(file)] = [str(label) for label in labels]
+                break
+    if len({tuple(labels) for labels in found.values()}) > 1:
+        raise ConfigError(f"the adapters were trained on different labels ({found}): evaluate one at a time")
+    return next(iter(found.values()), None)
+
+
+def config_labels(config) -> list[str] | None:
+    """The labels of a model config that describes a trained classifier (its ``architectures``
+    end in ``ForSequenceClassification`` / ``ForTokenClassification`` and its ``id2label`` names
+    the labels), by index; else None."""
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
+        return None
+    id2label = {int(i): str(label) for i, label in (getattr(config, "id2label", None) or {}).items()}
+    labels = [id2label.get(i) for i in range(len(id2label))]
+    # transformers' placeholders (LABEL_0, LABEL_1, ...) name no order anyone trained with.
+    if None in labels or labels == [f"LABEL_{i}" for i in range(len(labels))]:
+        return None
+    return labels
+
+
 class Classify(Task):
     name = "classify"
     model_task = "sequence-classification"
+    uses_labels = True
+    peft_task_type = "SEQ_CLS"
+    #: reads one data file into items with ``labels`` and ``is_int`` (see `classify_data.label_order`)
+    read = staticmethod(read_labeled)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         if cfg.packing:
-            raise ConfigError("packing joins examples into one sequence; a classification example needs its own")
-        self.train_items = read_labeled(cfg.data)
-        self.valid_items = read_labeled(cfg.valid_data) if cfg.valid_data else []
+            raise ConfigError(
+                "packing joins examples into one sequence; a classification example needs its own: drop --packing"
+            )
+        self.train_items = self.read(cfg.data)
+        self.valid_items = self.read(cfg.valid_data) if cfg.valid_data else []
         if cfg.valid_ratio and not cfg.valid_data:
             from ..data import split_records
 
             self.train_items, self.valid_items = split_records(self.train_items, cfg.valid_ratio, seed=cfg.seed)
         self.labels = label_order(self.train_items, cfg.labels)
-        check_labels(self.train_items, self.labels, "training data")
-        check_labels(self.valid_items, self.labels, "validation data")
+        check_labels(self.train_items, self.labels, "labels of the data")
+        check_labels(self.valid_items, self.labels, "labels of the validation data")
         cfg.labels = list(self.labels)  # train_config.yaml records the order; a resumed run keeps it
 
     def load_kwargs(self) -> dict:
@@ -76,7 +119,7 @@ class Classify(Task):
         if n != len(self.labels):
             raise ConfigError(
                 f"the model classifies into {n} labels and the data has {len(self.labels)} ({self.labels}): "
-                "load it as a sequence-classification model with num_labels set"
+                f"load it as a {self.model_task} model with num_labels set"
             )
         model.config.id2label = dict(enumerate(self.labels))
         model.config.label2id = {label: i for i, label in enumerate(self.labels)}

@@ -83,9 +83,11 @@ class TrainConfig(_VariantOptions, _LoraOptions):
 
     data: str | None = None
     model: str = "smollm2-135m"
-    # what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification)
+    # what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification) |
+    # token-classify (a tag per word)
     task: str = "causal-lm"
-    # classify: the labels in index order (comma-separated); unset: taken from the training data
+    # classify / token-classify: the labels (tags) in index order (comma-separated); unset: taken from
+    # the training data
     labels: list[str] | None = None
     valid_data: str | None = None
     valid_ratio: float = 0.0
@@ -208,7 +210,7 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                 VARIANTS[name].check_training_options(options, lora)
 
     def _check_task(self) -> None:
-        from ..tasks import task_names
+        from ..tasks import TASKS, task_names
 
         if self.task not in task_names():
             raise ConfigError(f"task must be one of {' | '.join(task_names())}, got {self.task!r}")
@@ -218,8 +220,10 @@ class TrainConfig(_VariantOptions, _LoraOptions):
             if not isinstance(self.labels, (list, tuple)) or not self.labels:
                 raise ConfigError(f"labels must be a non-empty list of label names, got {self.labels!r}")
             self.labels = [str(label) for label in self.labels]
-            if self.task != "classify":
-                raise ConfigError(f"labels name a classifier's classes; they do not apply to task={self.task}")
+            if not TASKS[self.task].uses_labels:
+                raise ConfigError(
+                    f"labels name a classifier's classes; they do not apply to task={self.task}: drop --labels"
+                )
 
     def _check_quantization(self) -> None:
         from .optim import OPTIMIZERS

@@ -85,8 +85,8 @@ def train(
     on_data: Callable[[Any], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter as ``config`` says (``task="causal-lm"``, the default, or ``"classify"``;
-    see `lorakit.tasks`) (a TrainConfig, a dict, or a YAML/JSON path;
+    """Fine-tune a LoRA adapter as ``config`` says (``task="causal-lm"``, the default, ``"classify"`` or
+    ``"token-classify"``; see `lorakit.tasks`) (a TrainConfig, a dict, or a YAML/JSON path;
     keyword ``overrides`` such as ``model="smollm2-135m"`` or ``lr=1e-4`` win).
 
     Pass ``loaded=(model, tokenizer)`` to train an already loaded model instead of loading
@@ -218,7 +218,7 @@ EARLIER_OUTPUTS = (
     "eval_predictions.jsonl",
     "loss.png",
     "memory.json",
-    "labels.json",  # a classifier's label order (lorakit.tasks.classify)
+    "labels.json",  # a classifier's or tagger's label order (lorakit.tasks.classify, token_classify)
     TRACKING_DIR,
 )
 
