@@ -5,7 +5,7 @@ merge, combine and export them. The public API (README.md, "API"; the code's lay
 docs/architecture.md):
 
     LoraConfig, add_adapter, load_adapter, save_adapter, set_adapter, adapters, delete_adapter,
-    disable_adapters, adapter_batch, merge, unmerge, unload, trainable_parameters, summary
+    use_adapters, disable_adapters, adapter_batch, merge, unmerge, unload, trainable_parameters, summary
 
 plus the training entry points (train, TrainConfig, loraplus_optimizer), DyLoRA's truncate,
 adapter arithmetic (combine, compress; see docs/arithmetic.md), set_fast_path (fused layers on by
@@ -16,7 +16,16 @@ linear layers to bitsandbytes 4-bit or 8-bit and back: QLoRA).
 
 from .arithmetic import combine, compress
 from .config import LoraConfig
-from .control import adapter_batch, adapters, disable_adapters, merge, set_adapter, set_fast_path, unmerge
+from .control import (
+    adapter_batch,
+    adapters,
+    disable_adapters,
+    merge,
+    set_adapter,
+    set_fast_path,
+    unmerge,
+    use_adapters,
+)
 from .errors import (
     AdapterFileError,
     AdapterNameError,
@@ -62,6 +71,7 @@ __all__ = [
     "adapters",
     "delete_adapter",
     "disable_adapters",
+    "use_adapters",
     "adapter_batch",
     "merge",
     "unmerge",
