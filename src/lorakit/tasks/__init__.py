@@ -12,8 +12,10 @@ from ..errors import ConfigError
 from .base import Task
 from .causal_lm import CausalLM
 from .classify import Classify
+from .dpo import DPO
+from .reward import Reward
 
-TASKS: dict[str, type[Task]] = {CausalLM.name: CausalLM, Classify.name: Classify}
+TASKS: dict[str, type[Task]] = {CausalLM.name: CausalLM, Classify.name: Classify, Reward.name: Reward, DPO.name: DPO}
 
 
 def task_names() -> tuple[str, ...]:
@@ -27,4 +29,4 @@ def make_task(cfg) -> Task:
     return TASKS[cfg.task](cfg)
 
 
-__all__ = ["TASKS", "CausalLM", "Classify", "Task", "make_task", "task_names"]
+__all__ = ["DPO", "TASKS", "CausalLM", "Classify", "Reward", "Task", "make_task", "task_names"]
