@@ -1,4 +1,4 @@
-"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; serve.
+"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; score; serve.
 
 Every command prints what it did and where its outputs are; errors the user can fix are printed
 as one line (``error: ...``) with exit status 2, without a traceback.
@@ -13,6 +13,7 @@ import sys
 from ..errors import LorakitError
 from .arith_commands import add_arith_parsers
 from .options import add_train_options
+from .score_command import add_score_parser
 from .serve_command import add_serve_parser
 
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         cmd.add_argument("--seed", type=int, default=0)
     add_arith_parsers(sub)
+    add_score_parser(sub)
     add_serve_parser(sub)
     return parser
 
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "merge":  # the old name of combine (argparse keeps the alias it was called by)
         print("note: `lorakit merge` is now `lorakit combine` (the old name still works)", file=sys.stderr)
         args.command = "combine"
-    from . import arith_commands, commands, serve_command
+    from . import arith_commands, commands, score_command, serve_command
 
-    modules = (commands, arith_commands, serve_command)
+    modules = (commands, arith_commands, score_command, serve_command)
     handler = next(getattr(m, f"cmd_{args.command}") for m in modules if hasattr(m, f"cmd_{args.command}"))
     try:
         return handler(args) or 0

@@ -24,16 +24,18 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each row's completion tokens: (N, L, V), (N, L), (N, L) -> (N,) float32.
+    """Summed log-probability of each row's completion tokens: (N, L, V), (N, L), (N, L) -> (N,) (float32
+    or wider).
 
     Token t is predicted from position t - 1. Only the masked positions' logits are taken into
     the (float32) log-softmax, so a long prompt costs no vocabulary-sized rows there.
     """
     mask = completion_mask[:, 1:].bool()
     rows = mask.nonzero()[:, 0]
-    picked = logits[:, :-1][mask].float()  # (tokens, V)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # half precision up; float64 stays
+    picked = logits[:, :-1][mask].to(dtype)  # (tokens, V)
     token_logps = -F.cross_entropy(picked, input_ids[:, 1:][mask], reduction="none")
-    return torch.zeros(logits.shape[0], device=logits.device).index_add(0, rows, token_logps)
+    return torch.zeros(logits.shape[0], device=logits.device, dtype=dtype).index_add(0, rows, token_logps)
 
 
 def dpo_losses(

@@ -76,17 +76,22 @@ def encode_pairs(
 
 
 def pair_segments(renderer: Renderer, pair: PreferencePair, side: str) -> list[Segment]:
-    """The rendered sequence of ``pair``'s prompt and its ``side`` completion; supervised segments are
-    the compared answer's (raises what rendering raises)."""
-    completion = pair.chosen if side == "chosen" else pair.rejected
-    if pair.prompt is None:
-        whole = Record.from_messages(completion) if pair.conversational else Record.from_text(completion)
+    """The rendered sequence of ``pair``'s prompt and its ``side`` completion (see `sequence_segments`)."""
+    return sequence_segments(renderer, pair.prompt, pair.chosen if side == "chosen" else pair.rejected)
+
+
+def sequence_segments(renderer: Renderer, prompt: str | list | None, completion: str | list) -> list[Segment]:
+    """``prompt`` and ``completion`` rendered as training renders them (prompt None: ``completion`` is a
+    whole text or conversation); the supervised segments are the completion's. Raises what
+    rendering raises."""
+    if prompt is None:
+        whole = Record.from_messages(completion) if isinstance(completion, list) else Record.from_text(completion)
         return renderer.segments(whole)
-    if isinstance(pair.prompt, str):
-        return renderer.segments(Record.from_prompt_completion(pair.prompt, completion))
-    segments = renderer.segments(Record.from_messages([*pair.prompt, *completion]))
+    if isinstance(prompt, str):
+        return renderer.segments(Record.from_prompt_completion(prompt, completion))
+    segments = renderer.segments(Record.from_messages([*prompt, *completion]))
     # Training would supervise every assistant turn; here those inside the prompt are context.
-    earlier = sum(message["role"] == "assistant" for message in pair.prompt)
+    earlier = sum(message["role"] == "assistant" for message in prompt)
     for segment in segments:
         if segment.supervised and earlier:
             segment.supervised, earlier = False, earlier - 1
