@@ -109,7 +109,7 @@ def _side(row: dict, key: str, conversational: bool, where: str, problems: Probl
         like = "a conversational 'prompt'" if not whole else "'chosen'"
         problems.add(where, f"{key!r} must be a list of messages like {like}, got {type_name(value)}")
         return None
-    messages = parse_messages(value, problems, where, key)
+    messages = parse_messages(value, problems, where, key, need_assistant=False)
     if messages and messages[-1]["role"] != "assistant":
         problems.add(where, f"{key!r} must end with an assistant message (the answer being compared)")
         return None
