@@ -139,11 +139,12 @@ def check_adapter_task(adapter_dirs: list[str], task: str) -> None:
 
 
 def _eval_task(args: argparse.Namespace) -> int:
-    """``lorakit eval --task classify|token-classify``: the task reads the data (checked against
-    the run's label order before the model loads), loads the model as its kind of classifier and
-    evaluates with its own metrics (``Task.evaluate``, as at the end of training)."""
+    """``lorakit eval --task classify|token-classify|reward|dpo``: the task reads the data (a
+    classifier's checked against the run's label order before the model loads), loads the model as
+    its task needs and evaluates with its own metrics (``Task.evaluate``, as at the end of training;
+    DPO against the base model with the adapters off)."""
     from ..errors import ConfigError
-    from ..tasks import make_task
+    from ..tasks import TASKS, make_task
     from ..training.config import TrainConfig
 
     for flag, value in (
@@ -157,7 +158,7 @@ def _eval_task(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         task=args.task,
         data=args.data,
-        labels=eval_labels(args.adapter, args.model),
+        labels=eval_labels(args.adapter, args.model) if TASKS[args.task].uses_labels else None,
         max_length=args.max_length,
         batch_size=args.batch_size,
     )

@@ -1,4 +1,4 @@
-"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; serve.
+"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; score; serve.
 
 Every command prints what it did and where its outputs are; errors the user can fix are printed
 as one line (``error: ...``) with exit status 2, without a traceback.
@@ -14,6 +14,7 @@ from ..errors import LorakitError
 from ..tasks import task_names
 from .arith_commands import add_arith_parsers
 from .options import add_train_options
+from .score_command import add_score_parser
 from .serve_command import add_serve_parser
 
 
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=task_names(),
         help="what the adapter was trained for, as train's --task (default: causal-lm). classify: accuracy and "
         "macro-F1 of {text, label} lines; token-classify: token accuracy and entity F1 of {tokens, tags} lines "
-        "(the label order from the run's labels.json beside the adapter, else the model's id2label)",
+        "(the label order from the run's labels.json beside the adapter, else the model's id2label); reward: pair "
+        "accuracy of preference pairs; dpo: DPO loss and reward accuracy against the base model",
     )
     _add_model_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=8)
@@ -91,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         cmd.add_argument("--seed", type=int, default=0)
     add_arith_parsers(sub)
+    add_score_parser(sub)
     add_serve_parser(sub)
     return parser
 
@@ -111,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "merge":  # the old name of combine (argparse keeps the alias it was called by)
         print("note: `lorakit merge` is now `lorakit combine` (the old name still works)", file=sys.stderr)
         args.command = "combine"
-    from . import arith_commands, commands, serve_command
+    from . import arith_commands, commands, score_command, serve_command
 
-    modules = (commands, arith_commands, serve_command)
+    modules = (commands, arith_commands, score_command, serve_command)
     handler = next(getattr(m, f"cmd_{args.command}") for m in modules if hasattr(m, f"cmd_{args.command}"))
     try:
         return handler(args) or 0

@@ -22,9 +22,21 @@ HELP = {
     "valid_split": "split of a DatasetDict in --valid-data (default: validation, else test)",
     "data_columns": "record fields from the data's columns, e.g. prompt=question,completion=answer",
     "task": "what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification of "
-    "{text, label} or {text, text_pair, label} lines) | token-classify (a tag per word of {tokens, tags} lines)",
+    "{text, label} or {text, text_pair, label} lines) | token-classify (a tag per word of {tokens, tags} lines) "
+    "| reward (a reward model on {prompt, chosen, rejected} preference pairs) | dpo (direct preference "
+    "optimisation of the causal LM on the same pairs)",
     "labels": "classify / token-classify: the labels (tags) in index order, comma-separated (default: from the "
     "training data, integer labels as their own index; saved with the run)",
+    "center_rewards": "reward: weight of mean((r_chosen + r_rejected)^2) in the loss, which centres the rewards "
+    "on zero (TRL's center_rewards_coefficient; 0.01 is usual; default: none)",
+    "beta": "dpo: how far the policy may move from the reference; rewards are beta x log-ratio",
+    "dpo_loss": "dpo: sigmoid (DPO) | ipo (IPO, length-averaged as TRL) | hinge (SLiC)",
+    "label_smoothing": "dpo with the sigmoid loss: the assumed share of flipped preference labels, in [0, 0.5) "
+    "(conservative DPO)",
+    "ref_adapter": "dpo: a frozen adapter directory (e.g. an SFT run's adapter) as the reference; the trained "
+    "adapter then works on top of it (default: the base model, adapters off)",
+    "precompute_ref": "dpo: compute the reference's log-probabilities once before training instead of in every "
+    "step (one forward less per step)",
     "model": "base model: built-in alias, local directory, .gguf file or hub id (offline: must be cached)",
     "r": "rank of the update",
     "alpha": "scaling numerator: s = alpha / r (alpha / sqrt(r) with --use-rslora)",
@@ -96,7 +108,16 @@ GROUPS = {
         "output_dir",
         "overwrite",
     ),
-    "task": ("task", "labels"),
+    "task": (
+        "task",
+        "labels",
+        "center_rewards",
+        "beta",
+        "dpo_loss",
+        "label_smoothing",
+        "ref_adapter",
+        "precompute_ref",
+    ),
     "LoRA adapter (LoraConfig)": LORA_OPTIONS,
     **{
         f"{VARIANTS[name].title} options (--variant {name})": tuple(keys.values())

@@ -2,10 +2,8 @@
 
 The model is loaded as ``AutoModelForSequenceClassification`` (decoder models get a Llama-style
 ``score`` head and read each row's last real token through ``config.pad_token_id``; encoder models
-a BERT-style ``classifier``). The head is whatever the model has beside its base model
-(``model.base_model``), found rather than named, so that any architecture works: it trains in full
-through ``modules_to_save`` and is kept out of the adapter's targets. The adapter is saved with
-task_type ``SEQ_CLS`` (the model's class says so), which is how PEFT loads it with the head.
+a BERT-style ``classifier``). The head is found from the model and trains with the adapter
+(`lorakit.tasks.heads`); the adapter is saved as PEFT's ``SEQ_CLS``.
 
 Loss: mean cross-entropy of the logits over the batch's examples. Metrics: loss, accuracy, macro-F1.
 """
@@ -14,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,22 +24,11 @@ from ..models.tokenizer import pad_or_eos_id
 from ..safe_files.atomic import write_text_atomically
 from .base import PreparedData, Task
 from .classify_data import check_labels, label_order, read_labeled
+from .heads import classification_heads, set_pad_token, with_head_saved  # noqa: F401 (classification_heads: imported from here too)
 from .metrics import accuracy, macro_f1
 from .sharding import gathered, my_batches
 
 LABELS_FILE = "labels.json"
-
-
-def classification_heads(model: nn.Module) -> list[str]:
-    """Names of the model's top-level modules with parameters outside its base model: the head."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise ConfigError(f"{type(model).__name__} has no separate base model, so no classification head to find")
-    return [
-        name
-        for name, child in model.named_children()
-        if child is not base and next(child.parameters(), None) is not None
-    ]
 
 
 def saved_labels(adapter_dirs: Sequence[str | Path]) -> list[str] | None:
@@ -123,23 +109,10 @@ class Classify(Task):
             )
         model.config.id2label = dict(enumerate(self.labels))
         model.config.label2id = {label: i for i, label in enumerate(self.labels)}
-        if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
-            # Decoder heads find each row's last real token through pad_token_id.
-            model.config.pad_token_id = pad_or_eos_id(tokenizer)
+        set_pad_token(model, tokenizer)
 
     def lora_config(self, model: nn.Module, config):
-        heads = classification_heads(model)
-        # The head and everything inside it, as full paths: modules_to_save may not carry LoRA layers.
-        inside = [f"{h}.{n}" if n else h for h in heads for n, _ in model.get_submodule(h).named_modules()]
-        exclude = config.exclude_modules
-        if exclude is None:
-            exclude = inside
-        elif isinstance(exclude, str):
-            exclude = f"(?:{exclude})|(?:{'|'.join(map(re.escape, inside))})"
-        else:
-            exclude = [*exclude, *inside]
-        saved = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
-        return config.replace(modules_to_save=saved, exclude_modules=exclude)
+        return with_head_saved(model, config)
 
     def prepare_data(self, tokenizer):
         from ..data.tokenize import DatasetStats

@@ -84,11 +84,22 @@ class TrainConfig(_VariantOptions, _LoraOptions):
     data: str | None = None
     model: str = "smollm2-135m"
     # what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification) |
-    # token-classify (a tag per word)
+    # token-classify (a tag per word) | reward (a reward model on preference pairs) | dpo (preference
+    # optimisation of the causal LM)
     task: str = "causal-lm"
     # classify / token-classify: the labels (tags) in index order (comma-separated); unset: taken from
     # the training data
     labels: list[str] | None = None
+    # reward: TRL's center_rewards_coefficient, the weight of mean((r_chosen + r_rejected)^2)
+    center_rewards: float | None = None
+    # dpo: how far the policy may move from the reference (beta), the loss, and label smoothing (sigmoid)
+    beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # dpo: a frozen adapter as the reference (the policy: it plus the trained adapter); unset: the base
+    ref_adapter: str | None = None
+    # dpo: the reference's log-probabilities computed once before training, not in every step
+    precompute_ref: bool = False
     valid_data: str | None = None
     valid_ratio: float = 0.0
     output_dir: str = "runs/lorakit"
@@ -211,6 +222,7 @@ class TrainConfig(_VariantOptions, _LoraOptions):
 
     def _check_task(self) -> None:
         from ..tasks import TASKS, task_names
+        from ..tasks.options import check_preference_options
 
         if self.task not in task_names():
             raise ConfigError(f"task must be one of {' | '.join(task_names())}, got {self.task!r}")
@@ -224,6 +236,7 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                 raise ConfigError(
                     f"labels name a classifier's classes; they do not apply to task={self.task}: drop --labels"
                 )
+        check_preference_options(self)
 
     def _check_quantization(self) -> None:
         from .optim import OPTIMIZERS

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..control import set_adapter, set_fast_path
+from ..control import adapters, set_adapter, set_fast_path
 from ..errors import ConfigError
 from ..inject import add_adapter, delete_adapter
 from ..io import save_adapter
@@ -85,8 +85,8 @@ def train(
     on_data: Callable[[Any], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter as ``config`` says (``task="causal-lm"``, the default, ``"classify"`` or
-    ``"token-classify"``; see `lorakit.tasks`) (a TrainConfig, a dict, or a YAML/JSON path;
+    """Fine-tune a LoRA adapter as ``config`` says (``task="causal-lm"``, the default, ``"classify"``,
+    ``"token-classify"``, ``"reward"`` or ``"dpo"``; see `lorakit.tasks`) (a TrainConfig, a dict, or a YAML/JSON path;
     keyword ``overrides`` such as ``model="smollm2-135m"`` or ``lr=1e-4`` win).
 
     Pass ``loaded=(model, tokenizer)`` to train an already loaded model instead of loading
@@ -130,8 +130,14 @@ def train(
                 **cfg.quantize_kwargs(),
                 **task.load_kwargs(),
             )
-    task.prepare_model(model, tokenizer)
-    data = task.prepare_data(tokenizer)
+    before = _adapter_state(model)
+    try:
+        task.prepare_model(model, tokenizer)  # may load adapters (DPO's reference adapter)
+        data = task.prepare_data(tokenizer)
+    except Exception:
+        if loaded is not None:
+            _restore_adapter_state(model, before)
+        raise
     if data is None:  # the task reads its data as causal-LM training does
         data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
@@ -145,9 +151,9 @@ def train(
             cfg.max_length,
         )
     # The adapter before any file: a target that matches nothing must not leave an output directory.
-    before = _adapter_state(model)
-    add_adapter(model, task.lora_config(model, cfg.lora_config()))
     try:
+        add_adapter(model, task.lora_config(model, cfg.lora_config()))
+        task.activate(model, "default")
         set_fast_path(model, cfg.fast_path)
         log.info("%s", summary(model))
         out_dir = Path(cfg.output_dir)
@@ -272,14 +278,17 @@ def _device_type(model) -> str:
     return parameter.device.type if parameter is not None else "cpu"
 
 
-def _adapter_state(model) -> tuple[dict, list[str]]:
-    """What add_adapter changes besides adding: which parameters train, which adapters are active."""
-    return {p: p.requires_grad for p in model.parameters()}, active_adapters(model)
+def _adapter_state(model) -> tuple[dict, list[str], list[str]]:
+    """What a run changes in a caller's model besides adding adapters: which parameters train,
+    which adapters are active; and which adapters it had."""
+    return {p: p.requires_grad for p in model.parameters()}, active_adapters(model), adapters(model)
 
 
-def _restore_adapter_state(model, state: tuple[dict, list[str]]) -> None:
-    delete_adapter(model, "default")
-    trains, active = state
+def _restore_adapter_state(model, state: tuple[dict, list[str], list[str]]) -> None:
+    trains, active, had = state
+    for name in adapters(model):
+        if name not in had:  # the run's adapter, and a task's (DPO's reference adapter)
+            delete_adapter(model, name)
     for param, flag in trains.items():
         param.requires_grad_(flag)
     if active:
