@@ -323,8 +323,19 @@ def _line_editing() -> bool:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from .demo import run_demo
 
+    if args.rlhf:
+        from .demo_rlhf import run_rlhf_demo
+
+        if args.steps is not None or args.n_test is not None:
+            raise ConfigError("--steps and --n-test belong to the plain demo: drop them with --rlhf")
+        return run_rlhf_demo(output_dir=args.output_dir or "runs/demo-rlhf", model_name=args.model, out=sys.stdout)
     return run_demo(
-        output_dir=args.output_dir, steps=args.steps, n_test=args.n_test, model_name=args.model, out=sys.stdout
+        output_dir=args.output_dir or "runs/demo",
+        steps=args.steps,
+        n_test=args.n_test,
+        model_name=args.model,
+        out=sys.stdout,
     )

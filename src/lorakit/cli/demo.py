@@ -112,14 +112,15 @@ def run_demo(
     return 0
 
 
-def _check_demo_folder(root: Path) -> None:
+def _check_demo_folder(root: Path, extra: set[str] | frozenset[str] = frozenset()) -> None:
     """The demo writes into a new or empty folder, or over an earlier demo's (which it replaces);
-    a folder with anything else in it is refused before anything is written."""
+    a folder with anything else in it is refused before anything is written. ``extra``: more names a
+    demo writes (the RLHF demo's run folders)."""
     from ..errors import ConfigError
     from ..training.run import EARLIER_OUTPUTS
 
     # What a demo writes in its folder: its dataset, then a training run's outputs.
-    demo_outputs = {"data", "train_config.yaml", "metrics.jsonl", "checkpoints", *EARLIER_OUTPUTS}
+    demo_outputs = {"data", "train_config.yaml", "metrics.jsonl", "checkpoints", *EARLIER_OUTPUTS, *extra}
 
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--output-dir {root} is a file, not a folder: choose another --output-dir")

@@ -24,7 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="fine-tune the embedded model on a generated task and show before/after")
-    demo.add_argument("--output-dir", default="runs/demo", help="where the dataset, adapter, metrics and plot go")
+    demo.add_argument(
+        "--output-dir", default=None, help="where the dataset, adapter, metrics and plot go (default: runs/demo)"
+    )
+    demo.add_argument(
+        "--rlhf",
+        action="store_true",
+        help="the preference pipeline instead: SFT adapter, reward model, DPO with the SFT adapter as reference, "
+        "judged on held-out requests by a program (default folder: runs/demo-rlhf)",
+    )
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's tuned value)")
     demo.add_argument("--n-test", type=int, default=None, help="number of held-out test requests")
     demo.add_argument("--model", default="smollm2-135m", help="base model (default: the embedded smollm2-135m)")
