@@ -23,6 +23,11 @@ HELP = {
     "data_columns": "record fields from the data's columns, e.g. prompt=question,completion=answer",
     "task": "what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification of "
     "{text, label} or {text, text_pair, label} lines)",
+    "method": "what trains: lora (the adapter above, any --variant) | full (every weight) | bitfit (biases only) | "
+    "bitfit-added (zero biases added to the target modules, for bias-free models) | frozen (evaluate the base only) | "
+    "houlsby (bottleneck adapters) | prompt-tuning | prefix-tuning | ia3 (these three run by PEFT)",
+    "method_options": "the method's own options as JSON, e.g. '{\"num_virtual_tokens\": 20}' (prompt-tuning, "
+    "prefix-tuning), '{\"bottleneck\": 64}' (houlsby)",
     "labels": "classify: the labels in index order, comma-separated (default: from the training data, integer "
     "labels as their own index; saved with the run)",
     "model": "base model: built-in alias, local directory, .gguf file or hub id (offline: must be cached)",
@@ -97,6 +102,7 @@ GROUPS = {
         "overwrite",
     ),
     "task": ("task", "labels"),
+    "method (what trains)": ("method", "method_options"),
     "LoRA adapter (LoraConfig)": LORA_OPTIONS,
     **{
         f"{VARIANTS[name].title} options (--variant {name})": tuple(keys.values())
