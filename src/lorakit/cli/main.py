@@ -1,4 +1,4 @@
-"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; serve.
+"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; serve; sweep.
 
 Every command prints what it did and where its outputs are; errors the user can fix are printed
 as one line (``error: ...``) with exit status 2, without a traceback.
@@ -14,6 +14,7 @@ from ..errors import LorakitError
 from .arith_commands import add_arith_parsers
 from .options import add_train_options
 from .serve_command import add_serve_parser
+from .sweep_command import add_sweep_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--seed", type=int, default=0)
     add_arith_parsers(sub)
     add_serve_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "merge":  # the old name of combine (argparse keeps the alias it was called by)
         print("note: `lorakit merge` is now `lorakit combine` (the old name still works)", file=sys.stderr)
         args.command = "combine"
-    from . import arith_commands, commands, serve_command
+    from . import arith_commands, commands, serve_command, sweep_command
 
-    modules = (commands, arith_commands, serve_command)
+    modules = (commands, arith_commands, serve_command, sweep_command)
     handler = next(getattr(m, f"cmd_{args.command}") for m in modules if hasattr(m, f"cmd_{args.command}"))
     try:
         return handler(args) or 0
