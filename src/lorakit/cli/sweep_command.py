@@ -15,7 +15,7 @@ def add_sweep_parser(sub) -> None:
         "spaces), measure each run, and write results.csv/json, plots and report.md in the sweep folder. "
         "Running the same command again continues the sweep.",
     )
-    cmd.add_argument("config", help="sweep file (YAML/JSON), or a built-in example's name (--list-examples)")
+    cmd.add_argument("config", nargs="?", help="sweep file (YAML/JSON), or a built-in example's name (--list-examples)")
     cmd.add_argument("--out", default=None, help="the sweep folder (default: runs/sweeps/<config name>)")
     cmd.add_argument("--search", type=int, default=None, metavar="N", help="Optuna trials over the file's search:")
     cmd.add_argument("--seeds", type=int, default=None, metavar="K", help="repeat each point with K seeds")
@@ -48,6 +48,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for name in example_names():
             print(name)
         return 0
+    if args.config is None:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"lorakit sweep needs a sweep file or a built-in example ({', '.join(example_names())})")
     table = sweep(
         args.config,
         out=args.out,

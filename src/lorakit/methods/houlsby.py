@@ -101,8 +101,10 @@ class Houlsby(Method):
         super().restore(model, snapshot)
 
     def save(self, trained: nn.Module, out_dir: Path, tokenizer=None) -> Path:
-        return save_trained_tensors(trained, out_dir / "trained", self.name, self.options_of_saved(trained))
+        return save_trained_tensors(trained, out_dir / "trained", self.name, _saved_options(trained))
 
-    def options_of_saved(self, trained: nn.Module) -> dict:
-        adapters = [m for m in trained.modules() if isinstance(m, Bottleneck)]
-        return {"bottleneck": adapters[0].down.out_features if adapters else None, "modules": len(adapters)}
+
+def _saved_options(trained: nn.Module) -> dict:
+    """What method.json records: the bottleneck width and how many modules carry an adapter."""
+    adapters = [m for m in trained.modules() if isinstance(m, Bottleneck)]
+    return {"bottleneck": adapters[0].down.out_features if adapters else None, "modules": len(adapters)}
