@@ -379,3 +379,20 @@ def test_lorakit_sweep_command_end_to_end(tiny_dir, tmp_path):
         timeout=600,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: sweep folder") and "base.lr" in bad.stderr
+
+
+def test_linked_axes_draw_one_rank_line_and_ties_go_to_the_lower_eval_loss(tmp_path):
+    from lorakit.experiments.plots import draw_all
+    from lorakit.experiments.results import ResultsTable
+
+    def row(r, match, loss):
+        group = f"r{r}"
+        return dict(run=f"{group}-s0", group=group, label=f"r={r} alpha={2 * r}", method="lora", r=r, alpha=2 * r,
+                    status="ok", exact_match=match, eval_loss=loss, wall_s=1.0, tokens_per_s=10.0,
+                    trainable_params=100 * r)  # fmt: skip
+
+    rows = [row(2, 0.5, 0.3), row(4, 0.75, 0.2), row(8, 0.75, 0.1)]
+    table = ResultsTable(rows, "exact_match", "maximize", ["r", "alpha"], tmp_path, linked=[["r", "alpha"]])
+    assert set(draw_all(table, tmp_path)) == {"metric_vs_rank", "time_vs_rank", "metric_vs_params"}
+    verdict = table.verdict()
+    assert (verdict.best.label, verdict.runner_up.label, verdict.margin) == ("r=8 alpha=16", "r=4 alpha=8", 0.0)

@@ -23,7 +23,7 @@ HELP = {
     "data_columns": "record fields from the data's columns, e.g. prompt=question,completion=answer",
     "task": "what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification of "
     "{text, label} or {text, text_pair, label} lines)",
-    "method": "what trains: lora (the adapter above, any --variant) | full (every weight) | bitfit (biases only) | "
+    "method": "what trains: lora (the LoRA adapter, any --variant) | full (every weight) | bitfit (biases only) | "
     "bitfit-added (zero biases added to the target modules, for bias-free models) | frozen (evaluate the base only) | "
     "houlsby (bottleneck adapters) | prompt-tuning | prefix-tuning | ia3 (these three run by PEFT)",
     "method_options": "the method's own options as JSON, e.g. '{\"num_virtual_tokens\": 20}' (prompt-tuning, "

@@ -127,6 +127,12 @@ class SweepConfig:
     title: str = ""
     notes: str = ""
     source: str = ""
+    changed: list[str] = field(default_factory=list)  # what the command line changed (--set): the report says
+
+    @property
+    def linked(self) -> list[list[str]]:
+        """Options that vary together (a grid key such as ``"r,alpha"``)."""
+        return [[n.strip() for n in key.split(",")] for grid in self.grids for key in grid if "," in key]
 
     @classmethod
     def from_file(cls, path: str | Path, **changes: Any) -> "SweepConfig":

@@ -55,7 +55,12 @@ def load_config(
         data, where = read_config_file(path), str(path)
     if overrides:
         data = _with_overrides(data, overrides)
-    return SweepConfig.from_mapping(data, source=where, **changes)
+    config = SweepConfig.from_mapping(data, source=where, **changes)
+    if overrides:
+        config.changed = [
+            f"{k}={v}" for k, v in (overrides.items() if isinstance(overrides, dict) else map(_split, overrides))
+        ]
+    return config
 
 
 def _with_overrides(data: dict, overrides: list[str] | dict) -> dict:
@@ -187,7 +192,7 @@ def collect(config: SweepConfig, folder: Path) -> ResultsTable:
     else:
         names = [spec.name for spec in planned_runs(config)]
     rows = [row for name in names if (row := read_result(runs / name)) is not None]
-    return ResultsTable(rows, config.metric, config.direction, config.axes, folder)
+    return ResultsTable(rows, config.metric, config.direction, config.axes, folder, config.linked)
 
 
 def _write_current(config: SweepConfig, folder: Path) -> None:

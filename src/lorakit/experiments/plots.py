@@ -43,10 +43,11 @@ def draw_all(table: ResultsTable, folder: Path) -> dict[str, Path]:
 def _rank_lines(table: ResultsTable) -> dict[str, list[Point]]:
     """LoRA points by the values of the axes other than r; {} unless some line has two ranks."""
     lines: dict[str, list[Point]] = {}
+    with_r = {"r", "method"}.union(*(set(names) for names in table.linked if "r" in names))  # alpha of "r,alpha"
     for p in table.points():
         if p.method != "lora" or not p.ok or not isinstance(p.first("r"), int):
             continue
-        others = " ".join(f"{v}" for k, v in p.values.items() if k != "r" and k != "method")
+        others = " ".join(f"{v}" for k, v in p.values.items() if k not in with_r)
         lines.setdefault(others or "LoRA", []).append(p)
     lines = {k: sorted(v, key=lambda p: p.first("r")) for k, v in lines.items()}
     return lines if any(len({p.first("r") for p in v}) > 1 for v in lines.values()) else {}

@@ -105,6 +105,12 @@ def write_report(table: ResultsTable, config: SweepConfig, folder: Path, plots: 
         else "Base options: the defaults.",
         "",
     ]
+    if config.changed:
+        out += [
+            f"Changed from the sweep file on the command line (the notes above describe the file): "
+            f"{', '.join(f'`{c}`' for c in config.changed)}.",
+            "",
+        ]
     for i, grid in enumerate(config.grids):
         axes = "; ".join(f"{k} ∈ {{{', '.join(map(str, vs))}}}" for k, vs in grid.items())
         out.append(f"Grid{f' {i + 1}' if len(config.grids) > 1 else ''}: {axes}.")

@@ -85,8 +85,17 @@ class ResultsTable(Sequence):
     """A sweep's runs as rows (dicts), in plan order; ``points()`` groups them by point,
     ``verdict()`` names the winner. What `lorakit.sweep` returns."""
 
-    def __init__(self, rows: list[dict], metric: str, direction: str, axes: list[str], folder: Path | None = None):
+    def __init__(
+        self,
+        rows: list[dict],
+        metric: str,
+        direction: str,
+        axes: list[str],
+        folder: Path | None = None,
+        linked: list[list[str]] | None = None,
+    ):
         self.rows, self.metric, self.direction, self.axes, self.folder = rows, metric, direction, axes, folder
+        self.linked = linked or []  # options that vary together ("r,alpha"): one axis of the plots
 
     def __getitem__(self, index):
         return self.rows[index]
