@@ -32,3 +32,27 @@ def test_train_classify_on_the_embedded_model(tmp_path):
         "train", "--task", "classify", "--data", str(bad), "--output-dir", str(tmp_path / "r2"), check=False
     )
     assert refused.returncode != 0 and "bad.jsonl:line 2: 'label' is missing" in refused.stderr
+
+
+def test_train_and_eval_token_classify_on_the_embedded_model(tmp_path):
+    rows = []
+    for i in range(16):
+        name, city = ["Anna Berg", "Bob", "Carla Diaz", "Dmitri"][i % 4], ["Paris", "Rio de Janeiro"][i % 2]
+        words = [*name.split(), "flew", "to", *city.split(), "."]
+        tags = ["B-PER", *["I-PER"] * (len(name.split()) - 1), "O", "O", "B-LOC"]
+        rows.append({"tokens": words, "tags": [*tags, *["I-LOC"] * (len(city.split()) - 1), "O"]})
+    data = tmp_path / "ner.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    done = lorakit(
+        "train", "--task", "token-classify", "--data", str(data), "--valid-ratio", "0.25", "--max-steps", "2",
+        "--output-dir", str(out),
+    )  # fmt: skip
+    assert "token_accuracy" in done.stdout and "entity_f1" in done.stdout
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "TOKEN_CLS" and config["modules_to_save"] == ["score"]
+    assert json.loads((out / "labels.json").read_text()) == ["B-PER", "I-PER", "O", "B-LOC", "I-LOC"]
+    adapter = str(out / "adapter")
+    evaluated = lorakit("eval", "--task", "token-classify", "--adapter", adapter, "--data", str(data), "--json")
+    result = json.loads(evaluated.stdout)
+    assert result["examples"] == 16 and 0 <= result["token_accuracy"] <= 1 and "entity_f1" in result

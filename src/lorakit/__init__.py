@@ -5,9 +5,10 @@ merge, combine and export them. The public API (README.md, "API"; the code's lay
 docs/architecture.md):
 
     LoraConfig, add_adapter, load_adapter, save_adapter, set_adapter, adapters, delete_adapter,
-    disable_adapters, adapter_batch, merge, unmerge, unload, trainable_parameters, summary
+    use_adapters, disable_adapters, adapter_batch, merge, unmerge, unload, trainable_parameters, summary
 
-plus the training entry points (train, TrainConfig, loraplus_optimizer), DyLoRA's truncate,
+plus the training entry points (train, TrainConfig, loraplus_optimizer; tasks in docs/tasks.md), score (a reward
+model's rewards for texts), DyLoRA's truncate,
 adapter arithmetic (combine, compress; see docs/arithmetic.md), set_fast_path (fused layers on by
 default; False forces the reference forward) and hotswap_adapter (new weights into an existing
 adapter's tensors, so a compiled model does not recompile), quantize / dequantize (a model's
@@ -17,7 +18,16 @@ Optuna search over training options, measured, tabled, plotted and reported; lor
 
 from .arithmetic import combine, compress
 from .config import LoraConfig
-from .control import adapter_batch, adapters, disable_adapters, merge, set_adapter, set_fast_path, unmerge
+from .control import (
+    adapter_batch,
+    adapters,
+    disable_adapters,
+    merge,
+    set_adapter,
+    set_fast_path,
+    unmerge,
+    use_adapters,
+)
 from .errors import (
     AdapterFileError,
     AdapterNameError,
@@ -47,6 +57,10 @@ def __getattr__(name: str):
         from . import training
 
         return getattr(training, name)
+    if name == "score":  # a reward model's rewards (lorakit.tasks.scoring)
+        from .tasks.scoring import score
+
+        return score
     if name == "sweep":  # lorakit.experiments: Optuna, matplotlib and training behind it
         from .experiments import sweep
 
@@ -67,6 +81,7 @@ __all__ = [
     "adapters",
     "delete_adapter",
     "disable_adapters",
+    "use_adapters",
     "adapter_batch",
     "merge",
     "unmerge",
@@ -84,6 +99,7 @@ __all__ = [
     "GenerationError",
     "train",
     "TrainConfig",
+    "score",
     "truncate",
     "loraplus_optimizer",
     "sweep",

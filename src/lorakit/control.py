@@ -1,5 +1,5 @@
-"""Choosing what runs: `set_adapter`, `adapters`, `disable_adapters`, `adapter_batch`, `merge`,
-`unmerge`."""
+"""Choosing what runs: `set_adapter`, `adapters`, `use_adapters`, `disable_adapters`, `adapter_batch`,
+`merge`, `unmerge`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from .errors import AdapterStateError
+from .layers import ModulesToSave
 from .layers.routing import RowRouting
 from .state import (
     active_adapters,
@@ -71,6 +73,62 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, was in zip(modules, before):
             module.disabled = was
+
+
+@contextmanager
+def use_adapters(model: nn.Module, names: str | Sequence[str]) -> Iterator[nn.Module]:
+    """Within the block exactly the adapters ``names`` run (``[]``: none, the base model), all rows alike.
+
+    The parameters of every other adapter are frozen inside the block (an adapter that does not
+    run gets no gradient and must not look trainable to an optimizer built there); the named
+    adapters keep their ``requires_grad`` flags. Afterwards, also when the block raises, the
+    previous active set, ``disable_adapters`` state, ``adapter_batch`` routing and every
+    parameter's ``requires_grad`` flag are restored as they were on entry.
+
+    DPO's reference pass is ``with torch.no_grad(), use_adapters(model, []): ...``: the policy's
+    own base weights, no second copy of the model. Refused (AdapterStateError) while an adapter is
+    merged, since a merged update cannot be switched off; an unknown name raises AdapterNameError.
+    """
+    wanted = [names] if isinstance(names, str) else list(names)
+    require_adapters(model, wanted)
+    _check_not_merged("use_adapters", model)
+    for path, wrapper in saved_modules(model):
+        owners = [n for n in wanted if n in wrapper.modules_to_save]
+        if len(owners) > 1:
+            raise AdapterStateError(
+                f"adapters {owners} each have their own copy of {path!r} (modules_to_save); "
+                "only one of them can be active at a time"
+            )
+    modules = list(adapter_modules(model))
+    before = [(list(m.active_adapters), m.disabled, m.row_adapters) for m in modules]
+    flags = {p: p.requires_grad for p in model.parameters()}
+    # A tensor the named adapters share with another one (VeRA's projections) keeps its flag.
+    kept = {id(t) for m in modules for t in _adapter_tensors(m, lambda name: name in wanted)}
+    try:
+        for module in modules:
+            module.active_adapters, module.disabled, module.row_adapters = list(wanted), False, None
+            for tensor in _adapter_tensors(module, lambda name: name not in wanted):
+                if isinstance(tensor, nn.Parameter) and id(tensor) not in kept:
+                    tensor.requires_grad_(False)
+        yield model
+    finally:
+        for module, (active, disabled, rows) in zip(modules, before):
+            module.active_adapters, module.disabled, module.row_adapters = active, disabled, rows
+        for param, flag in flags.items():
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
+
+
+def _adapter_tensors(module: nn.Module, chosen) -> Iterator[torch.Tensor]:
+    """The tensors a LoRA layer or modules_to_save wrapper holds for the adapters ``chosen(name)`` picks."""
+    if isinstance(module, ModulesToSave):
+        for name, copy in module.modules_to_save.items():
+            if chosen(name):
+                yield from copy.parameters()
+        return
+    for name, variant in module.variants.items():
+        if chosen(name):
+            yield from variant.trained_tensors(module, name)
 
 
 @contextmanager

@@ -93,6 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..data.readers import parse_columns
     from ..training.evaluate import evaluate
 
+    check_adapter_task(args.adapter, args.task)
+    if args.task != "causal-lm":  # a task with its own data and metrics: the Task evaluates
+        return _eval_task(args)
     # The data first: a wrong file, split or column is reported before the model loads.
     records = read_records(args.data, split=args.data_split, columns=parse_columns(args.data_columns))
     model, tokenizer, names = load_with_adapters(args.model, args.adapter, args.device, args.dtype)
@@ -120,6 +123,87 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "exact_match" in result:
         print(f"exact match {100 * result['exact_match']:.1f}% of {len(predictions)}")
     return 0
+
+
+def check_adapter_task(adapter_dirs: list[str], task: str) -> None:
+    """Refuse an adapter saved for another task (its adapter_config.json's task_type) before any
+    model loads: a classifier's head evaluated as a causal LM, or the reverse, gives numbers that
+    mean nothing."""
+    from ..errors import ConfigError
+    from ..io.load import read_config_data
+    from ..tasks import TASKS
+
+    for adapter in adapter_dirs:
+        saved = read_config_data(Path(adapter)).get("task_type") if Path(adapter).is_dir() else None
+        if saved and saved != TASKS[task].peft_task_type:
+            fits = [name for name, kind in TASKS.items() if kind.peft_task_type == saved]
+            hint = f"evaluate it with --task {fits[0]}" if fits else "lorakit eval has no task for it"
+            raise ConfigError(f"adapter {adapter} was trained with task_type {saved}, not for --task {task}: {hint}")
+
+
+def _eval_task(args: argparse.Namespace) -> int:
+    """``lorakit eval --task classify|token-classify|reward|dpo``: the task reads the data (a
+    classifier's checked against the run's label order before the model loads), loads the model as
+    its task needs and evaluates with its own metrics (``Task.evaluate``, as at the end of training;
+    DPO against the base model with the adapters off)."""
+    from ..errors import ConfigError
+    from ..tasks import TASKS, make_task
+    from ..training.config import TrainConfig
+
+    for flag, value in (
+        ("--ranks", args.ranks),
+        ("--data-split", args.data_split),
+        ("--data-columns", args.data_columns),
+        ("--no-generate", args.no_generate),
+    ):
+        if value:
+            raise ConfigError(f"{flag} applies to --task causal-lm only: drop it for --task {args.task}")
+    cfg = TrainConfig(
+        task=args.task,
+        data=args.data,
+        labels=eval_labels(args.adapter, args.model) if TASKS[args.task].uses_labels else None,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+    )
+    task = make_task(cfg)
+    model, tokenizer, _ = load_with_adapters(args.model, args.adapter, args.device, args.dtype, **task.load_kwargs())
+    task.prepare_model(model, tokenizer)
+    data = task.prepare_data(tokenizer)
+    examples = data.train[: args.max_examples] if args.max_examples else data.train
+    device = next(model.parameters()).device
+    result = task.evaluate(model, tokenizer, examples, data.collate, [], cfg, device, None, True)
+    result["examples"] = len(examples)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for key, value in result.items():
+        print(f"{key:<17} {value:.4f}" if isinstance(value, float) else f"{key:<17} {value}")
+    return 0
+
+
+def eval_labels(adapter_dirs: list[str], model_name: str) -> list[str]:
+    """The label order a classifier was trained with: its run's labels.json (beside the adapter),
+    else the model's own id2label when the model is a trained classifier."""
+    from ..errors import ConfigError
+    from ..tasks.classify import config_labels, saved_labels
+
+    labels = saved_labels(adapter_dirs)
+    if labels is None:
+        from transformers import AutoConfig
+
+        from ..models.loader import resolve_source
+
+        try:
+            labels = config_labels(AutoConfig.from_pretrained(resolve_source(model_name)[0], local_files_only=True))
+        except OSError:
+            labels = None
+    if labels is None:
+        where = ", ".join(adapter_dirs) or model_name
+        raise ConfigError(
+            f"no label order found for {where}: put the training run's labels.json beside the adapter "
+            "(lorakit train writes it into --output-dir)"
+        )
+    return labels
 
 
 def _eval_per_rank(args: argparse.Namespace, model, names: list[str], examples, collate) -> int:

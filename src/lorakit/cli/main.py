@@ -1,4 +1,5 @@
-"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; serve; sweep.
+"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; score; serve;
+sweep.
 
 Every command prints what it did and where its outputs are; errors the user can fix are printed
 as one line (``error: ...``) with exit status 2, without a traceback.
@@ -11,8 +12,10 @@ import logging
 import sys
 
 from ..errors import LorakitError
+from ..tasks import task_names
 from .arith_commands import add_arith_parsers
 from .options import add_train_options
+from .score_command import add_score_parser
 from .serve_command import add_serve_parser
 from .sweep_command import add_sweep_parser
 
@@ -34,13 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML or JSON file with training options (flags override it)")
     add_train_options(train)
 
-    evaluate = sub.add_parser("eval", help="loss, perplexity and exact match of a model/adapter on a data file")
+    evaluate = sub.add_parser(
+        "eval", help="loss, perplexity and exact match of a model/adapter on a data file (or --task's metrics)"
+    )
     evaluate.add_argument(
         "--data", required=True, help="JSONL/CSV/Parquet file, `datasets` folder or cached dataset name to evaluate on"
     )
     evaluate.add_argument("--data-split", default=None, help="split of a DatasetDict (default: train)")
     evaluate.add_argument(
         "--data-columns", default=None, help="column mapping, e.g. prompt=question,completion=answer (as for train)"
+    )
+    evaluate.add_argument(
+        "--task",
+        default="causal-lm",
+        choices=task_names(),
+        help="what the adapter was trained for, as train's --task (default: causal-lm). classify: accuracy and "
+        "macro-F1 of {text, label} lines; token-classify: token accuracy and entity F1 of {tokens, tags} lines "
+        "(the label order from the run's labels.json beside the adapter, else the model's id2label); reward: pair "
+        "accuracy of preference pairs; dpo: DPO loss and reward accuracy against the base model",
     )
     _add_model_options(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=8)
@@ -81,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
         cmd.add_argument("--seed", type=int, default=0)
     add_arith_parsers(sub)
+    add_score_parser(sub)
     add_serve_parser(sub)
     add_sweep_parser(sub)
     return parser
@@ -102,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "merge":  # the old name of combine (argparse keeps the alias it was called by)
         print("note: `lorakit merge` is now `lorakit combine` (the old name still works)", file=sys.stderr)
         args.command = "combine"
-    from . import arith_commands, commands, serve_command, sweep_command
+    from . import arith_commands, commands, score_command, serve_command, sweep_command
 
-    modules = (commands, arith_commands, serve_command, sweep_command)
+    modules = (commands, arith_commands, score_command, serve_command, sweep_command)
     handler = next(getattr(m, f"cmd_{args.command}") for m in modules if hasattr(m, f"cmd_{args.command}"))
     try:
         return handler(args) or 0

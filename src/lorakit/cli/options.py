@@ -22,14 +22,26 @@ HELP = {
     "valid_split": "split of a DatasetDict in --valid-data (default: validation, else test)",
     "data_columns": "record fields from the data's columns, e.g. prompt=question,completion=answer",
     "task": "what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification of "
-    "{text, label} or {text, text_pair, label} lines)",
+    "{text, label} or {text, text_pair, label} lines) | token-classify (a tag per word of {tokens, tags} lines) "
+    "| reward (a reward model on {prompt, chosen, rejected} preference pairs) | dpo (direct preference "
+    "optimisation of the causal LM on the same pairs)",
+    "labels": "classify / token-classify: the labels (tags) in index order, comma-separated (default: from the "
+    "training data, integer labels as their own index; saved with the run)",
+    "center_rewards": "reward: weight of mean((r_chosen + r_rejected)^2) in the loss, which centres the rewards "
+    "on zero (TRL's center_rewards_coefficient; 0.01 is usual; default: none)",
+    "beta": "dpo: how far the policy may move from the reference; rewards are beta x log-ratio",
+    "dpo_loss": "dpo: sigmoid (DPO) | ipo (IPO, length-averaged as TRL) | hinge (SLiC)",
+    "label_smoothing": "dpo with the sigmoid loss: the assumed share of flipped preference labels, in [0, 0.5) "
+    "(conservative DPO)",
+    "ref_adapter": "dpo: a frozen adapter directory (e.g. an SFT run's adapter) as the reference; the trained "
+    "adapter then works on top of it (default: the base model, adapters off)",
+    "precompute_ref": "dpo: compute the reference's log-probabilities once before training instead of in every "
+    "step (one forward less per step)",
     "method": "what trains: lora (the LoRA adapter, any --variant) | full (every weight) | bitfit (biases only) | "
     "bitfit-added (zero biases added to the target modules, for bias-free models) | frozen (evaluate the base only) | "
     "houlsby (bottleneck adapters) | prompt-tuning | prefix-tuning | ia3 (these three run by PEFT)",
     "method_options": "the method's own options as JSON, e.g. '{\"num_virtual_tokens\": 20}' (prompt-tuning, "
     "prefix-tuning), '{\"bottleneck\": 64}' (houlsby)",
-    "labels": "classify: the labels in index order, comma-separated (default: from the training data, integer "
-    "labels as their own index; saved with the run)",
     "model": "base model: built-in alias, local directory, .gguf file or hub id (offline: must be cached)",
     "r": "rank of the update",
     "alpha": "scaling numerator: s = alpha / r (alpha / sqrt(r) with --use-rslora)",
@@ -101,7 +113,16 @@ GROUPS = {
         "output_dir",
         "overwrite",
     ),
-    "task": ("task", "labels"),
+    "task": (
+        "task",
+        "labels",
+        "center_rewards",
+        "beta",
+        "dpo_loss",
+        "label_smoothing",
+        "ref_adapter",
+        "precompute_ref",
+    ),
     "method (what trains)": ("method", "method_options"),
     "LoRA adapter (LoraConfig)": LORA_OPTIONS,
     **{

@@ -184,6 +184,25 @@ def _parse_rows(rows: Iterator[tuple[str, Any]], source: str, problems: Problems
     return records
 
 
+def object_rows(path: str | Path, problems: Problems, what: str = "data") -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` of every row of a ``.jsonl``, ``.json`` or ``.parquet`` file, the formats
+    whose rows may hold nested lists (message lists); ``where`` is "line N" ("item N", "row N").
+    Lines that are not JSON go to ``problems``. Raises DataError for a missing file or another
+    format (``what`` names the data in that message)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl_rows(path, problems)
+    elif suffix == ".json":
+        yield from _json_rows(path, problems)
+    elif suffix == ".parquet":
+        yield from _parquet_rows(path)
+    else:
+        raise DataError(f"{path}: {what} must be a .jsonl, .json or .parquet file, got {suffix or '(no suffix)'!r}")
+
+
 def _jsonl_rows(path: Path, problems: Problems) -> Iterator[tuple[str, Any]]:
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         for number, line in enumerate(f, start=1):

@@ -206,9 +206,11 @@ def _messages(
     role_key: str = "role",
     content_key: str = "content",
     roles: dict[str, str] | None = None,
+    need_assistant: bool = True,
 ) -> list[dict[str, str]] | None:
     """The turns of a conversation; ``roles`` maps the format's role names to lorakit's (ShareGPT's
-    ``from``: ``human`` is ``user``), None takes lorakit's own (`ROLES`)."""
+    ``from``: ``human`` is ``user``), None takes lorakit's own (`ROLES`). ``need_assistant``: a
+    conversation without an assistant turn is a problem (a preference pair's prompt has none)."""
     roles = roles or {r: r for r in ROLES}
     if not isinstance(value, list):
         shape = f"{{{role_key}, {content_key}}}"
@@ -244,11 +246,24 @@ def _messages(
         out.append({"role": role, "content": content})
     if len(problems) > before:
         return None
-    if not any(m["role"] == "assistant" for m in out):
+    if need_assistant and not any(m["role"] == "assistant" for m in out):
         # Nothing would be supervised: the example would silently contribute no loss.
         problems.add(where, "conversation has no 'assistant' turn, so there is nothing to learn from it")
         return None
     return out
+
+
+def parse_messages(
+    value: Any, problems: Problems, where: str, name: str = "messages", need_assistant: bool = True
+) -> list[dict[str, str]] | None:
+    """A list of ``{role, content}`` messages checked as ``messages`` rows are (problems added, None
+    when any); ``name`` is the key errors name."""
+    return _messages(value, problems, where, name, need_assistant=need_assistant)
+
+
+def type_name(value: Any) -> str:
+    """How errors name a JSON value's type ("a list", "a number", "null")."""
+    return _type_name(value)
 
 
 def _type_name(value: Any) -> str:

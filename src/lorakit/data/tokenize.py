@@ -17,6 +17,7 @@ segment tokenized alone and concatenated. Tokenizers that prepend a dummy space 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -95,10 +96,9 @@ def tokenize_records(
             problems.add(record.source or f"record {i + 1}", f"cannot render with this tokenizer: {e}")
     problems.raise_if_any("data for this tokenizer")
 
-    encode = encode_chunks if adds_dummy_prefix(tokenizer) else _encode_segments
     stats = DatasetStats(n_records=len(records), max_length=max_length, packed=packing)
     examples = []
-    for ids, labels in encode(tokenizer, rendered):
+    for ids, labels in encode_segments(tokenizer, rendered):
         ids, labels, was_truncated = truncate(ids, labels, max_length)
         stats.n_truncated += was_truncated
         if n_supervised(labels) == 0:
@@ -132,6 +132,13 @@ def tokenize_records(
             max_length,
         )
     return examples, stats
+
+
+def encode_segments(tokenizer: Any, rendered: list[list[Segment]]) -> Iterator[tuple[list[int], list[int]]]:
+    """``(input_ids, labels)`` of each rendered example (its `Segment`s), as training tokenizes it:
+    labels are the ids on supervised segments and -100 elsewhere; no truncation."""
+    encode = encode_chunks if adds_dummy_prefix(tokenizer) else _encode_segments
+    yield from encode(tokenizer, rendered)
 
 
 def _encode_segments(tokenizer: Any, rendered: list[list[Segment]]):

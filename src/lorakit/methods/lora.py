@@ -22,6 +22,8 @@ class Lora(Method):
     def prepare(self, model: nn.Module, task, cfg) -> nn.Module:
         config = cfg.lora_config()
         add_adapter(model, task.lora_config(model, config) if task is not None else config)
+        if task is not None and hasattr(task, "activate"):
+            task.activate(model, "default")  # DPO with a reference adapter: both run, this one trains
         return model
 
     def restore(self, model: nn.Module, snapshot) -> None:

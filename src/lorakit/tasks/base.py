@@ -33,6 +33,10 @@ class Task:
     name = ""
     #: the ``task`` argument of `lorakit.models.load_model`
     model_task = "causal-lm"
+    #: whether ``TrainConfig.labels`` (``--labels``) applies: the task predicts named classes
+    uses_labels = False
+    #: PEFT's ``task_type`` of the adapters this task trains (adapter_config.json)
+    peft_task_type = "CAUSAL_LM"
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -48,6 +52,10 @@ class Task:
         """The adapter's LoraConfig for ``model`` (e.g. a classification head in modules_to_save)."""
         return config
 
+    def activate(self, model: nn.Module, name: str) -> None:
+        """The run's adapter ``name`` was just added, the only one active: make what trains run
+        (DPO with a reference adapter: both, only ``name`` trainable)."""
+
     def prepare_data(self, tokenizer) -> PreparedData | None:
         """The run's `PreparedData`; None: the records read and tokenized as causal-LM training
         reads them (``lorakit.training.run.prepare_data``)."""
@@ -56,6 +64,12 @@ class Task:
     def loss(self, forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The mean loss of one micro-batch through ``forward`` (the possibly wrapped model)."""
         return forward(**batch).loss
+
+    def step_metrics(self, accelerator) -> dict[str, float]:
+        """Extra numbers for this optimizer step's metrics.jsonl line (beside ``loss``), from the
+        micro-batches ``loss`` saw since the last call, which starts the next step's count. Called
+        once per step on every process (under DDP a task may reduce across them)."""
+        return {}
 
     def tokens(self, host_batch: dict[str, torch.Tensor]) -> int:
         """Tokens of a host batch, for the tokens-per-second rate."""

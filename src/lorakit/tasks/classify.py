@@ -2,10 +2,8 @@
 
 The model is loaded as ``AutoModelForSequenceClassification`` (decoder models get a Llama-style
 ``score`` head and read each row's last real token through ``config.pad_token_id``; encoder models
-a BERT-style ``classifier``). The head is whatever the model has beside its base model
-(``model.base_model``), found rather than named, so that any architecture works: it trains in full
-through ``modules_to_save`` and is kept out of the adapter's targets. The adapter is saved with
-task_type ``SEQ_CLS`` (the model's class says so), which is how PEFT loads it with the head.
+a BERT-style ``classifier``). The head is found from the model and trains with the adapter
+(`lorakit.tasks.heads`); the adapter is saved as PEFT's ``SEQ_CLS``.
 
 Loss: mean cross-entropy of the logits over the batch's examples. Metrics: loss, accuracy, macro-F1.
 """
@@ -14,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,41 +24,72 @@ from ..models.tokenizer import pad_or_eos_id
 from ..safe_files.atomic import write_text_atomically
 from .base import PreparedData, Task
 from .classify_data import check_labels, label_order, read_labeled
+from .heads import classification_heads, set_pad_token, with_head_saved  # noqa: F401 (classification_heads: imported from here too)
 from .metrics import accuracy, macro_f1
 from .sharding import gathered, my_batches
 
 LABELS_FILE = "labels.json"
 
 
-def classification_heads(model: nn.Module) -> list[str]:
-    """Names of the model's top-level modules with parameters outside its base model: the head."""
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise ConfigError(f"{type(model).__name__} has no separate base model, so no classification head to find")
-    return [
-        name
-        for name, child in model.named_children()
-        if child is not base and next(child.parameters(), None) is not None
-    ]
+def saved_labels(adapter_dirs: Sequence[str | Path]) -> list[str] | None:
+    """The label order saved with the runs of ``adapter_dirs`` (``labels.json`` in an adapter's
+    folder or in the run folder above it); None when none has one. Adapters that disagree are
+    refused: they were trained for different heads."""
+    found: dict[str, list[str]] = {}
+    for adapter in map(Path, adapter_dirs):
+        for file in (adapter / LABELS_FILE, adapter.parent / LABELS_FILE):
+            if file.is_file():
+                try:
+                    labels = json.loads(file.read_text(encoding="utf-8"))
+                except ValueError as exc:
+                    raise ConfigError(f"{file} is not valid JSON ({exc}): write the labels as a JSON list") from None
+                if not isinstance(labels, list) or not labels:
+                    raise ConfigError(f"{file} must hold a non-empty JSON list of labels, got {labels!r:.80}")
+                found[str(file)] = [str(label) for label in labels]
+                break
+    if len({tuple(labels) for labels in found.values()}) > 1:
+        raise ConfigError(f"the adapters were trained on different labels ({found}): evaluate one at a time")
+    return next(iter(found.values()), None)
+
+
+def config_labels(config) -> list[str] | None:
+    """The labels of a model config that describes a trained classifier (its ``architectures``
+    end in ``ForSequenceClassification`` / ``ForTokenClassification`` and its ``id2label`` names
+    the labels), by index; else None."""
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith(("ForSequenceClassification", "ForTokenClassification")) for a in architectures):
+        return None
+    id2label = {int(i): str(label) for i, label in (getattr(config, "id2label", None) or {}).items()}
+    labels = [id2label.get(i) for i in range(len(id2label))]
+    # transformers' placeholders (LABEL_0, LABEL_1, ...) name no order anyone trained with.
+    if None in labels or labels == [f"LABEL_{i}" for i in range(len(labels))]:
+        return None
+    return labels
 
 
 class Classify(Task):
     name = "classify"
     model_task = "sequence-classification"
+    uses_labels = True
+    peft_task_type = "SEQ_CLS"
+    #: reads one data file into items with ``labels`` and ``is_int`` (see `classify_data.label_order`)
+    read = staticmethod(read_labeled)
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         if cfg.packing:
-            raise ConfigError("packing joins examples into one sequence; a classification example needs its own")
-        self.train_items = read_labeled(cfg.data)
-        self.valid_items = read_labeled(cfg.valid_data) if cfg.valid_data else []
+            raise ConfigError(
+                "packing joins examples into one sequence; a classification example needs its own: drop --packing"
+            )
+        self.train_items = self.read(cfg.data)
+        self.valid_items = self.read(cfg.valid_data) if cfg.valid_data else []
         if cfg.valid_ratio and not cfg.valid_data:
             from ..data import split_records
 
             self.train_items, self.valid_items = split_records(self.train_items, cfg.valid_ratio, seed=cfg.seed)
         self.labels = label_order(self.train_items, cfg.labels)
-        check_labels(self.train_items, self.labels, "training data")
-        check_labels(self.valid_items, self.labels, "validation data")
+        check_labels(self.train_items, self.labels, "labels of the data")
+        check_labels(self.valid_items, self.labels, "labels of the validation data")
         cfg.labels = list(self.labels)  # train_config.yaml records the order; a resumed run keeps it
 
     def load_kwargs(self) -> dict:
@@ -76,27 +105,14 @@ class Classify(Task):
         if n != len(self.labels):
             raise ConfigError(
                 f"the model classifies into {n} labels and the data has {len(self.labels)} ({self.labels}): "
-                "load it as a sequence-classification model with num_labels set"
+                f"load it as a {self.model_task} model with num_labels set"
             )
         model.config.id2label = dict(enumerate(self.labels))
         model.config.label2id = {label: i for i, label in enumerate(self.labels)}
-        if getattr(model.config, "pad_token_id", None) is None and tokenizer is not None:
-            # Decoder heads find each row's last real token through pad_token_id.
-            model.config.pad_token_id = pad_or_eos_id(tokenizer)
+        set_pad_token(model, tokenizer)
 
     def lora_config(self, model: nn.Module, config):
-        heads = classification_heads(model)
-        # The head and everything inside it, as full paths: modules_to_save may not carry LoRA layers.
-        inside = [f"{h}.{n}" if n else h for h in heads for n, _ in model.get_submodule(h).named_modules()]
-        exclude = config.exclude_modules
-        if exclude is None:
-            exclude = inside
-        elif isinstance(exclude, str):
-            exclude = f"(?:{exclude})|(?:{'|'.join(map(re.escape, inside))})"
-        else:
-            exclude = [*exclude, *inside]
-        saved = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
-        return config.replace(modules_to_save=saved, exclude_modules=exclude)
+        return with_head_saved(model, config)
 
     def prepare_data(self, tokenizer):
         from ..data.tokenize import DatasetStats

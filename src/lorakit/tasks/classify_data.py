@@ -6,12 +6,14 @@ training data's labels in first-seen order. The order is saved with the run (tra
 ``labels`` and ``labels.json``), so that a resumed run and a later reader map indices the same way.
 Every line is checked before training, as `lorakit.data.read_records` does for causal-LM data: all
 problems are reported together with file and line, and a validation label the training labels
-lack is one of them.
+lack is one of them. Token classification (`tag_data`) reads its lines through the same helpers
+(`read_items`, `label_problem`, `label_order`, `check_labels`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,21 +30,31 @@ class LabeledText:
     where: str = ""  # "FILE:line N", for errors found after reading (unknown labels)
     is_int: bool = False
 
+    @property
+    def labels(self) -> tuple[str]:
+        return (self.label,)
+
 
 def read_labeled(path: str | Path) -> list[LabeledText]:
     """Every row of a JSONL file (or a JSON list) as `LabeledText`; DataError naming each bad line."""
+    return read_items(path, _parse, "classification data")
+
+
+def read_items(path: str | Path, parse: Callable[[Any, str, Problems], Any], what: str) -> list:
+    """``parse(row, where, problems)`` of every row of a JSONL file (or a JSON list), each item's
+    ``where`` set to ``"FILE:line N"``; one DataError naming every bad line (``parse`` adds a
+    problem and returns None for a bad row), or none when the file has no examples."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     problems = Problems(str(path))
-    rows = list(_rows(path, problems))
     out = []
-    for where, row in rows:
-        item = _parse(row, where, problems)
+    for where, row in _rows(path, problems):
+        item = parse(row, where, problems)
         if item is not None:
             item.where = f"{path}:{where}"
             out.append(item)
-    problems.raise_if_any("classification data")
+    problems.raise_if_any(what)
     if not out:
         raise DataError(f"{path}: no examples")
     return out
@@ -82,32 +94,42 @@ def _parse(row: Any, where: str, problems: Problems) -> LabeledText | None:
             problems.add(where, f"{key!r} is {what}")
             bad = True
     label = row.get("label")
-    # bool is an int subclass, and a JSON true is surely a mistake for a class label.
-    if isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, int) and label < 0):
-        what = "missing" if label is None else f"{label!r} (must be a string or an integer >= 0)"
-        problems.add(where, f"'label' is {what}")
+    wrong = label_problem(label)
+    if wrong:
+        problems.add(where, f"'label' is {wrong}")
         bad = True
     if bad:
         return None
     return LabeledText(row["text"], str(label), row.get("text_pair"), is_int=isinstance(label, int))
 
 
-def label_order(train: list[LabeledText], fixed: list[str] | None) -> list[str]:
-    """The labels by index; see the module docstring for the rule."""
+def label_problem(label: Any) -> str | None:
+    """What is wrong with ``label`` as a class label (a string or an integer >= 0), or None."""
+    # bool is an int subclass, and a JSON true is surely a mistake for a class label.
+    if isinstance(label, bool) or not isinstance(label, (str, int)) or (isinstance(label, int) and label < 0):
+        return "missing" if label is None else f"{label!r} (must be a string or an integer >= 0)"
+    return None
+
+
+def label_order(train: list, fixed: list[str] | None) -> list[str]:
+    """The labels by index; see the module docstring for the rule. ``train``: items with
+    ``labels`` (their labels as strings) and ``is_int`` (all of them integers in the data)."""
     if fixed:
         if len(set(fixed)) != len(fixed):
             raise DataError(f"--labels lists a label twice: {fixed}")
         return list(fixed)
     if all(item.is_int for item in train):
-        return [str(i) for i in range(max(int(item.label) for item in train) + 1)]
-    return list(dict.fromkeys(item.label for item in train))
+        return [str(i) for i in range(max(int(label) for item in train for label in item.labels) + 1)]
+    return list(dict.fromkeys(label for item in train for label in item.labels))
 
 
-def check_labels(items: list[LabeledText], labels: list[str], what: str) -> None:
-    """DataError naming the file and line of each label that ``labels`` lacks."""
+def check_labels(items: list, labels: list[str], what: str) -> None:
+    """DataError naming the file and line of each label of ``items`` (see `label_order`) that
+    ``labels`` lacks."""
     known = set(labels)
     problems = Problems("")
     for item in items:
-        if item.label not in known:
-            problems.add(item.where, f"label {item.label!r} is not one of the run's labels {labels}")
+        for label in dict.fromkeys(item.labels):  # a tag repeated on a line is reported once
+            if label not in known:
+                problems.add(item.where, f"label {label!r} is not one of the run's labels {labels}")
     problems.raise_if_any(what)

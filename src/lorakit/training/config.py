@@ -83,15 +83,28 @@ class TrainConfig(_VariantOptions, _LoraOptions):
 
     data: str | None = None
     model: str = "smollm2-135m"
-    # what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification)
+    # what is learned: causal-lm (next-token fine-tuning) | classify (sequence classification) |
+    # token-classify (a tag per word) | reward (a reward model on preference pairs) | dpo (preference
+    # optimisation of the causal LM)
     task: str = "causal-lm"
-    # classify: the labels in index order (comma-separated); unset: taken from the training data
+    # classify / token-classify: the labels (tags) in index order (comma-separated); unset: taken from
+    # the training data
     labels: list[str] | None = None
     # what trains: lora (this adapter, any variant) | full | bitfit | bitfit-added | frozen | houlsby |
     # prompt-tuning | prefix-tuning | ia3 (the last three run by PEFT); see lorakit.methods
     method: str = "lora"
     # the method's own options, e.g. {"num_virtual_tokens": 20} (prompt tuning), {"bottleneck": 64} (houlsby)
     method_options: dict[str, Any] | None = None
+    # reward: TRL's center_rewards_coefficient, the weight of mean((r_chosen + r_rejected)^2)
+    center_rewards: float | None = None
+    # dpo: how far the policy may move from the reference (beta), the loss, and label smoothing (sigmoid)
+    beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # dpo: a frozen adapter as the reference (the policy: it plus the trained adapter); unset: the base
+    ref_adapter: str | None = None
+    # dpo: the reference's log-probabilities computed once before training, not in every step
+    precompute_ref: bool = False
     valid_data: str | None = None
     valid_ratio: float = 0.0
     output_dir: str = "runs/lorakit"
@@ -214,7 +227,8 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                 VARIANTS[name].check_training_options(options, lora)
 
     def _check_task(self) -> None:
-        from ..tasks import task_names
+        from ..tasks import TASKS, task_names
+        from ..tasks.options import check_preference_options
 
         if self.task not in task_names():
             raise ConfigError(f"task must be one of {' | '.join(task_names())}, got {self.task!r}")
@@ -224,8 +238,11 @@ class TrainConfig(_VariantOptions, _LoraOptions):
             if not isinstance(self.labels, (list, tuple)) or not self.labels:
                 raise ConfigError(f"labels must be a non-empty list of label names, got {self.labels!r}")
             self.labels = [str(label) for label in self.labels]
-            if self.task != "classify":
-                raise ConfigError(f"labels name a classifier's classes; they do not apply to task={self.task}")
+            if not TASKS[self.task].uses_labels:
+                raise ConfigError(
+                    f"labels name a classifier's classes; they do not apply to task={self.task}: drop --labels"
+                )
+        check_preference_options(self)
 
     def _check_method(self) -> None:
         from ..methods import check_method
@@ -241,6 +258,11 @@ class TrainConfig(_VariantOptions, _LoraOptions):
         if not isinstance(self.method, str):
             raise ConfigError(f"method must be a string, got {self.method!r}")
         check_method(self.method, self.method_options)
+        if self.task == "dpo" and self.method != "lora":
+            raise ConfigError(
+                f"task dpo measures the policy against its reference, the model with the adapter off (or "
+                f"--ref-adapter), so it trains a LoRA adapter: method {self.method} does not apply (use method lora)"
+            )
 
     def _check_quantization(self) -> None:
         from .optim import OPTIMIZERS

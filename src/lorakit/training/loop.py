@@ -363,6 +363,7 @@ def run_loop(
             for hook in hooks:
                 hook.after_step(position.step)
             step_loss = step_loss.item()  # after the optimizer's kernels are queued
+            task_metrics = task.step_metrics(accelerator)  # every step: it also resets the task's count
             position.step, position.epoch, position.batch = position.step + 1, epoch, batch_in_epoch
             step_start_rng = None
             bar.update(1)
@@ -370,7 +371,14 @@ def run_loop(
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
             if metrics and (position.step % cfg.log_every == 0 or position.step == n_steps):
                 metrics.add(
-                    {"step": position.step, "epoch": position.epoch, "loss": step_loss, "lr": lr, "tokens_per_s": rate}
+                    {
+                        "step": position.step,
+                        "epoch": position.epoch,
+                        "loss": step_loss,
+                        **task_metrics,
+                        "lr": lr,
+                        "tokens_per_s": rate,
+                    }
                 )
             guard.release()  # after the step's metrics line, which a resumed run does not write again
             if cfg.eval_every and position.step % cfg.eval_every == 0 and position.step < n_steps and eval_examples:

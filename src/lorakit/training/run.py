@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..control import set_fast_path
+from ..control import adapters, set_adapter, set_fast_path
 from ..errors import ConfigError
+from ..inject import delete_adapter
 from ..methods import make_method
 from ..models.device import parse_device, require_device, resolve_device
 from ..report import summary, trainable_parameters
 from ..safe_files.atomic import write_text_atomically
+from ..state import active_adapters
 from ..tasks.base import PreparedData
 from .config import TrainConfig
 from .launch import TRACKING_DIR, make_accelerator, process_device, with_launch_precision
@@ -89,8 +91,8 @@ def train(
     on_data: Callable[[Any], None] | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter as ``config`` says (``task="causal-lm"``, the default, or ``"classify"``;
-    see `lorakit.tasks`) (a TrainConfig, a dict, or a YAML/JSON path;
+    """Fine-tune a LoRA adapter as ``config`` says (``task="causal-lm"``, the default, ``"classify"``,
+    ``"token-classify"``, ``"reward"`` or ``"dpo"``; see `lorakit.tasks`) (a TrainConfig, a dict, or a YAML/JSON path;
     keyword ``overrides`` such as ``model="smollm2-135m"`` or ``lr=1e-4`` win).
 
     Pass ``loaded=(model, tokenizer)`` to train an already loaded model instead of loading
@@ -140,8 +142,14 @@ def train(
                 **cfg.quantize_kwargs(),
                 **task.load_kwargs(),
             )
-    task.prepare_model(model, tokenizer)
-    data = task.prepare_data(tokenizer)
+    before = _adapter_state(model)
+    try:
+        task.prepare_model(model, tokenizer)  # may load adapters (DPO's reference adapter)
+        data = task.prepare_data(tokenizer)
+    except Exception:
+        if loaded is not None:
+            _restore_adapter_state(model, before)
+        raise
     if data is None:  # the task reads its data as causal-LM training does
         data = prepare_data(cfg, tokenizer)
     log.info("training data: %s", data.stats.summary())
@@ -155,9 +163,9 @@ def train(
             cfg.max_length,
         )
     # The adapter before any file: a target that matches nothing must not leave an output directory.
-    before = method.snapshot(model)
-    trained = method.prepare(model, task, cfg)  # the model, or the wrapper that trains (PEFT's)
+    prepared = method.snapshot(model)
     try:
+        trained = method.prepare(model, task, cfg)  # the model, or the wrapper that trains (PEFT's)
         set_fast_path(model, cfg.fast_path)
         log.info("method %s: %s", cfg.method, summary(trained))
         out_dir = Path(cfg.output_dir)
@@ -182,7 +190,8 @@ def train(
         )
     except Exception:
         if loaded is not None:  # the caller's model goes back as it came, without the half-trained adapter
-            method.restore(model, before)
+            method.restore(model, prepared)
+            _restore_adapter_state(model, before)
         raise
     adapter_dir, saved = out_dir / "adapter", None
     n_trainable, n_total = trainable_parameters(trained)
@@ -234,7 +243,7 @@ EARLIER_OUTPUTS = (
     "eval_predictions.jsonl",
     "loss.png",
     "memory.json",
-    "labels.json",  # a classifier's label order (lorakit.tasks.classify)
+    "labels.json",  # a classifier's or tagger's label order (lorakit.tasks.classify, token_classify)
     "model",  # full fine-tuning's model (lorakit.methods)
     "trained",  # BitFit's and the bottleneck adapter's trained tensors
     TRACKING_DIR,
@@ -289,6 +298,23 @@ def check_mixed_precision(mixed_precision: str, device_type: str) -> None:
 def _device_type(model) -> str:
     parameter = next(model.parameters(), None)
     return parameter.device.type if parameter is not None else "cpu"
+
+
+def _adapter_state(model) -> tuple[dict, list[str], list[str]]:
+    """What a run changes in a caller's model besides adding adapters: which parameters train,
+    which adapters are active; and which adapters it had."""
+    return {p: p.requires_grad for p in model.parameters()}, active_adapters(model), adapters(model)
+
+
+def _restore_adapter_state(model, state: tuple[dict, list[str], list[str]]) -> None:
+    trains, active, had = state
+    for name in adapters(model):
+        if name not in had:  # the run's adapter, and a task's (DPO's reference adapter)
+            delete_adapter(model, name)
+    for param, flag in trains.items():
+        param.requires_grad_(flag)
+    if active:
+        set_adapter(model, active)
 
 
 def _write_config(cfg: TrainConfig, path: Path) -> None:

@@ -1,0 +1,36 @@
+"""What a preference task reports about its pairs: rewards of chosen and rejected, accuracy, margin.
+
+The sums run over a step's micro-batches (or an evaluation's batches) on the device, read once at
+the end, so that the loop's host never waits for the GPU per micro-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PairSums:
+    """Running sums over pairs of (reward chosen, reward rejected, chosen ahead, margin, pairs)."""
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+
+    def add(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        """Count a batch's rewards, (B,) each."""
+        c, r = chosen.detach().float(), rejected.detach().float()
+        row = torch.stack([c.sum(), r.sum(), (c > r).float().sum(), (c - r).sum(), c.new_tensor(float(c.numel()))])
+        self.sums = row if self.sums is None else self.sums + row
+
+    def pop(self, accelerator=None) -> dict[str, float]:
+        """Means since the last pop, summed over DDP processes: ``chosen``, ``rejected``, ``accuracy``
+        (share of pairs whose chosen reward is strictly higher, TRL's rule), ``margin``; {} for none."""
+        sums, self.sums = self.sums, None
+        if accelerator is not None and accelerator.num_processes > 1:
+            # Every process calls pop each step (the loop's step_metrics), so the collective matches.
+            sums = accelerator.reduce(sums if sums is not None else torch.zeros(5, device=accelerator.device), "sum")
+        if sums is None:
+            return {}
+        chosen, rejected, ahead, margin, n = sums.tolist()
+        if not n:
+            return {}
+        return {"chosen": chosen / n, "rejected": rejected / n, "accuracy": ahead / n, "margin": margin / n}
