@@ -18,6 +18,7 @@ from lorakit.experiments.folder import open_folder
 from lorakit.experiments.presets import PRESETS, resolve_targets
 from lorakit.targets import find_targets
 from lorakit.training import run as run_module
+from lorakit.training.config import TrainConfig
 from lorakit.training.evaluate import eval_loss
 
 from .serve_double import echo_tokenizer
@@ -238,6 +239,8 @@ def test_the_frozen_model_only_evaluates_and_bitfit_refuses_a_model_without_bias
         lorakit.train(loaded=(model, None), output_dir=str(tmp_path / "bitfit"), method="bitfit", **options)
     with pytest.raises(ConfigError, match="trains nothing and only evaluates: give validation data"):
         lorakit.train(loaded=(model, None), data="x", output_dir=str(tmp_path / "f2"), method="frozen")
+    with pytest.raises(ConfigError, match="task dpo measures the policy against its reference.*method full does"):
+        TrainConfig(task="dpo", method="full")
 
 
 # -- sweeps on the tiny model ------------------------------------------------------------------------
