@@ -39,7 +39,7 @@ TOP_KEYS = {
     "trials": "search trials in all (--search N)",
     "search_seed": "the search sampler's seed (the same seed and history suggest the same points)",
     "seeds": "repeats of each point, seeds base.seed, base.seed+1, ... (--seeds K)",
-    "metric": "what ranks the runs: exact_match, accuracy, macro_f1, eval_loss, perplexity, train_loss, ...",
+    "metric": "what ranks the runs: exact_match, accuracy, macro_f1, token_accuracy, eval_loss, train_loss, ...",
     "direction": "maximize or minimize the metric (default: from the metric's name)",
     "storage": "Optuna storage URL shared by processes and machines (default: sqlite in the sweep folder)",
     "output_dir": "the sweep folder (--out)",
@@ -52,16 +52,29 @@ MANAGED = {
     "resume": "the sweep resumes half runs by itself",
     "overwrite": "the sweep never overwrites a finished run; a different sweep needs another folder",
 }
+# The metrics lorakit's tasks report (lorakit.tasks), and which way is better.
 METRICS = {
     "exact_match": "maximize",
-    "accuracy": "maximize",
+    "accuracy": "maximize",  # classify; reward: how often the chosen answer scores higher
     "macro_f1": "maximize",
-    "reward_accuracy": "maximize",
+    "token_accuracy": "maximize",
+    "entity_f1": "maximize",
+    "entity_precision": "maximize",
+    "entity_recall": "maximize",
+    "margin": "maximize",
+    "rewards/accuracies": "maximize",  # dpo, in TRL's names
+    "rewards/margins": "maximize",
     "eval_loss": "minimize",
     "perplexity": "minimize",
     "train_loss": "minimize",
 }
-DEFAULT_METRIC = {"causal-lm": "exact_match", "classify": "accuracy"}
+DEFAULT_METRIC = {
+    "causal-lm": "exact_match",
+    "classify": "accuracy",
+    "token-classify": "token_accuracy",
+    "reward": "accuracy",
+    "dpo": "rewards/accuracies",
+}
 SPACE_KEYS = {"choices", "low", "high", "log", "step"}
 
 

@@ -12,7 +12,16 @@ from ..safe_files.atomic import write_text_atomically
 from .config import SweepConfig
 from .results import Point, ResultsTable
 
-FRACTIONS = {"exact_match", "accuracy", "macro_f1", "reward_accuracy"}
+FRACTIONS = {
+    "exact_match",
+    "accuracy",
+    "macro_f1",
+    "token_accuracy",
+    "entity_f1",
+    "entity_precision",
+    "entity_recall",
+    "rewards/accuracies",
+}
 PLOT_TITLES = {
     "metric_vs_rank": "Metric vs rank",
     "time_vs_rank": "Time vs rank",
