@@ -12,6 +12,7 @@ import lorakit
 from lorakit import ConfigError, LoraConfig
 from lorakit.cli.main import build_parser
 from lorakit.cli.options import GROUPS, train_overrides
+from lorakit.methods import lora as lora_method
 from lorakit.training import run as run_module
 from lorakit.training.config import NOT_OPTIONS, VARIANT_OPTIONS, TrainConfig
 from lorakit.variants.adalora import AdaLoraSchedule
@@ -146,9 +147,9 @@ def test_flags_reach_the_adapter_the_trainer_adds(tmp_path, monkeypatch):
         ),
     )
     added = []
-    real_add_adapter = run_module.add_adapter
+    real_add_adapter = lora_method.add_adapter  # train() adds the adapter through its method (lorakit.methods)
     monkeypatch.setattr(
-        run_module, "add_adapter", lambda model, config: added.append(config) or real_add_adapter(model, config)
+        lora_method, "add_adapter", lambda model, config: added.append(config) or real_add_adapter(model, config)
     )
     argv = [
         "--data",

@@ -12,7 +12,8 @@ model's rewards for texts), DyLoRA's truncate,
 adapter arithmetic (combine, compress; see docs/arithmetic.md), set_fast_path (fused layers on by
 default; False forces the reference forward) and hotswap_adapter (new weights into an existing
 adapter's tensors, so a compiled model does not recompile), quantize / dequantize (a model's
-linear layers to bitsandbytes 4-bit or 8-bit and back: QLoRA).
+linear layers to bitsandbytes 4-bit or 8-bit and back: QLoRA), and sweep (experiments: a grid or
+Optuna search over training options, measured, tabled, plotted and reported; lorakit.experiments).
 """
 
 from .arithmetic import combine, compress
@@ -60,6 +61,10 @@ def __getattr__(name: str):
         from .tasks.scoring import score
 
         return score
+    if name == "sweep":  # lorakit.experiments: Optuna, matplotlib and training behind it
+        from .experiments import sweep
+
+        return sweep
     if name == "loraplus_optimizer":
         from .training.optim import loraplus_optimizer
 
@@ -97,6 +102,7 @@ __all__ = [
     "score",
     "truncate",
     "loraplus_optimizer",
+    "sweep",
     "set_fast_path",
     "hotswap_adapter",
     "combine",

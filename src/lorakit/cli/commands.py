@@ -77,7 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(note)
     if result.memory is not None:
         print(f"memory after the first step:\n{result.memory}")
-    print(f"adapter:  {result.adapter_dir}")
+    if getattr(result, "method", "lora") == "lora":
+        print(f"adapter:  {result.adapter_dir}")
+    else:  # lorakit.methods: full fine-tuning's model/, BitFit's trained/, PEFT's adapter/, or nothing
+        print(f"saved:    {result.saved or f'nothing (method {result.method} trains nothing)'}")
     print(f"metrics:  {result.output_dir / 'metrics.jsonl'}")
     print(f"plot:     {result.output_dir / 'loss.png'}")
     if result.memory is not None:

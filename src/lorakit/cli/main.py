@@ -1,4 +1,5 @@
-"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; score; serve.
+"""`lorakit` command line: demo, train, eval, generate, chat; combine, export, compress, inspect; score; serve;
+sweep.
 
 Every command prints what it did and where its outputs are; errors the user can fix are printed
 as one line (``error: ...``) with exit status 2, without a traceback.
@@ -16,6 +17,7 @@ from .arith_commands import add_arith_parsers
 from .options import add_train_options
 from .score_command import add_score_parser
 from .serve_command import add_serve_parser
+from .sweep_command import add_sweep_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arith_parsers(sub)
     add_score_parser(sub)
     add_serve_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 
@@ -122,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "merge":  # the old name of combine (argparse keeps the alias it was called by)
         print("note: `lorakit merge` is now `lorakit combine` (the old name still works)", file=sys.stderr)
         args.command = "combine"
-    from . import arith_commands, commands, score_command, serve_command
+    from . import arith_commands, commands, score_command, serve_command, sweep_command
 
-    modules = (commands, arith_commands, score_command, serve_command)
+    modules = (commands, arith_commands, score_command, serve_command, sweep_command)
     handler = next(getattr(m, f"cmd_{args.command}") for m in modules if hasattr(m, f"cmd_{args.command}"))
     try:
         return handler(args) or 0

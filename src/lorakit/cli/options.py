@@ -37,6 +37,11 @@ HELP = {
     "adapter then works on top of it (default: the base model, adapters off)",
     "precompute_ref": "dpo: compute the reference's log-probabilities once before training instead of in every "
     "step (one forward less per step)",
+    "method": "what trains: lora (the LoRA adapter, any --variant) | full (every weight) | bitfit (biases only) | "
+    "bitfit-added (zero biases added to the target modules, for bias-free models) | frozen (evaluate the base only) | "
+    "houlsby (bottleneck adapters) | prompt-tuning | prefix-tuning | ia3 (these three run by PEFT)",
+    "method_options": "the method's own options as JSON, e.g. '{\"num_virtual_tokens\": 20}' (prompt-tuning, "
+    "prefix-tuning), '{\"bottleneck\": 64}' (houlsby)",
     "model": "base model: built-in alias, local directory, .gguf file or hub id (offline: must be cached)",
     "r": "rank of the update",
     "alpha": "scaling numerator: s = alpha / r (alpha / sqrt(r) with --use-rslora)",
@@ -118,6 +123,7 @@ GROUPS = {
         "ref_adapter",
         "precompute_ref",
     ),
+    "method (what trains)": ("method", "method_options"),
     "LoRA adapter (LoraConfig)": LORA_OPTIONS,
     **{
         f"{VARIANTS[name].title} options (--variant {name})": tuple(keys.values())

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..io import save_adapter
+from ..state import adapter_configs
 from .optim import optimizer_kind
 
 STATE_FILE = "training_state.pt"
@@ -75,7 +76,9 @@ def save_checkpoint(
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp / "adapter", adapter_name)
+    tmp.mkdir(parents=True)
+    if adapter_name in adapter_configs(model):  # a LoRA run's adapter, usable on its own; other methods have none
+        save_adapter(model, tmp / "adapter", adapter_name)
     torch.save(
         {
             "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},

@@ -90,6 +90,11 @@ class TrainConfig(_VariantOptions, _LoraOptions):
     # classify / token-classify: the labels (tags) in index order (comma-separated); unset: taken from
     # the training data
     labels: list[str] | None = None
+    # what trains: lora (this adapter, any variant) | full | bitfit | bitfit-added | frozen | houlsby |
+    # prompt-tuning | prefix-tuning | ia3 (the last three run by PEFT); see lorakit.methods
+    method: str = "lora"
+    # the method's own options, e.g. {"num_virtual_tokens": 20} (prompt tuning), {"bottleneck": 64} (houlsby)
+    method_options: dict[str, Any] | None = None
     # reward: TRL's center_rewards_coefficient, the weight of mean((r_chosen + r_rejected)^2)
     center_rewards: float | None = None
     # dpo: how far the policy may move from the reference (beta), the loss, and label smoothing (sigmoid)
@@ -192,6 +197,7 @@ class TrainConfig(_VariantOptions, _LoraOptions):
             )
         self.data_columns = _columns_option(self.data_columns)
         self._check_task()
+        self._check_method()
         if (self.early_stopping_patience or self.save_best) and not self.eval_every:
             what = "early_stopping_patience" if self.early_stopping_patience else "save_best"
             raise ConfigError(
@@ -237,6 +243,26 @@ class TrainConfig(_VariantOptions, _LoraOptions):
                     f"labels name a classifier's classes; they do not apply to task={self.task}: drop --labels"
                 )
         check_preference_options(self)
+
+    def _check_method(self) -> None:
+        from ..methods import check_method
+
+        if isinstance(self.method_options, str):  # the command line's JSON object
+            try:
+                self.method_options = json.loads(self.method_options) if self.method_options.strip() else None
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    f"method_options must be a JSON object such as '{{\"num_virtual_tokens\": 20}}', got "
+                    f"{self.method_options!r} ({exc.msg} at {_position(exc)})"
+                ) from None
+        if not isinstance(self.method, str):
+            raise ConfigError(f"method must be a string, got {self.method!r}")
+        check_method(self.method, self.method_options)
+        if self.task == "dpo" and self.method != "lora":
+            raise ConfigError(
+                f"task dpo measures the policy against its reference, the model with the adapter off (or "
+                f"--ref-adapter), so it trains a LoRA adapter: method {self.method} does not apply (use method lora)"
+            )
 
     def _check_quantization(self) -> None:
         from .optim import OPTIMIZERS

@@ -447,6 +447,37 @@ def run_loop(
     )
 
 
+def evaluate_only(
+    model: nn.Module,
+    tokenizer,
+    cfg: TrainConfig,
+    train_examples: list[dict],
+    collate: Callable,
+    out_dir: Path,
+    eval_examples: list[dict] | None = None,
+    eval_pairs: list[tuple[str, str]] | None = None,
+    accelerator=None,
+    progress: bool = True,
+    task=None,
+) -> LoopResult:
+    """`run_loop`'s result for a method that trains nothing (the frozen model): one evaluation at
+    step 0, logged to metrics.jsonl as a trained run's evaluations are."""
+    accelerator = accelerator or make_accelerator(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", None) if accelerator.is_main_process else None
+    model.to(accelerator.device)
+    last_eval = _evaluate_and_log(
+        accelerator, model, tokenizer, cfg, collate, eval_examples, eval_pairs, metrics, 0, progress, task
+    )
+    return LoopResult(
+        steps=0,
+        interrupted=False,
+        records=metrics.records if metrics else [],
+        last_eval=last_eval,
+        main_process=accelerator.is_main_process,
+    )
+
+
 def _final_memory(first_step: MemoryReport, accelerator, out_dir: Path) -> MemoryReport:
     """The first step's tensors with the run's measured peak, logged and written to memory.json."""
     import dataclasses

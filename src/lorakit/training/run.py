@@ -2,7 +2,9 @@
 
 Outputs in ``output_dir``: ``adapter/`` (PEFT layout), ``train_config.yaml`` (the run's full
 config), ``metrics.jsonl``, ``loss.png``, ``checkpoints/step-N/``, ``result.json`` and, when the
-validation data has references, ``eval_predictions.jsonl``. An ``output_dir`` with files in it
+validation data has references, ``eval_predictions.jsonl``. What trains is the run's ``method``
+(`lorakit.methods`: LoRA by default; full fine-tuning writes ``model/``, BitFit and the bottleneck
+adapter ``trained/``, the frozen model nothing but its metrics). An ``output_dir`` with files in it
 (an earlier run) is refused unless ``resume`` (continue it) or ``overwrite`` (replace it) is set.
 """
 
@@ -18,16 +20,16 @@ from typing import Any
 
 from ..control import adapters, set_adapter, set_fast_path
 from ..errors import ConfigError
-from ..inject import add_adapter, delete_adapter
-from ..io import save_adapter
+from ..inject import delete_adapter
+from ..methods import make_method
 from ..models.device import parse_device, require_device, resolve_device
-from ..report import summary
+from ..report import summary, trainable_parameters
 from ..safe_files.atomic import write_text_atomically
 from ..state import active_adapters
 from ..tasks.base import PreparedData
 from .config import TrainConfig
 from .launch import TRACKING_DIR, make_accelerator, process_device, with_launch_precision
-from .loop import run_loop
+from .loop import evaluate_only, run_loop
 
 log = logging.getLogger("lorakit.training")
 
@@ -46,6 +48,10 @@ class TrainResult:
     best_step: int | None = None  # with save_best: the step whose adapter adapter_dir holds
     stopped_early: bool = False
     memory: Any = None  # with memory_report: a MemoryReport (tensors after the first step, measured peak)
+    method: str = "lora"
+    saved: Path | None = None  # what the method wrote (adapter/, model/, trained/; None: nothing)
+    trainable_params: int = 0
+    total_params: int = 0
 
 
 # The split of a DatasetDict given as valid_data without valid_split: the first of these it has.
@@ -106,6 +112,12 @@ def train(
     if (cfg.early_stopping_patience or cfg.save_best) and not (cfg.valid_data or cfg.valid_ratio):
         what = "early_stopping_patience" if cfg.early_stopping_patience else "save_best"
         raise ConfigError(f"{what} compares evaluations: give validation data (--valid-data or --valid-ratio)")
+    method = make_method(cfg.method)
+    if not method.trains and not (cfg.valid_data or cfg.valid_ratio):
+        raise ConfigError(
+            f"method {cfg.method} trains nothing and only evaluates: "
+            "give validation data (--valid-data or --valid-ratio)"
+        )
     device = parse_device(resolve_device(cfg.device))
     require_device(str(device))  # a clear error before accelerate meets a missing GPU
     model_device = _device_type(loaded[0]) if loaded is not None else device.type
@@ -151,11 +163,11 @@ def train(
             cfg.max_length,
         )
     # The adapter before any file: a target that matches nothing must not leave an output directory.
+    prepared = method.snapshot(model)
     try:
-        add_adapter(model, task.lora_config(model, cfg.lora_config()))
-        task.activate(model, "default")
+        trained = method.prepare(model, task, cfg)  # the model, or the wrapper that trains (PEFT's)
         set_fast_path(model, cfg.fast_path)
-        log.info("%s", summary(model))
+        log.info("method %s: %s", cfg.method, summary(trained))
         out_dir = Path(cfg.output_dir)
         accelerator.wait_for_everyone()  # under DDP: every process checked output_dir before one writes
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +175,8 @@ def train(
             if cfg.overwrite:
                 _remove_earlier_outputs(out_dir)
             _write_config(cfg, out_dir / "train_config.yaml")
-        loop = run_loop(
-            model,
+        loop = (run_loop if method.trains else evaluate_only)(
+            trained,
             tokenizer,
             cfg,
             data.train,
@@ -178,11 +190,13 @@ def train(
         )
     except Exception:
         if loaded is not None:  # the caller's model goes back as it came, without the half-trained adapter
+            method.restore(model, prepared)
             _restore_adapter_state(model, before)
         raise
-    adapter_dir = out_dir / "adapter"
+    adapter_dir, saved = out_dir / "adapter", None
+    n_trainable, n_total = trainable_parameters(trained)
     if not loop.interrupted and loop.main_process:  # under DDP one process writes, not all at once
-        save_adapter(model, adapter_dir)
+        saved = method.save(trained, out_dir, tokenizer)
         task.save(out_dir)
         final = {k: v for k, v in (loop.last_eval or {}).items() if k != "predictions"}
         predictions = (loop.last_eval or {}).get("predictions")
@@ -191,6 +205,7 @@ def train(
                 out_dir / "eval_predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions)
             )
         result = {"steps": loop.steps, "final_eval": final}
+        result.update(method=cfg.method, trainable_params=n_trainable, total_params=n_total)
         if cfg.early_stopping_patience:
             result["stopped_early"] = loop.stopped_early
         if cfg.save_best or cfg.early_stopping_patience:
@@ -211,6 +226,10 @@ def train(
         loop.best_step if cfg.save_best else None,
         loop.stopped_early,
         loop.memory,
+        cfg.method,
+        saved,
+        n_trainable,
+        n_total,
     )
 
 
@@ -225,6 +244,8 @@ EARLIER_OUTPUTS = (
     "loss.png",
     "memory.json",
     "labels.json",  # a classifier's or tagger's label order (lorakit.tasks.classify, token_classify)
+    "model",  # full fine-tuning's model (lorakit.methods)
+    "trained",  # BitFit's and the bottleneck adapter's trained tensors
     TRACKING_DIR,
 )
 
@@ -246,7 +267,8 @@ def check_output_dir(cfg: TrainConfig) -> None:
             f"output_dir {out} is not empty (an earlier run?): continue that run with --resume, "
             "replace it with --overwrite, or choose another --output-dir"
         )
-    if latest_checkpoint(out / "checkpoints") is None and (out / "adapter").exists():
+    saved = ("adapter", "model", "trained")  # what a finished run's method wrote (lorakit.methods)
+    if latest_checkpoint(out / "checkpoints") is None and any((out / name).exists() for name in saved):
         raise ConfigError(
             f"--resume: the run in {out} is finished and left no checkpoint to continue from: "
             "replace it with --overwrite, or choose another --output-dir"
