@@ -30,6 +30,7 @@ from ..tasks.base import PreparedData
 from .config import TrainConfig
 from .launch import TRACKING_DIR, make_accelerator, process_device, with_launch_precision
 from .loop import evaluate_only, run_loop
+from .sharded import check_sharding, make_parameters_whole
 
 log = logging.getLogger("lorakit.training")
 
@@ -126,6 +127,7 @@ def train(
 
     task = make_task(cfg)  # a classifier reads its data here: the label count shapes the model
     accelerator = make_accelerator(cfg)  # writes nothing; under a launch it knows this process's GPU
+    check_sharding(cfg, accelerator)
     if loaded is not None:
         model, tokenizer = loaded
     else:
@@ -194,6 +196,8 @@ def train(
             _restore_adapter_state(model, before)
         raise
     adapter_dir, saved = out_dir / "adapter", None
+    if not loop.interrupted:
+        make_parameters_whole(trained)  # FSDP2: every process joins the gathering, the main one then writes
     n_trainable, n_total = trainable_parameters(trained)
     if not loop.interrupted and loop.main_process:  # under DDP one process writes, not all at once
         saved = method.save(trained, out_dir, tokenizer)
