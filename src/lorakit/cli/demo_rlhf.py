@@ -54,7 +54,7 @@ def run_rlhf_demo(
     from ..tasks.scoring import score
     from ..training import train
     from ..training.evaluate import evaluate
-    from .commands import load_with_adapters
+    from .adapter_loading import load_with_adapters
     from .demo import _check_demo_folder
 
     out = out or sys.stdout

@@ -218,10 +218,14 @@ def _runs_table(table: ResultsTable) -> list[str]:
 
 
 def _environment() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
-    from .. import __version__
-
+    try:
+        __version__ = version("lorakit")  # the installed distribution's (the package itself stands above this room)
+    except PackageNotFoundError:
+        __version__ = "unknown"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     return (
         f"Made {datetime.date.today().isoformat()} with lorakit {__version__}, torch {torch.__version__}, "
