@@ -8,7 +8,7 @@ answer is either the compact JSON the demo teaches or a prose sentence with the 
   answers in either form — what a model fine-tuned on mixed human demonstrations does.
 * **Preference pairs** (`preference_rows`, TRL's ``{"prompt", "chosen", "rejected"}``): the chosen
   answer is always the right JSON; the rejected one is the same facts in prose (most pairs) or JSON
-  with one field wrong (from/to swapped, a seat count off by one, the name dropped), so that a
+  with one field wrong (from/to swapped, a seat count off by one, a made-up name), so that a
   reward model has to read the values, not only the first character.
 * **The judge** (`judge`): 1.0 for JSON whose fields all equal the request's, 0.5 for JSON with
   the right keys and a wrong value, 0.0 for anything else. `win_rate` compares two policies'
@@ -27,6 +27,10 @@ from .records import Record
 
 INSTRUCTION = "Note the booking details."
 P_PROSE_REJECTED = 0.7  # the rest of the rejected answers are JSON with one wrong field
+# Names in no pool of the demo task: a rejected answer's made-up name (for a request that gives one
+# or none). With ``null`` as the wrong name instead, DPO learned that a null name is bad and made
+# names up for requests without one (docs/tasks.md, the RLHF demo).
+INVENTED_NAMES = ("Alex Morgan", "Casey Quinn", "Jordan Riley", "Avery Brooks")
 
 
 def prompt_for(message: str) -> str:
@@ -55,15 +59,16 @@ def prose_answer(fields: dict[str, Any], rng: random.Random) -> str:
 
 
 def wrong_json_answer(fields: dict[str, Any], rng: random.Random) -> str:
-    """JSON with the right keys and exactly one wrong value."""
+    """JSON with the right keys and exactly one wrong value: from/to swapped, the seat count off by
+    one, or a made-up name (in place of the request's, or where it gives none)."""
     wrong = dict(fields)
-    flaw = rng.choice(["swap", "seats", "name"] if fields["name"] else ["swap", "seats"])
+    flaw = rng.choice(["swap", "seats", "name"])
     if flaw == "swap":
         wrong["from"], wrong["to"] = fields["to"], fields["from"]
     elif flaw == "seats":
         wrong["seats"] = fields["seats"] + rng.choice([-1, 1]) if fields["seats"] > 1 else 2
     else:
-        wrong["name"] = None
+        wrong["name"] = rng.choice([n for n in INVENTED_NAMES if n != fields["name"]])
     return json_answer(wrong)
 
 
