@@ -20,7 +20,6 @@ gives the held-out loss and the same four.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -32,10 +31,9 @@ from ..models.tokenizer import pad_or_eos_id
 from ..state import adapter_configs
 from .base import PreparedData, Task
 from .dpo_loss import dpo_losses, sequence_logps
-from .pair_metrics import PairSums
+from .pair_metrics import PairSums, evaluate_pairs
 from .preference_data import run_pairs, with_explicit_prompts
 from .preference_tokens import PreferenceCollator, encode_pairs
-from .sharding import gathered, my_batches
 
 log = logging.getLogger("lorakit.tasks.dpo")
 
@@ -146,27 +144,13 @@ class DPO(Task):
     def step_metrics(self, accelerator) -> dict[str, float]:
         return _trl_names(self.sums.pop(accelerator))
 
-    @torch.no_grad()
     def evaluate(self, model, tokenizer, examples, collate, pairs, cfg, device, accelerator, progress):
-        was_training = model.training
-        model.eval()
-        size = cfg.batch_size
-        parts = []  # (batch index, summed loss, PairSums' sums)
-        try:
-            for i in my_batches(math.ceil(len(examples) / size), accelerator):
-                batch = {k: v.to(device) for k, v in collate(examples[i * size : (i + 1) * size]).items()}
-                losses, chosen_ratio, rejected_ratio = self.pair_losses(model, batch)
-                sums = PairSums()
-                sums.add(cfg.beta * chosen_ratio, cfg.beta * rejected_ratio)
-                parts.append((i, float(losses.sum()), sums.sums.tolist()))
-        finally:
-            model.train(was_training)
-        parts = gathered(parts, accelerator)
-        total = torch.tensor([part[2] for part in parts]).sum(0) if parts else torch.zeros(5)
-        n = float(total[4])
-        sums = PairSums()
-        sums.sums = total
-        return {"loss": sum(part[1] for part in parts) / n if n else float("nan"), **_trl_names(sums.pop())}
+        def batch_stats(model, batch):
+            losses, chosen_ratio, rejected_ratio = self.pair_losses(model, batch)
+            return losses.sum(), cfg.beta * chosen_ratio, cfg.beta * rejected_ratio
+
+        loss, means = evaluate_pairs(model, examples, collate, cfg.batch_size, device, accelerator, batch_stats)
+        return {"loss": loss, **_trl_names(means)}
 
 
 def _trl_names(means: dict[str, float]) -> dict[str, float]:

@@ -6,7 +6,12 @@ the end, so that the loop's host never waits for the GPU per micro-batch.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
+
+from .sharding import gathered, my_batches
 
 
 class PairSums:
@@ -34,3 +39,30 @@ class PairSums:
         if not n:
             return {}
         return {"chosen": chosen / n, "rejected": rejected / n, "accuracy": ahead / n, "margin": margin / n}
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    model, examples: list[dict], collate, batch_size: int, device, accelerator, batch_stats: Callable
+) -> tuple[float, dict[str, float]]:
+    """(mean loss per pair, `PairSums.pop` means) of a preference task over ``examples``, in eval
+    mode (restored after), every process its share of the batches under DDP.
+    ``batch_stats(model, batch)`` gives (the batch's summed loss, rewards chosen (B,), rejected (B,))."""
+    was_training = model.training
+    model.eval()
+    parts = []  # (batch index, summed loss, PairSums' sums)
+    try:
+        for i in my_batches(math.ceil(len(examples) / batch_size), accelerator):
+            chunk = examples[i * batch_size : (i + 1) * batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            loss_sum, chosen, rejected = batch_stats(model, batch)
+            sums = PairSums()
+            sums.add(chosen, rejected)
+            parts.append((i, float(loss_sum), sums.sums.tolist()))
+    finally:
+        model.train(was_training)
+    parts = gathered(parts, accelerator)
+    total = PairSums()
+    total.sums = torch.tensor([part[2] for part in parts]).sum(0) if parts else None
+    n = float(total.sums[4]) if parts else 0.0
+    return (sum(part[1] for part in parts) / n if n else float("nan")), total.pop()

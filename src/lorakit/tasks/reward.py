@@ -18,8 +18,6 @@ held-out ``loss``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,10 +25,9 @@ from torch import nn
 from ..errors import ConfigError
 from .base import PreparedData, Task
 from .heads import set_pad_token, with_head_saved
-from .pair_metrics import PairSums
+from .pair_metrics import PairSums, evaluate_pairs
 from .preference_data import run_pairs
 from .preference_tokens import PreferenceCollator, encode_pairs
-from .sharding import gathered, my_batches
 
 
 def bradley_terry_loss(
@@ -92,27 +89,14 @@ class Reward(Task):
     def step_metrics(self, accelerator) -> dict[str, float]:
         return _trl_names(self.sums.pop(accelerator))
 
-    @torch.no_grad()
     def evaluate(self, model, tokenizer, examples, collate, pairs, cfg, device, accelerator, progress):
-        was_training = model.training
-        model.eval()
-        size = cfg.batch_size
-        parts = []  # (batch index, summed loss, PairSums' sums)
-        try:
-            for i in my_batches(math.ceil(len(examples) / size), accelerator):
-                batch = {k: v.to(device) for k, v in collate(examples[i * size : (i + 1) * size]).items()}
-                chosen, rejected = self.rewards(model, batch)
-                loss = bradley_terry_loss(chosen, rejected, batch["margin"], cfg.center_rewards)
-                sums = PairSums()
-                sums.add(chosen, rejected)
-                parts.append((i, float(loss) * len(chosen), sums.sums.tolist()))
-        finally:
-            model.train(was_training)
-        parts = gathered(parts, accelerator)
-        sums = PairSums()
-        sums.sums = torch.tensor([part[2] for part in parts]).sum(0) if parts else None
-        n = float(sums.sums[4]) if parts else 0.0
-        return {"loss": sum(part[1] for part in parts) / n if n else float("nan"), **_trl_names(sums.pop())}
+        def batch_stats(model, batch):
+            chosen, rejected = self.rewards(model, batch)
+            loss = bradley_terry_loss(chosen, rejected, batch["margin"], cfg.center_rewards)
+            return float(loss) * len(chosen), chosen, rejected
+
+        loss, means = evaluate_pairs(model, examples, collate, cfg.batch_size, device, accelerator, batch_stats)
+        return {"loss": loss, **_trl_names(means)}
 
 
 def _trl_names(means: dict[str, float]) -> dict[str, float]:
