@@ -11,6 +11,8 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
 - lorakit one adapter: one adapter active (the fused single-adapter path);
 - lorakit adapter_batch: 8 named adapters mixed with ``lorakit.adapter_batch``;
 - lorakit pool: 8 adapters in an ``AdapterPool``'s device slots (what ``lorakit serve`` runs);
+- lorakit pool, sorted: the same with SGMV always sorting the tokens by slot (no runs: the path
+  before segment SGMV, ``tuning.SEGMENT_TOKENS``);
 - PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument.
 Cases are interleaved step by step, so a machine whose speed drifts slows each alike; the table
 gives medians and the ratio to the base. Then the cold-adapter time: an adapter already in host
@@ -52,7 +54,15 @@ PRESETS = {
     ),
 }
 ADAPTERS = 8
-CASES = ["base", "lorakit-one", "lorakit-adapter_batch", "lorakit-pool", "peft-one", "peft-mixed"]
+CASES = [
+    "base",
+    "lorakit-one",
+    "lorakit-adapter_batch",
+    "lorakit-pool",
+    "lorakit-pool-sorted",
+    "peft-one",
+    "peft-mixed",
+]
 
 
 def build_base(preset: dict, device: str):
@@ -114,7 +124,9 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
                 return model(ids, use_cache=False)
 
         built["lorakit-one"], built["lorakit-adapter_batch"] = one, mixed
-    if "lorakit-pool" in cases:
+    if {"lorakit-pool", "lorakit-pool-sorted"} & set(cases):
+        from lorakit.kernels import tuning
+
         model = build_base(preset, device)
         pool = AdapterPool(model, max_loras=ADAPTERS, max_lora_rank=preset["rank"])
         for name, path in zip(names, dirs):
@@ -125,7 +137,14 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
             pool.set_rows([routes[i % ADAPTERS] for i in range(ids.shape[0])])
             return model(ids, use_cache=False)
 
-        built["lorakit-pool"] = pooled
+        def pooled_sorted(ids, pooled=pooled):
+            runs, tuning.SEGMENT_TOKENS = tuning.SEGMENT_TOKENS, float("inf")
+            try:
+                return pooled(ids)
+            finally:
+                tuning.SEGMENT_TOKENS = runs
+
+        built["lorakit-pool"], built["lorakit-pool-sorted"] = pooled, pooled_sorted
     if {"peft-one", "peft-mixed"} & set(cases):
         from peft import PeftModel
 

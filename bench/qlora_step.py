@@ -80,11 +80,12 @@ PRESETS = {
 CASES = {
     "lorakit-lora": "lorakit LoRA r16 all-linear, bf16 base (adapters in the base dtype)",
     "lorakit-qlora": "lorakit QLoRA NF4 r16 all-linear (adapters in the compute dtype)",
+    "lorakit-qlora-reference": "lorakit QLoRA NF4 r16 all-linear, fused 4-bit path off (bitsandbytes layer + adapter)",
     "lorakit-qlora-paged8bit": "lorakit QLoRA NF4 r16 all-linear, paged AdamW 8-bit",
     "peft-qlora": "PEFT QLoRA NF4 r16 all-linear, default (fp32 adapters)",
     "peft-qlora-bf16": "PEFT QLoRA NF4 r16 all-linear, adapters in the compute dtype",
 }
-DEFAULT_CASES = ["lorakit-lora", "lorakit-qlora", "peft-qlora", "peft-qlora-bf16"]
+DEFAULT_CASES = ["lorakit-lora", "lorakit-qlora", "lorakit-qlora-reference", "peft-qlora", "peft-qlora-bf16"]
 
 
 @dataclass
@@ -168,6 +169,11 @@ def prepare(case: str, model, compute_dtype: torch.dtype):
         # PEFT casts adapters to fp32 unless told not to.
         return peft.get_peft_model(model, config, autocast_adapter_dtype=not case.endswith("-bf16"))
     lorakit.add_adapter(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear"))
+    if case.endswith("-reference"):
+        from lorakit.state import lora_layers
+
+        for _, layer in lora_layers(model):
+            layer.fast_path = False
     return model
 
 

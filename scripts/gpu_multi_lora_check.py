@@ -30,7 +30,7 @@ def check_kernels() -> None:
     torch.manual_seed(0)
     S, r, d_in, d_out = 9, 16, 2048, 1024
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
-        for tokens, sorted_rows in ((64, False), (64, True), (700, False)):
+        for tokens, sorted_rows in ((64, False), (64, True), (700, False), (700, "runs")):
             A = torch.randn(S, r, d_in, device="cuda") * 0.05
             B = torch.randn(S, d_out, r, device="cuda") * 0.05
             A[0], B[0] = 0, 0
@@ -39,7 +39,9 @@ def check_kernels() -> None:
             bias = torch.randn(d_out, device="cuda")
             x, out = torch.randn(tokens, d_in, device="cuda"), torch.randn(tokens, d_out, device="cuda")
             slots = torch.randint(0, S, (tokens,))
-            if sorted_rows:
+            if sorted_rows == "runs":  # a prefill's rows: runs of 100 tokens of one slot
+                slots = torch.randint(0, S, (tokens // 100,)).repeat_interleave(100)
+            elif sorted_rows:
                 slots = slots.sort().values
             want = formula(out.to(dtype), x.to(dtype), slots, A.to(dtype), B.to(dtype), gm1, bias.to(dtype))
             plan = SlotPlan.build(slots, S, "cuda")
@@ -49,7 +51,8 @@ def check_kernels() -> None:
                 add_multi_lora(got, x.to(dtype), plan, A.to(dtype), B.to(dtype), gm1, bias.to(dtype))
                 err = ((got.double() - want).abs().max() / want.abs().max()).item()
                 status = "ok" if err < tol else "FAIL"
-                print(f"{status} {path:5s} {str(dtype):15s} tokens={tokens} sorted={sorted_rows} rel.err={err:.2e}")
+                layout = f"tokens={tokens} sorted={sorted_rows} runs={plan.segments is not None}"
+                print(f"{status} {path:5s} {str(dtype):15s} {layout} rel.err={err:.2e}")
                 if err >= tol:
                     raise SystemExit(1)
     tuning.BGMV_TOKENS, tuning.GROUPED_MM = 256, True

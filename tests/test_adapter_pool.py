@@ -10,6 +10,7 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import AdapterFileError, AdapterLoadError, AdapterNameError, ConfigError
+from lorakit.kernels import tuning
 from lorakit.layers import LoraLinear
 from lorakit.serve.adapter_pool import BASE_ROUTE, AdapterPool
 
@@ -86,8 +87,10 @@ def alone(directory, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_mixed_batch_rows_equal_single_adapter_runs(adapter_dirs, mode):
+@pytest.mark.parametrize("mode, sgmv", [("no_grad", "sorted"), ("inference_mode", "sorted"), ("no_grad", "runs")])
+def test_mixed_batch_rows_equal_single_adapter_runs(adapter_dirs, mode, sgmv, monkeypatch):
+    """Rows of the prefill by SGMV with the tokens sorted by slot, or multiplied in their runs."""
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 1 if sgmv == "runs" else float("inf"))
     model = tiny_llama()
     pool = AdapterPool(model, max_loras=4)
     for kind, path in adapter_dirs.items():

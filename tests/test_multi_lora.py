@@ -78,6 +78,35 @@ def test_grouped_and_per_slot_paths_agree_on_sorted_rows(monkeypatch):
     torch.testing.assert_close(grouped[:T], out[:T], rtol=0, atol=0)  # slot 0 rows untouched
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_runs_of_one_slot_are_multiplied_where_they_lie(dora, monkeypatch):
+    """Rows of a prefill (long runs of one slot, slot 0 among them, slots repeated apart): the
+    segment SGMV, the sorted SGMV and the formula agree."""
+    A, B, gm1 = random_stack(dora=dora)
+    bias = torch.randn(48)
+    row_slots, T = [2, 0, 2, 1, 4, 4, 3], 9
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 8)
+    plan = SlotPlan.for_rows(row_slots, T, 5, "cpu")
+    assert plan.span is None and plan.segments is not None
+    run_slots, run_ends = plan.segments
+    assert run_slots.tolist() == [2, 0, 2, 1, 4, 3] and run_ends.tolist() == [9, 18, 27, 36, 54, 63]
+    x, out = torch.randn(len(row_slots) * T, 64), torch.randn(len(row_slots) * T, 48)
+    slots = torch.tensor(row_slots).repeat_interleave(T)
+    want = formula(out, x, slots, A, B, gm1, bias)
+    got = add_multi_lora(out.clone(), x, plan, A, B, gm1, bias)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", float("inf"))
+    sorted_plan = SlotPlan.for_rows(row_slots, T, 5, "cpu")
+    assert sorted_plan.segments is None
+    torch.testing.assert_close(add_multi_lora(out.clone(), x, sorted_plan, A, B, gm1, bias), got, rtol=1e-5, atol=1e-5)
+
+
+def test_short_runs_are_sorted_by_slot():
+    plan = SlotPlan.for_rows([1, 2, 1, 3], 1, 5, "cpu")  # decode: runs of one token
+    assert plan.segments is None
+    assert SlotPlan.build(torch.zeros(0, dtype=torch.long), 5, "cpu").segments is None
+
+
 def test_half_precision_on_cpu_keeps_a_float32_intermediate():
     A, B, gm1 = random_stack()
     x, out = torch.randn(20, 64), torch.randn(20, 48)

@@ -91,6 +91,26 @@ def compute_dtype_of(module: nn.Module) -> torch.dtype:
     return bias.dtype if bias is not None and bias.dtype.is_floating_point else torch.float32
 
 
+# --- the packed layout lorakit reads -------------------------------------------------------------
+@torch.no_grad()
+def keep_standard_packing(module: nn.Module) -> None:
+    """Keep a bitsandbytes 4-bit layer in the standard packed layout and its compute dtype.
+
+    bitsandbytes (0.49 on) on a CPU with AVX512-BF16 rewrites a ``Linear4bit``'s packed weight,
+    at its first forward in eval mode without gradients, into a layout only its own bf16 kernel
+    reads, and from then on computes that layer in bf16 whatever its compute dtype (errors ~1e-3
+    against the fp32 formula). lorakit reads the packed weight (dequantization for DoRA's norm,
+    merging, export, its fused QLoRA path) and computes in fp32 on the CPU by default, so every
+    4-bit layer it makes or wraps has that switched off, and a rewrite already done is undone."""
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        inverse = require_bitsandbytes().functional._convert_weight_packed_for_cpu_inverse
+        weight.data, weight.quant_state = inverse(weight.data, state)
+
+
 # --- dense weights from quantized ones ---------------------------------------------------------
 @torch.no_grad()
 def dequantized_weight(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,7 +119,9 @@ def dequantized_weight(module: nn.Module, weight: torch.Tensor | None = None) ->
     float32). ``weight``: another parameter of the same kind (a kept original) instead of the
     module's."""
     bnb = require_bitsandbytes()
-    weight = module.weight if weight is None else weight
+    if weight is None:
+        keep_standard_packing(module)
+        weight = module.weight
     if type(weight).__name__ == PARAMS_4BIT:
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
     scale = getattr(weight, "SCB", None)
@@ -267,6 +289,7 @@ def _quantized_linear(bnb: Any, module: nn.Linear, method: str, double_quant: bo
             quant_type=method,
         )
     new.weight = weight.to(device)  # moving it to its device is what quantizes it
+    keep_standard_packing(new)
     if method == "int8":
         new.state.SCB, new.state.CB = new.weight.SCB, new.weight.CB
     if has_bias:

@@ -13,9 +13,12 @@ forward is g ⊙ (W0 x + s B A x) + b per output unit (g = m / ||W0 + s B A||) a
 How a call runs (``add_multi_lora``), all giving the same values:
 - decode on a GPU (few tokens): BGMV, one Triton program per token and output block, indexed by
   the token's slot (Punica's bgmv, vLLM's lora_shrink/expand; ``triton_bgmv.py``);
-- otherwise SGMV: the routed tokens sorted by slot (``SlotPlan``, computed once per forward and
-  shared by every layer), one ``torch.nn.functional.grouped_mm`` for the shrink and one for the
-  expand, which reads each slot's factors once whatever its token count (CPU and GPU);
+- otherwise SGMV through ``torch.nn.functional.grouped_mm`` (CPU and GPU), one for the shrink and
+  one for the expand: where the tokens come in long runs of one slot (a prefill's rows), one group
+  per run, the tokens multiplied where they lie with each run's factors gathered (Punica's SGMV
+  segments: no pass over the activations besides the GEMMs); else the routed tokens sorted by slot
+  (a gather of x and a scatter-add of the result), which reads each slot's factors once whatever
+  its token count. ``SlotPlan`` holds both layouts, computed once per forward for every layer;
 - a loop over the slots present, one GEMM pair per slot, where grouped_mm cannot run (float64,
   strides that are not 16-byte multiples, a device without it) or autograd must see the call.
 
@@ -53,6 +56,9 @@ class SlotPlan:
         offsets: (S - 1,) int32 on the device: cumulative token counts of slots 1 .. S-1 over
             ``index`` (grouped_mm's ``offs``).
         present: the slots (> 0) that have tokens, ascending; ``counts``: their token counts.
+        segments: (run_slots (G,) int64, run_ends (G,) int32) on the device when the tokens come
+            in runs of one slot averaging ``tuning.SEGMENT_TOKENS`` or more (G runs, slot 0's
+            included; run_ends are cumulative: grouped_mm's ``offs``), else None.
     """
 
     tokens: int
@@ -64,6 +70,7 @@ class SlotPlan:
     offsets: torch.Tensor
     present: tuple[int, ...]
     counts: tuple[int, ...]
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def build(token_slots: torch.Tensor, num_slots: int, device: torch.device | str) -> SlotPlan:
@@ -82,13 +89,22 @@ class SlotPlan:
             span = (int(index[0]), int(index[-1]) + 1)
         present = tuple(int(s) for s in torch.nonzero(counts[1:]).flatten() + 1)
         device = torch.device(device)
-        # One host-to-device copy for the four index tensors (a plan is built every step).
         n = slots.numel()
-        packed = torch.cat([slots, index, slots[index], torch.cumsum(counts[1:], 0)])
+        # Runs of one slot: where consecutive tokens change slot.
+        starts = torch.nonzero(slots[1:] != slots[:-1]).flatten() + 1 if n else slots[:0]
+        runs = starts.numel() + 1
+        use_runs = n > 0 and span is None and n >= runs * tuning.SEGMENT_TOKENS
+        parts = [slots, index, slots[index], torch.cumsum(counts[1:], 0)]
+        if use_runs:  # each run's slot, and where it ends
+            parts += [slots[torch.cat([starts.new_zeros(1), starts])], torch.cat([starts, starts.new_full((1,), n)])]
+        # One host-to-device copy for the index tensors (a plan is built every step).
+        packed = torch.cat(parts)
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
         else:
             packed = packed.to(device)
+        end = n + 2 * m + num_slots - 1
+        segments = (packed[end : end + runs], packed[end + runs :].to(torch.int32)) if use_runs else None
         return SlotPlan(
             tokens=n,
             num_slots=num_slots,
@@ -96,9 +112,10 @@ class SlotPlan:
             index=packed[n : n + m],
             span=span,
             sorted_slots=packed[n + m : n + 2 * m],
-            offsets=packed[n + 2 * m :].to(torch.int32),
+            offsets=packed[n + 2 * m : end].to(torch.int32),
             present=present,
             counts=tuple(int(counts[s]) for s in present),
+            segments=segments,
         )
 
     @staticmethod
@@ -138,6 +155,8 @@ def add_multi_lora(
         triton_bgmv.bgmv(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
         return out
     if _grouped_runs(x, A_stack, B_stack, out):
+        if plan.segments is not None:
+            return _grouped_segments(out, x, plan, A_stack, B_stack, gm1, bias)
         return _grouped(out, x, plan, A_stack, B_stack, gm1, bias)
     return _per_slot(out, x, plan, A_stack, B_stack, gm1, bias, in_place=True)
 
@@ -195,6 +214,31 @@ def _grouped(out, x, plan, A_stack, B_stack, gm1, bias) -> torch.Tensor:
     else:
         out.index_add_(0, plan.index, y.to(out.dtype))
     return out
+
+
+def _grouped_segments(out, x, plan, A_stack, B_stack, gm1, bias) -> torch.Tensor:
+    """SGMV over runs of one slot: group g is run g's tokens, multiplied in place in x with the
+    factors of the run's slot (gathered: (G, r, d) copies of the small factors, not of x)."""
+    run_slots, run_ends = plan.segments
+    xs = x if x.stride(-1) == 1 and _aligned(x) else x.contiguous()
+    A_t = A_stack.index_select(0, run_slots).transpose(1, 2)  # (G, d_in, r)
+    B_t = B_stack.index_select(0, run_slots).transpose(1, 2)  # (G, r, d_out)
+    try:
+        h = _shrink(xs, A_t, run_ends)
+        if h.dtype != B_t.dtype:
+            if xs.device.type == "cuda":
+                h = h.to(B_t.dtype)
+            else:
+                B_t = B_t.float()
+        y = F.grouped_mm(h, B_t, offs=run_ends)
+    except (RuntimeError, NotImplementedError):
+        _GROUPED_FAILED.add((x.device.type, x.dtype))
+        return _per_slot(out, x, plan, A_stack, B_stack, gm1, bias, in_place=True)
+    if gm1 is not None:
+        base = out if bias is None else out - bias
+        y = y.to(torch.promote_types(y.dtype, torch.float32))
+        y.addcmul_(gm1.index_select(0, plan.token_slots), base)
+    return out.add_(y.to(out.dtype))
 
 
 _WIDE_OUTPUT_FAILED: set[tuple[str, torch.dtype]] = set()

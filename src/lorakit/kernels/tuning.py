@@ -54,3 +54,10 @@ re-read the factors per token, where grouped GEMMs win."""
 GROUPED_MM = True
 """SGMV through ``torch.nn.functional.grouped_mm`` where it runs (fp32/bf16/fp16, 16-byte strides).
 False: one GEMM pair per slot present (``multi_lora._per_slot``), for comparison."""
+
+SEGMENT_TOKENS = 64
+"""Average run length (consecutive tokens of one slot) from which SGMV multiplies the tokens where
+they lie, one group per run with that run's factors gathered (``multi_lora._grouped_segments``),
+instead of sorting the tokens by slot (a gather of x and a scatter-add of the result, each a pass
+over an (N, d) activation, per layer). A prefill's rows are runs of their prompt's length; decode
+rows are runs of one token. ``float("inf")``: always sort."""

@@ -18,8 +18,14 @@ update is ~1% of W0, below the spacing of the 16 NF4 levels), so:
 - ``densify`` (``unload(merge=True)``, export) turns the layer into a plain ``LoraLinear`` over a
   dense ``nn.Linear`` holding the dequantized W0 in the compute dtype, where merging is exact.
 
-The fast path (``kernels/``) declines the layer (its base is not an ``nn.Linear``), so forward is
-the reference formula of ``LoraLayer.forward``.
+Forward: a call of one active LoRA-family adapter (not DoRA: its norm needs the dense W0 each
+step) on a 4-bit base, over more than one token, with x, the adapter and the base in the compute
+dtype, takes ``kernels/quantized_lora.py``: the base GEMM and the adapter in one autograd
+function that dequantizes W0 again in backward instead of keeping anything dense (on a GPU with
+lorakit's Triton dequantization into a shared buffer). Everything else (8-bit bases, DoRA, several
+adapters, routed rows, single-token decoding, which bitsandbytes serves with its 4-bit GEMV,
+autocast) runs the reference formula of ``LoraLayer.forward`` around the bitsandbytes layer.
+``fast_path = False`` forces the reference path.
 """
 
 from __future__ import annotations
@@ -31,8 +37,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterStateError
+from ..kernels import triton_dequant4
 from ..kernels.casting import accumulation_dtype
-from ..quantization import compute_dtype_of, dequantized_weight, quant_type, quantized_like, replace_weight
+from ..kernels.quantized_lora import quantized_lora_linear, weight_buffer
+from ..quantization import (
+    compute_dtype_of,
+    dequantized_weight,
+    keep_standard_packing,
+    quant_type,
+    quantized_bits,
+    quantized_like,
+    replace_weight,
+)
 from .linear import LoraLinear
 
 
@@ -42,6 +58,7 @@ class LoraQuantizedLinear(LoraLinear):
     quantized = True
 
     def __init__(self, base_layer: nn.Module) -> None:
+        keep_standard_packing(base_layer)
         super().__init__(base_layer)
         # The packed weight as it was before the first requantized merge (None: none merged). Kept
         # in __dict__, not registered: it is no parameter of the model (state dict, optimizer).
@@ -67,6 +84,64 @@ class LoraQuantizedLinear(LoraLinear):
 
     def magnitude_shape(self) -> tuple[int, ...]:
         return (self.out_dim,)
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.fast_path and not args and not kwargs:
+            covered = self._fused_call(x)
+            if covered is not None:
+                A, B, scaling, dropout = covered
+                bias = self.base_layer.bias
+                bias = None if bias is None else bias.to(x.dtype)
+                return quantized_lora_linear(x, self._dequantizer(x.dtype), bias, A, B, scaling, dropout)
+        return super().forward(x, *args, **kwargs)
+
+    def _fused_call(self, x: torch.Tensor):
+        """(A, B, s, active dropout or None) when this call takes the fused 4-bit path (see the
+        module docstring), else None."""
+        state = self.__dict__
+        if state["disabled"] or state["row_adapters"] is not None or state["merged_adapters"]:
+            return None
+        active = state["active_adapters"]
+        if len(active) != 1 or active[0] not in state["_modules"]["lora_A"]._parameters:
+            return None
+        base = state["_modules"]["base_layer"]
+        if quantized_bits(base) != 4 or x.numel() == x.shape[-1] or x.dtype != compute_dtype_of(base):
+            return None
+        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            return None
+        name = active[0]
+        fused = state["variants"][name].fused_factors(self, name)
+        if fused is None or fused[3] is not None:  # VeRA's reference path; DoRA's magnitude
+            return None
+        A, B, scaling, _ = fused
+        if A.dtype != B.dtype or A.dtype not in (x.dtype, torch.float32):
+            return None
+        A, B = A.to(x.dtype), B.to(x.dtype)  # fp32 adapters on a half compute dtype: as the dense path
+        dropout = state["_modules"]["lora_dropout"]._modules[name]
+        dropout = dropout if type(dropout) is nn.Dropout and dropout.training and dropout.p > 0 else None
+        return A, B, scaling, dropout
+
+    def _dequantizer(self, dtype: torch.dtype):
+        """A callable giving the dense W0 (d_out, d_in) in ``dtype``, the values bitsandbytes'
+        layer multiplies by: lorakit's Triton kernel into the shared buffer on a GPU, else
+        bitsandbytes' ``dequantize_4bit``."""
+        weight = self.base_layer.weight
+        state = weight.quant_state
+        if not triton_dequant4.available(weight.data, dtype):
+            return lambda: dequantized_weight(self.base_layer).to(dtype)
+        shape = (self.out_dim, self.in_dim)
+        nested = (
+            (state.state2.code, state.state2.absmax, state.state2.blocksize, state.offset) if state.nested else None
+        )
+
+        def dequantize() -> torch.Tensor:
+            buffer = weight_buffer(shape[0] * shape[1], dtype, weight.device)
+            return triton_dequant4.dequantize(
+                weight.data, state.code, state.absmax, state.blocksize, shape, dtype, nested, out=buffer
+            )
+
+        return dequantize
 
     # --- the dense W0 -----------------------------------------------------------------------------
     @torch.no_grad()
