@@ -67,6 +67,7 @@ def loss_and_grads(model, ids, fast: bool):
         ("lora", 0.0, {"use_rslora": True}),
         ("lora-fa", 0.0, {}),
         ("dylora", 0.0, {}),
+        ("adalora", 0.0, {}),
     ],
 )
 def test_fused_training_step_equals_the_reference_path(monkeypatch, method, variant, dropout, options):

@@ -10,10 +10,10 @@ in the backward rather than keeping it; the adapter then runs as separate module
 (dropout, two GEMMs, a scale, an add: each an autograd node keeping its own tensors). This one
 function does the base GEMM and the adapter together, as ``lora_linear.py`` does for a dense
 base: it saves only x_d and the small x_d Aᵀ (N, r), adds the low-rank term into the output in
-place, and rebuilds W in backward with the caller's ``dequantize``. On a GPU that is the Triton
-kernel of ``triton_dequant4.py`` writing into one buffer per (device, dtype, stream) reused by
-every layer (bitsandbytes runs two kernels and allocates each time); elsewhere bitsandbytes' own
-``dequantize_4bit``. Either way W is exactly what bitsandbytes' layer multiplies by.
+place, and rebuilds W in backward with the caller's ``dequantize``: bitsandbytes' own
+``dequantize_4bit`` by default, or (``tuning.TRITON_DEQUANT``, GPU) the Triton kernel of
+``triton_dequant4.py`` writing into one buffer per (device, dtype, stream) reused by every layer.
+Either way W is what bitsandbytes' layer multiplies by.
 """
 
 from __future__ import annotations

@@ -12,8 +12,11 @@ first, into a new float tensor, then the weight) and allocates its output on eve
 dequantizes every layer's weight in the forward and again in the backward (twice more with
 activation checkpointing), so that cost is paid per layer per pass. Here one program reads a
 block of packed bytes and their (nested) scales and writes the dense elements, into a buffer the
-caller may reuse. The values are bitsandbytes' own formula, so equal to its output (tests
-compare them, in Triton's CPU interpreter, ``TRITON_INTERPRET=1``).
+caller may reuse. The values are bitsandbytes' own formula: equal to its output bit for bit in
+Triton's CPU interpreter (``TRITON_INTERPRET=1``, the tests) and in bf16 on an H100; fp16/fp32
+outputs there may differ in the last bit (the nested scale's multiply-add fused by the compiler).
+The fused QLoRA path uses it only when ``tuning.TRITON_DEQUANT`` is set: faster per weight than
+bitsandbytes' two kernels, no faster over a whole training step (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -68,9 +71,10 @@ if triton is not None:
             scale = tl.load(ABSMAX + block, mask=mask, other=0.0)
         high = tl.load(CODE + (byte >> 4), mask=mask, other=0.0) * scale
         low = tl.load(CODE + (byte & 15), mask=mask, other=0.0) * scale
-        out_type = OUT.dtype.element_ty
-        tl.store(OUT + 2 * idx, high.to(out_type), mask=mask)
-        tl.store(OUT + 2 * idx + 1, low.to(out_type), mask=mask)
+        # Interleave (high, low) pairs into 2 * BLOCK consecutive elements: one contiguous store.
+        pairs = tl.reshape(tl.join(high, low), (2 * BLOCK,))
+        elems = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        tl.store(OUT + elems, pairs.to(OUT.dtype.element_ty), mask=elems < 2 * n_bytes)
 
 
 def dequantize(

@@ -61,3 +61,11 @@ they lie, one group per run with that run's factors gathered (``multi_lora._grou
 instead of sorting the tokens by slot (a gather of x and a scatter-add of the result, each a pass
 over an (N, d) activation, per layer). A prefill's rows are runs of their prompt's length; decode
 rows are runs of one token. ``float("inf")``: always sort."""
+
+TRITON_DEQUANT = os.environ.get("LORAKIT_TRITON_DEQUANT", "0") == "1"
+"""True: the fused QLoRA path dequantizes 4-bit weights on a GPU with lorakit's Triton kernel into
+a shared buffer (``triton_dequant4.py``). False (the default): bitsandbytes' ``dequantize_4bit``
+(the same values in bf16). On an H100 the kernel took 0.51–0.76× bitsandbytes' time per weight,
+but whole QLoRA steps were the same either way (within 1%, docs/benchmarks.md): a 4-bit layer's
+dequantization is launch-bound at these sizes, so the kernel stays an option, not the default.
+Read from ``LORAKIT_TRITON_DEQUANT`` when lorakit is imported."""

@@ -21,10 +21,11 @@ update is ~1% of W0, below the spacing of the 16 NF4 levels), so:
 Forward: a call of one active LoRA-family adapter (not DoRA: its norm needs the dense W0 each
 step) on a 4-bit base, over more than one token, with x, the adapter and the base in the compute
 dtype, takes ``kernels/quantized_lora.py``: the base GEMM and the adapter in one autograd
-function that dequantizes W0 again in backward instead of keeping anything dense (on a GPU with
-lorakit's Triton dequantization into a shared buffer). Everything else (8-bit bases, DoRA, several
-adapters, routed rows, single-token decoding, which bitsandbytes serves with its 4-bit GEMV,
-autocast) runs the reference formula of ``LoraLayer.forward`` around the bitsandbytes layer.
+function that dequantizes W0 again in backward instead of keeping anything dense
+(bitsandbytes' dequantization, or lorakit's Triton kernel into a shared buffer with
+``tuning.TRITON_DEQUANT``). Everything else (8-bit bases, DoRA, several adapters, routed rows,
+single-token decoding, which bitsandbytes serves with its 4-bit GEMV, autocast) runs the reference
+formula of ``LoraLayer.forward`` around the bitsandbytes layer.
 ``fast_path = False`` forces the reference path.
 """
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AdapterStateError
-from ..kernels import triton_dequant4
+from ..kernels import triton_dequant4, tuning
 from ..kernels.casting import accumulation_dtype
 from ..kernels.quantized_lora import quantized_lora_linear, weight_buffer
 from ..quantization import (
@@ -124,11 +125,11 @@ class LoraQuantizedLinear(LoraLinear):
 
     def _dequantizer(self, dtype: torch.dtype):
         """A callable giving the dense W0 (d_out, d_in) in ``dtype``, the values bitsandbytes'
-        layer multiplies by: lorakit's Triton kernel into the shared buffer on a GPU, else
-        bitsandbytes' ``dequantize_4bit``."""
+        layer multiplies by: bitsandbytes' ``dequantize_4bit``, or with ``tuning.TRITON_DEQUANT``
+        on a GPU lorakit's Triton kernel into the shared buffer."""
         weight = self.base_layer.weight
         state = weight.quant_state
-        if not triton_dequant4.available(weight.data, dtype):
+        if not (tuning.TRITON_DEQUANT and triton_dequant4.available(weight.data, dtype)):
             return lambda: dequantized_weight(self.base_layer).to(dtype)
         shape = (self.out_dim, self.in_dim)
         nested = (
