@@ -40,6 +40,12 @@ def test_train_dpo_on_the_embedded_model(tmp_path, embedded_model):
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # a fresh adapter is the reference: log 2
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     assert "beta: 0.2" in (out / "train_config.yaml").read_text()
+    evaluated = json.loads(
+        lorakit("eval", "--task", "dpo", "--adapter", str(out / "adapter"), "--data", data, "--json").stdout
+    )
+    assert evaluated["examples"] == 8 and 0 <= evaluated["rewards/accuracies"] <= 1
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(evaluated)
+    assert evaluated["rewards/margins"] == pytest.approx(evaluated["rewards/chosen"] - evaluated["rewards/rejected"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
         json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"})
@@ -66,6 +72,11 @@ def test_train_a_reward_model_and_score_with_it(tmp_path, embedded_model):
     result = json.loads(scored.stdout)
     assert len(result["pairs"]) == 8 and 0 <= result["accuracy"] <= 1
     assert result["pairs"][0]["where"].endswith("prefs.jsonl:line 1")
+    evaluated = json.loads(
+        lorakit("eval", "--task", "reward", "--adapter", str(out / "adapter"), "--data", data, "--json").stdout
+    )
+    # The task's evaluation and `lorakit score` read the same pairs through separate code.
+    assert evaluated["examples"] == 8 and evaluated["accuracy"] == pytest.approx(result["accuracy"])
     texts = lorakit(
         "score",
         "--adapter",

@@ -356,6 +356,21 @@ def test_two_worker_processes_share_the_runs(tiny_dir, tmp_path):
     assert (out / "report.md").is_file()
 
 
+def test_gpu_workers_each_see_one_gpu_and_cpu_workers_share_the_cores(monkeypatch):
+    """--devices 0,1: each worker's process sees only its GPU (as cuda); cpu,cpu: the cores split."""
+    from lorakit.experiments.workers import parse_devices, worker_environment
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert parse_devices("2, 3") == ["2", "3"]
+    env, device = worker_environment("3", 2)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3" and device == "cuda"
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    env, device = worker_environment("cpu", 2)
+    assert env["LORAKIT_SWEEP_THREADS"] == "4" and device == "cpu"
+    with pytest.raises(ConfigError, match="not a device"):
+        parse_devices("gpu0")
+
+
 @pytest.mark.e2e
 def test_lorakit_sweep_command_end_to_end(tiny_dir, tmp_path):
     import yaml
