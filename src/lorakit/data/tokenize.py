@@ -46,6 +46,21 @@ class DatasetStats:
     max_length: int | None = None
     packed: bool = False
 
+    @classmethod
+    def of_examples(cls, examples: list[dict], supervised_tokens: int, max_length: int | None) -> DatasetStats:
+        """The stats of examples tokenized one per record (the classification tasks), each a dict
+        with ``input_ids`` and ``truncated``; ``supervised_tokens``: the labels they carry."""
+        lengths = [len(e["input_ids"]) for e in examples]
+        return cls(
+            n_records=len(examples),
+            n_examples=len(examples),
+            n_truncated=sum(e["truncated"] for e in examples),
+            total_tokens=sum(lengths),
+            supervised_tokens=supervised_tokens,
+            max_tokens=max(lengths, default=0),
+            max_length=max_length,
+        )
+
     @property
     def mean_tokens(self) -> float:
         kept = self.n_records - self.n_dropped_all_truncated - self.n_dropped_no_supervised

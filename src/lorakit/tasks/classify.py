@@ -119,16 +119,7 @@ class Classify(Task):
 
         train = self._tokenize(self.train_items, tokenizer)
         valid = self._tokenize(self.valid_items, tokenizer)
-        lengths = [len(e["input_ids"]) for e in train]
-        stats = DatasetStats(
-            n_records=len(train),
-            n_examples=len(train),
-            n_truncated=sum(e["truncated"] for e in train),
-            total_tokens=sum(lengths),
-            supervised_tokens=len(train),  # one label per example
-            max_tokens=max(lengths),
-            max_length=self.cfg.max_length,
-        )
+        stats = DatasetStats.of_examples(train, len(train), self.cfg.max_length)  # one label per example
         return PreparedData(train, valid, [], ClassifyCollator(tokenizer), stats)
 
     def _tokenize(self, items, tokenizer) -> list[dict]:

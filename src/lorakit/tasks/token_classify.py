@@ -39,16 +39,8 @@ class TokenClassify(Classify):
         align = WordAligner(tokenizer, self.cfg.max_length)
         train = self._tokenize(self.train_items, align)
         valid = self._tokenize(self.valid_items, align)
-        lengths = [len(e["input_ids"]) for e in train]
-        stats = DatasetStats(
-            n_records=len(train),
-            n_examples=len(train),
-            n_truncated=sum(e["truncated"] for e in train),
-            total_tokens=sum(lengths),
-            supervised_tokens=sum(e["n_words"] for e in train),  # one label per (kept) word
-            max_tokens=max(lengths),
-            max_length=self.cfg.max_length,
-        )
+        # One label per (kept) word.
+        stats = DatasetStats.of_examples(train, sum(e["n_words"] for e in train), self.cfg.max_length)
         return PreparedData(train, valid, [], TagCollator(tokenizer), stats)
 
     def _tokenize(self, items, align: WordAligner) -> list[dict]:
