@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import ConfigError, ModelNotFoundError
-from ..quantization import METHODS, require_bitsandbytes, resolve_compute_dtype
+from ..quantization import METHODS, keep_standard_packing, require_bitsandbytes, resolve_compute_dtype
 from ..quantization import quantize as quantize_model
 from .aliases import ALIASES, DEFAULT_MODEL, describe_aliases
 from .device import dtype_kwarg, require_device, resolve_device, resolve_dtype
@@ -206,6 +206,9 @@ def load_model(
         model.to(device)  # a model loaded quantized is on its device already (and refuses .to)
     if quantize is not None and not quantize_on_load:
         quantize_model(model, quantize, double_quant=double_quant, compute_dtype=compute)
+    if quantize_on_load:
+        for module in model.modules():  # layers no adapter will wrap stay in their compute dtype too
+            keep_standard_packing(module)
     if gradient_checkpointing:
         # Reentrant checkpointing drops gradients when a segment's inputs do not require grad,
         # which is the case when the embedding is frozen (LoRA); the non-reentrant one does not.
