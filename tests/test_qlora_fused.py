@@ -218,3 +218,13 @@ def test_cpu_weights_never_take_the_triton_kernel():
     from lorakit.kernels import triton_dequant4
 
     assert not triton_dequant4.available(torch.zeros(4, dtype=torch.uint8), torch.float32)
+
+
+def test_bitsandbytes_notice_about_its_unused_cpu_kernel_is_dropped(caplog):
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "no network")
+        logger.warning("another bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]

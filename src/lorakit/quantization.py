@@ -36,6 +36,18 @@ PARAMS_4BIT = "Params4bit"
 PARAMS_8BIT = "Int8Params"
 
 
+class _UnusedCpuKernelNotice(logging.Filter):
+    """Drops bitsandbytes' import-time warning that its AVX512-BF16 CPU GEMM could not be fetched
+    from the kernels hub: that kernel serves only the repacked bf16 layout, which lorakit switches
+    off for every 4-bit layer (``keep_standard_packing``), so the advice to install it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_UnusedCpuKernelNotice())
+
+
 def require_bitsandbytes() -> Any:
     """The ``bitsandbytes`` module, or a ConfigError naming the extra to install."""
     try:
