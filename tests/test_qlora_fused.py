@@ -228,3 +228,50 @@ def test_bitsandbytes_notice_about_its_unused_cpu_kernel_is_dropped(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "no network")
         logger.warning("another bitsandbytes warning")
     assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning"]
+
+
+INTERPRETED_LAYER = r"""
+import torch
+import lorakit
+from lorakit.kernels import quantized_lora, triton_dequant4, tuning
+from lorakit.state import lora_layers
+from tests.tiny import randomize_adapters, tiny_llama
+
+triton_dequant4.available = lambda packed, dtype: True  # the interpreter runs the kernel on CPU tensors
+tuning.TRITON_DEQUANT = True
+calls = []
+kernel = triton_dequant4.dequantize
+triton_dequant4.dequantize = lambda *a, **k: calls.append(1) or kernel(*a, **k)
+model = lorakit.quantize(tiny_llama(hidden=64), "nf4")
+lorakit.add_adapter(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+randomize_adapters(model, 0.1)
+model.train()
+ids = torch.randint(0, 128, (2, 9))
+results = {}
+for fast in (True, False):
+    for _, layer in lora_layers(model):
+        layer.fast_path = fast
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    results[fast] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+# 14 layers forward, and backward those whose input needs a gradient: all but the first layer's
+# q, k, v (their input is the frozen embedding's output), so 14 + 11.
+assert len(calls) == 25, len(calls)
+assert len(quantized_lora._BUFFERS) == 1
+torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-6, atol=1e-6)
+for name, grad in results[False][1].items():
+    torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6)
+print("ok")
+"""
+
+
+def test_the_layer_trains_through_the_triton_dequantization_in_the_interpreter():
+    """``tuning.TRITON_DEQUANT``: the layer hands the kernel its packed weight, nested state and
+    the shared buffer; the step equals the reference path's."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", INTERPRETED_LAYER], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

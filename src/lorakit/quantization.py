@@ -114,7 +114,7 @@ def keep_standard_packing(module: nn.Module) -> None:
     against the fp32 formula). lorakit reads the packed weight (dequantization for DoRA's norm,
     merging, export, its fused QLoRA path) and computes in fp32 on the CPU by default, so every
     4-bit layer it makes or wraps has that switched off, and a rewrite already done is undone."""
-    if hasattr(module, "support_avx512bf16_for_cpu"):
+    if getattr(module, "support_avx512bf16_for_cpu", False):  # written once: this runs per dequantization
         module.support_avx512bf16_for_cpu = False
     weight = getattr(module, "weight", None)
     state = getattr(weight, "quant_state", None)

@@ -90,10 +90,13 @@ class SlotPlan:
         present = tuple(int(s) for s in torch.nonzero(counts[1:]).flatten() + 1)
         device = torch.device(device)
         n = slots.numel()
-        # Runs of one slot: where consecutive tokens change slot.
-        starts = torch.nonzero(slots[1:] != slots[:-1]).flatten() + 1 if n else slots[:0]
-        runs = starts.numel() + 1
-        use_runs = n > 0 and span is None and n >= runs * tuning.SEGMENT_TOKENS
+        # Runs of one slot (where consecutive tokens change slot); not needed when the routed
+        # tokens are one slice already.
+        use_runs, runs = False, 0
+        if n and span is None:
+            starts = torch.nonzero(slots[1:] != slots[:-1]).flatten() + 1
+            runs = starts.numel() + 1
+            use_runs = n >= runs * tuning.SEGMENT_TOKENS
         parts = [slots, index, slots[index], torch.cumsum(counts[1:], 0)]
         if use_runs:  # each run's slot, and where it ends
             parts += [slots[torch.cat([starts.new_zeros(1), starts])], torch.cat([starts, starts.new_full((1,), n)])]
@@ -185,23 +188,31 @@ def _grouped_runs(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor,
     )
 
 
-def _grouped(out, x, plan, A_stack, B_stack, gm1, bias) -> torch.Tensor:
-    xs = x[plan.span[0] : plan.span[1]] if plan.span else x.index_select(0, plan.index)
-    if xs.stride(-1) != 1 or not _aligned(xs):
-        xs = xs.contiguous()
-    A_t = A_stack[1:].transpose(1, 2)  # (S-1, d_in, r): column-major views, no copy
-    B_t = B_stack[1:].transpose(1, 2)  # (S-1, r, d_out)
+def _sgmv(xs: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor | None:
+    """Group g's rows of xs (M, d_in) times A_t[g] (d_in, r) then B_t[g] (r, d_out): (M, d_out), the
+    groups ending at ``offsets``; None where this device or build has no such grouped GEMMs (then
+    remembered, and the callers loop over the slots)."""
     try:
-        h = _shrink(xs, A_t, plan.offsets)
+        h = _shrink(xs, A_t, offsets)
         if h.dtype != B_t.dtype:
             if xs.device.type == "cuda":
                 h = h.to(B_t.dtype)  # as vLLM's expand reads its fp32 shrink output
             else:
                 B_t = B_t.float()
-        y = F.grouped_mm(h, B_t, offs=plan.offsets)
+        return F.grouped_mm(h, B_t, offs=offsets)
     except (RuntimeError, NotImplementedError):
-        # A device or build without these grouped GEMMs: remember it and loop over the slots.
-        _GROUPED_FAILED.add((x.device.type, x.dtype))
+        _GROUPED_FAILED.add((xs.device.type, xs.dtype))
+        return None
+
+
+def _grouped(out, x, plan, A_stack, B_stack, gm1, bias) -> torch.Tensor:
+    """SGMV over the routed tokens sorted by slot (a slice of x when already grouped)."""
+    xs = x[plan.span[0] : plan.span[1]] if plan.span else x.index_select(0, plan.index)
+    if xs.stride(-1) != 1 or not _aligned(xs):
+        xs = xs.contiguous()
+    # (S-1, d_in, r) and (S-1, r, d_out): column-major views of the stacks, no copy.
+    y = _sgmv(xs, A_stack[1:].transpose(1, 2), B_stack[1:].transpose(1, 2), plan.offsets)
+    if y is None:
         return _per_slot(out, x, plan, A_stack, B_stack, gm1, bias, in_place=True)
     target = out[plan.span[0] : plan.span[1]] if plan.span else None
     if gm1 is not None:
@@ -223,16 +234,8 @@ def _grouped_segments(out, x, plan, A_stack, B_stack, gm1, bias) -> torch.Tensor
     xs = x if x.stride(-1) == 1 and _aligned(x) else x.contiguous()
     A_t = A_stack.index_select(0, run_slots).transpose(1, 2)  # (G, d_in, r)
     B_t = B_stack.index_select(0, run_slots).transpose(1, 2)  # (G, r, d_out)
-    try:
-        h = _shrink(xs, A_t, run_ends)
-        if h.dtype != B_t.dtype:
-            if xs.device.type == "cuda":
-                h = h.to(B_t.dtype)
-            else:
-                B_t = B_t.float()
-        y = F.grouped_mm(h, B_t, offs=run_ends)
-    except (RuntimeError, NotImplementedError):
-        _GROUPED_FAILED.add((x.device.type, x.dtype))
+    y = _sgmv(xs, A_t, B_t, run_ends)
+    if y is None:
         return _per_slot(out, x, plan, A_stack, B_stack, gm1, bias, in_place=True)
     if gm1 is not None:
         base = out if bias is None else out - bias

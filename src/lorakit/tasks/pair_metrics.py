@@ -47,7 +47,8 @@ def evaluate_pairs(
 ) -> tuple[float, dict[str, float]]:
     """(mean loss per pair, `PairSums.pop` means) of a preference task over ``examples``, in eval
     mode (restored after), every process its share of the batches under DDP.
-    ``batch_stats(model, batch)`` gives (the batch's summed loss, rewards chosen (B,), rejected (B,))."""
+    ``batch_stats(model, batch)`` gives (the batch's summed loss, a 0-d tensor; rewards chosen (B,),
+    rejected (B,))."""
     was_training = model.training
     model.eval()
     parts = []  # (batch index, summed loss, PairSums' sums)
@@ -58,10 +59,10 @@ def evaluate_pairs(
             loss_sum, chosen, rejected = batch_stats(model, batch)
             sums = PairSums()
             sums.add(chosen, rejected)
-            parts.append((i, float(loss_sum), sums.sums.tolist()))
+            parts.append((i, loss_sum, sums.sums))  # tensors: read back once, after the loop
     finally:
         model.train(was_training)
-    parts = gathered(parts, accelerator)
+    parts = gathered([(i, float(loss), sums.tolist()) for i, loss, sums in parts], accelerator)
     total = PairSums()
     total.sums = torch.tensor([part[2] for part in parts]).sum(0) if parts else None
     n = float(total.sums[4]) if parts else 0.0

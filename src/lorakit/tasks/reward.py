@@ -93,7 +93,7 @@ class Reward(Task):
         def batch_stats(model, batch):
             chosen, rejected = self.rewards(model, batch)
             loss = bradley_terry_loss(chosen, rejected, batch["margin"], cfg.center_rewards)
-            return float(loss) * len(chosen), chosen, rejected
+            return loss * len(chosen), chosen, rejected
 
         loss, means = evaluate_pairs(model, examples, collate, cfg.batch_size, device, accelerator, batch_stats)
         return {"loss": loss, **_trl_names(means)}
