@@ -13,7 +13,13 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
 - lorakit pool: 8 adapters in an ``AdapterPool``'s device slots (what ``lorakit serve`` runs);
 - lorakit pool, sorted: the same with SGMV always sorting the tokens by slot (no runs: the path
   before segment SGMV, ``tuning.SEGMENT_TOKENS``);
-- PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument.
+- lorakit pool, two launches: the same with BGMV as a shrink and an expand launch
+  (``tuning.BGMV_ONE_LAUNCH`` off; decode batches);
+- PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument;
+- base graph / lorakit pool graph (decode only, CUDA): the base model's and the slot pool's
+  decode forward captured once in a CUDA graph (``serve/cuda_graph.py``) and replayed, with the
+  rows' slots written into the graph's slot buffer before each replay (what a serving engine
+  does for its decode steps: the forward's launches leave the host).
 Cases are interleaved step by step, so a machine whose speed drifts slows each alike; the table
 gives medians and the ratio to the base. Then the cold-adapter time: an adapter already in host
 memory written into a device slot (the pool's ``acquire`` of an adapter whose slot was evicted).
@@ -62,7 +68,12 @@ CASES = [
     "lorakit-pool-sorted",
     "peft-one",
     "peft-mixed",
+    "lorakit-pool-two-launch",
+    "base-graph",
+    "lorakit-pool-graph",
+    "lorakit-pool-graph-two-launch",
 ]
+DECODE_ONLY = {"base-graph", "lorakit-pool-graph", "lorakit-pool-graph-two-launch"}
 
 
 def build_base(preset: dict, device: str):
@@ -107,9 +118,10 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
 
     names = [f"a{k}" for k in range(ADAPTERS)]
     built = {}
-    if "base" in cases:
+    if {"base", "base-graph"} & set(cases):
         base = build_base(preset, device)
         built["base"] = lambda ids: base(ids, use_cache=False)
+        built["base-graph"] = graphed(lambda ids: base(ids, use_cache=False).logits)
     if {"lorakit-one", "lorakit-adapter_batch"} & set(cases):
         model = build_base(preset, device)
         for name, path in zip(names, dirs):
@@ -124,7 +136,7 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
                 return model(ids, use_cache=False)
 
         built["lorakit-one"], built["lorakit-adapter_batch"] = one, mixed
-    if {"lorakit-pool", "lorakit-pool-sorted"} & set(cases):
+    if any(case.startswith("lorakit-pool") for case in cases):
         from lorakit.kernels import tuning
 
         model = build_base(preset, device)
@@ -144,7 +156,28 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
             finally:
                 tuning.SEGMENT_TOKENS = runs
 
+        def pool_slots(ids, pool=pool, routes=routes):
+            slots = torch.tensor([routes[i % ADAPTERS].slot for i in range(ids.shape[0])], device=ids.device)
+            pool.fix_slots(slots)
+            return {"slots": slots}
+
+        def two_launch(fn):
+            def call(ids):
+                one, tuning.BGMV_ONE_LAUNCH = tuning.BGMV_ONE_LAUNCH, False
+                try:
+                    return fn(ids)
+                finally:
+                    tuning.BGMV_ONE_LAUNCH = one
+
+            return call
+
+        def logits(ids, slots, model=model):
+            return model(ids, use_cache=False).logits
+
         built["lorakit-pool"], built["lorakit-pool-sorted"] = pooled, pooled_sorted
+        built["lorakit-pool-two-launch"] = two_launch(pooled)
+        built["lorakit-pool-graph"] = graphed(logits, pool_slots)
+        built["lorakit-pool-graph-two-launch"] = two_launch(graphed(logits, pool_slots))
     if {"peft-one", "peft-mixed"} & set(cases):
         from peft import PeftModel
 
@@ -162,6 +195,22 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
 
         built["peft-one"], built["peft-mixed"] = peft_one, peft_mixed
     return {case: built[case] for case in cases}
+
+
+def graphed(forward, extra_inputs=None):
+    """``forward(ids, **extra)`` captured in a CUDA graph at its first call for each ids shape,
+    replayed after; ``extra_inputs(ids)`` gives the other buffers the graph reads (a pool's slots)."""
+    from lorakit.serve.cuda_graph import CapturedCall
+
+    graphs = {}
+
+    def call(ids):
+        if ids.shape not in graphs:
+            extra = extra_inputs(ids) if extra_inputs is not None else {}
+            graphs[ids.shape] = CapturedCall(forward, {"ids": ids.clone(), **extra})
+        return graphs[ids.shape](ids=ids)
+
+    return call
 
 
 def acquire(pool, name: str, timeout: float = 120.0):
@@ -192,6 +241,19 @@ def measure(built: dict, ids: torch.Tensor, device: str, warmup: int, steps: int
             if i >= warmup:
                 times[case].append(elapsed)
     return {case: statistics.median(t) for case, t in times.items()}
+
+
+def graph_agreement(built: dict, ids: torch.Tensor) -> dict[str, float]:
+    """Max |graphed - eager| / max |eager| of the decode logits, per graphed case."""
+    pairs = {"base-graph": "base", "lorakit-pool-graph": "lorakit-pool"}
+    result = {}
+    with torch.inference_mode():
+        for graph_case, eager_case in pairs.items():
+            if graph_case in built and eager_case in built:
+                eager = built[eager_case](ids).logits.float()
+                got = built[graph_case](ids).float()
+                result[graph_case] = ((got - eager).abs().max() / eager.abs().max()).item()
+    return result
 
 
 def cold_adapter(preset: dict, device: str, dirs: list[Path], repeats: int) -> float:
@@ -238,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="cpu-small")
     parser.add_argument("--device", default=None, help="default: the preset's")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {CASES}")
+    default_cases = [c for c in CASES if c not in DECODE_ONLY]
+    parser.add_argument(
+        "--cases", default=",".join(default_cases), help=f"comma-separated, from {CASES} (graphs: CUDA only)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--cold-repeats", type=int, default=10)
@@ -255,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {CASES}")
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    results = {}
+    results, agreement = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = save_adapters(preset, device, Path(tmp), 2 if args.cold_only else ADAPTERS)
         if not args.cold_only:
@@ -265,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
             for shape in ("decode", "prefill"):
                 rows, tokens = preset[shape]
                 ids = torch.randint(0, vocab, (rows, tokens), generator=gen).to(device)
-                results[shape] = measure(built, ids, device, args.warmup, args.steps)
+                chosen = {c: fn for c, fn in built.items() if shape == "decode" or c not in DECODE_ONLY}
+                results[shape] = measure(chosen, ids, device, args.warmup, args.steps)
+                if shape == "decode":
+                    agreement = graph_agreement(built, ids)
             del built
         cold = cold_adapter(preset, device, dirs, args.cold_repeats)
     print(
@@ -281,9 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         cells = []
         for shape in ("decode", "prefill"):
-            t, base = results[shape][case], results[shape].get("base")
+            t, base = results[shape].get(case), results[shape].get("base")
+            if t is None:
+                cells += ["-", "-"]
+                continue
             cells += [f"{t * 1e3:.1f} ms", f"{t / base:.2f}x" if base else "-"]
+            if case == "lorakit-pool-graph" and "base-graph" in results[shape]:
+                cells[-1] += f" ({t / results[shape]['base-graph']:.2f}x base graph)"
         print(f"| {case} | " + " | ".join(cells) + " |")
+    for case, err in agreement.items():
+        print(f"{case}: decode logits vs eager, max |diff| / max |eager| = {err:.2e}")
     print(f"\ncold adapter, host memory -> slot: {cold * 1e3:.1f} ms (median of {args.cold_repeats})")
     if args.json:
         payload = {"preset": args.preset, "device": device_name, "versions": versions(), "results": results}

@@ -10,7 +10,8 @@ with random factors (saved once to a temporary folder; "N" adapters register N n
 8 distinct folders, so host reads are real per name). Each case submits ``--requests`` requests of
 ``--prompt`` random tokens and ``--out`` greedy tokens (EOS ignored, so every request makes exactly
 ``--out`` tokens), keeping ``--concurrency`` in flight (the engine in the main thread, as
-``lorakit serve`` runs it), and reports generated tokens/s, the ratio
+``lorakit serve`` runs it), under each ``--decode`` mode (on a GPU "auto" is CUDA graphs over
+static rows; "dynamic" the joined-and-trimmed cache, eager), and reports generated tokens/s, the ratio
 to the base-only case of the same run, p50/p99 request latency, slot hits/misses/evictions and the
 time the batch's cache joins and trims (BatchState.join/keep) took.
 """
@@ -146,26 +147,31 @@ def run_case(engine, names: list[str | None], args, vocab: int) -> dict:
     lock = threading.Lock()
     slots = threading.Semaphore(args.concurrency)
 
-    def one(i: int) -> None:
+    outputs: dict[int, list[int]] = {}
+
+    def one(i: int, prompt: list[int]) -> None:
         nonlocal produced
-        prompt = torch.randint(1, vocab, (args.prompt,), generator=gen).tolist()
         params = SamplingParams(max_tokens=args.out, temperature=0, ignore_eos=True)
         started = time.perf_counter()
         handle = engine.submit(GenerationRequest(f"r{i}", prompt, names[i % len(names)], params))
+        tokens = []
         while True:
             delta = handle.next_delta(timeout=600)
+            tokens += delta.token_ids
             if delta.finish_reason is not None:
                 break
         with lock:
             latencies.append(time.perf_counter() - started)
             produced += delta.completion_tokens
+            outputs[i] = tokens
         slots.release()
 
     threads = []
     started = time.perf_counter()
     for i in range(args.requests):
+        prompt = torch.randint(1, vocab, (args.prompt,), generator=gen).tolist()  # the same in every case
         slots.acquire()
-        thread = threading.Thread(target=one, args=(i,))
+        thread = threading.Thread(target=one, args=(i, prompt))
         thread.start()
         threads.append(thread)
     for thread in threads:
@@ -177,6 +183,7 @@ def run_case(engine, names: list[str | None], args, vocab: int) -> dict:
         "p50": statistics.median(latencies),
         "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         "tokens": produced,
+        "outputs": outputs,
     }
 
 
@@ -209,6 +216,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, help="prompt tokens per request")
     parser.add_argument("--out", type=int, help="generated tokens per request")
     parser.add_argument("--slots", type=int, help="device slots (--max-loras)")
+    parser.add_argument(
+        "--decode",
+        default="auto",
+        help="comma list of the engine's decode modes to run each case under: auto, dynamic, static, graphs",
+    )
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     for key in ("requests", "concurrency", "prompt", "out", "slots", "cases"):
@@ -242,10 +254,10 @@ def main() -> None:
     counts = [int(c) for c in cases if c != "base"]
     with tempfile.TemporaryDirectory() as tmp:
         dirs = save_adapters(preset, Path(tmp), min(8, max(counts, default=1)))
-        print("| case | tokens/s | vs base | p50 s | p99 s | slot hits/misses/evictions | join+trim s |")
-        print("|---|---|---|---|---|---|---|")
-        base_rate = None
-        for case in cases:
+        print("| decode | case | tokens/s | vs base | p50 s | p99 s | slot hits/misses/evictions | join+trim s |")
+        print("|---|---|---|---|---|---|---|---|")
+        base_rates, first_outputs, agreement = {}, {}, []
+        for decode, case in [(d, c) for d in args.decode.split(",") for c in cases]:
             model = build_model(preset, device)
             counter = Counter()
             pool = AdapterPool(model, max_loras=args.slots, max_cpu_loras=max(64, args.slots), observer=counter)
@@ -256,20 +268,33 @@ def main() -> None:
             limits = EngineLimits(
                 max_num_seqs=args.concurrency, max_queue=args.requests + 1, max_prefill_tokens=16 * args.prompt
             )
-            engine = Engine(model, Tokenizer(preset["model"]["vocab_size"]), pool, model_id="bench", limits=limits)
+            tokenizer = Tokenizer(preset["model"]["vocab_size"])
+            engine = Engine(model, tokenizer, pool, model_id="bench", limits=limits, decode=decode)
             copy_seconds[0] = 0.0
             result = run_in_main_thread(engine, names, args, preset["model"]["vocab_size"])
-            base_rate = base_rate or (result["tokens_per_s"] if case == "base" else None)
+            if case == "base":
+                base_rates.setdefault(decode, result["tokens_per_s"])
+            reference = first_outputs.setdefault(case, (engine.decode_mode, result["outputs"]))
+            if reference[0] != engine.decode_mode:
+                same = sum(result["outputs"][i] == reference[1][i] for i in reference[1])
+                agreement.append(
+                    f"case {case}: {engine.decode_mode} gave {reference[0]}'s greedy tokens in "
+                    f"{same} of {len(reference[1])} requests"
+                )
+            base_rate = base_rates.get(decode)
             ratio = f"{result['tokens_per_s'] / base_rate:.2f}" if base_rate else "-"
             s = counter.slots
             print(
-                f"| {case} | {result['tokens_per_s']:.1f} | {ratio} | {result['p50']:.2f} | {result['p99']:.2f} | "
+                f"| {engine.decode_mode} | {case} | {result['tokens_per_s']:.1f} | {ratio} | {result['p50']:.2f} | "
+                f"{result['p99']:.2f} | "
                 f"{s['hit']}/{s['miss']}/{s['eviction']} | {copy_seconds[0]:.2f} |"
             )
             sys.stdout.flush()
             del engine, pool, model
             if device == "cuda":
                 torch.cuda.empty_cache()
+        for line in agreement:
+            print(line)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,39 @@ def test_host_tier_is_bounded(adapter_dirs):
         pool.release(route)
     assert pool.stats()["host"] == 2 and pool.stats()["slots_used"] == 1
     pool.close()
+
+
+def test_layout_version_marks_what_cuda_graphs_must_capture_again(adapter_dirs):
+    """A stack made or reallocated, or a named adapter loaded, bumps the layout; writing an adapter
+    into existing stacks of its rank does not. ``fix_slots`` routes by a slot buffer."""
+    from lorakit.kernels.multi_lora import SlotPlan
+
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=8)
+    for kind in ("plain", "dora", "vera"):
+        pool.register(kind, adapter_dirs[kind])
+    start = pool.layout_version
+    plain = acquire(pool, "plain")
+    after_plain = pool.layout_version
+    assert after_plain > start  # stacks made
+    pool.release(plain)
+    pool.release(acquire(pool, "plain"))
+    assert pool.layout_version == after_plain  # a hit: nothing new
+    dora = acquire(pool, "dora")  # its stacks get their DoRA table (a new tensor)
+    assert pool.layout_version > after_plain
+    grown = pool.layout_version
+    pool.release(dora)
+    pool.release(acquire(pool, "plain"))  # written back into the same tensors
+    assert pool.layout_version == grown
+    vera = acquire(pool, "vera")  # a named adapter in the model
+    assert pool.layout_version > grown
+    assert pool.route_slots([BASE_ROUTE, vera]) is None
+    assert pool.route_slots([BASE_ROUTE]) == [0]
+    pool.release(vera)
+    buffer = torch.zeros(3, dtype=torch.int64)
+    pool.fix_slots(buffer)
+    plan = pool.routing.slot_plan(3, 3, torch.device("cpu"))
+    assert isinstance(plan, SlotPlan) and plan.graphed and plan.token_slots is buffer
+    pool.set_rows([BASE_ROUTE] * 3)
+    assert pool.routing.slot_plan(3, 3, torch.device("cpu")) is None
+    pool.close()

@@ -152,10 +152,13 @@ def test_plan_checks():
 
 BGMV_SCRIPT = r"""
 import torch
-from lorakit.kernels import triton_bgmv
+from lorakit.kernels import triton_bgmv, tuning
 torch.manual_seed(0)
-for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
-    for S, r, d_in, d_out, N, split, dora in ((5, 8, 1100, 48, 7, 3, True), (3, 16, 64, 200, 5, 1, False)):
+cases = ((5, 8, 1100, 48, 7, 3, True), (3, 16, 64, 300, 5, 1, False), (4, 8, 64, 300, 3, 2, True))
+dtypes = ((torch.float32, 1e-5), (torch.float16, 5e-3))
+for one_launch, dtype, tol in [(o, d, t) for o in (True, False) for d, t in dtypes]:
+    tuning.BGMV_ONE_LAUNCH = one_launch
+    for S, r, d_in, d_out, N, split, dora in cases:
         A, B = torch.randn(S, r, d_in) * 0.1, torch.randn(S, d_out, r) * 0.1
         A[0], B[0] = 0, 0
         gm1 = torch.randn(S, d_out) * 0.1 if dora else None
@@ -430,3 +433,21 @@ def test_adapter_batch_keeps_the_loop_where_autograd_or_dropout_need_it(monkeypa
     with torch.no_grad(), lorakit.adapter_batch(model, names):
         model(ids)
     assert spy.calls == 4 + 14  # every linear layer has a
+
+
+def test_graphed_plan_routes_by_its_buffer_only():
+    """A CUDA graph's plan: the routing hands it to every layer until the next set_rows, refuses
+    another token count, and the kernels refuse it off the GPU (it has no host-side index)."""
+    buffer = torch.zeros(4, dtype=torch.int64)
+    plan = SlotPlan.for_graph(buffer, 3)
+    assert plan.graphed and plan.tokens == 4 and plan.token_slots is buffer
+    routing = RowRouting([None], [0], num_slots=3)
+    routing.set_plan(plan, 4)
+    assert routing.slot_plan(4, 4, torch.device("cpu")) is plan
+    with pytest.raises(AdapterStateError, match="4 tokens"):
+        routing.slot_plan(4, 8, torch.device("cpu"))
+    A, B, _ = random_stack()
+    with pytest.raises(ValueError, match="CUDA"):
+        add_multi_lora(torch.zeros(4, 48), torch.zeros(4, 64), SlotPlan.for_graph(buffer, 5), A, B)
+    routing.set_rows([None] * 4, [0, 1, 0, 2], num_slots=3)
+    assert not routing.slot_plan(4, 4, torch.device("cpu")).graphed

@@ -100,8 +100,7 @@ def _reference(model, tokenizer, request) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
-@pytest.fixture(scope="module")
-def served(adapter_dirs):
+def _serve(adapter_dirs, decode):
     """The engine over a fresh fp32 model, with the requests' answers gathered from seeded random
     arrivals (18 requests over every adapter and the base, at most 6 rows at once)."""
     from lorakit.serve.adapter_pool import AdapterPool
@@ -111,7 +110,8 @@ def served(adapter_dirs):
     pool = AdapterPool(model, max_loras=3, max_lora_rank=8)
     for name, directory in adapter_dirs.items():
         pool.register(name, directory)
-    engine = Engine(model, tokenizer, pool, model_id="smollm2", limits=EngineLimits(max_num_seqs=6))
+    engine = Engine(model, tokenizer, pool, model_id="smollm2", limits=EngineLimits(max_num_seqs=6), decode=decode)
+    assert engine.decode_mode == decode
     engine.start()
     requests = _requests(engine, list(adapter_dirs), 18, seed=0)
     rng = random.Random(1)
@@ -122,6 +122,22 @@ def served(adapter_dirs):
     answers = [_collect(h) for h in handles]
     engine.stop()
     return requests, answers, tokenizer
+
+
+@pytest.fixture(scope="module")
+def served(adapter_dirs):
+    return _serve(adapter_dirs, "dynamic")
+
+
+def test_static_batch_decodes_the_same_tokens(served, adapter_dirs):
+    """The decode steps over fixed buffers (``static_batch.py``, what CUDA graphs replay; eager
+    here) give the same tokens as the joined-and-trimmed cache, which the tests below hold to
+    single-request generation and to PEFT."""
+    requests, answers, _ = served
+    _, static_answers, _ = _serve(adapter_dirs, "static")
+    for request, (tokens, text, last), (s_tokens, s_text, s_last) in zip(requests, answers, static_answers):
+        assert s_tokens == tokens, (request.adapter, request.request_id)
+        assert (s_text, s_last.finish_reason) == (text, last.finish_reason)
 
 
 def test_mixed_batches_match_each_adapter_alone(served, adapter_dirs):

@@ -62,6 +62,11 @@ def add_serve_parser(sub) -> None:
         help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-dir)",
     )
     serve.add_argument("--device", default=None)
+    serve.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="decode without CUDA graphs (on a GPU, decode steps are captured in graphs by default)",
+    )
     serve.add_argument("--dtype", default="auto")
     pool = serve.add_argument_group("adapter slots")
     pool.add_argument("--max-loras", type=int, help="adapters resident in device slots at once")
@@ -133,7 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, directory in adapters.items():
         pool.register(name, directory)  # config checks only: weights load when first asked for
     limits = EngineLimits(**_given(args, LIMIT_FLAGS))
-    engine = Engine(model, tokenizer, pool, model_id=model_id, limits=limits, observer=metrics)
+    decode = "dynamic" if args.enforce_eager else "auto"
+    engine = Engine(model, tokenizer, pool, model_id=model_id, limits=limits, observer=metrics, decode=decode)
     app = build_app(
         engine,
         api_key=api_key or "",  # "" and not None: the key was looked up here already

@@ -59,6 +59,8 @@ class SlotPlan:
         segments: (run_slots (G,) int64, run_ends (G,) int32) on the device when the tokens come
             in runs of one slot averaging ``tuning.SEGMENT_TOKENS`` or more (G runs, slot 0's
             included; run_ends are cumulative: grouped_mm's ``offs``), else None.
+        graphed: ``token_slots`` is a buffer rewritten between CUDA-graph replays
+            (``for_graph``); the host-side fields are empty and every call takes BGMV.
     """
 
     tokens: int
@@ -71,6 +73,27 @@ class SlotPlan:
     present: tuple[int, ...]
     counts: tuple[int, ...]
     segments: tuple[torch.Tensor, torch.Tensor] | None = None
+    graphed: bool = False
+
+    @staticmethod
+    def for_graph(token_slots: torch.Tensor, num_slots: int) -> SlotPlan:
+        """A plan over a fixed device buffer ``token_slots`` (N,) int64 that the caller rewrites
+        between replays of a CUDA graph captured with it: every call takes BGMV, whose only
+        routing input is that buffer (the host never sees the slots, so nothing is skipped or
+        sorted)."""
+        empty = token_slots.new_zeros(0)
+        return SlotPlan(
+            tokens=token_slots.shape[0],
+            num_slots=num_slots,
+            token_slots=token_slots,
+            index=empty,
+            span=None,
+            sorted_slots=empty,
+            offsets=empty.to(torch.int32),
+            present=(),
+            counts=(),
+            graphed=True,
+        )
 
     @staticmethod
     def build(token_slots: torch.Tensor, num_slots: int, device: torch.device | str) -> SlotPlan:
@@ -143,6 +166,10 @@ def add_multi_lora(
     ``gm1`` (S, d_out): DoRA's g - 1 per slot (None: no DoRA slot), with ``bias`` (d_out,) the
     base bias that ``out`` holds (None: none). Returns ``out`` itself, changed in place, unless
     autograd records the call (grad enabled and a tensor requiring grad): then a new tensor."""
+    if plan.graphed:
+        if plan.tokens != x.shape[0] or not triton_bgmv.available(x, A_stack, B_stack, out):
+            raise ValueError("a graphed slot plan needs CUDA tensors of a kernel dtype and its own token count")
+        return triton_bgmv.bgmv(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
     if not plan.present:
         return out
     if plan.tokens != x.shape[0] or out.shape[0] != x.shape[0]:

@@ -18,8 +18,11 @@ nothing here runs (``available`` is False) and ``multi_lora`` takes its torch pa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from . import tuning
 from .triton_support import on_gpu_in_kernel_dtype, tl, triton
 
 BLOCK_K = 256  # d_in per shrink iteration
@@ -118,13 +121,86 @@ if triton is not None:
             acc += g * base
         tl.store(out_row + units, (o + acc).to(OUT.dtype.element_ty), mask=umask)
 
+    @triton.jit
+    def _one_launch_kernel(
+        X,
+        A,
+        B,
+        SLOTS,
+        OUT,
+        GM1,
+        BIAS,
+        d_in,
+        d_out,
+        r,
+        stride_x,
+        stride_as,
+        stride_ar,
+        stride_bs,
+        stride_bn,
+        stride_out,
+        stride_g,
+        units_per_program,
+        HAS_DORA: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BR: tl.constexpr,
+        BK: tl.constexpr,
+        BN: tl.constexpr,
+    ):
+        # Program (n, j): token n's whole shrink (each of the token's programs repeats it: its A
+        # rows are small and shared in L2), then output units j*units_per_program onwards.
+        n = tl.program_id(0)
+        slot = tl.load(SLOTS + n)
+        if slot == 0:
+            return
+        ranks = tl.arange(0, BR)
+        rmask = ranks < r
+        h = tl.zeros((BR,), dtype=tl.float32)
+        x_row = X + n.to(tl.int64) * stride_x
+        a_rows = A + slot * stride_as + ranks[:, None] * stride_ar
+        for k0 in range(0, d_in, BK):
+            cols = k0 + tl.arange(0, BK)
+            kmask = cols < d_in
+            xk = tl.load(x_row + cols, mask=kmask, other=0.0).to(tl.float32)
+            a = tl.load(a_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            h += tl.sum(a * xk[None, :], axis=1)
+        start = tl.program_id(1) * units_per_program
+        end = tl.minimum(start + units_per_program, d_out)
+        out_row = OUT + n.to(tl.int64) * stride_out
+        b_rows = B + slot * stride_bs + ranks[None, :]
+        for u0 in range(start, end, BN):
+            units = u0 + tl.arange(0, BN)
+            umask = units < end
+            b = tl.load(b_rows + units[:, None] * stride_bn, mask=umask[:, None] & rmask[None, :], other=0.0)
+            acc = tl.sum(b.to(tl.float32) * h[None, :], axis=1)
+            o = tl.load(out_row + units, mask=umask, other=0.0).to(tl.float32)
+            if HAS_DORA:
+                g = tl.load(GM1 + slot * stride_g + units, mask=umask, other=0.0).to(tl.float32)
+                base = o
+                if HAS_BIAS:
+                    base = o - tl.load(BIAS + units, mask=umask, other=0.0).to(tl.float32)
+                acc += g * base
+            tl.store(out_row + units, (o + acc).to(OUT.dtype.element_ty), mask=umask)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
 
 def _splits(tokens: int, d_in: int, device: torch.device) -> int:
     """How many programs share one token's shrink: enough to fill the GPU about twice, each with
     at least a few BLOCK_K tiles of d_in."""
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    by_fill = triton.cdiv(2 * sm_count, max(tokens, 1))
+    by_fill = triton.cdiv(2 * _sm_count(device), max(tokens, 1))
     by_work = max(1, d_in // (4 * BLOCK_K))
+    return max(1, min(by_fill, by_work))
+
+
+def _unit_parts(tokens: int, d_out: int, device: torch.device) -> int:
+    """How many programs share one token's output units in the one-launch kernel: enough to fill
+    the GPU about twice, each with at least four BLOCK_N blocks (each program repeats the shrink)."""
+    by_fill = triton.cdiv(2 * _sm_count(device), max(tokens, 1))
+    by_work = max(1, d_out // (4 * BLOCK_N))
     return max(1, min(by_fill, by_work))
 
 
@@ -140,7 +216,9 @@ def bgmv(
 ) -> torch.Tensor:
     """Add each token's adapter into ``out`` (N, d_out) in place; x (N, d_in), token_slots (N,)
     int64 in [0, S). ``gm1`` (S, d_out) and ``bias`` (d_out,): DoRA's term (``multi_lora``).
-    ``split``: programs per token's shrink (None: chosen from the GPU's size). Returns ``out``."""
+    ``split``: programs per token (None: chosen from the GPU's size): over the output units in
+    the one-launch kernel (``tuning.BGMV_ONE_LAUNCH``), over d_in in the two-launch shrink.
+    Returns ``out``."""
     tokens, d_in = x.shape
     r = A_stack.shape[1]
     if tokens == 0 or r == 0:
@@ -154,6 +232,37 @@ def bgmv(
     if out.stride(1) != 1:
         raise ValueError("bgmv adds into out in place: its last dimension must be contiguous")
     block_r = max(16, triton.next_power_of_2(r))
+    d_out = out.shape[1]
+    if tuning.BGMV_ONE_LAUNCH:
+        # Programs per token over its output units: enough to fill the GPU about twice.
+        parts = split or _unit_parts(tokens, d_out, x.device)
+        units = triton.cdiv(triton.cdiv(d_out, parts), BLOCK_N) * BLOCK_N
+        _one_launch_kernel[(tokens, triton.cdiv(d_out, units))](
+            x,
+            A_stack,
+            B_stack,
+            token_slots,
+            out,
+            gm1 if gm1 is not None else out,
+            bias if bias is not None else out,
+            d_in,
+            d_out,
+            r,
+            x.stride(0),
+            A_stack.stride(0),
+            A_stack.stride(1),
+            B_stack.stride(0),
+            B_stack.stride(1),
+            out.stride(0),
+            gm1.stride(0) if gm1 is not None else 0,
+            units,
+            HAS_DORA=gm1 is not None,
+            HAS_BIAS=bias is not None,
+            BR=block_r,
+            BK=BLOCK_K,
+            BN=BLOCK_N,
+        )
+        return out
     split = split or _splits(tokens, d_in, x.device)
     k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
     split = triton.cdiv(d_in, k_per_split)
@@ -174,7 +283,6 @@ def bgmv(
         BR=block_r,
         BK=BLOCK_K,
     )
-    d_out = out.shape[1]
     _expand_kernel[(tokens, triton.cdiv(d_out, BLOCK_N))](
         h,
         B_stack,

@@ -69,3 +69,9 @@ a shared buffer (``triton_dequant4.py``). False (the default): bitsandbytes' ``d
 but whole QLoRA steps were the same either way (within 1%, docs/benchmarks.md): a 4-bit layer's
 dequantization is launch-bound at these sizes, so the kernel stays an option, not the default.
 Read from ``LORAKIT_TRITON_DEQUANT`` when lorakit is imported."""
+
+BGMV_ONE_LAUNCH = os.environ.get("LORAKIT_BGMV_ONE_LAUNCH", "1") == "1"
+"""True: a BGMV call is one Triton launch (``triton_bgmv._one_launch_kernel``: each program
+computes its token's rank-r shrink, then expands it over its share of the output units). False:
+a shrink launch and an expand launch with the rank-r intermediate in global memory (and a zeroed
+buffer when the shrink is split). A decode step's BGMV calls are launch-bound."""

@@ -46,6 +46,15 @@ class RowRouting:
         self.stack_names = tuple(n for n in self._rows if n is not None)
         self._on_device: dict[torch.device, dict[str | None, torch.Tensor]] = {}
         self._plans: dict[tuple[str, int, int, torch.device], SlotPlan] = {}
+        self._fixed: SlotPlan | None = None
+
+    def set_plan(self, plan: SlotPlan, rows: int) -> None:
+        """Route the following forwards of ``rows`` rows by ``plan`` (slots only, no names) until
+        the next ``set_rows``: a CUDA graph's plan (``SlotPlan.for_graph``), captured once and
+        steered by the slots written into its buffer."""
+        self.set_rows([None] * rows)
+        self.num_slots = plan.num_slots
+        self._fixed = plan
 
     def _check(self, batch: int) -> None:
         if batch != len(self.names):
@@ -65,6 +74,10 @@ class RowRouting:
         """The kernels' plan for the rows' slots over ``tokens`` tokens (``tokens / batch`` per
         row), or None when no row has a slot."""
         self._check(batch)
+        if self._fixed is not None:
+            if tokens != self._fixed.tokens:
+                raise AdapterStateError(f"the fixed slot plan covers {self._fixed.tokens} tokens, not {tokens}")
+            return self._fixed
         if self.slots is None:
             return None
         key = ("slots", batch, tokens, device)

@@ -40,6 +40,9 @@ class SlotStack:
         A, B, gm1: the stacked tensors (shapes above).
         ranks: slot -> rank of the adapter written there (0: empty).
         version: bumped by every write or clear (for callers that cache what they derive).
+        allocations: bumped whenever A, B or gm1 becomes a new tensor (r_max grows, the first
+            DoRA adapter is written): a CUDA graph captured over the old tensors must be captured
+            again.
     """
 
     def __init__(self, layer: Any, num_slots: int, max_rank: int, dtype: torch.dtype | None = None) -> None:
@@ -57,6 +60,7 @@ class SlotStack:
         self.gm1: torch.Tensor | None = None
         self.ranks = [0] * num_slots
         self.version = 0
+        self.allocations = 0
 
     @property
     def r_max(self) -> int:
@@ -71,6 +75,7 @@ class SlotStack:
         A[:, : self.r_max] = self.A
         B[:, :, : self.r_max] = self.B
         self.A, self.B = A, B
+        self.allocations += 1
 
     @torch.no_grad()
     def write(
@@ -114,6 +119,7 @@ class SlotStack:
             if self.gm1 is None:
                 wide = accumulation_dtype(self.dtype)
                 self.gm1 = torch.zeros(self.num_slots, self.d_out, dtype=wide, device=self.device)
+                self.allocations += 1
             self.gm1[slot] = g - 1
         elif self.gm1 is not None:
             self.gm1[slot].zero_()

@@ -43,6 +43,7 @@ from ..inject import delete_adapter
 from ..io.layout import group_factors
 from ..io.load import load_adapter, read_adapter, read_config_data
 from ..io.peft_adalora import is_peft_adalora
+from ..kernels.multi_lora import SlotPlan
 from ..layers import LoraLinear, is_conv1d
 from ..layers.routing import RowRouting
 from ..layers.slot_stack import SlotStack
@@ -135,6 +136,9 @@ class AdapterPool:
         self._pin_host = any(p.is_cuda for p in model.parameters())
         self.routing = RowRouting([], [], num_slots=self.num_slots)
         self._install_routing()
+        # Bumped whenever a forward's tensors change identity (a stack made or reallocated, a
+        # named adapter loaded into the model): CUDA graphs captured before must be captured again.
+        self.layout_version = 0
 
     # --- any thread --------------------------------------------------------------------------
     def register(self, name: str, directory: str | Path) -> None:
@@ -331,6 +335,21 @@ class AdapterPool:
         self._sweep()
         self.routing.set_rows([r.model_name for r in routes], [r.slot for r in routes], self.num_slots)
 
+    def route_slots(self, routes: list[Route]) -> list[int] | None:
+        """Each route's slot, or None when a route runs a named adapter (the per-row loop, which a
+        CUDA graph cannot hold)."""
+        if any(r.model_name is not None for r in routes):
+            return None
+        return [r.slot for r in routes]
+
+    def fix_slots(self, buffer: torch.Tensor) -> None:
+        """Route the following forwards of ``len(buffer)`` one-token rows by the slots written into
+        ``buffer`` ((rows,) int64 on the model's device) until the next ``set_rows``: what a CUDA
+        graph of a decode step is captured with; its replays read the buffer, which the graph's
+        owner keeps (``CapturedCall.inputs``)."""
+        self._sweep()
+        self.routing.set_plan(SlotPlan.for_graph(buffer, self.num_slots), buffer.shape[0])
+
     def _sweep(self) -> None:
         """Unload named adapters unregistered while no row used them (``release`` does the rest)."""
         for entry in [e for e in self._loaded if e.pins == 0 and not self._live(e)]:
@@ -393,7 +412,11 @@ class AdapterPool:
         for path in state.modules - set(host):
             self._stack(path).clear(slot)
         for path, (A, sB, m) in host.items():
-            self._stack(path).write(slot, A, sB, 1.0, magnitude=m)
+            stack = self._stack(path)
+            allocations = stack.allocations
+            stack.write(slot, A, sB, 1.0, magnitude=m)
+            if stack.allocations != allocations:
+                self.layout_version += 1
         state.entry, state.modules, state.pins = entry, set(host), 0
         state.drain_for = None
         self.observer.adapter_loaded(entry.name, "device", time.perf_counter() - started)
@@ -414,6 +437,7 @@ class AdapterPool:
         if module.slot_stack is None:
             module.slot_stack = SlotStack(module, self.num_slots, self.max_lora_rank)
             module.row_adapters = self.routing
+            self.layout_version += 1
         return module.slot_stack
 
     def _acquire_fallback(self, entry: _Entry, host: _HostFactors | None) -> Route | None:
@@ -432,6 +456,7 @@ class AdapterPool:
             entry.model_name = model_name
             self._loaded.append(entry)
             self._install_routing()
+            self.layout_version += 1
             self.observer.adapter_loaded(entry.name, "device", time.perf_counter() - started)
         else:
             self.observer.slot_event("hit")

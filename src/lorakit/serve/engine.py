@@ -30,6 +30,7 @@ from .detokenize import TextStream
 from .requests import Delta, EngineObserver, GenerationRequest, NullObserver, RequestHandle, SamplingParams
 from .sampling import check_sampling, next_tokens, row_generator
 from .scheduler import Admitted, EngineLimits, Scheduler
+from .static_batch import StaticBatch
 
 __all__ = ["Engine", "EngineLimits"]
 
@@ -48,6 +49,7 @@ class _Row:
     arrived: float
     completion_tokens: int = 0
     last_token: int = 0
+    static_row: int = -1  # its row of the StaticBatch, when the engine decodes over one
 
 
 class Engine:
@@ -63,6 +65,7 @@ class Engine:
         limits: EngineLimits | None = None,
         observer: EngineObserver | None = None,
         seed: int = 0,
+        decode: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -89,6 +92,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._seeds = torch.Generator().manual_seed(seed)
         self.failure: BaseException | None = None
+        self.decode_mode = _decode_mode(decode, self.device)
+        self._static = None
+        if self.decode_mode != "dynamic":
+            graphs = self.decode_mode == "graphs"
+            self._static = StaticBatch(
+                model, self.limits.max_num_seqs, graphs=graphs, pool=pool, forward=self._static_forward
+            )
 
     # --- prompts ---------------------------------------------------------------------------
     def completion_ids(self, prompt: str | list[int]) -> list[int]:
@@ -246,6 +256,18 @@ class Engine:
             )
         return out.logits[:, -1, :]
 
+    def _static_forward(self, ids, mask, positions, cache) -> torch.Tensor:
+        """A decode step's forward over the static batch (``static_batch.py``; routed there)."""
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_argument: cache},
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
     def _prefill(self, admitted: list[Admitted]) -> int:
         from transformers import DynamicCache
 
@@ -269,22 +291,30 @@ class Engine:
             for row in rows:
                 self._finish(row, "error", "", f"the prefill failed: {type(exc).__name__}: {exc}")
             return 0
-        joined = BatchState(cache, mask)
-        if self._batch is None:
-            self._batch = joined
+        if self._static is not None:
+            for row, static_row in zip(rows, self._static.admit(cache, mask)):
+                row.static_row = static_row
+        elif self._batch is None:
+            self._batch = BatchState(cache, mask)
         else:
-            self._batch.join(joined)
+            self._batch.join(BatchState(cache, mask))
         start = len(self._rows)
         self._rows.extend(rows)
         self._emit(logits, range(start, len(self._rows)))
         return int(mask.numel())
 
     def _decode(self) -> None:
-        batch = self._batch
-        ids = torch.tensor([[row.last_token] for row in self._rows], device=self.device)
-        mask, positions = batch.step_inputs()
+        routes = [r.route for r in self._rows]
         try:
-            logits = self._forward(ids, mask, positions, batch.cache, [r.route for r in self._rows])
+            if self._static is not None:
+                with torch.inference_mode():
+                    logits = self._static.step(
+                        [r.static_row for r in self._rows], [r.last_token for r in self._rows], routes
+                    )
+            else:
+                ids = torch.tensor([[row.last_token] for row in self._rows], device=self.device)
+                mask, positions = self._batch.step_inputs()
+                logits = self._forward(ids, mask, positions, self._batch.cache, routes)
         except Exception as exc:
             self._leave_all(
                 list(range(len(self._rows))), "error", f"the decode step failed: {type(exc).__name__}: {exc}"
@@ -339,11 +369,15 @@ class Engine:
         for i, (reason, piece) in finished.items():
             self._finish(self._rows[i], reason, piece, error)
         keep = [i for i in range(len(self._rows)) if i not in finished]
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
+        if self._static is not None:
+            for i in finished:
+                if self._rows[i].static_row >= 0:
+                    self._static.release(self._rows[i].static_row)
+        elif not keep:
             self._batch = None
         else:
             self._batch.keep(torch.tensor(keep, device=self.device))
+        self._rows = [self._rows[i] for i in keep]
 
     def _leave_all(self, indices: list[int], reason: str, error: str | None = None) -> None:
         self._leave({i: (reason, "") for i in indices}, error)
@@ -383,6 +417,21 @@ class Engine:
                 item.arrived,
             )
         self.scheduler.queue.clear()
+
+
+def _decode_mode(decode: str, device: torch.device) -> str:
+    """How decode steps run: "dynamic" (``DynamicCache`` joined and trimmed per step, eager),
+    "static" (``StaticBatch``'s fixed buffers, eager) or "graphs" (the same in CUDA graphs);
+    "auto": graphs on a CUDA device with Triton (the slot kernels' graph path), else dynamic."""
+    from ..kernels.triton_support import triton
+
+    if decode == "auto":
+        return "graphs" if device.type == "cuda" and triton is not None else "dynamic"
+    if decode not in ("dynamic", "static", "graphs"):
+        raise ConfigError(f"decode must be auto, dynamic, static or graphs; got {decode!r}")
+    if decode == "graphs" and device.type != "cuda":
+        raise ConfigError("CUDA-graph decoding needs the model on a CUDA device; use --enforce-eager")
+    return decode
 
 
 def _kv_bytes_per_token(model: nn.Module) -> int:
