@@ -13,6 +13,8 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
 - lorakit pool: 8 adapters in an ``AdapterPool``'s device slots (what ``lorakit serve`` runs);
 - lorakit pool, sorted: the same with SGMV always sorting the tokens by slot (no runs: the path
   before segment SGMV, ``tuning.SEGMENT_TOKENS``);
+- lorakit pool, runs: the same with a prefill's rows multiplied by SGMV over runs
+  (``tuning.BATCHED_ROWS`` off: the path before batched row GEMMs);
 - lorakit pool, two launches: the same with BGMV as a shrink and an expand launch
   (``tuning.BGMV_ONE_LAUNCH`` off; decode batches);
 - PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument;
@@ -66,6 +68,7 @@ CASES = [
     "lorakit-adapter_batch",
     "lorakit-pool",
     "lorakit-pool-sorted",
+    "lorakit-pool-runs",
     "peft-one",
     "peft-mixed",
     "lorakit-pool-two-launch",
@@ -149,35 +152,31 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
             pool.set_rows([routes[i % ADAPTERS] for i in range(ids.shape[0])])
             return model(ids, use_cache=False)
 
-        def pooled_sorted(ids, pooled=pooled):
-            runs, tuning.SEGMENT_TOKENS = tuning.SEGMENT_TOKENS, float("inf")
-            try:
-                return pooled(ids)
-            finally:
-                tuning.SEGMENT_TOKENS = runs
-
         def pool_slots(ids, pool=pool, routes=routes):
             slots = torch.tensor([routes[i % ADAPTERS].slot for i in range(ids.shape[0])], device=ids.device)
             pool.fix_slots(slots)
             return {"slots": slots}
 
-        def two_launch(fn):
+        def knob(fn, name, value):
             def call(ids):
-                one, tuning.BGMV_ONE_LAUNCH = tuning.BGMV_ONE_LAUNCH, False
+                kept = getattr(tuning, name)
+                setattr(tuning, name, value)
                 try:
                     return fn(ids)
                 finally:
-                    tuning.BGMV_ONE_LAUNCH = one
+                    setattr(tuning, name, kept)
 
             return call
 
         def logits(ids, slots, model=model):
             return model(ids, use_cache=False).logits
 
-        built["lorakit-pool"], built["lorakit-pool-sorted"] = pooled, pooled_sorted
-        built["lorakit-pool-two-launch"] = two_launch(pooled)
+        built["lorakit-pool"] = pooled
+        built["lorakit-pool-sorted"] = knob(pooled, "SEGMENT_TOKENS", float("inf"))
+        built["lorakit-pool-runs"] = knob(pooled, "BATCHED_ROWS", False)
+        built["lorakit-pool-two-launch"] = knob(pooled, "BGMV_ONE_LAUNCH", False)
         built["lorakit-pool-graph"] = graphed(logits, pool_slots)
-        built["lorakit-pool-graph-two-launch"] = two_launch(graphed(logits, pool_slots))
+        built["lorakit-pool-graph-two-launch"] = knob(graphed(logits, pool_slots), "BGMV_ONE_LAUNCH", False)
     if {"peft-one", "peft-mixed"} & set(cases):
         from peft import PeftModel
 

@@ -86,6 +86,7 @@ def test_runs_of_one_slot_are_multiplied_where_they_lie(dora, monkeypatch):
     bias = torch.randn(48)
     row_slots, T = [2, 0, 2, 1, 4, 4, 3], 9
     monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 8)
+    monkeypatch.setattr(tuning, "BATCHED_ROWS", False)
     plan = SlotPlan.for_rows(row_slots, T, 5, "cpu")
     assert plan.span is None and plan.segments is not None
     run_slots, run_ends = plan.segments
@@ -99,6 +100,29 @@ def test_runs_of_one_slot_are_multiplied_where_they_lie(dora, monkeypatch):
     sorted_plan = SlotPlan.for_rows(row_slots, T, 5, "cpu")
     assert sorted_plan.segments is None
     torch.testing.assert_close(add_multi_lora(out.clone(), x, sorted_plan, A, B, gm1, bias), got, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_of_one_slot_take_batched_gemms(dtype, monkeypatch):
+    """A prefill's rows (T tokens each, slot 0 among them): two batched GEMMs, the expand added
+    into ``out`` in place; equal to the formula and to SGMV over runs."""
+    A, B, _ = random_stack(dora=False)
+    row_slots, T = [2, 0, 2, 1, 4, 4, 3], 9
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 8)
+    plan = SlotPlan.for_rows(row_slots, T, 5, "cpu")
+    assert plan.rows is not None and plan.rows[0] == T and plan.rows[1].tolist() == row_slots
+    x, out = torch.randn(len(row_slots) * T, 64), torch.randn(len(row_slots) * T, 48)
+    want = formula(out, x, torch.tensor(row_slots).repeat_interleave(T), A, B, None, None)
+    got_out = out.to(dtype)
+    got = add_multi_lora(got_out, x.to(dtype), plan, A.to(dtype), B.to(dtype))
+    assert got is got_out
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(got[T : 2 * T], out[T : 2 * T].to(dtype), rtol=0, atol=0)  # the base row
+    monkeypatch.setattr(tuning, "BATCHED_ROWS", False)
+    runs = add_multi_lora(out.to(dtype), x.to(dtype), plan, A.to(dtype), B.to(dtype))
+    torch.testing.assert_close(runs, got, rtol=tol, atol=tol)
+    assert SlotPlan.for_rows(row_slots, 7, 5, "cpu").rows is None  # rows shorter than SEGMENT_TOKENS
 
 
 def test_short_runs_are_sorted_by_slot():

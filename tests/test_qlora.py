@@ -300,7 +300,7 @@ def test_load_model_quantizes_a_directory_through_transformers(tmp_path):
     q = model.model.layers[0].self_attn.q_proj
     assert type(q) is bnb.nn.Linear4bit and q.weight.quant_type == "nf4" and not q.weight.compress_statistics
     assert q.compute_dtype == torch.float32 and type(model.lm_head) is nn.Linear
-    assert q.support_avx512bf16_for_cpu is False  # no bf16 repacking in eval (quantization.keep_standard_packing)
+    assert not q.support_avx512bf16_for_cpu  # no bf16 repacking in eval (quantization.keep_standard_packing)
     # The same codes as lorakit.quantize on the same weights.
     dense, _ = load_model(str(tmp_path / "m"))
     lorakit.quantize(dense, "nf4", double_quant=False)

@@ -158,7 +158,7 @@ def test_a_layer_repacked_by_bitsandbytes_for_its_cpu_kernel_is_put_back():
     layout its dequantize cannot read, with the scales rounded to bf16); lorakit switches that off
     and undoes a rewrite already done (the codes come back exactly, the scales as bf16 kept them)."""
     layer = lorakit.quantize(nn.Sequential(nn.Linear(128, 64)), "nf4")[0]
-    assert layer.support_avx512bf16_for_cpu is False  # lorakit's quantize switches it off
+    assert not layer.support_avx512bf16_for_cpu  # lorakit's quantize switches it off
     dense = dequantized_weight(layer).clone()
     packed = layer.weight.data.clone()
     layer.weight.data, layer.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(

@@ -13,6 +13,9 @@ forward is g ⊙ (W0 x + s B A x) + b per output unit (g = m / ||W0 + s B A||) a
 How a call runs (``add_multi_lora``), all giving the same values:
 - decode on a GPU (few tokens): BGMV, one Triton program per token and output block, indexed by
   the token's slot (Punica's bgmv, vLLM's lora_shrink/expand; ``triton_bgmv.py``);
+- a prefill's rows (each row's tokens one slot; ``SlotPlan.rows``): two batched GEMMs, each row
+  with its slot's factors gathered, the expand accumulated into ``out`` (beta = 1), so the product
+  never makes a separate pass over the output (no DoRA term; GPU dtypes, or fp32/fp64 on the CPU);
 - otherwise SGMV through ``torch.nn.functional.grouped_mm`` (CPU and GPU), one for the shrink and
   one for the expand: where the tokens come in long runs of one slot (a prefill's rows), one group
   per run, the tokens multiplied where they lie with each run's factors gathered (Punica's SGMV
@@ -29,6 +32,7 @@ autograd records the call (then a new tensor comes back).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +65,9 @@ class SlotPlan:
             included; run_ends are cumulative: grouped_mm's ``offs``), else None.
         graphed: ``token_slots`` is a buffer rewritten between CUDA-graph replays
             (``for_graph``); the host-side fields are empty and every call takes BGMV.
+        rows: (T, row_slots (R,) int64 on the device) when the tokens are R rows of T tokens,
+            each row one slot, T at least ``tuning.SEGMENT_TOKENS`` (a prefill; ``for_rows``),
+            else None.
     """
 
     tokens: int
@@ -74,6 +81,7 @@ class SlotPlan:
     counts: tuple[int, ...]
     segments: tuple[torch.Tensor, torch.Tensor] | None = None
     graphed: bool = False
+    rows: tuple[int, torch.Tensor] | None = None
 
     @staticmethod
     def for_graph(token_slots: torch.Tensor, num_slots: int) -> SlotPlan:
@@ -149,7 +157,11 @@ class SlotPlan:
         """The plan when every token of batch row i takes slot ``row_slots[i]`` (x laid out as
         (rows, tokens_per_row, d) flattened)."""
         slots = torch.tensor(row_slots, dtype=torch.int64).repeat_interleave(tokens_per_row)
-        return SlotPlan.build(slots, num_slots, device)
+        plan = SlotPlan.build(slots, num_slots, device)
+        if tokens_per_row >= tuning.SEGMENT_TOKENS and plan.present:
+            # Each row's slot: every T-th token's, a view of the plan's device tensor (no copy).
+            plan = dataclasses.replace(plan, rows=(tokens_per_row, plan.token_slots[::tokens_per_row]))
+        return plan
 
 
 def add_multi_lora(
@@ -184,6 +196,8 @@ def add_multi_lora(
     if triton_bgmv.available(x, A_stack, B_stack, out) and plan.tokens <= tuning.BGMV_TOKENS:
         triton_bgmv.bgmv(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
         return out
+    if plan.rows is not None and gm1 is None and _batched_rows_run(x, A_stack, B_stack, out):
+        return _batched_rows(out, x, plan, A_stack, B_stack)
     if _grouped_runs(x, A_stack, B_stack, out):
         if plan.segments is not None:
             return _grouped_segments(out, x, plan, A_stack, B_stack, gm1, bias)
@@ -269,6 +283,32 @@ def _grouped_segments(out, x, plan, A_stack, B_stack, gm1, bias) -> torch.Tensor
         y = y.to(torch.promote_types(y.dtype, torch.float32))
         y.addcmul_(gm1.index_select(0, plan.token_slots), base)
     return out.add_(y.to(out.dtype))
+
+
+# --- rows of one slot each: batched GEMMs ----------------------------------------------------------
+def _batched_rows_run(x: torch.Tensor, A_stack: torch.Tensor, B_stack: torch.Tensor, out: torch.Tensor) -> bool:
+    # One dtype throughout (a GPU's half-precision GEMMs accumulate in fp32; on the CPU only fp32
+    # and wider, where the rank-r intermediate is then fp32 too), contiguous rows to view as 3-D.
+    return (
+        tuning.BATCHED_ROWS
+        and x.dtype == A_stack.dtype == B_stack.dtype == out.dtype
+        and (x.device.type == "cuda" or x.dtype in (torch.float32, torch.float64))
+        and x.is_contiguous()
+        and out.is_contiguous()
+    )
+
+
+def _batched_rows(out, x, plan, A_stack, B_stack) -> torch.Tensor:
+    """R rows of T tokens, row i in slot s_i: out_i += (x_i A[s_i]ᵀ) B[s_i]ᵀ as two batched GEMMs,
+    the expand accumulating into ``out`` (beta = 1: no separate product and add pass over the
+    (N, d_out) output). Rows of slot 0 multiply its zero factors."""
+    T, row_slots = plan.rows
+    rows = x.shape[0] // T
+    A_r = A_stack.index_select(0, row_slots)  # (R, r, d_in)
+    B_r = B_stack.index_select(0, row_slots)  # (R, d_out, r)
+    h = torch.bmm(x.view(rows, T, -1), A_r.transpose(1, 2))  # (R, T, r)
+    out.view(rows, T, -1).baddbmm_(h, B_r.transpose(1, 2))
+    return out
 
 
 _WIDE_OUTPUT_FAILED: set[tuple[str, torch.dtype]] = set()

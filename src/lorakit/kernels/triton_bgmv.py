@@ -5,12 +5,14 @@
 
     x: (N, d_in)   out: (N, d_out)   A_stack: (S, r_max, d_in)   B_stack: (S, d_out, r_max)
 
-Punica's bgmv and vLLM's lora_shrink / lora_expand in two launches whatever the number of adapters:
-one program per token (and split of d_in, or block of output units), which reads its slot's rows
-of A or B. Tokens of slot 0 (no adapter) return at once. A decode step has a few tokens per
-adapter, so reading the factors per token costs little next to launching a GEMM per adapter; long
-prefills take grouped GEMMs instead (``multi_lora.py``). Accumulation is fp32; the shrink of a
-long d_in is split over programs whose partial sums are added atomically into h.
+Punica's bgmv, whatever the number of adapters, in one launch (``tuning.BGMV_ONE_LAUNCH``): program
+(n, j) computes token n's shrink from its slot's rows of A (every program of the token repeats
+it: r × d_in reads served from L2) and expands it over its share j of the output units; or in two,
+as vLLM's lora_shrink / lora_expand (the rank-r intermediate through global memory, the shrink of
+a long d_in split over programs). Tokens of slot 0 (no adapter) return at once. A decode step has
+a few tokens per adapter, so reading the factors per token costs little next to launching a GEMM
+per adapter; long prefills take grouped GEMMs instead (``multi_lora.py``). Accumulation is fp32; in two launches
+the split shrink's partial sums are added atomically into h.
 
 The CPU tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``); without Triton
 nothing here runs (``available`` is False) and ``multi_lora`` takes its torch paths.

@@ -75,3 +75,9 @@ BGMV_ONE_LAUNCH = os.environ.get("LORAKIT_BGMV_ONE_LAUNCH", "1") == "1"
 computes its token's rank-r shrink, then expands it over its share of the output units). False:
 a shrink launch and an expand launch with the rank-r intermediate in global memory (and a zeroed
 buffer when the shrink is split). A decode step's BGMV calls are launch-bound."""
+
+BATCHED_ROWS = True
+"""A prefill's rows (each row's T tokens one slot, T >= ``SEGMENT_TOKENS``) take two batched GEMMs
+per call (``multi_lora._batched_rows``: the shrink per row, then the expand accumulated into the
+output with beta = 1) instead of grouped GEMMs over runs, which write the product apart and add it
+in another pass over the output. Base rows multiply slot 0's zeros. False: SGMV over runs."""
