@@ -1,10 +1,6 @@
 """The multi-adapter kernels (``kernels/multi_lora.py``, ``triton_bgmv.py``) and the slot stacks
 (``layers/slot_stack.py``): against the formula in float64 and against one another."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -15,6 +11,8 @@ from lorakit.kernels.multi_lora import SlotPlan, add_multi_lora
 from lorakit.layers import LoraLinear
 from lorakit.layers.routing import RowRouting
 from lorakit.layers.slot_stack import SlotStack
+
+from .triton_interpreter import run_interpreted
 
 
 def random_stack(S=5, r=8, d_in=64, d_out=48, dora=True, seed=0):
@@ -209,10 +207,7 @@ print("ok")
 
 
 def test_bgmv_kernels_match_formula_in_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", BGMV_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    run_interpreted(BGMV_SCRIPT)
 
 
 def test_cpu_tensors_never_take_bgmv():

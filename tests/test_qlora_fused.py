@@ -7,10 +7,6 @@ Triton's CPU interpreter against bitsandbytes' ``dequantize_4bit``, bit for bit.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -22,6 +18,8 @@ from lorakit.layers import LoraQuantizedLinear
 from lorakit.quantization import dequantized_weight, keep_standard_packing
 from lorakit.state import lora_layers
 from tests.tiny import randomize_adapters, tiny_llama
+
+from .triton_interpreter import run_interpreted
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -208,10 +206,7 @@ print("ok")
 
 
 def test_triton_dequantization_equals_bitsandbytes_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    run_interpreted(INTERPRETED)
 
 
 def test_cpu_weights_never_take_the_triton_kernel():
@@ -269,9 +264,4 @@ print("ok")
 def test_the_layer_trains_through_the_triton_dequantization_in_the_interpreter():
     """``tuning.TRITON_DEQUANT``: the layer hands the kernel its packed weight, nested state and
     the shared buffer; the step equals the reference path's."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", INTERPRETED_LAYER], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    run_interpreted(INTERPRETED_LAYER)

@@ -4,15 +4,13 @@ interpreter, against the float64 formula; and the torch path it stands in for.
 The interpreter computes with numpy, which has no bfloat16: fp32 and fp16 are checked here, bf16
 on a GPU by scripts/gpu_fast_path_check.py."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lorakit.kernels import triton_colsum
 from lorakit.kernels.dora_linear import magnitude_grad
+
+from .triton_interpreter import run_interpreted
 
 SCRIPT = r"""
 import torch
@@ -44,9 +42,7 @@ print("ok")
 
 @pytest.mark.skipif(triton_colsum.triton is None, reason="needs triton (a dev dependency on Linux x86_64)")
 def test_kernel_matches_formula_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    run_interpreted(SCRIPT)
 
 
 def test_cpu_tensors_take_the_torch_path():

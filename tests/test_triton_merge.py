@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from .triton_interpreter import run_interpreted
+
 pytest.importorskip("triton")
 
 SCRIPT = r"""
@@ -43,9 +45,7 @@ print("ok")
 
 
 def test_kernels_match_formula_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    run_interpreted(SCRIPT)
 
 
 def test_cpu_tensors_never_take_the_kernel():
@@ -84,10 +84,6 @@ def test_which_builds_take_the_kernel(monkeypatch, mode, for_dora, for_small_lor
 
 
 def test_the_default_mode_is_auto():
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "LORAKIT_TRITON_MERGE"}
     code = "from lorakit.kernels import tuning; print(tuning.TRITON_MERGE)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

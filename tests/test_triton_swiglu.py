@@ -3,14 +3,12 @@
 The interpreter computes with numpy, which has no bfloat16: fp32 and fp16 are checked here, bf16
 on a GPU by scripts/gpu_fast_path_check.py (through the whole model)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lorakit.kernels import triton_swiglu
+
+from .triton_interpreter import run_interpreted
 
 SCRIPT = r"""
 import torch
@@ -40,9 +38,7 @@ print("ok")
 
 @pytest.mark.skipif(triton_swiglu.triton is None, reason="Triton not installed")
 def test_kernels_match_formula_in_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+    run_interpreted(SCRIPT)
 
 
 def test_not_available_on_cpu_tensors():
