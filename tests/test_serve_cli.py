@@ -145,12 +145,12 @@ def test_wiring_of_model_pool_engine_and_app(tmp_path, monkeypatch, capsys):
     _adapter(root / "fresh")
     argv = ["serve", "--adapter-dir", str(root), "--adapter", f"one={a}", "--served-model-name", "base"]
     argv += ["--port", "0", "--max-loras", "3", "--max-num-seqs", "5", "--kv-cache-gb", "1.5", "--api-key", "k"]
-    argv += ["--allow-runtime-adapters", "--enforce-eager"]
+    argv += ["--allow-runtime-adapters", "--cuda-graphs"]
     assert main(argv) == 0
     assert "serving base with 1 adapter(s) at http://127.0.0.1:" in capsys.readouterr().out
     assert made["pool"] == {"max_loras": 3, "max_cpu_loras": 64, "max_lora_rank": 64}
     assert made["limits"] == _SpecLimits(max_num_seqs=5, kv_cache_gb=1.5)
-    assert made["decode"] == "dynamic"  # --enforce-eager: no CUDA graphs
+    assert made["decode"] == "graphs"  # --cuda-graphs
     assert made["observer"] is not None and made["engine"].observer is made["observer"]
     assert [(c["id"], c["parent"]) for c in made["cards"]] == [("base", None), ("one", "base")]
     assert made["load"] == 200

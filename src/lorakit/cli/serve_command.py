@@ -63,9 +63,9 @@ def add_serve_parser(sub) -> None:
     )
     serve.add_argument("--device", default=None)
     serve.add_argument(
-        "--enforce-eager",
+        "--cuda-graphs",
         action="store_true",
-        help="decode without CUDA graphs (on a GPU, decode steps are captured in graphs by default)",
+        help="decode in CUDA graphs over fixed per-row buffers (GPU; not yet the default: docs/serving.md)",
     )
     serve.add_argument("--dtype", default="auto")
     pool = serve.add_argument_group("adapter slots")
@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, directory in adapters.items():
         pool.register(name, directory)  # config checks only: weights load when first asked for
     limits = EngineLimits(**_given(args, LIMIT_FLAGS))
-    decode = "dynamic" if args.enforce_eager else "auto"
+    decode = "graphs" if args.cuda_graphs else "auto"
     engine = Engine(model, tokenizer, pool, model_id=model_id, limits=limits, observer=metrics, decode=decode)
     app = build_app(
         engine,

@@ -421,16 +421,17 @@ class Engine:
 
 def _decode_mode(decode: str, device: torch.device) -> str:
     """How decode steps run: "dynamic" (``DynamicCache`` joined and trimmed per step, eager),
-    "static" (``StaticBatch``'s fixed buffers, eager) or "graphs" (the same in CUDA graphs);
-    "auto": graphs on a CUDA device with Triton (the slot kernels' graph path), else dynamic."""
+    "static" (``StaticBatch``'s fixed buffers, eager) or "graphs" (the same in CUDA graphs, which
+    need Triton for the slot kernels' graph path). "auto" is "dynamic" for now: the graphs have
+    not been run on a GPU yet (docs/serving.md), so they are asked for (``--cuda-graphs``)."""
     from ..kernels.triton_support import triton
 
     if decode == "auto":
-        return "graphs" if device.type == "cuda" and triton is not None else "dynamic"
+        return "dynamic"
     if decode not in ("dynamic", "static", "graphs"):
         raise ConfigError(f"decode must be auto, dynamic, static or graphs; got {decode!r}")
-    if decode == "graphs" and device.type != "cuda":
-        raise ConfigError("CUDA-graph decoding needs the model on a CUDA device; use --enforce-eager")
+    if decode == "graphs" and (device.type != "cuda" or triton is None):
+        raise ConfigError("--cuda-graphs needs the model on a CUDA device and Triton installed; leave it off")
     return decode
 
 
