@@ -74,10 +74,13 @@ BGMV_ONE_LAUNCH = os.environ.get("LORAKIT_BGMV_ONE_LAUNCH", "1") == "1"
 """True: a BGMV call is one Triton launch (``triton_bgmv._one_launch_kernel``: each program
 computes its token's rank-r shrink, then expands it over its share of the output units). False:
 a shrink launch and an expand launch with the rank-r intermediate in global memory (and a zeroed
-buffer when the shrink is split). A decode step's BGMV calls are launch-bound."""
+buffer when the shrink is split). A decode step's BGMV calls are launch-bound, so one launch
+where there were two or three; its values were checked on an H100 (scripts/gpu_multi_lora_check.py),
+its speed not yet (``bench/mixed_adapters.py`` case ``lorakit-pool-two-launch`` compares)."""
 
 BATCHED_ROWS = True
 """A prefill's rows (each row's T tokens one slot, T >= ``SEGMENT_TOKENS``) take two batched GEMMs
 per call (``multi_lora._batched_rows``: the shrink per row, then the expand accumulated into the
 output with beta = 1) instead of grouped GEMMs over runs, which write the product apart and add it
-in another pass over the output. Base rows multiply slot 0's zeros. False: SGMV over runs."""
+in another pass over the output. Base rows multiply slot 0's zeros. False: SGMV over runs.
+Neutral on the CPU (docs/benchmarks.md); not yet timed on a GPU (case ``lorakit-pool-runs``)."""
