@@ -455,8 +455,8 @@ def test_adapter_batch_keeps_the_loop_where_autograd_or_dropout_need_it(monkeypa
 
 
 def test_graphed_plan_routes_by_its_buffer_only():
-    """A CUDA graph's plan: the routing hands it to every layer until the next set_rows, refuses
-    another token count, and the kernels refuse it off the GPU (it has no host-side index)."""
+    """A CUDA graph's plan: the routing hands it to every layer until the next set_rows and refuses
+    another token count; the kernels route by its buffer alone."""
     buffer = torch.zeros(4, dtype=torch.int64)
     plan = SlotPlan.for_graph(buffer, 3)
     assert plan.graphed and plan.tokens == 4 and plan.token_slots is buffer
@@ -465,8 +465,16 @@ def test_graphed_plan_routes_by_its_buffer_only():
     assert routing.slot_plan(4, 4, torch.device("cpu")) is plan
     with pytest.raises(AdapterStateError, match="4 tokens"):
         routing.slot_plan(4, 8, torch.device("cpu"))
-    A, B, _ = random_stack()
-    with pytest.raises(ValueError, match="CUDA"):
-        add_multi_lora(torch.zeros(4, 48), torch.zeros(4, 64), SlotPlan.for_graph(buffer, 5), A, B)
+    A, B, gm1 = random_stack()
+    with pytest.raises(ValueError, match="4 tokens"):
+        add_multi_lora(torch.zeros(3, 48), torch.zeros(3, 64), SlotPlan.for_graph(buffer, 5), A, B)
+    # Off the GPU the slots are gathered on the device: the formula, whatever the buffer holds.
+    x, out, bias = torch.randn(4, 64), torch.randn(4, 48), torch.randn(48)
+    graphed = SlotPlan.for_graph(buffer, 5)
+    for slots in ([0, 1, 4, 1], [3, 0, 0, 2]):
+        buffer.copy_(torch.tensor(slots))
+        got = add_multi_lora(out.clone(), x, graphed, A, B, gm1, bias)
+        want = formula(out, x, torch.tensor(slots), A, B, gm1, bias)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     routing.set_rows([None] * 4, [0, 1, 0, 2], num_slots=3)
     assert not routing.slot_plan(4, 4, torch.device("cpu")).graphed

@@ -100,7 +100,24 @@ def _reference(model, tokenizer, request) -> list[int]:
     return out[0, ids.shape[1] :].tolist()
 
 
-def _serve(adapter_dirs, decode):
+class EagerGraph:
+    """``CapturedCall`` on the CPU: every call (a replay) runs the captured function again on the
+    buffers, so the static batch's graph plumbing (buffers written before each replay, routing by
+    the slot buffer, capture again when the layout changes) runs without CUDA."""
+
+    captures = 0
+
+    def __init__(self, fn, inputs, warmup=2):
+        EagerGraph.captures += 1
+        self.fn, self.inputs = fn, dict(inputs)
+
+    def __call__(self, **inputs):
+        for name, value in inputs.items():
+            self.inputs[name].copy_(value)
+        return self.fn(**self.inputs)
+
+
+def _serve(adapter_dirs, decode, graphs=False):
     """The engine over a fresh fp32 model, with the requests' answers gathered from seeded random
     arrivals (18 requests over every adapter and the base, at most 6 rows at once)."""
     from lorakit.serve.adapter_pool import AdapterPool
@@ -112,6 +129,8 @@ def _serve(adapter_dirs, decode):
         pool.register(name, directory)
     engine = Engine(model, tokenizer, pool, model_id="smollm2", limits=EngineLimits(max_num_seqs=6), decode=decode)
     assert engine.decode_mode == decode
+    if graphs:  # the graphed steps, with EagerGraph (monkeypatched in) standing in for CUDA graphs
+        engine._static.graphs = True
     engine.start()
     requests = _requests(engine, list(adapter_dirs), 18, seed=0)
     rng = random.Random(1)
@@ -138,6 +157,21 @@ def test_static_batch_decodes_the_same_tokens(served, adapter_dirs):
     for request, (tokens, text, last), (s_tokens, s_text, s_last) in zip(requests, answers, static_answers):
         assert s_tokens == tokens, (request.adapter, request.request_id)
         assert (s_text, s_last.finish_reason) == (text, last.finish_reason)
+
+
+def test_graphed_steps_decode_the_same_tokens(served, adapter_dirs, monkeypatch):
+    """The CUDA-graph path of the static batch with each replay run eagerly (``EagerGraph``): the
+    rows' tokens and slots reach the graph only through its buffers, the adapters' kernels route
+    by the slot buffer alone (``SlotPlan.for_graph``), and the tokens are the dynamic cache's."""
+    from lorakit.serve import static_batch
+
+    monkeypatch.setattr(static_batch, "CapturedCall", EagerGraph)
+    EagerGraph.captures = 0
+    requests, answers, _ = served
+    _, graphed_answers, _ = _serve(adapter_dirs, "static", graphs=True)
+    assert EagerGraph.captures >= 2  # row buckets of 1 .. 6 rows (and again when the pool's layout changed)
+    for request, (tokens, _, _), (g_tokens, _, _) in zip(requests, answers, graphed_answers):
+        assert g_tokens == tokens, (request.adapter, request.request_id)
 
 
 def test_mixed_batches_match_each_adapter_alone(served, adapter_dirs):

@@ -64,7 +64,8 @@ class SlotPlan:
             in runs of one slot averaging ``tuning.SEGMENT_TOKENS`` or more (G runs, slot 0's
             included; run_ends are cumulative: grouped_mm's ``offs``), else None.
         graphed: ``token_slots`` is a buffer rewritten between CUDA-graph replays
-            (``for_graph``); the host-side fields are empty and every call takes BGMV.
+            (``for_graph``); the host-side fields are empty and every call takes BGMV (or,
+            without it, the gathered products: ``_gathered``).
         rows: (T, row_slots (R,) int64 on the device) when the tokens are R rows of T tokens,
             each row one slot, T at least ``tuning.SEGMENT_TOKENS`` (a prefill; ``for_rows``),
             else None.
@@ -179,9 +180,11 @@ def add_multi_lora(
     base bias that ``out`` holds (None: none). Returns ``out`` itself, changed in place, unless
     autograd records the call (grad enabled and a tensor requiring grad): then a new tensor."""
     if plan.graphed:
-        if plan.tokens != x.shape[0] or not triton_bgmv.available(x, A_stack, B_stack, out):
-            raise ValueError("a graphed slot plan needs CUDA tensors of a kernel dtype and its own token count")
-        return triton_bgmv.bgmv(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
+        if plan.tokens != x.shape[0]:
+            raise ValueError(f"the graphed plan covers {plan.tokens} tokens but x has {x.shape[0]}")
+        if triton_bgmv.available(x, A_stack, B_stack, out):
+            return triton_bgmv.bgmv(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
+        return _gathered(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
     if not plan.present:
         return out
     if plan.tokens != x.shape[0] or out.shape[0] != x.shape[0]:
@@ -282,6 +285,22 @@ def _grouped_segments(out, x, plan, A_stack, B_stack, gm1, bias) -> torch.Tensor
         base = out if bias is None else out - bias
         y = y.to(torch.promote_types(y.dtype, torch.float32))
         y.addcmul_(gm1.index_select(0, plan.token_slots), base)
+    return out.add_(y.to(out.dtype))
+
+
+# --- every token's factors gathered: routing by a device tensor alone --------------------------------
+def _gathered(out, x, token_slots, A_stack, B_stack, gm1, bias) -> torch.Tensor:
+    """Each token's factors gathered by its slot, (N, r, d_in) and (N, d_out, r), and two batched
+    products: what a graphed plan computes where the Triton BGMV kernel does not run (its slots
+    are only on the device, so nothing on the host may depend on them). For decode batches."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    A_n = A_stack.index_select(0, token_slots).to(wide)
+    B_n = B_stack.index_select(0, token_slots).to(wide)
+    h = torch.bmm(A_n, x.to(wide).unsqueeze(2))  # (N, r, 1)
+    y = torch.bmm(B_n, h).squeeze(2)  # (N, d_out)
+    if gm1 is not None:
+        base = out if bias is None else out - bias
+        y = y + gm1.index_select(0, token_slots).to(wide) * base.to(wide)
     return out.add_(y.to(out.dtype))
 
 

@@ -218,9 +218,11 @@ class StaticBatch:
             self._layout = layout
         self.ids[:bucket].copy_(ids, non_blocking=True)
         self.slots[:bucket].copy_(torch.tensor(slots), non_blocking=True)
+        # The routing the graph was captured with (a replay does not read it; it keeps the model's
+        # routing state what the graph computes until the next set_rows).
+        self.pool.fix_slots(self.slots[:bucket])
         graph = self._graphs.get(bucket)
         if graph is None:
-            self.pool.fix_slots(self.slots[:bucket])
             inputs = {**self._inputs(bucket), "slots": self.slots[:bucket]}
             graph = self._graphs[bucket] = CapturedCall(self._run, inputs)
             # Warm-up and capture wrote this step's keys once more at the same columns: harmless.
