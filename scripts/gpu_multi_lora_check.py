@@ -95,7 +95,9 @@ def check_pool() -> None:
                     pass
                 routes.append(route)
             ids = torch.randint(0, 128, (len(rows), 12), device="cuda")
-            for tokens in (12, 1):  # prefill, then a decode-shaped batch
+            # prefill (SGMV over runs; then a prefill's rows as batched GEMMs), then a decode batch
+            for tokens, segment in ((12, 64), (12, 8), (1, 64)):
+                tuning.SEGMENT_TOKENS = segment
                 pool.set_rows(routes)
                 with torch.inference_mode():
                     got = model(ids[:, :tokens]).logits.float()
@@ -107,8 +109,95 @@ def check_pool() -> None:
                         want = ref(ids[i : i + 1, :tokens]).logits.float()
                     err = ((got[i : i + 1] - want).abs().max() / want.abs().max()).item()
                     status = "ok" if err < tol else "FAIL"
-                    print(f"{status} pool {str(dtype):15s} tokens={tokens} row {i} ({name}) rel.err={err:.2e}")
+                    print(
+                        f"{status} pool {str(dtype):15s} tokens={tokens} segment={segment} row {i} ({name}) "
+                        f"rel.err={err:.2e}"
+                    )
+            tuning.SEGMENT_TOKENS = 64
+            check_graphed_forward(model, pool, routes)
             pool.close()
+
+
+def check_graphed_forward(model, pool, routes) -> None:
+    """The pool's decode forward captured in a CUDA graph, replayed with other slots written into
+    its buffer: equal to the eager forward with those routes (the same kernels, so exactly)."""
+    from lorakit.serve.cuda_graph import CapturedCall
+
+    rows = len(routes)
+    ids = torch.randint(0, 128, (rows, 1), device="cuda")
+    slots = torch.tensor([r.slot for r in routes], device="cuda")
+    pool.fix_slots(slots)
+    graph = CapturedCall(lambda ids, slots: model(ids, use_cache=False).logits, {"ids": ids.clone(), "slots": slots})
+    for order in (list(range(rows)), list(reversed(range(rows)))):
+        chosen = [routes[i] for i in order]
+        if any(r.model_name is not None for r in chosen):
+            continue
+        got = graph(ids=ids, slots=torch.tensor([r.slot for r in chosen], device="cuda")).float()
+        pool.set_rows(chosen)
+        with torch.inference_mode():
+            want = model(ids, use_cache=False).logits.float()
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        print(f"{'ok' if err < 1e-6 else 'FAIL'} graphed decode forward {model.dtype} order={order} rel.err={err:.2e}")
+
+
+def check_graphed_engine() -> None:
+    """The engine's decode steps in CUDA graphs give the dynamic cache's greedy tokens (fp32:
+    every request; bf16: counted)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from serve_engine import Tokenizer
+
+    from lorakit.serve.adapter_pool import AdapterPool
+    from lorakit.serve.engine import Engine, EngineLimits
+    from lorakit.serve.requests import GenerationRequest, SamplingParams
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.tiny import randomize_adapters, tiny_llama
+
+    import lorakit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = []
+        for k in range(3):
+            model = tiny_llama(hidden=64)
+            lorakit.add_adapter(model, lorakit.LoraConfig(r=8, target_modules="all-linear"))
+            torch.manual_seed(k)
+            randomize_adapters(model, 0.2)
+            dirs.append(Path(tmp) / f"a{k}")
+            lorakit.save_adapter(model, dirs[-1])
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(1, 128, (int(n),), generator=gen).tolist() for n in torch.randint(3, 40, (24,))]
+        for dtype in (torch.float32, torch.bfloat16):
+            outputs = {}
+            for decode in ("dynamic", "graphs"):
+                model = tiny_llama(hidden=64).to("cuda", dtype)
+                pool = AdapterPool(model, max_loras=3, max_lora_rank=8)
+                for k, path in enumerate(dirs):
+                    pool.register(f"a{k}", path)
+                engine = Engine(
+                    model, Tokenizer(128), pool, model_id="tiny", limits=EngineLimits(max_num_seqs=8), decode=decode
+                )
+                engine.start()
+                handles = []
+                for i, prompt in enumerate(prompts):
+                    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+                    adapter = [None, "a0", "a1", "a2"][i % 4]
+                    handles.append(engine.submit(GenerationRequest(f"r{i}", prompt, adapter, params)))
+                answers = []
+                for handle in handles:
+                    tokens = []
+                    while True:
+                        delta = handle.next_delta(timeout=300)
+                        tokens += delta.token_ids
+                        if delta.finish_reason is not None:
+                            break
+                    answers.append(tokens)
+                engine.stop()
+                outputs[decode] = answers
+            same = sum(a == b for a, b in zip(outputs["dynamic"], outputs["graphs"]))
+            status = (
+                "ok" if same == len(prompts) or (dtype != torch.float32 and same >= 0.95 * len(prompts)) else "FAIL"
+            )
+            print(f"{status} graphed engine {dtype}: {same} of {len(prompts)} requests with the dynamic cache's tokens")
 
 
 if __name__ == "__main__":
@@ -116,3 +205,4 @@ if __name__ == "__main__":
         raise SystemExit("needs a CUDA GPU")
     check_kernels()
     check_pool()
+    check_graphed_engine()
