@@ -24,6 +24,8 @@ compare them with single-request ``generate``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -174,11 +176,12 @@ class StaticBatch:
         index = torch.tensor(rows, device=self.device)
         # The column each row writes now is one it attends.
         self.mask[index, self.write_at[index]] = True
-        slots = self.pool.route_slots(self._bucket_routes(bucket, rows, routes)) if self.graphs else None
+        bucket_routes = self._bucket_routes(bucket, rows, routes)
+        slots = self.pool.route_slots(bucket_routes) if self.graphs else None
         if slots is not None:
-            logits = self._graphed(bucket, ids, slots)
+            logits = self._graphed(bucket, ids, slots, bucket_routes)
         else:
-            self.pool.set_rows(self._bucket_routes(bucket, rows, routes))
+            self.pool.set_rows(bucket_routes)
             logits = self._eager(bucket, ids.to(self.device))
         self.write_at[index] += 1
         self.positions[index] += 1
@@ -208,10 +211,10 @@ class StaticBatch:
         return self.forward(ids, mask, positions, cache)
 
     def _eager(self, bucket: int, ids: torch.Tensor) -> torch.Tensor:
-        self.ids[:bucket].copy_(ids)
+        self.ids[:bucket].copy_(ids.to(self.device))
         return self._run(**self._inputs(bucket))
 
-    def _graphed(self, bucket: int, ids: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    def _graphed(self, bucket: int, ids: torch.Tensor, slots: list[int], routes: list) -> torch.Tensor:
         layout = (self.length, self.pool.layout_version)
         if layout != self._layout:
             self._graphs.clear()
@@ -224,6 +227,12 @@ class StaticBatch:
         graph = self._graphs.get(bucket)
         if graph is None:
             inputs = {**self._inputs(bucket), "slots": self.slots[:bucket]}
-            graph = self._graphs[bucket] = CapturedCall(self._run, inputs)
+            try:
+                graph = self._graphs[bucket] = CapturedCall(self._run, inputs)
+            except RuntimeError as exc:  # the model's forward does what a capture forbids (a host sync, say)
+                warnings.warn(f"CUDA-graph capture failed, decoding eagerly from now on: {exc}", stacklevel=2)
+                self.graphs = False
+                self.pool.set_rows(routes)
+                return self._eager(bucket, ids)
             # Warm-up and capture wrote this step's keys once more at the same columns: harmless.
         return graph()

@@ -1,0 +1,126 @@
+"""`StaticBatch`: decode steps over fixed per-row buffers (what CUDA graphs replay) give each row
+what the model computes for that row's whole sequence alone; rows join, leave and are reused; L
+grows; a capture the model refuses falls back to eager steps."""
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.serve import static_batch
+from lorakit.serve.adapter_pool import BASE_ROUTE, AdapterPool
+from lorakit.serve.static_batch import StaticBatch
+
+from .tiny import randomize_adapters, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    model = tiny_llama()
+    lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model, 0.3)
+    path = tmp_path_factory.mktemp("adapter") / "a"
+    lorakit.save_adapter(model, path)
+    return path
+
+
+def forward(model):
+    def run(ids, mask, positions, cache):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache)
+        return out.logits[:, -1, :]
+
+    return run
+
+
+def prefill(model, prompts):
+    """A left-padded prefill as the engine runs it: (cache, mask, last logits)."""
+    from transformers import DynamicCache
+
+    length = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p) :] = torch.tensor(p)
+        mask[i, length - len(p) :] = 1
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache)
+    return cache, mask, out.logits[:, -1, :]
+
+
+def alone(model, sequence):
+    with torch.inference_mode():
+        return model(torch.tensor([sequence])).logits[0, -1]
+
+
+def test_rows_decode_as_alone(adapter_dir, monkeypatch):
+    monkeypatch.setattr(static_batch, "FIRST_LENGTH", 8)  # L grows while the rows decode
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    pool.register("a", adapter_dir)
+    route = pool.acquire("a")
+    while route is None:
+        route = pool.acquire("a")
+    batch = StaticBatch(model, 4, graphs=False, pool=pool, forward=forward(model))
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3]]
+    routes = [route, BASE_ROUTE, route]
+    pool.set_rows(routes)
+    cache, mask, _ = prefill(model, prompts)
+    rows = batch.admit(cache, mask)
+    assert rows == [0, 1, 2]
+    sequences = [list(p) for p in prompts]
+    for step in range(7):
+        if step == 3:  # row 1 leaves; a new row takes its static row
+            batch.release(rows[1])
+            pool.set_rows([route])
+            cache, mask, _ = prefill(model, [[20, 21]])
+            assert batch.admit(cache, mask) == [1]
+            sequences[1] = [20, 21]
+            routes[1] = route
+        tokens = [(7 * step + 3 * i) % 120 + 1 for i in range(3)]
+        for seq, token in zip(sequences, tokens):
+            seq.append(token)
+        with torch.inference_mode():
+            got = batch.step(rows, tokens, routes)
+        for i, seq in enumerate(sequences):
+            with lorakit.disable_adapters(model) if routes[i] is BASE_ROUTE else _adapter(model, adapter_dir):
+                want = alone(model, seq)
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4, msg=f"step {step} row {i}")
+    assert batch.length >= 16  # grew from 8
+    pool.close()
+
+
+class _adapter:
+    """The adapter in ``path`` applied to ``model`` alone, for a reference forward."""
+
+    def __init__(self, model, path):
+        self.model, self.path = model, path
+
+    def __enter__(self):
+        pool_routing = [(m, m.row_adapters) for m in lorakit.state.adapter_modules(self.model)]
+        self.saved = pool_routing
+        for module, _ in pool_routing:
+            module.row_adapters = None
+        lorakit.load_adapter(self.model, self.path, name="reference")
+        return self
+
+    def __exit__(self, *exc):
+        lorakit.delete_adapter(self.model, "reference")
+        for module, routing in self.saved:
+            module.row_adapters = routing
+
+
+def test_a_refused_capture_falls_back_to_eager_steps(adapter_dir, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(static_batch, "CapturedCall", refuse)
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    batch = StaticBatch(model, 2, graphs=True, pool=pool, forward=forward(model))
+    cache, mask, _ = prefill(model, [[4, 5, 6]])
+    rows = batch.admit(cache, mask)
+    with pytest.warns(UserWarning, match="decoding eagerly"), torch.inference_mode():
+        got = batch.step(rows, [7], [BASE_ROUTE])
+    assert not batch.graphs
+    torch.testing.assert_close(got[0], alone(model, [4, 5, 6, 7]), rtol=1e-4, atol=1e-4)
