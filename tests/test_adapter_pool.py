@@ -291,3 +291,24 @@ def test_layout_version_marks_what_cuda_graphs_must_capture_again(adapter_dirs):
     pool.set_rows([BASE_ROUTE] * 3)
     assert pool.routing.slot_plan(3, 3, torch.device("cpu")) is None
     pool.close()
+
+
+def test_slot_only_batches_take_the_lean_path(adapter_dirs):
+    """Rows of slots and the base only (no named adapter): each layer's ``slots_only`` call, equal
+    to each row run with its adapter alone (DoRA's term included)."""
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=4)
+    rows = ["dora", None, "plain", "rslora", "dora"]
+    for name in set(rows) - {None}:
+        pool.register(name, adapter_dirs[name])
+    routes = [acquire(pool, name) for name in rows]
+    pool.set_rows(routes)
+    ids = torch.randint(0, 128, (len(rows), 1))
+    layer = model.model.layers[0].self_attn.k_proj  # a DoRA slot and a plain one
+    with torch.no_grad():
+        assert layer.slots_only(torch.randn(len(rows), 1, layer.in_features)) is not None
+        got = model(ids).logits
+    for i, name in enumerate(rows):
+        want = alone(adapter_dirs[name] if name else None, ids[i : i + 1])
+        torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-5, msg=f"row {i} ({name})")
+    pool.close()

@@ -40,6 +40,10 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.fast_path and not args and not kwargs:
+            if self.__dict__["row_adapters"] is not None:
+                out = self.slots_only(x)
+                if out is not None:
+                    return out
             # q, k and v of one attention module share a fused call (patching/attention_siblings.py).
             siblings = self.__dict__.get("siblings")
             out = siblings.output(self, x) if siblings is not None else None
@@ -94,6 +98,30 @@ class LoraLinear(LoraLayer):
         return FusedOperands(weight, bias, A, B, scaling, magnitude, dropout)
 
     # --- routed batches: many adapters through the multi-adapter kernels ------------------------
+    def slots_only(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A serving pool's forward when no row names an adapter (every row a slot or the base)
+        and nothing is recorded for autograd: W0 x + b, then the rows' slots added in place by
+        ``add_multi_lora``. None when the call is not that one (the general routed path runs).
+        A decode step makes this call once per adapted projection, so it reads the module's dicts
+        directly, as ``fused_operands`` does (the general path's host time is most of a GPU
+        decode step's; docs/benchmarks.md)."""
+        state = self.__dict__
+        routing, stack = state["row_adapters"], state.get("slot_stack")
+        if stack is None or routing.stack_names or state["disabled"] or state["merged_adapters"]:
+            return None
+        base = state["_modules"]["base_layer"]
+        if type(base) is not nn.Linear or torch.is_grad_enabled():
+            return None
+        bias = base._parameters["bias"]
+        out = F.linear(x, base._parameters["weight"], bias)
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        plan = routing.slot_plan(x.shape[0], x2.shape[0], x.device)
+        if plan is not None:
+            xs = x2 if x2.dtype == stack.dtype else x2.to(stack.dtype)
+            add_multi_lora(out.view(-1, out.shape[-1]), xs, plan, stack.A, stack.B, stack.gm1, bias)
+        return out
+
     def add_stacked(self, x: torch.Tensor, base_out: torch.Tensor, named: list[str]) -> tuple[torch.Tensor, set[str]]:
         """The rows' slots of ``slot_stack``, and the named adapters a stack can serve (see
         ``stackable``), added by ``kernels/multi_lora.py``; returns (result, names served)."""
