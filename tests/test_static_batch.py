@@ -2,6 +2,8 @@
 what the model computes for that row's whole sequence alone; rows join, leave and are reused; L
 grows; a capture the model refuses falls back to eager steps."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -23,9 +25,15 @@ def adapter_dir(tmp_path_factory):
     return path
 
 
+def cache_argument(model) -> str:
+    # transformers renamed the forward's cache argument (past_key_values -> cache)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def forward(model):
     def run(ids, mask, positions, cache):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache)
+        kwargs = {cache_argument(model): cache}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1, :]
 
     return run
@@ -44,7 +52,8 @@ def prefill(model, prompts):
     cache = DynamicCache(config=model.config)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, cache=cache)
+        kwargs = {cache_argument(model): cache}
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
     return cache, mask, out.logits[:, -1, :]
 
 
