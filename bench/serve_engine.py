@@ -138,6 +138,16 @@ def save_adapters(preset: dict, folder: Path, count: int) -> list[Path]:
     return dirs
 
 
+def collect(handle, timeout: float = 600) -> tuple[list[int], object]:
+    """A request's generated token ids, and its last delta (finish reason, counts)."""
+    tokens = []
+    while True:
+        delta = handle.next_delta(timeout=timeout)
+        tokens += delta.token_ids
+        if delta.finish_reason is not None:
+            return tokens, delta
+
+
 def run_case(engine, names: list[str | None], args, vocab: int) -> dict:
     from lorakit.serve.requests import GenerationRequest, SamplingParams
 
@@ -154,12 +164,7 @@ def run_case(engine, names: list[str | None], args, vocab: int) -> dict:
         params = SamplingParams(max_tokens=args.out, temperature=0, ignore_eos=True)
         started = time.perf_counter()
         handle = engine.submit(GenerationRequest(f"r{i}", prompt, names[i % len(names)], params))
-        tokens = []
-        while True:
-            delta = handle.next_delta(timeout=600)
-            tokens += delta.token_ids
-            if delta.finish_reason is not None:
-                break
+        tokens, delta = collect(handle)
         with lock:
             latencies.append(time.perf_counter() - started)
             produced += delta.completion_tokens

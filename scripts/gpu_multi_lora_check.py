@@ -144,7 +144,7 @@ def check_graphed_engine() -> None:
     """The engine's decode steps in CUDA graphs give the dynamic cache's greedy tokens (fp32:
     every request; bf16: counted)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from serve_engine import Tokenizer
+    from serve_engine import Tokenizer, collect
 
     from lorakit.serve.adapter_pool import AdapterPool
     from lorakit.serve.engine import Engine, EngineLimits
@@ -182,15 +182,7 @@ def check_graphed_engine() -> None:
                     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
                     adapter = [None, "a0", "a1", "a2"][i % 4]
                     handles.append(engine.submit(GenerationRequest(f"r{i}", prompt, adapter, params)))
-                answers = []
-                for handle in handles:
-                    tokens = []
-                    while True:
-                        delta = handle.next_delta(timeout=300)
-                        tokens += delta.token_ids
-                        if delta.finish_reason is not None:
-                            break
-                    answers.append(tokens)
+                answers = [collect(handle)[0] for handle in handles]
                 engine.stop()
                 outputs[decode] = answers
             same = sum(a == b for a, b in zip(outputs["dynamic"], outputs["graphs"]))

@@ -40,6 +40,34 @@ def available(*tensors: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _shrink_span(x_row, a_rows, rmask, start, end, BR: tl.constexpr, BK: tl.constexpr):
+        """Columns [start, end) of one token's shrink: (BR,) float32 sums of A[slot] rows · x."""
+        acc = tl.zeros((BR,), dtype=tl.float32)
+        for k0 in range(start, end, BK):
+            cols = k0 + tl.arange(0, BK)
+            kmask = cols < end
+            xk = tl.load(x_row + cols, mask=kmask, other=0.0).to(tl.float32)
+            a = tl.load(a_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(a * xk[None, :], axis=1)
+        return acc
+
+    @triton.jit
+    def _expand_units(
+        h, b_rows, stride_bn, rmask, out_row, units, umask, g_row, BIAS, HAS_DORA: tl.constexpr, HAS_BIAS: tl.constexpr
+    ):
+        """Output units ``units`` of one token: out += B[slot] h (+ (g - 1) ⊙ (out - b)), in place."""
+        b = tl.load(b_rows + units[:, None] * stride_bn, mask=umask[:, None] & rmask[None, :], other=0.0)
+        acc = tl.sum(b.to(tl.float32) * h[None, :], axis=1)
+        o = tl.load(out_row + units, mask=umask, other=0.0).to(tl.float32)
+        if HAS_DORA:
+            g = tl.load(g_row + units, mask=umask, other=0.0).to(tl.float32)
+            base = o
+            if HAS_BIAS:
+                base = o - tl.load(BIAS + units, mask=umask, other=0.0).to(tl.float32)
+            acc += g * base
+        tl.store(out_row + units, (o + acc).to(out_row.dtype.element_ty), mask=umask)
+
+    @triton.jit
     def _shrink_kernel(
         X,
         A,
@@ -64,15 +92,9 @@ if triton is not None:
         rmask = ranks < r
         start = tl.program_id(1) * k_per_split
         end = tl.minimum(start + k_per_split, d_in)
-        acc = tl.zeros((BR,), dtype=tl.float32)
         x_row = X + n.to(tl.int64) * stride_x
         a_rows = A + slot * stride_as + ranks[:, None] * stride_ar
-        for k0 in range(start, end, BK):
-            cols = k0 + tl.arange(0, BK)
-            kmask = cols < end
-            xk = tl.load(x_row + cols, mask=kmask, other=0.0).to(tl.float32)
-            a = tl.load(a_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(a * xk[None, :], axis=1)
+        acc = _shrink_span(x_row, a_rows, rmask, start, end, BR, BK)
         if SPLIT == 1:
             tl.store(H + n * stride_h + ranks, acc, mask=rmask)
         else:
@@ -103,25 +125,14 @@ if triton is not None:
         if slot == 0:
             return
         units = tl.program_id(1) * BN + tl.arange(0, BN)
-        umask = units < d_out
         ranks = tl.arange(0, BR)
         rmask = ranks < r
         h = tl.load(H + n * stride_h + ranks, mask=rmask, other=0.0)
-        b = tl.load(
-            B + slot * stride_bs + units[:, None] * stride_bn + ranks[None, :],
-            mask=umask[:, None] & rmask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc = tl.sum(b * h[None, :], axis=1)
         out_row = OUT + n.to(tl.int64) * stride_out
-        o = tl.load(out_row + units, mask=umask, other=0.0).to(tl.float32)
-        if HAS_DORA:
-            g = tl.load(GM1 + slot * stride_g + units, mask=umask, other=0.0).to(tl.float32)
-            base = o
-            if HAS_BIAS:
-                base = o - tl.load(BIAS + units, mask=umask, other=0.0).to(tl.float32)
-            acc += g * base
-        tl.store(out_row + units, (o + acc).to(OUT.dtype.element_ty), mask=umask)
+        b_rows = B + slot * stride_bs + ranks[None, :]
+        _expand_units(
+            h, b_rows, stride_bn, rmask, out_row, units, units < d_out, GM1 + slot * stride_g, BIAS, HAS_DORA, HAS_BIAS
+        )
 
     @triton.jit
     def _one_launch_kernel(
@@ -157,32 +168,27 @@ if triton is not None:
             return
         ranks = tl.arange(0, BR)
         rmask = ranks < r
-        h = tl.zeros((BR,), dtype=tl.float32)
         x_row = X + n.to(tl.int64) * stride_x
-        a_rows = A + slot * stride_as + ranks[:, None] * stride_ar
-        for k0 in range(0, d_in, BK):
-            cols = k0 + tl.arange(0, BK)
-            kmask = cols < d_in
-            xk = tl.load(x_row + cols, mask=kmask, other=0.0).to(tl.float32)
-            a = tl.load(a_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            h += tl.sum(a * xk[None, :], axis=1)
+        h = _shrink_span(x_row, A + slot * stride_as + ranks[:, None] * stride_ar, rmask, 0, d_in, BR, BK)
         start = tl.program_id(1) * units_per_program
         end = tl.minimum(start + units_per_program, d_out)
         out_row = OUT + n.to(tl.int64) * stride_out
         b_rows = B + slot * stride_bs + ranks[None, :]
         for u0 in range(start, end, BN):
             units = u0 + tl.arange(0, BN)
-            umask = units < end
-            b = tl.load(b_rows + units[:, None] * stride_bn, mask=umask[:, None] & rmask[None, :], other=0.0)
-            acc = tl.sum(b.to(tl.float32) * h[None, :], axis=1)
-            o = tl.load(out_row + units, mask=umask, other=0.0).to(tl.float32)
-            if HAS_DORA:
-                g = tl.load(GM1 + slot * stride_g + units, mask=umask, other=0.0).to(tl.float32)
-                base = o
-                if HAS_BIAS:
-                    base = o - tl.load(BIAS + units, mask=umask, other=0.0).to(tl.float32)
-                acc += g * base
-            tl.store(out_row + units, (o + acc).to(OUT.dtype.element_ty), mask=umask)
+            _expand_units(
+                h,
+                b_rows,
+                stride_bn,
+                rmask,
+                out_row,
+                units,
+                units < end,
+                GM1 + slot * stride_g,
+                BIAS,
+                HAS_DORA,
+                HAS_BIAS,
+            )
 
 
 @functools.lru_cache(maxsize=None)

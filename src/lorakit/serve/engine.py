@@ -246,18 +246,11 @@ class Engine:
         """Last-position logits (rows, vocab) of one forward with row i routed to routes[i]."""
         self.pool.set_rows(routes)
         with torch.inference_mode():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_argument: cache},
-                logits_to_keep=1,
-            )
-        return out.logits[:, -1, :]
+            return self._static_forward(ids, mask, positions, cache)
 
     def _static_forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        """A decode step's forward over the static batch (``static_batch.py``; routed there)."""
+        """Last-position logits (rows, vocab) of one forward as the rows are routed now (the
+        static batch's decode steps call it directly: ``static_batch.py`` routes them)."""
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
