@@ -62,9 +62,13 @@ def alone(model, sequence):
         return model(torch.tensor([sequence])).logits[0, -1]
 
 
-def test_rows_decode_as_alone(adapter_dir, monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_rows_decode_as_alone(adapter_dir, attention, monkeypatch):
+    """Decode steps under inference mode, joins and leaves outside it (as the engine makes them),
+    L growing in between; sdpa takes the boolean mask, eager attention an additive one."""
     monkeypatch.setattr(static_batch, "FIRST_LENGTH", 8)  # L grows while the rows decode
     model = tiny_llama()
+    model.set_attn_implementation(attention)
     pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
     pool.register("a", adapter_dir)
     route = pool.acquire("a")
@@ -79,7 +83,7 @@ def test_rows_decode_as_alone(adapter_dir, monkeypatch):
     assert rows == [0, 1, 2]
     sequences = [list(p) for p in prompts]
     for step in range(7):
-        if step == 3:  # row 1 leaves; a new row takes its static row
+        if step == 4:  # after L grew: row 1 leaves; a new row takes its static row
             batch.release(rows[1])
             pool.set_rows([route])
             cache, mask, _ = prefill(model, [[20, 21]])
@@ -133,3 +137,12 @@ def test_a_refused_capture_falls_back_to_eager_steps(adapter_dir, monkeypatch):
         got = batch.step(rows, [7], [BASE_ROUTE])
     assert not batch.graphs
     torch.testing.assert_close(got[0], alone(model, [4, 5, 6, 7]), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_that_takes_no_mask_is_refused():
+    from lorakit.errors import ConfigError
+
+    model = tiny_llama()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError, match="sdpa or eager"):
+        StaticBatch(model, 2, graphs=False, pool=None, forward=None)

@@ -336,9 +336,10 @@ class AdapterPool:
         self.routing.set_rows([r.model_name for r in routes], [r.slot for r in routes], self.num_slots)
 
     def route_slots(self, routes: list[Route]) -> list[int] | None:
-        """Each route's slot, or None when a route runs a named adapter (the per-row loop, which a
-        CUDA graph cannot hold)."""
-        if any(r.model_name is not None for r in routes):
+        """Each route's slot, or None while any named adapter is loaded into the model (its rows
+        take the per-row loop, and its wrappers, modules_to_save's among them, index rows by host
+        lists that a CUDA graph cannot hold)."""
+        if self._loaded or any(r.model_name is not None for r in routes):
             return None
         return [r.slot for r in routes]
 

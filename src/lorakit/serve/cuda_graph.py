@@ -47,7 +47,9 @@ class CapturedCall:
                 fn(**self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the adapter pool's reader thread may pin host memory meanwhile, which a
+        # global capture would refuse.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = fn(**self.inputs)
 
     def __call__(self, **inputs: torch.Tensor) -> object:

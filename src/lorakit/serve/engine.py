@@ -188,6 +188,16 @@ class Engine:
             ids = torch.tensor([[self.pad_id]], device=self.device)
             self._forward(ids, torch.ones_like(ids), torch.zeros_like(ids), cache, [route])
             check_cache_kind(cache)
+            if self._static is not None:  # one step over the static rows (with graphs: captured)
+                try:
+                    rows = self._static.admit(cache, torch.ones_like(ids))
+                    self._static.step(rows, [self.pad_id], [route])
+                    self._static.release(rows[0])
+                except Exception as exc:
+                    raise ConfigError(
+                        f"decoding over static rows does not fit this model ({type(exc).__name__}: {exc}); "
+                        "leave --cuda-graphs off"
+                    ) from exc
         finally:
             self.pool.release(route)
 
@@ -280,12 +290,13 @@ class Engine:
             self._reserved += self.scheduler.reserved_bytes(a.handle)
         try:
             logits = self._forward(ids, mask, positions, cache, [r.route for r in rows])
+            static_rows = self._static.admit(cache, mask) if self._static is not None else None
         except Exception as exc:  # out of memory, say: these rows fail, the engine goes on
             for row in rows:
                 self._finish(row, "error", "", f"the prefill failed: {type(exc).__name__}: {exc}")
             return 0
-        if self._static is not None:
-            for row, static_row in zip(rows, self._static.admit(cache, mask)):
+        if static_rows is not None:
+            for row, static_row in zip(rows, static_rows):
                 row.static_row = static_row
         elif self._batch is None:
             self._batch = BatchState(cache, mask)

@@ -29,6 +29,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .cuda_graph import CapturedCall
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -94,6 +95,14 @@ class StaticBatch:
         self.graphs = graphs
         self.pool = pool
         self.forward = forward
+        attention = getattr(config, "_attn_implementation", None) or "eager"
+        if attention not in ("sdpa", "eager"):
+            raise ConfigError(
+                f"decoding over static rows passes a 4-D mask, which {attention!r} attention does not take; "
+                "load the model with sdpa or eager attention, or leave --cuda-graphs off"
+            )
+        # eager attention adds its mask to the scores: 0 where a row attends, the dtype's minimum elsewhere
+        self.additive_mask = attention == "eager"
         self.length = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -108,6 +117,7 @@ class StaticBatch:
         self._layout = None
 
     # --- rows ------------------------------------------------------------------------------
+    @torch.inference_mode()
     def admit(self, cache, mask: torch.Tensor) -> list[int]:
         """Copy a prefill's rows (``DynamicCache`` of (n, kv_heads, T, head_dim) per layer, left
         padded; ``mask`` (n, T)) into free static rows; returns their static row numbers."""
@@ -130,6 +140,7 @@ class StaticBatch:
             self.used[k], self.lengths[k] = True, T
         return free
 
+    @torch.inference_mode()
     def release(self, row: int) -> None:
         """Free static row ``row``: it computes a dummy token (column 0) until taken again."""
         self.used[row], self.lengths[row] = False, 0
@@ -164,6 +175,7 @@ class StaticBatch:
         self._graphs.clear()
 
     # --- decode ----------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self, rows: list[int], tokens: list[int], routes: list) -> torch.Tensor:
         """One decode token for static rows ``rows`` (their last tokens ``tokens``, adapters
         ``routes``): logits (len(rows), vocab) in that order."""
@@ -207,6 +219,10 @@ class StaticBatch:
 
     def _run(self, ids, mask, positions, write_at, **_):
         rows = ids.shape[0]
+        if self.additive_mask:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(self.dtype).min
+            )
         cache = _row_cache_class()([k[:rows] for k in self.keys], [v[:rows] for v in self.values], write_at)
         return self.forward(ids, mask, positions, cache)
 
@@ -229,6 +245,8 @@ class StaticBatch:
             inputs = {**self._inputs(bucket), "slots": self.slots[:bucket]}
             try:
                 graph = self._graphs[bucket] = CapturedCall(self._run, inputs)
+            except torch.cuda.OutOfMemoryError:
+                raise
             except RuntimeError as exc:  # the model's forward does what a capture forbids (a host sync, say)
                 warnings.warn(f"CUDA-graph capture failed, decoding eagerly from now on: {exc}", stacklevel=2)
                 self.graphs = False
