@@ -392,14 +392,22 @@ class Spy:
         monkeypatch.setattr(linear, "add_multi_lora", spy)
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen", "batched_rows"])
 def test_adapter_batch_fast_path_rows_equal_single_runs(mode, monkeypatch):
+    """adapter_batch's rows equal each row run alone (also with rows long enough for the named
+    stacks to take batched row GEMMs)."""
     import lorakit
 
     model = mixed_model()
     names = ["b", None, "a", "c", "a", "b"]
     ids = torch.randint(0, 128, (len(names), 7))
     want = single_rows(model, names, ids)
+    batched = []
+    if mode == "batched_rows":
+        monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 4)
+        real = multi_lora._batched_rows
+        monkeypatch.setattr(multi_lora, "_batched_rows", lambda *a: batched.append(1) or real(*a))
+        mode = "no_grad"
     spy = Spy(monkeypatch)
     if mode == "frozen":
         for p in model.parameters():
@@ -408,6 +416,7 @@ def test_adapter_batch_fast_path_rows_equal_single_runs(mode, monkeypatch):
     with context(), lorakit.adapter_batch(model, names):
         got = model(ids).logits
     assert spy.calls > 0
+    assert bool(batched) == (mode == "no_grad" and tuning.SEGMENT_TOKENS == 4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
