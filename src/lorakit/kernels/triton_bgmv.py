@@ -196,19 +196,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _splits(tokens: int, d_in: int, device: torch.device) -> int:
-    """How many programs share one token's shrink: enough to fill the GPU about twice, each with
-    at least a few BLOCK_K tiles of d_in."""
+def _programs_per_token(tokens: int, length: int, block: int, device: torch.device) -> int:
+    """How many programs share one token's ``length`` (d_in for the split shrink, d_out for the
+    one-launch kernel's output units): enough to fill the GPU about twice, each with at least four
+    ``block``-wide tiles."""
     by_fill = triton.cdiv(2 * _sm_count(device), max(tokens, 1))
-    by_work = max(1, d_in // (4 * BLOCK_K))
-    return max(1, min(by_fill, by_work))
-
-
-def _unit_parts(tokens: int, d_out: int, device: torch.device) -> int:
-    """How many programs share one token's output units in the one-launch kernel: enough to fill
-    the GPU about twice, each with at least four BLOCK_N blocks (each program repeats the shrink)."""
-    by_fill = triton.cdiv(2 * _sm_count(device), max(tokens, 1))
-    by_work = max(1, d_out // (4 * BLOCK_N))
+    by_work = max(1, length // (4 * block))
     return max(1, min(by_fill, by_work))
 
 
@@ -243,7 +236,7 @@ def bgmv(
     d_out = out.shape[1]
     if tuning.BGMV_ONE_LAUNCH:
         # Programs per token over its output units: enough to fill the GPU about twice.
-        parts = split or _unit_parts(tokens, d_out, x.device)
+        parts = split or _programs_per_token(tokens, d_out, BLOCK_N, x.device)
         units = triton.cdiv(triton.cdiv(d_out, parts), BLOCK_N) * BLOCK_N
         _one_launch_kernel[(tokens, triton.cdiv(d_out, units))](
             x,
@@ -271,7 +264,7 @@ def bgmv(
             BN=BLOCK_N,
         )
         return out
-    split = split or _splits(tokens, d_in, x.device)
+    split = split or _programs_per_token(tokens, d_in, BLOCK_K, x.device)
     k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
     split = triton.cdiv(d_in, k_per_split)
     h = (torch.zeros if split > 1 else torch.empty)(tokens, r, device=x.device, dtype=torch.float32)

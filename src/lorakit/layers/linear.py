@@ -118,8 +118,7 @@ class LoraLinear(LoraLayer):
         x2 = x.reshape(-1, d_in)
         plan = routing.slot_plan(x.shape[0], x2.shape[0], x.device)
         if plan is not None:
-            xs = x2 if x2.dtype == stack.dtype else x2.to(stack.dtype)
-            add_multi_lora(out.view(-1, out.shape[-1]), xs, plan, stack.A, stack.B, stack.gm1, bias)
+            _add_slots(out.view(-1, out.shape[-1]), x2, plan, stack, bias)
         return out
 
     def add_stacked(self, x: torch.Tensor, base_out: torch.Tensor, named: list[str]) -> tuple[torch.Tensor, set[str]]:
@@ -139,8 +138,7 @@ class LoraLinear(LoraLayer):
         if slot_plan is not None:
             if self.merged_adapters and stack.gm1 is not None:
                 raise AdapterStateError("serving DoRA adapters from slots needs the model's adapters unmerged")
-            xs = x2 if x2.dtype == stack.dtype else x2.to(stack.dtype)
-            out2 = add_multi_lora(out2, xs, slot_plan, stack.A, stack.B, stack.gm1, bias)
+            out2 = _add_slots(out2, x2, slot_plan, stack, bias)
         if served:
             named_stack = self.named_stack(routing.stack_names, served, x2.dtype)
             plan = routing.name_plan(rows, tokens, x.device)
@@ -236,3 +234,9 @@ class LoraLinear(LoraLayer):
         """``s * B A`` laid out like the base weight (transposed for Conv1D)."""
         delta = (B @ A) * scaling
         return delta.T if self.fan_in_fan_out else delta
+
+
+def _add_slots(out2: torch.Tensor, x2: torch.Tensor, plan, stack: SlotStack, bias) -> torch.Tensor:
+    """The rows' slots of ``stack`` added to ``out2`` (N, d_out) for x2 (N, d_in), in the stack's dtype."""
+    xs = x2 if x2.dtype == stack.dtype else x2.to(stack.dtype)
+    return add_multi_lora(out2, xs, plan, stack.A, stack.B, stack.gm1, bias)
