@@ -15,13 +15,17 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
   before segment SGMV, ``tuning.SEGMENT_TOKENS``);
 - lorakit pool, runs: the same with a prefill's rows multiplied by SGMV over runs
   (``tuning.BATCHED_ROWS`` off: the path before batched row GEMMs);
-- lorakit pool, two launches: the same with BGMV as a shrink and an expand launch
-  (``tuning.BGMV_ONE_LAUNCH`` off; decode batches);
+- lorakit pool, two launches: the same with BGMV as a shrink and an expand launch in eager
+  calls too (``tuning.BGMV_ONE_LAUNCH`` False; its default, "auto", launches once outside a
+  graph and twice inside one; decode batches);
 - PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument;
 - base graph / lorakit pool graph (decode only, CUDA): the base model's and the slot pool's
   decode forward captured once in a CUDA graph (``serve/cuda_graph.py``) and replayed, with the
   rows' slots written into the graph's slot buffer before each replay (what a serving engine
   does for its decode steps: the forward's launches leave the host).
+  lorakit pool graph, one launch: the same with BGMV in one launch inside the graph too.
+  lorakit pool graph, bn64 / bn256 / split1: the same with the expand's output units per program
+  at 64 or 256 (``triton_bgmv.BLOCK_N``, 128) or the shrink unsplit over d_in (tuning trials).
 Cases are interleaved step by step, so a machine whose speed drifts slows each alike; the table
 gives medians and the ratio to the base. Then the cold-adapter time: an adapter already in host
 memory written into a device slot (the pool's ``acquire`` of an adapter whose slot was evicted).
@@ -74,9 +78,12 @@ CASES = [
     "lorakit-pool-two-launch",
     "base-graph",
     "lorakit-pool-graph",
-    "lorakit-pool-graph-two-launch",
+    "lorakit-pool-graph-one-launch",
+    "lorakit-pool-graph-bn64",
+    "lorakit-pool-graph-bn256",
+    "lorakit-pool-graph-split1",
 ]
-DECODE_ONLY = {"base-graph", "lorakit-pool-graph", "lorakit-pool-graph-two-launch"}
+DECODE_ONLY = {case for case in CASES if "graph" in case}
 
 
 def build_base(preset: dict, device: str):
@@ -140,7 +147,7 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
 
         built["lorakit-one"], built["lorakit-adapter_batch"] = one, mixed
     if any(case.startswith("lorakit-pool") for case in cases):
-        from lorakit.kernels import tuning
+        from lorakit.kernels import triton_bgmv, tuning
 
         model = build_base(preset, device)
         pool = AdapterPool(model, max_loras=ADAPTERS, max_lora_rank=preset["rank"])
@@ -157,14 +164,14 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
             pool.fix_slots(slots)
             return {"slots": slots}
 
-        def knob(fn, name, value):
+        def knob(fn, name, value, module=tuning):
             def call(ids):
-                kept = getattr(tuning, name)
-                setattr(tuning, name, value)
+                kept = getattr(module, name)
+                setattr(module, name, value)
                 try:
                     return fn(ids)
                 finally:
-                    setattr(tuning, name, kept)
+                    setattr(module, name, kept)
 
             return call
 
@@ -176,7 +183,12 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
         built["lorakit-pool-runs"] = knob(pooled, "BATCHED_ROWS", False)
         built["lorakit-pool-two-launch"] = knob(pooled, "BGMV_ONE_LAUNCH", False)
         built["lorakit-pool-graph"] = graphed(logits, pool_slots)
-        built["lorakit-pool-graph-two-launch"] = knob(graphed(logits, pool_slots), "BGMV_ONE_LAUNCH", False)
+        built["lorakit-pool-graph-one-launch"] = knob(graphed(logits, pool_slots), "BGMV_ONE_LAUNCH", True)
+        for units in (64, 256):  # the expand's output units per program (BLOCK_N, 128 by default)
+            built[f"lorakit-pool-graph-bn{units}"] = knob(graphed(logits, pool_slots), "BLOCK_N", units, triton_bgmv)
+        # the shrink unsplit: one program per token over all of d_in
+        one = lambda *args: 1  # noqa: E731
+        built["lorakit-pool-graph-split1"] = knob(graphed(logits, pool_slots), "_programs_per_token", one, triton_bgmv)
     if {"peft-one", "peft-mixed"} & set(cases):
         from peft import PeftModel
 

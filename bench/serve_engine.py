@@ -13,7 +13,13 @@ with random factors (saved once to a temporary folder; "N" adapters register N n
 ``lorakit serve`` runs it), under each ``--decode`` mode (on a GPU "auto" is CUDA graphs over
 static rows; "dynamic" the joined-and-trimmed cache, eager), and reports generated tokens/s, the ratio
 to the base-only case of the same run, p50/p99 request latency, slot hits/misses/evictions and the
-time the batch's cache joins and trims (BatchState.join/keep) took.
+time the batch's cache joins and trims (BatchState.join/keep) took. Before the timed requests each
+case warms up untimed (``--no-warmup`` skips it), as a server does before it takes traffic: one
+short request per adapter name (each read from disk into a slot; the slot counters start after)
+and requests finishing one step apart, so every decode batch size the timed run meets has had its
+CUDA graph captured. With two decode modes the greedy tokens of each case are compared between
+them (bf16 batches are not batch-invariant, and a random model's logits are near ties, so
+continuations part early; the first token, from the same prefill, should agree).
 """
 
 from __future__ import annotations
@@ -192,7 +198,39 @@ def run_case(engine, names: list[str | None], args, vocab: int) -> dict:
     }
 
 
-def run_in_main_thread(engine, names, args, vocab: int) -> dict:
+def warm_up(engine, names: list[str | None], args, vocab: int) -> None:
+    """Untimed: every adapter name once (read into a slot), and ``--concurrency`` requests that
+    finish one decode step apart, so each decode batch size below it runs (and is captured) once."""
+    from lorakit.serve.requests import GenerationRequest, SamplingParams
+
+    gen = torch.Generator().manual_seed(1)
+    count = max(args.concurrency, len(names))
+    handles = []
+    for i in range(count):
+        prompt = torch.randint(1, vocab, (args.prompt,), generator=gen).tolist()
+        params = SamplingParams(max_tokens=2 + i % args.concurrency, temperature=0, ignore_eos=True)
+        handles.append(engine.submit(GenerationRequest(f"warm{i}", prompt, names[i % len(names)], params)))
+    for handle in handles:
+        collect(handle)
+
+
+def agree(first: dict[int, list[int]], second: dict[int, list[int]]) -> str:
+    """How alike two runs' greedy tokens are, request by request."""
+    prefixes = []
+    for i, tokens in first.items():
+        other = second[i]
+        common = next((k for k, (a, b) in enumerate(zip(tokens, other)) if a != b), min(len(tokens), len(other)))
+        prefixes.append(common)
+    n = len(prefixes)
+    same_first = sum(p > 0 for p in prefixes)
+    same_all = sum(first[i] == second[i] for i in first)
+    return (
+        f"first token equal in {same_first} of {n}, all tokens in {same_all} of {n}, "
+        f"mean common prefix {statistics.mean(prefixes):.1f} tokens"
+    )
+
+
+def run_in_main_thread(engine, names, args, vocab: int, counter: Counter) -> dict:
     """``run_case`` from a client thread while the engine runs in this (the main) thread, as
     ``lorakit serve`` runs it."""
     outcome: dict = {}
@@ -201,6 +239,9 @@ def run_in_main_thread(engine, names, args, vocab: int) -> dict:
         while not engine.is_alive():
             time.sleep(0.01)
         try:
+            if args.warmup:
+                warm_up(engine, names, args, vocab)
+                counter.slots = dict.fromkeys(counter.slots, 0)
             outcome.update(run_case(engine, names, args, vocab))
         finally:
             engine.stop(timeout=0)
@@ -221,6 +262,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, help="prompt tokens per request")
     parser.add_argument("--out", type=int, help="generated tokens per request")
     parser.add_argument("--slots", type=int, help="device slots (--max-loras)")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first requests too")
     parser.add_argument(
         "--decode",
         default="auto",
@@ -271,21 +313,20 @@ def main() -> None:
             for i in range(n):
                 pool.register(f"a{i}", dirs[i % len(dirs)])
             limits = EngineLimits(
-                max_num_seqs=args.concurrency, max_queue=args.requests + 1, max_prefill_tokens=16 * args.prompt
+                max_num_seqs=args.concurrency,
+                max_queue=max(args.requests, args.concurrency, n) + 1,  # the warm-up's requests too
+                max_prefill_tokens=16 * args.prompt,
             )
             tokenizer = Tokenizer(preset["model"]["vocab_size"])
             engine = Engine(model, tokenizer, pool, model_id="bench", limits=limits, decode=decode)
             copy_seconds[0] = 0.0
-            result = run_in_main_thread(engine, names, args, preset["model"]["vocab_size"])
+            result = run_in_main_thread(engine, names, args, preset["model"]["vocab_size"], counter)
             if case == "base":
                 base_rates.setdefault(decode, result["tokens_per_s"])
             reference = first_outputs.setdefault(case, (engine.decode_mode, result["outputs"]))
             if reference[0] != engine.decode_mode:
-                same = sum(result["outputs"][i] == reference[1][i] for i in reference[1])
-                agreement.append(
-                    f"case {case}: {engine.decode_mode} gave {reference[0]}'s greedy tokens in "
-                    f"{same} of {len(reference[1])} requests"
-                )
+                compared = agree(reference[1], result["outputs"])
+                agreement.append(f"case {case}: {engine.decode_mode} vs {reference[0]}: {compared}")
             base_rate = base_rates.get(decode)
             ratio = f"{result['tokens_per_s'] / base_rate:.2f}" if base_rate else "-"
             s = counter.slots

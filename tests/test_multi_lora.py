@@ -178,7 +178,7 @@ from lorakit.kernels import triton_bgmv, tuning
 torch.manual_seed(0)
 cases = ((5, 8, 1100, 48, 7, 3, True), (3, 16, 64, 300, 5, 1, False), (4, 8, 64, 300, 3, 2, True))
 dtypes = ((torch.float32, 1e-5), (torch.float16, 5e-3))
-for one_launch, dtype, tol in [(o, d, t) for o in (True, False) for d, t in dtypes]:
+for one_launch, dtype, tol in [(o, d, t) for o in (True, False, "auto") for d, t in dtypes]:
     tuning.BGMV_ONE_LAUNCH = one_launch
     for S, r, d_in, d_out, N, split, dora in cases:
         A, B = torch.randn(S, r, d_in) * 0.1, torch.randn(S, d_out, r) * 0.1

@@ -96,7 +96,10 @@ class _SpecLimits:
     adapter_load_timeout: float = 30.0
 
 
-def test_wiring_of_model_pool_engine_and_app(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "decode_flags, decode", [(["--cuda-graphs"], "graphs"), (["--enforce-eager"], "dynamic"), ([], "auto")]
+)
+def test_wiring_of_model_pool_engine_and_app(tmp_path, monkeypatch, capsys, decode_flags, decode):
     """cmd_serve with the engine modules replaced by test doubles of the spec'd signatures: which
     arguments reach the pool and the engine, and that the app it runs serves them."""
     from .http_server import running_server
@@ -145,12 +148,12 @@ def test_wiring_of_model_pool_engine_and_app(tmp_path, monkeypatch, capsys):
     _adapter(root / "fresh")
     argv = ["serve", "--adapter-dir", str(root), "--adapter", f"one={a}", "--served-model-name", "base"]
     argv += ["--port", "0", "--max-loras", "3", "--max-num-seqs", "5", "--kv-cache-gb", "1.5", "--api-key", "k"]
-    argv += ["--allow-runtime-adapters", "--cuda-graphs"]
+    argv += ["--allow-runtime-adapters", *decode_flags]
     assert main(argv) == 0
     assert "serving base with 1 adapter(s) at http://127.0.0.1:" in capsys.readouterr().out
     assert made["pool"] == {"max_loras": 3, "max_cpu_loras": 64, "max_lora_rank": 64}
     assert made["limits"] == _SpecLimits(max_num_seqs=5, kv_cache_gb=1.5)
-    assert made["decode"] == "graphs"  # --cuda-graphs
+    assert made["decode"] == decode
     assert made["observer"] is not None and made["engine"].observer is made["observer"]
     assert [(c["id"], c["parent"]) for c in made["cards"]] == [("base", None), ("one", "base")]
     assert made["load"] == 200
@@ -210,3 +213,9 @@ def test_lorakit_serve_end_to_end(tmp_path, embedded_model):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_cuda_graphs_and_enforce_eager_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--cuda-graphs", "--enforce-eager"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -212,3 +212,23 @@ def test_mixed_batches_match_peft(served, adapter_dirs):
             peft_model.set_adapter(request.adapter)
             expected = _reference(peft_model, tokenizer, request)
         assert tokens == expected, (request.adapter, request.request_id)
+
+
+def test_auto_decode_falls_back_to_the_dynamic_cache_where_static_rows_cannot_run(monkeypatch):
+    """ "auto" picks CUDA graphs on a GPU; where the static rows cannot run (here: a KV budget
+    below their buffers) it warns and decodes over the dynamic cache, while asking for them
+    explicitly is refused with the reason."""
+    from lorakit.errors import ConfigError
+    from lorakit.serve import engine as engine_module
+    from lorakit.serve.adapter_pool import AdapterPool
+    from lorakit.serve.engine import Engine, EngineLimits
+
+    monkeypatch.setattr(engine_module, "_decode_mode", lambda decode, device: "static")
+    model, tokenizer = _fresh_model()
+    limits = EngineLimits(max_num_seqs=4, kv_cache_gb=1e-4)
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=8)
+    with pytest.warns(UserWarning, match="enforce-eager"):
+        engine = Engine(model, tokenizer, pool, model_id="m", limits=limits, decode="auto")
+    assert engine.decode_mode == "dynamic" and engine._static is None and engine.scheduler.static is None
+    with pytest.raises(ConfigError, match="raise --kv-cache-gb or lower --max-num-seqs"):
+        Engine(model, tokenizer, pool, model_id="m", limits=limits, decode="static")

@@ -146,3 +146,40 @@ def test_attention_that_takes_no_mask_is_refused():
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ConfigError, match="sdpa or eager"):
         StaticBatch(model, 2, graphs=False, pool=None, forward=None)
+
+
+def test_the_kv_budget_is_charged_for_the_static_rows():
+    """Over static rows the KV memory is the buffers' (capacity × L columns, L doubling from 256),
+    whatever the rows use: a row whose prompt + max_tokens would grow L past the budget waits
+    while others run, goes alone, and a budget below one L of 256 is refused at start."""
+    from lorakit.errors import ConfigError
+    from lorakit.serve.requests import GenerationRequest, RequestHandle, SamplingParams
+    from lorakit.serve.scheduler import EngineLimits, Scheduler
+
+    model = tiny_llama()
+    batch = StaticBatch(model, 4, graphs=False, pool=None, forward=None)
+    per_token = 1000
+    one_length = 4 * static_batch.FIRST_LENGTH * per_token  # the buffers at L = 256
+    limits = EngineLimits(max_num_seqs=4, kv_cache_gb=(one_length + 10) / 2**30)
+    scheduler = Scheduler(limits, AdapterPool(model, max_loras=1, max_lora_rank=4), per_token, static=batch)
+
+    def request(name, prompt, max_tokens):
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
+        scheduler.add(RequestHandle(GenerationRequest(name, [1] * prompt, None, sampling)))
+
+    # Three short rows fit one L of 256 together (the dynamic rule would charge their sum too).
+    for name in ("a", "b", "c"):
+        request(name, 100, 100)
+    admitted, _ = scheduler.admit(running=0, reserved=0)
+    assert [a.handle.request_id for a in admitted] == ["a", "b", "c"]
+    # 200 + 100 columns would double L: the row waits while the three run, and goes alone.
+    request("long", 200, 100)
+    assert scheduler.admit(running=3, reserved=0)[0] == []
+    assert [a.handle.request_id for a in scheduler.admit(running=0, reserved=0)[0]] == ["long"]
+    assert scheduler.static_columns == 300
+    # The buffers at L = 512 are held now: rows that fit them cost nothing more and join.
+    request("d", 250, 200)
+    assert [a.handle.request_id for a in scheduler.admit(running=1, reserved=0)[0]] == ["d"]
+
+    with pytest.raises(ConfigError, match="raise --kv-cache-gb or lower --max-num-seqs"):
+        Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=(one_length - 10) / 2**30), None, per_token, static=batch)

@@ -62,10 +62,17 @@ def add_serve_parser(sub) -> None:
         help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-dir)",
     )
     serve.add_argument("--device", default=None)
-    serve.add_argument(
+    graphs = serve.add_mutually_exclusive_group()
+    graphs.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="decode in CUDA graphs over fixed per-row buffers (GPU; not yet the default: docs/serving.md)",
+        help="decode in CUDA graphs over fixed per-row buffers, or fail at start (default on a GPU: "
+        "graphs where they can run, else eager steps with a warning)",
+    )
+    graphs.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="decode without CUDA graphs (eager steps over the dynamic cache), as vLLM's flag",
     )
     serve.add_argument("--dtype", default="auto")
     pool = serve.add_argument_group("adapter slots")
@@ -138,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, directory in adapters.items():
         pool.register(name, directory)  # config checks only: weights load when first asked for
     limits = EngineLimits(**_given(args, LIMIT_FLAGS))
-    decode = "graphs" if args.cuda_graphs else "auto"
+    decode = "graphs" if args.cuda_graphs else "dynamic" if args.enforce_eager else "auto"
     engine = Engine(model, tokenizer, pool, model_id=model_id, limits=limits, observer=metrics, decode=decode)
     app = build_app(
         engine,

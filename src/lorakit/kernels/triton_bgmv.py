@@ -5,14 +5,17 @@
 
     x: (N, d_in)   out: (N, d_out)   A_stack: (S, r_max, d_in)   B_stack: (S, d_out, r_max)
 
-Punica's bgmv, whatever the number of adapters, in one launch (``tuning.BGMV_ONE_LAUNCH``): program
-(n, j) computes token n's shrink from its slot's rows of A (every program of the token repeats
-it: r × d_in reads served from L2) and expands it over its share j of the output units; or in two,
-as vLLM's lora_shrink / lora_expand (the rank-r intermediate through global memory, the shrink of
-a long d_in split over programs). Tokens of slot 0 (no adapter) return at once. A decode step has
-a few tokens per adapter, so reading the factors per token costs little next to launching a GEMM
-per adapter; long prefills take grouped GEMMs instead (``multi_lora.py``). Accumulation is fp32; in two launches
-the split shrink's partial sums are added atomically into h.
+Punica's bgmv, whatever the number of adapters, in one launch or two (``tuning.BGMV_ONE_LAUNCH``).
+One: program (n, j) computes token n's shrink from its slot's rows of A (every program of the
+token repeats it: r × d_in reads served from L2) and expands it over its share j of the output
+units: fewest launches, for eager steps, where each launch costs host time. Two, as vLLM's
+lora_shrink / lora_expand: the shrink of a long d_in split over programs, each writing its partial
+sums to its own plane of h (split, N, r_max), which the expand adds up as it reads h: no zeroed
+buffer, no atomics, and no repeated shrink, for steps replayed in a CUDA graph, where launches
+cost no host time and the repeated shrink is what is left (measured in docs/benchmarks.md). Tokens
+of slot 0 (no adapter) return at once. A decode step has a few tokens per adapter, so reading the
+factors per token costs little next to launching a GEMM per adapter; long prefills take grouped
+GEMMs instead (``multi_lora.py``). Accumulation is fp32.
 
 The CPU tests run the kernels in Triton's interpreter (``TRITON_INTERPRET=1``); without Triton
 nothing here runs (``available`` is False) and ``multi_lora`` takes its torch paths.
@@ -79,8 +82,8 @@ if triton is not None:
         stride_as,
         stride_ar,
         stride_h,
+        stride_hs,
         k_per_split,
-        SPLIT: tl.constexpr,
         BR: tl.constexpr,
         BK: tl.constexpr,
     ):
@@ -95,10 +98,7 @@ if triton is not None:
         x_row = X + n.to(tl.int64) * stride_x
         a_rows = A + slot * stride_as + ranks[:, None] * stride_ar
         acc = _shrink_span(x_row, a_rows, rmask, start, end, BR, BK)
-        if SPLIT == 1:
-            tl.store(H + n * stride_h + ranks, acc, mask=rmask)
-        else:
-            tl.atomic_add(H + n * stride_h + ranks, acc, mask=rmask)
+        tl.store(H + tl.program_id(1) * stride_hs + n * stride_h + ranks, acc, mask=rmask)
 
     @triton.jit
     def _expand_kernel(
@@ -111,10 +111,12 @@ if triton is not None:
         d_out,
         r,
         stride_h,
+        stride_hs,
         stride_bs,
         stride_bn,
         stride_out,
         stride_g,
+        SPLIT: tl.constexpr,
         HAS_DORA: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         BR: tl.constexpr,
@@ -127,7 +129,9 @@ if triton is not None:
         units = tl.program_id(1) * BN + tl.arange(0, BN)
         ranks = tl.arange(0, BR)
         rmask = ranks < r
-        h = tl.load(H + n * stride_h + ranks, mask=rmask, other=0.0)
+        h = tl.zeros((BR,), dtype=tl.float32)
+        for part in tl.static_range(SPLIT):  # the split shrink's partial sums
+            h += tl.load(H + part * stride_hs + n * stride_h + ranks, mask=rmask, other=0.0)
         out_row = OUT + n.to(tl.int64) * stride_out
         b_rows = B + slot * stride_bs + ranks[None, :]
         _expand_units(
@@ -218,8 +222,8 @@ def bgmv(
     """Add each token's adapter into ``out`` (N, d_out) in place; x (N, d_in), token_slots (N,)
     int64 in [0, S). ``gm1`` (S, d_out) and ``bias`` (d_out,): DoRA's term (``multi_lora``).
     ``split``: programs per token (None: chosen from the GPU's size): over the output units in
-    the one-launch kernel (``tuning.BGMV_ONE_LAUNCH``), over d_in in the two-launch shrink.
-    Returns ``out``."""
+    the one-launch kernel, over d_in in the two-launch shrink. Which of the two runs:
+    ``tuning.BGMV_ONE_LAUNCH``. Returns ``out``."""
     tokens, d_in = x.shape
     r = A_stack.shape[1]
     if tokens == 0 or r == 0:
@@ -234,7 +238,10 @@ def bgmv(
         raise ValueError("bgmv adds into out in place: its last dimension must be contiguous")
     block_r = max(16, triton.next_power_of_2(r))
     d_out = out.shape[1]
-    if tuning.BGMV_ONE_LAUNCH:
+    one_launch = tuning.BGMV_ONE_LAUNCH
+    if one_launch == "auto":  # one launch for eager calls, two inside a CUDA graph's capture
+        one_launch = not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if one_launch:
         # Programs per token over its output units: enough to fill the GPU about twice.
         parts = split or _programs_per_token(tokens, d_out, BLOCK_N, x.device)
         units = triton.cdiv(triton.cdiv(d_out, parts), BLOCK_N) * BLOCK_N
@@ -267,7 +274,7 @@ def bgmv(
     split = split or _programs_per_token(tokens, d_in, BLOCK_K, x.device)
     k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
     split = triton.cdiv(d_in, k_per_split)
-    h = (torch.zeros if split > 1 else torch.empty)(tokens, r, device=x.device, dtype=torch.float32)
+    h = torch.empty(split, tokens, r, device=x.device, dtype=torch.float32)
     _shrink_kernel[(tokens, split)](
         x,
         A_stack,
@@ -278,9 +285,9 @@ def bgmv(
         x.stride(0),
         A_stack.stride(0),
         A_stack.stride(1),
+        h.stride(1),
         h.stride(0),
         k_per_split,
-        SPLIT=split,
         BR=block_r,
         BK=BLOCK_K,
     )
@@ -293,11 +300,13 @@ def bgmv(
         bias if bias is not None else h,
         d_out,
         r,
+        h.stride(1),
         h.stride(0),
         B_stack.stride(0),
         B_stack.stride(1),
         out.stride(0),
         gm1.stride(0) if gm1 is not None else 0,
+        SPLIT=split,
         HAS_DORA=gm1 is not None,
         HAS_BIAS=bias is not None,
         BR=block_r,

@@ -70,13 +70,14 @@ but whole QLoRA steps were the same either way (within 1%, docs/benchmarks.md): 
 dequantization is launch-bound at these sizes, so the kernel stays an option, not the default.
 Read from ``LORAKIT_TRITON_DEQUANT`` when lorakit is imported."""
 
-BGMV_ONE_LAUNCH = os.environ.get("LORAKIT_BGMV_ONE_LAUNCH", "1") == "1"
-"""True: a BGMV call is one Triton launch (``triton_bgmv._one_launch_kernel``: each program
-computes its token's rank-r shrink, then expands it over its share of the output units). False:
-a shrink launch and an expand launch with the rank-r intermediate in global memory (and a zeroed
-buffer when the shrink is split). A decode step's BGMV calls are launch-bound, so one launch
-where there were two or three; its values were checked on an H100 (scripts/gpu_multi_lora_check.py),
-its speed not yet (``bench/mixed_adapters.py`` case ``lorakit-pool-two-launch`` compares)."""
+BGMV_ONE_LAUNCH: bool | str = {"1": True, "0": False}.get(os.environ.get("LORAKIT_BGMV_ONE_LAUNCH", ""), "auto")
+"""How a BGMV call launches (``triton_bgmv``). True: one Triton launch (``_one_launch_kernel``:
+each program computes its token's rank-r shrink, then expands it over its share of the output
+units; the token's programs all repeat the shrink). False: a shrink launch and an expand launch,
+the rank-r intermediate in global memory. "auto" (the default): one launch in eager calls, whose
+launches cost host time, two inside a CUDA graph's capture, where they cost none and the repeated
+shrink is what is left (the two measured in docs/benchmarks.md, "Decode in CUDA graphs"). Read
+from ``LORAKIT_BGMV_ONE_LAUNCH`` ("1" or "0") when lorakit is imported."""
 
 BATCHED_ROWS = True
 """A prefill's rows (each row's T tokens one slot, T >= ``SEGMENT_TOKENS``) take two batched GEMMs

@@ -17,6 +17,7 @@ import inspect
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,6 @@ class Engine:
         self.max_context = getattr(model.config, "max_position_embeddings", None) or 10**9
         # transformers renamed the forward's cache argument (past_key_values -> cache).
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.scheduler = Scheduler(self.limits, pool, _kv_bytes_per_token(model))
         self._incoming: queue.Queue[RequestHandle] = queue.Queue()
         self._pending = 0  # submitted and not yet started (incoming + waiting), for the 429 check
         self._pending_lock = threading.Lock()
@@ -93,12 +93,20 @@ class Engine:
         self._seeds = torch.Generator().manual_seed(seed)
         self.failure: BaseException | None = None
         self.decode_mode = _decode_mode(decode, self.device)
+        self._chosen = decode == "auto"  # graphs chosen for the device, not asked for: fall back quietly
         self._static = None
-        if self.decode_mode != "dynamic":
-            graphs = self.decode_mode == "graphs"
-            self._static = StaticBatch(
-                model, self.limits.max_num_seqs, graphs=graphs, pool=pool, forward=self._static_forward
-            )
+        self.scheduler = None
+        try:
+            if self.decode_mode != "dynamic":
+                graphs = self.decode_mode == "graphs"
+                self._static = StaticBatch(
+                    model, self.limits.max_num_seqs, graphs=graphs, pool=pool, forward=self._static_forward
+                )
+            self.scheduler = Scheduler(self.limits, pool, _kv_bytes_per_token(model), static=self._static)
+        except ConfigError as exc:
+            if not self._chosen:
+                raise
+            self._decode_dynamically(exc)
 
     # --- prompts ---------------------------------------------------------------------------
     def completion_ids(self, prompt: str | list[int]) -> list[int]:
@@ -194,12 +202,23 @@ class Engine:
                     self._static.step(rows, [self.pad_id], [route])
                     self._static.release(rows[0])
                 except Exception as exc:
-                    raise ConfigError(
-                        f"decoding over static rows does not fit this model ({type(exc).__name__}: {exc}); "
-                        "leave --cuda-graphs off"
-                    ) from exc
+                    if not self._chosen:
+                        raise ConfigError(
+                            f"decoding over static rows does not fit this model ({type(exc).__name__}: {exc}); "
+                            "leave --cuda-graphs off"
+                        ) from exc
+                    self._decode_dynamically(exc)
         finally:
             self.pool.release(route)
+
+    def _decode_dynamically(self, why: Exception) -> None:
+        """Leave the CUDA graphs "auto" chose for the ``DynamicCache``'s eager steps, saying why."""
+        warnings.warn(
+            f"decoding without CUDA graphs ({type(why).__name__}: {why}); --enforce-eager silences this",
+            stacklevel=3,
+        )
+        self.decode_mode, self._static = "dynamic", None
+        self.scheduler = Scheduler(self.limits, self.pool, _kv_bytes_per_token(self.model))
 
     def _run(self) -> None:
         try:
@@ -426,12 +445,13 @@ class Engine:
 def _decode_mode(decode: str, device: torch.device) -> str:
     """How decode steps run: "dynamic" (``DynamicCache`` joined and trimmed per step, eager),
     "static" (``StaticBatch``'s fixed buffers, eager) or "graphs" (the same in CUDA graphs, which
-    need Triton for the slot kernels' graph path). "auto" is "dynamic" for now: the graphs have
-    not been run on a GPU yet (docs/serving.md), so they are asked for (``--cuda-graphs``)."""
+    need Triton for the slot kernels' graph path). "auto": graphs on a CUDA device with Triton
+    (a GPU's decode step is launch-bound; docs/benchmarks.md), else dynamic (the CPU's launches
+    cost nothing, and the dynamic cache attends fewer columns)."""
     from ..kernels.triton_support import triton
 
     if decode == "auto":
-        return "dynamic"
+        return "graphs" if device.type == "cuda" and triton is not None else "dynamic"
     if decode not in ("dynamic", "static", "graphs"):
         raise ConfigError(f"decode must be auto, dynamic, static or graphs; got {decode!r}")
     if decode == "graphs" and (device.type != "cuda" or triton is None):

@@ -4,9 +4,12 @@ Requests wait in arrival order. At each step the scheduler walks them oldest fir
 those that fit: rows under ``max_num_seqs``, the prefill under ``max_prefill_tokens`` (padded
 tokens: rows are prefilled together, left-padded to the longest prompt), the KV bytes reserved by
 running rows (prompt + max_tokens each) under ``kv_cache_gb``, and the request's adapter in a
-device slot. A request whose adapter is not resident yet stays waiting without holding up the
-requests behind it; the oldest of them asks the pool to drain a slot for it (``urgent``), so a
-cold adapter gets one as soon as that slot's rows finish instead of starving behind busy ones.
+device slot. Over static rows (``StaticBatch``: decode in CUDA graphs) the KV memory is the
+buffers', ``max_num_seqs`` rows of L columns whatever the rows use, so the budget is charged
+for them instead: the L the longest admitted row (padded prompt + max_tokens) makes them grow
+to. A request whose adapter is not resident yet stays waiting without holding up the requests
+behind it; the oldest of them asks the pool to drain a slot for it (``urgent``), so a cold
+adapter gets one as soon as that slot's rows finish instead of starving behind busy ones.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..errors import AdapterLoadError, LorakitError
+from ..errors import AdapterLoadError, ConfigError, LorakitError
 from .requests import Delta, RequestHandle
 
 
@@ -51,11 +54,27 @@ class Admitted:
 class Scheduler:
     """The waiting queue and the admission decision (engine thread only, apart from ``waiting``)."""
 
-    def __init__(self, limits: EngineLimits, pool, kv_bytes_per_token: int) -> None:
+    def __init__(self, limits: EngineLimits, pool, kv_bytes_per_token: int, static=None) -> None:
         self.limits = limits
         self.pool = pool
         self.kv_bytes_per_token = kv_bytes_per_token
         self.queue: deque[Waiting] = deque()
+        self.static = static  # the engine's StaticBatch, or None (DynamicCache decode)
+        self.static_columns = 0  # the most columns an admitted row may fill in the static rows
+        budget = self._budget()
+        if static is not None and budget is not None and self.static_bytes(1) > budget:
+            raise ConfigError(
+                f"the static decode rows need {self.static_bytes(1) / 2**30:.2f} GiB of KV cache for "
+                f"--max-num-seqs {static.capacity}, more than --kv-cache-gb {limits.kv_cache_gb:g}; "
+                "raise --kv-cache-gb or lower --max-num-seqs"
+            )
+
+    def _budget(self) -> int | None:
+        return None if self.limits.kv_cache_gb is None else int(self.limits.kv_cache_gb * 2**30)
+
+    def static_bytes(self, columns: int) -> int:
+        """KV bytes the static rows hold once one of them fills ``columns`` columns."""
+        return self.static.capacity * self.static.length_for(columns) * self.kv_bytes_per_token
 
     def add(self, handle: RequestHandle) -> None:
         self.queue.append(Waiting(handle))
@@ -90,7 +109,7 @@ class Scheduler:
         """The requests to prefill now (with their pinned adapter routes), and those that failed
         (their adapter's files could not be read)."""
         limits = self.limits
-        budget = None if limits.kv_cache_gb is None else int(limits.kv_cache_gb * 2**30)
+        budget = self._budget()
         admitted: list[Admitted] = []
         failed = []
         longest = 0
@@ -100,10 +119,16 @@ class Scheduler:
             if running + len(admitted) >= limits.max_num_seqs:
                 break
             request = item.handle.request
-            need = self.reserved_bytes(item.handle)
-            if budget is not None and reserved + need > budget and (running or admitted):
-                break  # oldest first: later requests do not jump a request that waits for memory
             prompt = len(request.prompt_ids)
+            need = self.reserved_bytes(item.handle)
+            columns = max(self.static_columns, max(longest, prompt) + request.sampling.max_tokens)
+            if self.static is None:
+                over = budget is not None and reserved + need > budget
+            else:  # buffers already grown cost nothing more; only growing them past the budget waits
+                held = self.static_bytes(columns)
+                over = budget is not None and held > budget and held > self.static_bytes(self.static_columns)
+            if over and (running or admitted):
+                break  # oldest first: later requests do not jump a request that waits for memory
             if admitted and max(longest, prompt) * (len(admitted) + 1) > limits.max_prefill_tokens:
                 break
             urgent = not urgent_asked and now - item.arrived >= limits.urgent_after
@@ -121,4 +146,6 @@ class Scheduler:
             admitted.append(Admitted(item.handle, route, item.arrived))
             reserved += need
             longest = max(longest, prompt)
+            if self.static is not None:
+                self.static_columns = columns
         return admitted, failed

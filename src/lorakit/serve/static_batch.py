@@ -148,13 +148,19 @@ class StaticBatch:
         self.mask[row] = False
         self.mask[row, 0] = True
 
-    def _ensure_length(self, needed: int) -> None:
-        """Grow L (doubling from FIRST_LENGTH) to at least ``needed`` columns, keeping the rows."""
-        if needed <= self.length:
-            return
+    def length_for(self, needed: int) -> int:
+        """The L the buffers have once they hold ``needed`` columns (L only grows, doubling from
+        FIRST_LENGTH): what the scheduler charges the KV budget for static rows."""
         length = max(FIRST_LENGTH, self.length)
         while length < needed:
             length *= 2
+        return length
+
+    def _ensure_length(self, needed: int) -> None:
+        """Grow L to at least ``needed`` columns (``length_for``), keeping the rows."""
+        if needed <= self.length:
+            return
+        length = self.length_for(needed)
         shape = (self.capacity, self.kv_heads, length, self.head_dim)
         old = self.length
         keys, values = [], []
