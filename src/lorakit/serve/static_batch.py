@@ -18,7 +18,7 @@ column; attention reads all L columns, the masked ones adding nothing. Free stat
 would pass it; the buffers are then new tensors and the graphs are captured again, as they are when
 the adapter pool's tensors change (``AdapterPool.layout_version``).
 
-With ``graphs=False`` (the CPU, or ``--enforce-eager``) the same steps run eagerly; the tests
+With ``graphs=False`` (``Engine(decode="static")``) the same steps run eagerly; the tests
 compare them with single-request ``generate``.
 """
 
@@ -99,7 +99,7 @@ class StaticBatch:
         if attention not in ("sdpa", "eager"):
             raise ConfigError(
                 f"decoding over static rows passes a 4-D mask, which {attention!r} attention does not take; "
-                "load the model with sdpa or eager attention, or leave --cuda-graphs off"
+                "load the model with sdpa or eager attention, or decode without CUDA graphs (--enforce-eager)"
             )
         # eager attention adds its mask to the scores: 0 where a row attends, the dtype's minimum elsewhere
         self.additive_mask = attention == "eager"
