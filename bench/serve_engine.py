@@ -13,7 +13,9 @@ with random factors (saved once to a temporary folder; "N" adapters register N n
 ``lorakit serve`` runs it), under each ``--decode`` mode (on a GPU "auto" is CUDA graphs over
 static rows; "dynamic" the joined-and-trimmed cache, eager), and reports generated tokens/s, the ratio
 to the base-only case of the same run, p50/p99 request latency, slot hits/misses/evictions and the
-time the batch's cache joins and trims (BatchState.join/keep) took. Before the timed requests each
+median time of the engine's decode-only steps, and the time the batch's cache joins and trims
+(BatchState.join/keep) took. The requests come from one asyncio event loop, as the HTTP server's
+handlers take them. Before the timed requests each
 case warms up untimed (``--no-warmup`` skips it), as a server does before it takes traffic: one
 short request per adapter name (each read from disk into a slot; the slot counters start after)
 and requests finishing one step apart, so every decode batch size the timed run meets has had its
@@ -25,6 +27,7 @@ continuations part early; the first token, from the same prefill, should agree).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import platform
 import statistics
 import sys
@@ -73,6 +76,7 @@ class Counter:
 
     def __init__(self) -> None:
         self.slots = {"hit": 0, "miss": 0, "eviction": 0}
+        self.decode_steps: list[float] = []  # seconds of each engine step that only decoded
 
     def slot_event(self, kind: str) -> None:
         self.slots[kind] = self.slots.get(kind, 0) + 1
@@ -80,8 +84,9 @@ class Counter:
     def request_finished(self, *a, **k) -> None:
         pass
 
-    def step(self, *a, **k) -> None:
-        pass
+    def step(self, running: int, waiting: int, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
+        if decode_tokens and not prefill_tokens:
+            self.decode_steps.append(seconds)
 
     def adapter_loaded(self, *a, **k) -> None:
         pass
@@ -155,38 +160,41 @@ def collect(handle, timeout: float = 600) -> tuple[list[int], object]:
 
 
 def run_case(engine, names: list[str | None], args, vocab: int) -> dict:
+    """The timed requests, from one asyncio event loop (as the HTTP server's handlers take their
+    deltas: pushed by the engine thread with ``call_soon_threadsafe``), ``--concurrency`` in flight."""
+    return asyncio.run(_run_case(engine, names, args, vocab))
+
+
+async def _run_case(engine, names: list[str | None], args, vocab: int) -> dict:
     from lorakit.serve.requests import GenerationRequest, SamplingParams
 
     gen = torch.Generator().manual_seed(0)
     latencies: list[float] = []
     produced = 0
-    lock = threading.Lock()
-    slots = threading.Semaphore(args.concurrency)
-
     outputs: dict[int, list[int]] = {}
+    in_flight = asyncio.Semaphore(args.concurrency)
+    loop = asyncio.get_running_loop()
 
-    def one(i: int, prompt: list[int]) -> None:
+    async def one(i: int, prompt: list[int]) -> None:
         nonlocal produced
         params = SamplingParams(max_tokens=args.out, temperature=0, ignore_eos=True)
         started = time.perf_counter()
-        handle = engine.submit(GenerationRequest(f"r{i}", prompt, names[i % len(names)], params))
-        tokens, delta = collect(handle)
-        with lock:
-            latencies.append(time.perf_counter() - started)
-            produced += delta.completion_tokens
-            outputs[i] = tokens
-        slots.release()
+        handle = engine.submit(GenerationRequest(f"r{i}", prompt, names[i % len(names)], params), loop=loop)
+        tokens = []
+        async for delta in handle:
+            tokens += delta.token_ids
+        latencies.append(time.perf_counter() - started)
+        produced += delta.completion_tokens
+        outputs[i] = tokens
+        in_flight.release()
 
-    threads = []
+    tasks = []
     started = time.perf_counter()
     for i in range(args.requests):
         prompt = torch.randint(1, vocab, (args.prompt,), generator=gen).tolist()  # the same in every case
-        slots.acquire()
-        thread = threading.Thread(target=one, args=(i, prompt))
-        thread.start()
-        threads.append(thread)
-    for thread in threads:
-        thread.join()
+        await in_flight.acquire()
+        tasks.append(asyncio.create_task(one(i, prompt)))
+    await asyncio.gather(*tasks)
     seconds = time.perf_counter() - started
     latencies.sort()
     return {
@@ -242,6 +250,7 @@ def run_in_main_thread(engine, names, args, vocab: int, counter: Counter) -> dic
             if args.warmup:
                 warm_up(engine, names, args, vocab)
                 counter.slots = dict.fromkeys(counter.slots, 0)
+                counter.decode_steps.clear()
             outcome.update(run_case(engine, names, args, vocab))
         finally:
             engine.stop(timeout=0)
@@ -301,8 +310,11 @@ def main() -> None:
     counts = [int(c) for c in cases if c != "base"]
     with tempfile.TemporaryDirectory() as tmp:
         dirs = save_adapters(preset, Path(tmp), min(8, max(counts, default=1)))
-        print("| decode | case | tokens/s | vs base | p50 s | p99 s | slot hits/misses/evictions | join+trim s |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(
+            "| decode | case | tokens/s | vs base | p50 s | p99 s | decode step ms (median) "
+            "| slot hits/misses/evictions | join+trim s |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
         base_rates, first_outputs, agreement = {}, {}, []
         for decode, case in [(d, c) for d in args.decode.split(",") for c in cases]:
             model = build_model(preset, device)
@@ -318,7 +330,7 @@ def main() -> None:
                 max_prefill_tokens=16 * args.prompt,
             )
             tokenizer = Tokenizer(preset["model"]["vocab_size"])
-            engine = Engine(model, tokenizer, pool, model_id="bench", limits=limits, decode=decode)
+            engine = Engine(model, tokenizer, pool, model_id="bench", limits=limits, decode=decode, observer=counter)
             copy_seconds[0] = 0.0
             result = run_in_main_thread(engine, names, args, preset["model"]["vocab_size"], counter)
             if case == "base":
@@ -332,7 +344,7 @@ def main() -> None:
             s = counter.slots
             print(
                 f"| {engine.decode_mode} | {case} | {result['tokens_per_s']:.1f} | {ratio} | {result['p50']:.2f} | "
-                f"{result['p99']:.2f} | "
+                f"{result['p99']:.2f} | {1000 * statistics.median(counter.decode_steps or [0]):.1f} | "
                 f"{s['hit']}/{s['miss']}/{s['eviction']} | {copy_seconds[0]:.2f} |"
             )
             sys.stdout.flush()
