@@ -146,3 +146,47 @@ def test_batch_join_pads_left_and_keep_trims_columns_only_padding_uses():
     assert torch.equal(a.cache.layers[1].keys[1], keys_a[0])
     mask, positions = a.step_inputs()
     assert mask.tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]] and positions.tolist() == [[2], [3]]
+
+
+def test_outbox_wakes_each_event_loop_once_per_step_and_keeps_each_handles_order():
+    import asyncio
+    import threading
+
+    from lorakit.serve.requests import Delta, GenerationRequest, Outbox, RequestHandle
+
+    loop = asyncio.new_event_loop()
+    wakeups = []
+    original = loop.call_soon_threadsafe
+
+    def counted(*args):
+        wakeups.append(args)
+        return original(*args)
+
+    loop.call_soon_threadsafe = counted
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    request = GenerationRequest("r", [1], None, SamplingParams())
+    handles = [RequestHandle(request, loop=loop) for _ in range(3)]
+    plain = RequestHandle(request)  # no loop: its delta arrives at once
+    outbox = Outbox()
+    for step in range(2):
+        for i, handle in enumerate(handles):
+            outbox.add(handle, Delta(f"{i}{step}", [step], 1, step + 1))
+        outbox.add(plain, Delta(f"p{step}", [step], 1, step + 1))
+        assert plain.next_delta(timeout=1).text == f"p{step}"
+        outbox.flush()
+    outbox.add(handles[0], Delta("", [], 1, 2, finish_reason="stop"))
+    outbox.flush()
+    assert len(wakeups) == 3  # one per step, not one per delta
+
+    async def texts(handle):
+        return [delta.text async for delta in handle]
+
+    got = [asyncio.run_coroutine_threadsafe(texts(handles[0]), loop).result(timeout=5)]
+    assert got == [["00", "01", ""]]
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+    outbox.add(handles[1], Delta("late", [], 1, 3))
+    outbox.flush()  # the loop is closed: nobody listens, the request is cancelled
+    assert handles[1].cancelled.is_set()

@@ -28,7 +28,7 @@ from ..data.stop_tokens import stop_token_ids
 from ..errors import AdapterNameError, ConfigError, ServerBusyError
 from .batch_state import BatchState, check_cache_kind
 from .detokenize import TextStream
-from .requests import Delta, EngineObserver, GenerationRequest, NullObserver, RequestHandle, SamplingParams
+from .requests import Delta, EngineObserver, GenerationRequest, NullObserver, Outbox, RequestHandle, SamplingParams
 from .sampling import check_sampling, next_tokens, row_generator
 from .scheduler import Admitted, EngineLimits, Scheduler
 from .static_batch import StaticBatch
@@ -85,6 +85,7 @@ class Engine:
         self._pending = 0  # submitted and not yet started (incoming + waiting), for the 429 check
         self._pending_lock = threading.Lock()
         self._rows: list[_Row] = []
+        self._outbox = Outbox()  # the deltas of the current step, sent when it ends
         self._batch: BatchState | None = None
         self._reserved = 0
         self._stop = threading.Event()
@@ -224,6 +225,7 @@ class Engine:
         try:
             while not self._stop.is_set():
                 busy = self._step()
+                self._outbox.flush()
                 if not busy:
                     self._wait_for_work()
         except BaseException as exc:  # the engine must not die silently: every row learns why
@@ -381,7 +383,7 @@ class Engine:
             ):
                 finished[i] = ("length", piece)
             else:
-                row.handle.push(Delta(piece, [token], row.prompt_tokens, row.completion_tokens))
+                self._outbox.add(row.handle, Delta(piece, [token], row.prompt_tokens, row.completion_tokens))
         self._leave(finished)
 
     def _leave(self, finished: dict[int, tuple[str, str]], error: str | None = None) -> None:
@@ -415,7 +417,7 @@ class Engine:
         self._send_last(row.handle, delta, row.handle.request.adapter, row.arrived)
 
     def _send_last(self, handle: RequestHandle, delta: Delta, adapter: str | None, arrived: float) -> None:
-        handle.push(delta)
+        self._outbox.add(handle, delta)
         self.observer.request_finished(
             adapter, delta.finish_reason, delta.prompt_tokens, delta.completion_tokens, time.monotonic() - arrived
         )
@@ -440,6 +442,7 @@ class Engine:
                 item.arrived,
             )
         self.scheduler.queue.clear()
+        self._outbox.flush()
 
 
 def _decode_mode(decode: str, device: torch.device) -> str:

@@ -104,6 +104,37 @@ class RequestHandle:
         return delta
 
 
+class Outbox:
+    """The deltas of one engine step, handed to each event loop in one call: a handle's ``push``
+    wakes its loop once per delta (a write to the loop's wake-up socket), so a step of 64 rows
+    woke the server's loop 64 times; here once per loop and step. Handles made without a loop get
+    their deltas at once. Deltas of one handle keep their order."""
+
+    def __init__(self) -> None:
+        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, Delta]]] = {}
+
+    def add(self, handle: RequestHandle, delta: Delta) -> None:
+        if handle._loop is None:
+            handle.push(delta)
+        else:
+            self._by_loop.setdefault(handle._loop, []).append((handle, delta))
+
+    def flush(self) -> None:
+        """Send what the step produced (engine thread, at the end of each step)."""
+        for loop, items in self._by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                for handle, _ in items:
+                    handle.cancelled.set()
+        self._by_loop.clear()
+
+
+def _deliver(items: list[tuple[RequestHandle, Delta]]) -> None:
+    for handle, delta in items:
+        handle._async_queue.put_nowait(delta)
+
+
 class EngineObserver(Protocol):
     """What the engine and the adapter pool report (metrics.py turns it into Prometheus series).
     Every method is called from the engine thread (or the pool's loader thread) and must be cheap."""
