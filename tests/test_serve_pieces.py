@@ -190,3 +190,59 @@ def test_outbox_wakes_each_event_loop_once_per_step_and_keeps_each_handles_order
     outbox.add(handles[1], Delta("late", [], 1, 3))
     outbox.flush()  # the loop is closed: nobody listens, the request is cancelled
     assert handles[1].cancelled.is_set()
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from lorakit.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")[1]
+
+
+def _streamed(tokenizer, ids: list[int]) -> str:
+    stream = TextStream(tokenizer, [])
+    return "".join(stream.add(i) for i in ids) + stream.finish()
+
+
+def test_text_stream_gives_the_whole_decode_with_a_real_tokenizer(smollm2_tokenizer):
+    """Window by window, the text is what decoding every token at once gives: multi-byte
+    characters split over tokens, spaces, newlines, special tokens skipped; random ids too (bytes
+    that never form a character decode as U+FFFD in both, bar a trailing one still waiting)."""
+    tok = smollm2_tokenizer
+    text = "Grüße aus Köln — 東京で寿司🍣を食べた!\n  indented\tand 12345 numbers, ½ ≠ ∞."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert _streamed(tok, ids) == tok.decode(ids, skip_special_tokens=True) == text
+    special = [tok.convert_tokens_to_ids("<|im_start|>")] + ids[:5] + [tok.eos_token_id] + ids[5:]
+    assert _streamed(tok, special) == tok.decode(special, skip_special_tokens=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        noise = torch.randint(0, len(tok), (300,), generator=gen).tolist()
+        assert _streamed(tok, noise) == tok.decode(noise, skip_special_tokens=True).rstrip("\ufffd")
+
+
+def test_text_stream_decodes_a_short_window_per_token(smollm2_tokenizer):
+    """Each token costs decoding a few tokens, however long the completion (whole decodes made
+    a request's detokenization quadratic in its length)."""
+    decoded = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=True):
+            decoded.append(len(ids))
+            return smollm2_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = smollm2_tokenizer(" the quick brown fox jumps over the lazy dog" * 100)["input_ids"]
+    _streamed(Counting(), ids)
+    assert len(ids) >= 900 and max(decoded) <= 3
+
+
+def test_text_stream_cuts_at_the_earliest_stop_string_within_one_token():
+    class Words:
+        words = ["abc def ghi jkl"]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(self.words[i] for i in ids)
+
+    for stop in (["def", "ghi"], ["ghi", "def"]):
+        stream = TextStream(Words(), stop)
+        assert stream.add(0) + stream.finish() == "abc "
+        assert stream.stopped
