@@ -173,13 +173,26 @@ def test_plan_checks():
 
 
 BGMV_SCRIPT = r"""
+import contextlib
 import torch
 from lorakit.kernels import triton_bgmv, tuning
+from lorakit.kernels.graph_mode import building_cuda_graph
 torch.manual_seed(0)
 cases = ((5, 8, 1100, 48, 7, 3, True), (3, 16, 64, 300, 5, 1, False), (4, 8, 64, 300, 3, 2, True))
 dtypes = ((torch.float32, 1e-5), (torch.float16, 5e-3))
-for one_launch, dtype, tol in [(o, d, t) for o in (True, False, "auto") for d, t in dtypes]:
-    tuning.BGMV_ONE_LAUNCH = one_launch
+launched = []
+class Counted:  # which kernel a call launches
+    def __init__(self, name, kernel):
+        self.name, self.kernel = name, kernel
+    def __getitem__(self, grid):
+        launched.append(self.name)
+        return self.kernel[grid]
+triton_bgmv._one_launch_kernel = Counted("one launch", triton_bgmv._one_launch_kernel)
+triton_bgmv._shrink_kernel = Counted("two launches", triton_bgmv._shrink_kernel)
+# "auto": one launch eagerly, two in a CUDA graph's warm-up and capture (building_cuda_graph)
+modes = {True: "one launch", False: "two launches", "auto": "one launch", "auto in a graph": "two launches"}
+for mode, dtype, tol in [(m, d, t) for m in modes for d, t in dtypes]:
+    tuning.BGMV_ONE_LAUNCH = "auto" if mode == "auto in a graph" else mode
     for S, r, d_in, d_out, N, split, dora in cases:
         A, B = torch.randn(S, r, d_in) * 0.1, torch.randn(S, d_out, r) * 0.1
         A[0], B[0] = 0, 0
@@ -197,7 +210,10 @@ for one_launch, dtype, tol in [(o, d, t) for o in (True, False, "auto") for d, t
                 want[n] += gm1[s].double() * (out[n].double() - bias.double())
         got = out.to(dtype).clone()
         c = lambda t: None if t is None else t.to(dtype)
-        back = triton_bgmv.bgmv(got, c(x), slots, c(A), c(B), c(gm1), c(bias) if dora else None, split=split)
+        launched.clear()
+        with building_cuda_graph() if mode == "auto in a graph" else contextlib.nullcontext():
+            back = triton_bgmv.bgmv(got, c(x), slots, c(A), c(B), c(gm1), c(bias) if dora else None, split=split)
+        assert launched == [modes[mode]], (mode, launched)
         assert back is got
         err = ((got.double() - want).abs().max() / want.abs().max()).item()
         assert err < tol, (dtype, S, r, d_in, err)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lorakit.errors import ConfigError
+from lorakit.serve import detokenize as streaming
 from lorakit.serve.batch_state import BatchState
 from lorakit.serve.detokenize import TextStream
 from lorakit.serve.requests import SamplingParams
@@ -217,7 +218,8 @@ def test_text_stream_gives_the_whole_decode_with_a_real_tokenizer(smollm2_tokeni
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         noise = torch.randint(0, len(tok), (300,), generator=gen).tolist()
-        assert _streamed(tok, noise) == tok.decode(noise, skip_special_tokens=True).rstrip("\ufffd")
+        streamed, whole = _streamed(tok, noise), tok.decode(noise, skip_special_tokens=True)
+        assert whole.startswith(streamed) and not whole[len(streamed) :].strip("\ufffd")
 
 
 def test_text_stream_decodes_a_short_window_per_token(smollm2_tokenizer):
@@ -230,9 +232,18 @@ def test_text_stream_decodes_a_short_window_per_token(smollm2_tokenizer):
             decoded.append(len(ids))
             return smollm2_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    ids = smollm2_tokenizer(" the quick brown fox jumps over the lazy dog" * 100)["input_ids"]
+    tok = smollm2_tokenizer
+    ids = tok(" the quick brown fox jumps over the lazy dog" * 100)["input_ids"]
     _streamed(Counting(), ids)
     assert len(ids) >= 900 and max(decoded) <= 3
+    # Runs that add no text (EOS under ignore_eos) or bytes that never form a character.
+    byte = next(i for i in range(len(tok)) if tok.decode([i]) == "\ufffd")
+    hello = tok("Hello world")["input_ids"]
+    for run in ([tok.eos_token_id] * 500, [byte] * 500):
+        decoded.clear()
+        ids = hello + run + hello
+        assert _streamed(Counting(), ids) == tok.decode(ids, skip_special_tokens=True)
+        assert max(decoded) <= 2 * streaming.MAX_PENDING
 
 
 def test_text_stream_cuts_at_the_earliest_stop_string_within_one_token():

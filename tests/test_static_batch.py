@@ -175,6 +175,13 @@ def test_the_kv_budget_is_charged_for_the_static_rows():
     # 200 + 100 columns would double L: the row waits while the three run, and goes alone.
     request("long", 200, 100)
     assert scheduler.admit(running=3, reserved=0)[0] == []
+    # One prefill pads its rows to its longest prompt: a short prompt asking many tokens beside a
+    # long prompt needs long + many columns (10 + 240 alone would fit; 200 + 240 does not).
+    fresh = Scheduler(limits, scheduler.pool, per_token, static=batch)
+    for name, prompt, tokens in (("many", 10, 240), ("long-prompt", 200, 10)):
+        sampling = SamplingParams(max_tokens=tokens, temperature=0)
+        fresh.add(RequestHandle(GenerationRequest(name, [1] * prompt, None, sampling)))
+    assert [a.handle.request_id for a in fresh.admit(running=0, reserved=0)[0]] == ["many"]
     assert [a.handle.request_id for a in scheduler.admit(running=0, reserved=0)[0]] == ["long"]
     assert scheduler.static_columns == 300
     # The buffers at L = 512 are held now: rows that fit them cost nothing more and join.
@@ -183,3 +190,43 @@ def test_the_kv_budget_is_charged_for_the_static_rows():
 
     with pytest.raises(ConfigError, match="raise --kv-cache-gb or lower --max-num-seqs"):
         Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=(one_length - 10) / 2**30), None, per_token, static=batch)
+
+
+def test_a_failing_device_still_gives_each_client_one_last_delta():
+    """When a decode step fails and every later device operation fails too (a sticky CUDA error),
+    the rows leave once, and their error deltas reach the clients' event loop."""
+    import asyncio
+
+    from lorakit.serve.engine import Engine, EngineLimits
+    from lorakit.serve.requests import GenerationRequest, SamplingParams
+
+    from .serve_double import echo_tokenizer
+
+    tokenizer = echo_tokenizer()
+    model = tiny_llama(vocab=len(tokenizer))
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    engine = Engine(model, tokenizer, pool, model_id="m", limits=EngineLimits(max_num_seqs=2), decode="static")
+    engine.start()
+    released = []
+    pool_release = pool.release
+    pool.release = lambda route: (released.append(route), pool_release(route))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    async def client():
+        loop = asyncio.get_running_loop()
+        params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        handle = engine.submit(GenerationRequest("r", [1, 2, 3], None, params), loop=loop)
+        first = await asyncio.wait_for(handle.__anext__(), 30)
+        engine._static.step = engine._static.release = broken
+        last = first
+        while last.finish_reason is None:
+            last = await asyncio.wait_for(handle.__anext__(), 30)
+        await asyncio.sleep(0.2)
+        return last, handle._async_queue.qsize()
+
+    last, after = asyncio.run(client())
+    engine.stop()
+    assert last.finish_reason == "error" and "device-side assert" in last.error
+    assert after == 0 and len(released) == 1  # one last delta, the slot given back once

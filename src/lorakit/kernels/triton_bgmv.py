@@ -28,6 +28,7 @@ import functools
 import torch
 
 from . import tuning
+from .graph_mode import in_cuda_graph
 from .triton_support import on_gpu_in_kernel_dtype, tl, triton
 
 BLOCK_K = 256  # d_in per shrink iteration
@@ -239,8 +240,8 @@ def bgmv(
     block_r = max(16, triton.next_power_of_2(r))
     d_out = out.shape[1]
     one_launch = tuning.BGMV_ONE_LAUNCH
-    if one_launch == "auto":  # one launch for eager calls, two inside a CUDA graph's capture
-        one_launch = not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if one_launch == "auto":  # one launch for eager calls, two in a CUDA graph (and its warm-up)
+        one_launch = not in_cuda_graph(x)
     if one_launch:
         # Programs per token over its output units: enough to fill the GPU about twice.
         parts = split or _programs_per_token(tokens, d_out, BLOCK_N, x.device)

@@ -75,7 +75,7 @@ BGMV_ONE_LAUNCH: bool | str = {"1": True, "0": False}.get(os.environ.get("LORAKI
 each program computes its token's rank-r shrink, then expands it over its share of the output
 units; the token's programs all repeat the shrink). False: a shrink launch and an expand launch,
 the rank-r intermediate in global memory. "auto" (the default): one launch in eager calls, whose
-launches cost host time, two inside a CUDA graph's capture, where they cost none and the repeated
+launches cost host time, two in a CUDA graph (``graph_mode``), where they cost none and the repeated
 shrink is what is left (the two measured in docs/benchmarks.md, "Decode in CUDA graphs"). Read
 from ``LORAKIT_BGMV_ONE_LAUNCH`` ("1" or "0") when lorakit is imported."""
 

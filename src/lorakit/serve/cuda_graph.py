@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..kernels.graph_mode import building_cuda_graph
+
 
 class CapturedCall:
     """``fn(**inputs)`` captured on ``inputs``' device (CUDA) after ``warmup`` eager calls.
@@ -40,16 +42,17 @@ class CapturedCall:
         self.inputs = dict(inputs)  # the graph's buffers from now on: kept alive here
         # Warm-up on a side stream, as torch's capture recipe asks: lazy initialisations (cuBLAS
         # handles, Triton compilation, cached index tensors) happen before capture.
+        # building_cuda_graph: kernels that launch differently in a graph do so in the warm-up too.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), building_cuda_graph():
             for _ in range(warmup):
                 fn(**self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the adapter pool's reader thread may pin host memory meanwhile, which a
         # global capture would refuse.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), building_cuda_graph():
             self.output = fn(**self.inputs)
 
     def __call__(self, **inputs: torch.Tensor) -> object:

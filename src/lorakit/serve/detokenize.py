@@ -2,18 +2,21 @@
 and text that could still become a stop string (or an incomplete UTF-8 character) held back.
 
 Each step decodes a short window, not the whole completion: the tokens since the last text came
-out plus the token(s) before them (``prefix_offset``), the latter decoded alone too and their
-text subtracted. Decoding the whole list every step cost time growing with the completion's
-length (quadratic over a request: a 2048-token completion took ~0.5 ms per step and row at its
-end with SmolLM2's tokenizer); the window keeps what whole decoding gets right — a token's text
-can depend on the token before it (SentencePiece's leading space) and a character can span
-tokens — as vLLM's and TGI's incremental detokenizers do.
+out plus the token(s) before them, the latter decoded alone too and their text subtracted.
+Decoding the whole list every step cost time growing with the completion's length (quadratic
+over a request; docs/benchmarks.md); the window keeps what whole decoding gets right — a token's
+text can depend on the token before it (SentencePiece's leading space) and a character can span
+tokens — as vLLM's and TGI's incremental detokenizers do. The window stays short: a token that
+adds no text (a skipped special token) leaves it, and bytes that have not formed a character
+after ``MAX_PENDING`` tokens are shown as the replacement character whole decoding shows
+(a UTF-8 character has at most 4 bytes).
 """
 
 from __future__ import annotations
 
 # What a tokenizer's decode shows for bytes that do not yet form a whole character.
 _INCOMPLETE = "\ufffd"
+MAX_PENDING = 6  # tokens an incomplete character may span before it is shown as it decodes
 
 
 class TextStream:
@@ -24,23 +27,27 @@ class TextStream:
     def __init__(self, tokenizer, stop: list[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.prefix_offset = 0  # the window decoded each step starts here ...
-        self.read_offset = 0  # ... and its text before this token was shown already
+        self.window: list[int] = []  # the last shown token(s), then tokens whose text is not out yet
+        self.shown = 0  # how many tokens at the window's start were shown already
         self.text = ""  # decoded so far (up to a stop string, if one appeared)
         self.sent = 0  # characters of ``text`` already handed out
         self.stopped = False
 
     def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
+        window = self.window
+        window.append(token_id)
         decode = self.tokenizer.decode
-        shown = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        window = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if window.endswith(_INCOMPLETE) or len(window) <= len(shown):
-            return ""  # a character still incomplete, or no text yet (a skipped special token)
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        before = decode(window[: self.shown], skip_special_tokens=True)
+        now = decode(window, skip_special_tokens=True)
+        if len(now) <= len(before) and not now.endswith(_INCOMPLETE):
+            window.pop()  # no text from this token (a skipped special token): it adds nothing later either
+            return ""
+        if now.endswith(_INCOMPLETE) and len(window) - self.shown < MAX_PENDING:
+            return ""  # the next token may complete the character
+        self.window = window[self.shown :]
+        self.shown = len(self.window)
         searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
-        full = self.text + window[len(shown) :]
+        full = self.text + now[len(before) :]
         self.text = full
         found = [at for at in (full.find(s, searched_from) for s in self.stop) if at != -1]
         if found:  # the text ends before the earliest stop string

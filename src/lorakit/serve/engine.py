@@ -264,6 +264,7 @@ class Engine:
         prefill = decode = 0
         if admitted:
             prefill = self._prefill(admitted)
+            self._outbox.flush()  # the first tokens go out now, not after this step's decode
         if self._rows:
             decode = len(self._rows)
             self._decode()
@@ -391,18 +392,20 @@ class Engine:
         leave the batch."""
         if not finished:
             return
-        for i, (reason, piece) in finished.items():
-            self._finish(self._rows[i], reason, piece, error)
+        # The rows leave before any device operation, so a failing device cannot finish them twice.
+        leaving = [self._rows[i] for i in finished]
         keep = [i for i in range(len(self._rows)) if i not in finished]
+        self._rows = [self._rows[i] for i in keep]
+        for row, (reason, piece) in zip(leaving, finished.values()):
+            self._finish(row, reason, piece, error)
         if self._static is not None:
-            for i in finished:
-                if self._rows[i].static_row >= 0:
-                    self._static.release(self._rows[i].static_row)
+            for row in leaving:
+                if row.static_row >= 0:
+                    self._static.release(row.static_row)
         elif not keep:
             self._batch = None
         else:
             self._batch.keep(torch.tensor(keep, device=self.device))
-        self._rows = [self._rows[i] for i in keep]
 
     def _leave_all(self, indices: list[int], reason: str, error: str | None = None) -> None:
         self._leave({i: (reason, "") for i in indices}, error)
@@ -427,22 +430,28 @@ class Engine:
             self._pending -= 1
 
     def _fail_everything(self, message: str) -> None:
-        self._leave_all(list(range(len(self._rows))), "error", message)
-        while True:
+        """Every running and waiting request gets an error as its last delta (the engine stops)."""
+        try:
             try:
-                self.scheduler.add(self._incoming.get_nowait())
-            except queue.Empty:
-                break
-        for item in list(self.scheduler.queue):
-            request = item.handle.request
-            self._send_last(
-                item.handle,
-                Delta("", [], len(request.prompt_ids), 0, "error", message, 503),
-                request.adapter,
-                item.arrived,
-            )
-        self.scheduler.queue.clear()
-        self._outbox.flush()
+                self._leave_all(list(range(len(self._rows))), "error", message)
+            except Exception:  # a broken device: the rows left, with their last deltas, before it failed
+                self._rows, self._batch = [], None
+            while True:
+                try:
+                    self.scheduler.add(self._incoming.get_nowait())
+                except queue.Empty:
+                    break
+            for item in list(self.scheduler.queue):
+                request = item.handle.request
+                self._send_last(
+                    item.handle,
+                    Delta("", [], len(request.prompt_ids), 0, "error", message, 503),
+                    request.adapter,
+                    item.arrived,
+                )
+            self.scheduler.queue.clear()
+        finally:
+            self._outbox.flush()
 
 
 def _decode_mode(decode: str, device: torch.device) -> str:

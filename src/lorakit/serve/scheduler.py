@@ -113,6 +113,7 @@ class Scheduler:
         admitted: list[Admitted] = []
         failed = []
         longest = 0
+        most_tokens = 0  # the largest max_tokens admitted in this prefill (its rows share one padding)
         urgent_asked = False
         now = time.monotonic()
         for item in list(self.queue):
@@ -121,7 +122,9 @@ class Scheduler:
             request = item.handle.request
             prompt = len(request.prompt_ids)
             need = self.reserved_bytes(item.handle)
-            columns = max(self.static_columns, max(longest, prompt) + request.sampling.max_tokens)
+            # Every row of one prefill is padded to its longest prompt: the row asking the most
+            # tokens may end that far beyond the padding.
+            columns = max(self.static_columns, max(longest, prompt) + max(most_tokens, request.sampling.max_tokens))
             if self.static is None:
                 over = budget is not None and reserved + need > budget
             else:  # buffers already grown cost nothing more; only growing them past the budget waits
@@ -146,6 +149,7 @@ class Scheduler:
             admitted.append(Admitted(item.handle, route, item.arrived))
             reserved += need
             longest = max(longest, prompt)
+            most_tokens = max(most_tokens, request.sampling.max_tokens)
             if self.static is not None:
                 self.static_columns = columns
         return admitted, failed
