@@ -230,3 +230,31 @@ def test_a_failing_device_still_gives_each_client_one_last_delta():
     engine.stop()
     assert last.finish_reason == "error" and "device-side assert" in last.error
     assert after == 0 and len(released) == 1  # one last delta, the slot given back once
+
+
+def test_static_rows_without_a_kv_budget_take_a_share_of_free_device_memory(monkeypatch):
+    """Without --kv-cache-gb, static rows (whose buffers grow with the longest row, for every row)
+    are bounded by a share of the GPU's free memory, as --kv-cache-gb would bound them."""
+    from lorakit.errors import ConfigError
+    from lorakit.serve import engine as engine_module
+    from lorakit.serve.requests import GenerationRequest, RequestHandle, SamplingParams
+    from lorakit.serve.scheduler import EngineLimits, Scheduler
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000_000, 80_000_000))
+    assert engine_module._static_rows_memory(torch.device("cuda")) == 8_000_000
+    assert engine_module._static_rows_memory(torch.device("cpu")) is None
+
+    model = tiny_llama()
+    batch = StaticBatch(model, 4, graphs=False, pool=None, forward=None)
+    per_token = 1000
+    one_length = 4 * static_batch.FIRST_LENGTH * per_token
+    limits = EngineLimits(max_num_seqs=4)
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    scheduler = Scheduler(limits, pool, per_token, static=batch, device_memory=one_length + 10)
+    for name, prompt in (("short", 100), ("long", 300)):
+        sampling = SamplingParams(max_tokens=100, temperature=0)
+        scheduler.add(RequestHandle(GenerationRequest(name, [1] * prompt, None, sampling)))
+    assert [a.handle.request_id for a in scheduler.admit(running=0, reserved=0)[0]] == ["short"]
+    assert Scheduler(limits, pool, per_token, device_memory=10)._budget() is None  # dynamic cache: unbounded
+    with pytest.raises(ConfigError, match="free device memory"):
+        Scheduler(limits, pool, per_token, static=batch, device_memory=one_length - 10)

@@ -103,7 +103,13 @@ class Engine:
                 self._static = StaticBatch(
                     model, self.limits.max_num_seqs, graphs=graphs, pool=pool, forward=self._static_forward
                 )
-            self.scheduler = Scheduler(self.limits, pool, _kv_bytes_per_token(model), static=self._static)
+            self.scheduler = Scheduler(
+                self.limits,
+                pool,
+                _kv_bytes_per_token(model),
+                static=self._static,
+                device_memory=_static_rows_memory(self.device) if self._static is not None else None,
+            )
         except ConfigError as exc:
             if not self._chosen:
                 raise
@@ -469,6 +475,19 @@ def _decode_mode(decode: str, device: torch.device) -> str:
     if decode == "graphs" and (device.type != "cuda" or triton is None):
         raise ConfigError("--cuda-graphs needs the model on a CUDA device and Triton installed; leave it off")
     return decode
+
+
+STATIC_MEMORY_SHARE = 0.8  # of the GPU's free memory at start, for static rows without --kv-cache-gb
+
+
+def _static_rows_memory(device: torch.device) -> int | None:
+    """The bytes static rows may hold without ``--kv-cache-gb``: a share of the device's free
+    memory once the model and adapter slots are in (the rest for prefill activations and the
+    graphs' pools), as vLLM sizes its cache from ``--gpu-memory-utilization``. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(STATIC_MEMORY_SHARE * free)
 
 
 def _kv_bytes_per_token(model: nn.Module) -> int:

@@ -54,23 +54,36 @@ class Admitted:
 class Scheduler:
     """The waiting queue and the admission decision (engine thread only, apart from ``waiting``)."""
 
-    def __init__(self, limits: EngineLimits, pool, kv_bytes_per_token: int, static=None) -> None:
+    def __init__(
+        self, limits: EngineLimits, pool, kv_bytes_per_token: int, static=None, device_memory: int | None = None
+    ) -> None:
+        """``static``: the engine's StaticBatch (None: DynamicCache decode). ``device_memory``: the
+        bytes static rows may hold when ``kv_cache_gb`` is not given (the engine's share of the
+        GPU's free memory: their buffers grow with the longest row for every row, so they get a
+        budget either way; None: unbounded)."""
         self.limits = limits
         self.pool = pool
         self.kv_bytes_per_token = kv_bytes_per_token
         self.queue: deque[Waiting] = deque()
-        self.static = static  # the engine's StaticBatch, or None (DynamicCache decode)
+        self.static = static
+        self.device_memory = device_memory
         self.static_columns = 0  # the most columns an admitted row may fill in the static rows
         budget = self._budget()
         if static is not None and budget is not None and self.static_bytes(1) > budget:
+            given = (
+                f"--kv-cache-gb {limits.kv_cache_gb:g}"
+                if limits.kv_cache_gb is not None
+                else f"the {budget / 2**30:.2f} GiB of free device memory it may take"
+            )
             raise ConfigError(
                 f"the static decode rows need {self.static_bytes(1) / 2**30:.2f} GiB of KV cache for "
-                f"--max-num-seqs {static.capacity}, more than --kv-cache-gb {limits.kv_cache_gb:g}; "
-                "raise --kv-cache-gb or lower --max-num-seqs"
+                f"--max-num-seqs {static.capacity}, more than {given}; raise --kv-cache-gb or lower --max-num-seqs"
             )
 
     def _budget(self) -> int | None:
-        return None if self.limits.kv_cache_gb is None else int(self.limits.kv_cache_gb * 2**30)
+        if self.limits.kv_cache_gb is not None:
+            return int(self.limits.kv_cache_gb * 2**30)
+        return self.device_memory if self.static is not None else None
 
     def static_bytes(self, columns: int) -> int:
         """KV bytes the static rows hold once one of them fills ``columns`` columns."""
