@@ -149,16 +149,6 @@ def save_adapters(preset: dict, folder: Path, count: int) -> list[Path]:
     return dirs
 
 
-def collect(handle, timeout: float = 600) -> tuple[list[int], object]:
-    """A request's generated token ids, and its last delta (finish reason, counts)."""
-    tokens = []
-    while True:
-        delta = handle.next_delta(timeout=timeout)
-        tokens += delta.token_ids
-        if delta.finish_reason is not None:
-            return tokens, delta
-
-
 def run_case(engine, names: list[str | None], args, vocab: int) -> dict:
     """The timed requests, from one asyncio event loop (as the HTTP server's handlers take their
     deltas: pushed by the engine thread with ``call_soon_threadsafe``), ``--concurrency`` in flight."""
@@ -219,7 +209,7 @@ def warm_up(engine, names: list[str | None], args, vocab: int) -> None:
         params = SamplingParams(max_tokens=2 + i % args.concurrency, temperature=0, ignore_eos=True)
         handles.append(engine.submit(GenerationRequest(f"warm{i}", prompt, names[i % len(names)], params)))
     for handle in handles:
-        collect(handle)
+        handle.collect(timeout=600)
 
 
 def agree(first: dict[int, list[int]], second: dict[int, list[int]]) -> str:

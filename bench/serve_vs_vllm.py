@@ -109,15 +109,10 @@ def engine_session(args, prompts, saved):
     def one(i: int, out: list) -> None:
         params = SamplingParams(args.new_tokens, temperature=0, ignore_eos=True)
         handle = engine.submit(GenerationRequest(f"r{i}", prompts[i], names[i], params))
-        tokens = []
-        while True:
-            delta = handle.next_delta(timeout=600)
-            tokens += delta.token_ids
-            if delta.finish_reason is not None:
-                if delta.error is not None:
-                    raise RuntimeError(delta.error)
-                out[i] = tokens
-                return
+        tokens, _, last = handle.collect(timeout=600)
+        if last.error is not None:
+            raise RuntimeError(last.error)
+        out[i] = tokens
 
     def timed() -> tuple[float, list[list[int]]]:
         out: list = [None] * args.requests

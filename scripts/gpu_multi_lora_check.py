@@ -144,7 +144,7 @@ def check_graphed_engine() -> None:
     """The engine's decode steps in CUDA graphs give the dynamic cache's greedy tokens (fp32:
     every request; bf16: counted)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    from serve_engine import Tokenizer, collect
+    from serve_engine import Tokenizer
 
     from lorakit.serve.adapter_pool import AdapterPool
     from lorakit.serve.engine import Engine, EngineLimits
@@ -182,7 +182,7 @@ def check_graphed_engine() -> None:
                     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
                     adapter = [None, "a0", "a1", "a2"][i % 4]
                     handles.append(engine.submit(GenerationRequest(f"r{i}", prompt, adapter, params)))
-                answers = [collect(handle)[0] for handle in handles]
+                answers = [handle.collect(timeout=300)[0] for handle in handles]
                 engine.stop()
                 outputs[decode] = answers
             same = sum(a == b for a, b in zip(outputs["dynamic"], outputs["graphs"]))

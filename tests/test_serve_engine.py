@@ -77,16 +77,6 @@ def _requests(engine, names, count, seed):
     return out
 
 
-def _collect(handle, timeout=300):
-    tokens, text = [], ""
-    while True:
-        delta = handle.next_delta(timeout=timeout)
-        tokens += delta.token_ids
-        text += delta.text
-        if delta.finish_reason is not None:
-            return tokens, text, delta
-
-
 def _reference(model, tokenizer, request) -> list[int]:
     ids = torch.tensor([request.prompt_ids])
     out = model.generate(
@@ -138,7 +128,7 @@ def _serve(adapter_dirs, decode, graphs=False):
     for request in requests:
         handles.append(engine.submit(request))
         time.sleep(rng.random() * 0.2)
-    answers = [_collect(h) for h in handles]
+    answers = [h.collect(timeout=300) for h in handles]
     engine.stop()
     return requests, answers, tokenizer
 

@@ -148,48 +148,55 @@ def test_attention_that_takes_no_mask_is_refused():
         StaticBatch(model, 2, graphs=False, pool=None, forward=None)
 
 
+PER_TOKEN = 1000  # KV bytes per token in the scheduler tests
+ONE_LENGTH = 4 * static_batch.FIRST_LENGTH * PER_TOKEN  # four static rows' buffers at L = 256
+
+
+def wait(scheduler, name: str, prompt: int, max_tokens: int) -> None:
+    """A request of ``prompt`` tokens asking ``max_tokens`` joins the scheduler's queue."""
+    from lorakit.serve.requests import GenerationRequest, RequestHandle, SamplingParams
+
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
+    scheduler.add(RequestHandle(GenerationRequest(name, [1] * prompt, None, sampling)))
+
+
+def admitted_names(scheduler, running: int) -> list[str]:
+    return [a.handle.request_id for a in scheduler.admit(running=running, reserved=0)[0]]
+
+
 def test_the_kv_budget_is_charged_for_the_static_rows():
     """Over static rows the KV memory is the buffers' (capacity × L columns, L doubling from 256),
     whatever the rows use: a row whose prompt + max_tokens would grow L past the budget waits
     while others run, goes alone, and a budget below one L of 256 is refused at start."""
     from lorakit.errors import ConfigError
-    from lorakit.serve.requests import GenerationRequest, RequestHandle, SamplingParams
     from lorakit.serve.scheduler import EngineLimits, Scheduler
 
     model = tiny_llama()
     batch = StaticBatch(model, 4, graphs=False, pool=None, forward=None)
-    per_token = 1000
-    one_length = 4 * static_batch.FIRST_LENGTH * per_token  # the buffers at L = 256
-    limits = EngineLimits(max_num_seqs=4, kv_cache_gb=(one_length + 10) / 2**30)
-    scheduler = Scheduler(limits, AdapterPool(model, max_loras=1, max_lora_rank=4), per_token, static=batch)
-
-    def request(name, prompt, max_tokens):
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
-        scheduler.add(RequestHandle(GenerationRequest(name, [1] * prompt, None, sampling)))
+    limits = EngineLimits(max_num_seqs=4, kv_cache_gb=(ONE_LENGTH + 10) / 2**30)
+    scheduler = Scheduler(limits, AdapterPool(model, max_loras=1, max_lora_rank=4), PER_TOKEN, static=batch)
 
     # Three short rows fit one L of 256 together (the dynamic rule would charge their sum too).
     for name in ("a", "b", "c"):
-        request(name, 100, 100)
-    admitted, _ = scheduler.admit(running=0, reserved=0)
-    assert [a.handle.request_id for a in admitted] == ["a", "b", "c"]
+        wait(scheduler, name, 100, 100)
+    assert admitted_names(scheduler, running=0) == ["a", "b", "c"]
     # 200 + 100 columns would double L: the row waits while the three run, and goes alone.
-    request("long", 200, 100)
-    assert scheduler.admit(running=3, reserved=0)[0] == []
+    wait(scheduler, "long", 200, 100)
+    assert admitted_names(scheduler, running=3) == []
     # One prefill pads its rows to its longest prompt: a short prompt asking many tokens beside a
     # long prompt needs long + many columns (10 + 240 alone would fit; 200 + 240 does not).
-    fresh = Scheduler(limits, scheduler.pool, per_token, static=batch)
-    for name, prompt, tokens in (("many", 10, 240), ("long-prompt", 200, 10)):
-        sampling = SamplingParams(max_tokens=tokens, temperature=0)
-        fresh.add(RequestHandle(GenerationRequest(name, [1] * prompt, None, sampling)))
-    assert [a.handle.request_id for a in fresh.admit(running=0, reserved=0)[0]] == ["many"]
-    assert [a.handle.request_id for a in scheduler.admit(running=0, reserved=0)[0]] == ["long"]
+    fresh = Scheduler(limits, scheduler.pool, PER_TOKEN, static=batch)
+    wait(fresh, "many", 10, 240)
+    wait(fresh, "long-prompt", 200, 10)
+    assert admitted_names(fresh, running=0) == ["many"]
+    assert admitted_names(scheduler, running=0) == ["long"]
     assert scheduler.static_columns == 300
     # The buffers at L = 512 are held now: rows that fit them cost nothing more and join.
-    request("d", 250, 200)
-    assert [a.handle.request_id for a in scheduler.admit(running=1, reserved=0)[0]] == ["d"]
+    wait(scheduler, "d", 250, 200)
+    assert admitted_names(scheduler, running=1) == ["d"]
 
     with pytest.raises(ConfigError, match="raise --kv-cache-gb or lower --max-num-seqs"):
-        Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=(one_length - 10) / 2**30), None, per_token, static=batch)
+        Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=(ONE_LENGTH - 10) / 2**30), None, PER_TOKEN, static=batch)
 
 
 def test_a_failing_device_still_gives_each_client_one_last_delta():
@@ -237,7 +244,6 @@ def test_static_rows_without_a_kv_budget_take_a_share_of_free_device_memory(monk
     are bounded by a share of the GPU's free memory, as --kv-cache-gb would bound them."""
     from lorakit.errors import ConfigError
     from lorakit.serve import engine as engine_module
-    from lorakit.serve.requests import GenerationRequest, RequestHandle, SamplingParams
     from lorakit.serve.scheduler import EngineLimits, Scheduler
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000_000, 80_000_000))
@@ -246,15 +252,28 @@ def test_static_rows_without_a_kv_budget_take_a_share_of_free_device_memory(monk
 
     model = tiny_llama()
     batch = StaticBatch(model, 4, graphs=False, pool=None, forward=None)
-    per_token = 1000
-    one_length = 4 * static_batch.FIRST_LENGTH * per_token
     limits = EngineLimits(max_num_seqs=4)
     pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
-    scheduler = Scheduler(limits, pool, per_token, static=batch, device_memory=one_length + 10)
-    for name, prompt in (("short", 100), ("long", 300)):
-        sampling = SamplingParams(max_tokens=100, temperature=0)
-        scheduler.add(RequestHandle(GenerationRequest(name, [1] * prompt, None, sampling)))
-    assert [a.handle.request_id for a in scheduler.admit(running=0, reserved=0)[0]] == ["short"]
-    assert Scheduler(limits, pool, per_token, device_memory=10)._budget() is None  # dynamic cache: unbounded
+    scheduler = Scheduler(limits, pool, PER_TOKEN, static=batch, device_memory=ONE_LENGTH + 10)
+    wait(scheduler, "short", 100, 100)
+    wait(scheduler, "long", 300, 100)
+    assert admitted_names(scheduler, running=0) == ["short"]
+    assert Scheduler(limits, pool, PER_TOKEN, device_memory=10)._budget() is None  # dynamic cache: unbounded
     with pytest.raises(ConfigError, match="free device memory"):
-        Scheduler(limits, pool, per_token, static=batch, device_memory=one_length - 10)
+        Scheduler(limits, pool, PER_TOKEN, static=batch, device_memory=ONE_LENGTH - 10)
+
+
+def test_auto_decode_is_cuda_graphs_on_a_gpu_with_triton(monkeypatch):
+    """The default decode: CUDA graphs over static rows where a GPU and Triton are there, the
+    dynamic cache elsewhere; graphs asked for without them are refused."""
+    from lorakit.errors import ConfigError
+    from lorakit.kernels import triton_support
+    from lorakit.serve.engine import _decode_mode
+
+    monkeypatch.setattr(triton_support, "triton", object())
+    assert _decode_mode("auto", torch.device("cuda")) == "graphs"
+    assert _decode_mode("auto", torch.device("cpu")) == "dynamic"
+    monkeypatch.setattr(triton_support, "triton", None)
+    assert _decode_mode("auto", torch.device("cuda")) == "dynamic"
+    with pytest.raises(ConfigError, match="needs the model on a CUDA device and Triton"):
+        _decode_mode("graphs", torch.device("cuda"))

@@ -148,14 +148,10 @@ def vllm_tokens(served, tmp_path_factory):
 
 def _collect(handle, timeout: float = 600) -> tuple[list[int], str]:
     """Every token of one engine request, and its finish reason."""
-    tokens = []
-    while True:
-        delta = handle.next_delta(timeout=timeout)
-        tokens += delta.token_ids
-        if delta.finish_reason is not None:
-            assert delta.error is None, delta.error
-            assert delta.completion_tokens == len(tokens)
-            return tokens, delta.finish_reason
+    tokens, _, last = handle.collect(timeout=timeout)
+    assert last.error is None, last.error
+    assert last.completion_tokens == len(tokens)
+    return tokens, last.finish_reason
 
 
 @pytest.fixture(scope="module")

@@ -96,20 +96,13 @@ class Engine:
         self.decode_mode = _decode_mode(decode, self.device)
         self._chosen = decode == "auto"  # graphs chosen for the device, not asked for: fall back quietly
         self._static = None
-        self.scheduler = None
         try:
             if self.decode_mode != "dynamic":
                 graphs = self.decode_mode == "graphs"
                 self._static = StaticBatch(
                     model, self.limits.max_num_seqs, graphs=graphs, pool=pool, forward=self._static_forward
                 )
-            self.scheduler = Scheduler(
-                self.limits,
-                pool,
-                _kv_bytes_per_token(model),
-                static=self._static,
-                device_memory=_static_rows_memory(self.device) if self._static is not None else None,
-            )
+            self.scheduler = self._new_scheduler()
         except ConfigError as exc:
             if not self._chosen:
                 raise
@@ -225,7 +218,13 @@ class Engine:
             stacklevel=3,
         )
         self.decode_mode, self._static = "dynamic", None
-        self.scheduler = Scheduler(self.limits, self.pool, _kv_bytes_per_token(self.model))
+        self.scheduler = self._new_scheduler()
+
+    def _new_scheduler(self) -> Scheduler:
+        """The admission rules for the decode mode in use (static rows charge their buffers)."""
+        static = self._static
+        memory = _static_rows_memory(self.device) if static is not None else None
+        return Scheduler(self.limits, self.pool, _kv_bytes_per_token(self.model), static=static, device_memory=memory)
 
     def _run(self) -> None:
         try:

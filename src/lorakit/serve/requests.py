@@ -3,7 +3,7 @@ server (``app.py``) and the engine thread (``engine.py``).
 
 A request is submitted from any thread and answered by a ``RequestHandle``, which receives one
 ``Delta`` per engine step that produced text for it, the last one with a ``finish_reason``.
-Handles work from plain threads (``next_delta``) and from asyncio (``async for``): the engine
+Handles work from plain threads (``next_delta``, ``collect``) and from asyncio (``async for``): the engine
 pushes through ``loop.call_soon_threadsafe`` when the handle was made on an event loop.
 """
 
@@ -79,16 +79,25 @@ class RequestHandle:
     def push(self, delta: Delta) -> None:
         """Called by the engine thread."""
         if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, delta)
-            except RuntimeError:  # the event loop is closed: nobody is listening any more
-                self.cancelled.set()
+            _hand_over(self._loop, [(self, delta)])
         else:
             self._queue.put(delta)
 
     def next_delta(self, timeout: float | None = None) -> Delta:
         """The next delta (blocking; for handles made without an event loop)."""
         return self._queue.get(timeout=timeout)
+
+    def collect(self, timeout: float | None = None) -> tuple[list[int], str, Delta]:
+        """Wait for the whole completion (handles made without an event loop): its token ids,
+        its text and its last delta (finish reason, error, counts). ``timeout`` bounds each wait
+        for the next delta (``queue.Empty`` beyond it)."""
+        tokens, text = [], ""
+        while True:
+            delta = self.next_delta(timeout=timeout)
+            tokens += delta.token_ids
+            text += delta.text
+            if delta.finish_reason is not None:
+                return tokens, text, delta
 
     def __aiter__(self) -> RequestHandle:
         return self
@@ -122,12 +131,17 @@ class Outbox:
     def flush(self) -> None:
         """Send what the step produced (engine thread, at the end of each step)."""
         for loop, items in self._by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the event loop is closed: nobody is listening any more
-                for handle, _ in items:
-                    handle.cancelled.set()
+            _hand_over(loop, items)
         self._by_loop.clear()
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestHandle, Delta]]) -> None:
+    """Queue ``items``' deltas on their handles from ``loop``'s thread, in one wake-up of it."""
+    try:
+        loop.call_soon_threadsafe(_deliver, items)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+        for handle, _ in items:
+            handle.cancelled.set()
 
 
 def _deliver(items: list[tuple[RequestHandle, Delta]]) -> None:
