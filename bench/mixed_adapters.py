@@ -18,6 +18,9 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
 - lorakit pool, two launches: the same with BGMV as a shrink and an expand launch in eager
   calls too (``tuning.BGMV_ONE_LAUNCH`` False; its default, "auto", launches once outside a
   graph and twice inside one; decode batches);
+- lorakit pool, base first: the same with a prefill's batched rows added after the base GEMM
+  (``tuning.LORA_FIRST`` off: the expand reads and writes the base output; by default the
+  products are written first and the base GEMM accumulates onto them);
 - PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument;
 - base graph / lorakit pool graph (decode only, CUDA): the base model's and the slot pool's
   decode forward captured once in a CUDA graph (``serve/cuda_graph.py``) and replayed, with the
@@ -26,6 +29,8 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
   lorakit pool graph, one launch: the same with BGMV in one launch inside the graph too.
   lorakit pool graph, bn64 / bn256 / split1: the same with the expand's output units per program
   at 64 or 256 (``triton_bgmv.BLOCK_N``, 128) or the shrink unsplit over d_in (tuning trials).
+  lorakit pool graph, no siblings: each projection its own two launches (``tuning.SIBLING_BGMV``
+  off; by default q, k, v share two, and gate, up two: ``layers/slot_siblings.py``).
 Cases are interleaved step by step, so a machine whose speed drifts slows each alike; the table
 gives medians and the ratio to the base. Then the cold-adapter time: an adapter already in host
 memory written into a device slot (the pool's ``acquire`` of an adapter whose slot was evicted).
@@ -76,12 +81,14 @@ CASES = [
     "peft-one",
     "peft-mixed",
     "lorakit-pool-two-launch",
+    "lorakit-pool-base-first",
     "base-graph",
     "lorakit-pool-graph",
     "lorakit-pool-graph-one-launch",
     "lorakit-pool-graph-bn64",
     "lorakit-pool-graph-bn256",
     "lorakit-pool-graph-split1",
+    "lorakit-pool-graph-no-siblings",
 ]
 DECODE_ONLY = {case for case in CASES if "graph" in case}
 
@@ -182,6 +189,8 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
         built["lorakit-pool-sorted"] = knob(pooled, "SEGMENT_TOKENS", float("inf"))
         built["lorakit-pool-runs"] = knob(pooled, "BATCHED_ROWS", False)
         built["lorakit-pool-two-launch"] = knob(pooled, "BGMV_ONE_LAUNCH", False)
+        built["lorakit-pool-base-first"] = knob(pooled, "LORA_FIRST", False)
+        built["lorakit-pool-graph-no-siblings"] = knob(graphed(logits, pool_slots), "SIBLING_BGMV", False)
         built["lorakit-pool-graph"] = graphed(logits, pool_slots)
         built["lorakit-pool-graph-one-launch"] = knob(graphed(logits, pool_slots), "BGMV_ONE_LAUNCH", True)
         for units in (64, 256):  # the expand's output units per program (BLOCK_N, 128 by default)

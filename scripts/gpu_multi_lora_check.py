@@ -60,6 +60,32 @@ def check_kernels() -> None:
     print("bgmv available for bf16 CUDA:", triton_bgmv.available(torch.zeros(1, device="cuda", dtype=torch.bfloat16)))
 
 
+def check_sibling_kernel() -> None:
+    """``sibling_bgmv`` (q, k, v of a 1B Llama's shape; gate, up) against the float64 formula."""
+    torch.manual_seed(0)
+    S, d_in = 9, 2048
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+        for d_outs, ranks in (((2048, 512, 512), (16, 16, 8)), ((8192, 8192), (16, 16))):
+            for tokens in (1, 64, 256):
+                A = [torch.randn(S, r, d_in, device="cuda") * 0.05 for r in ranks]
+                B = [torch.randn(S, d, r, device="cuda") * 0.05 for d, r in zip(d_outs, ranks)]
+                for a, b in zip(A, B):
+                    a[0], b[0] = 0, 0
+                x = torch.randn(tokens, d_in, device="cuda")
+                outs = [torch.randn(tokens, d, device="cuda") for d in d_outs]
+                slots = torch.randint(0, S, (tokens,), device="cuda")
+                got = [o.to(dtype).clone() for o in outs]
+                c = [t.to(dtype) for t in A], [t.to(dtype) for t in B]
+                triton_bgmv.sibling_bgmv(got, x.to(dtype), slots, *c)
+                for k, (g, o) in enumerate(zip(got, outs)):
+                    want = formula(o.to(dtype), x.to(dtype), slots.cpu(), c[0][k], c[1][k], None, None)
+                    err = ((g.double() - want).abs().max() / want.abs().max()).item()
+                    status = "ok" if err < tol else "FAIL"
+                    print(f"{status} sibling bgmv {str(dtype):15s} d_out={d_outs[k]} tokens={tokens} rel.err={err:.2e}")
+                    if err >= tol:
+                        raise SystemExit(1)
+
+
 def check_pool() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.tiny import randomize_adapters, tiny_llama
@@ -116,6 +142,50 @@ def check_pool() -> None:
             tuning.SEGMENT_TOKENS = 64
             check_graphed_forward(model, pool, routes)
             pool.close()
+        check_pool_siblings(dirs[0], dirs[2])
+
+
+def check_pool_siblings(*dirs: Path) -> None:
+    """A decode step over LoRA adapters only (a DoRA slot turns the shared call off): q, k, v and
+    gate, up through ``sibling_bgmv`` against each projection's own BGMV, eager and graphed."""
+    from tests.tiny import tiny_llama
+
+    from lorakit.serve.adapter_pool import AdapterPool
+    from lorakit.serve.cuda_graph import CapturedCall
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        model = tiny_llama(hidden=64).to("cuda", dtype)
+        pool = AdapterPool(model, max_loras=2)
+        routes = []
+        for k, path in enumerate(dirs):
+            pool.register(f"s{k}", path)
+            while (route := pool.acquire(f"s{k}", urgent=True)) is None:
+                pass
+            routes.append(route)
+        rows = [routes[0], routes[1], routes[0], routes[1]]
+        ids = torch.randint(0, 128, (len(rows), 1), device="cuda")
+        calls = []
+        real = triton_bgmv.sibling_bgmv
+        triton_bgmv.sibling_bgmv = lambda outs, *a: calls.append(len(outs)) or real(outs, *a)
+        results = {}
+        for siblings in (True, False):
+            tuning.SIBLING_BGMV = siblings
+            pool.set_rows(rows)
+            with torch.inference_mode():
+                eager = model(ids, use_cache=False).logits.float()
+            slots = torch.tensor([r.slot for r in rows], device="cuda")
+            pool.fix_slots(slots)
+            graph = CapturedCall(
+                lambda ids, slots: model(ids, use_cache=False).logits, {"ids": ids.clone(), "slots": slots}
+            )
+            results[siblings] = (eager, graph(ids=ids, slots=slots).float())
+        triton_bgmv.sibling_bgmv, tuning.SIBLING_BGMV = real, True
+        for k, form in enumerate(("eager", "graphed")):
+            got, want = results[True][k], results[False][k]
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            status = "ok" if err < tol and calls else "FAIL"
+            print(f"{status} sibling decode {form} {dtype} shared calls={len(calls)} vs alone rel.err={err:.2e}")
+        pool.close()
 
 
 def check_graphed_forward(model, pool, routes) -> None:
@@ -196,5 +266,6 @@ if __name__ == "__main__":
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     check_kernels()
+    check_sibling_kernel()
     check_pool()
     check_graphed_engine()

@@ -87,19 +87,41 @@ def alone(directory, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("mode, sgmv", [("no_grad", "sorted"), ("inference_mode", "sorted"), ("no_grad", "runs")])
+@pytest.mark.parametrize(
+    "mode, sgmv",
+    [
+        ("no_grad", "sorted"),
+        ("inference_mode", "sorted"),
+        ("no_grad", "runs"),
+        ("no_grad", "rows"),
+        ("inference_mode", "lora-first"),
+    ],
+)
 def test_mixed_batch_rows_equal_single_adapter_runs(adapter_dirs, mode, sgmv, monkeypatch):
-    """Rows of the prefill by SGMV with the tokens sorted by slot, or multiplied in their runs."""
-    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 1 if sgmv == "runs" else float("inf"))
+    """Rows of the prefill by SGMV with the tokens sorted by slot, or multiplied in their runs, or
+    by batched row GEMMs after the base GEMM, or before it (the base GEMM accumulating onto them)."""
+    from lorakit.kernels import multi_lora
+
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", float("inf") if sgmv == "sorted" else 1)
+    monkeypatch.setattr(tuning, "BATCHED_ROWS", sgmv != "runs")
+    monkeypatch.setattr(tuning, "LORA_FIRST", sgmv == "lora-first")
+    first = []
+    real = multi_lora.lora_then_base
+    monkeypatch.setattr(
+        "lorakit.layers.linear.lora_then_base", lambda *a: (out := real(*a)) is not None and first.append(1) or out
+    )
     model = tiny_llama()
     pool = AdapterPool(model, max_loras=4)
     for kind, path in adapter_dirs.items():
         pool.register(kind, path)
-    rows = ["plain", None, "rslora", "patterns", "dora", "vera", "plain", "dora"]
+    # A named adapter (VeRA's) in the batch takes the layers' general routed path; without one,
+    # the lean path (``slots_only``), where a prefill's rows may go first.
+    sixth = "rslora" if sgmv == "lora-first" else "vera"
+    rows = ["plain", None, "rslora", "patterns", "dora", sixth, "plain", "dora"]
     ids = torch.randint(0, 128, (len(rows), 6))
     routes = [acquire(pool, name) for name in rows]
     assert all(r is not None for r in routes)
-    assert routes[5].slot == 0 and routes[5].model_name is not None  # VeRA: a named adapter
+    assert (routes[5].slot == 0 and routes[5].model_name is not None) == (sixth == "vera")  # VeRA: named
     assert routes[0].slot == routes[6].slot != 0 and routes[1] is BASE_ROUTE
     pool.set_rows(routes)
     context = torch.no_grad if mode == "no_grad" else torch.inference_mode
@@ -108,6 +130,7 @@ def test_mixed_batch_rows_equal_single_adapter_runs(adapter_dirs, mode, sgmv, mo
     for i, name in enumerate(rows):
         want = alone(adapter_dirs[name] if name else None, ids[i : i + 1])
         torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-5, msg=f"row {i} ({name})")
+    assert bool(first) == (sgmv == "lora-first")  # layers without a DoRA slot took it
     # Decode: one token per row, the same routes, another order of rows.
     order = [4, 0, 2, 5, 1]
     pool.set_rows([routes[i] for i in order])

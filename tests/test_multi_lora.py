@@ -226,6 +226,88 @@ def test_bgmv_kernels_match_formula_in_interpreter():
     run_interpreted(BGMV_SCRIPT)
 
 
+SIBLING_SCRIPT = r"""
+import tempfile, time, pathlib
+import torch
+import lorakit
+from lorakit import LoraConfig
+from lorakit.kernels import triton_bgmv, tuning
+from lorakit.serve.adapter_pool import AdapterPool
+from tests.tiny import randomize_adapters, tiny_llama
+torch.manual_seed(0)
+# a sibling kernel's call against the formula: two and three projections, uneven ranks, slot 0
+for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+    for S, ranks, d_in, d_outs, N in ((5, (8, 16, 8), 1100, (48, 300, 130), 7), (4, (16, 0), 64, (200, 40), 3)):
+        A = [torch.randn(S, r, d_in) * 0.1 for r in ranks]
+        B = [torch.randn(S, d, r) * 0.1 for d, r in zip(d_outs, ranks)]
+        for a, b in zip(A, B):
+            a[0], b[0] = 0, 0
+        x, outs = torch.randn(N, d_in), [torch.randn(N, d) for d in d_outs]
+        slots = torch.randint(0, S, (N,))
+        slots[0] = 0
+        got = [o.to(dtype).clone() for o in outs]
+        triton_bgmv.sibling_bgmv(got, x.to(dtype), slots, [a.to(dtype) for a in A], [b.to(dtype) for b in B])
+        for g, a, b, o in zip(got, A, B, outs):
+            update = [b[s].double() @ (a[s].double() @ x[n].double()) for n, s in enumerate(slots.tolist())]
+            want = o.double() + torch.stack(update)
+            assert ((g.double() - want).abs().max() / want.abs().max()).item() < tol, (dtype, S, ranks)
+            assert torch.equal(g[0], o[0].to(dtype))
+# a pool's decode step: q, k, v and gate, up share the kernel; the logits equal each layer alone
+root = pathlib.Path(tempfile.mkdtemp())
+configs = {"plain": LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+           "rs": LoraConfig(r=8, alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj"])}
+for seed, (name, config) in enumerate(configs.items()):
+    model = tiny_llama()
+    lorakit.add_adapter(model, config)
+    torch.manual_seed(seed)
+    randomize_adapters(model, std=0.3)
+    lorakit.save_adapter(model, root / name)
+model = tiny_llama()
+pool = AdapterPool(model, max_loras=3)
+routes = []
+for name in configs:
+    pool.register(name, root / name)
+    while (route := pool.acquire(name)) is None:
+        time.sleep(0.01)
+    routes.append(route)
+attention = model.model.layers[0].self_attn
+assert attention.q_proj.slot_siblings is attention.v_proj.slot_siblings is attention.k_proj.slot_siblings
+triton_bgmv.available = lambda *tensors: True  # CPU tensors through the kernels, interpreted
+calls = []
+real = triton_bgmv.sibling_bgmv
+triton_bgmv.sibling_bgmv = lambda outs, *a: calls.append(len(outs)) or real(outs, *a)
+rows = [routes[0], routes[1], routes[0], None, routes[1]]
+ids = torch.randint(0, 128, (len(rows), 1))
+def step(siblings, graphed):
+    tuning.SIBLING_BGMV = siblings
+    if graphed:
+        pool.fix_slots(torch.tensor([r.slot if r else 0 for r in rows]))
+    else:
+        pool.set_rows([r or pool_base for r in rows])
+    with torch.inference_mode():
+        return model(ids).logits
+from lorakit.serve.adapter_pool import BASE_ROUTE as pool_base
+for graphed in (False, True):
+    calls.clear()
+    shared = step(True, graphed)
+    assert calls == [3, 2, 3, 2], calls  # each layer: q, k, v once, gate and up once
+    calls.clear()
+    alone = step(False, graphed)
+    assert not calls
+    torch.testing.assert_close(shared, alone, rtol=1e-5, atol=1e-5)
+    triton_bgmv.available = lambda *tensors: False  # the CPU's own path: the formula, no Triton
+    torch.testing.assert_close(shared, step(True, graphed), rtol=1e-5, atol=1e-5)
+    triton_bgmv.available = lambda *tensors: True
+print("ok")
+"""
+
+
+def test_sibling_projections_share_bgmv_in_interpreter():
+    """``sibling_bgmv`` against the formula, and a pool's decode step through it (q, k, v and
+    gate, up each one call) equal to each layer's own BGMV and to the CPU path."""
+    run_interpreted(SIBLING_SCRIPT)
+
+
 def test_cpu_tensors_never_take_bgmv():
     from lorakit.kernels import triton_bgmv
 

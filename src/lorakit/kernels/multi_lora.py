@@ -330,6 +330,36 @@ def _batched_rows(out, x, plan, A_stack, B_stack) -> torch.Tensor:
     return out
 
 
+def lora_then_base(x: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, A_stack, B_stack, gm1) -> torch.Tensor | None:
+    """x Wᵀ plus each row's adapter for a prefill's rows (``plan.rows``), (N, d_out) for x (N, d_in)
+    and the base weight (d_out, d_in): the adapters' products written first (the expand writes the
+    output, no read), then the base GEMM accumulated onto them (beta = 1). The base GEMM has the
+    arithmetic to hide its read of the output, which ``_batched_rows``'s expand, reading and
+    writing the output after it, does not. None where it does not apply (no rows, a DoRA slot,
+    which needs W0 x on its own, dtypes or layouts the batched GEMMs do not take, autograd
+    recording, ``tuning.LORA_FIRST`` off): the caller runs the base GEMM and ``add_multi_lora``."""
+    if (
+        not tuning.LORA_FIRST
+        or plan.rows is None
+        or plan.graphed
+        or gm1 is not None
+        or weight.dtype != x.dtype
+        or weight.dim() != 2
+        or torch.is_grad_enabled()
+        or A_stack.shape[0] != plan.num_slots
+        or plan.tokens != x.shape[0]
+        or not _batched_rows_run(x, A_stack, B_stack, x)
+    ):
+        return None
+    T, row_slots = plan.rows
+    rows = x.shape[0] // T
+    A_r = A_stack.index_select(0, row_slots)  # (R, r, d_in)
+    B_r = B_stack.index_select(0, row_slots)  # (R, d_out, r)
+    h = torch.bmm(x.view(rows, T, -1), A_r.transpose(1, 2))  # (R, T, r)
+    out = torch.bmm(h, B_r.transpose(1, 2)).view(x.shape[0], -1)  # (N, d_out)
+    return out.addmm_(x, weight.t())
+
+
 _WIDE_OUTPUT_FAILED: set[tuple[str, torch.dtype]] = set()
 
 

@@ -195,6 +195,125 @@ if triton is not None:
                 HAS_BIAS,
             )
 
+    @triton.jit
+    def _sibling_shrink_kernel(
+        X,
+        SLOTS,
+        H,
+        A0,
+        A1,
+        A2,
+        r0,
+        r1,
+        r2,
+        stride_as0,
+        stride_as1,
+        stride_as2,
+        stride_ar,
+        d_in,
+        stride_x,
+        stride_h,
+        stride_hs,
+        k_per_split,
+        BR: tl.constexpr,
+        BK: tl.constexpr,
+    ):
+        # Program (n, part, g): sibling g's shrink of token n over its part of d_in, into columns
+        # r0 + .. + r_{g-1} onwards of h's plane ``part``.
+        n = tl.program_id(0)
+        slot = tl.load(SLOTS + n)
+        if slot == 0:
+            return
+        g = tl.program_id(2)
+        a = A0 + slot * stride_as0
+        r = r0
+        column = r0 * 0
+        if g == 1:
+            a = A1 + slot * stride_as1
+            r = r1
+            column = r0
+        if g == 2:
+            a = A2 + slot * stride_as2
+            r = r2
+            column = r0 + r1
+        ranks = tl.arange(0, BR)
+        rmask = ranks < r
+        start = tl.program_id(1) * k_per_split
+        end = tl.minimum(start + k_per_split, d_in)
+        x_row = X + n.to(tl.int64) * stride_x
+        acc = _shrink_span(x_row, a + ranks[:, None] * stride_ar, rmask, start, end, BR, BK)
+        tl.store(H + tl.program_id(1) * stride_hs + n * stride_h + column + ranks, acc, mask=rmask)
+
+    @triton.jit
+    def _sibling_expand_kernel(
+        H,
+        SLOTS,
+        OUT0,
+        OUT1,
+        OUT2,
+        B0,
+        B1,
+        B2,
+        d0,
+        d1,
+        d2,
+        r0,
+        r1,
+        r2,
+        stride_bs0,
+        stride_bs1,
+        stride_bs2,
+        stride_bn0,
+        stride_bn1,
+        stride_bn2,
+        stride_out0,
+        stride_out1,
+        stride_out2,
+        blocks0,
+        blocks1,
+        stride_h,
+        stride_hs,
+        SPLIT: tl.constexpr,
+        BR: tl.constexpr,
+        BN: tl.constexpr,
+    ):
+        # Program (n, j): output block j of the siblings' blocks laid end to end (blocks0 of the
+        # first, blocks1 of the second, the rest of the third), token n.
+        n = tl.program_id(0)
+        slot = tl.load(SLOTS + n)
+        if slot == 0:
+            return
+        j = tl.program_id(1)
+        out_row = OUT0 + n.to(tl.int64) * stride_out0
+        b = B0 + slot * stride_bs0
+        stride_bn = stride_bn0
+        d_out = d0
+        r = r0
+        column = r0 * 0
+        if j >= blocks0:
+            out_row = OUT1 + n.to(tl.int64) * stride_out1
+            b = B1 + slot * stride_bs1
+            stride_bn = stride_bn1
+            d_out = d1
+            r = r1
+            column = r0
+            j -= blocks0
+        if (j >= blocks1) & (column > 0):
+            out_row = OUT2 + n.to(tl.int64) * stride_out2
+            b = B2 + slot * stride_bs2
+            stride_bn = stride_bn2
+            d_out = d2
+            r = r2
+            column = r0 + r1
+            j -= blocks1
+        ranks = tl.arange(0, BR)
+        rmask = ranks < r
+        h = tl.zeros((BR,), dtype=tl.float32)
+        for part in tl.static_range(SPLIT):
+            h += tl.load(H + part * stride_hs + n * stride_h + column + ranks, mask=rmask, other=0.0)
+        units = j * BN + tl.arange(0, BN)
+        _expand_units(h, b + ranks[None, :], stride_bn, rmask, out_row, units, units < d_out, H, H, False, False)
+
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
@@ -314,3 +433,76 @@ def bgmv(
         BN=BLOCK_N,
     )
     return out
+
+
+def sibling_bgmv(
+    outs: list[torch.Tensor],
+    x: torch.Tensor,
+    token_slots: torch.Tensor,
+    A_stacks: list[torch.Tensor],
+    B_stacks: list[torch.Tensor],
+) -> None:
+    """``bgmv`` for two or three projections of one input (attention's q, k, v; an MLP's gate and
+    up) in two launches for all of them: one shrink writing every sibling's rank-r columns side
+    by side in h (split, N, r_0 + r_1 + ...), one expand over the siblings' output blocks laid
+    end to end. outs[k] (N, d_k) gets B_k[s_n] A_k[s_n] x[n] added in place; x (N, d_in);
+    A_stacks[k] (S, r_k, d_in), B_stacks[k] (S, d_k, r_k). No DoRA term (a DoRA slot takes
+    ``bgmv`` per projection). Each launch costs a CUDA graph's node ~5 µs on an H100 whatever its
+    work (docs/benchmarks.md), so three projections take two launches where ``bgmv`` takes six."""
+    count = len(outs)
+    if not 2 <= count <= 3 or len(A_stacks) != count or len(B_stacks) != count:
+        raise ValueError(f"sibling_bgmv takes two or three projections; got {count} outputs, {len(A_stacks)} A stacks")
+    tokens, d_in = x.shape
+    if tokens == 0:
+        return
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    A_stacks = [A if A.stride(2) == 1 and A.stride(1) == d_in else A.contiguous() for A in A_stacks]
+    B_stacks = [B if B.stride(2) == 1 else B.contiguous() for B in B_stacks]
+    if any(out.stride(1) != 1 for out in outs):
+        raise ValueError("sibling_bgmv adds into the outputs in place: their last dimension must be contiguous")
+    ranks = [A.shape[1] for A in A_stacks]
+    block_r = max(16, triton.next_power_of_2(max(ranks)))
+    split = _programs_per_token(tokens, d_in, BLOCK_K, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
+    split = triton.cdiv(d_in, k_per_split)
+    h = torch.empty(split, tokens, sum(ranks), device=x.device, dtype=torch.float32)
+    pad = lambda items, fill: list(items) + [fill] * (3 - count)  # noqa: E731  (the unused third sibling)
+    A3, r3 = pad(A_stacks, A_stacks[0]), pad(ranks, 0)
+    _sibling_shrink_kernel[(tokens, split, count)](
+        x,
+        token_slots,
+        h,
+        *A3,
+        *r3,
+        *(A.stride(0) for A in A3),
+        d_in,
+        d_in,
+        x.stride(0),
+        h.stride(1),
+        h.stride(0),
+        k_per_split,
+        BR=block_r,
+        BK=BLOCK_K,
+    )
+    outs3, B3 = pad(outs, outs[0]), pad(B_stacks, B_stacks[0])
+    d3 = [out.shape[1] for out in outs3]
+    blocks = [triton.cdiv(d, BLOCK_N) for d in d3[:count]]
+    _sibling_expand_kernel[(tokens, sum(blocks))](
+        h,
+        token_slots,
+        *outs3,
+        *B3,
+        *d3,
+        *r3,
+        *(B.stride(0) for B in B3),
+        *(B.stride(1) for B in B3),
+        *(out.stride(0) for out in outs3),
+        blocks[0],
+        blocks[1],
+        h.stride(1),
+        h.stride(0),
+        SPLIT=split,
+        BR=block_r,
+        BN=BLOCK_N,
+    )

@@ -85,3 +85,16 @@ per call (``multi_lora._batched_rows``: the shrink per row, then the expand accu
 output with beta = 1) instead of grouped GEMMs over runs, which write the product apart and add it
 in another pass over the output. Base rows multiply slot 0's zeros. False: SGMV over runs.
 Neutral on the CPU (docs/benchmarks.md); not yet timed on a GPU (case ``lorakit-pool-runs``)."""
+
+LORA_FIRST = True
+"""A prefill's batched rows on a pool's lean path (``LoraLinear.slots_only``, no bias, no DoRA
+slot) write their adapters' product into a new output first and the base GEMM accumulates onto it
+(``multi_lora.lora_then_base``: ``addmm_`` with beta = 1, the output read inside the GEMM, which
+a prefill's arithmetic keeps busy), instead of the base GEMM writing the output and the expand
+reading and writing it again (``_batched_rows``'s ``baddbmm_``). False: base first."""
+
+SIBLING_BGMV = True
+"""Projections that a model calls on one input (attention's q, k, v; an MLP's gate and up), served
+from a pool's slots in a decode batch on a GPU, share BGMV's two launches
+(``layers/slot_siblings.py``, ``triton_bgmv.sibling_bgmv``): each launch is a CUDA graph node
+whatever its work. False: two launches per projection (or one, eagerly: ``BGMV_ONE_LAUNCH``)."""

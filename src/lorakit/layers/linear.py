@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import AdapterStateError
 from ..kernels import FusedOperands, fused_linear
-from ..kernels.multi_lora import add_multi_lora
+from ..kernels.multi_lora import add_multi_lora, lora_then_base
 from .base import LoraLayer
 from .slot_stack import SlotStack
 
@@ -101,7 +101,8 @@ class LoraLinear(LoraLayer):
     def slots_only(self, x: torch.Tensor) -> torch.Tensor | None:
         """A serving pool's forward when no row names an adapter (every row a slot or the base)
         and nothing is recorded for autograd: W0 x + b, then the rows' slots added in place by
-        ``add_multi_lora``. None when the call is not that one (the general routed path runs).
+        ``add_multi_lora`` (a prefill's rows: their products first, W0 x accumulated onto them,
+        ``lora_then_base``). None when the call is not that one (the general routed path runs).
         A decode step makes this call once per adapted projection, so it reads the module's dicts
         directly, as ``fused_operands`` does (the general path's host time is most of a GPU
         decode step's; docs/benchmarks.md)."""
@@ -112,11 +113,22 @@ class LoraLinear(LoraLayer):
         base = state["_modules"]["base_layer"]
         if type(base) is not nn.Linear or torch.is_grad_enabled():
             return None
-        bias = base._parameters["bias"]
-        out = F.linear(x, base._parameters["weight"], bias)
+        bias, weight = base._parameters["bias"], base._parameters["weight"]
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
         plan = routing.slot_plan(x.shape[0], x2.shape[0], x.device)
+        siblings = state.get("slot_siblings")
+        if siblings is not None and plan is not None:
+            # q, k and v (gate and up) of one module share one decode call (layers/slot_siblings.py).
+            out = siblings.output(self, x, plan)
+            if out is not None:
+                return out
+        if plan is not None and bias is None and x2.dtype == stack.dtype:
+            # A prefill's rows: the adapters' products first, the base GEMM accumulated onto them.
+            out2 = lora_then_base(x2, weight, plan, stack.A, stack.B, stack.gm1)
+            if out2 is not None:
+                return out2.view(*x.shape[:-1], out2.shape[-1])
+        out = F.linear(x, weight, bias)
         if plan is not None:
             _add_slots(out.view(-1, out.shape[-1]), x2, plan, stack, bias)
         return out

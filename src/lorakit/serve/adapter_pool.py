@@ -47,6 +47,7 @@ from ..kernels.multi_lora import SlotPlan
 from ..layers import LoraLinear, is_conv1d
 from ..layers.routing import RowRouting
 from ..layers.slot_stack import SlotStack
+from ..patching.slot_siblings import install_slot_siblings
 from ..state import adapter_modules, replace_module
 from ..targets import find_targets, is_linear, named_base_modules
 from .requests import EngineObserver, NullObserver
@@ -412,12 +413,17 @@ class AdapterPool:
         state = self._slots[slot]
         for path in state.modules - set(host):
             self._stack(path).clear(slot)
+        layout = self.layout_version
         for path, (A, sB, m) in host.items():
             stack = self._stack(path)
             allocations = stack.allocations
             stack.write(slot, A, sB, 1.0, magnitude=m)
             if stack.allocations != allocations:
                 self.layout_version += 1
+        if self.layout_version != layout:
+            # New stacks (or wider ones): the projections of one input that now serve slots share
+            # their decode launches (layers/slot_siblings.py).
+            install_slot_siblings(self.model)
         state.entry, state.modules, state.pins = entry, set(host), 0
         state.drain_for = None
         self.observer.adapter_loaded(entry.name, "device", time.perf_counter() - started)

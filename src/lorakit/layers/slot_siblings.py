@@ -1,0 +1,89 @@
+"""`SlotSiblings`: a serving pool's projections of one input (attention's q, k, v; an MLP's gate
+and up) through one multi-adapter call for all of them.
+
+    out_k = x W_kᵀ + b_k + B_k[s_n] A_k[s_n] x[n]      x: (..., d_in), out_k: (..., d_k)
+
+A decode step makes BGMV's two launches per adapted projection; replayed in a CUDA graph, each
+launch is a node costing a few microseconds whatever its work (docs/benchmarks.md), and the step's
+adapters add ~50% to the base model's nodes. Projections that the model calls on the same input,
+one after another, share a record: the first of them called computes every sibling's base GEMM
+and one shrink and one expand for all of them (``triton_bgmv.sibling_bgmv``: two launches where
+each projection alone makes two), keeps the others' outputs, and each sibling then called with the
+very same input tensor returns its kept output. Any other call (another input, a DoRA slot, the
+CPU, a prefill) drops what is kept, and each layer runs alone (``LoraLinear.slots_only``).
+
+The pool gives records only to modules whose ``forward`` code is recognised as calling the
+siblings on one input (``patching/slot_siblings.py``). Under ``torch.inference_mode``, where a
+server runs, tensors keep no version counter, so the record trusts that recognised code not to
+change the input in place between the calls, and checks only that it is the same tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import triton_bgmv, tuning
+from ..kernels.multi_lora import SlotPlan
+
+
+class SlotSiblings:
+    """The layers (LoRA layers with slot stacks) that one module calls on the same input, and the
+    outputs computed ahead for them; see the module docstring."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        if not 2 <= len(layers) <= 3:
+            raise ValueError(f"slot siblings are two or three projections; got {len(layers)}")
+        self.layers = tuple(layers)
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (input, output)
+
+    def output(self, layer: nn.Module, x: torch.Tensor, plan: SlotPlan) -> torch.Tensor | None:
+        """``layer(x)`` with the rows' slots added (``plan``), from the shared call; None when
+        ``layer`` must run alone."""
+        position = self.layers.index(layer)
+        kept = self.kept.pop(position, None)
+        if kept is not None and kept[0] is x:
+            return kept[1]
+        self.kept.clear()  # a new input: whatever was kept is stale
+        operands = self._operands(layer, x, plan)
+        if operands is None:
+            return None
+        outs = [F.linear(x, weight, bias) for weight, bias, _ in operands]
+        if plan.graphed or plan.present:
+            flat = [out.view(-1, out.shape[-1]) for out in outs]
+            stacks = [stack for _, _, stack in operands]
+            x2 = x.reshape(-1, x.shape[-1])
+            triton_bgmv.sibling_bgmv(flat, x2, plan.token_slots, [s.A for s in stacks], [s.B for s in stacks])
+        self.kept = {i: (x, out) for i, out in enumerate(outs) if i != position}
+        return outs[position]
+
+    def _operands(self, caller: nn.Module, x: torch.Tensor, plan: SlotPlan) -> list | None:
+        """(weight, bias, stack) of each sibling when the shared call covers them all on x: BGMV's
+        batch (a graphed plan, or few tokens), Triton on x's device, every sibling a plain
+        linear layer serving the caller's rows from a stack of x's dtype without a DoRA slot;
+        else None."""
+        if not tuning.SIBLING_BGMV or not (plan.graphed or plan.tokens <= tuning.BGMV_TOKENS):
+            return None
+        routing = caller.__dict__["row_adapters"]
+        operands = []
+        for layer in self.layers:
+            state = layer.__dict__
+            stack = state.get("slot_stack")
+            if (
+                stack is None
+                or state.get("row_adapters") is not routing
+                or state["disabled"]
+                or state["merged_adapters"]
+                or stack.gm1 is not None
+                or stack.dtype != x.dtype
+                or stack.A.shape[0] != plan.num_slots
+            ):
+                return None
+            base = state["_modules"]["base_layer"]
+            if type(base) is not nn.Linear:
+                return None
+            operands.append((base._parameters["weight"], base._parameters["bias"], stack))
+        if not triton_bgmv.available(x, *(s.A for _, _, s in operands)):
+            return None
+        return operands
