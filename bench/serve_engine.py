@@ -7,7 +7,9 @@ distinct adapters in flight, and many adapters over fewer device slots — one p
 
 Every case builds the same randomly initialised model (no download) and r16 all-linear adapters
 with random factors (saved once to a temporary folder; "N" adapters register N names over at most
-8 distinct folders, so host reads are real per name). Each case submits ``--requests`` requests of
+8 distinct folders, so host reads are real per name; the host tier holds every name unless
+``--cpu-loras`` says fewer, so many adapters over fewer slots measure host -> slot writes, not
+disk reads). Each case submits ``--requests`` requests of
 ``--prompt`` random tokens and ``--out`` greedy tokens (EOS ignored, so every request makes exactly
 ``--out`` tokens), keeping ``--concurrency`` in flight (the engine in the main thread, as
 ``lorakit serve`` runs it), under each ``--decode`` mode (on a GPU "auto" is CUDA graphs over
@@ -261,6 +263,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, help="prompt tokens per request")
     parser.add_argument("--out", type=int, help="generated tokens per request")
     parser.add_argument("--slots", type=int, help="device slots (--max-loras)")
+    parser.add_argument(
+        "--cpu-loras",
+        type=int,
+        help="host-memory tier (--max-cpu-loras); default: every adapter of the case, as S-LoRA keeps them all",
+    )
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first requests too")
     parser.add_argument(
         "--decode",
@@ -309,8 +316,9 @@ def main() -> None:
         for decode, case in [(d, c) for d in args.decode.split(",") for c in cases]:
             model = build_model(preset, device)
             counter = Counter()
-            pool = AdapterPool(model, max_loras=args.slots, max_cpu_loras=max(64, args.slots), observer=counter)
             n = 0 if case == "base" else int(case)
+            host = args.cpu_loras or max(64, args.slots, n)
+            pool = AdapterPool(model, max_loras=args.slots, max_cpu_loras=host, observer=counter)
             names: list[str | None] = [None] if n == 0 else [f"a{i}" for i in range(n)]
             for i in range(n):
                 pool.register(f"a{i}", dirs[i % len(dirs)])

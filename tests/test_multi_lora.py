@@ -340,6 +340,11 @@ def test_stack_write_pads_rank_and_folds_scaling_in_fp32():
     assert not stack.A[0].any() and not stack.B[0].any() and stack.gm1 is None
     stack.write(1, torch.randn(11, 24), torch.randn(16, 11), 1.0)  # the stack grows to rank 16
     assert stack.r_max == 16 and torch.equal(stack.B[2, :, :3], (B * 0.37).bfloat16())
+    # s = 1 copies straight in (a pool's writes): a smaller rank over a larger one leaves zeros
+    A1, B1 = torch.randn(5, 24, dtype=torch.float64), torch.randn(16, 5, dtype=torch.float64)
+    stack.write(1, A1, B1, 1.0)
+    assert torch.equal(stack.A[1, :5], A1.bfloat16()) and not stack.A[1, 5:].any()
+    assert torch.equal(stack.B[1, :, :5], B1.bfloat16()) and not stack.B[1, :, 5:].any() and stack.ranks[1] == 5
     with pytest.raises(AdapterStateError, match="exceeds"):
         stack.write(1, torch.randn(17, 24), torch.randn(16, 17), 1.0)
     with pytest.raises(AdapterStateError, match="not an adapter slot"):

@@ -99,6 +99,9 @@ class SlotStack:
             )
         if r > self.max_rank:
             raise AdapterStateError(f"rank {r} exceeds the slots' maximum rank {self.max_rank}")
+        if scaling == 1.0 and magnitude is None:
+            self._copy_in(slot, A, B)
+            return
         wide = accumulation_dtype(torch.promote_types(A.dtype, self.dtype))
         # From page-locked host memory the copies run asynchronously (torch keeps the host block
         # until they finish); a pool writing a cold adapter makes hundreds of them.
@@ -122,6 +125,26 @@ class SlotStack:
                 self.allocations += 1
             self.gm1[slot] = g - 1
         elif self.gm1 is not None:
+            self.gm1[slot].zero_()
+        self.ranks[slot] = r
+        self.version += 1
+
+    def _copy_in(self, slot: int, A: torch.Tensor, B: torch.Tensor) -> None:
+        """``write`` of factors needing no arithmetic (s = 1, no DoRA: a pool's host copies come with
+        s folded into B): each factor copied straight into its slot, rounded to the stack's dtype
+        once, as ``write``'s own path rounds it, and only the padding beyond its rank zeroed. A
+        cold adapter's write makes this call per module (hundreds), so it makes as few device
+        operations as it can."""
+        r = A.shape[0]
+        self._grow(r)
+        if r < self.r_max:
+            self.A[slot, r:].zero_()
+            self.B[slot, :, r:].zero_()
+        # From page-locked host memory the copies run asynchronously (torch keeps the host block
+        # until they finish).
+        self.A[slot, :r].copy_(A, non_blocking=True)
+        self.B[slot, :, :r].copy_(B, non_blocking=True)
+        if self.gm1 is not None:
             self.gm1[slot].zero_()
         self.ranks[slot] = r
         self.version += 1

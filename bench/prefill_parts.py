@@ -1,0 +1,68 @@
+"""What each GEMM of a mixed-adapter prefill costs against the base GEMM it rides on (GPU).
+
+    python bench/prefill_parts.py [--rows 32] [--tokens 512] [--adapters 8] [--rank 16]
+
+A prefill of R rows × T tokens, each row one of the adapters' slots, adds to each projection's
+base GEMM (x Wᵀ, compute-bound at these sizes) a shrink h = x A[s]ᵀ (reads x) and an expand
+B[s] h into the output (writes or reads and writes it): bandwidth-bound GEMMs with a dimension of
+r. This prints, for the 1.2B Llama projections, each part's median time (CUDA events,
+``skinny_gemm.median_ms``) and the bandwidth it reached, and the alternatives the code could take:
+the base GEMM accumulating onto the output (beta = 1, ``multi_lora.lora_then_base``), the shrink as
+one plain GEMM over every adapter's A (N, 128 columns) or over q, k and v's A stacked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from skinny_gemm import median_ms
+
+SHAPES = {"q/o": (2048, 2048), "k/v": (2048, 512), "gate/up": (2048, 8192), "down": (8192, 2048)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    args = parser.parse_args(argv)
+    dtype, size = torch.bfloat16, 2
+    R, T, S, r = args.rows, args.tokens, args.adapters, args.rank
+    n = R * T
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {R}x{T} tokens, {S} adapters, r{r}, bf16")
+    print("| projection | part | time | MB moved | GB/s |\n|---|---|---|---|---|")
+    row_slots = torch.arange(R, device="cuda") % S
+    for name, (d_in, d_out) in SHAPES.items():
+        x = torch.randn(n, d_in, device="cuda", dtype=dtype)
+        W = torch.randn(d_out, d_in, device="cuda", dtype=dtype) * 0.02
+        A = torch.randn(S, r, d_in, device="cuda", dtype=dtype)
+        B = torch.randn(S, d_out, r, device="cuda", dtype=dtype)
+        out = torch.randn(n, d_out, device="cuda", dtype=dtype)
+        A_r, B_r = A.index_select(0, row_slots), B.index_select(0, row_slots)
+        A_all = A.reshape(S * r, d_in)
+        A_qkv = torch.cat([A_r, A_r, A_r], dim=1)  # (R, 3r, d_in): three projections' A stacked
+        x3, out3 = x.view(R, T, d_in), out.view(R, T, d_out)
+        h = torch.bmm(x3, A_r.transpose(1, 2))
+        xs, outs = x.numel() * size / 1e6, out.numel() * size / 1e6
+        cases = {
+            "base x Wᵀ (beta 0)": (lambda: F.linear(x, W), xs + outs),
+            "base x Wᵀ onto out (beta 1)": (lambda: out.addmm_(x, W.t()), xs + 2 * outs),
+            "shrink: bmm over rows (R, r)": (lambda: torch.bmm(x3, A_r.transpose(1, 2)), xs),
+            f"shrink: one GEMM over {S} adapters (N, {S * r})": (lambda: x @ A_all.t(), xs),
+            "shrink: bmm, three A stacked (R, 3r)": (lambda: torch.bmm(x3, A_qkv.transpose(1, 2)), xs),
+            "expand: bmm written (lora first)": (lambda: torch.bmm(h, B_r.transpose(1, 2)), outs),
+            "expand: baddbmm_ onto out (base first)": (lambda: out3.baddbmm_(h, B_r.transpose(1, 2)), 2 * outs),
+            "copy of out (bandwidth)": (lambda: out.clone(), 2 * outs),
+        }
+        for label, (function, megabytes) in cases.items():
+            ms = median_ms(function, repeats=5, calls=10)
+            print(f"| {name} | {label} | {ms * 1e3:.0f} µs | {megabytes:.0f} | {megabytes / ms:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
