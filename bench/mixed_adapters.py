@@ -21,6 +21,8 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
 - lorakit pool, base first: the same with a prefill's batched rows added after the base GEMM
   (``tuning.LORA_FIRST`` off: the expand reads and writes the base output; by default the
   products are written first and the base GEMM accumulates onto them);
+- lorakit pool, no siblings: each projection alone (``tuning.SHARED_SIBLINGS`` off; by default
+  q, k, v and gate, up share their shrink in a prefill, their BGMV launches in a decode batch);
 - PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument;
 - base graph / lorakit pool graph (decode only, CUDA): the base model's and the slot pool's
   decode forward captured once in a CUDA graph (``serve/cuda_graph.py``) and replayed, with the
@@ -29,7 +31,7 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
   lorakit pool graph, one launch: the same with BGMV in one launch inside the graph too.
   lorakit pool graph, bn64 / bn256 / split1: the same with the expand's output units per program
   at 64 or 256 (``triton_bgmv.BLOCK_N``, 128) or the shrink unsplit over d_in (tuning trials).
-  lorakit pool graph, no siblings: each projection its own two launches (``tuning.SIBLING_BGMV``
+  lorakit pool graph, no siblings: each projection its own two launches (``tuning.SHARED_SIBLINGS``
   off; by default q, k, v share two, and gate, up two: ``layers/slot_siblings.py``).
 Cases are interleaved step by step, so a machine whose speed drifts slows each alike; the table
 gives medians and the ratio to the base. Then the cold-adapter time: an adapter already in host
@@ -82,6 +84,7 @@ CASES = [
     "peft-mixed",
     "lorakit-pool-two-launch",
     "lorakit-pool-base-first",
+    "lorakit-pool-no-siblings",
     "base-graph",
     "lorakit-pool-graph",
     "lorakit-pool-graph-one-launch",
@@ -190,7 +193,8 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
         built["lorakit-pool-runs"] = knob(pooled, "BATCHED_ROWS", False)
         built["lorakit-pool-two-launch"] = knob(pooled, "BGMV_ONE_LAUNCH", False)
         built["lorakit-pool-base-first"] = knob(pooled, "LORA_FIRST", False)
-        built["lorakit-pool-graph-no-siblings"] = knob(graphed(logits, pool_slots), "SIBLING_BGMV", False)
+        built["lorakit-pool-no-siblings"] = knob(pooled, "SHARED_SIBLINGS", False)
+        built["lorakit-pool-graph-no-siblings"] = knob(graphed(logits, pool_slots), "SHARED_SIBLINGS", False)
         built["lorakit-pool-graph"] = graphed(logits, pool_slots)
         built["lorakit-pool-graph-one-launch"] = knob(graphed(logits, pool_slots), "BGMV_ONE_LAUNCH", True)
         for units in (64, 256):  # the expand's output units per program (BLOCK_N, 128 by default)

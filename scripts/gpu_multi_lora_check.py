@@ -168,18 +168,26 @@ def check_pool_siblings(*dirs: Path) -> None:
         real = triton_bgmv.sibling_bgmv
         triton_bgmv.sibling_bgmv = lambda outs, *a: calls.append(len(outs)) or real(outs, *a)
         results = {}
+        prompt = torch.randint(0, 128, (len(rows), 12), device="cuda")
         for siblings in (True, False):
-            tuning.SIBLING_BGMV = siblings
+            tuning.SHARED_SIBLINGS = siblings
             pool.set_rows(rows)
+            tuning.SEGMENT_TOKENS = 8  # the prompt's rows take batched row GEMMs
             with torch.inference_mode():
+                prefill = model(prompt, use_cache=False).logits.float()
                 eager = model(ids, use_cache=False).logits.float()
+            tuning.SEGMENT_TOKENS = 64
+            results[f"prefill {siblings}"] = prefill
             slots = torch.tensor([r.slot for r in rows], device="cuda")
             pool.fix_slots(slots)
             graph = CapturedCall(
                 lambda ids, slots: model(ids, use_cache=False).logits, {"ids": ids.clone(), "slots": slots}
             )
             results[siblings] = (eager, graph(ids=ids, slots=slots).float())
-        triton_bgmv.sibling_bgmv, tuning.SIBLING_BGMV = real, True
+        triton_bgmv.sibling_bgmv, tuning.SHARED_SIBLINGS = real, True
+        got, want = results["prefill True"], results["prefill False"]
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        print(f"{'ok' if err < tol else 'FAIL'} sibling prefill rows {dtype} vs alone rel.err={err:.2e}")
         for k, form in enumerate(("eager", "graphed")):
             got, want = results[True][k], results[False][k]
             err = ((got - want).abs().max() / want.abs().max()).item()

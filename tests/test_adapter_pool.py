@@ -95,6 +95,7 @@ def alone(directory, ids):
         ("no_grad", "runs"),
         ("no_grad", "rows"),
         ("inference_mode", "lora-first"),
+        ("no_grad", "lora-first-dora"),
     ],
 )
 def test_mixed_batch_rows_equal_single_adapter_runs(adapter_dirs, mode, sgmv, monkeypatch):
@@ -104,11 +105,15 @@ def test_mixed_batch_rows_equal_single_adapter_runs(adapter_dirs, mode, sgmv, mo
 
     monkeypatch.setattr(tuning, "SEGMENT_TOKENS", float("inf") if sgmv == "sorted" else 1)
     monkeypatch.setattr(tuning, "BATCHED_ROWS", sgmv != "runs")
-    monkeypatch.setattr(tuning, "LORA_FIRST", sgmv == "lora-first")
-    first = []
-    real = multi_lora.lora_then_base
+    monkeypatch.setattr(tuning, "LORA_FIRST", sgmv.startswith("lora-first"))
+    first, shared = [], []
+    real, real_shared = multi_lora.lora_then_base, multi_lora.siblings_then_base
     monkeypatch.setattr(
         "lorakit.layers.linear.lora_then_base", lambda *a: (out := real(*a)) is not None and first.append(1) or out
+    )
+    monkeypatch.setattr(
+        "lorakit.layers.slot_siblings.siblings_then_base",
+        lambda *a: (out := real_shared(*a)) is not None and shared.append(len(out)) or out,
     )
     model = tiny_llama()
     pool = AdapterPool(model, max_loras=4)
@@ -116,8 +121,10 @@ def test_mixed_batch_rows_equal_single_adapter_runs(adapter_dirs, mode, sgmv, mo
         pool.register(kind, path)
     # A named adapter (VeRA's) in the batch takes the layers' general routed path; without one,
     # the lean path (``slots_only``), where a prefill's rows may go first.
-    sixth = "rslora" if sgmv == "lora-first" else "vera"
-    rows = ["plain", None, "rslora", "patterns", "dora", sixth, "plain", "dora"]
+    sixth = "rslora" if sgmv.startswith("lora-first") else "vera"
+    # Without a DoRA slot, q, k, v and gate, up share their shrink (layers/slot_siblings.py).
+    dora = "patterns" if sgmv == "lora-first" else "dora"
+    rows = ["plain", None, "rslora", "patterns", dora, sixth, "plain", dora]
     ids = torch.randint(0, 128, (len(rows), 6))
     routes = [acquire(pool, name) for name in rows]
     assert all(r is not None for r in routes)
@@ -130,7 +137,8 @@ def test_mixed_batch_rows_equal_single_adapter_runs(adapter_dirs, mode, sgmv, mo
     for i, name in enumerate(rows):
         want = alone(adapter_dirs[name] if name else None, ids[i : i + 1])
         torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-5, msg=f"row {i} ({name})")
-    assert bool(first) == (sgmv == "lora-first")  # layers without a DoRA slot took it
+    assert bool(first) == sgmv.startswith("lora-first")  # layers without a DoRA slot took it
+    assert shared == ([3, 2] * 2 if sgmv == "lora-first" else [])  # per layer: q, k, v; gate, up
     # Decode: one token per row, the same routes, another order of rows.
     order = [4, 0, 2, 5, 1]
     pool.set_rows([routes[i] for i in order])

@@ -279,7 +279,7 @@ triton_bgmv.sibling_bgmv = lambda outs, *a: calls.append(len(outs)) or real(outs
 rows = [routes[0], routes[1], routes[0], None, routes[1]]
 ids = torch.randint(0, 128, (len(rows), 1))
 def step(siblings, graphed):
-    tuning.SIBLING_BGMV = siblings
+    tuning.SHARED_SIBLINGS = siblings
     if graphed:
         pool.fix_slots(torch.tensor([r.slot if r else 0 for r in rows]))
     else:

@@ -338,26 +338,44 @@ def lora_then_base(x: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, A_stac
     writing the output after it, does not. None where it does not apply (no rows, a DoRA slot,
     which needs W0 x on its own, dtypes or layouts the batched GEMMs do not take, autograd
     recording, ``tuning.LORA_FIRST`` off): the caller runs the base GEMM and ``add_multi_lora``."""
+    if gm1 is not None:
+        return None
+    outs = siblings_then_base(x, [weight], plan, [A_stack], [B_stack])
+    return outs[0] if outs is not None else None
+
+
+def siblings_then_base(
+    x: torch.Tensor, weights: list[torch.Tensor], plan: SlotPlan, A_stacks: list, B_stacks: list
+) -> list[torch.Tensor] | None:
+    """``lora_then_base`` for projections of one input x (N, d_in) (attention's q, k, v): their A
+    stacked for one shrink, h = x [A_1; A_2; ...][s]ᵀ (R, T, r_1 + r_2 + ...), which reads x once
+    for all of them; then per projection its expand written and its base GEMM accumulated onto it.
+    weights[k] (d_k, d_in), A_stacks[k] (S, r_k, d_in), B_stacks[k] (S, d_k, r_k); no DoRA slots.
+    Returns the outputs (N, d_k), or None where ``lora_then_base`` would not apply."""
     if (
         not tuning.LORA_FIRST
         or plan.rows is None
         or plan.graphed
-        or gm1 is not None
-        or weight.dtype != x.dtype
-        or weight.dim() != 2
         or torch.is_grad_enabled()
-        or A_stack.shape[0] != plan.num_slots
         or plan.tokens != x.shape[0]
-        or not _batched_rows_run(x, A_stack, B_stack, x)
+        or any(w.dtype != x.dtype or w.dim() != 2 for w in weights)
+        or any(A.shape[0] != plan.num_slots for A in A_stacks)
+        or not all(_batched_rows_run(x, A, B, x) for A, B in zip(A_stacks, B_stacks))
     ):
         return None
     T, row_slots = plan.rows
     rows = x.shape[0] // T
-    A_r = A_stack.index_select(0, row_slots)  # (R, r, d_in)
-    B_r = B_stack.index_select(0, row_slots)  # (R, d_out, r)
-    h = torch.bmm(x.view(rows, T, -1), A_r.transpose(1, 2))  # (R, T, r)
-    out = torch.bmm(h, B_r.transpose(1, 2)).view(x.shape[0], -1)  # (N, d_out)
-    return out.addmm_(x, weight.t())
+    gathered = [A.index_select(0, row_slots) for A in A_stacks]  # (R, r_k, d_in) each
+    A_r = gathered[0] if len(gathered) == 1 else torch.cat(gathered, dim=1)
+    h = torch.bmm(x.view(rows, T, -1), A_r.transpose(1, 2))  # (R, T, r_1 + r_2 + ...)
+    outs, start = [], 0
+    for weight, A, B in zip(weights, A_stacks, B_stacks):
+        r = A.shape[1]
+        B_r = B.index_select(0, row_slots)  # (R, d_k, r_k)
+        out = torch.bmm(h[..., start : start + r], B_r.transpose(1, 2)).view(x.shape[0], -1)  # (N, d_k)
+        outs.append(out.addmm_(x, weight.t()))
+        start += r
+    return outs
 
 
 _WIDE_OUTPUT_FAILED: set[tuple[str, torch.dtype]] = set()

@@ -93,8 +93,9 @@ slot) write their adapters' product into a new output first and the base GEMM ac
 a prefill's arithmetic keeps busy), instead of the base GEMM writing the output and the expand
 reading and writing it again (``_batched_rows``'s ``baddbmm_``). False: base first."""
 
-SIBLING_BGMV = True
+SHARED_SIBLINGS = True
 """Projections that a model calls on one input (attention's q, k, v; an MLP's gate and up), served
-from a pool's slots in a decode batch on a GPU, share BGMV's two launches
-(``layers/slot_siblings.py``, ``triton_bgmv.sibling_bgmv``): each launch is a CUDA graph node
-whatever its work. False: two launches per projection (or one, eagerly: ``BGMV_ONE_LAUNCH``)."""
+from a pool's slots, share their multi-adapter work (``layers/slot_siblings.py``): in a decode
+batch on a GPU BGMV's two launches (``triton_bgmv.sibling_bgmv``: each launch is a CUDA graph node
+whatever its work); in a prefill's rows one shrink GEMM with their A stacked (one read of x,
+``multi_lora.siblings_then_base``). False: each projection alone."""

@@ -4,13 +4,15 @@ and up) through one multi-adapter call for all of them.
     out_k = x W_kᵀ + b_k + B_k[s_n] A_k[s_n] x[n]      x: (..., d_in), out_k: (..., d_k)
 
 A decode step makes BGMV's two launches per adapted projection; replayed in a CUDA graph, each
-launch is a node costing a few microseconds whatever its work (docs/benchmarks.md), and the step's
-adapters add ~50% to the base model's nodes. Projections that the model calls on the same input,
+launch is a node costing a few microseconds whatever its work (docs/benchmarks.md). Projections that the model calls on the same input,
 one after another, share a record: the first of them called computes every sibling's base GEMM
-and one shrink and one expand for all of them (``triton_bgmv.sibling_bgmv``: two launches where
-each projection alone makes two), keeps the others' outputs, and each sibling then called with the
-very same input tensor returns its kept output. Any other call (another input, a DoRA slot, the
-CPU, a prefill) drops what is kept, and each layer runs alone (``LoraLinear.slots_only``).
+and one shrink and one expand for all of them (``triton_bgmv.sibling_bgmv``: two launches for all of
+them, where each alone makes two), keeps the others' outputs, and each sibling then called with the
+very same input tensor returns its kept output. A prefill's rows (each row one slot) share the
+shrink instead: one batched GEMM with the siblings' A stacked reads x once for all of them
+(``multi_lora.siblings_then_base``). Any other call (another input, a DoRA slot, a bias in a
+prefill, tokens in short runs) drops what is kept, and each layer runs alone
+(``LoraLinear.slots_only``).
 
 The pool gives records only to modules whose ``forward`` code is recognised as calling the
 siblings on one input (``patching/slot_siblings.py``). Under ``torch.inference_mode``, where a
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import triton_bgmv, tuning
-from ..kernels.multi_lora import SlotPlan
+from ..kernels.multi_lora import SlotPlan, siblings_then_base
 
 
 class SlotSiblings:
@@ -46,24 +48,41 @@ class SlotSiblings:
         if kept is not None and kept[0] is x:
             return kept[1]
         self.kept.clear()  # a new input: whatever was kept is stale
-        operands = self._operands(layer, x, plan)
-        if operands is None:
+        outs = self._shared(layer, x, plan)
+        if outs is None:
             return None
-        outs = [F.linear(x, weight, bias) for weight, bias, _ in operands]
-        if plan.graphed or plan.present:
-            flat = [out.view(-1, out.shape[-1]) for out in outs]
-            stacks = [stack for _, _, stack in operands]
-            x2 = x.reshape(-1, x.shape[-1])
-            triton_bgmv.sibling_bgmv(flat, x2, plan.token_slots, [s.A for s in stacks], [s.B for s in stacks])
         self.kept = {i: (x, out) for i, out in enumerate(outs) if i != position}
         return outs[position]
 
+    def _shared(self, caller: nn.Module, x: torch.Tensor, plan: SlotPlan) -> list[torch.Tensor] | None:
+        """Every sibling's output on x, or None when the shared call does not cover them."""
+        operands = self._operands(caller, x, plan)
+        if operands is None:
+            return None
+        weights = [weight for weight, _, _ in operands]
+        A_stacks = [stack.A for _, _, stack in operands]
+        B_stacks = [stack.B for _, _, stack in operands]
+        x2 = x.reshape(-1, x.shape[-1])
+        if (plan.graphed or plan.tokens <= tuning.BGMV_TOKENS) and triton_bgmv.available(x, *A_stacks):
+            # A decode batch: the base GEMMs, then one shrink and one expand for all of them.
+            outs = [F.linear(x, weight, bias) for weight, bias, _ in operands]
+            if plan.graphed or plan.present:
+                flat = [out.view(-1, out.shape[-1]) for out in outs]
+                triton_bgmv.sibling_bgmv(flat, x2, plan.token_slots, A_stacks, B_stacks)
+            return outs
+        if plan.graphed or any(bias is not None for _, bias, _ in operands):
+            return None
+        # A prefill's rows: one shrink over the A stacked, each product written, its base onto it.
+        flat = siblings_then_base(x2, weights, plan, A_stacks, B_stacks)
+        if flat is None:
+            return None
+        return [out.view(*x.shape[:-1], out.shape[-1]) for out in flat]
+
     def _operands(self, caller: nn.Module, x: torch.Tensor, plan: SlotPlan) -> list | None:
-        """(weight, bias, stack) of each sibling when the shared call covers them all on x: BGMV's
-        batch (a graphed plan, or few tokens), Triton on x's device, every sibling a plain
-        linear layer serving the caller's rows from a stack of x's dtype without a DoRA slot;
-        else None."""
-        if not tuning.SIBLING_BGMV or not (plan.graphed or plan.tokens <= tuning.BGMV_TOKENS):
+        """(weight, bias, stack) of each sibling when they can share a call on x: every sibling a
+        plain linear layer serving the caller's rows from a stack of x's dtype without a DoRA
+        slot; else None."""
+        if not tuning.SHARED_SIBLINGS:
             return None
         routing = caller.__dict__["row_adapters"]
         operands = []
@@ -84,6 +103,4 @@ class SlotSiblings:
             if type(base) is not nn.Linear:
                 return None
             operands.append((base._parameters["weight"], base._parameters["bias"], stack))
-        if not triton_bgmv.available(x, *(s.A for _, _, s in operands)):
-            return None
         return operands
