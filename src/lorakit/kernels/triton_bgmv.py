@@ -72,74 +72,6 @@ if triton is not None:
         tl.store(out_row + units, (o + acc).to(out_row.dtype.element_ty), mask=umask)
 
     @triton.jit
-    def _shrink_kernel(
-        X,
-        A,
-        SLOTS,
-        H,
-        d_in,
-        r,
-        stride_x,
-        stride_as,
-        stride_ar,
-        stride_h,
-        stride_hs,
-        k_per_split,
-        BR: tl.constexpr,
-        BK: tl.constexpr,
-    ):
-        n = tl.program_id(0)
-        slot = tl.load(SLOTS + n)
-        if slot == 0:
-            return
-        ranks = tl.arange(0, BR)
-        rmask = ranks < r
-        start = tl.program_id(1) * k_per_split
-        end = tl.minimum(start + k_per_split, d_in)
-        x_row = X + n.to(tl.int64) * stride_x
-        a_rows = A + slot * stride_as + ranks[:, None] * stride_ar
-        acc = _shrink_span(x_row, a_rows, rmask, start, end, BR, BK)
-        tl.store(H + tl.program_id(1) * stride_hs + n * stride_h + ranks, acc, mask=rmask)
-
-    @triton.jit
-    def _expand_kernel(
-        H,
-        B,
-        SLOTS,
-        OUT,
-        GM1,
-        BIAS,
-        d_out,
-        r,
-        stride_h,
-        stride_hs,
-        stride_bs,
-        stride_bn,
-        stride_out,
-        stride_g,
-        SPLIT: tl.constexpr,
-        HAS_DORA: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        BR: tl.constexpr,
-        BN: tl.constexpr,
-    ):
-        n = tl.program_id(0)
-        slot = tl.load(SLOTS + n)
-        if slot == 0:
-            return
-        units = tl.program_id(1) * BN + tl.arange(0, BN)
-        ranks = tl.arange(0, BR)
-        rmask = ranks < r
-        h = tl.zeros((BR,), dtype=tl.float32)
-        for part in tl.static_range(SPLIT):  # the split shrink's partial sums
-            h += tl.load(H + part * stride_hs + n * stride_h + ranks, mask=rmask, other=0.0)
-        out_row = OUT + n.to(tl.int64) * stride_out
-        b_rows = B + slot * stride_bs + ranks[None, :]
-        _expand_units(
-            h, b_rows, stride_bn, rmask, out_row, units, units < d_out, GM1 + slot * stride_g, BIAS, HAS_DORA, HAS_BIAS
-        )
-
-    @triton.jit
     def _one_launch_kernel(
         X,
         A,
@@ -196,7 +128,7 @@ if triton is not None:
             )
 
     @triton.jit
-    def _sibling_shrink_kernel(
+    def _shrink_kernel(
         X,
         SLOTS,
         H,
@@ -218,8 +150,8 @@ if triton is not None:
         BR: tl.constexpr,
         BK: tl.constexpr,
     ):
-        # Program (n, part, g): sibling g's shrink of token n over its part of d_in, into columns
-        # r0 + .. + r_{g-1} onwards of h's plane ``part``.
+        # Program (n, part, g): projection g's shrink of token n over its part of d_in, into
+        # columns r0 + .. + r_{g-1} onwards of h's plane ``part`` (one projection: g = 0 only).
         n = tl.program_id(0)
         slot = tl.load(SLOTS + n)
         if slot == 0:
@@ -245,7 +177,7 @@ if triton is not None:
         tl.store(H + tl.program_id(1) * stride_hs + n * stride_h + column + ranks, acc, mask=rmask)
 
     @triton.jit
-    def _sibling_expand_kernel(
+    def _expand_kernel(
         H,
         SLOTS,
         OUT0,
@@ -273,12 +205,18 @@ if triton is not None:
         blocks1,
         stride_h,
         stride_hs,
+        GM1,
+        BIAS,
+        stride_g,
         SPLIT: tl.constexpr,
+        HAS_DORA: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
         BR: tl.constexpr,
         BN: tl.constexpr,
     ):
-        # Program (n, j): output block j of the siblings' blocks laid end to end (blocks0 of the
-        # first, blocks1 of the second, the rest of the third), token n.
+        # Program (n, j): output block j of the projections' blocks laid end to end (blocks0 of the
+        # first, blocks1 of the second, the rest of the third), token n. DoRA's term: one
+        # projection only (``bgmv``).
         n = tl.program_id(0)
         slot = tl.load(SLOTS + n)
         if slot == 0:
@@ -312,7 +250,10 @@ if triton is not None:
         for part in tl.static_range(SPLIT):
             h += tl.load(H + part * stride_hs + n * stride_h + column + ranks, mask=rmask, other=0.0)
         units = j * BN + tl.arange(0, BN)
-        _expand_units(h, b + ranks[None, :], stride_bn, rmask, out_row, units, units < d_out, H, H, False, False)
+        g_row = GM1 + slot * stride_g
+        _expand_units(
+            h, b + ranks[None, :], stride_bn, rmask, out_row, units, units < d_out, g_row, BIAS, HAS_DORA, HAS_BIAS
+        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -395,36 +336,45 @@ def bgmv(
     k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
     split = triton.cdiv(d_in, k_per_split)
     h = torch.empty(split, tokens, r, device=x.device, dtype=torch.float32)
-    _shrink_kernel[(tokens, split)](
+    _shrink_kernel[(tokens, split, 1)](
         x,
-        A_stack,
         token_slots,
         h,
-        d_in,
+        *(A_stack,) * 3,
         r,
-        x.stride(0),
-        A_stack.stride(0),
+        0,
+        0,
+        *(A_stack.stride(0),) * 3,
         A_stack.stride(1),
+        d_in,
+        x.stride(0),
         h.stride(1),
         h.stride(0),
         k_per_split,
         BR=block_r,
         BK=BLOCK_K,
     )
-    _expand_kernel[(tokens, triton.cdiv(d_out, BLOCK_N))](
+    blocks = triton.cdiv(d_out, BLOCK_N)
+    _expand_kernel[(tokens, blocks)](
         h,
-        B_stack,
         token_slots,
-        out,
-        gm1 if gm1 is not None else h,
-        bias if bias is not None else h,
+        *(out,) * 3,
+        *(B_stack,) * 3,
         d_out,
+        0,
+        0,
         r,
+        0,
+        0,
+        *(B_stack.stride(0),) * 3,
+        *(B_stack.stride(1),) * 3,
+        *(out.stride(0),) * 3,
+        blocks,
+        0,
         h.stride(1),
         h.stride(0),
-        B_stack.stride(0),
-        B_stack.stride(1),
-        out.stride(0),
+        gm1 if gm1 is not None else h,
+        bias if bias is not None else h,
         gm1.stride(0) if gm1 is not None else 0,
         SPLIT=split,
         HAS_DORA=gm1 is not None,
@@ -469,7 +419,7 @@ def sibling_bgmv(
     h = torch.empty(split, tokens, sum(ranks), device=x.device, dtype=torch.float32)
     pad = lambda items, fill: list(items) + [fill] * (3 - count)  # noqa: E731  (the unused third sibling)
     A3, r3 = pad(A_stacks, A_stacks[0]), pad(ranks, 0)
-    _sibling_shrink_kernel[(tokens, split, count)](
+    _shrink_kernel[(tokens, split, count)](
         x,
         token_slots,
         h,
@@ -488,7 +438,7 @@ def sibling_bgmv(
     outs3, B3 = pad(outs, outs[0]), pad(B_stacks, B_stacks[0])
     d3 = [out.shape[1] for out in outs3]
     blocks = [triton.cdiv(d, BLOCK_N) for d in d3[:count]]
-    _sibling_expand_kernel[(tokens, sum(blocks))](
+    _expand_kernel[(tokens, sum(blocks))](
         h,
         token_slots,
         *outs3,
@@ -502,7 +452,12 @@ def sibling_bgmv(
         blocks[1],
         h.stride(1),
         h.stride(0),
+        h,
+        h,
+        0,
         SPLIT=split,
+        HAS_DORA=False,
+        HAS_BIAS=False,
         BR=block_r,
         BN=BLOCK_N,
     )

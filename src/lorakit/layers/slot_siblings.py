@@ -4,11 +4,12 @@ and up) through one multi-adapter call for all of them.
     out_k = x W_kᵀ + b_k + B_k[s_n] A_k[s_n] x[n]      x: (..., d_in), out_k: (..., d_k)
 
 A decode step makes BGMV's two launches per adapted projection; replayed in a CUDA graph, each
-launch is a node costing a few microseconds whatever its work (docs/benchmarks.md). Projections that the model calls on the same input,
-one after another, share a record: the first of them called computes every sibling's base GEMM
-and one shrink and one expand for all of them (``triton_bgmv.sibling_bgmv``: two launches for all of
-them, where each alone makes two), keeps the others' outputs, and each sibling then called with the
-very same input tensor returns its kept output. A prefill's rows (each row one slot) share the
+launch is a node costing a few microseconds whatever its work (docs/benchmarks.md). Projections
+that the model calls on the same input, one after another, share a record: the first of them
+called computes every sibling's base GEMM and one shrink and one expand for all of them
+(``triton_bgmv.sibling_bgmv``: two launches for all of them, where each alone makes two), keeps
+the others' outputs, and each sibling then called with the very same input tensor returns its
+kept output. A prefill's rows (each row one slot) share the
 shrink instead: one batched GEMM with the siblings' A stacked reads x once for all of them
 (``multi_lora.siblings_then_base``). Any other call (another input, a DoRA slot, a bias in a
 prefill, tokens in short runs) drops what is kept, and each layer runs alone
