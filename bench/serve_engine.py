@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import platform
+import pstats
 import statistics
 import sys
 import tempfile
@@ -249,7 +251,12 @@ def run_in_main_thread(engine, names, args, vocab: int, counter: Counter) -> dic
 
     thread = threading.Thread(target=client)
     thread.start()
-    engine.run()
+    if args.profile:  # the engine's thread only (the client's runs apart), warm-up included
+        profile = cProfile.Profile()
+        profile.runcall(engine.run)
+        pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
+    else:
+        engine.run()
     thread.join()
     return outcome
 
@@ -267,6 +274,12 @@ def main() -> None:
         "--cpu-loras",
         type=int,
         help="host-memory tier (--max-cpu-loras); default: every adapter of the case, as S-LoRA keeps them all",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="print the engine thread's N costliest functions by own time (cProfile) after each case",
     )
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first requests too")
     parser.add_argument(
