@@ -146,13 +146,30 @@ def check_pool() -> None:
 
 
 def check_pool_siblings(*dirs: Path) -> None:
-    """A decode step over LoRA adapters only (a DoRA slot turns the shared call off): q, k, v and
-    gate, up through ``sibling_bgmv`` against each projection's own BGMV, eager and graphed."""
+    """Adapters without DoRA (a DoRA slot turns the shared call off): q, k, v and gate, up share
+    one call (``sibling_bgmv`` in a decode step, eager and graphed; ``siblings_then_base`` in a
+    prefill's rows of more tokens than BGMV takes), against each projection alone."""
     from tests.tiny import tiny_llama
 
+    from lorakit.kernels import multi_lora
+    from lorakit.layers import slot_siblings
     from lorakit.serve.adapter_pool import AdapterPool
     from lorakit.serve.cuda_graph import CapturedCall
 
+    calls = {"decode": 0, "prefill": 0}
+    real_bgmv, real_rows = triton_bgmv.sibling_bgmv, multi_lora.siblings_then_base
+
+    def counted_bgmv(*args):
+        calls["decode"] += 1
+        return real_bgmv(*args)
+
+    def counted_rows(*args):
+        out = real_rows(*args)
+        calls["prefill"] += out is not None
+        return out
+
+    triton_bgmv.sibling_bgmv, slot_siblings.siblings_then_base = counted_bgmv, counted_rows
+    failed = False
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
         model = tiny_llama(hidden=64).to("cuda", dtype)
         pool = AdapterPool(model, max_loras=2)
@@ -164,36 +181,38 @@ def check_pool_siblings(*dirs: Path) -> None:
             routes.append(route)
         rows = [routes[0], routes[1], routes[0], routes[1]]
         ids = torch.randint(0, 128, (len(rows), 1), device="cuda")
-        calls = []
-        real = triton_bgmv.sibling_bgmv
-        triton_bgmv.sibling_bgmv = lambda outs, *a: calls.append(len(outs)) or real(outs, *a)
+        prompt = torch.randint(0, 128, (len(rows), 80), device="cuda")  # 320 tokens: rows, not BGMV
         results = {}
-        prompt = torch.randint(0, 128, (len(rows), 12), device="cuda")
         for siblings in (True, False):
             tuning.SHARED_SIBLINGS = siblings
             pool.set_rows(rows)
-            tuning.SEGMENT_TOKENS = 8  # the prompt's rows take batched row GEMMs
+            counts = []
             with torch.inference_mode():
-                prefill = model(prompt, use_cache=False).logits.float()
-                eager = model(ids, use_cache=False).logits.float()
-            tuning.SEGMENT_TOKENS = 64
-            results[f"prefill {siblings}"] = prefill
+                for name, tokens in (("prefill", prompt), ("eager", ids)):
+                    kind = "prefill" if name == "prefill" else "decode"
+                    before = calls[kind]
+                    results[name, siblings] = model(tokens, use_cache=False).logits.float()
+                    counts.append(calls[kind] - before)
             slots = torch.tensor([r.slot for r in rows], device="cuda")
             pool.fix_slots(slots)
-            graph = CapturedCall(
-                lambda ids, slots: model(ids, use_cache=False).logits, {"ids": ids.clone(), "slots": slots}
-            )
-            results[siblings] = (eager, graph(ids=ids, slots=slots).float())
-        triton_bgmv.sibling_bgmv, tuning.SHARED_SIBLINGS = real, True
-        got, want = results["prefill True"], results["prefill False"]
-        err = ((got - want).abs().max() / want.abs().max()).item()
-        print(f"{'ok' if err < tol else 'FAIL'} sibling prefill rows {dtype} vs alone rel.err={err:.2e}")
-        for k, form in enumerate(("eager", "graphed")):
-            got, want = results[True][k], results[False][k]
+            before = calls["decode"]
+            forward = lambda ids, slots: model(ids, use_cache=False).logits  # noqa: E731
+            graph = CapturedCall(forward, {"ids": ids.clone(), "slots": slots})
+            results["graphed", siblings] = graph(ids=ids, slots=slots).float()
+            counts.append(calls["decode"] - before)
+            results["counts", siblings] = counts
+        for k, form in enumerate(("prefill", "eager", "graphed")):
+            got, want = results[form, True], results[form, False]
             err = ((got - want).abs().max() / want.abs().max()).item()
-            status = "ok" if err < tol and calls else "FAIL"
-            print(f"{status} sibling decode {form} {dtype} shared calls={len(calls)} vs alone rel.err={err:.2e}")
+            shared, alone = results["counts", True][k], results["counts", False][k]
+            ok = err < tol and shared > 0 and alone == 0
+            failed |= not ok
+            status = "ok" if ok else "FAIL"
+            print(f"{status} siblings {form} {dtype}: shared calls {shared} (alone {alone}), rel.err={err:.2e}")
         pool.close()
+    triton_bgmv.sibling_bgmv, slot_siblings.siblings_then_base, tuning.SHARED_SIBLINGS = real_bgmv, real_rows, True
+    if failed:
+        raise SystemExit(1)
 
 
 def check_graphed_forward(model, pool, routes) -> None:

@@ -344,3 +344,39 @@ def test_slot_only_batches_take_the_lean_path(adapter_dirs):
         want = alone(adapter_dirs[name] if name else None, ids[i : i + 1])
         torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-5, msg=f"row {i} ({name})")
     pool.close()
+
+
+def test_shared_siblings_step_aside_for_autocast_and_hooks(adapter_dirs, monkeypatch):
+    """A prefill's rows under autocast run (each GEMM in autocast's dtype), and a hook on a
+    sibling's base layer sees that layer run: the shared call, which would run the sibling's GEMM
+    itself, steps aside for both."""
+    from lorakit.kernels import multi_lora
+
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 1)  # rows of 6 tokens: batched row GEMMs
+    shared = []
+    real = multi_lora.siblings_then_base
+    monkeypatch.setattr(
+        "lorakit.layers.slot_siblings.siblings_then_base",
+        lambda *a: (out := real(*a)) is not None and shared.append(len(out)) or out,
+    )
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=2)
+    pool.register("plain", adapter_dirs["plain"])
+    route = acquire(pool, "plain")
+    ids = torch.randint(0, 128, (2, 6))
+    pool.set_rows([route, BASE_ROUTE])
+    with torch.no_grad():
+        want = model(ids).logits
+    assert shared == [3, 2, 3, 2]
+    shared.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids).logits.float()
+    assert not shared and ((got - want).abs().max() / want.abs().max()).item() < 0.05
+    seen = []
+    base = model.model.layers[0].self_attn.k_proj.base_layer
+    base.register_forward_pre_hook(lambda module, args: seen.append(module))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert seen == [base] and shared == [2, 3, 2]  # layer 0's attention alone, the rest shared
+    pool.release(route)
+    pool.close()

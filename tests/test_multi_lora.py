@@ -237,7 +237,9 @@ from tests.tiny import randomize_adapters, tiny_llama
 torch.manual_seed(0)
 # a sibling kernel's call against the formula: two and three projections, uneven ranks, slot 0
 for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
-    for S, ranks, d_in, d_outs, N in ((5, (8, 16, 8), 1100, (48, 300, 130), 7), (4, (16, 0), 64, (200, 40), 3)):
+    for S, ranks, d_in, d_outs, N in (
+        (5, (8, 16, 8), 1100, (48, 300, 130), 7), (4, (16, 0), 64, (200, 40), 3), (4, (0, 16, 8), 64, (200, 40, 130), 3)
+    ):
         A = [torch.randn(S, r, d_in) * 0.1 for r in ranks]
         B = [torch.randn(S, d, r) * 0.1 for d, r in zip(d_outs, ranks)]
         for a, b in zip(A, B):

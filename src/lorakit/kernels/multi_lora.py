@@ -351,13 +351,16 @@ def siblings_then_base(
     stacked for one shrink, h = x [A_1; A_2; ...][s]ᵀ (R, T, r_1 + r_2 + ...), which reads x once
     for all of them; then per projection its expand written and its base GEMM accumulated onto it.
     weights[k] (d_k, d_in), A_stacks[k] (S, r_k, d_in), B_stacks[k] (S, d_k, r_k); no DoRA slots.
-    Returns the outputs (N, d_k), or None where ``lora_then_base`` would not apply."""
+    Returns the outputs (N, d_k), or None where ``lora_then_base`` would not apply (also under
+    autocast, and for few tokens on a GPU, which ``add_multi_lora`` gives to BGMV)."""
     if (
         not tuning.LORA_FIRST
         or plan.rows is None
         or plan.graphed
         or torch.is_grad_enabled()
+        or torch.is_autocast_enabled(x.device.type)  # the GEMMs' dtypes would differ
         or plan.tokens != x.shape[0]
+        or (plan.tokens <= tuning.BGMV_TOKENS and triton_bgmv.available(x, *A_stacks))  # BGMV's batch
         or any(w.dtype != x.dtype or w.dim() != 2 for w in weights)
         or any(A.shape[0] != plan.num_slots for A in A_stacks)
         or not all(_batched_rows_run(x, A, B, x) for A, B in zip(A_stacks, B_stacks))

@@ -221,29 +221,30 @@ if triton is not None:
         slot = tl.load(SLOTS + n)
         if slot == 0:
             return
-        j = tl.program_id(1)
+        block = tl.program_id(1)
+        j = block  # the block within its projection
         out_row = OUT0 + n.to(tl.int64) * stride_out0
         b = B0 + slot * stride_bs0
         stride_bn = stride_bn0
         d_out = d0
         r = r0
         column = r0 * 0
-        if j >= blocks0:
+        if block >= blocks0:
             out_row = OUT1 + n.to(tl.int64) * stride_out1
             b = B1 + slot * stride_bs1
             stride_bn = stride_bn1
             d_out = d1
             r = r1
             column = r0
-            j -= blocks0
-        if (j >= blocks1) & (column > 0):
+            j = block - blocks0
+        if block >= blocks0 + blocks1:
             out_row = OUT2 + n.to(tl.int64) * stride_out2
             b = B2 + slot * stride_bs2
             stride_bn = stride_bn2
             d_out = d2
             r = r2
             column = r0 + r1
-            j -= blocks1
+            j = block - blocks0 - blocks1
         ranks = tl.arange(0, BR)
         rmask = ranks < r
         h = tl.zeros((BR,), dtype=tl.float32)

@@ -113,6 +113,8 @@ class LoraLinear(LoraLayer):
         base = state["_modules"]["base_layer"]
         if type(base) is not nn.Linear or torch.is_grad_enabled():
             return None
+        if base._forward_hooks or base._forward_pre_hooks or "_hf_hook" in base.__dict__:
+            return None  # the base layer must be called (accelerate's offloading moves its weight)
         bias, weight = base._parameters["bias"], base._parameters["weight"]
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)

@@ -81,9 +81,9 @@ class SlotSiblings:
 
     def _operands(self, caller: nn.Module, x: torch.Tensor, plan: SlotPlan) -> list | None:
         """(weight, bias, stack) of each sibling when they can share a call on x: every sibling a
-        plain linear layer serving the caller's rows from a stack of x's dtype without a DoRA
-        slot; else None."""
-        if not tuning.SHARED_SIBLINGS:
+        plain linear layer on x's device without hooks, serving the caller's rows from a stack of
+        x's dtype without a DoRA slot, outside autocast; else None."""
+        if not tuning.SHARED_SIBLINGS or torch.is_autocast_enabled(x.device.type):
             return None
         routing = caller.__dict__["row_adapters"]
         operands = []
@@ -101,7 +101,11 @@ class SlotSiblings:
             ):
                 return None
             base = state["_modules"]["base_layer"]
-            if type(base) is not nn.Linear:
+            if type(base) is not nn.Linear or base._parameters["weight"].device != x.device:
+                return None
+            # A hook (accelerate's offloading, a user's) would see its module skipped: the first
+            # sibling runs the others' GEMMs itself.
+            if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in (layer, base)):
                 return None
             operands.append((base._parameters["weight"], base._parameters["bias"], stack))
         return operands
