@@ -57,6 +57,9 @@ class SlotSiblings:
 
     def _shared(self, caller: nn.Module, x: torch.Tensor, plan: SlotPlan) -> list[torch.Tensor] | None:
         """Every sibling's output on x, or None when the shared call does not cover them."""
+        decode = (plan.graphed or plan.tokens <= tuning.BGMV_TOKENS) and triton_bgmv.available(x)
+        if not decode and (plan.rows is None or plan.graphed):
+            return None  # neither shared form applies (the CPU's decode batches): no checks per layer
         operands = self._operands(caller, x, plan)
         if operands is None:
             return None
@@ -64,7 +67,7 @@ class SlotSiblings:
         A_stacks = [stack.A for _, _, stack in operands]
         B_stacks = [stack.B for _, _, stack in operands]
         x2 = x.reshape(-1, x.shape[-1])
-        if (plan.graphed or plan.tokens <= tuning.BGMV_TOKENS) and triton_bgmv.available(x, *A_stacks):
+        if decode and triton_bgmv.available(*A_stacks):
             # A decode batch: the base GEMMs, then one shrink and one expand for all of them.
             outs = [F.linear(x, weight, bias) for weight, bias, _ in operands]
             if plan.graphed or plan.present:
