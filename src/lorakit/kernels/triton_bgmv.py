@@ -44,6 +44,12 @@ def available(*tensors: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _token_and_slot(SLOTS):
+        """This program's token n (its first grid axis) and the token's slot."""
+        n = tl.program_id(0)
+        return n, tl.load(SLOTS + n)
+
+    @triton.jit
     def _shrink_span(x_row, a_rows, rmask, start, end, BR: tl.constexpr, BK: tl.constexpr):
         """Columns [start, end) of one token's shrink: (BR,) float32 sums of A[slot] rows · x."""
         acc = tl.zeros((BR,), dtype=tl.float32)
@@ -99,9 +105,8 @@ if triton is not None:
     ):
         # Program (n, j): token n's whole shrink (each of the token's programs repeats it: its A
         # rows are small and shared in L2), then output units j*units_per_program onwards.
-        n = tl.program_id(0)
-        slot = tl.load(SLOTS + n)
-        if slot == 0:
+        n, slot = _token_and_slot(SLOTS)
+        if slot == 0:  # no adapter
             return
         ranks = tl.arange(0, BR)
         rmask = ranks < r
@@ -152,9 +157,8 @@ if triton is not None:
     ):
         # Program (n, part, g): projection g's shrink of token n over its part of d_in, into
         # columns r0 + .. + r_{g-1} onwards of h's plane ``part`` (one projection: g = 0 only).
-        n = tl.program_id(0)
-        slot = tl.load(SLOTS + n)
-        if slot == 0:
+        n, slot = _token_and_slot(SLOTS)
+        if slot == 0:  # no adapter
             return
         g = tl.program_id(2)
         a = A0 + slot * stride_as0
@@ -217,9 +221,8 @@ if triton is not None:
         # Program (n, j): output block j of the projections' blocks laid end to end (blocks0 of the
         # first, blocks1 of the second, the rest of the third), token n. DoRA's term: one
         # projection only (``bgmv``).
-        n = tl.program_id(0)
-        slot = tl.load(SLOTS + n)
-        if slot == 0:
+        n, slot = _token_and_slot(SLOTS)
+        if slot == 0:  # no adapter
             return
         block = tl.program_id(1)
         j = block  # the block within its projection
