@@ -380,3 +380,27 @@ def test_shared_siblings_step_aside_for_autocast_and_hooks(adapter_dirs, monkeyp
     assert seen == [base] and shared == [2, 3, 2]  # layer 0's attention alone, the rest shared
     pool.release(route)
     pool.close()
+
+
+def test_sibling_records_follow_the_stacks(adapter_dirs):
+    """Sibling records cover the projections that serve slots, and are made again when an adapter
+    brings stacks to more of them."""
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=2)
+    pool.register("rslora", adapter_dirs["rslora"])  # q, v and down
+    pool.register("plain", adapter_dirs["plain"])  # every linear layer
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    first = acquire(pool, "rslora")
+    assert attention.q_proj.slot_siblings.layers == (attention.q_proj, attention.v_proj)
+    assert "slot_siblings" not in mlp.up_proj.__dict__  # down alone: no pair in the MLP
+    second = acquire(pool, "plain")
+    record = attention.k_proj.slot_siblings
+    assert record.layers == (attention.q_proj, attention.k_proj, attention.v_proj)
+    assert attention.q_proj.slot_siblings is record and mlp.gate_proj.slot_siblings.layers == (
+        mlp.gate_proj,
+        mlp.up_proj,
+    )
+    assert "slot_siblings" not in attention.o_proj.__dict__
+    for route in (first, second):
+        pool.release(route)
+    pool.close()
