@@ -13,7 +13,10 @@ lora_shrink / lora_expand: the shrink of a long d_in split over programs, each w
 sums to its own plane of h (split, N, r_max), which the expand adds up as it reads h: no zeroed
 buffer, no atomics, and no repeated shrink, for steps replayed in a CUDA graph, where launches
 cost no host time and the repeated shrink is what is left (measured in docs/benchmarks.md). Tokens
-of slot 0 (no adapter) return at once. A decode step has a few tokens per adapter, so reading the
+of slot 0 (no adapter) return at once. The two kernels take up to three projections of one input
+at once (``sibling_bgmv``: attention's q, k, v write their ranks side by side in h, and the expand
+runs over their output blocks laid end to end), so siblings cost two launches in all; ``bgmv`` is
+the one-projection case. A decode step has a few tokens per adapter, so reading the
 factors per token costs little next to launching a GEMM per adapter; long prefills take grouped
 GEMMs instead (``multi_lora.py``). Accumulation is fp32.
 
