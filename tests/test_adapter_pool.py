@@ -404,3 +404,27 @@ def test_sibling_records_follow_the_stacks(adapter_dirs):
     for route in (first, second):
         pool.release(route)
     pool.close()
+
+
+def test_a_sibling_called_on_another_input_runs_alone(adapter_dirs, monkeypatch):
+    """What the first sibling computed is kept for the very same input tensor only: k called on
+    another tensor gets k of that tensor."""
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 1)  # rows of 6 tokens: batched row GEMMs, shared shrink
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=2)
+    pool.register("plain", adapter_dirs["plain"])
+    route = acquire(pool, "plain")
+    pool.set_rows([route, BASE_ROUTE])
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        attention.q_proj(x)  # the shared call: k and v of x kept
+        kept_k = attention.k_proj.slot_siblings.kept[1][1]
+        got = attention.k_proj(2 * x)
+        monkeypatch.setattr(tuning, "SHARED_SIBLINGS", False)
+        want = attention.k_proj(2 * x)
+        alone_k = attention.k_proj(x)
+    torch.testing.assert_close(kept_k, alone_k, rtol=1e-5, atol=1e-5)  # the shared call kept k of x
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    pool.release(route)
+    pool.close()

@@ -165,6 +165,12 @@ class SlotPlan:
         return plan
 
 
+def takes_bgmv(plan: SlotPlan, *tensors: torch.Tensor) -> bool:
+    """True when a call of ``plan``'s tokens on ``tensors`` runs the Triton BGMV kernels: a graphed
+    plan, or few tokens (``tuning.BGMV_TOKENS``), on a GPU with Triton."""
+    return (plan.graphed or plan.tokens <= tuning.BGMV_TOKENS) and triton_bgmv.available(*tensors)
+
+
 def add_multi_lora(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -182,7 +188,7 @@ def add_multi_lora(
     if plan.graphed:
         if plan.tokens != x.shape[0]:
             raise ValueError(f"the graphed plan covers {plan.tokens} tokens but x has {x.shape[0]}")
-        if triton_bgmv.available(x, A_stack, B_stack, out):
+        if takes_bgmv(plan, x, A_stack, B_stack, out):
             return triton_bgmv.bgmv(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
         return _gathered(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
     if not plan.present:
@@ -196,7 +202,7 @@ def add_multi_lora(
     )
     if tracked:
         return _per_slot(out, x, plan, A_stack, B_stack, gm1, bias, in_place=False)
-    if triton_bgmv.available(x, A_stack, B_stack, out) and plan.tokens <= tuning.BGMV_TOKENS:
+    if takes_bgmv(plan, x, A_stack, B_stack, out):
         triton_bgmv.bgmv(out, x, plan.token_slots, A_stack, B_stack, gm1, bias)
         return out
     if plan.rows is not None and gm1 is None and _batched_rows_run(x, A_stack, B_stack, out):
@@ -330,29 +336,31 @@ def _batched_rows(out, x, plan, A_stack, B_stack) -> torch.Tensor:
     return out
 
 
-def lora_then_base(x: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, A_stack, B_stack, gm1) -> torch.Tensor | None:
+def lora_then_base(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: SlotPlan, A_stack, B_stack, gm1
+) -> torch.Tensor | None:
     """x Wᵀ plus each row's adapter for a prefill's rows (``plan.rows``), (N, d_out) for x (N, d_in)
     and the base weight (d_out, d_in): the adapters' products written first (the expand writes the
     output, no read), then the base GEMM accumulated onto them (beta = 1). The base GEMM has the
     arithmetic to hide its read of the output, which ``_batched_rows``'s expand, reading and
-    writing the output after it, does not. None where it does not apply (no rows, a DoRA slot,
-    which needs W0 x on its own, dtypes or layouts the batched GEMMs do not take, autograd
+    writing the output after it, does not. None where it does not apply (no rows, a bias, a DoRA
+    slot, which needs W0 x on its own, dtypes or layouts the batched GEMMs do not take, autograd
     recording, ``tuning.LORA_FIRST`` off): the caller runs the base GEMM and ``add_multi_lora``."""
     if gm1 is not None:
         return None
-    outs = siblings_then_base(x, [weight], plan, [A_stack], [B_stack])
+    outs = siblings_then_base(x, [weight], [bias], plan, [A_stack], [B_stack])
     return outs[0] if outs is not None else None
 
 
 def siblings_then_base(
-    x: torch.Tensor, weights: list[torch.Tensor], plan: SlotPlan, A_stacks: list, B_stacks: list
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list, plan: SlotPlan, A_stacks: list, B_stacks: list
 ) -> list[torch.Tensor] | None:
     """``lora_then_base`` for projections of one input x (N, d_in) (attention's q, k, v): their A
     stacked for one shrink, h = x [A_1; A_2; ...][s]ᵀ (R, T, r_1 + r_2 + ...), which reads x once
     for all of them; then per projection its expand written and its base GEMM accumulated onto it.
-    weights[k] (d_k, d_in), A_stacks[k] (S, r_k, d_in), B_stacks[k] (S, d_k, r_k); no DoRA slots.
-    Returns the outputs (N, d_k), or None where ``lora_then_base`` would not apply (also under
-    autocast, and for few tokens on a GPU, which ``add_multi_lora`` gives to BGMV)."""
+    weights[k] (d_k, d_in), biases[k] (must be None), A_stacks[k] (S, r_k, d_in), B_stacks[k]
+    (S, d_k, r_k); no DoRA slots. Returns the outputs (N, d_k), or None where ``lora_then_base``
+    would not apply (also under autocast, and for BGMV's batches: ``takes_bgmv``)."""
     if (
         not tuning.LORA_FIRST
         or plan.rows is None
@@ -360,7 +368,8 @@ def siblings_then_base(
         or torch.is_grad_enabled()
         or torch.is_autocast_enabled(x.device.type)  # the GEMMs' dtypes would differ
         or plan.tokens != x.shape[0]
-        or (plan.tokens <= tuning.BGMV_TOKENS and triton_bgmv.available(x, *A_stacks))  # BGMV's batch
+        or any(bias is not None for bias in biases)
+        or takes_bgmv(plan, x, *A_stacks)
         or any(w.dtype != x.dtype or w.dim() != 2 for w in weights)
         or any(A.shape[0] != plan.num_slots for A in A_stacks)
         or not all(_batched_rows_run(x, A, B, x) for A, B in zip(A_stacks, B_stacks))

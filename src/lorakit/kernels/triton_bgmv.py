@@ -277,6 +277,19 @@ def _programs_per_token(tokens: int, length: int, block: int, device: torch.devi
     return max(1, min(by_fill, by_work))
 
 
+def _kernel_layout(x, outs, A_stacks, B_stacks):
+    """The tensors as the kernels index them: unit last strides (x, the factors; A's rows d_in
+    apart, as the shrink takes one row stride for every projection) and outputs written in place
+    (whose last dimension must be contiguous already)."""
+    if any(out.stride(1) != 1 for out in outs):
+        raise ValueError("bgmv adds into its outputs in place: their last dimension must be contiguous")
+    d_in = x.shape[1]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    A_stacks = [A if A.stride(2) == 1 and A.stride(1) == d_in else A.contiguous() for A in A_stacks]
+    B_stacks = [B if B.stride(2) == 1 else B.contiguous() for B in B_stacks]
+    return x, A_stacks, B_stacks
+
+
 def bgmv(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -292,101 +305,44 @@ def bgmv(
     ``split``: programs per token (None: chosen from the GPU's size): over the output units in
     the one-launch kernel, over d_in in the two-launch shrink. Which of the two runs:
     ``tuning.BGMV_ONE_LAUNCH``. Returns ``out``."""
-    tokens, d_in = x.shape
+    tokens = x.shape[0]
     r = A_stack.shape[1]
     if tokens == 0 or r == 0:
         return out
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if A_stack.stride(2) != 1:
-        A_stack = A_stack.contiguous()
-    if B_stack.stride(2) != 1:
-        B_stack = B_stack.contiguous()
-    if out.stride(1) != 1:
-        raise ValueError("bgmv adds into out in place: its last dimension must be contiguous")
-    block_r = max(16, triton.next_power_of_2(r))
-    d_out = out.shape[1]
+    x, (A_stack,), (B_stack,) = _kernel_layout(x, [out], [A_stack], [B_stack])
     one_launch = tuning.BGMV_ONE_LAUNCH
     if one_launch == "auto":  # one launch for eager calls, two in a CUDA graph (and its warm-up)
         one_launch = not in_cuda_graph(x)
-    if one_launch:
-        # Programs per token over its output units: enough to fill the GPU about twice.
-        parts = split or _programs_per_token(tokens, d_out, BLOCK_N, x.device)
-        units = triton.cdiv(triton.cdiv(d_out, parts), BLOCK_N) * BLOCK_N
-        _one_launch_kernel[(tokens, triton.cdiv(d_out, units))](
-            x,
-            A_stack,
-            B_stack,
-            token_slots,
-            out,
-            gm1 if gm1 is not None else out,
-            bias if bias is not None else out,
-            d_in,
-            d_out,
-            r,
-            x.stride(0),
-            A_stack.stride(0),
-            A_stack.stride(1),
-            B_stack.stride(0),
-            B_stack.stride(1),
-            out.stride(0),
-            gm1.stride(0) if gm1 is not None else 0,
-            units,
-            HAS_DORA=gm1 is not None,
-            HAS_BIAS=bias is not None,
-            BR=block_r,
-            BK=BLOCK_K,
-            BN=BLOCK_N,
-        )
+    if not one_launch:
+        _two_launches([out], x, token_slots, [A_stack], [B_stack], gm1, bias, split)
         return out
-    split = split or _programs_per_token(tokens, d_in, BLOCK_K, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
-    split = triton.cdiv(d_in, k_per_split)
-    h = torch.empty(split, tokens, r, device=x.device, dtype=torch.float32)
-    _shrink_kernel[(tokens, split, 1)](
+    d_in, d_out = x.shape[1], out.shape[1]
+    # Programs per token over its output units: enough to fill the GPU about twice.
+    parts = split or _programs_per_token(tokens, d_out, BLOCK_N, x.device)
+    units = triton.cdiv(triton.cdiv(d_out, parts), BLOCK_N) * BLOCK_N
+    _one_launch_kernel[(tokens, triton.cdiv(d_out, units))](
         x,
+        A_stack,
+        B_stack,
         token_slots,
-        h,
-        *(A_stack,) * 3,
-        r,
-        0,
-        0,
-        *(A_stack.stride(0),) * 3,
-        A_stack.stride(1),
+        out,
+        gm1 if gm1 is not None else out,
+        bias if bias is not None else out,
         d_in,
-        x.stride(0),
-        h.stride(1),
-        h.stride(0),
-        k_per_split,
-        BR=block_r,
-        BK=BLOCK_K,
-    )
-    blocks = triton.cdiv(d_out, BLOCK_N)
-    _expand_kernel[(tokens, blocks)](
-        h,
-        token_slots,
-        *(out,) * 3,
-        *(B_stack,) * 3,
         d_out,
-        0,
-        0,
         r,
-        0,
-        0,
-        *(B_stack.stride(0),) * 3,
-        *(B_stack.stride(1),) * 3,
-        *(out.stride(0),) * 3,
-        blocks,
-        0,
-        h.stride(1),
-        h.stride(0),
-        gm1 if gm1 is not None else h,
-        bias if bias is not None else h,
+        x.stride(0),
+        A_stack.stride(0),
+        A_stack.stride(1),
+        B_stack.stride(0),
+        B_stack.stride(1),
+        out.stride(0),
         gm1.stride(0) if gm1 is not None else 0,
-        SPLIT=split,
+        units,
         HAS_DORA=gm1 is not None,
         HAS_BIAS=bias is not None,
-        BR=block_r,
+        BR=max(16, triton.next_power_of_2(r)),
+        BK=BLOCK_K,
         BN=BLOCK_N,
     )
     return out
@@ -409,23 +365,27 @@ def sibling_bgmv(
     count = len(outs)
     if not 2 <= count <= 3 or len(A_stacks) != count or len(B_stacks) != count:
         raise ValueError(f"sibling_bgmv takes two or three projections; got {count} outputs, {len(A_stacks)} A stacks")
-    tokens, d_in = x.shape
-    if tokens == 0:
+    if x.shape[0] == 0:
         return
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    A_stacks = [A if A.stride(2) == 1 and A.stride(1) == d_in else A.contiguous() for A in A_stacks]
-    B_stacks = [B if B.stride(2) == 1 else B.contiguous() for B in B_stacks]
-    if any(out.stride(1) != 1 for out in outs):
-        raise ValueError("sibling_bgmv adds into the outputs in place: their last dimension must be contiguous")
-    ranks = [A.shape[1] for A in A_stacks]
-    block_r = max(16, triton.next_power_of_2(max(ranks)))
-    split = _programs_per_token(tokens, d_in, BLOCK_K, x.device)
+    x, A_stacks, B_stacks = _kernel_layout(x, outs, A_stacks, B_stacks)
+    _two_launches(outs, x, token_slots, A_stacks, B_stacks)
+
+
+def _two_launches(outs, x, token_slots, A_stacks, B_stacks, gm1=None, bias=None, split=None) -> None:
+    """The shrink and the expand launch for 1–3 projections of x (laid out by ``_kernel_layout``):
+    the shrink split over d_in (``split`` programs per token, None: from the GPU's size), each
+    program writing its partial sums to its own plane of h (split, N, r_0 + r_1 + ...), which the
+    expand adds up as it reads them. ``gm1``, ``bias``: DoRA's term, one projection only."""
+    count = len(outs)
+    tokens, d_in = x.shape
+    split = split or _programs_per_token(tokens, d_in, BLOCK_K, x.device)
     k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
     split = triton.cdiv(d_in, k_per_split)
+    ranks = [A.shape[1] for A in A_stacks]
+    block_r = max(16, triton.next_power_of_2(max(ranks)))
     h = torch.empty(split, tokens, sum(ranks), device=x.device, dtype=torch.float32)
-    pad = lambda items, fill: list(items) + [fill] * (3 - count)  # noqa: E731  (the unused third sibling)
-    A3, r3 = pad(A_stacks, A_stacks[0]), pad(ranks, 0)
+    pad = lambda items, fill: list(items) + [fill] * (3 - count)  # noqa: E731  (the kernels take three)
+    A3, B3, outs3, r3 = pad(A_stacks, A_stacks[0]), pad(B_stacks, B_stacks[0]), pad(outs, outs[0]), pad(ranks, 0)
     _shrink_kernel[(tokens, split, count)](
         x,
         token_slots,
@@ -442,15 +402,14 @@ def sibling_bgmv(
         BR=block_r,
         BK=BLOCK_K,
     )
-    outs3, B3 = pad(outs, outs[0]), pad(B_stacks, B_stacks[0])
-    d3 = [out.shape[1] for out in outs3]
-    blocks = [triton.cdiv(d, BLOCK_N) for d in d3[:count]]
+    d3 = [out.shape[1] for out in outs]
+    blocks = [triton.cdiv(d, BLOCK_N) for d in d3] + [0] * (3 - count)
     _expand_kernel[(tokens, sum(blocks))](
         h,
         token_slots,
         *outs3,
         *B3,
-        *d3,
+        *pad(d3, 0),
         *r3,
         *(B.stride(0) for B in B3),
         *(B.stride(1) for B in B3),
@@ -459,12 +418,12 @@ def sibling_bgmv(
         blocks[1],
         h.stride(1),
         h.stride(0),
-        h,
-        h,
-        0,
+        gm1 if gm1 is not None else h,
+        bias if bias is not None else h,
+        gm1.stride(0) if gm1 is not None else 0,
         SPLIT=split,
-        HAS_DORA=False,
-        HAS_BIAS=False,
+        HAS_DORA=gm1 is not None,
+        HAS_BIAS=bias is not None,
         BR=block_r,
         BN=BLOCK_N,
     )

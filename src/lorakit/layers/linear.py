@@ -113,7 +113,7 @@ class LoraLinear(LoraLayer):
         base = state["_modules"]["base_layer"]
         if type(base) is not nn.Linear or torch.is_grad_enabled():
             return None
-        if base._forward_hooks or base._forward_pre_hooks or "_hf_hook" in base.__dict__:
+        if calls_hooks(base):
             return None  # the base layer must be called (accelerate's offloading moves its weight)
         bias, weight = base._parameters["bias"], base._parameters["weight"]
         d_in = x.shape[-1]
@@ -121,13 +121,13 @@ class LoraLinear(LoraLayer):
         plan = routing.slot_plan(x.shape[0], x2.shape[0], x.device)
         siblings = state.get("slot_siblings")
         if siblings is not None and plan is not None:
-            # q, k and v (gate and up) of one module share one decode call (layers/slot_siblings.py).
-            out = siblings.output(self, x, plan)
+            # q, k and v (gate and up) of one module share one call (layers/slot_siblings.py).
+            out = siblings.output(self, x, x2, plan)
             if out is not None:
                 return out
-        if plan is not None and bias is None and x2.dtype == stack.dtype:
+        if plan is not None:
             # A prefill's rows: the adapters' products first, the base GEMM accumulated onto them.
-            out2 = lora_then_base(x2, weight, plan, stack.A, stack.B, stack.gm1)
+            out2 = lora_then_base(x2, weight, bias, plan, stack.A, stack.B, stack.gm1)
             if out2 is not None:
                 return out2.view(*x.shape[:-1], out2.shape[-1])
         out = F.linear(x, weight, bias)
@@ -248,6 +248,13 @@ class LoraLinear(LoraLayer):
         """``s * B A`` laid out like the base weight (transposed for Conv1D)."""
         delta = (B @ A) * scaling
         return delta.T if self.fan_in_fan_out else delta
+
+
+def calls_hooks(module: nn.Module) -> bool:
+    """True when calling ``module`` runs hooks: its own forward (pre-)hooks, or accelerate's
+    ``_hf_hook`` (which moves an offloaded weight in). Code that would use its weight without
+    calling it (the serving pool's lean paths) must call it instead."""
+    return bool(module._forward_hooks or module._forward_pre_hooks) or "_hf_hook" in module.__dict__
 
 
 def _add_slots(out2: torch.Tensor, x2: torch.Tensor, plan, stack: SlotStack, bias) -> torch.Tensor:

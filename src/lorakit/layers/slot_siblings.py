@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import triton_bgmv, tuning
-from ..kernels.multi_lora import SlotPlan, siblings_then_base
+from ..kernels.multi_lora import SlotPlan, siblings_then_base, takes_bgmv
+from .linear import calls_hooks
 
 
 class SlotSiblings:
@@ -41,43 +42,39 @@ class SlotSiblings:
         self.layers = tuple(layers)
         self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # position -> (input, output)
 
-    def output(self, layer: nn.Module, x: torch.Tensor, plan: SlotPlan) -> torch.Tensor | None:
+    def output(self, layer: nn.Module, x: torch.Tensor, x2: torch.Tensor, plan: SlotPlan) -> torch.Tensor | None:
         """``layer(x)`` with the rows' slots added (``plan``), from the shared call; None when
-        ``layer`` must run alone."""
+        ``layer`` must run alone. x2: x as (N, d_in)."""
         position = self.layers.index(layer)
         kept = self.kept.pop(position, None)
         if kept is not None and kept[0] is x:
             return kept[1]
         self.kept.clear()  # a new input: whatever was kept is stale
-        outs = self._shared(layer, x, plan)
+        outs = self._shared(layer, x, x2, plan)
         if outs is None:
             return None
         self.kept = {i: (x, out) for i, out in enumerate(outs) if i != position}
         return outs[position]
 
-    def _shared(self, caller: nn.Module, x: torch.Tensor, plan: SlotPlan) -> list[torch.Tensor] | None:
+    def _shared(self, caller: nn.Module, x: torch.Tensor, x2: torch.Tensor, plan: SlotPlan) -> list | None:
         """Every sibling's output on x, or None when the shared call does not cover them."""
-        decode = (plan.graphed or plan.tokens <= tuning.BGMV_TOKENS) and triton_bgmv.available(x)
+        decode = takes_bgmv(plan, x)
         if not decode and (plan.rows is None or plan.graphed):
             return None  # neither shared form applies (the CPU's decode batches): no checks per layer
         operands = self._operands(caller, x, plan)
         if operands is None:
             return None
-        weights = [weight for weight, _, _ in operands]
-        A_stacks = [stack.A for _, _, stack in operands]
-        B_stacks = [stack.B for _, _, stack in operands]
-        x2 = x.reshape(-1, x.shape[-1])
-        if decode and triton_bgmv.available(*A_stacks):
+        weights, biases, stacks = zip(*operands)
+        A_stacks, B_stacks = [s.A for s in stacks], [s.B for s in stacks]
+        if decode and takes_bgmv(plan, *A_stacks):
             # A decode batch: the base GEMMs, then one shrink and one expand for all of them.
-            outs = [F.linear(x, weight, bias) for weight, bias, _ in operands]
+            outs = [F.linear(x, weight, bias) for weight, bias in zip(weights, biases)]
             if plan.graphed or plan.present:
                 flat = [out.view(-1, out.shape[-1]) for out in outs]
                 triton_bgmv.sibling_bgmv(flat, x2, plan.token_slots, A_stacks, B_stacks)
             return outs
-        if plan.graphed or any(bias is not None for _, bias, _ in operands):
-            return None
         # A prefill's rows: one shrink over the A stacked, each product written, its base onto it.
-        flat = siblings_then_base(x2, weights, plan, A_stacks, B_stacks)
+        flat = siblings_then_base(x2, list(weights), list(biases), plan, A_stacks, B_stacks)
         if flat is None:
             return None
         return [out.view(*x.shape[:-1], out.shape[-1]) for out in flat]
@@ -108,7 +105,7 @@ class SlotSiblings:
                 return None
             # A hook (accelerate's offloading, a user's) would see its module skipped: the first
             # sibling runs the others' GEMMs itself.
-            if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in (layer, base)):
+            if calls_hooks(layer) or calls_hooks(base):
                 return None
             operands.append((base._parameters["weight"], base._parameters["bias"], stack))
         return operands
