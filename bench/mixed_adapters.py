@@ -23,6 +23,8 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
   products are written first and the base GEMM accumulates onto them);
 - lorakit pool, no siblings: each projection alone (``tuning.SHARED_SIBLINGS`` off; by default
   q, k, v and gate, up share their shrink in a prefill, their BGMV launches in a decode batch);
+- lorakit pool, no slot MLP: a prefill's gated MLP through its layers one by one
+  (``tuning.SLOT_MLP`` off; by default, on a GPU, one fused pass: ``kernels/slot_mlp.py``);
 - PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument;
 - base graph / lorakit pool graph (decode only, CUDA): the base model's and the slot pool's
   decode forward captured once in a CUDA graph (``serve/cuda_graph.py``) and replayed, with the
@@ -85,6 +87,7 @@ CASES = [
     "lorakit-pool-two-launch",
     "lorakit-pool-base-first",
     "lorakit-pool-no-siblings",
+    "lorakit-pool-no-slot-mlp",
     "base-graph",
     "lorakit-pool-graph",
     "lorakit-pool-graph-one-launch",
@@ -194,6 +197,7 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
         built["lorakit-pool-two-launch"] = knob(pooled, "BGMV_ONE_LAUNCH", False)
         built["lorakit-pool-base-first"] = knob(pooled, "LORA_FIRST", False)
         built["lorakit-pool-no-siblings"] = knob(pooled, "SHARED_SIBLINGS", False)
+        built["lorakit-pool-no-slot-mlp"] = knob(pooled, "SLOT_MLP", False)
         built["lorakit-pool-graph-no-siblings"] = knob(graphed(logits, pool_slots), "SHARED_SIBLINGS", False)
         built["lorakit-pool-graph"] = graphed(logits, pool_slots)
         built["lorakit-pool-graph-one-launch"] = knob(graphed(logits, pool_slots), "BGMV_ONE_LAUNCH", True)

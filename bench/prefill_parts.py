@@ -8,7 +8,10 @@ B[s] h into the output (writes or reads and writes it): bandwidth-bound GEMMs wi
 r. This prints, for the 1.2B Llama projections, each part's median time (CUDA events,
 ``skinny_gemm.median_ms``) and the bandwidth it reached, and the alternatives the code could take:
 the base GEMM accumulating onto the output (beta = 1, ``multi_lora.lora_then_base``), the shrink as
-one plain GEMM over every adapter's A (N, 128 columns) or over q, k and v's A stacked.
+one plain GEMM over every adapter's A (N, 128 columns) or over q, k and v's A stacked. Then the
+gated MLP's activation over (N, 8192): torch's silu and product, the SiLU-gate kernel alone
+(``triton_swiglu``), and the serving pool's fused pass (``triton_slot_mlp.gate_product``: the gate's
+and the up's expands, the gate, the down projection's shrink) at several tile sizes.
 """
 
 from __future__ import annotations
@@ -61,7 +64,39 @@ def main(argv: list[str] | None = None) -> int:
         for label, (function, megabytes) in cases.items():
             ms = median_ms(function, repeats=5, calls=10)
             print(f"| {name} | {label} | {ms * 1e3:.0f} µs | {megabytes:.0f} | {megabytes / ms:.0f} |")
+    gate_product_parts(R, T, S, r, dtype)
     return 0
+
+
+def gate_product_parts(R: int, T: int, S: int, r: int, dtype: torch.dtype, width: int = 8192) -> None:
+    """The MLP's activation: two torch passes, one Triton pass, the fused serving pass by tiles."""
+    from lorakit.kernels import triton_slot_mlp, triton_swiglu
+
+    n, size = R * T, torch.finfo(dtype).bits // 8
+    g, u = (torch.randn(n, width, device="cuda", dtype=dtype) for _ in range(2))
+    h = torch.randn(n, 2 * r, device="cuda", dtype=dtype)
+    B_gate, B_up = (torch.randn(S, width, r, device="cuda", dtype=dtype) * 0.02 for _ in range(2))
+    A_down = torch.randn(S, r, width, device="cuda", dtype=dtype) * 0.02
+    row_slots = torch.arange(R, device="cuda") % S
+    moved = 3 * g.numel() * size / 1e6  # read g and u, write a
+    cases = {
+        "silu(g) * u (torch, two passes)": (lambda: F.silu(g) * u, 5 * g.numel() * size / 1e6),
+        "silu_mul (Triton, no adapters)": (lambda: triton_swiglu.silu_mul(g, u), moved),
+    }
+    for block_m, block_n, warps in ((64, 64, 4), (32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8)):
+
+        def fused(block_m=block_m, block_n=block_n, warps=warps):
+            kept = triton_slot_mlp.BLOCK_M, triton_slot_mlp.BLOCK_N, triton_slot_mlp.NUM_WARPS
+            triton_slot_mlp.BLOCK_M, triton_slot_mlp.BLOCK_N, triton_slot_mlp.NUM_WARPS = block_m, block_n, warps
+            try:
+                return triton_slot_mlp.gate_product(g, u, h, B_gate, B_up, A_down, row_slots, T)
+            finally:
+                triton_slot_mlp.BLOCK_M, triton_slot_mlp.BLOCK_N, triton_slot_mlp.NUM_WARPS = kept
+
+        cases[f"gate_product BM{block_m} BN{block_n} w{warps}"] = (fused, moved)
+    for label, (function, megabytes) in cases.items():
+        ms = median_ms(function, repeats=5, calls=10)
+        print(f"| gated MLP (N, {width}) | {label} | {ms * 1e3:.0f} µs | {megabytes:.0f} | {megabytes / ms:.0f} |")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,38 @@ def check_sibling_kernel() -> None:
                         raise SystemExit(1)
 
 
+def check_slot_mlp_kernel() -> None:
+    """``triton_slot_mlp.gate_product`` (a 1B Llama's MLP: F = 8192, rows of 512 and 100 tokens)
+    against the float64 formula."""
+    import torch.nn.functional as F
+
+    from lorakit.kernels import triton_slot_mlp
+
+    torch.manual_seed(0)
+    S, width, r = 9, 8192, 16
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+        for rows, T in ((4, 512), (3, 100)):
+            N = rows * T
+            g, u = (torch.randn(N, width, device="cuda", dtype=torch.float64) for _ in range(2))
+            h = torch.randn(N, 2 * r, device="cuda", dtype=torch.float64)
+            Bg, Bu = (torch.randn(S, width, r, device="cuda", dtype=torch.float64) * 0.05 for _ in range(2))
+            Ad = torch.randn(S, r, width, device="cuda", dtype=torch.float64) * 0.05
+            slots = torch.randint(0, S, (rows,), device="cuda")
+            low = [t.to(dtype) for t in (g, u, h, Bg, Bu, Ad)]
+            g, u, h, Bg, Bu, Ad = (t.double() for t in low)  # the formula on the rounded inputs
+            token_slots = slots.repeat_interleave(T)
+            a = F.silu(g + torch.einsum("nr,nfr->nf", h[:, :r], Bg[token_slots]))
+            a = a * (u + torch.einsum("nr,nfr->nf", h[:, r:], Bu[token_slots]))
+            hd = torch.einsum("nf,nrf->nr", a, Ad[token_slots])
+            got_a, got_hd = triton_slot_mlp.gate_product(*low, slots, T)
+            for name, got, want in (("a", got_a, a), ("h_down", got_hd, hd)):
+                err = ((got.double() - want).abs().max() / want.abs().max()).item()
+                status = "ok" if err < tol else "FAIL"
+                print(f"{status} slot mlp {name:6s} {str(dtype):15s} rows={rows}x{T} rel.err={err:.2e}")
+                if err >= tol:
+                    raise SystemExit(1)
+
+
 def check_pool() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.tiny import randomize_adapters, tiny_llama
@@ -143,17 +175,34 @@ def check_pool() -> None:
             check_graphed_forward(model, pool, routes)
             pool.close()
         check_pool_siblings(dirs[0], dirs[2])
+        check_pool_slot_mlp(dirs[0], dirs[2])
+
+
+def pool_over(dirs, dtype: torch.dtype):
+    """A tiny Llama on the GPU in ``dtype`` with an `AdapterPool` holding each of ``dirs`` in a slot:
+    (model, pool, each adapter's route)."""
+    from tests.tiny import tiny_llama
+
+    from lorakit.serve.adapter_pool import AdapterPool
+
+    model = tiny_llama(hidden=64).to("cuda", dtype)
+    pool = AdapterPool(model, max_loras=2)
+    routes = []
+    for k, path in enumerate(dirs):
+        pool.register(f"a{k}", path)
+        while (route := pool.acquire(f"a{k}", urgent=True)) is None:
+            pass
+        routes.append(route)
+    return model, pool, routes
 
 
 def check_pool_siblings(*dirs: Path) -> None:
     """Adapters without DoRA (a DoRA slot turns the shared call off): q, k, v and gate, up share
     one call (``sibling_bgmv`` in a decode step, eager and graphed; ``siblings_then_base`` in a
     prefill's rows of more tokens than BGMV takes), against each projection alone."""
-    from tests.tiny import tiny_llama
 
     from lorakit.kernels import multi_lora
     from lorakit.layers import slot_siblings
-    from lorakit.serve.adapter_pool import AdapterPool
     from lorakit.serve.cuda_graph import CapturedCall
 
     calls = {"decode": 0, "prefill": 0}
@@ -171,14 +220,7 @@ def check_pool_siblings(*dirs: Path) -> None:
     triton_bgmv.sibling_bgmv, slot_siblings.siblings_then_base = counted_bgmv, counted_rows
     failed = False
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-        model = tiny_llama(hidden=64).to("cuda", dtype)
-        pool = AdapterPool(model, max_loras=2)
-        routes = []
-        for k, path in enumerate(dirs):
-            pool.register(f"s{k}", path)
-            while (route := pool.acquire(f"s{k}", urgent=True)) is None:
-                pass
-            routes.append(route)
+        model, pool, routes = pool_over(dirs, dtype)
         rows = [routes[0], routes[1], routes[0], routes[1]]
         ids = torch.randint(0, 128, (len(rows), 1), device="cuda")
         prompt = torch.randint(0, 128, (len(rows), 80), device="cuda")  # 320 tokens: rows, not BGMV
@@ -211,6 +253,40 @@ def check_pool_siblings(*dirs: Path) -> None:
             print(f"{status} siblings {form} {dtype}: shared calls {shared} (alone {alone}), rel.err={err:.2e}")
         pool.close()
     triton_bgmv.sibling_bgmv, slot_siblings.siblings_then_base, tuning.SHARED_SIBLINGS = real_bgmv, real_rows, True
+    if failed:
+        raise SystemExit(1)
+
+
+def check_pool_slot_mlp(*dirs: Path) -> None:
+    """A pool's prefill rows (80 tokens each, more than BGMV takes) with each MLP in one fused
+    pass (``slot_mlp``), against its layers one by one."""
+
+    from lorakit.kernels import triton_slot_mlp
+    from lorakit.serve.adapter_pool import BASE_ROUTE
+
+    calls = []
+    real = triton_slot_mlp.gate_product
+    triton_slot_mlp.gate_product = lambda *a: calls.append(1) or real(*a)
+    failed = False
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        model, pool, routes = pool_over(dirs, dtype)
+        rows = [routes[0], routes[1], BASE_ROUTE, routes[1]]
+        prompt = torch.randint(0, 128, (len(rows), 80), device="cuda")
+        results = {}
+        for fused in (True, False):
+            tuning.SLOT_MLP = fused
+            pool.set_rows(rows)
+            calls.clear()
+            with torch.inference_mode():
+                results[fused] = model(prompt, use_cache=False).logits.float()
+            results["calls", fused] = len(calls)
+        err = ((results[True] - results[False]).abs().max() / results[False].abs().max()).item()
+        ok = err < tol and results["calls", True] == 2 and results["calls", False] == 0
+        failed |= not ok
+        status = "ok" if ok else "FAIL"
+        print(f"{status} pool slot mlp prefill {dtype}: fused calls {results['calls', True]}, rel.err={err:.2e}")
+        pool.close()
+    triton_slot_mlp.gate_product, tuning.SLOT_MLP = real, True
     if failed:
         raise SystemExit(1)
 
@@ -294,5 +370,6 @@ if __name__ == "__main__":
         raise SystemExit("needs a CUDA GPU")
     check_kernels()
     check_sibling_kernel()
+    check_slot_mlp_kernel()
     check_pool()
     check_graphed_engine()

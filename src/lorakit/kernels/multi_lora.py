@@ -375,19 +375,32 @@ def siblings_then_base(
         or not all(_batched_rows_run(x, A, B, x) for A, B in zip(A_stacks, B_stacks))
     ):
         return None
-    T, row_slots = plan.rows
-    rows = x.shape[0] // T
-    gathered = [A.index_select(0, row_slots) for A in A_stacks]  # (R, r_k, d_in) each
-    A_r = gathered[0] if len(gathered) == 1 else torch.cat(gathered, dim=1)
-    h = torch.bmm(x.view(rows, T, -1), A_r.transpose(1, 2))  # (R, T, r_1 + r_2 + ...)
+    h = rows_shrink(x, plan, A_stacks)
     outs, start = [], 0
     for weight, A, B in zip(weights, A_stacks, B_stacks):
         r = A.shape[1]
-        B_r = B.index_select(0, row_slots)  # (R, d_k, r_k)
-        out = torch.bmm(h[..., start : start + r], B_r.transpose(1, 2)).view(x.shape[0], -1)  # (N, d_k)
-        outs.append(out.addmm_(x, weight.t()))
+        outs.append(expand_then_base(h[:, start : start + r], x, weight, plan, B))
         start += r
     return outs
+
+
+def rows_shrink(x: torch.Tensor, plan: SlotPlan, A_stacks: list[torch.Tensor]) -> torch.Tensor:
+    """h = x [A_1; A_2; ...][s]ᵀ (N, r_1 + r_2 + ...) in x's dtype for a prefill's rows
+    (``plan.rows``, row i in slot s_i): one batched GEMM, one read of x (N, d_in) for every
+    projection; A_stacks[k] (S, r_k, d_in)."""
+    T, row_slots = plan.rows
+    gathered = [A.index_select(0, row_slots) for A in A_stacks]  # (R, r_k, d_in) each
+    A_r = gathered[0] if len(gathered) == 1 else torch.cat(gathered, dim=1)
+    return torch.bmm(x.view(-1, T, x.shape[1]), A_r.transpose(1, 2)).view(x.shape[0], -1)
+
+
+def expand_then_base(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, B_stack) -> torch.Tensor:
+    """h B[s]ᵀ + x Wᵀ (N, d_out) for a prefill's rows: the expand of h (N, r) (x's dtype) writes
+    a new output, the base GEMM of x (N, d_in) and weight (d_out, d_in) accumulates onto it."""
+    T, row_slots = plan.rows
+    B_r = B_stack.index_select(0, row_slots)  # (R, d_out, r)
+    out = torch.bmm(h.view(-1, T, h.shape[1]), B_r.transpose(1, 2)).view(x.shape[0], -1)
+    return out.addmm_(x, weight.t())
 
 
 _WIDE_OUTPUT_FAILED: set[tuple[str, torch.dtype]] = set()

@@ -80,32 +80,39 @@ class SlotSiblings:
         return [out.view(*x.shape[:-1], out.shape[-1]) for out in flat]
 
     def _operands(self, caller: nn.Module, x: torch.Tensor, plan: SlotPlan) -> list | None:
-        """(weight, bias, stack) of each sibling when they can share a call on x: every sibling a
-        plain linear layer on x's device without hooks, serving the caller's rows from a stack of
-        x's dtype without a DoRA slot, outside autocast; else None."""
-        if not tuning.SHARED_SIBLINGS or torch.is_autocast_enabled(x.device.type):
+        """(weight, bias, stack) of each sibling when they can share a call on x, else None."""
+        if not tuning.SHARED_SIBLINGS:
             return None
-        routing = caller.__dict__["row_adapters"]
-        operands = []
-        for layer in self.layers:
-            state = layer.__dict__
-            stack = state.get("slot_stack")
-            if (
-                stack is None
-                or state.get("row_adapters") is not routing
-                or state["disabled"]
-                or state["merged_adapters"]
-                or stack.gm1 is not None
-                or stack.dtype != x.dtype
-                or stack.A.shape[0] != plan.num_slots
-            ):
-                return None
-            base = state["_modules"]["base_layer"]
-            if type(base) is not nn.Linear or base._parameters["weight"].device != x.device:
-                return None
-            # A hook (accelerate's offloading, a user's) would see its module skipped: the first
-            # sibling runs the others' GEMMs itself.
-            if calls_hooks(layer) or calls_hooks(base):
-                return None
-            operands.append((base._parameters["weight"], base._parameters["bias"], stack))
-        return operands
+        return shared_slot_operands(self.layers, caller.__dict__["row_adapters"], x, plan)
+
+
+def shared_slot_operands(layers, routing, x: torch.Tensor, plan: SlotPlan) -> list | None:
+    """(weight, bias, stack) of each of ``layers`` (LoRA layers) when one call may compute them
+    all for ``routing``'s rows: every layer a plain linear layer on x's device without hooks,
+    serving those rows from a stack of x's dtype without a DoRA slot, outside autocast; else
+    None. x (..., d): the first layer's input (only its dtype and device are read)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return None
+    operands = []
+    for layer in layers:
+        state = layer.__dict__
+        stack = state.get("slot_stack")
+        if (
+            stack is None
+            or state.get("row_adapters") is not routing
+            or state["disabled"]
+            or state["merged_adapters"]
+            or stack.gm1 is not None
+            or stack.dtype != x.dtype
+            or stack.A.shape[0] != plan.num_slots
+        ):
+            return None
+        base = state["_modules"]["base_layer"]
+        if type(base) is not nn.Linear or base._parameters["weight"].device != x.device:
+            return None
+        # A hook (accelerate's offloading, a user's) would see its module skipped: the shared
+        # call runs the others' GEMMs itself.
+        if calls_hooks(layer) or calls_hooks(base):
+            return None
+        operands.append((base._parameters["weight"], base._parameters["bias"], stack))
+    return operands

@@ -47,6 +47,7 @@ from ..kernels.multi_lora import SlotPlan
 from ..layers import LoraLinear, is_conv1d
 from ..layers.routing import RowRouting
 from ..layers.slot_stack import SlotStack
+from ..patching.slot_mlp import install_slot_mlps
 from ..patching.slot_siblings import install_slot_siblings
 from ..state import adapter_modules, replace_module
 from ..targets import find_targets, is_linear, named_base_modules
@@ -422,8 +423,10 @@ class AdapterPool:
                 self.layout_version += 1
         if self.layout_version != layout:
             # New stacks (or wider ones): the projections of one input that now serve slots share
-            # their decode launches (layers/slot_siblings.py).
+            # their decode launches (layers/slot_siblings.py), and gated MLPs serving slots on all
+            # three projections run a prefill's rows in one fused pass (layers/slot_mlp.py).
             install_slot_siblings(self.model)
+            install_slot_mlps(self.model)
         state.entry, state.modules, state.pins = entry, set(host), 0
         state.drain_for = None
         self.observer.adapter_loaded(entry.name, "device", time.perf_counter() - started)

@@ -1,0 +1,58 @@
+"""A gated MLP served from slot stacks, over a prefill's rows, in one fused pass over its widest
+activations (GPU only):
+
+    y = down(silu(gate(x)) ⊙ up(x))      each projection W x + B[s] A[s] x, s the row's slot
+
+    x: (N, d)   W_gate, W_up: (F, d)   W_down: (d, F)   A_k: (S, r_k, d_in)   B_k: (S, d_out, r_k)
+
+1. h = x [A_gate; A_up][s]ᵀ: one batched GEMM over the rows (``multi_lora.rows_shrink``);
+2. g = x W_gateᵀ, u = x W_upᵀ: the base GEMMs, nothing else on their outputs;
+3. ``triton_slot_mlp.gate_product``: the expands added to g and u, the SiLU gate, the down
+   projection's shrink, one pass reading g and u and writing a (N, F);
+4. the down projection's expand written, its base GEMM accumulated onto it
+   (``multi_lora.expand_then_base``).
+
+Against the layers one by one (``LoraLinear.slots_only`` through ``SlotSiblings``), that spares
+four passes over (N, F) tensors per MLP: the gate's and the up's products each written and read
+back by their base GEMMs, silu(g) written and read, a read by the down projection's shrink
+(measured in docs/benchmarks.md). Tensors only; ``layers/slot_mlp.py`` gathers them from a
+model's MLP.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import triton_slot_mlp, tuning
+from .multi_lora import SlotPlan, expand_then_base, rows_shrink, takes_bgmv
+
+
+def slot_mlp_rows(
+    x: torch.Tensor, weights: list[torch.Tensor], plan: SlotPlan, A_stacks: list, B_stacks: list
+) -> torch.Tensor | None:
+    """y (N, d) for x (N, d) contiguous; weights, A_stacks, B_stacks: gate's, up's, down's (no
+    biases, no DoRA slots). None where the fused pass does not apply: not a prefill's rows
+    (``plan.rows``), BGMV's batches, autograd recording, autocast, no Triton for these tensors
+    (the CPU), dtypes or layouts it does not take, ``tuning.SLOT_MLP`` off."""
+    if (
+        not tuning.SLOT_MLP
+        or not triton_slot_mlp.available(x, *weights, *A_stacks, *B_stacks)
+        or plan.rows is None
+        or plan.graphed
+        or torch.is_grad_enabled()
+        or torch.is_autocast_enabled(x.device.type)
+        or plan.tokens != x.shape[0]
+        or takes_bgmv(plan, x)
+        or not x.is_contiguous()
+        or any(w.dim() != 2 for w in weights)
+        or any(A.shape[0] != plan.num_slots or not A.is_contiguous() for A in A_stacks)
+        or not all(B.is_contiguous() for B in B_stacks)
+    ):
+        return None
+    (W_gate, W_up, W_down), (A_gate, A_up, _), (B_gate, B_up, B_down) = weights, A_stacks, B_stacks
+    T, row_slots = plan.rows
+    h = rows_shrink(x, plan, [A_gate, A_up])  # (N, r_gate + r_up)
+    g, u = torch.mm(x, W_gate.t()), torch.mm(x, W_up.t())  # (N, F) each
+    a, h_down = triton_slot_mlp.gate_product(g, u, h, B_gate, B_up, A_stacks[2], row_slots, T)
+    del g, u  # before the down projection's output is allocated
+    return expand_then_base(h_down.to(x.dtype), a, W_down, plan, B_down)

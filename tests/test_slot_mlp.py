@@ -1,0 +1,235 @@
+"""A serving pool's gated MLP over a prefill's rows in one fused pass (kernels/triton_slot_mlp.py,
+kernels/slot_mlp.py, layers/slot_mlp.py, patching/slot_mlp.py): the kernel against the float64
+formula and a pool's prefill against its layers one by one (both in Triton's CPU interpreter), the
+patch installed and undone, and every call it must leave to the layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lorakit.kernels import triton_slot_mlp, tuning
+from lorakit.patching.gated_mlp import FusedOrOriginalForward
+from lorakit.patching.slot_mlp import SlotMlpForward, install_slot_mlps, remove_slot_mlps
+from lorakit.serve.adapter_pool import BASE_ROUTE, AdapterPool
+
+from .test_adapter_pool import acquire, adapter_dirs  # noqa: F401 (a fixture)
+from .tiny import tiny_llama
+from .triton_interpreter import run_interpreted
+
+KERNEL_SCRIPT = r"""
+import torch
+import torch.nn.functional as F
+from lorakit.kernels import triton_slot_mlp
+torch.manual_seed(0)
+for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+    # rows shorter and longer than a block, F not a multiple of a tile, ranks below 16 and 0
+    for S, R, T, F_, rg, ru, rd in ((4, 3, 70, 130, 16, 8, 24), (3, 2, 64, 64, 0, 16, 16), (5, 4, 5, 200, 8, 8, 8)):
+        N = R * T
+        g, u = torch.randn(N, F_, dtype=torch.float64), torch.randn(N, F_, dtype=torch.float64)
+        h = torch.randn(N, rg + ru, dtype=torch.float64)
+        Bg = torch.randn(S, F_, rg, dtype=torch.float64) * 0.3
+        Bu = torch.randn(S, F_, ru, dtype=torch.float64) * 0.3
+        Ad = torch.randn(S, rd, F_, dtype=torch.float64) * 0.1
+        Bg[0], Bu[0], Ad[0] = 0, 0, 0
+        slots = torch.randint(0, S, (R,))
+        slots[0], slots[-1] = S - 1, 0
+        token_slots = slots.repeat_interleave(T)
+        gp = g + torch.einsum("nr,nfr->nf", h[:, :rg], Bg[token_slots])
+        up = u + torch.einsum("nr,nfr->nf", h[:, rg:], Bu[token_slots])
+        a = F.silu(gp) * up
+        hd = torch.einsum("nf,nrf->nr", a, Ad[token_slots])
+        low = [t.to(dtype) for t in (g, u, h, Bg, Bu, Ad)]
+        got_a, got_hd = triton_slot_mlp.gate_product(*low, token_slots[::T], T)  # strided row slots
+        assert got_a.dtype == dtype and got_hd.dtype == torch.float32 and got_hd.shape == (N, rd)
+        error_a = ((got_a.double() - a).abs().max() / a.abs().max()).item()
+        assert error_a < tol, (dtype, S, R, T, error_a)
+        if rd:
+            error_hd = ((got_hd.double() - hd).abs().max() / hd.abs().max()).item()
+            assert error_hd < 3 * tol, (dtype, S, R, T, error_hd)
+        last = slice((R - 1) * T, N)  # the base row: no expand, h_d of slot 0's zeros
+        base_a = F.silu(low[0][last].double()) * low[1][last].double()
+        torch.testing.assert_close(got_a[last].double(), base_a, rtol=tol, atol=tol)
+        assert not got_hd[last].any()
+try:
+    triton_slot_mlp.gate_product(*low[:2], low[2][:, :3], *low[3:], token_slots[::T], T)
+except ValueError as error:
+    assert "h must be" in str(error)
+else:
+    raise AssertionError("a wrong h was taken")
+print("ok")
+"""
+
+
+def test_kernel_matches_formula_in_interpreter():
+    run_interpreted(KERNEL_SCRIPT)
+
+
+POOL_SCRIPT = r"""
+import pathlib, sys, tempfile, time
+import torch
+import lorakit
+from lorakit.kernels import triton_slot_mlp, tuning
+from lorakit.serve.adapter_pool import AdapterPool, BASE_ROUTE
+from tests.test_adapter_pool import acquire, save
+from tests.tiny import tiny_llama
+root = pathlib.Path(tempfile.mkdtemp())
+dirs = {kind: save(root, kind, seed) for seed, kind in enumerate(("plain", "rslora", "patterns"))}
+model = tiny_llama()
+pool = AdapterPool(model, max_loras=3)
+for name, path in dirs.items():
+    pool.register(name, path)
+routes = {name: acquire(pool, name) for name in dirs}
+triton_slot_mlp.available = lambda *tensors: True  # CPU tensors through the kernel, interpreted
+calls = []
+real = triton_slot_mlp.gate_product
+triton_slot_mlp.gate_product = lambda *a: calls.append(a[0].shape) or real(*a)
+# rslora adapts down only, patterns gate only: their other MLP slots are zeros
+rows = [routes["plain"], routes["rslora"], BASE_ROUTE, routes["patterns"], routes["plain"]]
+ids = torch.randint(0, 128, (len(rows), 70))
+def logits(fused):
+    tuning.SLOT_MLP = fused
+    pool.set_rows(rows)
+    with torch.inference_mode():
+        return model(ids).logits
+fused = logits(True)
+assert calls == [torch.Size([len(rows) * 70, 64])] * 2, calls  # once per layer
+calls.clear()
+apart = logits(False)
+assert not calls
+torch.testing.assert_close(fused, apart, rtol=1e-5, atol=1e-5)
+for i, name in enumerate(["plain", "rslora", None, "patterns", "plain"]):
+    alone = tiny_llama()
+    if name:
+        lorakit.load_adapter(alone, dirs[name])
+    with torch.no_grad():
+        torch.testing.assert_close(fused[i : i + 1], alone(ids[i : i + 1]).logits, rtol=1e-5, atol=1e-5)
+# a decode step (one token per row) is not a prefill's rows: the layers run
+tuning.SLOT_MLP = True
+pool.set_rows(rows)
+with torch.inference_mode():
+    model(ids[:, :1])
+assert not calls
+print("ok")
+"""
+
+
+def test_pool_prefill_through_the_kernel_equals_the_layers_in_interpreter():
+    """A pool's prefill (rows of 70 tokens over three adapters and the base): the fused MLP once
+    per layer, logits equal to the layers one by one and to each adapter alone."""
+    run_interpreted(POOL_SCRIPT)
+
+
+@pytest.fixture
+def pool_model(adapter_dirs):  # noqa: F811 (the imported fixture)
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=2)
+    pool.register("plain", adapter_dirs["plain"])
+    route = acquire(pool, "plain")
+    yield model, pool, route
+    pool.release(route)
+    pool.close()
+
+
+def test_patch_installed_on_mlps_serving_slots_and_undone(pool_model):
+    model, _, _ = pool_model
+    mlps = [layer.mlp for layer in model.model.layers]
+    assert all(isinstance(mlp.__dict__.get("forward"), SlotMlpForward) for mlp in mlps)
+    copy.deepcopy(model)  # the patch is a plain object
+    assert install_slot_mlps(model) == len(mlps)  # anew, not wrapped twice
+    assert mlps[0].forward.previous is None
+    remove_slot_mlps(model)
+    assert all("forward" not in mlp.__dict__ for mlp in mlps)
+    # the training patch's forward is kept underneath; a user's own forward is left alone
+    fused = FusedOrOriginalForward(mlps[0])
+    mlps[0].forward = fused
+    mlps[1].forward = own = lambda x: x
+    assert install_slot_mlps(model) == 1
+    assert mlps[0].forward.previous is fused and mlps[1].forward is own
+    remove_slot_mlps(model)
+    assert mlps[0].forward is fused
+
+
+def test_mlp_without_slots_on_every_projection_is_not_patched(adapter_dirs):  # noqa: F811
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=2)
+    pool.register("rslora", adapter_dirs["rslora"])  # down only in the MLP
+    route = acquire(pool, "rslora")
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+    pool.release(route)
+    pool.close()
+
+
+def rows_calls(monkeypatch):
+    """Let the fused call take CPU tensors, and record what reaches ``slot_mlp_rows`` (which then
+    declines, so the layers run)."""
+    calls = []
+    monkeypatch.setattr(triton_slot_mlp, "available", lambda *tensors: True)
+    monkeypatch.setattr("lorakit.layers.slot_mlp.slot_mlp_rows", lambda *a: calls.append(a) and None)
+    return calls
+
+
+def test_prefill_rows_reach_the_fused_call(pool_model, monkeypatch):
+    model, pool, route = pool_model
+    calls = rows_calls(monkeypatch)
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 4)
+    pool.set_rows([route, BASE_ROUTE])
+    ids = torch.randint(0, 128, (2, 6))
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == 2  # one per layer
+    x2, weights, plan, A_stacks, B_stacks = calls[0]
+    mlp = model.model.layers[0].mlp
+    assert x2.shape == (12, 32) and plan.rows[0] == 6
+    assert all(w is p.base_layer.weight for w, p in zip(weights, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+    assert all(A is p.slot_stack.A for A, p in zip(A_stacks, (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+
+
+@pytest.mark.parametrize("case", ["cpu", "knob-off", "decode", "grad", "autocast", "bias", "gelu", "dora"])
+def test_calls_the_fused_pass_must_leave_to_the_layers(case, adapter_dirs, monkeypatch):  # noqa: F811
+    model = tiny_llama(act="gelu" if case == "gelu" else "silu")
+    if case == "bias":
+        mlp = model.model.layers[0].mlp
+        mlp.up_proj.bias = torch.nn.Parameter(torch.zeros(mlp.up_proj.out_features))
+    pool = AdapterPool(model, max_loras=3)
+    names = ["plain", "dora"] if case == "dora" else ["plain"]
+    for name in names:
+        pool.register(name, adapter_dirs[name])
+    routes = [acquire(pool, name) for name in names]
+    if case != "cpu":
+        calls = rows_calls(monkeypatch)
+    else:
+        calls = []
+        monkeypatch.setattr("lorakit.layers.slot_mlp.slot_mlp_rows", lambda *a: calls.append(a) and None)
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 4)
+    monkeypatch.setattr(tuning, "SLOT_MLP", case != "knob-off")
+    pool.set_rows(routes + [BASE_ROUTE])
+    ids = torch.randint(0, 128, (len(routes) + 1, 1 if case == "decode" else 6))
+    with torch.enable_grad() if case == "grad" else torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            model(ids)
+    # dora: up has a DoRA slot in every layer; bias: layer 0's MLP alone keeps its layers
+    expected = {"bias": 1}.get(case, 0)
+    assert len(calls) == expected, case
+    for route in routes:
+        pool.release(route)
+    pool.close()
+
+
+def test_rows_named_by_adapter_leave_the_mlp_to_its_layers(pool_model, monkeypatch):
+    from lorakit.layers.slot_mlp import slot_mlp_output
+
+    model, pool, route = pool_model
+    calls = rows_calls(monkeypatch)
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 4)
+    mlp = model.model.layers[0].mlp
+    pool.set_rows([route, BASE_ROUTE])
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        slot_mlp_output(mlp, x)
+        assert len(calls) == 1  # slots only: the fused call is asked
+        routing = mlp.gate_proj.row_adapters
+        routing.set_rows(["named", None], [0, route.slot], routing.num_slots)  # slots besides a name
+        assert slot_mlp_output(mlp, x) is None and len(calls) == 1
