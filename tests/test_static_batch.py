@@ -199,6 +199,40 @@ def test_the_kv_budget_is_charged_for_the_static_rows():
         Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=(ONE_LENGTH - 10) / 2**30), None, PER_TOKEN, static=batch)
 
 
+
+def test_one_request_may_not_reserve_more_kv_cache_than_the_budget():
+    """A request whose prompt + max_tokens alone needs more KV cache than the budget would be
+    admitted alone past it: it is refused at submission (400), and a request without max_tokens
+    gets what the budget leaves. Static rows: the longest L their buffers may grow to."""
+    from lorakit.errors import ConfigError
+    from lorakit.serve.engine import Engine, EngineLimits
+    from lorakit.serve.requests import GenerationRequest, SamplingParams
+    from lorakit.serve.scheduler import Scheduler
+
+    from .serve_double import echo_tokenizer
+
+    tokenizer = echo_tokenizer()
+    model = tiny_llama(vocab=len(tokenizer))
+    per_token = 2 * 2 * 2 * 8 * 4  # K and V, 2 layers, 2 KV heads of 8, fp32
+    limits = EngineLimits(max_num_seqs=2, kv_cache_gb=100 * per_token / 2**30)
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    engine = Engine(model, tokenizer, pool, model_id="m", limits=limits, decode="dynamic")
+    assert engine.scheduler.most_columns() == 100
+
+    def submit(max_tokens):
+        return engine.submit(GenerationRequest("r", [1] * 10, None, SamplingParams(max_tokens=max_tokens)))
+
+    with pytest.raises(ConfigError, match=r"more KV cache than this server holds for one request \(100 tokens\)"):
+        submit(91)
+    submit(90)
+    assert submit(None).request.sampling.max_tokens == 90
+    assert Scheduler(EngineLimits(), pool, per_token).most_columns() is None  # no budget
+
+    batch = StaticBatch(model, 4, graphs=False, pool=None, forward=None)
+    for budget, columns in ((ONE_LENGTH + 10, 256), (2 * ONE_LENGTH, 512), (5 * ONE_LENGTH, 1024)):
+        scheduler = Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=budget / 2**30), None, PER_TOKEN, static=batch)
+        assert scheduler.most_columns() == columns
+
 def test_a_failing_device_still_gives_each_client_one_last_delta():
     """When a decode step fails and every later device operation fails too (a sticky CUDA error),
     the rows leave once, and their error deltas reach the clients' event loop."""

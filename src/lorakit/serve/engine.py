@@ -136,8 +136,12 @@ class Engine:
         prompt = len(request.prompt_ids)
         if prompt == 0:
             raise ConfigError("the prompt is empty")
-        if request.sampling.max_tokens is None:  # as many as the context and the server's cap allow
-            request.sampling.max_tokens = max(1, min(self.limits.max_tokens, self.max_context - prompt))
+        # The KV cache one request may reserve alone (--kv-cache-gb, or static rows' share of the
+        # GPU): beyond it, admitting the request would take more memory than the server may.
+        room = self.scheduler.most_columns()
+        if request.sampling.max_tokens is None:  # as many as the context, the KV room and the cap allow
+            context = self.max_context if room is None else min(self.max_context, room)
+            request.sampling.max_tokens = max(1, min(self.limits.max_tokens, context - prompt))
         check_sampling(request.sampling, self.limits.max_tokens)
         if prompt > self.limits.max_prompt_tokens:
             raise ConfigError(
@@ -147,6 +151,11 @@ class Engine:
             raise ConfigError(
                 f"prompt ({prompt} tokens) + max_tokens ({request.sampling.max_tokens}) is over the model's "
                 f"context of {self.max_context} tokens; ask for fewer tokens"
+            )
+        if room is not None and prompt + request.sampling.max_tokens > room:
+            raise ConfigError(
+                f"prompt ({prompt} tokens) + max_tokens ({request.sampling.max_tokens}) needs more KV cache "
+                f"than this server holds for one request ({room} tokens); ask for fewer tokens"
             )
         if request.adapter is not None and request.adapter not in self.pool.names():
             raise AdapterNameError(f"the model {request.adapter!r} does not exist")

@@ -89,6 +89,21 @@ class Scheduler:
         """KV bytes the static rows hold once one of them fills ``columns`` columns."""
         return self.static.capacity * self.static.length_for(columns) * self.kv_bytes_per_token
 
+    def most_columns(self) -> int | None:
+        """The most tokens (prompt + max_tokens) one request may reserve under the KV budget,
+        running alone (None: no budget). Over static rows: the longest L the buffers may grow to
+        (every row gets L columns). ``Engine.submit`` refuses a request beyond it, which admitted
+        alone would take more than the budget."""
+        budget = self._budget()
+        if budget is None:
+            return None
+        if self.static is None:
+            return budget // self.kv_bytes_per_token
+        length = self.static.length_for(1)
+        while self.static_bytes(2 * length) <= budget:
+            length *= 2
+        return length
+
     def add(self, handle: RequestHandle) -> None:
         self.queue.append(Waiting(handle))
 
