@@ -199,7 +199,6 @@ def test_the_kv_budget_is_charged_for_the_static_rows():
         Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=(ONE_LENGTH - 10) / 2**30), None, PER_TOKEN, static=batch)
 
 
-
 def test_one_request_may_not_reserve_more_kv_cache_than_the_budget():
     """A request whose prompt + max_tokens alone needs more KV cache than the budget would be
     admitted alone past it: it is refused at submission (400), and a request without max_tokens
@@ -232,6 +231,7 @@ def test_one_request_may_not_reserve_more_kv_cache_than_the_budget():
     for budget, columns in ((ONE_LENGTH + 10, 256), (2 * ONE_LENGTH, 512), (5 * ONE_LENGTH, 1024)):
         scheduler = Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=budget / 2**30), None, PER_TOKEN, static=batch)
         assert scheduler.most_columns() == columns
+
 
 def test_a_failing_device_still_gives_each_client_one_last_delta():
     """When a decode step fails and every later device operation fails too (a sticky CUDA error),
