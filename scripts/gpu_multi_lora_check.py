@@ -118,6 +118,20 @@ def check_slot_mlp_kernel() -> None:
                     raise SystemExit(1)
 
 
+def alone_logits(dirs, name: str | None, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Logits of ``ids`` on the tiny Llama in ``dtype`` with adapter ``name`` ("a<k>": dirs[k]) alone
+    (None: the base model)."""
+    from tests.tiny import tiny_llama
+
+    import lorakit
+
+    ref = tiny_llama(hidden=64).to("cuda", dtype)
+    if name is not None:
+        lorakit.load_adapter(ref, dirs[int(name[1])])
+    with torch.inference_mode():
+        return ref(ids).logits.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def check_pool() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.tiny import randomize_adapters, tiny_llama
@@ -141,7 +155,7 @@ def check_pool() -> None:
             randomize_adapters(model, 0.2)
             dirs.append(Path(tmp) / f"a{k}")
             lorakit.save_adapter(model, dirs[-1])
-        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, None)):
             model = tiny_llama(hidden=64).to("cuda", dtype)
             pool = AdapterPool(model, max_loras=3)
             for k, path in enumerate(dirs):
@@ -160,16 +174,16 @@ def check_pool() -> None:
                 with torch.inference_mode():
                     got = model(ids[:, :tokens]).logits.float()
                 for i, name in enumerate(rows):
-                    ref = tiny_llama(hidden=64).to("cuda", dtype)
-                    if name is not None:
-                        lorakit.load_adapter(ref, dirs[int(name[1])])
-                    with torch.inference_mode():
-                        want = ref(ids[i : i + 1, :tokens]).logits.float()
+                    want, exact = (alone_logits(dirs, name, ids[i : i + 1, :tokens], d) for d in (dtype, torch.float64))
                     err = ((got[i : i + 1] - want).abs().max() / want.abs().max()).item()
-                    status = "ok" if err < tol else "FAIL"
+                    # In bf16 two orders of the same sums differ by the dtype's rounding: the pool's
+                    # row may be as far from the float64 logits as twice the row run alone is.
+                    own = ((want.double() - exact).abs().max() / exact.abs().max()).item()
+                    far = ((got[i : i + 1].double() - exact).abs().max() / exact.abs().max()).item()
+                    ok = err < tol if dtype == torch.float32 else far <= 2 * own + 5e-3
                     print(
-                        f"{status} pool {str(dtype):15s} tokens={tokens} segment={segment} row {i} ({name}) "
-                        f"rel.err={err:.2e}"
+                        f"{'ok' if ok else 'FAIL'} pool {str(dtype):15s} tokens={tokens} segment={segment} row {i} "
+                        f"({name}) rel.err={err:.2e} (vs float64: {far:.2e}, alone vs float64: {own:.2e})"
                     )
             tuning.SEGMENT_TOKENS = 64
             check_graphed_forward(model, pool, routes)
