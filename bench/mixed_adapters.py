@@ -23,8 +23,9 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
   products are written first and the base GEMM accumulates onto them);
 - lorakit pool, no siblings: each projection alone (``tuning.SHARED_SIBLINGS`` off; by default
   q, k, v and gate, up share their shrink in a prefill, their BGMV launches in a decode batch);
-- lorakit pool, no slot MLP: a prefill's gated MLP through its layers one by one
-  (``tuning.SLOT_MLP`` off; by default, on a GPU, one fused pass: ``kernels/slot_mlp.py``);
+- lorakit pool, no slot MLP: the gated MLP through its layers one by one (``tuning.SLOT_MLP`` off;
+  by default, on a GPU, one fused pass for a prefill's rows and a decode batch:
+  ``kernels/slot_mlp.py``);
 - PEFT one adapter / PEFT mixed: PEFT's ``adapter_names=`` forward argument;
 - base graph / lorakit pool graph (decode only, CUDA): the base model's and the slot pool's
   decode forward captured once in a CUDA graph (``serve/cuda_graph.py``) and replayed, with the
@@ -35,6 +36,8 @@ prefill batch (rows x tokens), row i using adapter i mod 8:
   at 64 or 256 (``triton_bgmv.BLOCK_N``, 128) or the shrink unsplit over d_in (tuning trials).
   lorakit pool graph, no siblings: each projection its own two launches (``tuning.SHARED_SIBLINGS``
   off; by default q, k, v share two, and gate, up two: ``layers/slot_siblings.py``).
+  lorakit pool graph, no slot MLP: the MLP's layers one by one in the graph (``tuning.SLOT_MLP``
+  off; by default its adapters take three launches with the gate: ``kernels/slot_mlp.py``).
 Cases are interleaved step by step, so a machine whose speed drifts slows each alike; the table
 gives medians and the ratio to the base. Then the cold-adapter time: an adapter already in host
 memory written into a device slot (the pool's ``acquire`` of an adapter whose slot was evicted).
@@ -95,6 +98,7 @@ CASES = [
     "lorakit-pool-graph-bn256",
     "lorakit-pool-graph-split1",
     "lorakit-pool-graph-no-siblings",
+    "lorakit-pool-graph-no-slot-mlp",
 ]
 DECODE_ONLY = {case for case in CASES if "graph" in case}
 
@@ -199,13 +203,14 @@ def build_cases(preset: dict, device: str, dirs: list[Path], cases: list[str]):
         built["lorakit-pool-no-siblings"] = knob(pooled, "SHARED_SIBLINGS", False)
         built["lorakit-pool-no-slot-mlp"] = knob(pooled, "SLOT_MLP", False)
         built["lorakit-pool-graph-no-siblings"] = knob(graphed(logits, pool_slots), "SHARED_SIBLINGS", False)
+        built["lorakit-pool-graph-no-slot-mlp"] = knob(graphed(logits, pool_slots), "SLOT_MLP", False)
         built["lorakit-pool-graph"] = graphed(logits, pool_slots)
         built["lorakit-pool-graph-one-launch"] = knob(graphed(logits, pool_slots), "BGMV_ONE_LAUNCH", True)
         for units in (64, 256):  # the expand's output units per program (BLOCK_N, 128 by default)
             built[f"lorakit-pool-graph-bn{units}"] = knob(graphed(logits, pool_slots), "BLOCK_N", units, triton_bgmv)
         # the shrink unsplit: one program per token over all of d_in
         one = lambda *args: 1  # noqa: E731
-        built["lorakit-pool-graph-split1"] = knob(graphed(logits, pool_slots), "_programs_per_token", one, triton_bgmv)
+        built["lorakit-pool-graph-split1"] = knob(graphed(logits, pool_slots), "programs_per_token", one, triton_bgmv)
     if {"peft-one", "peft-mixed"} & set(cases):
         from peft import PeftModel
 

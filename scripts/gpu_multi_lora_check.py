@@ -102,7 +102,9 @@ def check_slot_mlp_kernel() -> None:
             h = torch.randn(N, 2 * r, device="cuda", dtype=torch.float64)
             Bg, Bu = (torch.randn(S, width, r, device="cuda", dtype=torch.float64) * 0.05 for _ in range(2))
             Ad = torch.randn(S, r, width, device="cuda", dtype=torch.float64) * 0.05
+            Bg[0], Bu[0], Ad[0] = 0, 0, 0  # slot 0: no adapter (the decode form does not read it)
             slots = torch.randint(0, S, (rows,), device="cuda")
+            slots[-1] = 0
             low = [t.to(dtype) for t in (g, u, h, Bg, Bu, Ad)]
             g, u, h, Bg, Bu, Ad = (t.double() for t in low)  # the formula on the rounded inputs
             token_slots = slots.repeat_interleave(T)
@@ -110,10 +112,18 @@ def check_slot_mlp_kernel() -> None:
             a = a * (u + torch.einsum("nr,nfr->nf", h[:, r:], Bu[token_slots]))
             hd = torch.einsum("nf,nrf->nr", a, Ad[token_slots])
             got_a, got_hd = triton_slot_mlp.gate_product(*low, slots, T)
-            for name, got, want in (("a", got_a, a), ("h_down", got_hd, hd)):
+            # the decode form: each token its slot, h as two planes of the shrink's partial sums
+            planes = torch.stack([low[2].float() * 0.25, low[2].float() * 0.75])
+            tok_a, tok_planes = triton_slot_mlp.gate_product_tokens(*low[:2], planes, *low[3:], token_slots)
+            for name, got, want in (
+                ("a", got_a, a),
+                ("h_down", got_hd, hd),
+                ("tokens a", tok_a, a),
+                ("tokens h_down", tok_planes.sum(0), hd),
+            ):
                 err = ((got.double() - want).abs().max() / want.abs().max()).item()
                 status = "ok" if err < tol else "FAIL"
-                print(f"{status} slot mlp {name:6s} {str(dtype):15s} rows={rows}x{T} rel.err={err:.2e}")
+                print(f"{status} slot mlp {name:13s} {str(dtype):15s} rows={rows}x{T} rel.err={err:.2e}")
                 if err >= tol:
                     raise SystemExit(1)
 
@@ -272,35 +282,50 @@ def check_pool_siblings(*dirs: Path) -> None:
 
 
 def check_pool_slot_mlp(*dirs: Path) -> None:
-    """A pool's prefill rows (80 tokens each, more than BGMV takes) with each MLP in one fused
-    pass (``slot_mlp``), against its layers one by one."""
-
+    """A pool's prefill rows (80 tokens each, more than BGMV takes) and a decode batch, eager and
+    graphed, with each MLP in one fused pass (``slot_mlp``), against its layers one by one."""
     from lorakit.kernels import triton_slot_mlp
     from lorakit.serve.adapter_pool import BASE_ROUTE
+    from lorakit.serve.cuda_graph import CapturedCall
 
     calls = []
-    real = triton_slot_mlp.gate_product
-    triton_slot_mlp.gate_product = lambda *a: calls.append(1) or real(*a)
+    real_rows, real_tokens = triton_slot_mlp.gate_product, triton_slot_mlp.gate_product_tokens
+    triton_slot_mlp.gate_product = lambda *a: calls.append(1) or real_rows(*a)
+    triton_slot_mlp.gate_product_tokens = lambda *a: calls.append(1) or real_tokens(*a)
     failed = False
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         model, pool, routes = pool_over(dirs, dtype)
         rows = [routes[0], routes[1], BASE_ROUTE, routes[1]]
         prompt = torch.randint(0, 128, (len(rows), 80), device="cuda")
+        slots = torch.tensor([route.slot for route in rows], device="cuda")
         results = {}
         for fused in (True, False):
             tuning.SLOT_MLP = fused
-            pool.set_rows(rows)
-            calls.clear()
-            with torch.inference_mode():
-                results[fused] = model(prompt, use_cache=False).logits.float()
-            results["calls", fused] = len(calls)
-        err = ((results[True] - results[False]).abs().max() / results[False].abs().max()).item()
-        ok = err < tol and results["calls", True] == 2 and results["calls", False] == 0
-        failed |= not ok
-        status = "ok" if ok else "FAIL"
-        print(f"{status} pool slot mlp prefill {dtype}: fused calls {results['calls', True]}, rel.err={err:.2e}")
+            for form in ("prefill", "eager", "graphed"):
+                calls.clear()
+                ids = prompt if form == "prefill" else prompt[:, :1]
+                with torch.inference_mode():  # as the engine runs its steps
+                    if form == "graphed":
+                        buffer = slots.clone()  # the graph's slot buffer, which the plan reads
+                        pool.fix_slots(buffer)
+                        forward = lambda ids, slots: model(ids, use_cache=False).logits  # noqa: E731
+                        graph = CapturedCall(forward, {"ids": ids.clone(), "slots": buffer})
+                        results[form, fused] = graph().float()
+                    else:
+                        pool.set_rows(rows)
+                        results[form, fused] = model(ids, use_cache=False).logits.float()
+                results["calls", form, fused] = len(calls)
+        for form in ("prefill", "eager", "graphed"):
+            got, want = results[form, True], results[form, False]
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            fused_calls, apart = results["calls", form, True], results["calls", form, False]
+            ok = err < tol and fused_calls >= 2 and apart == 0
+            failed |= not ok
+            status = "ok" if ok else "FAIL"
+            print(f"{status} pool slot mlp {form} {dtype}: fused calls {fused_calls}, rel.err={err:.2e}")
         pool.close()
-    triton_slot_mlp.gate_product, tuning.SLOT_MLP = real, True
+    triton_slot_mlp.gate_product, triton_slot_mlp.gate_product_tokens = real_rows, real_tokens
+    tuning.SLOT_MLP = True
     if failed:
         raise SystemExit(1)
 

@@ -67,6 +67,53 @@ def test_kernel_matches_formula_in_interpreter():
     run_interpreted(KERNEL_SCRIPT)
 
 
+TOKEN_KERNEL_SCRIPT = r"""
+import torch
+import torch.nn.functional as F
+from lorakit.kernels import triton_slot_mlp
+torch.manual_seed(0)
+for parts in (1, 3):
+    triton_slot_mlp.programs_per_token = lambda *a: parts
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+        shapes = ((4, 7, 300, 16, 8, 24, 3), (3, 5, 64, 0, 16, 16, 1), (5, 1, 1000, 8, 8, 8, 2))
+        for S, N, F_, rg, ru, rd, split in shapes:
+            g, u = torch.randn(N, F_, dtype=torch.float64), torch.randn(N, F_, dtype=torch.float64)
+            planes = torch.randn(split, N, rg + ru, dtype=torch.float64)
+            Bg = torch.randn(S, F_, rg, dtype=torch.float64) * 0.3
+            Bu = torch.randn(S, F_, ru, dtype=torch.float64) * 0.3
+            Ad = torch.randn(S, rd, F_, dtype=torch.float64) * 0.1
+            Bg[0], Bu[0], Ad[0] = 0, 0, 0
+            slots = torch.randint(0, S, (N,))
+            slots[0] = S - 1
+            if N > 1:
+                slots[-1] = 0
+            planes[:, slots == 0] = float("nan")  # the shrink writes nothing for slot 0
+            h = planes.nan_to_num(0.0).sum(0)
+            a = F.silu(g + torch.einsum("nr,nfr->nf", h[:, :rg], Bg[slots]))
+            a = a * (u + torch.einsum("nr,nfr->nf", h[:, rg:], Bu[slots]))
+            factors = [t.to(dtype) for t in (Bg, Bu, Ad)]
+            gl, ul = g.to(dtype), u.to(dtype)
+            got_a, got_planes = triton_slot_mlp.gate_product_tokens(gl, ul, planes.float(), *factors, slots)
+            assert got_a.dtype == dtype and got_planes.dtype == torch.float32 and got_planes.shape[1:] == (N, rd)
+            error_a = ((got_a.double() - a).abs().max() / a.abs().max()).item()
+            assert error_a < tol, (parts, dtype, N, error_a)
+            # h_d of the rounded a (what the down projection reads), slot 0's tokens aside
+            hd = torch.einsum("nf,nrf->nr", got_a.double(), factors[2].double()[slots])
+            adapted = slots != 0
+            if rd:
+                got_hd = got_planes.double().sum(0)
+                error_hd = ((got_hd[adapted] - hd[adapted]).abs().max() / hd[adapted].abs().max()).item()
+                assert error_hd < 1e-5, (parts, dtype, N, error_hd)
+print("ok")
+"""
+
+
+def test_token_kernel_matches_formula_in_interpreter():
+    """The decode form: each token its slot, h read as the shrink's planes (slot 0's never read:
+    NaN there), h_d written as planes whose sum is the shrink of the rounded activation."""
+    run_interpreted(TOKEN_KERNEL_SCRIPT)
+
+
 POOL_SCRIPT = r"""
 import pathlib, sys, tempfile, time
 import torch
@@ -106,19 +153,37 @@ for i, name in enumerate(["plain", "rslora", None, "patterns", "plain"]):
         lorakit.load_adapter(alone, dirs[name])
     with torch.no_grad():
         torch.testing.assert_close(fused[i : i + 1], alone(ids[i : i + 1]).logits, rtol=1e-5, atol=1e-5)
-# a decode step (one token per row) is not a prefill's rows: the layers run
-tuning.SLOT_MLP = True
-pool.set_rows(rows)
-with torch.inference_mode():
-    model(ids[:, :1])
+# decode batches (BGMV's regime), eager and as a CUDA graph's plan: the token kernel once per layer
+from lorakit.kernels import triton_bgmv
+triton_bgmv.available = lambda *tensors: True
+triton_slot_mlp.programs_per_token = lambda *a: 3  # several column parts per token, as on a GPU
+token_calls = []
+real_tokens = triton_slot_mlp.gate_product_tokens
+triton_slot_mlp.gate_product_tokens = lambda *a: token_calls.append(a[2].shape[0]) or real_tokens(*a)
+step = ids[:, :1]
+slots = torch.tensor([route.slot for route in rows])
+for graphed in (False, True):
+    results = {}
+    for fused in (True, False):
+        tuning.SLOT_MLP = fused
+        token_calls.clear()
+        if graphed:
+            pool.fix_slots(slots)
+        else:
+            pool.set_rows(rows)
+        with torch.inference_mode():
+            results[fused] = model(step).logits
+        assert len(token_calls) == (2 if fused else 0), (graphed, fused, token_calls)
+    torch.testing.assert_close(results[True], results[False], rtol=1e-5, atol=1e-5)
 assert not calls
 print("ok")
 """
 
 
-def test_pool_prefill_through_the_kernel_equals_the_layers_in_interpreter():
+def test_pool_forwards_through_the_kernels_equal_the_layers_in_interpreter():
     """A pool's prefill (rows of 70 tokens over three adapters and the base): the fused MLP once
-    per layer, logits equal to the layers one by one and to each adapter alone."""
+    per layer, logits equal to the layers one by one and to each adapter alone; a decode batch,
+    eager and graphed: the token kernel once per layer, logits equal to the layers'."""
     run_interpreted(POOL_SCRIPT)
 
 

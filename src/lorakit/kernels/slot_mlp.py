@@ -1,29 +1,30 @@
-"""A gated MLP served from slot stacks, over a prefill's rows, in one fused pass over its widest
-activations (GPU only):
+"""A gated MLP served from slot stacks in one fused pass over its widest activations (GPU only):
 
-    y = down(silu(gate(x)) ⊙ up(x))      each projection W x + B[s] A[s] x, s the row's slot
+    y = down(silu(gate(x)) ⊙ up(x))      each projection W x + B[s] A[s] x, s the token's slot
 
     x: (N, d)   W_gate, W_up: (F, d)   W_down: (d, F)   A_k: (S, r_k, d_in)   B_k: (S, d_out, r_k)
 
-1. h = x [A_gate; A_up][s]ᵀ: one batched GEMM over the rows (``multi_lora.rows_shrink``);
+1. h = x [A_gate; A_up][s]ᵀ: a prefill's rows, one batched GEMM (``multi_lora.rows_shrink``); a
+   decode batch, BGMV's shrink launch (``triton_bgmv.shrink_planes``);
 2. g = x W_gateᵀ, u = x W_upᵀ: the base GEMMs, nothing else on their outputs;
-3. ``triton_slot_mlp.gate_product``: the expands added to g and u, the SiLU gate, the down
-   projection's shrink, one pass reading g and u and writing a (N, F);
-4. the down projection's expand written, its base GEMM accumulated onto it
-   (``multi_lora.expand_then_base``).
+3. ``triton_slot_mlp``: the expands added to g and u, the SiLU gate, the down projection's shrink,
+   one pass reading g and u and writing a (N, F);
+4. the down projection's base GEMM and expand (a prefill: the expand written, the base GEMM
+   accumulated onto it, ``multi_lora.expand_then_base``; a decode batch: BGMV's expand launch).
 
-Against the layers one by one (``LoraLinear.slots_only`` through ``SlotSiblings``), that spares
-four passes over (N, F) tensors per MLP: the gate's and the up's products each written and read
-back by their base GEMMs, silu(g) written and read, a read by the down projection's shrink
-(measured in docs/benchmarks.md). Tensors only; ``layers/slot_mlp.py`` gathers them from a
-model's MLP.
+Against the layers one by one (``LoraLinear.slots_only`` through ``SlotSiblings``), a prefill
+spares four passes over (N, F) tensors per MLP (the gate's and the up's products each written and
+read back by their base GEMMs, silu(g) written and read, a read by the down projection's shrink)
+and a decode step three launches (the gate's and the up's expand, the down projection's shrink,
+silu and the product become one; docs/benchmarks.md). Tensors only; ``layers/slot_mlp.py``
+gathers them from a model's MLP.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import triton_slot_mlp, tuning
+from . import triton_bgmv, triton_slot_mlp, tuning
 from .multi_lora import SlotPlan, expand_then_base, rows_shrink, takes_bgmv
 
 
@@ -56,3 +57,31 @@ def slot_mlp_rows(
     a, h_down = triton_slot_mlp.gate_product(g, u, h, B_gate, B_up, A_stacks[2], row_slots, T)
     del g, u  # before the down projection's output is allocated
     return expand_then_base(h_down.to(x.dtype), a, W_down, plan, B_down)
+
+
+def slot_mlp_tokens(
+    x: torch.Tensor, weights: list[torch.Tensor], plan: SlotPlan, A_stacks: list, B_stacks: list
+) -> torch.Tensor | None:
+    """``slot_mlp_rows`` for a decode batch (BGMV's regime: ``takes_bgmv``, each token its own
+    slot; a CUDA graph's plan included). None where it does not apply: other batches, autograd
+    recording, autocast, no Triton for these tensors, a plan with no adapter (the layers add
+    nothing then), ``tuning.SLOT_MLP`` off."""
+    if (
+        not tuning.SLOT_MLP
+        or not triton_slot_mlp.available(x, *weights, *A_stacks, *B_stacks)
+        or not takes_bgmv(plan, x)
+        or not (plan.graphed or plan.present)
+        or torch.is_grad_enabled()
+        or torch.is_autocast_enabled(x.device.type)
+        or plan.tokens != x.shape[0]
+        or not all(t.is_contiguous() for t in (x, *A_stacks, *B_stacks))
+        or any(w.dim() != 2 for w in weights)
+    ):
+        return None
+    (W_gate, W_up, W_down), (A_gate, A_up, A_down), (B_gate, B_up, B_down) = weights, A_stacks, B_stacks
+    h = triton_bgmv.shrink_planes(x, plan.token_slots, [A_gate, A_up])  # (split, N, r_gate + r_up)
+    g, u = torch.mm(x, W_gate.t()), torch.mm(x, W_up.t())
+    a, h_down = triton_slot_mlp.gate_product_tokens(g, u, h, B_gate, B_up, A_down, plan.token_slots)
+    y = torch.mm(a, W_down.t())
+    triton_bgmv.expand_planes([y], h_down, plan.token_slots, [B_down])
+    return y

@@ -268,7 +268,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _programs_per_token(tokens: int, length: int, block: int, device: torch.device) -> int:
+def programs_per_token(tokens: int, length: int, block: int, device: torch.device) -> int:
     """How many programs share one token's ``length`` (d_in for the split shrink, d_out for the
     one-launch kernel's output units): enough to fill the GPU about twice, each with at least four
     ``block``-wide tiles."""
@@ -318,7 +318,7 @@ def bgmv(
         return out
     d_in, d_out = x.shape[1], out.shape[1]
     # Programs per token over its output units: enough to fill the GPU about twice.
-    parts = split or _programs_per_token(tokens, d_out, BLOCK_N, x.device)
+    parts = split or programs_per_token(tokens, d_out, BLOCK_N, x.device)
     units = triton.cdiv(triton.cdiv(d_out, parts), BLOCK_N) * BLOCK_N
     _one_launch_kernel[(tokens, triton.cdiv(d_out, units))](
         x,
@@ -341,7 +341,7 @@ def bgmv(
         units,
         HAS_DORA=gm1 is not None,
         HAS_BIAS=bias is not None,
-        BR=max(16, triton.next_power_of_2(r)),
+        BR=_rank_block([r]),
         BK=BLOCK_K,
         BN=BLOCK_N,
     )
@@ -372,20 +372,26 @@ def sibling_bgmv(
 
 
 def _two_launches(outs, x, token_slots, A_stacks, B_stacks, gm1=None, bias=None, split=None) -> None:
-    """The shrink and the expand launch for 1–3 projections of x (laid out by ``_kernel_layout``):
-    the shrink split over d_in (``split`` programs per token, None: from the GPU's size), each
-    program writing its partial sums to its own plane of h (split, N, r_0 + r_1 + ...), which the
-    expand adds up as it reads them. ``gm1``, ``bias``: DoRA's term, one projection only."""
-    count = len(outs)
+    """The shrink and the expand launch for 1–3 projections of x (laid out by ``_kernel_layout``).
+    ``gm1``, ``bias``: DoRA's term, one projection only."""
+    h = shrink_planes(x, token_slots, A_stacks, split)
+    expand_planes(outs, h, token_slots, B_stacks, gm1, bias)
+
+
+def shrink_planes(x: torch.Tensor, token_slots: torch.Tensor, A_stacks: list, split: int | None = None) -> torch.Tensor:
+    """h (split, N, r_0 + r_1 + ...) float32: each token's shrink A_k[s_n] x[n] for 1–3 projections
+    of x (N, d_in) (A_stacks[k] (S, r_k, d_in), laid out by ``_kernel_layout``), split over d_in
+    (``split`` programs per token, None: from the GPU's size), each program writing its partial
+    sums to its own plane; the planes' sum is the shrink. Tokens of slot 0 write nothing (their
+    columns hold whatever the buffer held)."""
+    count = len(A_stacks)
     tokens, d_in = x.shape
-    split = split or _programs_per_token(tokens, d_in, BLOCK_K, x.device)
+    split = split or programs_per_token(tokens, d_in, BLOCK_K, x.device)
     k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
     split = triton.cdiv(d_in, k_per_split)
     ranks = [A.shape[1] for A in A_stacks]
-    block_r = max(16, triton.next_power_of_2(max(ranks)))
     h = torch.empty(split, tokens, sum(ranks), device=x.device, dtype=torch.float32)
-    pad = lambda items, fill: list(items) + [fill] * (3 - count)  # noqa: E731  (the kernels take three)
-    A3, B3, outs3, r3 = pad(A_stacks, A_stacks[0]), pad(B_stacks, B_stacks[0]), pad(outs, outs[0]), pad(ranks, 0)
+    A3, r3 = _three(A_stacks, A_stacks[0]), _three(ranks, 0)
     _shrink_kernel[(tokens, split, count)](
         x,
         token_slots,
@@ -399,9 +405,21 @@ def _two_launches(outs, x, token_slots, A_stacks, B_stacks, gm1=None, bias=None,
         h.stride(1),
         h.stride(0),
         k_per_split,
-        BR=block_r,
+        BR=_rank_block(ranks),
         BK=BLOCK_K,
     )
+    return h
+
+
+def expand_planes(outs, h: torch.Tensor, token_slots: torch.Tensor, B_stacks: list, gm1=None, bias=None) -> None:
+    """outs[k] (N, d_k) += B_k[s_n] h_k[n] in place for 1–3 projections, h (split, N, r_0 + r_1 +
+    ...) float32 the planes of their shrinks (``shrink_planes``), summed as they are read; B_stacks[k]
+    (S, d_k, r_k) with unit last strides. ``gm1``, ``bias``: DoRA's term, one projection only.
+    Tokens of slot 0 are left as they are."""
+    count = len(outs)
+    split, tokens = h.shape[0], h.shape[1]
+    ranks = [B.shape[2] for B in B_stacks]
+    outs3, B3, r3 = _three(outs, outs[0]), _three(B_stacks, B_stacks[0]), _three(ranks, 0)
     d3 = [out.shape[1] for out in outs]
     blocks = [triton.cdiv(d, BLOCK_N) for d in d3] + [0] * (3 - count)
     _expand_kernel[(tokens, sum(blocks))](
@@ -409,7 +427,7 @@ def _two_launches(outs, x, token_slots, A_stacks, B_stacks, gm1=None, bias=None,
         token_slots,
         *outs3,
         *B3,
-        *pad(d3, 0),
+        *_three(d3, 0),
         *r3,
         *(B.stride(0) for B in B3),
         *(B.stride(1) for B in B3),
@@ -424,6 +442,15 @@ def _two_launches(outs, x, token_slots, A_stacks, B_stacks, gm1=None, bias=None,
         SPLIT=split,
         HAS_DORA=gm1 is not None,
         HAS_BIAS=bias is not None,
-        BR=block_r,
+        BR=_rank_block(ranks),
         BN=BLOCK_N,
     )
+
+
+def _three(items, fill) -> list:
+    """``items`` padded to three (the kernels take three projections)."""
+    return list(items) + [fill] * (3 - len(items))
+
+
+def _rank_block(ranks: list[int]) -> int:
+    return max(16, triton.next_power_of_2(max(ranks)))

@@ -101,8 +101,9 @@ whatever its work); in a prefill's rows one shrink GEMM with their A stacked (on
 ``multi_lora.siblings_then_base``). False: each projection alone."""
 
 SLOT_MLP = True
-"""A gated MLP (Llama's, Mistral's, ...) whose three projections serve a pool's slots runs a
-prefill's rows on a GPU as one fused pass over its (N, d_ff) activations (``slot_mlp.py``: the gate's
-and the up's expands, the SiLU gate and the down projection's shrink in one Triton kernel) instead
-of its layers one by one, which write and read those activations four more times. False: the
-layers one by one (each through ``LoraLinear.slots_only``)."""
+"""A gated MLP (Llama's, Mistral's, ...) whose three projections serve a pool's slots runs on a GPU
+as one fused pass over its (N, d_ff) activations (``slot_mlp.py``: the gate's and the up's expands,
+the SiLU gate and the down projection's shrink in one Triton kernel), for a prefill's rows and for
+decode batches, instead of its layers one by one: those write and read a prefill's activations four
+more times, and make a decode step three more launches. False: the layers one by one (each through
+``LoraLinear.slots_only``)."""

@@ -1,5 +1,5 @@
 """A gated MLP whose gate, up and down projections serve a pool's slots, through one fused call
-over a prefill's rows (``kernels/slot_mlp.py``):
+over a prefill's rows or a decode batch on a GPU (``kernels/slot_mlp.py``):
 
     y = down(silu(gate(x)) ⊙ up(x))      each projection W x + B[s] A[s] x     x: (..., d)
 
@@ -16,20 +16,18 @@ from torch import nn
 
 from ..kernels import triton_slot_mlp, tuning
 from ..kernels.gated_mlp import is_plain_silu
-from ..kernels.slot_mlp import slot_mlp_rows
+from ..kernels.multi_lora import takes_bgmv
+from ..kernels.slot_mlp import slot_mlp_rows, slot_mlp_tokens
 from .slot_siblings import shared_slot_operands
 
 
 def slot_mlp_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``mlp(x)`` (..., d) for a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``)
-    serving slots, through the fused call; None where it does not apply (see
-    ``kernels/slot_mlp.slot_mlp_rows``; also a named adapter's rows, a bias, another activation
-    than SiLU, torch.compile tracing)."""
-    # Cheap refusals first: every decode step of every layer, and every CPU call, passes here
-    # (a prefill's rows plan needs rows of SEGMENT_TOKENS tokens at least: ``SlotPlan.for_rows``).
-    if not tuning.SLOT_MLP or x.dim() != 3 or x.shape[1] < tuning.SEGMENT_TOKENS or torch.is_grad_enabled():
-        return None
-    if not triton_slot_mlp.available(x):
+    serving slots, through the fused call: a prefill's rows or a decode batch; None where it does
+    not apply (see ``kernels/slot_mlp.py``; also a named adapter's rows, a bias, another activation
+    than SiLU)."""
+    # Cheap refusals first: every call of every MLP passes here, on the CPU too.
+    if not tuning.SLOT_MLP or torch.is_grad_enabled() or not triton_slot_mlp.available(x):
         return None
     layers = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     routing = layers[0].__dict__.get("row_adapters")
@@ -37,12 +35,16 @@ def slot_mlp_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     x2 = x.reshape(-1, x.shape[-1])
     plan = routing.slot_plan(x.shape[0], x2.shape[0], x.device)
-    if plan is None or plan.rows is None or plan.graphed:
+    if plan is None:
+        return None
+    decode = takes_bgmv(plan, x)
+    if not decode and (plan.rows is None or plan.graphed):
         return None
     operands = shared_slot_operands(layers, routing, x, plan)
     if operands is None or any(bias is not None for _, bias, _ in operands):
         return None
     weights = [weight for weight, _, _ in operands]
     stacks = [stack for _, _, stack in operands]
-    y = slot_mlp_rows(x2, weights, plan, [s.A for s in stacks], [s.B for s in stacks])
+    fused = slot_mlp_tokens if decode else slot_mlp_rows
+    y = fused(x2, weights, plan, [s.A for s in stacks], [s.B for s in stacks])
     return None if y is None else y.view(*x.shape[:-1], y.shape[-1])
