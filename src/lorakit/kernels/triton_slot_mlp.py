@@ -136,6 +136,16 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot's K and N are 16 at least
 
 
+def _checked_sizes(g, u, B_gate, B_up, A_down) -> tuple[int, int, int, int, int]:
+    """(N, F, r_g, r_u, r_d) of the kernels' operands, after checking they fit together."""
+    tokens, F = g.shape
+    if u.shape != g.shape or B_up.shape[1] != F or B_gate.shape[1] != F or A_down.shape[2] != F:
+        raise ValueError(f"the gate's width {F} must be u's, B's rows and A_down's columns")
+    if not all(t.is_contiguous() for t in (g, u, B_gate, B_up, A_down)):
+        raise ValueError("g, u and the stacks must be contiguous")
+    return tokens, F, B_gate.shape[2], B_up.shape[2], A_down.shape[1]
+
+
 def gate_product(
     g: torch.Tensor,
     u: torch.Tensor,
@@ -151,16 +161,11 @@ def gate_product(
     g, u: (N, F) contiguous; h: (N, r_g + r_u) with unit last stride (gate's ranks first);
     B_gate (S, F, r_g), B_up (S, F, r_u), A_down (S, r_d, F) contiguous, g's dtype; row_slots
     (N / tokens_per_row,) integers on g's device, any stride (a plan's every T-th token slot)."""
-    tokens, F = g.shape
-    r_g, r_u, r_d = B_gate.shape[2], B_up.shape[2], A_down.shape[1]
+    tokens, F, r_g, r_u, r_d = _checked_sizes(g, u, B_gate, B_up, A_down)
     if tokens % tokens_per_row or row_slots.shape[0] != tokens // tokens_per_row:
         raise ValueError(f"{tokens} tokens are not {row_slots.shape[0]} rows of {tokens_per_row}")
     if h.shape != (tokens, r_g + r_u) or h.stride(1) != 1:
         raise ValueError(f"h must be ({tokens}, {r_g + r_u}) with a unit last stride; got {tuple(h.shape)}")
-    if u.shape != g.shape or B_up.shape[1] != F or B_gate.shape[1] != F or A_down.shape[2] != F:
-        raise ValueError(f"the gate's width {F} must be u's, B's rows and A_down's columns")
-    if not all(t.is_contiguous() for t in (g, u, B_gate, B_up, A_down)):
-        raise ValueError("g, u and the stacks must be contiguous")
     a = torch.empty_like(g)
     h_down = torch.empty(tokens, r_d, dtype=torch.float32, device=g.device)
     grid = (row_slots.shape[0] * triton.cdiv(tokens_per_row, BLOCK_M),)
@@ -189,14 +194,11 @@ def gate_product_tokens(
     g, u: (N, F) contiguous; h: (split, N, r_g + r_u) float32, the planes of the gate's and the up's
     shrinks (``triton_bgmv.shrink_planes``, gate's ranks first; slot 0's entries are not read);
     B_gate (S, F, r_g), B_up (S, F, r_u), A_down (S, r_d, F) contiguous."""
-    tokens, F = g.shape
-    r_g, r_u, r_d = B_gate.shape[2], B_up.shape[2], A_down.shape[1]
+    tokens, F, r_g, r_u, r_d = _checked_sizes(g, u, B_gate, B_up, A_down)
     if h.dim() != 3 or h.shape[1:] != (tokens, r_g + r_u) or h.stride(2) != 1 or h.dtype != torch.float32:
         raise ValueError(f"h must be float32 planes (split, {tokens}, {r_g + r_u}); got {tuple(h.shape)} {h.dtype}")
-    if u.shape != g.shape or B_up.shape[1] != F or B_gate.shape[1] != F or A_down.shape[2] != F:
-        raise ValueError(f"the gate's width {F} must be u's, B's rows and A_down's columns")
-    if not all(t.is_contiguous() for t in (g, u, B_gate, B_up, A_down)) or token_slots.shape != (tokens,):
-        raise ValueError("g, u and the stacks must be contiguous, with one slot per token")
+    if token_slots.shape != (tokens,):
+        raise ValueError(f"one slot per token: {tokens} tokens, slots of shape {tuple(token_slots.shape)}")
     parts = programs_per_token(tokens, F, TOKEN_BLOCK_N, g.device)
     cols = triton.cdiv(triton.cdiv(F, parts), TOKEN_BLOCK_N) * TOKEN_BLOCK_N
     parts = triton.cdiv(F, cols)
