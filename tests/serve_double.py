@@ -150,6 +150,8 @@ class EchoEngine:
             raise AdapterNameError(f"no adapter named {request.adapter!r}")
         if len(request.prompt_ids) > self.limits.max_prompt_tokens:
             raise ConfigError(f"the prompt has {len(request.prompt_ids)} tokens, over the cap")
+        if request.sampling.max_tokens is None:  # as the engine does (a double without a context)
+            request.sampling.max_tokens = self.limits.max_tokens
         if request.sampling.max_tokens > self.limits.max_tokens:
             raise ConfigError(f"max_tokens {request.sampling.max_tokens} is over the server's cap")
         handle = RequestHandle(request, loop)

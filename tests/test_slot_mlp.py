@@ -130,6 +130,7 @@ for name, path in dirs.items():
     pool.register(name, path)
 routes = {name: acquire(pool, name) for name in dirs}
 triton_slot_mlp.available = lambda *tensors: True  # CPU tensors through the kernel, interpreted
+triton_slot_mlp.BLOCK_M = triton_slot_mlp.BLOCK_N = 32  # rows of 70 tokens and F = 64: several tiles
 calls = []
 real = triton_slot_mlp.gate_product
 triton_slot_mlp.gate_product = lambda *a: calls.append(a[0].shape) or real(*a)
@@ -298,3 +299,135 @@ def test_rows_named_by_adapter_leave_the_mlp_to_its_layers(pool_model, monkeypat
         routing = mlp.gate_proj.row_adapters
         routing.set_rows(["named", None], [0, route.slot], routing.num_slots)  # slots besides a name
         assert slot_mlp_output(mlp, x) is None and len(calls) == 1
+
+
+@pytest.fixture
+def fused_calls_on_cpu(monkeypatch):
+    """The fused calls' kernels replaced by shape-right stand-ins, and Triton "available" for CPU
+    tensors: what reaches a kernel is recorded; the refusals before it are what is tested."""
+    from lorakit.kernels import triton_bgmv
+
+    reached = []
+    monkeypatch.setattr(triton_slot_mlp, "available", lambda *tensors: True)
+    monkeypatch.setattr(triton_bgmv, "available", lambda *tensors: True)
+
+    def gate_product(g, u, h, B_gate, B_up, A_down, row_slots, T):
+        reached.append("rows")
+        return torch.zeros_like(g), torch.zeros(g.shape[0], A_down.shape[1])
+
+    def gate_product_tokens(g, u, h, B_gate, B_up, A_down, token_slots):
+        reached.append("tokens")
+        return torch.zeros_like(g), torch.zeros(1, g.shape[0], A_down.shape[1])
+
+    monkeypatch.setattr(triton_slot_mlp, "gate_product", gate_product)
+    monkeypatch.setattr(triton_slot_mlp, "gate_product_tokens", gate_product_tokens)
+    monkeypatch.setattr(triton_bgmv, "shrink_planes", lambda x, slots, A: torch.zeros(1, x.shape[0], 8))
+    monkeypatch.setattr(triton_bgmv, "expand_planes", lambda outs, h, slots, B: None)
+    return reached
+
+
+def mlp_operands(rank=4, d=16, F=32, S=3):
+    torch.manual_seed(0)
+    weights = [torch.randn(F, d), torch.randn(F, d), torch.randn(d, F)]
+    A = [torch.randn(S, rank, d), torch.randn(S, rank, d), torch.randn(S, rank, F)]
+    B = [torch.randn(S, F, rank), torch.randn(S, F, rank), torch.randn(S, d, rank)]
+    return weights, A, B
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["none", "grad", "autocast", "graphed", "other-tokens", "bgmv", "short-rows", "strided-x", "rank"]
+    + ["knob-SLOT_MLP", "knob-SHARED_SIBLINGS", "knob-BATCHED_ROWS", "knob-LORA_FIRST"],
+)
+def test_the_rows_call_refuses_what_it_does_not_take(case, fused_calls_on_cpu, monkeypatch):
+    from lorakit.kernels.multi_lora import SlotPlan
+    from lorakit.kernels.slot_mlp import slot_mlp_rows
+
+    monkeypatch.setattr(tuning, "BGMV_TOKENS", 0)  # 140 tokens: rows, not BGMV
+    weights, A, B = mlp_operands(rank=80 if case == "rank" else 4)
+    T = 3 if case == "short-rows" else 70
+    plan = SlotPlan.for_rows([1, 2], T, 3, "cpu")
+    x = torch.randn(2 * T, 16)
+    if case == "graphed":
+        plan = SlotPlan.for_graph(torch.tensor([1, 2] * T), 3)
+    if case == "other-tokens":
+        x = torch.randn(2 * T - 2, 16)
+    if case == "bgmv":
+        monkeypatch.setattr(tuning, "BGMV_TOKENS", 256)
+    if case == "strided-x":
+        x = torch.randn(16, 2 * T).t()
+    if case.startswith("knob-"):
+        monkeypatch.setattr(tuning, case[5:], False)
+    with torch.enable_grad() if case == "grad" else torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            y = slot_mlp_rows(x, weights, plan, A, B)
+    assert (y is not None, fused_calls_on_cpu) == ((True, ["rows"]) if case == "none" else (False, [])), case
+    if case == "none":
+        assert y.shape == (2 * T, 16)
+
+
+@pytest.mark.parametrize(
+    "case", ["none", "graphed", "grad", "autocast", "no-bgmv", "base-only", "strided-stack", "rank", "knob"]
+)
+def test_the_tokens_call_refuses_what_it_does_not_take(case, fused_calls_on_cpu, monkeypatch):
+    from lorakit.kernels.multi_lora import SlotPlan
+    from lorakit.kernels.slot_mlp import slot_mlp_tokens
+
+    weights, A, B = mlp_operands(rank=80 if case == "rank" else 4)
+    slots = torch.tensor([0, 0, 0] if case == "base-only" else [1, 0, 2])
+    plan = SlotPlan.for_graph(slots, 3) if case == "graphed" else SlotPlan.build(slots, 3, "cpu")
+    if case == "no-bgmv":
+        monkeypatch.setattr(tuning, "BGMV_TOKENS", 0)
+    if case == "strided-stack":
+        B[2] = torch.randn(3, 8, 16).transpose(1, 2)[:, :, :4]
+    if case == "knob":
+        monkeypatch.setattr(tuning, "SHARED_SIBLINGS", False)
+    with torch.enable_grad() if case == "grad" else torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+            y = slot_mlp_tokens(torch.randn(3, 16), weights, plan, A, B)
+    taken = case in ("none", "graphed")
+    assert (y is not None, fused_calls_on_cpu) == ((True, ["tokens"]) if taken else (False, [])), case
+
+
+def test_hooks_on_the_activation_and_layers_off_the_fast_path_keep_the_layers(pool_model, monkeypatch):
+    from lorakit.layers.slot_mlp import slot_mlp_output
+
+    model, pool, route = pool_model
+    calls = rows_calls(monkeypatch)
+    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 4)
+    mlp = model.model.layers[0].mlp
+    pool.set_rows([route, BASE_ROUTE])
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        slot_mlp_output(mlp, x)
+        assert len(calls) == 1
+        handle = mlp.act_fn.register_forward_hook(lambda module, args, out: out)
+        assert slot_mlp_output(mlp, x) is None
+        handle.remove()
+        mlp.down_proj.fast_path = False
+        assert slot_mlp_output(mlp, x) is None and len(calls) == 1
+
+
+def test_unload_and_closing_the_pool_take_the_patch_off(adapter_dirs):  # noqa: F811
+    import lorakit
+    from lorakit.patching.gated_mlp import FusedOrOriginalForward
+
+    model = tiny_llama()
+    pool = AdapterPool(model, max_loras=2)
+    pool.register("plain", adapter_dirs["plain"])
+    pool.release(acquire(pool, "plain"))
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.__dict__.get("forward"), SlotMlpForward)
+    pool.close()
+    assert "forward" not in mlp.__dict__ and "slot_siblings" not in mlp.gate_proj.__dict__
+    # a model trained with lorakit (the fused MLP's forward), then served: unload leaves it plain
+    trained = tiny_llama()
+    lorakit.add_adapter(trained, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    assert isinstance(trained.model.layers[0].mlp.__dict__.get("forward"), FusedOrOriginalForward)
+    pool = AdapterPool(trained, max_loras=2)
+    pool.register("plain", adapter_dirs["plain"])
+    pool.release(acquire(pool, "plain"))
+    assert isinstance(trained.model.layers[0].mlp.forward.previous, FusedOrOriginalForward)
+    lorakit.unload(trained)
+    assert all("forward" not in layer.mlp.__dict__ for layer in trained.model.layers)
+    pool.close()

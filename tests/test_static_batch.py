@@ -161,7 +161,7 @@ def wait(scheduler, name: str, prompt: int, max_tokens: int) -> None:
 
 
 def admitted_names(scheduler, running: int) -> list[str]:
-    return [a.handle.request_id for a in scheduler.admit(running=running, reserved=0)[0]]
+    return [a.handle.request_id for a in scheduler.admit(running=running, running_columns=0)[0]]
 
 
 def test_the_kv_budget_is_charged_for_the_static_rows():
@@ -199,6 +199,61 @@ def test_the_kv_budget_is_charged_for_the_static_rows():
         Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=(ONE_LENGTH - 10) / 2**30), None, PER_TOKEN, static=batch)
 
 
+def test_the_dynamic_cache_is_charged_as_rows_times_the_longest_row():
+    """The running batch's DynamicCache left-pads every row to the longest: a short request beside
+    a long running row costs the long row's columns, not its own (which the sum of the rows'
+    lengths would charge), and each admitted row carries its prefill's padded columns."""
+    from lorakit.serve.scheduler import EngineLimits, Scheduler
+
+    pool = AdapterPool(tiny_llama(), max_loras=1, max_lora_rank=4)
+    scheduler = Scheduler(EngineLimits(max_num_seqs=8, kv_cache_gb=1000 * PER_TOKEN / 2**30), pool, PER_TOKEN)
+    wait(scheduler, "short", 10, 10)
+    # one running row that may fill 600 columns: two rows of 600 are over 1000 (the sum, 620, is not)
+    assert scheduler.admit(running=1, running_columns=600)[0] == []
+    admitted = scheduler.admit(running=1, running_columns=400)[0]  # two rows of 400 fit
+    assert [a.handle.request_id for a in admitted] == ["short"] and admitted[0].columns == 20
+    # one prefill pads its rows to its longest prompt: each row may fill that + the most tokens asked
+    for name, prompt, tokens in (("a", 100, 5), ("b", 10, 50), ("c", 10, 5)):
+        wait(scheduler, name, prompt, tokens)
+    admitted = scheduler.admit(running=0, running_columns=0)[0]
+    assert [a.columns for a in admitted] == [150, 150, 150]
+
+
+def test_the_engine_charges_its_running_rows_columns():
+    """The engine hands the scheduler its rows' columns: under a budget of 100 columns, a row that
+    may fill 60 runs alone, and a short request waits for it to finish (two rows of 60 are 120)."""
+    from lorakit.serve.engine import Engine, EngineLimits
+    from lorakit.serve.requests import GenerationRequest, SamplingParams
+
+    from .serve_double import echo_tokenizer
+
+    class Steps:
+        def __init__(self):
+            self.running = []
+
+        def step(self, running, *args):
+            self.running.append(running)
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    tokenizer = echo_tokenizer()
+    model = tiny_llama(vocab=len(tokenizer))
+    per_token = 2 * 2 * 2 * 8 * 4  # K and V, 2 layers, 2 KV heads of 8, fp32
+    limits = EngineLimits(max_num_seqs=4, kv_cache_gb=100 * per_token / 2**30)
+    steps = Steps()
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    engine = Engine(model, tokenizer, pool, model_id="m", limits=limits, decode="dynamic", observer=steps)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (50, 5)]
+    handles = [engine.submit(GenerationRequest(f"r{i}", [1] * 10, None, p)) for i, p in enumerate(params)]
+    engine.start()
+    try:
+        assert [len(handle.collect(timeout=60)[0]) for handle in handles] == [50, 5]
+    finally:
+        engine.stop()
+    assert max(steps.running) == 1
+
+
 def test_one_request_may_not_reserve_more_kv_cache_than_the_budget():
     """A request whose prompt + max_tokens alone needs more KV cache than the budget would be
     admitted alone past it: it is refused at submission (400), and a request without max_tokens
@@ -231,6 +286,40 @@ def test_one_request_may_not_reserve_more_kv_cache_than_the_budget():
     for budget, columns in ((ONE_LENGTH + 10, 256), (2 * ONE_LENGTH, 512), (5 * ONE_LENGTH, 1024)):
         scheduler = Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=budget / 2**30), None, PER_TOKEN, static=batch)
         assert scheduler.most_columns() == columns
+
+
+def test_a_chat_without_max_tokens_gets_what_the_kv_budget_leaves_over_http():
+    """Over HTTP too: a chat that asks no max_tokens is answered (200), its completion capped by
+    what the budget leaves after its prompt; one asking more than that is a 400."""
+    httpx = pytest.importorskip("httpx")
+    from lorakit.serve.app import build_app
+    from lorakit.serve.engine import Engine, EngineLimits
+
+    from .http_server import running_server
+    from .serve_double import echo_tokenizer
+
+    tokenizer = echo_tokenizer()
+    model = tiny_llama(vocab=len(tokenizer))
+    per_token = 2 * 2 * 2 * 8 * 4  # K and V, 2 layers, 2 KV heads of 8, fp32
+    limits = EngineLimits(max_num_seqs=2, kv_cache_gb=100 * per_token / 2**30)
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    engine = Engine(model, tokenizer, pool, model_id="m", limits=limits, decode="dynamic")
+    asked = []
+    submit = engine.submit
+    engine.submit = lambda request, loop=None: asked.append(request) or submit(request, loop)
+    engine.start()
+    try:
+        with running_server(build_app(engine, api_key="")) as url:
+            body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+            response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            prompt = len(asked[-1].prompt_ids)
+            assert asked[-1].sampling.max_tokens == 100 - prompt
+            assert response.json()["usage"]["completion_tokens"] <= 100 - prompt
+            response = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 100}, timeout=60)
+            assert response.status_code == 400 and "KV cache" in response.json()["error"]["message"]
+    finally:
+        engine.stop()
 
 
 def test_a_failing_device_still_gives_each_client_one_last_delta():

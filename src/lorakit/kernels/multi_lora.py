@@ -391,7 +391,7 @@ def rows_shrink(x: torch.Tensor, plan: SlotPlan, A_stacks: list[torch.Tensor]) -
     T, row_slots = plan.rows
     gathered = [A.index_select(0, row_slots) for A in A_stacks]  # (R, r_k, d_in) each
     A_r = gathered[0] if len(gathered) == 1 else torch.cat(gathered, dim=1)
-    return torch.bmm(x.view(-1, T, x.shape[1]), A_r.transpose(1, 2)).view(x.shape[0], -1)
+    return torch.bmm(x.view(-1, T, x.shape[1]), A_r.transpose(1, 2)).view(x.shape[0], A_r.shape[1])
 
 
 def expand_then_base(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, plan: SlotPlan, B_stack) -> torch.Tensor:
@@ -399,7 +399,7 @@ def expand_then_base(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pla
     a new output, the base GEMM of x (N, d_in) and weight (d_out, d_in) accumulates onto it."""
     T, row_slots = plan.rows
     B_r = B_stack.index_select(0, row_slots)  # (R, d_out, r)
-    out = torch.bmm(h.view(-1, T, h.shape[1]), B_r.transpose(1, 2)).view(x.shape[0], -1)
+    out = torch.bmm(h.view(x.shape[0] // T, T, h.shape[1]), B_r.transpose(1, 2)).view(x.shape[0], B_r.shape[1])
     return out.addmm_(x, weight.t())
 
 

@@ -34,12 +34,15 @@ def slot_mlp_rows(
     """y (N, d) for x (N, d) contiguous; weights, A_stacks, B_stacks: gate's, up's, down's (no
     biases, no DoRA slots). None where the fused pass does not apply: not a prefill's rows
     (``plan.rows``), BGMV's batches, autograd recording, autocast, no Triton for these tensors
-    (the CPU), dtypes or layouts it does not take, ``tuning.SLOT_MLP`` off."""
+    (the CPU), dtypes, layouts or ranks it does not take, ``tuning.SLOT_MLP`` off (or the knobs of
+    the per-layer forms it stands for: ``SHARED_SIBLINGS``, ``BATCHED_ROWS``, ``LORA_FIRST``)."""
     if (
-        not tuning.SLOT_MLP
+        not _enabled()
+        or not tuning.BATCHED_ROWS
+        or not tuning.LORA_FIRST
         or not triton_slot_mlp.available(x, *weights, *A_stacks, *B_stacks)
+        or not triton_slot_mlp.takes_ranks(A_stacks)
         or plan.rows is None
-        or plan.graphed
         or torch.is_grad_enabled()
         or torch.is_autocast_enabled(x.device.type)
         or plan.tokens != x.shape[0]
@@ -64,11 +67,12 @@ def slot_mlp_tokens(
 ) -> torch.Tensor | None:
     """``slot_mlp_rows`` for a decode batch (BGMV's regime: ``takes_bgmv``, each token its own
     slot; a CUDA graph's plan included). None where it does not apply: other batches, autograd
-    recording, autocast, no Triton for these tensors, a plan with no adapter (the layers add
-    nothing then), ``tuning.SLOT_MLP`` off."""
+    recording, autocast, no Triton for these tensors, ranks it does not take, a plan with no
+    adapter (the layers add nothing then), ``tuning.SLOT_MLP`` or ``SHARED_SIBLINGS`` off."""
     if (
-        not tuning.SLOT_MLP
+        not _enabled()
         or not triton_slot_mlp.available(x, *weights, *A_stacks, *B_stacks)
+        or not triton_slot_mlp.takes_ranks(A_stacks)
         or not takes_bgmv(plan, x)
         or not (plan.graphed or plan.present)
         or torch.is_grad_enabled()
@@ -85,3 +89,9 @@ def slot_mlp_tokens(
     y = torch.mm(a, W_down.t())
     triton_bgmv.expand_planes([y], h_down, plan.token_slots, [B_down])
     return y
+
+
+def _enabled() -> bool:
+    # The fused MLP is the gate's and the up's shared call carried further: switching sharing off
+    # (a benchmark's per-layer case) switches it off too.
+    return tuning.SLOT_MLP and tuning.SHARED_SIBLINGS

@@ -38,6 +38,10 @@ BLOCK_M = 64  # tokens per program (of one row)
 BLOCK_N = 64  # F per iteration
 NUM_WARPS = 4
 TOKEN_BLOCK_N = 128  # F per iteration of a decode token's program
+MAX_RANK = 64
+"""The largest rank the kernels take: their rank tiles are whole (a power of two >= 16), and above
+64 the rows kernel's tiles outgrow an H100's shared memory in fp32 (compiled for sm_90: 147 KB at
+64, 279 KB at 128 of 227 KB). Larger ranks keep the layers one by one."""
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -48,6 +52,11 @@ def available(*tensors: torch.Tensor) -> bool:
         and len({t.dtype for t in tensors}) == 1
         and not torch.compiler.is_compiling()
     )
+
+
+def takes_ranks(A_stacks: list[torch.Tensor]) -> bool:
+    """True when every A stack's rank (S, r, d_in) is at most ``MAX_RANK``."""
+    return all(A.shape[1] <= MAX_RANK for A in A_stacks)
 
 
 if triton is not None:

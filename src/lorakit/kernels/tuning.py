@@ -105,5 +105,6 @@ SLOT_MLP = True
 as one fused pass over its (N, d_ff) activations (``slot_mlp.py``: the gate's and the up's expands,
 the SiLU gate and the down projection's shrink in one Triton kernel), for a prefill's rows and for
 decode batches, instead of its layers one by one: those write and read a prefill's activations four
-more times, and make a decode step three more launches. False: the layers one by one (each through
-``LoraLinear.slots_only``)."""
+more times, and make a decode step three more launches. It carries the gate's and the up's shared
+call further, so ``SHARED_SIBLINGS`` off turns it off too (as do ``BATCHED_ROWS`` and ``LORA_FIRST``
+off for a prefill's rows). False: the layers one by one (each through ``LoraLinear.slots_only``)."""

@@ -18,6 +18,7 @@ from ..kernels import triton_slot_mlp, tuning
 from ..kernels.gated_mlp import is_plain_silu
 from ..kernels.multi_lora import takes_bgmv
 from ..kernels.slot_mlp import slot_mlp_rows, slot_mlp_tokens
+from .linear import calls_hooks
 from .slot_siblings import shared_slot_operands
 
 
@@ -25,13 +26,13 @@ def slot_mlp_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``mlp(x)`` (..., d) for a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``)
     serving slots, through the fused call: a prefill's rows or a decode batch; None where it does
     not apply (see ``kernels/slot_mlp.py``; also a named adapter's rows, a bias, another activation
-    than SiLU)."""
+    than SiLU or one with hooks, a layer off the fast path)."""
     # Cheap refusals first: every call of every MLP passes here, on the CPU too.
     if not tuning.SLOT_MLP or torch.is_grad_enabled() or not triton_slot_mlp.available(x):
         return None
     layers = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
     routing = layers[0].__dict__.get("row_adapters")
-    if routing is None or routing.stack_names or not is_plain_silu(mlp.act_fn):
+    if routing is None or routing.stack_names or not is_plain_silu(mlp.act_fn) or calls_hooks(mlp.act_fn):
         return None
     x2 = x.reshape(-1, x.shape[-1])
     plan = routing.slot_plan(x.shape[0], x2.shape[0], x.device)

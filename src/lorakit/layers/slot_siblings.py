@@ -88,8 +88,8 @@ class SlotSiblings:
 
 def shared_slot_operands(layers, routing, x: torch.Tensor, plan: SlotPlan) -> list | None:
     """(weight, bias, stack) of each of ``layers`` (LoRA layers) when one call may compute them
-    all for ``routing``'s rows: every layer a plain linear layer on x's device without hooks,
-    serving those rows from a stack of x's dtype without a DoRA slot, outside autocast; else
+    all for ``routing``'s rows: every layer on the fast path, a plain linear layer on x's device
+    without hooks, serving those rows from a stack of x's dtype without a DoRA slot, outside autocast; else
     None. x (..., d): the first layer's input (only its dtype and device are read)."""
     if torch.is_autocast_enabled(x.device.type):
         return None
@@ -99,6 +99,7 @@ def shared_slot_operands(layers, routing, x: torch.Tensor, plan: SlotPlan) -> li
         stack = state.get("slot_stack")
         if (
             stack is None
+            or not state.get("fast_path")  # a layer kept on its reference forward
             or state.get("row_adapters") is not routing
             or state["disabled"]
             or state["merged_adapters"]

@@ -4,6 +4,8 @@ call. lorakit otherwise only swaps layers; everything here is undone by ``remove
 
     attention_siblings.py  q, k, v LoRA layers of one attention module share a record
     gated_mlp.py           gated MLPs get an instance ``forward`` through the fused MLP function
+    slot_siblings.py       a serving pool's sibling projections share a record
+    slot_mlp.py            a serving pool's gated MLPs get an instance ``forward`` through the fused MLP pass
     model_code.py          recognising a class by its code; the operands of a fused call
 
 Built on ``layers`` (the LoRA layers' ``fused_operands``) and ``kernels`` (the fused functions).
@@ -15,6 +17,7 @@ from torch import nn
 
 from .attention_siblings import install_sibling_groups, remove_sibling_groups
 from .gated_mlp import install_fused_mlps, remove_fused_mlps
+from .slot_mlp import remove_slot_mlps
 
 
 def install_patches(model: nn.Module) -> None:
@@ -24,7 +27,9 @@ def install_patches(model: nn.Module) -> None:
 
 
 def remove_patches(model: nn.Module) -> None:
-    """Undo ``install_patches`` (the plain model after ``unload``)."""
+    """Undo ``install_patches`` (the plain model after ``unload``), and a serving pool's MLP
+    patches (``slot_mlp``), which wrap the fused MLP's forward."""
+    remove_slot_mlps(model)
     remove_fused_mlps(model)
     remove_sibling_groups(model)
 

@@ -47,8 +47,8 @@ from ..kernels.multi_lora import SlotPlan
 from ..layers import LoraLinear, is_conv1d
 from ..layers.routing import RowRouting
 from ..layers.slot_stack import SlotStack
-from ..patching.slot_mlp import install_slot_mlps
-from ..patching.slot_siblings import install_slot_siblings
+from ..patching.slot_mlp import install_slot_mlps, remove_slot_mlps
+from ..patching.slot_siblings import install_slot_siblings, remove_slot_siblings
 from ..state import adapter_modules, replace_module
 from ..targets import find_targets, is_linear, named_base_modules
 from .requests import EngineObserver, NullObserver
@@ -192,11 +192,13 @@ class AdapterPool:
         return {"registered": registered, "host": host, "slots_used": used, "slots": self.max_loras}
 
     def close(self) -> None:
-        """Stop the reader thread and take the routing off the model's layers."""
+        """Stop the reader thread and take the routing and the shared-call patches off the model."""
         self._reader.shutdown(wait=True, cancel_futures=True)
         for module in adapter_modules(self.model):
             if module.row_adapters is self.routing:
                 module.row_adapters = None
+        remove_slot_mlps(self.model)
+        remove_slot_siblings(self.model)
 
     def _resolve(self, directory: str | Path) -> Path:
         path = Path(directory)

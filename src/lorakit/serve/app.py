@@ -149,8 +149,9 @@ def build_app(
         )
 
     def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
+        # None: the engine gives what the model's context, the KV budget and the cap leave.
         return SamplingParams(
-            max_tokens=max_tokens if max_tokens is not None else engine.limits.max_tokens,
+            max_tokens=max_tokens,
             seed=body.seed,
             stop=body.stop_list(),
             **body.sampling_values(),

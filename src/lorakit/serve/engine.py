@@ -51,6 +51,7 @@ class _Row:
     completion_tokens: int = 0
     last_token: int = 0
     static_row: int = -1  # its row of the StaticBatch, when the engine decodes over one
+    columns: int = 0  # the most KV columns it may fill (its prefill's padded prompt + max_tokens)
 
 
 class Engine:
@@ -87,7 +88,6 @@ class Engine:
         self._rows: list[_Row] = []
         self._outbox = Outbox()  # the deltas of the current step, sent when it ends
         self._batch: BatchState | None = None
-        self._reserved = 0
         self._stop = threading.Event()
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
@@ -271,7 +271,7 @@ class Engine:
             self._unqueue()
             self._send_last(handle, delta, None, time.monotonic())
         self._leave_all([i for i, row in enumerate(self._rows) if row.handle.cancelled.is_set()], "abort")
-        admitted, failed = self.scheduler.admit(len(self._rows), self._reserved)
+        admitted, failed = self.scheduler.admit(len(self._rows), max((r.columns for r in self._rows), default=0))
         for handle, delta in failed:
             self._unqueue()
             self._send_last(handle, delta, handle.request.adapter, time.monotonic())
@@ -321,9 +321,8 @@ class Engine:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         rows = [self._new_row(a) for a in admitted]
-        for a in admitted:
+        for _ in admitted:
             self._unqueue()
-            self._reserved += self.scheduler.reserved_bytes(a.handle)
         try:
             logits = self._forward(ids, mask, positions, cache, [r.route for r in rows])
             static_rows = self._static.admit(cache, mask) if self._static is not None else None
@@ -376,6 +375,7 @@ class Engine:
             stop_ids=stop_ids,
             prompt_tokens=len(request.prompt_ids),
             arrived=admitted.arrived,
+            columns=admitted.columns,
         )
 
     def _emit(self, logits: torch.Tensor, indices: range) -> None:
@@ -425,11 +425,10 @@ class Engine:
         self._leave({i: (reason, "") for i in indices}, error)
 
     def _finish(self, row: _Row, reason: str, piece: str, error: str | None = None) -> None:
-        """Send a row's last delta and give back its slot and KV reservation."""
+        """Send a row's last delta and give back its slot."""
         text = piece + (row.text.finish() if reason in ("stop", "length") else "")
         token = [row.last_token] if reason in ("stop", "length") else []
         delta = Delta(text, token, row.prompt_tokens, row.completion_tokens, reason, error, 500 if error else None)
-        self._reserved -= self.scheduler.reserved_bytes(row.handle)
         self.pool.release(row.route)
         self._send_last(row.handle, delta, row.handle.request.adapter, row.arrived)
 

@@ -2,14 +2,16 @@
 
 Requests wait in arrival order. At each step the scheduler walks them oldest first and admits
 those that fit: rows under ``max_num_seqs``, the prefill under ``max_prefill_tokens`` (padded
-tokens: rows are prefilled together, left-padded to the longest prompt), the KV bytes reserved by
-running rows (prompt + max_tokens each) under ``kv_cache_gb``, and the request's adapter in a
-device slot. Over static rows (``StaticBatch``: decode in CUDA graphs) the KV memory is the
-buffers', ``max_num_seqs`` rows of L columns whatever the rows use, so the budget is charged
-for them instead: the L the longest admitted row (padded prompt + max_tokens) makes them grow
-to. A request whose adapter is not resident yet stays waiting without holding up the requests
-behind it; the oldest of them asks the pool to drain a slot for it (``urgent``), so a cold
-adapter gets one as soon as that slot's rows finish instead of starving behind busy ones.
+tokens: rows are prefilled together, left-padded to the longest prompt), the KV memory under
+``kv_cache_gb``, and the request's adapter in a device slot. The KV memory is charged as the
+caches hold it, rows × columns. The running batch's ``DynamicCache`` left-pads every row to the
+longest (``batch_state.py``), so it may reach rows × the most columns any row may fill (its
+padded prompt + max_tokens), not the sum of the rows' own lengths. Static rows
+(``StaticBatch``: decode in CUDA graphs) hold ``max_num_seqs`` rows of L columns whatever the
+rows use: the L the longest admitted row makes them grow to (they never shrink). A request whose
+adapter is not resident yet stays waiting without holding up the requests behind it; the oldest
+of them asks the pool to drain a slot for it (``urgent``), so a cold adapter gets one as soon as
+that slot's rows finish instead of starving behind busy ones.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Admitted:
     handle: RequestHandle
     route: object
     arrived: float
+    columns: int = 0  # the most KV columns the row may fill (its prefill's padded prompt + max_tokens)
 
 
 class Scheduler:
@@ -107,10 +110,6 @@ class Scheduler:
     def add(self, handle: RequestHandle) -> None:
         self.queue.append(Waiting(handle))
 
-    def reserved_bytes(self, handle: RequestHandle) -> int:
-        request = handle.request
-        return (len(request.prompt_ids) + request.sampling.max_tokens) * self.kv_bytes_per_token
-
     def drop_finished(self) -> list[tuple[RequestHandle, Delta]]:
         """Take out waiting requests that were cancelled or waited too long for their adapter;
         returns each with the last delta it gets."""
@@ -133,9 +132,11 @@ class Scheduler:
         self.queue = kept
         return dropped
 
-    def admit(self, running: int, reserved: int) -> tuple[list[Admitted], list[tuple[RequestHandle, Delta]]]:
-        """The requests to prefill now (with their pinned adapter routes), and those that failed
-        (their adapter's files could not be read)."""
+    def admit(self, running: int, running_columns: int) -> tuple[list[Admitted], list[tuple[RequestHandle, Delta]]]:
+        """The requests to prefill now (with their pinned adapter routes and the columns each may
+        fill), and those that failed (their adapter's files could not be read). ``running``: rows
+        in the batch; ``running_columns``: the most columns one of them may fill (their
+        ``Admitted.columns``; unused over static rows, which keep their own)."""
         limits = self.limits
         budget = self._budget()
         admitted: list[Admitted] = []
@@ -149,12 +150,14 @@ class Scheduler:
                 break
             request = item.handle.request
             prompt = len(request.prompt_ids)
-            need = self.reserved_bytes(item.handle)
             # Every row of one prefill is padded to its longest prompt: the row asking the most
             # tokens may end that far beyond the padding.
-            columns = max(self.static_columns, max(longest, prompt) + max(most_tokens, request.sampling.max_tokens))
-            if self.static is None:
-                over = budget is not None and reserved + need > budget
+            group = max(longest, prompt) + max(most_tokens, request.sampling.max_tokens)
+            columns = max(self.static_columns, group)
+            if self.static is None:  # every row as long as the longest may become
+                rows = running + len(admitted) + 1
+                held = rows * max(running_columns, group) * self.kv_bytes_per_token
+                over = budget is not None and held > budget
             else:  # buffers already grown cost nothing more; only growing them past the budget waits
                 held = self.static_bytes(columns)
                 over = budget is not None and held > budget and held > self.static_bytes(self.static_columns)
@@ -175,9 +178,10 @@ class Scheduler:
                 continue  # its adapter is on its way; the requests behind it may go ahead
             self.queue.remove(item)
             admitted.append(Admitted(item.handle, route, item.arrived))
-            reserved += need
             longest = max(longest, prompt)
             most_tokens = max(most_tokens, request.sampling.max_tokens)
             if self.static is not None:
                 self.static_columns = columns
+        for a in admitted:  # one prefill: every row padded to the same columns
+            a.columns = longest + most_tokens
         return admitted, failed
