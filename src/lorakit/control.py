@@ -64,15 +64,8 @@ def _check_not_merged(what: str, model: nn.Module) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes as the base model alone."""
     _check_not_merged("disable_adapters", model)
-    modules = list(adapter_modules(model))
-    before = [m.disabled for m in modules]
-    for module in modules:
-        module.disabled = True
-    try:
+    with _set_within(adapter_modules(model), "disabled", True):
         yield model
-    finally:
-        for module, was in zip(modules, before):
-            module.disabled = was
 
 
 @contextmanager
@@ -152,15 +145,23 @@ def adapter_batch(model: nn.Module, names_per_row: Sequence[str | None]) -> Iter
         raise AdapterStateError(
             f"adapter_batch needs unmerged adapters, but {merged} are merged; call lorakit.unmerge(model) first"
         )
-    routing = RowRouting(rows)
-    before = [module.row_adapters for module in modules]  # a serving pool's routing comes back after
-    for module in modules:
-        module.row_adapters = routing
-    try:
+    # A serving pool's routing comes back after the block.
+    with _set_within(modules, "row_adapters", RowRouting(rows)):
         yield model
+
+
+@contextmanager
+def _set_within(modules, attribute: str, value) -> Iterator[None]:
+    """Set ``attribute`` of every module to ``value`` for the block, then give each its own back."""
+    modules = list(modules)
+    before = [getattr(module, attribute) for module in modules]
+    for module in modules:
+        setattr(module, attribute, value)
+    try:
+        yield
     finally:
         for module, was in zip(modules, before):
-            module.row_adapters = was
+            setattr(module, attribute, was)
 
 
 def merge(
