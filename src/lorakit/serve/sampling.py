@@ -45,7 +45,7 @@ def next_tokens(
     """One token per row from ``logits`` (rows, vocab). Greedy rows take the argmax (the first
     one on ties, as ``generate`` does); sampled rows scale by 1/temperature, keep the smallest set
     of tokens whose probability reaches top_p, and draw from it with the row's generator."""
-    chosen = logits.argmax(dim=-1).tolist()
+    chosen = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if p.temperature == 0:
             continue
@@ -53,8 +53,10 @@ def next_tokens(
         if p.top_p < 1:
             row = _nucleus(row, p.top_p)
         probs = torch.softmax(row, dim=-1)
-        chosen[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
-    return chosen
+        # Written on the device: one copy to the host for the whole batch, below (on a GPU each
+        # int() would wait for the device, once per sampled row).
+        chosen[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return chosen.tolist()
 
 
 def _nucleus(row: torch.Tensor, top_p: float) -> torch.Tensor:
