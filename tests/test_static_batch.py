@@ -3,6 +3,7 @@ what the model computes for that row's whole sequence alone; rows join, leave an
 grows; a capture the model refuses falls back to eager steps."""
 
 import inspect
+import time
 
 import pytest
 import torch
@@ -400,3 +401,83 @@ def test_auto_decode_is_cuda_graphs_on_a_gpu_with_triton(monkeypatch):
     assert _decode_mode("auto", torch.device("cuda")) == "dynamic"
     with pytest.raises(ConfigError, match="needs the model on a CUDA device and Triton"):
         _decode_mode("graphs", torch.device("cuda"))
+
+
+def _overlap_run(overlap: bool, decode: str = "static", cancel: bool = False):
+    """A tiny model's engine over staggered arrivals: greedy and seeded sampled rows, stop strings,
+    varied max_tokens. Returns each request's (tokens, text, finish reason, usage) and, for each
+    static decode step, (launched from device tokens, its rows)."""
+    from lorakit.serve.engine import Engine, EngineLimits
+    from lorakit.serve.requests import GenerationRequest, SamplingParams
+
+    from .serve_double import echo_tokenizer
+
+    tokenizer = echo_tokenizer()
+    model = tiny_llama(vocab=len(tokenizer))
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    engine = Engine(model, tokenizer, pool, model_id="m", limits=EngineLimits(max_num_seqs=4), decode=decode)
+    engine.overlap = overlap
+    from_device = []
+    if engine._static is not None:
+        step = engine._static.step
+        engine._static.step = lambda rows, tokens, routes: (
+            from_device.append((isinstance(tokens, torch.Tensor), len(rows))) or step(rows, tokens, routes)
+        )
+    gen = torch.Generator().manual_seed(3)
+    requests = []
+    for i in range(10):
+        prompt = torch.randint(5, len(tokenizer) - 5, (int(torch.randint(2, 12, (1,), generator=gen)),), generator=gen)
+        params = SamplingParams(
+            max_tokens=int(torch.randint(1, 24, (1,), generator=gen)),
+            temperature=[0, 0.8][i % 2],
+            seed=100 + i,
+            stop=["e"] if i % 3 == 0 else [],
+        )
+        requests.append(GenerationRequest(f"r{i}", prompt.tolist(), None, params))
+    engine.start()
+    try:
+        if cancel:  # one request cancelled after its third delta, while the others run beside it
+            params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+            cancelled = engine.submit(GenerationRequest("cancelled", [7, 8, 9], None, params))
+        handles = []
+        for i, request in enumerate(requests):
+            handles.append(engine.submit(request))
+            if i % 4 == 3:
+                time.sleep(0.05)  # later arrivals join a running batch
+        if cancel:
+            for _ in range(3):
+                cancelled.next_delta(timeout=60)
+            cancelled.cancel()
+            while (last := cancelled.next_delta(timeout=60)).finish_reason is None:
+                pass
+            assert last.finish_reason == "abort" and last.completion_tokens < 200
+        answers = []
+        for handle in handles:
+            tokens, text, last = handle.collect(timeout=60)
+            answers.append((tokens, text, last.finish_reason, last.completion_tokens))
+    finally:
+        engine.stop()
+    return answers, from_device
+
+
+def test_overlapped_steps_give_the_same_answers():
+    """Decode steps launched from the previous step's samples on the device (``Engine.overlap``)
+    give every request the tokens, text and finish reason of steps that wait for their tokens,
+    and of the dynamic cache; no row makes more than max_tokens."""
+    overlapped, steps = _overlap_run(True)
+    waited, waited_steps = _overlap_run(False)
+    dynamic, _ = _overlap_run(True, decode="dynamic")
+    assert any(on_device for on_device, _ in steps) and not any(on_device for on_device, _ in waited_steps)
+    assert overlapped == waited == dynamic
+    # A row ended by a stop string computes one token more (dropped); one ended by its length none.
+    stops = sum(reason == "stop" for _, _, reason, _ in overlapped)
+    extra = sum(rows for _, rows in steps) - sum(rows for _, rows in waited_steps)
+    assert 0 <= extra <= stops
+    assert {reason for _, _, reason, _ in overlapped} == {"stop", "length"}
+    for tokens, _, _, usage in overlapped:
+        assert len(tokens) == usage
+
+
+def test_a_row_cancelled_while_its_step_is_in_flight_leaves_and_the_rest_are_unchanged():
+    answers, _ = _overlap_run(True, cancel=True)
+    assert answers == _overlap_run(False)[0]

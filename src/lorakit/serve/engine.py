@@ -29,7 +29,7 @@ from ..errors import AdapterNameError, ConfigError, ServerBusyError
 from .batch_state import BatchState, check_cache_kind
 from .detokenize import TextStream
 from .requests import Delta, EngineObserver, GenerationRequest, NullObserver, Outbox, RequestHandle, SamplingParams
-from .sampling import check_sampling, next_tokens, row_generator
+from .sampling import check_sampling, next_tokens, row_generator, sample
 from .scheduler import Admitted, EngineLimits, Scheduler
 from .static_batch import StaticBatch
 
@@ -54,8 +54,21 @@ class _Row:
     columns: int = 0  # the most KV columns it may fill (its prefill's padded prompt + max_tokens)
 
 
+@dataclass
+class _InFlight:
+    """A decode step launched and not yet read: its rows, in its order, and their sampled tokens
+    ((rows,) on the device)."""
+
+    rows: list[_Row]
+    tokens: torch.Tensor
+
+
 class Engine:
-    """Continuous batching over one model and its adapter pool; see the module docstring."""
+    """Continuous batching over one model and its adapter pool; see the module docstring.
+
+    ``overlap`` (static rows only): launch each decode step from the previous step's samples on
+    the device, then read those samples and handle their text on the host while the GPU runs the
+    new step (see ``_decode_overlapped``). False: every step waits for its tokens first."""
 
     def __init__(
         self,
@@ -92,6 +105,8 @@ class Engine:
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         self._seeds = torch.Generator().manual_seed(seed)
+        self.overlap = True
+        self._inflight: _InFlight | None = None
         self.failure: BaseException | None = None
         self.decode_mode = _decode_mode(decode, self.device)
         self._chosen = decode == "auto"  # graphs chosen for the device, not asked for: fall back quietly
@@ -271,12 +286,15 @@ class Engine:
             self._unqueue()
             self._send_last(handle, delta, None, time.monotonic())
         self._leave_all([i for i, row in enumerate(self._rows) if row.handle.cancelled.is_set()], "abort")
+        if not self._rows:
+            self._inflight = None  # a step of rows that have all left since: nothing to read
         admitted, failed = self.scheduler.admit(len(self._rows), max((r.columns for r in self._rows), default=0))
         for handle, delta in failed:
             self._unqueue()
             self._send_last(handle, delta, handle.request.adapter, time.monotonic())
         prefill = decode = 0
         if admitted:
+            self._settle()  # the step in flight read first: the next one starts from host tokens
             prefill = self._prefill(admitted)
             self._outbox.flush()  # the first tokens go out now, not after this step's decode
         if self._rows:
@@ -343,6 +361,9 @@ class Engine:
         return int(mask.numel())
 
     def _decode(self) -> None:
+        if self._static is not None and self.overlap:
+            self._decode_overlapped()
+            return
         routes = [r.route for r in self._rows]
         try:
             if self._static is not None:
@@ -360,6 +381,53 @@ class Engine:
             )
             return
         self._emit(logits, range(len(self._rows)))
+
+    def _decode_overlapped(self) -> None:
+        """Launch the next decode step, then read the step before it. The next step's input
+        tokens are that step's samples, taken on the device, so the host does not wait for the
+        GPU before launching; it then copies those samples to the host (waiting only for the step
+        before) and handles their text while the GPU runs the new step, as vLLM's asynchronous
+        scheduling does. Rows the step before ends by length are left out of the new step; rows
+        it ends otherwise (EOS, a stop string) compute one token more, which is dropped."""
+        previous, self._inflight = self._inflight, None
+        if previous is None:
+            rows, tokens = list(self._rows), [row.last_token for row in self._rows]
+        else:  # the running rows are the previous step's, less those that left (``_settle``)
+            position = {id(row): i for i, row in enumerate(previous.rows)}
+            rows = [row for row in self._rows if not self._ends_by_length(row, pending=1)]
+            index = torch.tensor([position[id(row)] for row in rows], device=self.device)
+            tokens = previous.tokens.index_select(0, index) if rows else None
+        if rows:
+            try:
+                with torch.inference_mode():
+                    logits = self._static.step([r.static_row for r in rows], tokens, [r.route for r in rows])
+                    sampled = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+            except Exception as exc:
+                self._leave_all(
+                    list(range(len(self._rows))), "error", f"the decode step failed: {type(exc).__name__}: {exc}"
+                )
+                return
+            self._inflight = _InFlight(rows, sampled)
+        if previous is not None:
+            self._apply(previous)
+
+    def _apply(self, step: _InFlight) -> None:
+        """Read a launched step's tokens and hand them to its rows that are still running."""
+        tokens = step.tokens.tolist()
+        present = {id(row): i for i, row in enumerate(self._rows)}
+        self._emit_tokens([(present[id(row)], t) for row, t in zip(step.rows, tokens) if id(row) in present])
+
+    def _settle(self) -> None:
+        """Read the step in flight, if any: before a prefill adds rows, whose first tokens are on
+        the host (the next step starts from host tokens)."""
+        if self._inflight is not None:
+            step, self._inflight = self._inflight, None
+            self._apply(step)
+
+    def _ends_by_length(self, row: _Row, pending: int = 0) -> bool:
+        """True when ``row`` is finished by its length once it has ``pending`` more tokens."""
+        made = row.completion_tokens + pending
+        return made >= row.params.max_tokens or row.prompt_tokens + made >= self.max_context
 
     # --- rows ------------------------------------------------------------------------------
     def _new_row(self, admitted: Admitted) -> _Row:
@@ -383,8 +451,14 @@ class Engine:
         text, and let the rows that finished leave."""
         rows = [self._rows[i] for i in indices]
         tokens = next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        self._emit_tokens(list(zip(indices, tokens)))
+
+    def _emit_tokens(self, tokens: list[tuple[int, int]]) -> None:
+        """Give each row (index, its next token) its token, send the text, and let the rows that
+        finished leave."""
         finished: dict[int, tuple[str, str]] = {}  # row index -> (finish reason, its last text)
-        for i, row, token in zip(indices, rows, tokens):
+        for i, token in tokens:
+            row = self._rows[i]
             row.completion_tokens += 1
             row.last_token = token
             if token in row.stop_ids:  # EOS or end of turn: the token ends the text, not part of it
@@ -393,9 +467,7 @@ class Engine:
             piece = row.text.add(token)
             if row.text.stopped:
                 finished[i] = ("stop", piece)
-            elif row.completion_tokens >= row.params.max_tokens or row.prompt_tokens + row.completion_tokens >= (
-                self.max_context
-            ):
+            elif self._ends_by_length(row):
                 finished[i] = ("length", piece)
             else:
                 self._outbox.add(row.handle, Delta(piece, [token], row.prompt_tokens, row.completion_tokens))
@@ -444,6 +516,7 @@ class Engine:
 
     def _fail_everything(self, message: str) -> None:
         """Every running and waiting request gets an error as its last delta (the engine stops)."""
+        self._inflight = None
         try:
             try:
                 self._leave_all(list(range(len(self._rows))), "error", message)

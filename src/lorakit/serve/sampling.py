@@ -42,9 +42,17 @@ def row_generator(params: SamplingParams, device: torch.device, fallback: torch.
 def next_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
-    """One token per row from ``logits`` (rows, vocab). Greedy rows take the argmax (the first
-    one on ties, as ``generate`` does); sampled rows scale by 1/temperature, keep the smallest set
-    of tokens whose probability reaches top_p, and draw from it with the row's generator."""
+    """``sample``'s tokens on the host."""
+    return sample(logits, params, generators).tolist()
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """One token per row from ``logits`` (rows, vocab), (rows,) int64 on their device (nothing
+    waits for the device here). Greedy rows take the argmax (the first one on ties, as
+    ``generate`` does); sampled rows scale by 1/temperature, keep the smallest set of tokens whose
+    probability reaches top_p, and draw from it with the row's generator."""
     chosen = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if p.temperature == 0:
@@ -53,10 +61,8 @@ def next_tokens(
         if p.top_p < 1:
             row = _nucleus(row, p.top_p)
         probs = torch.softmax(row, dim=-1)
-        # Written on the device: one copy to the host for the whole batch, below (on a GPU each
-        # int() would wait for the device, once per sampled row).
         chosen[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
-    return chosen.tolist()
+    return chosen
 
 
 def _nucleus(row: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -182,16 +182,21 @@ class StaticBatch:
 
     # --- decode ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, rows: list[int], tokens: list[int], routes: list) -> torch.Tensor:
-        """One decode token for static rows ``rows`` (their last tokens ``tokens``, adapters
-        ``routes``): logits (len(rows), vocab) in that order."""
+    def step(self, rows: list[int], tokens: list[int] | torch.Tensor, routes: list) -> torch.Tensor:
+        """One decode token for static rows ``rows`` (their last tokens ``tokens``: a list, or a
+        (len(rows),) tensor on the device, e.g. the previous step's samples; adapters ``routes``):
+        logits (len(rows), vocab) in that order."""
         self._ensure_length(max(self.lengths[k] for k in rows) + 1)
         bucket = next((b for b in ROW_BUCKETS if b > max(rows)), None) or self.capacity
         bucket = min(bucket, self.capacity)
-        ids = torch.zeros(bucket, 1, dtype=torch.int64)
-        for k, token in zip(rows, tokens):
-            ids[k, 0] = token
         index = torch.tensor(rows, device=self.device)
+        if isinstance(tokens, torch.Tensor):  # written on the device: nothing waits for it
+            ids = torch.zeros(bucket, 1, dtype=torch.int64, device=self.device)
+            ids[index, 0] = tokens
+        else:
+            ids = torch.zeros(bucket, 1, dtype=torch.int64)
+            for k, token in zip(rows, tokens):
+                ids[k, 0] = token
         # The column each row writes now is one it attends.
         self.mask[index, self.write_at[index]] = True
         bucket_routes = self._bucket_routes(bucket, rows, routes)
