@@ -31,7 +31,7 @@ from .detokenize import TextStream
 from .requests import Delta, EngineObserver, GenerationRequest, NullObserver, Outbox, RequestHandle, SamplingParams
 from .sampling import check_sampling, next_tokens, row_generator, sample
 from .scheduler import Admitted, EngineLimits, Scheduler
-from .static_batch import StaticBatch
+from .static_batch import StaticBatch, host_to_device
 
 __all__ = ["Engine", "EngineLimits"]
 
@@ -395,7 +395,7 @@ class Engine:
         else:  # the running rows are the previous step's, less those that left (``_settle``)
             position = {id(row): i for i, row in enumerate(previous.rows)}
             rows = [row for row in self._rows if not self._ends_by_length(row, pending=1)]
-            index = torch.tensor([position[id(row)] for row in rows], device=self.device)
+            index = host_to_device([position[id(row)] for row in rows], self.device)
             tokens = previous.tokens.index_select(0, index) if rows else None
         if rows:
             try:

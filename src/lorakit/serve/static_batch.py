@@ -36,6 +36,18 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 FIRST_LENGTH = 256
 
 
+def host_to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``values`` (a list: int64) on ``device`` without waiting for the device: on a GPU through pinned
+    memory (a copy from pageable memory may wait for the stream's earlier work first, which would
+    stall the host behind the step in flight; ``Engine.overlap``)."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
+    if host.device == device:
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 class RowCache:
     """What the model's attention layers see as the cache during a static decode step: ``update``
     writes each row's key and value (rows, kv_heads, 1, head_dim) at column ``write_at[row]`` and
@@ -189,7 +201,7 @@ class StaticBatch:
         self._ensure_length(max(self.lengths[k] for k in rows) + 1)
         bucket = next((b for b in ROW_BUCKETS if b > max(rows)), None) or self.capacity
         bucket = min(bucket, self.capacity)
-        index = torch.tensor(rows, device=self.device)
+        index = host_to_device(rows, self.device)
         if isinstance(tokens, torch.Tensor):  # written on the device: nothing waits for it
             ids = torch.zeros(bucket, 1, dtype=torch.int64, device=self.device)
             ids[index, 0] = tokens
@@ -205,7 +217,7 @@ class StaticBatch:
             logits = self._graphed(bucket, ids, slots, bucket_routes)
         else:
             self.pool.set_rows(bucket_routes)
-            logits = self._eager(bucket, ids.to(self.device))
+            logits = self._eager(bucket, host_to_device(ids, self.device))
         self.write_at[index] += 1
         self.positions[index] += 1
         for k in rows:
@@ -238,7 +250,7 @@ class StaticBatch:
         return self.forward(ids, mask, positions, cache)
 
     def _eager(self, bucket: int, ids: torch.Tensor) -> torch.Tensor:
-        self.ids[:bucket].copy_(ids.to(self.device))
+        self.ids[:bucket].copy_(ids)
         return self._run(**self._inputs(bucket))
 
     def _graphed(self, bucket: int, ids: torch.Tensor, slots: list[int], routes: list) -> torch.Tensor:
@@ -246,8 +258,8 @@ class StaticBatch:
         if layout != self._layout:
             self._graphs.clear()
             self._layout = layout
-        self.ids[:bucket].copy_(ids, non_blocking=True)
-        self.slots[:bucket].copy_(torch.tensor(slots), non_blocking=True)
+        self.ids[:bucket].copy_(host_to_device(ids, self.device))
+        self.slots[:bucket].copy_(host_to_device(slots, self.device))
         # The routing the graph was captured with (a replay does not read it; it keeps the model's
         # routing state what the graph computes until the next set_rows).
         self.pool.fix_slots(self.slots[:bucket])
