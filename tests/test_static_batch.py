@@ -201,9 +201,9 @@ def test_the_kv_budget_is_charged_for_the_static_rows():
 
 
 def test_the_dynamic_cache_is_charged_as_rows_times_the_longest_row():
-    """The running batch's DynamicCache left-pads every row to the longest: a short request beside
-    a long running row costs the long row's columns, not its own (which the sum of the rows'
-    lengths would charge), and each admitted row carries its prefill's padded columns."""
+    """The running batch's DynamicCache left-pads every row to the longest (and trims columns no
+    row uses any more): a short request beside a long running row costs the long row's columns,
+    not its own (which the sum of the rows' lengths would charge); each row carries its own."""
     from lorakit.serve.scheduler import EngineLimits, Scheduler
 
     pool = AdapterPool(tiny_llama(), max_loras=1, max_lora_rank=4)
@@ -213,11 +213,14 @@ def test_the_dynamic_cache_is_charged_as_rows_times_the_longest_row():
     assert scheduler.admit(running=1, running_columns=600)[0] == []
     admitted = scheduler.admit(running=1, running_columns=400)[0]  # two rows of 400 fit
     assert [a.handle.request_id for a in admitted] == ["short"] and admitted[0].columns == 20
-    # one prefill pads its rows to its longest prompt: each row may fill that + the most tokens asked
     for name, prompt, tokens in (("a", 100, 5), ("b", 10, 50), ("c", 10, 5)):
         wait(scheduler, name, prompt, tokens)
     admitted = scheduler.admit(running=0, running_columns=0)[0]
-    assert [a.columns for a in admitted] == [150, 150, 150]
+    assert [a.columns for a in admitted] == [105, 60, 15]
+    # rows admitted together count too: beside a row of 250, four rows (1000) fit, a fifth does not
+    for name, prompt, tokens in (("long", 100, 150), ("s1", 10, 5), ("s2", 10, 5), ("s3", 10, 5), ("s4", 10, 5)):
+        wait(scheduler, name, prompt, tokens)
+    assert [a.handle.request_id for a in scheduler.admit(running=0, running_columns=0)[0]] == ["long", "s1", "s2", "s3"]
 
 
 def test_the_engine_charges_its_running_rows_columns():
@@ -481,3 +484,138 @@ def test_overlapped_steps_give_the_same_answers():
 def test_a_row_cancelled_while_its_step_is_in_flight_leaves_and_the_rest_are_unchanged():
     answers, _ = _overlap_run(True, cancel=True)
     assert answers == _overlap_run(False)[0]
+
+
+# --- the overlapped engine driven step by step ------------------------------------------------
+def _stepped_engine(overlap: bool = True):
+    """An engine over static rows (eager, on the CPU) warmed up but not started: the tests call
+    ``_step`` themselves, so what is in flight at each point is known."""
+    from lorakit.serve.engine import Engine, EngineLimits
+
+    from .serve_double import echo_tokenizer
+
+    tokenizer = echo_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=len(tokenizer))
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    engine = Engine(model, tokenizer, pool, model_id="m", limits=EngineLimits(max_num_seqs=4), decode="static")
+    engine.overlap = overlap
+    engine._warm_up()
+    return engine
+
+
+def _ask(engine, name, prompt, max_tokens, **sampling):
+    from lorakit.serve.requests import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **{"temperature": 0, **sampling})
+    return engine.submit(GenerationRequest(name, prompt, None, params))
+
+
+def _steps(engine, count):
+    for _ in range(count):
+        engine._step()
+        engine._outbox.flush()
+
+
+def _deltas(handle):
+    out = []
+    while not handle._queue.empty():
+        out.append(handle._queue.get())
+    return out
+
+
+def _ending(handle):
+    deltas = _deltas(handle)
+    return sum((d.token_ids for d in deltas), []), deltas[-1].finish_reason, deltas[-1].completion_tokens
+
+
+def test_a_row_ended_by_length_at_the_buffers_end_is_freed_before_the_next_step():
+    """A row whose last key fills the static buffers' last column (prompt 200 + 57 tokens: 256)
+    is left out of the step launched beside its last one; its static row is freed, not kept in the
+    step's bucket, where its key would be written past the buffers (rows after it running on)."""
+    answers = []
+    for overlap in (False, True):
+        engine = _stepped_engine(overlap)
+        long = _ask(engine, "A", [5 + i % 300 for i in range(200)], 57)
+        _steps(engine, 1)  # A in static row 0
+        short = _ask(engine, "B", [5, 6, 7, 8, 9], 80)  # B in static row 1: A's row is inside B's bucket
+        _steps(engine, 120)
+        answers.append([_ending(long), _ending(short)])
+        assert engine._static.length == 256
+    assert answers[0] == answers[1]
+    assert [(reason, made) for _, reason, made in answers[1]] == [("length", 57), ("length", 80)]
+
+
+def test_a_failing_step_still_delivers_the_step_before_it():
+    answers = []
+    for overlap in (False, True):
+        engine = _stepped_engine(overlap)
+        calls, step = [0], engine._static.step
+
+        def failing(rows, tokens, routes):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return step(rows, tokens, routes)
+
+        engine._static.step = failing
+        first, second = _ask(engine, "A", [5, 6, 7], 3), _ask(engine, "B", [8, 9, 10], 10)
+        _steps(engine, 6)
+        answers.append([_ending(first), _ending(second)])
+        assert not engine._rows and not any(engine._static.used)
+    assert answers[0] == answers[1]
+    assert answers[1][0][1:] == ("length", 3) and answers[1][1][1] == "error"
+
+
+def test_stopping_delivers_the_step_in_flight():
+    engine = _stepped_engine()
+    handle = _ask(engine, "A", [5, 6, 7], 2)
+    _steps(engine, 1)  # the prefill's token out, the second token's step in flight
+    assert engine._inflight is not None
+    engine._stop.set()
+    engine._run()  # the loop ends at once; its clean stop reads the step in flight
+    tokens, reason, made = _ending(handle)
+    assert (len(tokens), reason, made) == (2, "length", 2)
+
+
+def test_decode_counts_and_switching_overlap_off_mid_run():
+    """The observer counts the rows each step computes (not rows left out of it), and overlap
+    switched off between steps reads the step in flight first: the same tokens as without it."""
+    from lorakit.serve.requests import NullObserver
+
+    class Counted(NullObserver):
+        def __init__(self):
+            self.decoded = 0
+
+        def step(self, running, waiting, prefill, decode, seconds):
+            self.decoded += decode
+
+    answers = []
+    for switch in (None, 3):
+        engine = _stepped_engine(overlap=switch is not None)
+        engine.observer = Counted()
+        handles = [_ask(engine, f"r{i}", [5, 6, 7 + i], n) for i, n in enumerate((4, 6, 9))]
+        for k in range(15):
+            if k == switch:
+                engine.overlap = False
+            _steps(engine, 1)
+        answers.append([_ending(h) for h in handles])
+        made = sum(made for _, _, made in answers[-1])
+        assert engine.observer.decoded == made - 3  # every token but the prefills' first ones
+    assert answers[0] == answers[1]
+
+
+def test_logits_sampling_refuses_fail_their_rows_not_the_engine():
+    """NaN logits (multinomial refuses them) fail the rows of that step, in the waiting and the
+    overlapped path alike; the engine goes on serving."""
+    for overlap in (False, True):
+        engine = _stepped_engine(overlap)
+        step = engine._static.step
+        engine._static.step = lambda rows, tokens, routes: step(rows, tokens, routes) * float("nan")
+        broken = _ask(engine, "A", [5, 6, 7], 5, temperature=1.0, seed=1)
+        _steps(engine, 3)
+        assert _ending(broken)[1] == "error" and not engine._rows
+        engine._static.step = step
+        fine = _ask(engine, "B", [5, 6, 7], 3)
+        _steps(engine, 4)
+        assert _ending(fine)[1:] == ("length", 3)

@@ -51,16 +51,34 @@ class _Row:
     completion_tokens: int = 0
     last_token: int = 0
     static_row: int = -1  # its row of the StaticBatch, when the engine decodes over one
-    columns: int = 0  # the most KV columns it may fill (its prefill's padded prompt + max_tokens)
+    columns: int = 0  # the most KV columns its own tokens may fill (prompt + max_tokens)
 
 
 @dataclass
 class _InFlight:
-    """A decode step launched and not yet read: its rows, in its order, and their sampled tokens
-    ((rows,) on the device)."""
+    """A decode step launched and not yet read: its rows, in its order, their sampled tokens
+    ((rows,) on the device), and on a GPU their copy on its way to pinned host memory with the
+    event that marks it done (reading it waits for this step only, not for the one after)."""
 
     rows: list[_Row]
     tokens: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+
+    @staticmethod
+    def launched(rows: list[_Row], tokens: torch.Tensor) -> _InFlight:
+        if tokens.device.type != "cuda":
+            return _InFlight(rows, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _InFlight(rows, tokens, host, ready)
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 class Engine:
@@ -263,6 +281,11 @@ class Engine:
             raise
         finally:
             self._running.clear()
+            if self.failure is None:  # a clean stop: the step in flight's tokens still go out
+                try:
+                    self._settle()
+                except Exception:
+                    pass
             self._fail_everything("the server is shutting down")
 
     def _wait_for_work(self) -> None:
@@ -298,8 +321,7 @@ class Engine:
             prefill = self._prefill(admitted)
             self._outbox.flush()  # the first tokens go out now, not after this step's decode
         if self._rows:
-            decode = len(self._rows)
-            self._decode()
+            decode = self._decode()
         if not (admitted or decode):
             return bool(failed)
         self.observer.step(len(self._rows), len(self.scheduler.queue), prefill, decode, time.perf_counter() - started)
@@ -357,14 +379,19 @@ class Engine:
             self._batch.join(BatchState(cache, mask))
         start = len(self._rows)
         self._rows.extend(rows)
-        self._emit(logits, range(start, len(self._rows)))
+        try:
+            self._emit(logits, range(start, len(self._rows)))
+        except Exception as exc:  # sampling refused the logits (NaN, say): these rows fail
+            self._leave_all(list(range(start, len(self._rows))), "error", f"the prefill failed: {exc}")
         return int(mask.numel())
 
-    def _decode(self) -> None:
+    def _decode(self) -> int:
+        """One decode step of the running rows; returns how many rows it computed."""
         if self._static is not None and self.overlap:
-            self._decode_overlapped()
-            return
+            return self._decode_overlapped()
+        self._settle()  # overlap switched off meanwhile: the step in flight first
         routes = [r.route for r in self._rows]
+        count = len(self._rows)
         try:
             if self._static is not None:
                 with torch.inference_mode():
@@ -375,26 +402,35 @@ class Engine:
                 ids = torch.tensor([[row.last_token] for row in self._rows], device=self.device)
                 mask, positions = self._batch.step_inputs()
                 logits = self._forward(ids, mask, positions, self._batch.cache, routes)
+            self._emit(logits, range(count))
         except Exception as exc:
             self._leave_all(
                 list(range(len(self._rows))), "error", f"the decode step failed: {type(exc).__name__}: {exc}"
             )
-            return
-        self._emit(logits, range(len(self._rows)))
+        return count
 
-    def _decode_overlapped(self) -> None:
+    def _decode_overlapped(self) -> int:
         """Launch the next decode step, then read the step before it. The next step's input
         tokens are that step's samples, taken on the device, so the host does not wait for the
         GPU before launching; it then copies those samples to the host (waiting only for the step
         before) and handles their text while the GPU runs the new step, as vLLM's asynchronous
-        scheduling does. Rows the step before ends by length are left out of the new step; rows
-        it ends otherwise (EOS, a stop string) compute one token more, which is dropped."""
+        scheduling does. Rows the step before ends by length are left out of the new step, their
+        static rows freed at once (a freed row computes a dummy token at column 0; kept, it would
+        write its key past its last column, which may be past the buffers); rows it ends
+        otherwise (EOS, a stop string) compute one token more, which is dropped. Returns how many
+        rows the new step computes."""
         previous, self._inflight = self._inflight, None
         if previous is None:
             rows, tokens = list(self._rows), [row.last_token for row in self._rows]
         else:  # the running rows are the previous step's, less those that left (``_settle``)
             position = {id(row): i for i, row in enumerate(previous.rows)}
-            rows = [row for row in self._rows if not self._ends_by_length(row, pending=1)]
+            rows = []
+            for row in self._rows:
+                if not self._ends_by_length(row, pending=1):
+                    rows.append(row)
+                elif row.static_row >= 0:
+                    self._static.release(row.static_row)
+                    row.static_row = -1
             index = host_to_device([position[id(row)] for row in rows], self.device)
             tokens = previous.tokens.index_select(0, index) if rows else None
         if rows:
@@ -402,18 +438,23 @@ class Engine:
                 with torch.inference_mode():
                     logits = self._static.step([r.static_row for r in rows], tokens, [r.route for r in rows])
                     sampled = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+                self._inflight = _InFlight.launched(rows, sampled)
             except Exception as exc:
-                self._leave_all(
-                    list(range(len(self._rows))), "error", f"the decode step failed: {type(exc).__name__}: {exc}"
-                )
-                return
-            self._inflight = _InFlight(rows, sampled)
+                failure = f"the decode step failed: {type(exc).__name__}: {exc}"
+                if previous is not None:  # the step before computed its tokens: they go out first
+                    try:
+                        self._apply(previous)
+                    except Exception:
+                        pass
+                self._leave_all(list(range(len(self._rows))), "error", failure)
+                return 0
         if previous is not None:
             self._apply(previous)
+        return len(rows)
 
     def _apply(self, step: _InFlight) -> None:
         """Read a launched step's tokens and hand them to its rows that are still running."""
-        tokens = step.tokens.tolist()
+        tokens = step.read()
         present = {id(row): i for i, row in enumerate(self._rows)}
         self._emit_tokens([(present[id(row)], t) for row, t in zip(step.rows, tokens) if id(row) in present])
 

@@ -5,8 +5,9 @@ those that fit: rows under ``max_num_seqs``, the prefill under ``max_prefill_tok
 tokens: rows are prefilled together, left-padded to the longest prompt), the KV memory under
 ``kv_cache_gb``, and the request's adapter in a device slot. The KV memory is charged as the
 caches hold it, rows × columns. The running batch's ``DynamicCache`` left-pads every row to the
-longest (``batch_state.py``), so it may reach rows × the most columns any row may fill (its
-padded prompt + max_tokens), not the sum of the rows' own lengths. Static rows
+longest and trims columns no row uses any more (``batch_state.py``), so it may reach rows × the
+most columns any one row may fill (its prompt + max_tokens), not the sum of the rows' own
+lengths. Static rows
 (``StaticBatch``: decode in CUDA graphs) hold ``max_num_seqs`` rows of L columns whatever the
 rows use: the L the longest admitted row makes them grow to (they never shrink). A request whose
 adapter is not resident yet stays waiting without holding up the requests behind it; the oldest
@@ -51,7 +52,7 @@ class Admitted:
     handle: RequestHandle
     route: object
     arrived: float
-    columns: int = 0  # the most KV columns the row may fill (its prefill's padded prompt + max_tokens)
+    columns: int = 0  # the most KV columns its own tokens may fill (prompt + max_tokens)
 
 
 class Scheduler:
@@ -136,7 +137,7 @@ class Scheduler:
         """The requests to prefill now (with their pinned adapter routes and the columns each may
         fill), and those that failed (their adapter's files could not be read). ``running``: rows
         in the batch; ``running_columns``: the most columns one of them may fill (their
-        ``Admitted.columns``; unused over static rows, which keep their own)."""
+        ``Admitted.columns``; unused over static rows, whose buffers' length is the charge)."""
         limits = self.limits
         budget = self._budget()
         admitted: list[Admitted] = []
@@ -152,11 +153,12 @@ class Scheduler:
             prompt = len(request.prompt_ids)
             # Every row of one prefill is padded to its longest prompt: the row asking the most
             # tokens may end that far beyond the padding.
-            group = max(longest, prompt) + max(most_tokens, request.sampling.max_tokens)
-            columns = max(self.static_columns, group)
+            columns = max(self.static_columns, max(longest, prompt) + max(most_tokens, request.sampling.max_tokens))
+            own = prompt + request.sampling.max_tokens
             if self.static is None:  # every row as long as the longest may become
                 rows = running + len(admitted) + 1
-                held = rows * max(running_columns, group) * self.kv_bytes_per_token
+                longest_row = max([running_columns, own] + [a.columns for a in admitted])
+                held = rows * longest_row * self.kv_bytes_per_token
                 over = budget is not None and held > budget
             else:  # buffers already grown cost nothing more; only growing them past the budget waits
                 held = self.static_bytes(columns)
@@ -177,11 +179,9 @@ class Scheduler:
             if route is None:
                 continue  # its adapter is on its way; the requests behind it may go ahead
             self.queue.remove(item)
-            admitted.append(Admitted(item.handle, route, item.arrived))
+            admitted.append(Admitted(item.handle, route, item.arrived, own))
             longest = max(longest, prompt)
             most_tokens = max(most_tokens, request.sampling.max_tokens)
             if self.static is not None:
                 self.static_columns = columns
-        for a in admitted:  # one prefill: every row padded to the same columns
-            a.columns = longest + most_tokens
         return admitted, failed
