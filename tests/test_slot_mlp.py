@@ -284,7 +284,11 @@ def test_calls_the_fused_pass_must_leave_to_the_layers(case, adapter_dirs, monke
     pool.close()
 
 
-def test_rows_named_by_adapter_leave_the_mlp_to_its_layers(pool_model, monkeypatch):
+@pytest.fixture
+def mlp_over_rows(pool_model, monkeypatch):
+    """Layer 0's MLP of the pool's model with a prefill's rows routed (a slot and the base, 6
+    tokens each), an input for it, and what reaches the fused call (``rows_calls``), which the
+    input has reached once already: (mlp, x, calls, the adapter's route)."""
     from lorakit.layers.slot_mlp import slot_mlp_output
 
     model, pool, route = pool_model
@@ -295,7 +299,15 @@ def test_rows_named_by_adapter_leave_the_mlp_to_its_layers(pool_model, monkeypat
     x = torch.randn(2, 6, 32)
     with torch.no_grad():
         slot_mlp_output(mlp, x)
-        assert len(calls) == 1  # slots only: the fused call is asked
+    assert len(calls) == 1  # slots only: the fused call is asked
+    return mlp, x, calls, route
+
+
+def test_rows_named_by_adapter_leave_the_mlp_to_its_layers(mlp_over_rows):
+    from lorakit.layers.slot_mlp import slot_mlp_output
+
+    mlp, x, calls, route = mlp_over_rows
+    with torch.no_grad():
         routing = mlp.gate_proj.row_adapters
         routing.set_rows(["named", None], [0, route.slot], routing.num_slots)  # slots besides a name
         assert slot_mlp_output(mlp, x) is None and len(calls) == 1
@@ -389,18 +401,11 @@ def test_the_tokens_call_refuses_what_it_does_not_take(case, fused_calls_on_cpu,
     assert (y is not None, fused_calls_on_cpu) == ((True, ["tokens"]) if taken else (False, [])), case
 
 
-def test_hooks_on_the_activation_and_layers_off_the_fast_path_keep_the_layers(pool_model, monkeypatch):
+def test_hooks_on_the_activation_and_layers_off_the_fast_path_keep_the_layers(mlp_over_rows):
     from lorakit.layers.slot_mlp import slot_mlp_output
 
-    model, pool, route = pool_model
-    calls = rows_calls(monkeypatch)
-    monkeypatch.setattr(tuning, "SEGMENT_TOKENS", 4)
-    mlp = model.model.layers[0].mlp
-    pool.set_rows([route, BASE_ROUTE])
-    x = torch.randn(2, 6, 32)
+    mlp, x, calls, _ = mlp_over_rows
     with torch.no_grad():
-        slot_mlp_output(mlp, x)
-        assert len(calls) == 1
         handle = mlp.act_fn.register_forward_hook(lambda module, args, out: out)
         assert slot_mlp_output(mlp, x) is None
         handle.remove()

@@ -151,6 +151,24 @@ def test_attention_that_takes_no_mask_is_refused():
 
 PER_TOKEN = 1000  # KV bytes per token in the scheduler tests
 ONE_LENGTH = 4 * static_batch.FIRST_LENGTH * PER_TOKEN  # four static rows' buffers at L = 256
+TINY_PER_TOKEN = 2 * 2 * 2 * 8 * 4  # the tiny Llama's KV bytes per token: K and V, 2 layers, 2 heads of 8, fp32
+
+
+def tiny_engine(decode: str = "static", kv_columns: int | None = None, observer=None, **limits):
+    """An engine over a tiny Llama and a small trained tokenizer (``echo_tokenizer``), not started;
+    ``kv_columns``: a KV budget of that many tokens."""
+    from lorakit.serve.engine import Engine, EngineLimits
+
+    from .serve_double import echo_tokenizer
+
+    tokenizer = echo_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_llama(vocab=len(tokenizer))
+    if kv_columns is not None:
+        limits["kv_cache_gb"] = kv_columns * TINY_PER_TOKEN / 2**30
+    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
+    limits = EngineLimits(**{"max_num_seqs": 4, **limits})
+    return Engine(model, tokenizer, pool, model_id="m", limits=limits, decode=decode, observer=observer)
 
 
 def wait(scheduler, name: str, prompt: int, max_tokens: int) -> None:
@@ -226,10 +244,7 @@ def test_the_dynamic_cache_is_charged_as_rows_times_the_longest_row():
 def test_the_engine_charges_its_running_rows_columns():
     """The engine hands the scheduler its rows' columns: under a budget of 100 columns, a row that
     may fill 60 runs alone, and a short request waits for it to finish (two rows of 60 are 120)."""
-    from lorakit.serve.engine import Engine, EngineLimits
     from lorakit.serve.requests import GenerationRequest, SamplingParams
-
-    from .serve_double import echo_tokenizer
 
     class Steps:
         def __init__(self):
@@ -241,13 +256,8 @@ def test_the_engine_charges_its_running_rows_columns():
         def __getattr__(self, name):
             return lambda *args, **kwargs: None
 
-    tokenizer = echo_tokenizer()
-    model = tiny_llama(vocab=len(tokenizer))
-    per_token = 2 * 2 * 2 * 8 * 4  # K and V, 2 layers, 2 KV heads of 8, fp32
-    limits = EngineLimits(max_num_seqs=4, kv_cache_gb=100 * per_token / 2**30)
     steps = Steps()
-    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
-    engine = Engine(model, tokenizer, pool, model_id="m", limits=limits, decode="dynamic", observer=steps)
+    engine = tiny_engine("dynamic", kv_columns=100, observer=steps)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (50, 5)]
     handles = [engine.submit(GenerationRequest(f"r{i}", [1] * 10, None, p)) for i, p in enumerate(params)]
     engine.start()
@@ -263,18 +273,11 @@ def test_one_request_may_not_reserve_more_kv_cache_than_the_budget():
     admitted alone past it: it is refused at submission (400), and a request without max_tokens
     gets what the budget leaves. Static rows: the longest L their buffers may grow to."""
     from lorakit.errors import ConfigError
-    from lorakit.serve.engine import Engine, EngineLimits
+    from lorakit.serve.engine import EngineLimits
     from lorakit.serve.requests import GenerationRequest, SamplingParams
     from lorakit.serve.scheduler import Scheduler
 
-    from .serve_double import echo_tokenizer
-
-    tokenizer = echo_tokenizer()
-    model = tiny_llama(vocab=len(tokenizer))
-    per_token = 2 * 2 * 2 * 8 * 4  # K and V, 2 layers, 2 KV heads of 8, fp32
-    limits = EngineLimits(max_num_seqs=2, kv_cache_gb=100 * per_token / 2**30)
-    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
-    engine = Engine(model, tokenizer, pool, model_id="m", limits=limits, decode="dynamic")
+    engine = tiny_engine("dynamic", kv_columns=100, max_num_seqs=2)
     assert engine.scheduler.most_columns() == 100
 
     def submit(max_tokens):
@@ -284,9 +287,9 @@ def test_one_request_may_not_reserve_more_kv_cache_than_the_budget():
         submit(91)
     submit(90)
     assert submit(None).request.sampling.max_tokens == 90
-    assert Scheduler(EngineLimits(), pool, per_token).most_columns() is None  # no budget
+    assert Scheduler(EngineLimits(), engine.pool, TINY_PER_TOKEN).most_columns() is None  # no budget
 
-    batch = StaticBatch(model, 4, graphs=False, pool=None, forward=None)
+    batch = StaticBatch(engine.model, 4, graphs=False, pool=None, forward=None)
     for budget, columns in ((ONE_LENGTH + 10, 256), (2 * ONE_LENGTH, 512), (5 * ONE_LENGTH, 1024)):
         scheduler = Scheduler(EngineLimits(max_num_seqs=4, kv_cache_gb=budget / 2**30), None, PER_TOKEN, static=batch)
         assert scheduler.most_columns() == columns
@@ -297,17 +300,10 @@ def test_a_chat_without_max_tokens_gets_what_the_kv_budget_leaves_over_http():
     what the budget leaves after its prompt; one asking more than that is a 400."""
     httpx = pytest.importorskip("httpx")
     from lorakit.serve.app import build_app
-    from lorakit.serve.engine import Engine, EngineLimits
 
     from .http_server import running_server
-    from .serve_double import echo_tokenizer
 
-    tokenizer = echo_tokenizer()
-    model = tiny_llama(vocab=len(tokenizer))
-    per_token = 2 * 2 * 2 * 8 * 4  # K and V, 2 layers, 2 KV heads of 8, fp32
-    limits = EngineLimits(max_num_seqs=2, kv_cache_gb=100 * per_token / 2**30)
-    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
-    engine = Engine(model, tokenizer, pool, model_id="m", limits=limits, decode="dynamic")
+    engine = tiny_engine("dynamic", kv_columns=100, max_num_seqs=2)
     asked = []
     submit = engine.submit
     engine.submit = lambda request, loop=None: asked.append(request) or submit(request, loop)
@@ -410,15 +406,10 @@ def _overlap_run(overlap: bool, decode: str = "static", cancel: bool = False):
     """A tiny model's engine over staggered arrivals: greedy and seeded sampled rows, stop strings,
     varied max_tokens. Returns each request's (tokens, text, finish reason, usage) and, for each
     static decode step, (launched from device tokens, its rows)."""
-    from lorakit.serve.engine import Engine, EngineLimits
     from lorakit.serve.requests import GenerationRequest, SamplingParams
 
-    from .serve_double import echo_tokenizer
-
-    tokenizer = echo_tokenizer()
-    model = tiny_llama(vocab=len(tokenizer))
-    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
-    engine = Engine(model, tokenizer, pool, model_id="m", limits=EngineLimits(max_num_seqs=4), decode=decode)
+    engine = tiny_engine(decode)
+    tokenizer = engine.tokenizer
     engine.overlap = overlap
     from_device = []
     if engine._static is not None:
@@ -490,15 +481,7 @@ def test_a_row_cancelled_while_its_step_is_in_flight_leaves_and_the_rest_are_unc
 def _stepped_engine(overlap: bool = True):
     """An engine over static rows (eager, on the CPU) warmed up but not started: the tests call
     ``_step`` themselves, so what is in flight at each point is known."""
-    from lorakit.serve.engine import Engine, EngineLimits
-
-    from .serve_double import echo_tokenizer
-
-    tokenizer = echo_tokenizer()
-    torch.manual_seed(0)
-    model = tiny_llama(vocab=len(tokenizer))
-    pool = AdapterPool(model, max_loras=1, max_lora_rank=4)
-    engine = Engine(model, tokenizer, pool, model_id="m", limits=EngineLimits(max_num_seqs=4), decode="static")
+    engine = tiny_engine()
     engine.overlap = overlap
     engine._warm_up()
     return engine
