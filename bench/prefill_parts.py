@@ -83,17 +83,24 @@ def gate_product_parts(R: int, T: int, S: int, r: int, dtype: torch.dtype, width
         "silu(g) * u (torch, two passes)": (lambda: F.silu(g) * u, 5 * g.numel() * size / 1e6),
         "silu_mul (Triton, no adapters)": (lambda: triton_swiglu.silu_mul(g, u), moved),
     }
-    for block_m, block_n, warps in ((64, 64, 4), (32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 64, 8)):
+    # tiles (tokens, columns, warps) and F's split over programs (None: the default, column_parts)
+    trials = ((64, 64, 4, None), (64, 64, 4, 1), (32, 64, 4, None), (64, 128, 4, None), (64, 128, 8, None))
+    trials += ((128, 64, 8, None),)
+    real_parts = triton_slot_mlp.column_parts
+    for block_m, block_n, warps, parts in trials:
 
-        def fused(block_m=block_m, block_n=block_n, warps=warps):
+        def fused(block_m=block_m, block_n=block_n, warps=warps, parts=parts):
             kept = triton_slot_mlp.BLOCK_M, triton_slot_mlp.BLOCK_N, triton_slot_mlp.NUM_WARPS
             triton_slot_mlp.BLOCK_M, triton_slot_mlp.BLOCK_N, triton_slot_mlp.NUM_WARPS = block_m, block_n, warps
+            triton_slot_mlp.column_parts = real_parts if parts is None else (lambda *a: parts)
             try:
                 return triton_slot_mlp.gate_product(g, u, h, B_gate, B_up, A_down, row_slots, T)
             finally:
                 triton_slot_mlp.BLOCK_M, triton_slot_mlp.BLOCK_N, triton_slot_mlp.NUM_WARPS = kept
+                triton_slot_mlp.column_parts = real_parts
 
-        cases[f"gate_product BM{block_m} BN{block_n} w{warps}"] = (fused, moved)
+        split = "auto" if parts is None else parts
+        cases[f"gate_product BM{block_m} BN{block_n} w{warps} F parts {split}"] = (fused, moved)
     for label, (function, megabytes) in cases.items():
         ms = median_ms(function, repeats=5, calls=10)
         print(f"| gated MLP (N, {width}) | {label} | {ms * 1e3:.0f} µs | {megabytes:.0f} | {megabytes / ms:.0f} |")

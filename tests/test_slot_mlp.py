@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from lorakit.kernels import triton_slot_mlp
 torch.manual_seed(0)
-for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 5e-3)):
+for dtype, tol, parts in ((torch.float32, 1e-5, 1), (torch.float16, 5e-3, 1), (torch.float32, 1e-5, 3)):
+    triton_slot_mlp.column_parts = lambda *a: parts  # F over one program per token block, or three
     # rows shorter and longer than a block, F not a multiple of a tile, ranks below 16 and 0
     for S, R, T, F_, rg, ru, rd in ((4, 3, 70, 130, 16, 8, 24), (3, 2, 64, 64, 0, 16, 16), (5, 4, 5, 200, 8, 8, 8)):
         N = R * T
@@ -131,6 +132,7 @@ for name, path in dirs.items():
 routes = {name: acquire(pool, name) for name in dirs}
 triton_slot_mlp.available = lambda *tensors: True  # CPU tensors through the kernel, interpreted
 triton_slot_mlp.BLOCK_M = triton_slot_mlp.BLOCK_N = 32  # rows of 70 tokens and F = 64: several tiles
+triton_slot_mlp.column_parts = lambda *a: 2  # F split over two programs per block, as on a GPU
 calls = []
 real = triton_slot_mlp.gate_product
 triton_slot_mlp.gate_product = lambda *a: calls.append(a[0].shape) or real(*a)

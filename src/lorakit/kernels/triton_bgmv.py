@@ -264,7 +264,7 @@ if triton is not None:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
@@ -272,7 +272,7 @@ def programs_per_token(tokens: int, length: int, block: int, device: torch.devic
     """How many programs share one token's ``length`` (d_in for the split shrink, d_out for the
     one-launch kernel's output units): enough to fill the GPU about twice, each with at least four
     ``block``-wide tiles."""
-    by_fill = triton.cdiv(2 * _sm_count(device), max(tokens, 1))
+    by_fill = triton.cdiv(2 * sm_count(device), max(tokens, 1))
     by_work = max(1, length // (4 * block))
     return max(1, min(by_fill, by_work))
 

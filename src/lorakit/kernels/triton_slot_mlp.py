@@ -14,8 +14,10 @@ and accumulating a's share of h_d as a is written. a is rounded to its dtype bef
 as the down projection's GEMMs read it. Two forms:
 
 - ``gate_product`` (a prefill's rows): token n lies in row n // T, whose slot is
-  ``row_slots[n // T]``; each program takes BM tokens of one row (one slot) and walks F in
-  BN-wide tiles, the expands and the shrink as ``tl.dot``s (K = r), h_d accumulated in registers.
+  ``row_slots[n // T]``; program (i, j) takes BM tokens of one row (one slot) and walks its share
+  j of F in BN-wide tiles (F split so that the programs fill the GPU a few times over), the
+  expands and the shrink as ``tl.dot``s (K = r), its part of h_d accumulated in registers and
+  written to plane j, the planes then added.
 - ``gate_product_tokens`` (decode batches, BGMV's regime: each token its own slot): program
   (n, j) takes token n's columns j·C … (j+1)·C - 1, the rank-r sums as reductions, h taken as the
   shrink's planes (``triton_bgmv.shrink_planes``) and h_d written as planes of partial sums that
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_bgmv import programs_per_token
+from .triton_bgmv import programs_per_token, sm_count
 from .triton_support import on_gpu_in_kernel_dtype, tl, triton
 
 BLOCK_M = 64  # tokens per program (of one row)
@@ -64,10 +66,12 @@ if triton is not None:
     @triton.jit
     def _gate_product_kernel(
         G, U, H, BG, BU, AD, ROW_SLOTS, ACT, HD,
-        T, F, RG, RU, RD, stride_h, stride_slots,
+        T, F, RG, RU, RD, stride_h, stride_slots, stride_hds, cols_per_program,
         BM: tl.constexpr, BN: tl.constexpr, BRG: tl.constexpr, BRU: tl.constexpr, BRD: tl.constexpr,
         PRECISION: tl.constexpr,
     ):  # fmt: skip
+        # Program (i, j): tokens block i (of one row), columns j·C … (j+1)·C - 1 of F; its share of
+        # h_d goes to plane j (the caller adds the planes).
         blocks_per_row = tl.cdiv(T, BM)
         program = tl.program_id(0)
         row = program // blocks_per_row
@@ -83,9 +87,11 @@ if triton is not None:
         hd = tl.zeros((BM, BRD), dtype=tl.float32)
         bg_slot, bu_slot, ad_slot = BG + slot * F * RG, BU + slot * F * RU, AD + slot * RD * F
         rg_mask, ru_mask, rd_mask = rg < RG, ru < RU, rd < RD
-        for start in range(0, F, BN):
+        first = tl.program_id(1) * cols_per_program
+        end = tl.minimum(first + cols_per_program, F)
+        for start in range(first, end, BN):
             cols = start + tl.arange(0, BN)
-            c_mask = cols < F
+            c_mask = cols < end
             mask = t_mask[:, None] & c_mask[None, :]
             offsets = n[:, None] * F + cols[None, :]
             g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -99,7 +105,8 @@ if triton is not None:
             tl.store(ACT + offsets, a, mask=mask)
             ad = tl.load(ad_slot + rd[None, :] * F + cols[:, None], mask=c_mask[:, None] & rd_mask[None, :], other=0.0)
             hd += tl.dot(a, ad, input_precision=PRECISION)
-        tl.store(HD + n[:, None] * RD + rd[None, :], hd, mask=t_mask[:, None] & rd_mask[None, :])
+        hd_rows = HD + tl.program_id(1) * stride_hds + n[:, None] * RD
+        tl.store(hd_rows + rd[None, :], hd, mask=t_mask[:, None] & rd_mask[None, :])
 
     @triton.jit
     def _token_gate_product_kernel(
@@ -176,16 +183,27 @@ def gate_product(
     if h.shape != (tokens, r_g + r_u) or h.stride(1) != 1:
         raise ValueError(f"h must be ({tokens}, {r_g + r_u}) with a unit last stride; got {tuple(h.shape)}")
     a = torch.empty_like(g)
-    h_down = torch.empty(tokens, r_d, dtype=torch.float32, device=g.device)
-    grid = (row_slots.shape[0] * triton.cdiv(tokens_per_row, BLOCK_M),)
-    _gate_product_kernel[grid](
-        g, u, h, B_gate, B_up, A_down, row_slots, a, h_down,
-        tokens_per_row, F, r_g, r_u, r_d, h.stride(0), row_slots.stride(0),
+    blocks = row_slots.shape[0] * triton.cdiv(tokens_per_row, BLOCK_M)
+    # F split over programs as well, enough to fill the GPU about four times over: a prefill's
+    # rows alone make a few hundred programs, each walking all of F.
+    parts = column_parts(blocks, F, BLOCK_N, g.device)
+    cols = triton.cdiv(triton.cdiv(F, parts), BLOCK_N) * BLOCK_N
+    parts = triton.cdiv(F, cols)
+    planes = torch.empty(parts, tokens, r_d, dtype=torch.float32, device=g.device)
+    _gate_product_kernel[(blocks, parts)](
+        g, u, h, B_gate, B_up, A_down, row_slots, a, planes,
+        tokens_per_row, F, r_g, r_u, r_d, h.stride(0), row_slots.stride(0), planes.stride(0), cols,
         BM=BLOCK_M, BN=BLOCK_N, BRG=_rank_block(r_g), BRU=_rank_block(r_u), BRD=_rank_block(r_d),
         PRECISION="ieee" if g.dtype == torch.float32 else "tf32",
         num_warps=NUM_WARPS,
     )  # fmt: skip
-    return a, h_down
+    return a, planes[0] if parts == 1 else planes.sum(dim=0)
+
+
+def column_parts(blocks: int, F: int, block_n: int, device: torch.device) -> int:
+    """Programs per token block over F for the rows kernel: about four waves of the GPU's
+    multiprocessors in all, each program at least four ``block_n``-wide tiles."""
+    return max(1, min(triton.cdiv(4 * sm_count(device), max(blocks, 1)), F // (4 * block_n)))
 
 
 def gate_product_tokens(
