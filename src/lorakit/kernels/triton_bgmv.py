@@ -26,13 +26,11 @@ nothing here runs (``available`` is False) and ``multi_lora`` takes its torch pa
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import tuning
 from .graph_mode import in_cuda_graph
-from .triton_support import on_gpu_in_kernel_dtype, tl, triton
+from .triton_support import on_gpu_in_kernel_dtype, sm_count, tl, triton
 
 BLOCK_K = 256  # d_in per shrink iteration
 BLOCK_N = 128  # output units per expand program
@@ -261,11 +259,6 @@ if triton is not None:
         _expand_units(
             h, b + ranks[None, :], stride_bn, rmask, out_row, units, units < d_out, g_row, BIAS, HAS_DORA, HAS_BIAS
         )
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def programs_per_token(tokens: int, length: int, block: int, device: torch.device) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import tuning
-from .triton_support import on_gpu_in_kernel_dtype, tl, triton
+from .triton_support import on_gpu_in_kernel_dtype, sm_count, tl, triton
 
 # Tile of one loop iteration; the fastest of (64|128|256) x (16|32|64) on the H200 in bf16.
 BLOCK_COLS, BLOCK_ROWS = 64, 64
@@ -44,9 +44,7 @@ def _launch_shape(rows: int, cols: int, device: torch.device) -> tuple[int, int]
         if len(_LAUNCH_SHAPES) > 4096:  # dynamic padding gives a new row count per batch: stay bounded
             _LAUNCH_SHAPES.clear()
         column_blocks = triton.cdiv(cols, BLOCK_COLS)
-        # (Triton's interpreter runs on CPU tensors: any count is right there.)
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        slices = max(1, min(triton.cdiv(4 * sm_count, column_blocks), triton.cdiv(rows, BLOCK_ROWS)))
+        slices = max(1, min(triton.cdiv(4 * sm_count(device), column_blocks), triton.cdiv(rows, BLOCK_ROWS)))
         rows_per_slice = triton.cdiv(triton.cdiv(rows, slices), BLOCK_ROWS) * BLOCK_ROWS
         _LAUNCH_SHAPES[key] = rows_per_slice, triton.cdiv(rows, rows_per_slice)
     return _LAUNCH_SHAPES[key]

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_bgmv import programs_per_token, sm_count
-from .triton_support import on_gpu_in_kernel_dtype, tl, triton
+from .triton_bgmv import programs_per_token
+from .triton_support import on_gpu_in_kernel_dtype, sm_count, tl, triton
 
 BLOCK_M = 64  # tokens per program (of one row)
 BLOCK_N = 64  # F per iteration

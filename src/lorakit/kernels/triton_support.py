@@ -20,3 +20,16 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def on_gpu_in_kernel_dtype(tensor: torch.Tensor) -> bool:
     """True when Triton is importable and ``tensor`` is a CUDA tensor of a kernel dtype."""
     return triton is not None and tensor.is_cuda and tensor.dtype in KERNEL_DTYPES
+
+
+_SM_COUNTS: dict[torch.device, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The GPU's multiprocessors (1 off a GPU: Triton's interpreter runs on CPU tensors), what the
+    kernels size their grids by. A plain dict, not functools.lru_cache, which torch.compile warns
+    about and traces through."""
+    if device not in _SM_COUNTS:
+        on_gpu = device.type == "cuda"
+        _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
+    return _SM_COUNTS[device]
