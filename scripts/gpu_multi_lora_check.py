@@ -327,6 +327,7 @@ def check_pool_slot_mlp(*dirs: Path) -> None:
             reference = exact[form]
             far = ((got - reference).abs().max() / reference.abs().max()).item()
             own = ((want - reference).abs().max() / reference.abs().max()).item()
+            # fp32: the fused pass's tiles sum in another order than cuBLAS (1e-6 on the CPU)
             close = err < 1e-4 if dtype == torch.float32 else far <= 2 * own + 5e-3
             fused_calls, apart = results["calls", form, True], results["calls", form, False]
             ok = close and fused_calls >= 2 and apart == 0

@@ -105,7 +105,7 @@ if triton is not None:
             tl.store(ACT + offsets, a, mask=mask)
             ad = tl.load(ad_slot + rd[None, :] * F + cols[:, None], mask=c_mask[:, None] & rd_mask[None, :], other=0.0)
             hd += tl.dot(a, ad, input_precision=PRECISION)
-        hd_rows = HD + tl.program_id(1) * stride_hds + n[:, None] * RD
+        hd_rows = HD + tl.program_id(1).to(tl.int64) * stride_hds + n[:, None] * RD
         tl.store(hd_rows + rd[None, :], hd, mask=t_mask[:, None] & rd_mask[None, :])
 
     @triton.jit
@@ -145,7 +145,7 @@ if triton is not None:
             tl.store(ACT + row + cols, a, mask=c_mask)
             ad = tl.load(ad_slot + rd[None, :] * F + cols[:, None], mask=c_mask[:, None] & rd_mask[None, :], other=0.0)
             hd += tl.sum(ad.to(tl.float32) * a.to(tl.float32)[:, None], axis=0)
-        tl.store(HD + part * stride_hds + n * stride_hd + rd, hd, mask=rd < RD)
+        tl.store(HD + part.to(tl.int64) * stride_hds + n * stride_hd + rd, hd, mask=rd < RD)
 
 
 def _rank_block(r: int) -> int:
@@ -187,8 +187,8 @@ def gate_product(
     # F split over programs as well, enough to fill the GPU about four times over: a prefill's
     # rows alone make a few hundred programs, each walking all of F.
     parts = column_parts(blocks, F, BLOCK_N, g.device)
-    cols = triton.cdiv(triton.cdiv(F, parts), BLOCK_N) * BLOCK_N
-    parts = triton.cdiv(F, cols)
+    cols = max(BLOCK_N, triton.cdiv(triton.cdiv(F, parts), BLOCK_N) * BLOCK_N)  # F = 0: one empty part
+    parts = max(1, triton.cdiv(F, cols))
     planes = torch.empty(parts, tokens, r_d, dtype=torch.float32, device=g.device)
     _gate_product_kernel[(blocks, parts)](
         g, u, h, B_gate, B_up, A_down, row_slots, a, planes,
@@ -227,8 +227,8 @@ def gate_product_tokens(
     if token_slots.shape != (tokens,):
         raise ValueError(f"one slot per token: {tokens} tokens, slots of shape {tuple(token_slots.shape)}")
     parts = programs_per_token(tokens, F, TOKEN_BLOCK_N, g.device)
-    cols = triton.cdiv(triton.cdiv(F, parts), TOKEN_BLOCK_N) * TOKEN_BLOCK_N
-    parts = triton.cdiv(F, cols)
+    cols = max(TOKEN_BLOCK_N, triton.cdiv(triton.cdiv(F, parts), TOKEN_BLOCK_N) * TOKEN_BLOCK_N)
+    parts = max(1, triton.cdiv(F, cols))
     a = torch.empty_like(g)
     h_down = torch.empty(parts, tokens, r_d, dtype=torch.float32, device=g.device)
     _token_gate_product_kernel[(tokens, parts)](
