@@ -205,7 +205,8 @@ def test_patch_installed_on_mlps_serving_slots_and_undone(pool_model):
     model, _, _ = pool_model
     mlps = [layer.mlp for layer in model.model.layers]
     assert all(isinstance(mlp.__dict__.get("forward"), SlotMlpForward) for mlp in mlps)
-    copy.deepcopy(model)  # the patch is a plain object
+    copied = copy.deepcopy(model)  # the patch is a plain object: the copy's MLP calls the copy
+    assert copied.model.layers[0].mlp.forward.mlp is copied.model.layers[0].mlp
     assert install_slot_mlps(model) == len(mlps)  # anew, not wrapped twice
     assert mlps[0].forward.previous is None
     remove_slot_mlps(model)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_bgmv, tuning
+from .host_copy import host_to_device
 
 GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -133,11 +134,7 @@ class SlotPlan:
         if use_runs:  # each run's slot, and where it ends
             parts += [slots[torch.cat([starts.new_zeros(1), starts])], torch.cat([starts, starts.new_full((1,), n)])]
         # One host-to-device copy for the index tensors (a plan is built every step).
-        packed = torch.cat(parts)
-        if device.type == "cuda":
-            packed = packed.pin_memory().to(device, non_blocking=True)
-        else:
-            packed = packed.to(device)
+        packed = host_to_device(torch.cat(parts), device)
         end = n + 2 * m + num_slots - 1
         segments = (packed[end : end + runs], packed[end + runs :].to(torch.int32)) if use_runs else None
         return SlotPlan(
@@ -169,6 +166,15 @@ def takes_bgmv(plan: SlotPlan, *tensors: torch.Tensor) -> bool:
     """True when a call of ``plan``'s tokens on ``tensors`` runs the Triton BGMV kernels: a graphed
     plan, or few tokens (``tuning.BGMV_TOKENS``), on a GPU with Triton."""
     return (plan.graphed or plan.tokens <= tuning.BGMV_TOKENS) and triton_bgmv.available(*tensors)
+
+
+def shared_form(plan: SlotPlan, x: torch.Tensor) -> str | None:
+    """How projections sharing one call on x (``layers/slot_siblings.py``, ``layers/slot_mlp.py``)
+    run ``plan``'s tokens: "tokens" (BGMV's batches: ``takes_bgmv``), "rows" (a prefill's rows,
+    ``plan.rows``; never a graphed plan's), or None (neither: each layer alone)."""
+    if takes_bgmv(plan, x):
+        return "tokens"
+    return "rows" if plan.rows is not None else None
 
 
 def add_multi_lora(

@@ -37,27 +37,19 @@ def slot_mlp_rows(
     (the CPU), dtypes, layouts or ranks it does not take, ``tuning.SLOT_MLP`` off (or the knobs of
     the per-layer forms it stands for: ``SHARED_SIBLINGS``, ``BATCHED_ROWS``, ``LORA_FIRST``)."""
     if (
-        not _enabled()
+        not _takes(x, weights, plan, A_stacks, B_stacks)
         or not tuning.BATCHED_ROWS
         or not tuning.LORA_FIRST
-        or not triton_slot_mlp.available(x, *weights, *A_stacks, *B_stacks)
-        or not triton_slot_mlp.takes_ranks(A_stacks)
         or plan.rows is None
-        or torch.is_grad_enabled()
-        or torch.is_autocast_enabled(x.device.type)
-        or plan.tokens != x.shape[0]
         or takes_bgmv(plan, x)
-        or not x.is_contiguous()
-        or any(w.dim() != 2 for w in weights)
-        or any(A.shape[0] != plan.num_slots or not A.is_contiguous() for A in A_stacks)
-        or not all(B.is_contiguous() for B in B_stacks)
+        or any(A.shape[0] != plan.num_slots for A in A_stacks)
     ):
         return None
-    (W_gate, W_up, W_down), (A_gate, A_up, _), (B_gate, B_up, B_down) = weights, A_stacks, B_stacks
+    (W_gate, W_up, W_down), (A_gate, A_up, A_down), (B_gate, B_up, B_down) = weights, A_stacks, B_stacks
     T, row_slots = plan.rows
     h = rows_shrink(x, plan, [A_gate, A_up])  # (N, r_gate + r_up)
     g, u = torch.mm(x, W_gate.t()), torch.mm(x, W_up.t())  # (N, F) each
-    a, h_down = triton_slot_mlp.gate_product(g, u, h, B_gate, B_up, A_stacks[2], row_slots, T)
+    a, h_down = triton_slot_mlp.gate_product(g, u, h, B_gate, B_up, A_down, row_slots, T)
     del g, u  # before the down projection's output is allocated
     return expand_then_base(h_down.to(x.dtype), a, W_down, plan, B_down)
 
@@ -69,18 +61,8 @@ def slot_mlp_tokens(
     slot; a CUDA graph's plan included). None where it does not apply: other batches, autograd
     recording, autocast, no Triton for these tensors, ranks it does not take, a plan with no
     adapter (the layers add nothing then), ``tuning.SLOT_MLP`` or ``SHARED_SIBLINGS`` off."""
-    if (
-        not _enabled()
-        or not triton_slot_mlp.available(x, *weights, *A_stacks, *B_stacks)
-        or not triton_slot_mlp.takes_ranks(A_stacks)
-        or not takes_bgmv(plan, x)
-        or not (plan.graphed or plan.present)
-        or torch.is_grad_enabled()
-        or torch.is_autocast_enabled(x.device.type)
-        or plan.tokens != x.shape[0]
-        or not all(t.is_contiguous() for t in (x, *A_stacks, *B_stacks))
-        or any(w.dim() != 2 for w in weights)
-    ):
+    takes = _takes(x, weights, plan, A_stacks, B_stacks) and takes_bgmv(plan, x)
+    if not takes or not (plan.graphed or plan.present):
         return None
     (W_gate, W_up, W_down), (A_gate, A_up, A_down), (B_gate, B_up, B_down) = weights, A_stacks, B_stacks
     h = triton_bgmv.shrink_planes(x, plan.token_slots, [A_gate, A_up])  # (split, N, r_gate + r_up)
@@ -91,7 +73,19 @@ def slot_mlp_tokens(
     return y
 
 
-def _enabled() -> bool:
-    # The fused MLP is the gate's and the up's shared call carried further: switching sharing off
-    # (a benchmark's per-layer case) switches it off too.
-    return tuning.SLOT_MLP and tuning.SHARED_SIBLINGS
+def _takes(x: torch.Tensor, weights: list, plan: SlotPlan, A_stacks: list, B_stacks: list) -> bool:
+    """What both forms need: the knobs on (the fused MLP is the gate's and the up's shared call
+    carried further, so switching sharing off, a benchmark's per-layer case, switches it off
+    too), Triton for these tensors, ranks the kernels take, nothing recorded for autograd, no
+    autocast, the plan's tokens, contiguous operands, 2-D weights."""
+    return (
+        tuning.SLOT_MLP
+        and tuning.SHARED_SIBLINGS
+        and triton_slot_mlp.available(x, *weights, *A_stacks, *B_stacks)
+        and triton_slot_mlp.takes_ranks(A_stacks)
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+        and plan.tokens == x.shape[0]
+        and all(t.is_contiguous() for t in (x, *A_stacks, *B_stacks))
+        and all(w.dim() == 2 for w in weights)
+    )

@@ -30,7 +30,7 @@ import torch
 
 from . import tuning
 from .graph_mode import in_cuda_graph
-from .triton_support import on_gpu_in_kernel_dtype, sm_count, tl, triton
+from .triton_support import on_gpu_in_kernel_dtype, rank_block, sm_count, split_evenly, tl, triton
 
 BLOCK_K = 256  # d_in per shrink iteration
 BLOCK_N = 128  # output units per expand program
@@ -261,11 +261,11 @@ if triton is not None:
         )
 
 
-def programs_per_token(tokens: int, length: int, block: int, device: torch.device) -> int:
-    """How many programs share one token's ``length`` (d_in for the split shrink, d_out for the
-    one-launch kernel's output units): enough to fill the GPU about twice, each with at least four
-    ``block``-wide tiles."""
-    by_fill = triton.cdiv(2 * sm_count(device), max(tokens, 1))
+def programs_per_token(tokens: int, length: int, block: int, device: torch.device, waves: int = 2) -> int:
+    """How many programs share one token's (or token block's) ``length`` (d_in for the split
+    shrink, d_out for the one-launch kernel's output units, F for the slot MLP's): enough to fill
+    the GPU ``waves`` times, each with at least four ``block``-wide tiles."""
+    by_fill = triton.cdiv(waves * sm_count(device), max(tokens, 1))
     by_work = max(1, length // (4 * block))
     return max(1, min(by_fill, by_work))
 
@@ -312,8 +312,8 @@ def bgmv(
     d_in, d_out = x.shape[1], out.shape[1]
     # Programs per token over its output units: enough to fill the GPU about twice.
     parts = split or programs_per_token(tokens, d_out, BLOCK_N, x.device)
-    units = triton.cdiv(triton.cdiv(d_out, parts), BLOCK_N) * BLOCK_N
-    _one_launch_kernel[(tokens, triton.cdiv(d_out, units))](
+    units, parts = split_evenly(d_out, parts, BLOCK_N)
+    _one_launch_kernel[(tokens, parts)](
         x,
         A_stack,
         B_stack,
@@ -334,7 +334,7 @@ def bgmv(
         units,
         HAS_DORA=gm1 is not None,
         HAS_BIAS=bias is not None,
-        BR=_rank_block([r]),
+        BR=rank_block(r),
         BK=BLOCK_K,
         BN=BLOCK_N,
     )
@@ -380,8 +380,7 @@ def shrink_planes(x: torch.Tensor, token_slots: torch.Tensor, A_stacks: list, sp
     count = len(A_stacks)
     tokens, d_in = x.shape
     split = split or programs_per_token(tokens, d_in, BLOCK_K, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(d_in, split), BLOCK_K) * BLOCK_K
-    split = triton.cdiv(d_in, k_per_split)
+    k_per_split, split = split_evenly(d_in, split, BLOCK_K)
     ranks = [A.shape[1] for A in A_stacks]
     h = torch.empty(split, tokens, sum(ranks), device=x.device, dtype=torch.float32)
     A3, r3 = _three(A_stacks, A_stacks[0]), _three(ranks, 0)
@@ -398,7 +397,7 @@ def shrink_planes(x: torch.Tensor, token_slots: torch.Tensor, A_stacks: list, sp
         h.stride(1),
         h.stride(0),
         k_per_split,
-        BR=_rank_block(ranks),
+        BR=rank_block(max(ranks)),
         BK=BLOCK_K,
     )
     return h
@@ -435,7 +434,7 @@ def expand_planes(outs, h: torch.Tensor, token_slots: torch.Tensor, B_stacks: li
         SPLIT=split,
         HAS_DORA=gm1 is not None,
         HAS_BIAS=bias is not None,
-        BR=_rank_block(ranks),
+        BR=rank_block(max(ranks)),
         BN=BLOCK_N,
     )
 
@@ -443,7 +442,3 @@ def expand_planes(outs, h: torch.Tensor, token_slots: torch.Tensor, B_stacks: li
 def _three(items, fill) -> list:
     """``items`` padded to three (the kernels take three projections)."""
     return list(items) + [fill] * (3 - len(items))
-
-
-def _rank_block(ranks: list[int]) -> int:
-    return max(16, triton.next_power_of_2(max(ranks)))

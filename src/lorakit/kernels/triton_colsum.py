@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import tuning
-from .triton_support import on_gpu_in_kernel_dtype, sm_count, tl, triton
+from .triton_support import on_gpu_in_kernel_dtype, sm_count, split_evenly, tl, triton
 
 # Tile of one loop iteration; the fastest of (64|128|256) x (16|32|64) on the H200 in bf16.
 BLOCK_COLS, BLOCK_ROWS = 64, 64
@@ -45,8 +45,7 @@ def _launch_shape(rows: int, cols: int, device: torch.device) -> tuple[int, int]
             _LAUNCH_SHAPES.clear()
         column_blocks = triton.cdiv(cols, BLOCK_COLS)
         slices = max(1, min(triton.cdiv(4 * sm_count(device), column_blocks), triton.cdiv(rows, BLOCK_ROWS)))
-        rows_per_slice = triton.cdiv(triton.cdiv(rows, slices), BLOCK_ROWS) * BLOCK_ROWS
-        _LAUNCH_SHAPES[key] = rows_per_slice, triton.cdiv(rows, rows_per_slice)
+        _LAUNCH_SHAPES[key] = split_evenly(rows, slices, BLOCK_ROWS)
     return _LAUNCH_SHAPES[key]
 
 

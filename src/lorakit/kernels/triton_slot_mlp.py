@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from .triton_bgmv import programs_per_token
-from .triton_support import on_gpu_in_kernel_dtype, sm_count, tl, triton
+from .triton_support import on_gpu_in_kernel_dtype, rank_block, split_evenly, tl, triton
 
 BLOCK_M = 64  # tokens per program (of one row)
 BLOCK_N = 64  # F per iteration
@@ -148,10 +148,6 @@ if triton is not None:
         tl.store(HD + part.to(tl.int64) * stride_hds + n * stride_hd + rd, hd, mask=rd < RD)
 
 
-def _rank_block(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot's K and N are 16 at least
-
-
 def _checked_sizes(g, u, B_gate, B_up, A_down) -> tuple[int, int, int, int, int]:
     """(N, F, r_g, r_u, r_d) of the kernels' operands, after checking they fit together."""
     tokens, F = g.shape
@@ -187,13 +183,12 @@ def gate_product(
     # F split over programs as well, enough to fill the GPU about four times over: a prefill's
     # rows alone make a few hundred programs, each walking all of F.
     parts = column_parts(blocks, F, BLOCK_N, g.device)
-    cols = max(BLOCK_N, triton.cdiv(triton.cdiv(F, parts), BLOCK_N) * BLOCK_N)  # F = 0: one empty part
-    parts = max(1, triton.cdiv(F, cols))
+    cols, parts = split_evenly(F, parts, BLOCK_N)
     planes = torch.empty(parts, tokens, r_d, dtype=torch.float32, device=g.device)
     _gate_product_kernel[(blocks, parts)](
         g, u, h, B_gate, B_up, A_down, row_slots, a, planes,
         tokens_per_row, F, r_g, r_u, r_d, h.stride(0), row_slots.stride(0), planes.stride(0), cols,
-        BM=BLOCK_M, BN=BLOCK_N, BRG=_rank_block(r_g), BRU=_rank_block(r_u), BRD=_rank_block(r_d),
+        BM=BLOCK_M, BN=BLOCK_N, BRG=rank_block(r_g), BRU=rank_block(r_u), BRD=rank_block(r_d),
         PRECISION="ieee" if g.dtype == torch.float32 else "tf32",
         num_warps=NUM_WARPS,
     )  # fmt: skip
@@ -203,7 +198,7 @@ def gate_product(
 def column_parts(blocks: int, F: int, block_n: int, device: torch.device) -> int:
     """Programs per token block over F for the rows kernel: about four waves of the GPU's
     multiprocessors in all, each program at least four ``block_n``-wide tiles."""
-    return max(1, min(triton.cdiv(4 * sm_count(device), max(blocks, 1)), F // (4 * block_n)))
+    return programs_per_token(blocks, F, block_n, device, waves=4)
 
 
 def gate_product_tokens(
@@ -227,13 +222,12 @@ def gate_product_tokens(
     if token_slots.shape != (tokens,):
         raise ValueError(f"one slot per token: {tokens} tokens, slots of shape {tuple(token_slots.shape)}")
     parts = programs_per_token(tokens, F, TOKEN_BLOCK_N, g.device)
-    cols = max(TOKEN_BLOCK_N, triton.cdiv(triton.cdiv(F, parts), TOKEN_BLOCK_N) * TOKEN_BLOCK_N)
-    parts = max(1, triton.cdiv(F, cols))
+    cols, parts = split_evenly(F, parts, TOKEN_BLOCK_N)
     a = torch.empty_like(g)
     h_down = torch.empty(parts, tokens, r_d, dtype=torch.float32, device=g.device)
     _token_gate_product_kernel[(tokens, parts)](
         g, u, h, B_gate, B_up, A_down, token_slots, a, h_down,
         F, r_g, r_u, r_d, h.stride(1), h.stride(0), h_down.stride(1), h_down.stride(0), cols,
-        SPLIT=h.shape[0], BN=TOKEN_BLOCK_N, BRG=_rank_block(r_g), BRU=_rank_block(r_u), BRD=_rank_block(r_d),
+        SPLIT=h.shape[0], BN=TOKEN_BLOCK_N, BRG=rank_block(r_g), BRU=rank_block(r_u), BRD=rank_block(r_d),
     )  # fmt: skip
     return a, h_down

@@ -33,3 +33,16 @@ def sm_count(device: torch.device) -> int:
         on_gpu = device.type == "cuda"
         _SM_COUNTS[device] = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
     return _SM_COUNTS[device]
+
+
+def split_evenly(length: int, parts: int, block: int) -> tuple[int, int]:
+    """(span, parts): ``length`` cut into about ``parts`` spans of whole ``block``-wide tiles, how
+    a kernel shares one dimension among its programs; the count comes back as the spans make it
+    (at least one: a span of ``block`` for an empty length)."""
+    span = max(block, triton.cdiv(triton.cdiv(length, parts), block) * block)
+    return span, max(1, triton.cdiv(length, span))
+
+
+def rank_block(rank: int) -> int:
+    """The tile a rank is padded to (with zeros): a power of two, 16 at least (``tl.dot``'s K and N)."""
+    return max(16, triton.next_power_of_2(rank))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AdapterStateError
+from ..kernels.host_copy import host_to_device
 from ..kernels.multi_lora import SlotPlan
 
 
@@ -67,7 +68,7 @@ class RowRouting:
         """Adapter name -> index tensor of its rows on ``device``, in first-seen order."""
         self._check(batch)
         if device not in self._on_device:
-            self._on_device[device] = {n: _on(device, rows) for n, rows in self._rows.items()}
+            self._on_device[device] = {n: host_to_device(rows, device) for n, rows in self._rows.items()}
         return self._on_device[device]
 
     def slot_plan(self, batch: int, tokens: int, device: torch.device) -> SlotPlan | None:
@@ -94,12 +95,3 @@ class RowRouting:
             rows = [number.get(name, 0) if name is not None else 0 for name in self.names]
             self._plans[key] = SlotPlan.for_rows(rows, tokens // batch, len(self.stack_names) + 1, device)
         return self._plans[key]
-
-
-def _on(device: torch.device, rows: list[int]) -> torch.Tensor:
-    """``rows`` as an int64 tensor on ``device``; on a GPU through pinned memory, so the host does
-    not wait for the device's earlier work (a serving engine's step in flight) to copy them."""
-    host = torch.tensor(rows, dtype=torch.int64)
-    if torch.device(device).type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)

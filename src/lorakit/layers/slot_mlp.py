@@ -16,7 +16,7 @@ from torch import nn
 
 from ..kernels import triton_slot_mlp, tuning
 from ..kernels.gated_mlp import is_plain_silu
-from ..kernels.multi_lora import takes_bgmv
+from ..kernels.multi_lora import shared_form
 from ..kernels.slot_mlp import slot_mlp_rows, slot_mlp_tokens
 from .linear import calls_hooks
 from .slot_siblings import shared_slot_operands
@@ -38,14 +38,14 @@ def slot_mlp_output(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     plan = routing.slot_plan(x.shape[0], x2.shape[0], x.device)
     if plan is None:
         return None
-    decode = takes_bgmv(plan, x)
-    if not decode and (plan.rows is None or plan.graphed):
+    form = shared_form(plan, x)
+    if form is None:
         return None
     operands = shared_slot_operands(layers, routing, x, plan)
     if operands is None or any(bias is not None for _, bias, _ in operands):
         return None
     weights = [weight for weight, _, _ in operands]
     stacks = [stack for _, _, stack in operands]
-    fused = slot_mlp_tokens if decode else slot_mlp_rows
+    fused = slot_mlp_tokens if form == "tokens" else slot_mlp_rows
     y = fused(x2, weights, plan, [s.A for s in stacks], [s.B for s in stacks])
     return None if y is None else y.view(*x.shape[:-1], y.shape[-1])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import triton_bgmv, tuning
-from ..kernels.multi_lora import SlotPlan, siblings_then_base, takes_bgmv
+from ..kernels.multi_lora import SlotPlan, shared_form, siblings_then_base
 from .linear import calls_hooks
 
 
@@ -58,15 +58,15 @@ class SlotSiblings:
 
     def _shared(self, caller: nn.Module, x: torch.Tensor, x2: torch.Tensor, plan: SlotPlan) -> list | None:
         """Every sibling's output on x, or None when the shared call does not cover them."""
-        decode = takes_bgmv(plan, x)
-        if not decode and (plan.rows is None or plan.graphed):
+        form = shared_form(plan, x)
+        if form is None:
             return None  # neither shared form applies (the CPU's decode batches): no checks per layer
         operands = self._operands(caller, x, plan)
         if operands is None:
             return None
         weights, biases, stacks = zip(*operands)
         A_stacks, B_stacks = [s.A for s in stacks], [s.B for s in stacks]
-        if decode and takes_bgmv(plan, *A_stacks):
+        if form == "tokens":  # the stacks share x's dtype and device (``shared_slot_operands``)
             # A decode batch: the base GEMMs, then one shrink and one expand for all of them.
             outs = [F.linear(x, weight, bias) for weight, bias in zip(weights, biases)]
             if plan.graphed or plan.present:

@@ -99,8 +99,8 @@ class SlotStack:
             )
         if r > self.max_rank:
             raise AdapterStateError(f"rank {r} exceeds the slots' maximum rank {self.max_rank}")
-        if scaling == 1.0 and magnitude is None:
-            self._copy_in(slot, A, B)
+        if scaling == 1.0 and magnitude is None:  # a pool's host copies: s folded into B already
+            self._place(slot, A, B, None)
             return
         wide = accumulation_dtype(torch.promote_types(A.dtype, self.dtype))
         # From page-locked host memory the copies run asynchronously (torch keeps the host block
@@ -113,28 +113,13 @@ class SlotStack:
         if magnitude is not None:
             g = magnitude.to(self.device, wide, non_blocking=True).reshape(-1) / self._unit_norm(A_w, B_w)
             B_w = B_w * g[:, None]
-        self._grow(r)
-        self.A[slot].zero_()
-        self.B[slot].zero_()
-        self.A[slot, :r] = A_w.to(self.dtype)
-        self.B[slot, :, :r] = B_w.to(self.dtype)
-        if g is not None:
-            if self.gm1 is None:
-                wide = accumulation_dtype(self.dtype)
-                self.gm1 = torch.zeros(self.num_slots, self.d_out, dtype=wide, device=self.device)
-                self.allocations += 1
-            self.gm1[slot] = g - 1
-        elif self.gm1 is not None:
-            self.gm1[slot].zero_()
-        self.ranks[slot] = r
-        self.version += 1
+        self._place(slot, A_w, B_w, g)
 
-    def _copy_in(self, slot: int, A: torch.Tensor, B: torch.Tensor) -> None:
-        """``write`` of factors needing no arithmetic (s = 1, no DoRA: a pool's host copies come with
-        s folded into B): each factor copied straight into its slot, rounded to the stack's dtype
-        once, as ``write``'s own path rounds it, and only the padding beyond its rank zeroed. A
-        cold adapter's write makes this call per module (hundreds), so it makes as few device
-        operations as it can."""
+    def _place(self, slot: int, A: torch.Tensor, B: torch.Tensor, g: torch.Tensor | None) -> None:
+        """The factors A (r, d_in), B (d_out, r) (any dtype, host or device) into ``slot``: each
+        copied straight in, rounded to the stack's dtype once, only the padding beyond its rank
+        zeroed; DoRA's g (d_out,) or None. A cold adapter's write makes this call per module
+        (hundreds), so it makes as few device operations as it can."""
         r = A.shape[0]
         self._grow(r)
         if r < self.r_max:
@@ -144,7 +129,13 @@ class SlotStack:
         # until they finish).
         self.A[slot, :r].copy_(A, non_blocking=True)
         self.B[slot, :, :r].copy_(B, non_blocking=True)
-        if self.gm1 is not None:
+        if g is not None:
+            if self.gm1 is None:
+                wide = accumulation_dtype(self.dtype)
+                self.gm1 = torch.zeros(self.num_slots, self.d_out, dtype=wide, device=self.device)
+                self.allocations += 1
+            self.gm1[slot] = g - 1
+        elif self.gm1 is not None:
             self.gm1[slot].zero_()
         self.ranks[slot] = r
         self.version += 1

@@ -26,12 +26,13 @@ from torch import nn
 from ..data.render import Renderer
 from ..data.stop_tokens import stop_token_ids
 from ..errors import AdapterNameError, ConfigError, ServerBusyError
+from ..kernels.host_copy import host_to_device
 from .batch_state import BatchState, check_cache_kind
 from .detokenize import TextStream
 from .requests import Delta, EngineObserver, GenerationRequest, NullObserver, Outbox, RequestHandle, SamplingParams
 from .sampling import check_sampling, next_tokens, row_generator, sample
 from .scheduler import Admitted, EngineLimits, Scheduler
-from .static_batch import StaticBatch, host_to_device
+from .static_batch import StaticBatch
 
 __all__ = ["Engine", "EngineLimits"]
 

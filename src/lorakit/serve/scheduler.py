@@ -144,6 +144,7 @@ class Scheduler:
         failed = []
         longest = 0
         most_tokens = 0  # the largest max_tokens admitted in this prefill (its rows share one padding)
+        widest = running_columns  # the most columns one running or admitted row may fill
         urgent_asked = False
         now = time.monotonic()
         for item in list(self.queue):
@@ -151,16 +152,14 @@ class Scheduler:
                 break
             request = item.handle.request
             prompt = len(request.prompt_ids)
-            # Every row of one prefill is padded to its longest prompt: the row asking the most
-            # tokens may end that far beyond the padding.
-            columns = max(self.static_columns, max(longest, prompt) + max(most_tokens, request.sampling.max_tokens))
             own = prompt + request.sampling.max_tokens
             if self.static is None:  # every row as long as the longest may become
-                rows = running + len(admitted) + 1
-                longest_row = max([running_columns, own] + [a.columns for a in admitted])
-                held = rows * longest_row * self.kv_bytes_per_token
+                held = (running + len(admitted) + 1) * max(widest, own) * self.kv_bytes_per_token
                 over = budget is not None and held > budget
             else:  # buffers already grown cost nothing more; only growing them past the budget waits
+                # Every row of one prefill is padded to its longest prompt: the row asking the most
+                # tokens may end that far beyond the padding.
+                columns = max(self.static_columns, max(longest, prompt) + max(most_tokens, request.sampling.max_tokens))
                 held = self.static_bytes(columns)
                 over = budget is not None and held > budget and held > self.static_bytes(self.static_columns)
             if over and (running or admitted):
@@ -182,6 +181,7 @@ class Scheduler:
             admitted.append(Admitted(item.handle, route, item.arrived, own))
             longest = max(longest, prompt)
             most_tokens = max(most_tokens, request.sampling.max_tokens)
+            widest = max(widest, own)
             if self.static is not None:
                 self.static_columns = columns
         return admitted, failed

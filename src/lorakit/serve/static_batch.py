@@ -30,22 +30,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..kernels.host_copy import host_to_device
 from .cuda_graph import CapturedCall
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 FIRST_LENGTH = 256
-
-
-def host_to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``values`` (a list: int64) on ``device`` without waiting for the device: on a GPU through pinned
-    memory (a copy from pageable memory may wait for the stream's earlier work first, which would
-    stall the host behind the step in flight; ``Engine.overlap``)."""
-    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
-    if host.device == device:
-        return host
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 class RowCache:
@@ -202,13 +191,8 @@ class StaticBatch:
         bucket = next((b for b in ROW_BUCKETS if b > max(rows)), None) or self.capacity
         bucket = min(bucket, self.capacity)
         index = host_to_device(rows, self.device)
-        if isinstance(tokens, torch.Tensor):  # written on the device: nothing waits for it
-            ids = torch.zeros(bucket, 1, dtype=torch.int64, device=self.device)
-            ids[index, 0] = tokens
-        else:
-            ids = torch.zeros(bucket, 1, dtype=torch.int64)
-            for k, token in zip(rows, tokens):
-                ids[k, 0] = token
+        ids = torch.zeros(bucket, 1, dtype=torch.int64, device=self.device)
+        ids[index, 0] = host_to_device(tokens, self.device)  # nothing waits for the device
         # The column each row writes now is one it attends.
         self.mask[index, self.write_at[index]] = True
         bucket_routes = self._bucket_routes(bucket, rows, routes)
@@ -217,7 +201,7 @@ class StaticBatch:
             logits = self._graphed(bucket, ids, slots, bucket_routes)
         else:
             self.pool.set_rows(bucket_routes)
-            logits = self._eager(bucket, host_to_device(ids, self.device))
+            logits = self._eager(bucket, ids)
         self.write_at[index] += 1
         self.positions[index] += 1
         for k in rows:
@@ -258,7 +242,7 @@ class StaticBatch:
         if layout != self._layout:
             self._graphs.clear()
             self._layout = layout
-        self.ids[:bucket].copy_(host_to_device(ids, self.device))
+        self.ids[:bucket].copy_(ids)
         self.slots[:bucket].copy_(host_to_device(slots, self.device))
         # The routing the graph was captured with (a replay does not read it; it keeps the model's
         # routing state what the graph computes until the next set_rows).
